@@ -1,0 +1,9 @@
+//! Domain types and pure logic of medfleet: identities, validation rules, the registry model and paging.
+//!
+//! Nothing here performs I/O or knows the wire format; the proto crate converts into these types and the server
+//! stores them. That keeps every rule unit- and property-testable.
+
+pub mod identity;
+pub mod paging;
+pub mod registry;
+pub mod validation;
