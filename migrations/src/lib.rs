@@ -1,1 +1,18 @@
-//! stub
+//! The medfleet database schema as sea-orm migrations, one per file, identical on SQLite and PostgreSQL.
+//!
+//! `medfleetd` applies them at start-up (under an advisory lock on PostgreSQL so replicas starting together do not
+//! race); `medfleetd migrate` and the `medfleet-migrate` binary apply or inspect them on their own.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_registry;
+
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_registry::Migration)]
+    }
+}

@@ -1,1 +1,20 @@
-//! stub
+//! The medfleet wire format: code generated from `proto/` and the explicit conversions between wire messages and
+//! the domain types of `medfleet-core`. No other crate depends on prost/tonic codegen output directly for domain
+//! logic; they convert here.
+
+pub mod convert;
+
+/// Generated messages, clients and servers of the `medfleet.v1` package.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+pub mod v1 {
+    tonic::include_proto!("medfleet.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every medfleet proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/medfleet_descriptor.bin"));

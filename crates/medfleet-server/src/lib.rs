@@ -1,1 +1,174 @@
-//! stub
+//! medfleetd, the medfleet control plane: gRPC over mutual TLS, the certificate authority, storage on SQLite or
+//! PostgreSQL, and telemetry. [`run`] serves one replica; any number of replicas may share one PostgreSQL.
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod entity;
+pub mod error;
+pub mod http;
+pub mod pki;
+pub mod rpc;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use medfleet_proto::v1::registry_service_server::RegistryServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+use crate::api::RegistryApi;
+use crate::config::Config;
+use crate::pki::{DataDir, InitOutcome, PkiError};
+use crate::rpc::RpcLayer;
+use crate::store::Registry;
+use crate::telemetry::{Metrics, TelemetryError};
+use crate::tls::TlsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("database: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The two sockets a replica serves: gRPC (mTLS) and plain HTTP for operations.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: TcpListener::bind(config.listen).await?,
+            http: TcpListener::bind(config.http_listen).await?,
+        })
+    }
+}
+
+/// Creates the data directory (CA, server certificate, first admin) if it holds no CA yet.
+pub fn ensure_initialised(config: &Config, admin: &str) -> Result<Option<InitOutcome>, PkiError> {
+    let dir = DataDir::new(&config.data_dir);
+    if dir.is_initialised() {
+        return Ok(None);
+    }
+    dir.init(
+        admin,
+        &config.server_names,
+        config.server_cert_lifetime,
+        config.admin_cert_lifetime,
+    )
+    .map(Some)
+}
+
+/// Serves until `shutdown` completes, then stops accepting, reports NOT_SERVING, lets open streams drain for
+/// `config.shutdown_grace` and closes the database pool.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let dir = DataDir::new(&config.data_dir);
+    let ca = dir.load_ca()?;
+    let (chain_pem, key_pem) = dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
+    let tls_config = tls::server_config(ca.cert_der(), &chain_pem, &key_pem)?;
+
+    db::migrate(&config.database_url).await?;
+    let db = db::connect(&config.database_url, config.database_max_connections).await?;
+    let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RegistryServiceServer<RegistryApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let registry = RegistryServiceServer::new(RegistryApi::new(Registry::new(db.clone())));
+
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let ops = http::router(http::OpsState {
+        metrics: metrics.clone(),
+        db: db.clone(),
+        ready: ready.clone(),
+    });
+    let http_addr = listeners.http.local_addr()?;
+    let mut http_draining = draining.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listeners.http, ops)
+            .with_graceful_shutdown(async move {
+                let _ = http_draining.wait_for(|d| *d).await;
+            })
+            .await
+    });
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let incoming = tls::incoming(listeners.grpc, tls_config, metrics.clone());
+    let signal = {
+        let (health, ready) = (health.clone(), ready.clone());
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new connections and draining open streams");
+            ready.store(false, Ordering::Release);
+            health.set_not_serving::<RegistryServiceServer<RegistryApi>>().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            let _ = draining_tx.send(true);
+        }
+    };
+    let serve = Server::builder()
+        .layer(RpcLayer::new(metrics.clone()))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(registry)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let grace = config.shutdown_grace;
+    let deadline = async move {
+        let mut draining = draining;
+        if draining.wait_for(|d| *d).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+
+    ready.store(true, Ordering::Release);
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, backend = ?db.get_database_backend(), "medfleetd serving");
+    let result = tokio::select! {
+        result = serve => result.map_err(ServeError::from),
+        () = deadline => {
+            tracing::warn!(grace = ?grace, "drain deadline passed; closing the remaining streams");
+            Ok(())
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), http_task).await {
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "operations listener failed"),
+        Ok(Err(error)) => tracing::warn!(%error, "operations listener task failed"),
+        Err(_) => tracing::warn!("operations listener did not stop in time"),
+        Ok(Ok(Ok(()))) => {}
+    }
+    metrics.shutdown();
+    db.close().await?;
+    tracing::info!("medfleetd stopped");
+    result
+}

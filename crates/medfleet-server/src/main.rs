@@ -1,1 +1,138 @@
-fn main() {}
+//! `medfleetd`: initialise a data directory, apply migrations, or serve.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use medfleet_server::config::{Config, Overrides};
+use medfleet_server::pki::DataDir;
+use medfleet_server::{Listeners, ensure_initialised, run, telemetry};
+
+/// The medfleet control plane.
+#[derive(Debug, Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the CA, the server certificate and the first admin's credentials in a new data directory.
+    #[command(after_help = "Example:\n  medfleetd init --data-dir /var/lib/medfleet --server-name medfleet.hospital.example --admin alice")]
+    Init {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Name of the first administrator (their identity is medfleet://user/NAME).
+        #[arg(long, default_value = "admin")]
+        admin: String,
+    },
+    /// Serve gRPC (mTLS) and the operations endpoints. Initialises the data directory on first start.
+    #[command(after_help = "Examples:\n  medfleetd serve\n  medfleetd serve --config /etc/medfleet/medfleetd.toml\n  \
+                            MEDFLEET_DATABASE_URL=postgres://medfleet@db/medfleet medfleetd serve")]
+    Serve {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Apply pending database migrations and exit.
+    #[command(after_help = "Example:\n  medfleetd migrate --database-url postgres://medfleet@db/medfleet")]
+    Migrate {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("medfleetd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("medfleetd: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    // Every TLS user in the process (OTLP exporter included) uses ring; installing it avoids a provider race.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Init { overrides, admin } => {
+            medfleet_core::identity::Identity::check_name(&admin)
+                .map_err(|e| anyhow::anyhow!("--admin {admin}: {e}"))?;
+            let config = Config::load(overrides)?;
+            let outcome = ensure_initialised(&config, &admin)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is already initialised; keep it, or choose another --data-dir",
+                    config.data_dir.display()
+                )
+            })?;
+            print_credentials_hint(&config, &outcome);
+            Ok(())
+        }
+        Command::Migrate { overrides } => {
+            let config = Config::load(overrides)?;
+            let _guard = telemetry::init_tracing(config.log_format, &config.log_level, None)?;
+            medfleet_server::db::migrate(&config.database_url)
+                .await
+                .context("applying migrations")?;
+            tracing::info!("database schema is up to date");
+            Ok(())
+        }
+        Command::Serve { overrides } => {
+            let config = Config::load(overrides)?;
+            let _guard =
+                telemetry::init_tracing(config.log_format, &config.log_level, config.otlp_endpoint.as_deref())?;
+            if let Some(outcome) = ensure_initialised(&config, "admin")? {
+                print_credentials_hint(&config, &outcome);
+            }
+            let listeners = Listeners::bind(&config)
+                .await
+                .with_context(|| format!("binding {} and {}", config.listen, config.http_listen))?;
+            run(config, listeners, shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}
+
+fn print_credentials_hint(config: &Config, outcome: &medfleet_server::pki::InitOutcome) {
+    let dir = DataDir::new(&config.data_dir);
+    eprintln!(
+        "medfleetd: initialised {}\n  CA certificate:          {}\n  admin credentials (0600): {}\n  \
+         use them with: medfleet --credentials {} sites list",
+        dir.root().display(),
+        outcome.ca_cert.display(),
+        outcome.admin_bundle.display(),
+        outcome.admin_bundle.display(),
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

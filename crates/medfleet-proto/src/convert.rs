@@ -1,0 +1,306 @@
+//! Wire ↔ domain conversions. Requests become validated domain values (or every violation at once); domain
+//! values become wire messages.
+
+use chrono::{DateTime, Utc};
+use medfleet_core::registry::{
+    Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location, NewDevice, NewSite,
+    NewWard, Site, Tags, Ward, WardUpdate, check_beds,
+};
+use medfleet_core::validation::{Violations, check_slug, check_text};
+use uuid::Uuid;
+
+use crate::v1;
+
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
+}
+
+pub fn device_class_to_wire(class: DeviceClass) -> v1::DeviceClass {
+    match class {
+        DeviceClass::PatientMonitor => v1::DeviceClass::PatientMonitor,
+        DeviceClass::InfusionPump => v1::DeviceClass::InfusionPump,
+        DeviceClass::Ventilator => v1::DeviceClass::Ventilator,
+        DeviceClass::PulseOximeter => v1::DeviceClass::PulseOximeter,
+        DeviceClass::AnesthesiaWorkstation => v1::DeviceClass::AnesthesiaWorkstation,
+        DeviceClass::Other => v1::DeviceClass::Other,
+    }
+}
+
+/// `None` for UNSPECIFIED and for numbers this build does not know.
+pub fn device_class_from_wire(value: i32) -> Option<DeviceClass> {
+    match v1::DeviceClass::try_from(value).ok()? {
+        v1::DeviceClass::Unspecified => None,
+        v1::DeviceClass::PatientMonitor => Some(DeviceClass::PatientMonitor),
+        v1::DeviceClass::InfusionPump => Some(DeviceClass::InfusionPump),
+        v1::DeviceClass::Ventilator => Some(DeviceClass::Ventilator),
+        v1::DeviceClass::PulseOximeter => Some(DeviceClass::PulseOximeter),
+        v1::DeviceClass::AnesthesiaWorkstation => Some(DeviceClass::AnesthesiaWorkstation),
+        v1::DeviceClass::Other => Some(DeviceClass::Other),
+    }
+}
+
+pub fn device_state_to_wire(state: DeviceState) -> v1::DeviceState {
+    match state {
+        DeviceState::Registered => v1::DeviceState::Registered,
+        DeviceState::Enrolled => v1::DeviceState::Enrolled,
+        DeviceState::Active => v1::DeviceState::Active,
+        DeviceState::Decommissioned => v1::DeviceState::Decommissioned,
+    }
+}
+
+/// `Ok(None)` for UNSPECIFIED (no filter); an error for numbers this build does not know.
+pub fn device_state_from_wire(value: i32) -> Result<Option<DeviceState>, String> {
+    match v1::DeviceState::try_from(value) {
+        Ok(v1::DeviceState::Unspecified) => Ok(None),
+        Ok(v1::DeviceState::Registered) => Ok(Some(DeviceState::Registered)),
+        Ok(v1::DeviceState::Enrolled) => Ok(Some(DeviceState::Enrolled)),
+        Ok(v1::DeviceState::Active) => Ok(Some(DeviceState::Active)),
+        Ok(v1::DeviceState::Decommissioned) => Ok(Some(DeviceState::Decommissioned)),
+        Err(_) => Err(format!("{value} is not a known device state")),
+    }
+}
+
+impl From<Site> for v1::Site {
+    fn from(site: Site) -> Self {
+        Self {
+            name: site.name,
+            display_name: site.display_name,
+            create_time: Some(timestamp(site.created_at)),
+            update_time: Some(timestamp(site.updated_at)),
+        }
+    }
+}
+
+impl From<Ward> for v1::Ward {
+    fn from(ward: Ward) -> Self {
+        Self {
+            site: ward.site,
+            name: ward.name,
+            display_name: ward.display_name,
+            beds: ward.beds,
+            create_time: Some(timestamp(ward.created_at)),
+            update_time: Some(timestamp(ward.updated_at)),
+        }
+    }
+}
+
+impl From<Location> for v1::Location {
+    fn from(location: Location) -> Self {
+        Self {
+            site: location.site,
+            ward: location.ward,
+            bed: location.bed.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<Device> for v1::Device {
+    fn from(device: Device) -> Self {
+        Self {
+            id: device.id.to_string(),
+            serial_number: device.serial_number,
+            manufacturer: device.manufacturer,
+            model: device.model,
+            device_class: device_class_to_wire(device.class).into(),
+            eui64: device.eui64.map(|e| e.to_string()).unwrap_or_default(),
+            location: device.location.map(Into::into),
+            tags: device.tags.into_inner().into_iter().collect(),
+            state: device_state_to_wire(device.state).into(),
+            create_time: Some(timestamp(device.created_at)),
+            update_time: Some(timestamp(device.updated_at)),
+        }
+    }
+}
+
+/// A required slug-shaped name (site, ward) in a request.
+pub fn slug(field: &str, value: &str) -> Result<String, Violations> {
+    check_slug(value)
+        .map(|()| value.to_owned())
+        .map_err(|e| Violations::single(field, e))
+}
+
+/// A device id in a request: the canonical UUID text.
+pub fn device_id(field: &str, value: &str) -> Result<Uuid, Violations> {
+    if value.is_empty() {
+        return Err(Violations::single(field, "is required"));
+    }
+    Uuid::parse_str(value).map_err(|_| {
+        Violations::single(
+            field,
+            format!(
+                "'{}' is not a device id (a UUID such as 6f1c2d3e-…)",
+                medfleet_core::validation::printable(value)
+            ),
+        )
+    })
+}
+
+pub fn new_site(request: &v1::CreateSiteRequest) -> Result<NewSite, Violations> {
+    let site = request
+        .site
+        .as_ref()
+        .ok_or_else(|| Violations::single("site", "is required"))?;
+    NewSite::parse(&site.name, &site.display_name)
+}
+
+pub fn new_ward(request: &v1::CreateWardRequest) -> Result<NewWard, Violations> {
+    let ward = request
+        .ward
+        .as_ref()
+        .ok_or_else(|| Violations::single("ward", "is required"))?;
+    NewWard::parse(&ward.site, &ward.name, &ward.display_name, &ward.beds)
+}
+
+pub fn new_device(request: &v1::RegisterDeviceRequest) -> Result<NewDevice, Violations> {
+    let fields = DeviceFields {
+        serial_number: &request.serial_number,
+        manufacturer: &request.manufacturer,
+        model: &request.model,
+        class: device_class_from_wire(request.device_class),
+        eui64: &request.eui64,
+        location: request
+            .location
+            .as_ref()
+            .map(|l| (l.site.as_str(), l.ward.as_str(), l.bed.as_str())),
+    };
+    NewDevice::parse(&fields, &request.tags)
+}
+
+pub fn device_filter(request: &v1::ListDevicesRequest) -> Result<DeviceFilter, Violations> {
+    let state = device_state_from_wire(request.state).map_err(|e| Violations::single("state", e))?;
+    DeviceFilter::parse(&request.site, &request.ward, &request.model, state, &request.tags)
+}
+
+/// The mask's paths, each checked against the fields this RPC may change.
+fn mask_paths(mask: Option<&prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, Violations> {
+    let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    let allowed_list = allowed.join(", ");
+    if paths.is_empty() {
+        return Err(Violations::single(
+            "update_mask",
+            format!("name the fields to change: {allowed_list}"),
+        ));
+    }
+    let mut v = Violations::new();
+    for path in &paths {
+        if !allowed.contains(&path.as_str()) {
+            v.push(
+                "update_mask",
+                format!("'{path}' cannot be updated; updatable fields: {allowed_list}"),
+            );
+        }
+    }
+    v.finish(|| Some(paths))
+}
+
+pub fn site_update(request: &v1::UpdateSiteRequest) -> Result<(String, String), Violations> {
+    let site = request
+        .site
+        .as_ref()
+        .ok_or_else(|| Violations::single("site", "is required"))?;
+    let mut v = Violations::new();
+    v.check("site.name", check_slug(&site.name));
+    let paths = mask_paths(request.update_mask.as_ref(), &["display_name"])?;
+    if paths.iter().any(|p| p == "display_name") {
+        v.check("site.display_name", check_text(&site.display_name, 200));
+    }
+    v.finish(|| Some((site.name.clone(), site.display_name.clone())))
+}
+
+pub fn ward_update(request: &v1::UpdateWardRequest) -> Result<(String, String, WardUpdate), Violations> {
+    let ward = request
+        .ward
+        .as_ref()
+        .ok_or_else(|| Violations::single("ward", "is required"))?;
+    let paths = mask_paths(request.update_mask.as_ref(), &["display_name", "beds"])?;
+    let mut v = Violations::new();
+    v.check("ward.site", check_slug(&ward.site));
+    v.check("ward.name", check_slug(&ward.name));
+    let mut update = WardUpdate::default();
+    if paths.iter().any(|p| p == "display_name") {
+        update.display_name = v
+            .check("ward.display_name", check_text(&ward.display_name, 200))
+            .map(|()| ward.display_name.clone());
+    }
+    if paths.iter().any(|p| p == "beds") {
+        update.beds = check_beds(&mut v, "ward.beds", &ward.beds);
+    }
+    v.finish(|| Some((ward.site.clone(), ward.name.clone(), update)))
+}
+
+pub fn device_update(request: &v1::UpdateDeviceRequest) -> Result<(Uuid, DeviceUpdate), Violations> {
+    let device = request
+        .device
+        .as_ref()
+        .ok_or_else(|| Violations::single("device", "is required"))?;
+    let id = device_id("device.id", &device.id)?;
+    let paths = mask_paths(request.update_mask.as_ref(), &["location", "tags"])?;
+    let mut v = Violations::new();
+    let mut update = DeviceUpdate::default();
+    if paths.iter().any(|p| p == "location") {
+        update.location = match &device.location {
+            None => Some(None),
+            Some(l) => Location::parse(&mut v, "device.location", &l.site, &l.ward, &l.bed),
+        };
+    }
+    if paths.iter().any(|p| p == "tags") {
+        update.tags = Tags::parse(&mut v, "device.tags", &device.tags);
+    }
+    v.finish(|| Some((id, update)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_class_round_trips() {
+        for class in DeviceClass::ALL {
+            assert_eq!(device_class_from_wire(device_class_to_wire(class).into()), Some(class));
+        }
+        assert_eq!(device_class_from_wire(0), None);
+        assert_eq!(device_class_from_wire(99), None);
+    }
+
+    #[test]
+    fn every_wire_state_round_trips() {
+        for state in DeviceState::ALL {
+            assert_eq!(device_state_from_wire(device_state_to_wire(state).into()), Ok(Some(state)));
+        }
+        assert!(device_state_from_wire(42).is_err());
+    }
+
+    #[test]
+    fn update_mask_is_required_and_checked() {
+        let mut request = v1::UpdateDeviceRequest {
+            device: Some(v1::Device {
+                id: Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        };
+        assert!(device_update(&request).is_err());
+        request.update_mask = Some(prost_types::FieldMask {
+            paths: vec!["serial_number".into()],
+        });
+        let err = device_update(&request).unwrap_err();
+        assert!(err.to_string().contains("cannot be updated"));
+        request.update_mask = Some(prost_types::FieldMask {
+            paths: vec!["location".into()],
+        });
+        assert_eq!(device_update(&request).unwrap().1.location, Some(None));
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let now = Utc::now();
+        assert_eq!(datetime(&timestamp(now)), Some(now));
+    }
+}

@@ -1,0 +1,309 @@
+//! medfleetd configuration: a versioned TOML file, overridden by `MEDFLEET_*` environment variables, overridden by
+//! command-line flags, validated as a whole before anything starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration file format this build reads (`version = 1`).
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The file layer. Every key is optional; unknown keys are errors so a typo cannot silently keep a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub version: Option<u32>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub database_url: Option<String>,
+    pub database_max_connections: Option<u32>,
+    pub server_names: Option<Vec<String>>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub server_cert_lifetime: Option<String>,
+    pub admin_cert_lifetime: Option<String>,
+}
+
+/// The flag and environment layer (clap resolves flag over environment).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file (see deploy/medfleetd.toml for every option).
+    #[arg(long, env = "MEDFLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory holding the CA, the server certificate and (by default) the SQLite database.
+    #[arg(long, env = "MEDFLEET_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC (mTLS) listen address.
+    #[arg(long, env = "MEDFLEET_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Plain HTTP listen address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "MEDFLEET_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// sqlite://PATH?mode=rwc or postgres://USER@HOST/DB. Default: SQLite in the data dir.
+    #[arg(long, env = "MEDFLEET_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Maximum database connections of this replica.
+    #[arg(long, env = "MEDFLEET_DATABASE_MAX_CONNECTIONS")]
+    pub database_max_connections: Option<u32>,
+    /// DNS names and IP addresses clients use to reach this server (repeat or comma-separate).
+    #[arg(long = "server-name", env = "MEDFLEET_SERVER_NAMES", value_delimiter = ',')]
+    pub server_names: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "MEDFLEET_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. "info" or "info,medfleet_server=debug".
+    #[arg(long, env = "MEDFLEET_LOG")]
+    pub log_level: Option<String>,
+    /// OTLP/gRPC collector endpoint for traces and metrics, e.g. http://otel-collector:4317.
+    #[arg(long, env = "MEDFLEET_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How long open streams may drain on shutdown, e.g. "10s".
+    #[arg(long, env = "MEDFLEET_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// The validated configuration a server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub server_names: Vec<String>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub otlp_endpoint: Option<String>,
+    pub shutdown_grace: Duration,
+    pub server_cert_lifetime: Duration,
+    pub admin_cert_lifetime: Duration,
+}
+
+pub const DEFAULT_DATA_DIR: &str = "medfleet-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
+
+impl Config {
+    /// Reads the file named by the overrides (if any) and resolves every layer.
+    pub fn load(overrides: Overrides) -> Result<Self, ConfigError> {
+        let file = match &overrides.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(file, overrides)
+    }
+
+    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        if o.config.is_some() && file.version != Some(CONFIG_VERSION) {
+            return Err(ConfigError::Invalid(format!(
+                "the config file must start with `version = {CONFIG_VERSION}` (found {})",
+                file.version.map_or_else(|| "no version".to_owned(), |v| v.to_string())
+            )));
+        }
+        let data_dir = o
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let database_url = o.database_url.or(file.database_url).unwrap_or_else(|| {
+            format!("sqlite://{}?mode=rwc", data_dir.join("medfleet.db").display())
+        });
+        let server_names = if o.server_names.is_empty() {
+            file.server_names
+                .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "::1".into()])
+        } else {
+            o.server_names
+        };
+        let config = Self {
+            listen: o.listen.or(file.listen).unwrap_or(parse_default(DEFAULT_LISTEN)),
+            http_listen: o
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or(parse_default(DEFAULT_HTTP_LISTEN)),
+            database_max_connections: o
+                .database_max_connections
+                .or(file.database_max_connections)
+                .unwrap_or(10),
+            log_format: o.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_level: o.log_level.or(file.log_level).unwrap_or_else(|| "info".to_owned()),
+            otlp_endpoint: o.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
+            shutdown_grace: duration("shutdown_grace", o.shutdown_grace.or(file.shutdown_grace), "10s")?,
+            server_cert_lifetime: duration("server_cert_lifetime", file.server_cert_lifetime, "90days")?,
+            admin_cert_lifetime: duration("admin_cert_lifetime", file.admin_cert_lifetime, "30days")?,
+            data_dir,
+            database_url,
+            server_names,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let url = &self.database_url;
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return invalid(
+                "database_url must start with sqlite: or postgres:// (e.g. postgres://medfleet@db/medfleet)".into(),
+            );
+        }
+        if !(1..=1000).contains(&self.database_max_connections) {
+            return invalid("database_max_connections must be between 1 and 1000".into());
+        }
+        if self.server_names.is_empty() {
+            return invalid("server_names must name at least one DNS name or IP address".into());
+        }
+        for name in &self.server_names {
+            if name.parse::<IpAddr>().is_err() && !is_dns_name(name) {
+                return invalid(format!("server name '{name}' is neither an IP address nor a DNS name"));
+            }
+        }
+        if self.shutdown_grace > Duration::from_secs(600) {
+            return invalid("shutdown_grace must be at most 10 minutes".into());
+        }
+        let day = Duration::from_secs(24 * 3600);
+        if self.server_cert_lifetime < Duration::from_secs(3600) || self.server_cert_lifetime > 397 * day {
+            return invalid("server_cert_lifetime must be between 1 hour and 397 days".into());
+        }
+        if self.admin_cert_lifetime < Duration::from_secs(300) || self.admin_cert_lifetime > 397 * day {
+            return invalid("admin_cert_lifetime must be between 5 minutes and 397 days".into());
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return invalid(format!("otlp_endpoint '{endpoint}' must be an http:// or https:// URL"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return invalid(format!("log_level '{}' is not a valid filter: {e}", self.log_level));
+        }
+        if self.listen.port() != 0 && self.listen == self.http_listen {
+            return invalid("listen and http_listen must differ".into());
+        }
+        Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres")
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_default(addr: &str) -> SocketAddr {
+    addr.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    humantime::parse_duration(&text)
+        .map_err(|e| ConfigError::Invalid(format!("{key} = '{text}' is not a duration like \"30s\" or \"24h\": {e}")))
+}
+
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    fn with_file() -> Overrides {
+        Overrides {
+            config: Some("medfleetd.toml".into()),
+            ..Overrides::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_local() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.database_url.starts_with("sqlite://medfleet-data/medfleet.db"));
+        assert!(!c.is_postgres());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let f = file("version = 1\nlisten = \"0.0.0.0:7000\"\nlog_level = \"debug\"\n");
+        let mut o = with_file();
+        o.listen = Some("127.0.0.1:7001".parse().unwrap());
+        let c = Config::resolve(f, o).unwrap();
+        assert_eq!(c.listen.port(), 7001);
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn file_needs_version() {
+        let err = Config::resolve(file("listen = \"0.0.0.0:7000\""), with_file()).unwrap_err();
+        assert!(err.to_string().contains("version = 1"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<FileConfig>("version = 1\nlisten_addr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for (text, needle) in [
+            ("database_url = \"mysql://x\"", "database_url"),
+            ("server_names = [\"bad name\"]", "server name"),
+            ("shutdown_grace = \"soon\"", "shutdown_grace"),
+            ("shutdown_grace = \"1h\"", "shutdown_grace"),
+            ("otlp_endpoint = \"collector:4317\"", "otlp_endpoint"),
+            ("log_level = \"[[[\"", "log_level"),
+            ("admin_cert_lifetime = \"1s\"", "admin_cert_lifetime"),
+        ] {
+            let err = Config::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! medfleet's certificate authority and the data directory that holds its key material.
+//!
+//! The CA is ECDSA P-256 (widely supported by device TLS stacks and HSMs). Leaf certificates carry the principal's
+//! identity as a `medfleet://` URI SAN; server certificates carry the configured DNS names and IPs.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use medfleet_core::identity::{Identity, SCHEME};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use time::OffsetDateTime;
+use x509_parser::extensions::GeneralName;
+
+/// Lifetime of the CA certificate.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates are valid from a little before issue so that clients with a slightly slow clock accept them.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate operation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error(
+        "{path} is readable by other users (mode {mode:o}); a private key must be mode 0600: run `chmod 600 {path}`"
+    )]
+    InsecureKey { path: PathBuf, mode: u32 },
+    #[error("{0} is already initialised (it holds a CA); use another --data-dir or keep the existing CA")]
+    AlreadyInitialised(PathBuf),
+    #[error("{0} is not initialised; run `medfleetd init --data-dir {0}` first")]
+    NotInitialised(PathBuf),
+    #[error("{path}: not a usable certificate: {reason}")]
+    InvalidCertificate { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A certificate and its private key, PEM-encoded, plus the CA that issued it: what a principal needs to connect.
+#[derive(Clone)]
+pub struct CredentialBundle {
+    pub key_pem: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for CredentialBundle {
+    // Never print the private key, even in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialBundle").finish_non_exhaustive()
+    }
+}
+
+impl CredentialBundle {
+    /// One PEM file: private key, certificate, then the CA certificate. The CLI and agents read this layout.
+    pub fn to_pem(&self) -> String {
+        format!("{}{}{}", self.key_pem, self.cert_pem, self.ca_pem)
+    }
+}
+
+/// medfleet's issuing CA, loaded into memory.
+pub struct CertificateAuthority {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = *uuid::Uuid::new_v4().as_bytes();
+    // Positive DER integer with a fixed length.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn window(lifetime: Duration) -> (OffsetDateTime, OffsetDateTime) {
+    let now = SystemTime::now();
+    (OffsetDateTime::from(now - CLOCK_SKEW), OffsetDateTime::from(now + lifetime))
+}
+
+impl CertificateAuthority {
+    /// Creates a new CA with a fresh P-256 key. Returns the CA and its private key PEM (to be stored 0600).
+    pub fn generate(organization: &str) -> Result<(Self, String), PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, organization);
+        dn.push(DnType::CommonName, "medfleet CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        (params.not_before, params.not_after) = window(CA_LIFETIME);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        let ca = Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        };
+        Ok((ca, key_pem))
+    }
+
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+            PkiError::InvalidCertificate {
+                path: PathBuf::from("ca.crt"),
+                reason: e.to_string(),
+            }
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// A TLS server certificate for the given DNS names and IP addresses, with a fresh key.
+    pub fn issue_server(&self, names: &[String], lifetime: Duration) -> Result<CredentialBundle, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().map_or("medfleetd", String::as_str));
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        (params.not_before, params.not_after) = window(lifetime);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CredentialBundle {
+            key_pem: key.serialize_pem(),
+            cert_pem: cert.pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
+    }
+
+    /// A client certificate for `identity` with a freshly generated key, valid for `lifetime` from now.
+    pub fn issue_client(&self, identity: &Identity, lifetime: Duration) -> Result<CredentialBundle, PkiError> {
+        let now = SystemTime::now();
+        self.issue_client_for_window(identity, now - CLOCK_SKEW, now + lifetime)
+    }
+
+    /// A client certificate with an explicit validity window (tests use it for expired and not-yet-valid
+    /// certificates without waiting).
+    pub fn issue_client_for_window(
+        &self,
+        identity: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CredentialBundle, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationalUnitName, identity.kind());
+        dn.push(DnType::CommonName, identity.to_string());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CredentialBundle {
+            key_pem: key.serialize_pem(),
+            cert_pem: cert.pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
+    }
+}
+
+/// The medfleet identity a certificate speaks for: its single `medfleet://` URI SAN.
+pub fn identity_of(cert_der: &[u8]) -> Result<Identity, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subjectAltName: {e}"))?
+        .ok_or("certificate has no subjectAltName; it was not issued by medfleet for a principal")?;
+    let mut uris = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
+        _ => None,
+    });
+    let uri = uris
+        .next()
+        .ok_or("certificate has no medfleet:// identity in its subjectAltName")?;
+    if uris.next().is_some() {
+        return Err("certificate names more than one medfleet:// identity".to_owned());
+    }
+    uri.parse().map_err(|e| format!("certificate identity {uri} is invalid: {e}"))
+}
+
+/// The on-disk layout of a medfleetd data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// What `init` created, for the operator's summary.
+#[derive(Debug)]
+pub struct InitOutcome {
+    pub admin_bundle: PathBuf,
+    pub ca_cert: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca/ca.crt")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca/ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.root.join("tls/server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("tls/server.key")
+    }
+    /// The first admin's credentials; also the CLI's default credentials path for the default data dir.
+    pub fn admin_bundle(&self) -> PathBuf {
+        self.root.join("admin.pem")
+    }
+    pub fn sqlite_db(&self) -> PathBuf {
+        self.root.join("medfleet.db")
+    }
+
+    pub fn is_initialised(&self) -> bool {
+        self.ca_cert().exists()
+    }
+
+    /// Creates the CA, the server certificate and the first admin's credentials. Refuses to touch a directory
+    /// that already holds a CA.
+    pub fn init(
+        &self,
+        admin: &str,
+        server_names: &[String],
+        server_lifetime: Duration,
+        admin_lifetime: Duration,
+    ) -> Result<InitOutcome, PkiError> {
+        if self.is_initialised() {
+            return Err(PkiError::AlreadyInitialised(self.root.clone()));
+        }
+        for dir in [self.root.clone(), self.root.join("ca"), self.root.join("tls")] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+        }
+        let (ca, ca_key_pem) = CertificateAuthority::generate("medfleet")?;
+        // Key first: a crash between the two writes leaves no CA certificate, so init can simply be re-run.
+        write_private(&self.ca_key(), &ca_key_pem)?;
+        let server = ca.issue_server(server_names, server_lifetime)?;
+        write_private(&self.server_key(), &server.key_pem)?;
+        write_public(&self.server_cert(), &server.cert_pem)?;
+        let admin = ca.issue_client(&Identity::User(admin.to_owned()), admin_lifetime)?;
+        write_private(&self.admin_bundle(), &admin.to_pem())?;
+        write_public(&self.ca_cert(), ca.cert_pem())?;
+        Ok(InitOutcome {
+            admin_bundle: self.admin_bundle(),
+            ca_cert: self.ca_cert(),
+        })
+    }
+
+    /// Loads the CA, refusing a private key that other users could read.
+    pub fn load_ca(&self) -> Result<CertificateAuthority, PkiError> {
+        if !self.is_initialised() {
+            return Err(PkiError::NotInitialised(self.root.clone()));
+        }
+        let key_pem = read_private(&self.ca_key())?;
+        let cert_pem = read(&self.ca_cert())?;
+        CertificateAuthority::from_pem(&cert_pem, &key_pem)
+    }
+
+    /// The server's certificate chain and key, re-issued from the CA when it has less than a third of its
+    /// lifetime left or when the configured names changed. Returns (chain PEM, key PEM).
+    pub fn server_credentials(
+        &self,
+        ca: &CertificateAuthority,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, String), PkiError> {
+        let cert_path = self.server_cert();
+        let current = read(&cert_path).ok();
+        let fresh_enough = current
+            .as_deref()
+            .and_then(|pem| server_cert_summary(pem).ok())
+            .is_some_and(|(not_after, cert_names)| {
+                let mut wanted: Vec<String> = names.to_vec();
+                wanted.sort();
+                not_after > SystemTime::now() + lifetime / 3 && cert_names == wanted
+            });
+        if let (true, Some(cert_pem)) = (fresh_enough, current) {
+            let key_pem = read_private(&self.server_key())?;
+            return Ok((format!("{cert_pem}{}", ca.cert_pem()), key_pem));
+        }
+        tracing::info!(path = %cert_path.display(), "issuing a new server certificate");
+        let server = ca.issue_server(names, lifetime)?;
+        write_private(&self.server_key(), &server.key_pem)?;
+        write_public(&cert_path, &server.cert_pem)?;
+        Ok((format!("{}{}", server.cert_pem, ca.cert_pem()), server.key_pem))
+    }
+}
+
+/// Expiry and sorted DNS/IP names of a PEM server certificate.
+fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = cert
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    GeneralName::IPAddress(bytes) => ip_from_bytes(bytes).map(|ip| ip.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    Ok((SystemTime::UNIX_EPOCH + Duration::from_secs(not_after), names))
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Reads a private key file after checking that only its owner can read it.
+pub fn read_private(path: &Path) -> Result<String, PkiError> {
+    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(PkiError::InsecureKey {
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    read(path)
+}
+
+/// Writes a file atomically (temp file + rename) with the given mode, so readers never see half a key.
+fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    file.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    write_atomic(path, contents, 0o600)
+}
+
+pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
+    write_atomic(path, contents, 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_cert_carries_identity() {
+        let (ca, _) = CertificateAuthority::generate("test").unwrap();
+        let identity = Identity::User("alice".into());
+        let bundle = ca.issue_client(&identity, Duration::from_secs(3600)).unwrap();
+        let der = CertificateDer::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
+        assert_eq!(identity_of(&der), Ok(identity));
+        assert!(!format!("{bundle:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn server_cert_has_no_identity() {
+        let (ca, _) = CertificateAuthority::generate("test").unwrap();
+        let bundle = ca.issue_server(&["localhost".into()], Duration::from_secs(3600)).unwrap();
+        let der = CertificateDer::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
+        assert!(identity_of(&der).unwrap_err().contains("no medfleet://"));
+    }
+
+    #[test]
+    fn init_writes_private_files_0600_and_refuses_twice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let hour = Duration::from_secs(3600);
+        dir.init("admin", &names, hour, hour).unwrap();
+        for path in [dir.ca_key(), dir.server_key(), dir.admin_bundle()] {
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        assert!(matches!(
+            dir.init("admin", &names, hour, hour),
+            Err(PkiError::AlreadyInitialised(_))
+        ));
+        dir.load_ca().unwrap();
+        fs::set_permissions(dir.ca_key(), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = dir.load_ca().unwrap_err();
+        assert!(matches!(err, PkiError::InsecureKey { .. }), "{err}");
+        assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn server_cert_reissued_when_names_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let hour = Duration::from_secs(3600);
+        dir.init("admin", &["localhost".into()], hour, hour).unwrap();
+        let ca = dir.load_ca().unwrap();
+        let (first, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
+        let (same, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
+        assert_eq!(first, same);
+        let (renamed, _) = dir
+            .server_credentials(&ca, &["localhost".into(), "medfleet.example".into()], hour)
+            .unwrap();
+        assert_ne!(first, renamed);
+    }
+}

@@ -1,0 +1,219 @@
+//! The one tower layer every RPC passes through: request id, caller identity, access decision, span and metrics.
+//!
+//! Handlers never check who is calling; they read the [`Caller`] this layer put in the request extensions.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use medfleet_core::identity::Identity;
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument as _;
+
+use crate::telemetry::Metrics;
+use crate::tls::PeerInfo;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The authenticated caller of the current request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: Identity,
+    pub request_id: String,
+}
+
+/// Who may call a family of RPCs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Any authenticated principal (health, reflection).
+    AnyIdentity,
+    /// Operators only (`medfleet://user/...`).
+    Users,
+}
+
+/// Access rules by gRPC service. A method whose service is not listed is refused: deny by default.
+pub const SERVICE_ACCESS: &[(&str, Access)] = &[
+    ("/grpc.health.v1.Health/", Access::AnyIdentity),
+    ("/grpc.reflection.v1.ServerReflection/", Access::AnyIdentity),
+    ("/grpc.reflection.v1alpha.ServerReflection/", Access::AnyIdentity),
+    ("/medfleet.v1.RegistryService/", Access::Users),
+];
+
+fn rule_for(path: &str) -> Option<(&'static str, Access)> {
+    SERVICE_ACCESS
+        .iter()
+        .find(|(prefix, _)| path.starts_with(prefix))
+        .copied()
+}
+
+/// The access decision for `path` called over a connection with `peer`.
+pub fn authorize(peer: Option<&PeerInfo>, path: &str) -> Result<Identity, Status> {
+    let identity = match peer.map(|p| &p.identity) {
+        Some(Ok(identity)) => identity.clone(),
+        Some(Err(reason)) => {
+            return Err(Status::unauthenticated(format!(
+                "the client certificate carries no valid medfleet identity ({reason}); use credentials issued by medfleet"
+            )));
+        }
+        None => return Err(Status::unauthenticated("no client certificate")),
+    };
+    match rule_for(path) {
+        None => Err(Status::unimplemented(format!("{path} is not served by medfleetd"))),
+        Some((_, Access::AnyIdentity)) => Ok(identity),
+        Some((_, Access::Users)) => match identity {
+            Identity::User(_) => Ok(identity),
+            other => Err(Status::permission_denied(format!(
+                "{path} is for operators (user identities); {other} is a {} identity",
+                other.kind()
+            ))),
+        },
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcLayer {
+    metrics: Metrics,
+}
+
+impl RpcLayer {
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+/// A caller-supplied request id is kept (for correlation with client logs) only if it is short and printable.
+fn request_id(request: &Request<Body>) -> String {
+    request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn grpc_code<B>(response: &Response<B>) -> i32 {
+    // Errors from handlers are trailers-only responses, so the status is in the headers; a response without it
+    // in the headers carries OK in its trailers.
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl<S> Service<Request<Body>> for RpcService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let path = request.uri().path().to_owned();
+        // Unknown paths are folded into one label so callers cannot grow the metric's cardinality.
+        let method_label = rule_for(&path).map_or_else(|| "unknown".to_owned(), |_| path.clone());
+        let request_id = request_id(&request);
+        let span = tracing::info_span!(
+            "rpc",
+            rpc.method = %path,
+            request_id = %request_id,
+            caller = tracing::field::Empty,
+            grpc.code = tracing::field::Empty,
+        );
+        let header_value = HeaderValue::from_str(&request_id).ok();
+        let metrics = self.metrics.clone();
+        let finish = move |mut response: Response<Body>, span: &tracing::Span| {
+            let code = grpc_code(&response);
+            span.record("grpc.code", code);
+            metrics.record_rpc(&method_label, code, started.elapsed().as_secs_f64());
+            if let Some(value) = header_value {
+                response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            }
+            response
+        };
+
+        match authorize(request.extensions().get::<PeerInfo>(), &path) {
+            Err(status) => {
+                let _entered = span.enter();
+                tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
+                let response = finish(status.into_http(), &span);
+                Box::pin(std::future::ready(Ok(response)))
+            }
+            Ok(identity) => {
+                span.record("caller", tracing::field::display(&identity));
+                request.extensions_mut().insert(Caller { identity, request_id });
+                // The clone that was polled ready is the one that must serve the call.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(async move {
+                    let response = inner.call(request).instrument(span.clone()).await?;
+                    Ok(finish(response, &span))
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(identity: Result<Identity, String>) -> PeerInfo {
+        PeerInfo {
+            remote_addr: ([127, 0, 0, 1], 1).into(),
+            identity,
+        }
+    }
+
+    #[test]
+    fn registry_is_for_users_only() {
+        let user = peer(Ok(Identity::User("alice".into())));
+        let device = peer(Ok(Identity::Device(uuid::Uuid::new_v4())));
+        let service = peer(Ok(Identity::Service("epic".into())));
+        let path = "/medfleet.v1.RegistryService/ListDevices";
+        assert!(authorize(Some(&user), path).is_ok());
+        assert_eq!(authorize(Some(&device), path).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(authorize(Some(&service), path).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert!(authorize(Some(&device), "/grpc.health.v1.Health/Check").is_ok());
+    }
+
+    #[test]
+    fn no_identity_is_unauthenticated_and_unknown_paths_are_refused() {
+        let anonymous = peer(Err("no SAN".into()));
+        let status = authorize(Some(&anonymous), "/grpc.health.v1.Health/Check").unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(authorize(None, "/x").unwrap_err().code(), tonic::Code::Unauthenticated);
+        let user = peer(Ok(Identity::User("alice".into())));
+        assert_eq!(authorize(Some(&user), "/evil.Service/Do").unwrap_err().code(), tonic::Code::Unimplemented);
+    }
+}

@@ -1,0 +1,461 @@
+//! Registry persistence: sites, wards and devices on sea-orm, identical on SQLite and PostgreSQL.
+//!
+//! Every write is one transaction that re-checks the state it depends on, so concurrent requests (on this or
+//! another replica) cannot leave the registry inconsistent; unique indexes catch the remaining races.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SubsecRound as _, Utc};
+use medfleet_core::registry::{
+    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
+    WardUpdate,
+};
+use sea_orm::sea_query::Query;
+use sea_orm::{
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
+    IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+};
+use uuid::Uuid;
+
+use crate::db::begin_write;
+use crate::entity::{device, device_tag, site, ward};
+use crate::error::{Error, Result};
+
+/// The current time at the precision both backends store (microseconds), so a value returned from a write
+/// equals the value a later read returns.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// One page of a keyset-paged listing: the items and the key to continue after, if there is more.
+#[derive(Debug)]
+pub struct Page<T, K> {
+    pub items: Vec<T>,
+    pub next_after: Option<K>,
+}
+
+fn page<T, K>(mut items: Vec<T>, size: u64, key: impl Fn(&T) -> K) -> Page<T, K> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if items.len() > size {
+        items.truncate(size);
+        let next_after = items.last().map(key);
+        Page { items, next_after }
+    } else {
+        Page {
+            items,
+            next_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Registry {
+    db: DatabaseConnection,
+}
+
+impl Registry {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    pub async fn create_site(&self, new: NewSite) -> Result<Site> {
+        let txn = begin_write(&self.db).await?;
+        if site::Entity::find_by_id(new.name.clone()).one(&txn).await?.is_some() {
+            return Err(Error::AlreadyExists(format!("site '{}' already exists", new.name)));
+        }
+        let at = now();
+        let model = site::ActiveModel {
+            name: Set(new.name),
+            display_name: Set(new.display_name),
+            created_at: Set(at),
+            updated_at: Set(at),
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(site_from(model))
+    }
+
+    pub async fn get_site(&self, name: &str) -> Result<Site> {
+        find_site(&self.db, name).await.map(site_from)
+    }
+
+    pub async fn list_sites(&self, size: u64, after: Option<String>) -> Result<Page<Site, String>> {
+        let mut query = site::Entity::find();
+        if let Some(after) = after {
+            query = query.filter(site::Column::Name.gt(after));
+        }
+        let rows = query
+            .order_by_asc(site::Column::Name)
+            .limit(size + 1)
+            .all(&self.db)
+            .await?;
+        Ok(page(rows.into_iter().map(site_from).collect(), size, |s: &Site| {
+            s.name.clone()
+        }))
+    }
+
+    pub async fn update_site(&self, name: &str, display_name: String) -> Result<Site> {
+        let txn = begin_write(&self.db).await?;
+        let mut model = find_site(&txn, name).await?.into_active_model();
+        model.display_name = Set(display_name);
+        model.updated_at = Set(now());
+        let model = model.update(&txn).await?;
+        txn.commit().await?;
+        Ok(site_from(model))
+    }
+
+    pub async fn create_ward(&self, new: NewWard) -> Result<Ward> {
+        let txn = begin_write(&self.db).await?;
+        find_site(&txn, &new.site).await?;
+        if ward::Entity::find_by_id((new.site.clone(), new.name.clone()))
+            .one(&txn)
+            .await?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists(format!(
+                "ward '{}/{}' already exists",
+                new.site, new.name
+            )));
+        }
+        let at = now();
+        let model = ward::ActiveModel {
+            site: Set(new.site),
+            name: Set(new.name),
+            display_name: Set(new.display_name),
+            beds: Set(beds_json(&new.beds)?),
+            created_at: Set(at),
+            updated_at: Set(at),
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        ward_from(model)
+    }
+
+    pub async fn get_ward(&self, site: &str, name: &str) -> Result<Ward> {
+        find_ward(&self.db, site, name).await.and_then(ward_from)
+    }
+
+    pub async fn list_wards(&self, site: &str, size: u64, after: Option<String>) -> Result<Page<Ward, String>> {
+        find_site(&self.db, site).await?;
+        let mut query = ward::Entity::find().filter(ward::Column::Site.eq(site));
+        if let Some(after) = after {
+            query = query.filter(ward::Column::Name.gt(after));
+        }
+        let rows = query
+            .order_by_asc(ward::Column::Name)
+            .limit(size + 1)
+            .all(&self.db)
+            .await?;
+        let wards = rows.into_iter().map(ward_from).collect::<Result<Vec<_>>>()?;
+        Ok(page(wards, size, |w: &Ward| w.name.clone()))
+    }
+
+    pub async fn update_ward(&self, site: &str, name: &str, update: WardUpdate) -> Result<Ward> {
+        let txn = begin_write(&self.db).await?;
+        let mut model = find_ward(&txn, site, name).await?.into_active_model();
+        if let Some(display_name) = update.display_name {
+            model.display_name = Set(display_name);
+        }
+        if let Some(beds) = update.beds {
+            // A bed that a device stands in cannot disappear from under it.
+            let occupied: Vec<String> = device::Entity::find()
+                .filter(device::Column::Site.eq(site))
+                .filter(device::Column::Ward.eq(name))
+                .filter(device::Column::Bed.is_not_null())
+                .all(&txn)
+                .await?
+                .into_iter()
+                .filter_map(|d| d.bed)
+                .filter(|bed| !beds.contains(bed))
+                .collect();
+            if !occupied.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "beds {} of ward {site}/{name} hold devices; move those devices first",
+                    occupied.join(", ")
+                )));
+            }
+            model.beds = Set(beds_json(&beds)?);
+        }
+        model.updated_at = Set(now());
+        let model = model.update(&txn).await?;
+        txn.commit().await?;
+        ward_from(model)
+    }
+
+    pub async fn register_device(&self, new: NewDevice) -> Result<Device> {
+        let txn = begin_write(&self.db).await?;
+        if let Some(location) = &new.location {
+            check_location(&txn, location).await?;
+        }
+        if let Some(existing) = device::Entity::find()
+            .filter(device::Column::Manufacturer.eq(&new.manufacturer))
+            .filter(device::Column::SerialNumber.eq(&new.serial_number))
+            .one(&txn)
+            .await?
+        {
+            return Err(Error::AlreadyExists(format!(
+                "a {} device with serial number {} is already registered (device {})",
+                new.manufacturer, new.serial_number, existing.id
+            )));
+        }
+        if let Some(eui64) = &new.eui64
+            && let Some(existing) = device::Entity::find()
+                .filter(device::Column::Eui64.eq(eui64.as_str()))
+                .one(&txn)
+                .await?
+        {
+            return Err(Error::AlreadyExists(format!(
+                "EUI-64 {eui64} is already registered to device {}",
+                existing.id
+            )));
+        }
+        let at = now();
+        let id = Uuid::new_v4();
+        let (site, ward, bed) = location_columns(new.location.as_ref());
+        let model = device::ActiveModel {
+            id: Set(id),
+            serial_number: Set(new.serial_number),
+            manufacturer: Set(new.manufacturer),
+            model: Set(new.model),
+            device_class: Set(new.class.as_str().to_owned()),
+            eui64: Set(new.eui64.map(|e| e.as_str().to_owned())),
+            site: Set(site),
+            ward: Set(ward),
+            bed: Set(bed),
+            state: Set(DeviceState::Registered.as_str().to_owned()),
+            created_at: Set(at),
+            updated_at: Set(at),
+        }
+        .insert(&txn)
+        .await?;
+        let tags = new.tags.into_inner();
+        insert_tags(&txn, id, &tags).await?;
+        txn.commit().await?;
+        device_from(model, tags)
+    }
+
+    pub async fn get_device(&self, id: Uuid) -> Result<Device> {
+        let model = find_device(&self.db, id).await?;
+        let tags = load_tags(&self.db, &[id]).await?.remove(&id).unwrap_or_default();
+        device_from(model, tags)
+    }
+
+    pub async fn list_devices(&self, filter: &DeviceFilter, size: u64, after: Option<Uuid>) -> Result<Page<Device, Uuid>> {
+        let mut query = device::Entity::find();
+        if let Some(site) = &filter.site {
+            query = query.filter(device::Column::Site.eq(site));
+        }
+        if let Some(ward) = &filter.ward {
+            query = query.filter(device::Column::Ward.eq(ward));
+        }
+        if let Some(model) = &filter.model {
+            query = query.filter(device::Column::Model.eq(model));
+        }
+        if let Some(state) = filter.state {
+            query = query.filter(device::Column::State.eq(state.as_str()));
+        }
+        for (key, value) in &filter.tags {
+            query = query.filter(
+                device::Column::Id.in_subquery(
+                    Query::select()
+                        .column(device_tag::Column::DeviceId)
+                        .from(device_tag::Entity)
+                        .and_where(device_tag::Column::Key.eq(key))
+                        .and_where(device_tag::Column::Value.eq(value))
+                        .to_owned(),
+                ),
+            );
+        }
+        if let Some(after) = after {
+            query = query.filter(device::Column::Id.gt(after));
+        }
+        let rows = query
+            .order_by_asc(device::Column::Id)
+            .limit(size + 1)
+            .all(&self.db)
+            .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
+        let mut tags = load_tags(&self.db, &ids).await?;
+        let devices = rows
+            .into_iter()
+            .map(|m| {
+                let t = tags.remove(&m.id).unwrap_or_default();
+                device_from(m, t)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(page(devices, size, |d: &Device| d.id))
+    }
+
+    pub async fn update_device(&self, id: Uuid, update: DeviceUpdate) -> Result<Device> {
+        let txn = begin_write(&self.db).await?;
+        let current = find_device(&txn, id).await?;
+        if current.state == DeviceState::Decommissioned.as_str() {
+            return Err(Error::FailedPrecondition(format!(
+                "device {id} is decommissioned and can no longer be changed"
+            )));
+        }
+        let mut model = current.into_active_model();
+        if let Some(location) = &update.location {
+            if let Some(location) = location {
+                check_location(&txn, location).await?;
+            }
+            let (site, ward, bed) = location_columns(location.as_ref());
+            model.site = Set(site);
+            model.ward = Set(ward);
+            model.bed = Set(bed);
+        }
+        if let Some(tags) = &update.tags {
+            device_tag::Entity::delete_many()
+                .filter(device_tag::Column::DeviceId.eq(id))
+                .exec(&txn)
+                .await?;
+            insert_tags(&txn, id, &tags.clone().into_inner()).await?;
+        }
+        model.updated_at = Set(now());
+        let model = model.update(&txn).await?;
+        let tags = load_tags(&txn, &[id]).await?.remove(&id).unwrap_or_default();
+        txn.commit().await?;
+        device_from(model, tags)
+    }
+}
+
+async fn find_site(conn: &impl ConnectionTrait, name: &str) -> Result<site::Model> {
+    site::Entity::find_by_id(name.to_owned())
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("site '{name}' does not exist")))
+}
+
+async fn find_ward(conn: &impl ConnectionTrait, site: &str, name: &str) -> Result<ward::Model> {
+    ward::Entity::find_by_id((site.to_owned(), name.to_owned()))
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("ward '{site}/{name}' does not exist")))
+}
+
+async fn find_device(conn: &impl ConnectionTrait, id: Uuid) -> Result<device::Model> {
+    device::Entity::find_by_id(id)
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))
+}
+
+/// A location refers to an existing ward and, if it names a bed, one of that ward's beds.
+async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Result<()> {
+    let ward = ward::Entity::find_by_id((location.site.clone(), location.ward.clone()))
+        .one(conn)
+        .await?
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "ward {} does not exist; create it first (medfleet sites add-ward)",
+                location.scope()
+            ))
+        })?;
+    if let Some(bed) = &location.bed {
+        let beds = parse_beds(&ward.beds)?;
+        if !beds.contains(bed) {
+            let known = if beds.is_empty() { "none".to_owned() } else { beds.join(", ") };
+            return Err(Error::FailedPrecondition(format!(
+                "ward {} has no bed '{bed}' (its beds: {known}); add the bed to the ward first",
+                location.scope()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn insert_tags(conn: &impl ConnectionTrait, id: Uuid, tags: &BTreeMap<String, String>) -> Result<()> {
+    if tags.is_empty() {
+        return Ok(());
+    }
+    device_tag::Entity::insert_many(tags.iter().map(|(key, value)| device_tag::ActiveModel {
+        device_id: Set(id),
+        key: Set(key.clone()),
+        value: Set(value.clone()),
+    }))
+    .exec(conn)
+    .await?;
+    Ok(())
+}
+
+async fn load_tags(conn: &impl ConnectionTrait, ids: &[Uuid]) -> Result<BTreeMap<Uuid, BTreeMap<String, String>>> {
+    let mut out: BTreeMap<Uuid, BTreeMap<String, String>> = BTreeMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = device_tag::Entity::find()
+        .filter(device_tag::Column::DeviceId.is_in(ids.iter().copied()))
+        .all(conn)
+        .await?;
+    for row in rows {
+        out.entry(row.device_id).or_default().insert(row.key, row.value);
+    }
+    Ok(out)
+}
+
+fn location_columns(location: Option<&Location>) -> (Option<String>, Option<String>, Option<String>) {
+    match location {
+        Some(l) => (Some(l.site.clone()), Some(l.ward.clone()), l.bed.clone()),
+        None => (None, None, None),
+    }
+}
+
+fn beds_json(beds: &[String]) -> Result<String> {
+    serde_json::to_string(beds).map_err(|e| Error::Internal(format!("cannot encode beds: {e}")))
+}
+
+fn parse_beds(json: &str) -> Result<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| Error::Internal(format!("stored bed list is corrupt: {e}")))
+}
+
+fn site_from(m: site::Model) -> Site {
+    Site {
+        name: m.name,
+        display_name: m.display_name,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    }
+}
+
+fn ward_from(m: ward::Model) -> Result<Ward> {
+    Ok(Ward {
+        beds: parse_beds(&m.beds)?,
+        site: m.site,
+        name: m.name,
+        display_name: m.display_name,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    })
+}
+
+fn device_from(m: device::Model, tags: BTreeMap<String, String>) -> Result<Device> {
+    let corrupt = |what: &str, e: String| Error::Internal(format!("device {} has a corrupt {what}: {e}", m.id));
+    let location = match (m.site.clone(), m.ward.clone()) {
+        (Some(site), Some(ward)) => Some(Location {
+            site,
+            ward,
+            bed: m.bed.clone(),
+        }),
+        _ => None,
+    };
+    Ok(Device {
+        id: m.id,
+        class: m.device_class.parse().map_err(|e| corrupt("class", e))?,
+        state: m.state.parse().map_err(|e| corrupt("state", e))?,
+        eui64: m
+            .eui64
+            .as_deref()
+            .map(Eui64::parse)
+            .transpose()
+            .map_err(|e| corrupt("EUI-64", e))?,
+        serial_number: m.serial_number,
+        manufacturer: m.manufacturer,
+        model: m.model,
+        location,
+        tags: Tags::from_stored(tags),
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    })
+}

@@ -1,0 +1,183 @@
+//! Logs, traces and metrics. Metrics are OpenTelemetry instruments exposed both as Prometheus text on `/metrics`
+//! and, when an endpoint is configured, pushed over OTLP; one set of instruments feeds both.
+//!
+//! Labels are bounded, closed sets (RPC method, status code, outcome): never a patient, a device id or free text.
+
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use prometheus::{Encoder as _, TextEncoder};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+use crate::config::LogFormat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP exporter: {0}")]
+    Otlp(String),
+    #[error("Prometheus exporter: {0}")]
+    Prometheus(String),
+    #[error("log filter: {0}")]
+    Filter(String),
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+fn resource() -> Resource {
+    Resource::builder().with_service_name("medfleetd").build()
+}
+
+/// Keeps the trace exporter alive; flushes pending spans when dropped.
+#[derive(Debug)]
+pub struct TracingGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("medfleetd: flushing traces failed: {error}");
+        }
+    }
+}
+
+/// Installs the process-wide subscriber: human or JSON logs, and OTLP traces when `otlp_endpoint` is set. Must
+/// run inside the tokio runtime (the OTLP exporter is a tonic client).
+pub fn init_tracing(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> Result<TracingGuard, TelemetryError> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
+    let provider = match otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource())
+                    .build(),
+            )
+        }
+        None => None,
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("medfleetd")));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    Ok(TracingGuard { provider })
+}
+
+/// The server's metric instruments. One per running server (not global), so several servers in one test process
+/// do not mix their numbers.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    rpc_requests: Counter<u64>,
+    rpc_duration: Histogram<f64>,
+    tls_handshakes: Counter<u64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new(otlp_endpoint: Option<&str>) -> Result<Self, TelemetryError> {
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()
+            .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
+        let mut builder = SdkMeterProvider::builder()
+            .with_reader(prometheus)
+            .with_resource(resource());
+        if let Some(endpoint) = otlp_endpoint {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            builder = builder.with_reader(PeriodicReader::builder(exporter).build());
+        }
+        let provider = builder.build();
+        let meter = provider.meter("medfleetd");
+        let inner = Inner {
+            rpc_requests: meter
+                .u64_counter("medfleet_rpc_requests")
+                .with_description("gRPC requests by method and status code")
+                .build(),
+            rpc_duration: meter
+                .f64_histogram("medfleet_rpc_duration_seconds")
+                .with_description("gRPC request latency until response headers")
+                .with_unit("s")
+                .with_boundaries(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+                .build(),
+            tls_handshakes: meter
+                .u64_counter("medfleet_tls_handshakes")
+                .with_description("TLS handshakes by outcome (ok, failed, timeout)")
+                .build(),
+            registry,
+            provider,
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    pub fn record_rpc(&self, method: &str, code: i32, seconds: f64) {
+        let method = KeyValue::new("method", method.to_owned());
+        self.inner
+            .rpc_requests
+            .add(1, &[method.clone(), KeyValue::new("code", i64::from(code))]);
+        self.inner.rpc_duration.record(seconds, &[method]);
+    }
+
+    pub fn record_handshake(&self, outcome: &'static str) {
+        self.inner.tls_handshakes.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    /// Prometheus text exposition of every instrument.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.inner.registry.gather(), &mut out) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Flushes OTLP metrics on shutdown.
+    pub fn shutdown(&self) {
+        if let Err(error) = self.inner.provider.shutdown() {
+            tracing::debug!(%error, "metrics provider shutdown");
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! TLS 1.3 termination with mandatory client certificates, done here rather than in tonic so that the verifier is
+//! ours (revocation, custom checks) and the caller's identity is extracted once per connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use medfleet_core::identity::Identity;
+use rustls::RootCertStore;
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::pki::identity_of;
+use crate::telemetry::Metrics;
+
+/// A handshake that takes longer than this is dropped (slowloris protection).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many handshakes run at once; further connections wait in the kernel backlog.
+const MAX_CONCURRENT_HANDSHAKES: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("server certificate or key PEM: {0}")]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// What the server knows about the peer of one connection, attached to every request on it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    /// The identity in the client certificate, or why it has none.
+    pub identity: Result<Identity, String>,
+}
+
+/// Server TLS settings: TLS 1.3 only, client certificates from medfleet's CA required, ALPN h2.
+pub fn server_config(ca: &CertificateDer<'static>, chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One accepted, authenticated TLS connection.
+#[derive(Debug)]
+pub struct TlsConnection {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes each TLS handshake in its own task, so one slow or hostile client
+/// cannot stall the others. The stream ends when the receiver is dropped (server shutdown).
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    metrics: Metrics,
+) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, remote_addr) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let (tx, acceptor, metrics) = (tx.clone(), acceptor.clone(), metrics.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _ = tcp.set_nodelay(true);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let identity = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .map_or_else(|| Err("no client certificate".to_owned()), |cert| identity_of(cert));
+                        metrics.record_handshake("ok");
+                        let peer = PeerInfo { remote_addr, identity };
+                        let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                    }
+                    Ok(Err(error)) => {
+                        metrics.record_handshake("failed");
+                        tracing::info!(%remote_addr, %error, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        metrics.record_handshake("timeout");
+                        tracing::info!(%remote_addr, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
