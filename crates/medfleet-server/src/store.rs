@@ -349,7 +349,7 @@ async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Res
         .await?
         .ok_or_else(|| {
             Error::FailedPrecondition(format!(
-                "ward {} does not exist; create it first (medfleet sites add-ward)",
+                "ward {} does not exist; create it first (medfleet wards create)",
                 location.scope()
             ))
         })?;

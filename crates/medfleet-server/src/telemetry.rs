@@ -157,7 +157,7 @@ impl Metrics {
         let method = KeyValue::new("method", method.to_owned());
         self.inner
             .rpc_requests
-            .add(1, &[method.clone(), KeyValue::new("code", i64::from(code))]);
+            .add(1, &[method.clone(), KeyValue::new("code", format!("{:?}", tonic::Code::from_i32(code)))]);
         self.inner.rpc_duration.record(seconds, &[method]);
     }
 
