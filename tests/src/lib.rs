@@ -1,1 +1,339 @@
-//! stub
+//! End-to-end test harness: starts real `medfleetd` servers (in-process `run` on 127.0.0.1:0, or the built
+//! binaries) with a fresh CA and data directory, on SQLite (a temp file) or PostgreSQL (a fresh database per test,
+//! dropped afterwards), and talks to them over real mTLS.
+//!
+//! PostgreSQL comes from `MEDFLEET_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`). A test
+//! that cannot reach it fails; set `MEDFLEET_TEST_SKIP_POSTGRES=1` to skip the PostgreSQL half knowingly (CI never
+//! does).
+
+#![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use medfleet_core::identity::Identity;
+use medfleet_proto::v1::registry_service_client::RegistryServiceClient;
+use medfleet_server::config::{Config, FileConfig, Overrides};
+use medfleet_server::pki::{CertificateAuthority, CredentialBundle, DataDir};
+use medfleet_server::{Listeners, ServeError};
+use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, EntityTrait as _};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// Runs one async test body against each backend: `both_backends!(name, body_fn);` where
+/// `async fn body_fn(backend: Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$body($crate::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::skip_postgres() {
+                    return;
+                }
+                super::$body($crate::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// True only when the developer explicitly opted out of PostgreSQL; CI must never set it.
+pub fn skip_postgres() -> bool {
+    let skip = std::env::var("MEDFLEET_TEST_SKIP_POSTGRES").is_ok_and(|v| v == "1");
+    assert!(
+        !(skip && std::env::var("CI").is_ok()),
+        "MEDFLEET_TEST_SKIP_POSTGRES is set in CI: PostgreSQL tests must run there"
+    );
+    if skip {
+        eprintln!("skipping the PostgreSQL variant: MEDFLEET_TEST_SKIP_POSTGRES=1");
+    }
+    skip
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("MEDFLEET_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A PostgreSQL database that exists for one test and is dropped (even after a panic) when this is dropped.
+#[derive(Debug)]
+pub struct PgDatabase {
+    name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> Self {
+        let admin_url = pg_admin_url();
+        let admin = Database::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach PostgreSQL at {admin_url}: {e}. Start it (the README says how), point \
+                 MEDFLEET_TEST_PG_URL at one, or set MEDFLEET_TEST_SKIP_POSTGRES=1 to skip knowingly"
+            )
+        });
+        let name = format!("medfleet_test_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run inside a runtime (or during a panic): do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                if let Ok(admin) = Database::connect(&pg_admin_url()).await {
+                    let _ = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    let _ = admin.close().await;
+                }
+            });
+            Ok::<(), std::io::Error>(())
+        })
+        .join();
+    }
+}
+
+/// One running medfleetd replica.
+#[derive(Debug)]
+pub struct TestServer {
+    pub config: Config,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), ServeError>>>,
+    _dir: Option<tempfile::TempDir>,
+    _pg: Option<PgDatabase>,
+}
+
+/// Where and on what a test server keeps its state; shared by replicas of one test.
+#[derive(Debug)]
+pub struct Storage {
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    pg: Option<PgDatabase>,
+}
+
+impl Storage {
+    pub async fn new(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (database_url, pg) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}?mode=rwc", dir.path().join("medfleet.db").display()),
+                None,
+            ),
+            Backend::Postgres => {
+                let pg = PgDatabase::create().await;
+                (pg.url.clone(), Some(pg))
+            }
+        };
+        Self { dir, database_url, pg }
+    }
+
+    /// A configuration on this storage with ephemeral loopback ports.
+    pub fn config(&self) -> Config {
+        let overrides = Overrides {
+            data_dir: Some(self.dir.path().join("data")),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            database_url: Some(self.database_url.clone()),
+            database_max_connections: Some(4),
+            shutdown_grace: Some("5s".into()),
+            ..Overrides::default()
+        };
+        Config::resolve(FileConfig::default(), overrides).expect("test config")
+    }
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Self {
+        let storage = Storage::new(backend).await;
+        let config = storage.config();
+        let mut server = Self::start_on(config).await;
+        server._dir = Some(storage.dir);
+        server._pg = storage.pg;
+        server
+    }
+
+    /// Starts a replica with the given configuration (initialising its data dir if needed).
+    pub async fn start_on(config: Config) -> Self {
+        medfleet_server::ensure_initialised(&config, "admin").expect("init data dir");
+        let grpc = TcpListener::bind(config.listen).await.expect("bind grpc");
+        let http = TcpListener::bind(config.http_listen).await.expect("bind http");
+        let grpc_addr = grpc.local_addr().unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(medfleet_server::run(
+            config.clone(),
+            Listeners { grpc, http },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            config,
+            grpc_addr,
+            http_addr,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            _dir: None,
+            _pg: None,
+        }
+    }
+
+    pub fn data_dir(&self) -> DataDir {
+        DataDir::new(&self.config.data_dir)
+    }
+
+    pub fn ca(&self) -> CertificateAuthority {
+        self.data_dir().load_ca().expect("load CA")
+    }
+
+    /// Credentials for `identity` from this server's CA, valid for an hour.
+    pub fn issue(&self, identity: Identity) -> CredentialBundle {
+        self.ca()
+            .issue_client(&identity, Duration::from_secs(3600))
+            .expect("issue client certificate")
+    }
+
+    pub fn admin_bundle(&self) -> CredentialBundle {
+        bundle_from_file(&self.data_dir().admin_bundle())
+    }
+
+    /// The address as clients outside the test use it (the certificate names `localhost`).
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.grpc_addr.port())
+    }
+
+    /// An mTLS channel presenting `bundle`, connected to this server.
+    pub async fn channel(&self, bundle: &CredentialBundle) -> Result<Channel, tonic::transport::Error> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
+            .domain_name("localhost");
+        self.endpoint(tls)?.connect().await
+    }
+
+    /// An endpoint to this server with arbitrary TLS settings (for refusal tests).
+    pub fn endpoint(&self, tls: ClientTlsConfig) -> Result<Endpoint, tonic::transport::Error> {
+        Ok(Endpoint::from_shared(format!("https://{}", self.grpc_addr))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30)))
+    }
+
+    pub async fn admin(&self) -> RegistryServiceClient<Channel> {
+        RegistryServiceClient::new(self.channel(&self.admin_bundle()).await.expect("admin channel"))
+    }
+
+    pub async fn db(&self) -> DatabaseConnection {
+        Database::connect(&self.config.database_url).await.expect("test db connection")
+    }
+
+    /// Every registry row, for "nothing changed" assertions.
+    pub async fn snapshot(&self) -> serde_json::Value {
+        use medfleet_server::entity::{device, device_tag, site, ward};
+        let db = self.db().await;
+        let value = serde_json::json!({
+            "sites": site::Entity::find().into_json().all(&db).await.unwrap(),
+            "wards": ward::Entity::find().into_json().all(&db).await.unwrap(),
+            "devices": device::Entity::find().into_json().all(&db).await.unwrap(),
+            "tags": device_tag::Entity::find().into_json().all(&db).await.unwrap(),
+        });
+        db.close().await.ok();
+        value
+    }
+
+    /// Asks the server to shut down and waits for it to finish draining.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(handle) => handle.await.expect("server task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn bundle_from_file(path: &Path) -> CredentialBundle {
+    let text = std::fs::read_to_string(path).expect("read bundle");
+    let pem = |label: &str, nth: usize| -> String {
+        let begin = format!("-----BEGIN {label}-----");
+        let end = format!("-----END {label}-----");
+        let start = text.match_indices(&begin).nth(nth).expect("pem block").0;
+        let stop = text[start..].find(&end).expect("pem end") + start + end.len();
+        format!("{}\n", &text[start..stop])
+    };
+    CredentialBundle {
+        key_pem: pem("PRIVATE KEY", 0),
+        cert_pem: pem("CERTIFICATE", 0),
+        ca_pem: pem("CERTIFICATE", 1),
+    }
+}
+
+/// Path of a binary built from this workspace (`cargo build --workspace --bins` builds them; the README's test
+/// command does that first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A plain HTTP/1.0 GET against the operations listener: (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect ops listener");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

@@ -138,7 +138,7 @@ impl Metrics {
                 .with_description("gRPC requests by method and status code")
                 .build(),
             rpc_duration: meter
-                .f64_histogram("medfleet_rpc_duration_seconds")
+                .f64_histogram("medfleet_rpc_duration")
                 .with_description("gRPC request latency until response headers")
                 .with_unit("s")
                 .with_boundaries(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])

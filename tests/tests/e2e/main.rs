@@ -1,0 +1,8 @@
+//! One test binary for every end-to-end suite (one link instead of one per file).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
+
+mod binaries;
+mod operations;
+mod registry;
+mod security;

@@ -1,0 +1,167 @@
+//! Who may connect and call what: mTLS refusals (no certificate, foreign CA, expired, not yet valid, TLS 1.2),
+//! certificates without a medfleet identity, and non-operator identities on operator RPCs.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use medfleet_core::identity::Identity;
+use medfleet_e2e::{Backend, TestServer, both_backends, http_get};
+use medfleet_proto::v1::{self, registry_service_client::RegistryServiceClient};
+use medfleet_server::pki::{CertificateAuthority, CredentialBundle};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+fn tls_with(bundle: Option<&CredentialBundle>, trust_pem: &str) -> ClientTlsConfig {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(trust_pem))
+        .domain_name("localhost");
+    match bundle {
+        Some(b) => tls.identity(tonic::transport::Identity::from_pem(&b.cert_pem, &b.key_pem)),
+        None => tls,
+    }
+}
+
+/// Asserts that the server refuses this TLS client: either the connection fails or the first RPC does with a
+/// transport-level status (never a served response).
+async fn assert_refused(server: &TestServer, tls: ClientTlsConfig, what: &str) {
+    let Ok(channel) = server.endpoint(tls).unwrap().connect().await else {
+        return;
+    };
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err(what);
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+        "{what}: unexpected {status:?}"
+    );
+}
+
+fn failed_handshakes(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("medfleet_tls_handshakes_total") && l.contains("outcome=\"failed\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn mtls_refusals(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ca_pem = server.ca().cert_pem().to_owned();
+    let admin = server.admin_bundle();
+
+    // Control: the admin's credentials work on this very server.
+    let mut health = HealthClient::new(server.channel(&admin).await.unwrap());
+    let reply = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
+    assert_eq!(reply.status(), ServingStatus::Serving);
+
+    assert_refused(&server, tls_with(None, &ca_pem), "a client without a certificate").await;
+
+    let (foreign_ca, _) = CertificateAuthority::generate("somebody else").unwrap();
+    let foreign = foreign_ca
+        .issue_client(&Identity::User("admin".into()), Duration::from_secs(3600))
+        .unwrap();
+    assert_refused(&server, tls_with(Some(&foreign), &ca_pem), "a certificate from another CA").await;
+
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let ca = server.ca();
+    let expired = ca
+        .issue_client_for_window(&Identity::User("admin".into()), now - 2 * hour, now - hour)
+        .unwrap();
+    assert_refused(&server, tls_with(Some(&expired), &ca_pem), "an expired certificate").await;
+    let early = ca
+        .issue_client_for_window(&Identity::User("admin".into()), now + hour, now + 2 * hour)
+        .unwrap();
+    assert_refused(&server, tls_with(Some(&early), &ca_pem), "a not-yet-valid certificate").await;
+
+    // TLS 1.2 is refused even with valid credentials.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(admin.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(admin.key_pem.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.grpc_addr).await.unwrap();
+    let tls12 = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await;
+    assert!(tls12.is_err(), "a TLS 1.2 handshake succeeded");
+
+    let (_, metrics) = http_get(server.http_addr, "/metrics").await;
+    assert!(
+        failed_handshakes(&metrics) >= 4,
+        "the server did not count the refused handshakes:\n{metrics}"
+    );
+}
+both_backends!(mtls_refuses_bad_clients, mtls_refusals);
+
+async fn identities(backend: Backend) {
+    let server = TestServer::start(backend).await;
+
+    // A certificate from our CA that names no medfleet identity: authenticated TLS, but no principal.
+    let ca_key = std::fs::read_to_string(server.data_dir().ca_key()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(server.ca().cert_pem(), rcgen::KeyPair::from_pem(&ca_key).unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["anonymous.example".to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let anonymous = CredentialBundle {
+        key_pem: key.serialize_pem(),
+        cert_pem: cert.pem(),
+        ca_pem: server.ca().cert_pem().to_owned(),
+    };
+    let mut api = RegistryServiceClient::new(server.channel(&anonymous).await.unwrap());
+    let status = api.list_sites(v1::ListSitesRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = HealthClient::new(server.channel(&anonymous).await.unwrap())
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // Devices and services are authenticated but may not call operator RPCs.
+    let before = server.snapshot().await;
+    for identity in [Identity::Device(uuid::Uuid::new_v4()), Identity::Service("epic".into())] {
+        let bundle = server.issue(identity.clone());
+        let channel = server.channel(&bundle).await.unwrap();
+        let mut api = RegistryServiceClient::new(channel.clone());
+        let status = api
+            .create_site(v1::CreateSiteRequest {
+                site: Some(v1::Site {
+                    name: "stmarys".into(),
+                    display_name: "St Mary's".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{identity}: {status:?}");
+        assert!(status.message().contains(identity.kind()), "{}", status.message());
+        let status = api.list_devices(v1::ListDevicesRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        // ...while the health service answers any authenticated identity.
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving);
+    }
+    assert_eq!(server.snapshot().await, before);
+
+    // Another operator (not the bootstrap admin) may call operator RPCs.
+    let operator = server.issue(Identity::User("biomed-alice".into()));
+    let mut api = RegistryServiceClient::new(server.channel(&operator).await.unwrap());
+    api.list_sites(v1::ListSitesRequest::default()).await.unwrap();
+}
+both_backends!(identity_rules, identities);
