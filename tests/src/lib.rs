@@ -65,7 +65,8 @@ pub fn skip_postgres() -> bool {
 }
 
 fn pg_admin_url() -> String {
-    std::env::var("MEDFLEET_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("MEDFLEET_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// A PostgreSQL database that exists for one test and is dropped (even after a panic) when this is dropped.
@@ -90,7 +91,9 @@ impl PgDatabase {
             .await
             .expect("create test database");
         admin.close().await.ok();
-        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(b, _)| b);
         Self {
             url: format!("{base}/{name}"),
             name,
@@ -103,7 +106,9 @@ impl Drop for PgDatabase {
         let name = self.name.clone();
         // Drop may run inside a runtime (or during a panic): do the async work on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
                 if let Ok(admin) = Database::connect(&pg_admin_url()).await {
                     let _ = admin
@@ -126,8 +131,8 @@ pub struct TestServer {
     pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), ServeError>>>,
-    _dir: Option<tempfile::TempDir>,
-    _pg: Option<PgDatabase>,
+    /// The temp dir and database this server owns (dropped with it), if it was started by [`TestServer::start`].
+    storage: Option<Storage>,
 }
 
 /// Where and on what a test server keeps its state; shared by replicas of one test.
@@ -135,7 +140,8 @@ pub struct TestServer {
 pub struct Storage {
     pub dir: tempfile::TempDir,
     pub database_url: String,
-    pg: Option<PgDatabase>,
+    /// Held so the database lives as long as the storage.
+    pub pg: Option<PgDatabase>,
 }
 
 impl Storage {
@@ -143,7 +149,10 @@ impl Storage {
         let dir = tempfile::tempdir().expect("temp dir");
         let (database_url, pg) = match backend {
             Backend::Sqlite => (
-                format!("sqlite://{}?mode=rwc", dir.path().join("medfleet.db").display()),
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("medfleet.db").display()
+                ),
                 None,
             ),
             Backend::Postgres => {
@@ -151,7 +160,11 @@ impl Storage {
                 (pg.url.clone(), Some(pg))
             }
         };
-        Self { dir, database_url, pg }
+        Self {
+            dir,
+            database_url,
+            pg,
+        }
     }
 
     /// A configuration on this storage with ephemeral loopback ports.
@@ -174,8 +187,7 @@ impl TestServer {
         let storage = Storage::new(backend).await;
         let config = storage.config();
         let mut server = Self::start_on(config).await;
-        server._dir = Some(storage.dir);
-        server._pg = storage.pg;
+        server.storage = Some(storage);
         server
     }
 
@@ -183,7 +195,9 @@ impl TestServer {
     pub async fn start_on(config: Config) -> Self {
         medfleet_server::ensure_initialised(&config, "admin").expect("init data dir");
         let grpc = TcpListener::bind(config.listen).await.expect("bind grpc");
-        let http = TcpListener::bind(config.http_listen).await.expect("bind http");
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .expect("bind http");
         let grpc_addr = grpc.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -200,9 +214,12 @@ impl TestServer {
             http_addr,
             shutdown: Some(tx),
             handle: Some(handle),
-            _dir: None,
-            _pg: None,
+            storage: None,
         }
+    }
+
+    pub fn storage(&self) -> Option<&Storage> {
+        self.storage.as_ref()
     }
 
     pub fn data_dir(&self) -> DataDir {
@@ -214,9 +231,9 @@ impl TestServer {
     }
 
     /// Credentials for `identity` from this server's CA, valid for an hour.
-    pub fn issue(&self, identity: Identity) -> CredentialBundle {
+    pub fn issue(&self, identity: &Identity) -> CredentialBundle {
         self.ca()
-            .issue_client(&identity, Duration::from_secs(3600))
+            .issue_client(identity, Duration::from_hours(1))
             .expect("issue client certificate")
     }
 
@@ -230,28 +247,42 @@ impl TestServer {
     }
 
     /// An mTLS channel presenting `bundle`, connected to this server.
-    pub async fn channel(&self, bundle: &CredentialBundle) -> Result<Channel, tonic::transport::Error> {
+    pub async fn channel(
+        &self,
+        bundle: &CredentialBundle,
+    ) -> Result<Channel, tonic::transport::Error> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &bundle.cert_pem,
+                &bundle.key_pem,
+            ))
             .domain_name("localhost");
         self.endpoint(tls)?.connect().await
     }
 
     /// An endpoint to this server with arbitrary TLS settings (for refusal tests).
     pub fn endpoint(&self, tls: ClientTlsConfig) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(Endpoint::from_shared(format!("https://{}", self.grpc_addr))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30)))
+        Ok(
+            Endpoint::from_shared(format!("https://{}", self.grpc_addr))?
+                .tls_config(tls)?
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(30)),
+        )
     }
 
     pub async fn admin(&self) -> RegistryServiceClient<Channel> {
-        RegistryServiceClient::new(self.channel(&self.admin_bundle()).await.expect("admin channel"))
+        RegistryServiceClient::new(
+            self.channel(&self.admin_bundle())
+                .await
+                .expect("admin channel"),
+        )
     }
 
     pub async fn db(&self) -> DatabaseConnection {
-        Database::connect(&self.config.database_url).await.expect("test db connection")
+        Database::connect(&self.config.database_url)
+            .await
+            .expect("test db connection")
     }
 
     /// Every registry row, for "nothing changed" assertions.
@@ -322,18 +353,26 @@ pub fn binary(name: &str) -> PathBuf {
 /// A plain HTTP/1.0 GET against the operations listener: (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect ops listener");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect ops listener");
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .expect("send request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read response");
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
     let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("HTTP status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }

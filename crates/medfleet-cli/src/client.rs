@@ -23,10 +23,14 @@ fn pem_blocks(text: &str) -> Vec<(String, String)> {
     let mut rest = text;
     while let Some(start) = rest.find("-----BEGIN ") {
         let after = &rest[start + 11..];
-        let Some(label_end) = after.find("-----") else { break };
+        let Some(label_end) = after.find("-----") else {
+            break;
+        };
         let label = after[..label_end].to_owned();
         let end_marker = format!("-----END {label}-----");
-        let Some(end) = rest[start..].find(&end_marker) else { break };
+        let Some(end) = rest[start..].find(&end_marker) else {
+            break;
+        };
         let stop = start + end + end_marker.len();
         blocks.push((label, format!("{}\n", &rest[start..stop])));
         rest = &rest[stop..];
@@ -57,14 +61,22 @@ impl Credentials {
             .iter()
             .find(|(label, _)| label.ends_with("PRIVATE KEY"))
             .map(|(_, b)| b.clone())
-            .ok_or_else(|| anyhow!("{} has no private key; it is not a medfleet credentials bundle", path.display()))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} has no private key; it is not a medfleet credentials bundle",
+                    path.display()
+                )
+            })?;
         let certs: Vec<&String> = blocks
             .iter()
             .filter(|(label, _)| label == "CERTIFICATE")
             .map(|(_, b)| b)
             .collect();
         let (Some(leaf), Some(ca)) = (certs.first(), certs.last()) else {
-            bail!("{} has no certificate; it is not a medfleet credentials bundle", path.display());
+            bail!(
+                "{} has no certificate; it is not a medfleet credentials bundle",
+                path.display()
+            );
         };
         if certs.len() < 2 {
             bail!(
@@ -85,9 +97,9 @@ pub(crate) fn credentials_path(flag: Option<PathBuf>) -> PathBuf {
 }
 
 pub(crate) async fn connect(server: &str, credentials: &Credentials) -> anyhow::Result<Channel> {
-    let uri: http::Uri = server
-        .parse()
-        .with_context(|| format!("--server {server} is not a URL like https://medfleet.example:7443"))?;
+    let uri: http::Uri = server.parse().with_context(|| {
+        format!("--server {server} is not a URL like https://medfleet.example:7443")
+    })?;
     if uri.scheme_str() != Some("https") {
         bail!("--server {server} must be an https:// URL: medfleetd only speaks TLS");
     }
@@ -99,7 +111,10 @@ pub(crate) async fn connect(server: &str, credentials: &Credentials) -> anyhow::
         .to_owned();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
-        .identity(Identity::from_pem(&credentials.cert_pem, &credentials.key_pem))
+        .identity(Identity::from_pem(
+            &credentials.cert_pem,
+            &credentials.key_pem,
+        ))
         .domain_name(host);
     let endpoint = Endpoint::from_shared(server.to_owned())
         .with_context(|| format!("--server {server} is not a valid URL"))?

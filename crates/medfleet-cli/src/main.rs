@@ -30,13 +30,24 @@ use tonic_types::StatusExt as _;
 )]
 struct Cli {
     /// medfleetd gRPC address.
-    #[arg(long, global = true, env = "MEDFLEET_SERVER", default_value = "https://localhost:7443")]
+    #[arg(
+        long,
+        global = true,
+        env = "MEDFLEET_SERVER",
+        default_value = "https://localhost:7443"
+    )]
     server: String,
     /// Credentials bundle (private key, certificate, CA). Default: medfleet-data/admin.pem.
     #[arg(long, global = true, env = "MEDFLEET_CREDENTIALS")]
     credentials: Option<PathBuf>,
     /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
     output: Format,
     #[command(subcommand)]
     command: Command,
@@ -58,7 +69,9 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum SiteCommand {
     /// Create a site.
-    #[command(after_help = "Example:\n  medfleet sites create stmarys --display-name \"St Mary's Hospital\"")]
+    #[command(
+        after_help = "Example:\n  medfleet sites create stmarys --display-name \"St Mary's Hospital\""
+    )]
     Create {
         /// Short name: lowercase letters, digits and '-'.
         name: String,
@@ -72,7 +85,9 @@ enum SiteCommand {
     #[command(after_help = "Example:\n  medfleet sites show stmarys")]
     Show { name: String },
     /// Change a site's display name.
-    #[command(after_help = "Example:\n  medfleet sites update stmarys --display-name \"St Mary's\"")]
+    #[command(
+        after_help = "Example:\n  medfleet sites update stmarys --display-name \"St Mary's\""
+    )]
     Update {
         name: String,
         #[arg(long)]
@@ -83,7 +98,9 @@ enum SiteCommand {
 #[derive(Debug, Subcommand)]
 enum WardCommand {
     /// Create a ward in a site.
-    #[command(after_help = "Example:\n  medfleet wards create stmarys/icu --display-name \"Intensive Care\" --beds 1,2,3,4")]
+    #[command(
+        after_help = "Example:\n  medfleet wards create stmarys/icu --display-name \"Intensive Care\" --beds 1,2,3,4"
+    )]
     Create {
         /// SITE/WARD
         scope: String,
@@ -113,19 +130,27 @@ enum WardCommand {
 #[derive(Debug, Subcommand)]
 enum DeviceCommand {
     /// Register a device; prints its server-assigned id.
-    #[command(after_help = "Example:\n  medfleet devices register --manufacturer Philips --model \"IntelliVue MX450\" \\\n    \
-                            --serial SN-0001 --class patient-monitor --location stmarys/icu/3 --tag asset=A-17")]
+    #[command(
+        after_help = "Example:\n  medfleet devices register --manufacturer Philips --model \"IntelliVue MX450\" \\\n    \
+                            --serial SN-0001 --class patient-monitor --location stmarys/icu/3 --tag asset=A-17"
+    )]
     Register(RegisterArgs),
     /// List devices, with filters.
-    #[command(after_help = "Examples:\n  medfleet devices list --site stmarys --ward icu\n  \
-                            medfleet devices list --state registered --tag asset=A-17 -o json")]
+    #[command(
+        after_help = "Examples:\n  medfleet devices list --site stmarys --ward icu\n  \
+                            medfleet devices list --state registered --tag asset=A-17 -o json"
+    )]
     List(ListArgs),
     /// Show one device.
-    #[command(after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f")]
+    #[command(
+        after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f"
+    )]
     Show { id: String },
     /// Move a device or replace its tags.
-    #[command(after_help = "Examples:\n  medfleet devices update ID --location stmarys/icu/4\n  \
-                            medfleet devices update ID --storage\n  medfleet devices update ID --tag asset=A-17 --tag owner=biomed")]
+    #[command(
+        after_help = "Examples:\n  medfleet devices update ID --location stmarys/icu/4\n  \
+                            medfleet devices update ID --storage\n  medfleet devices update ID --tag asset=A-17 --tag owner=biomed"
+    )]
     Update(UpdateArgs),
 }
 
@@ -221,7 +246,10 @@ fn location(text: &str) -> anyhow::Result<v1::Location> {
             ward: (*ward).to_owned(),
             bed: (*bed).to_owned(),
         }),
-        _ => Err(UsageError(format!("--location '{text}' is not SITE/WARD or SITE/WARD/BED")).into()),
+        _ => Err(UsageError(format!(
+            "--location '{text}' is not SITE/WARD or SITE/WARD/BED"
+        ))
+        .into()),
     }
 }
 
@@ -230,15 +258,18 @@ fn location(text: &str) -> anyhow::Result<v1::Location> {
 #[error("{0}")]
 struct UsageError(String);
 
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
+fn mask(paths: &[&str]) -> prost_types::FieldMask {
+    prost_types::FieldMask {
         paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
+    }
 }
 
 async fn registry(cli: &Cli) -> anyhow::Result<RegistryServiceClient<Channel>> {
-    let credentials = client::Credentials::load(&client::credentials_path(cli.credentials.clone()))?;
-    Ok(RegistryServiceClient::new(client::connect(&cli.server, &credentials).await?))
+    let credentials =
+        client::Credentials::load(&client::credentials_path(cli.credentials.clone()))?;
+    Ok(RegistryServiceClient::new(
+        client::connect(&cli.server, &credentials).await?,
+    ))
 }
 
 async fn execute(cli: &Cli) -> anyhow::Result<()> {
@@ -280,7 +311,10 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                     output::sites(out, &all)
                 }
                 SiteCommand::Show { name } => {
-                    let site = api.get_site(v1::GetSiteRequest { name: name.clone() }).await?.into_inner();
+                    let site = api
+                        .get_site(v1::GetSiteRequest { name: name.clone() })
+                        .await?
+                        .into_inner();
                     output::site(out, &site.into())
                 }
                 SiteCommand::Update { name, display_name } => {
@@ -291,7 +325,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                                 display_name: display_name.clone(),
                                 ..Default::default()
                             }),
-                            update_mask: mask(&["display_name"]),
+                            update_mask: Some(mask(&["display_name"])),
                         })
                         .await?
                         .into_inner();
@@ -344,7 +378,10 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                 }
                 WardCommand::Show { scope } => {
                     let (site, name) = split_scope(scope)?;
-                    let ward = api.get_ward(v1::GetWardRequest { site, name }).await?.into_inner();
+                    let ward = api
+                        .get_ward(v1::GetWardRequest { site, name })
+                        .await?
+                        .into_inner();
                     output::ward(out, &ward.into())
                 }
                 WardCommand::Update {
@@ -361,7 +398,10 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                         paths.push("beds");
                     }
                     if paths.is_empty() {
-                        return Err(UsageError("nothing to change: give --display-name and/or --beds".into()).into());
+                        return Err(UsageError(
+                            "nothing to change: give --display-name and/or --beds".into(),
+                        )
+                        .into());
                     }
                     let ward = api
                         .update_ward(v1::UpdateWardRequest {
@@ -372,7 +412,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                                 beds: beds.clone().unwrap_or_default(),
                                 ..Default::default()
                             }),
-                            update_mask: mask(&paths),
+                            update_mask: Some(mask(&paths)),
                         })
                         .await?
                         .into_inner();
@@ -405,12 +445,16 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                     while all.len() < limit {
                         let page = api
                             .list_devices(v1::ListDevicesRequest {
-                                page_size: i32::try_from((limit - all.len()).min(500)).unwrap_or(500),
+                                page_size: i32::try_from((limit - all.len()).min(500))
+                                    .unwrap_or(500),
                                 page_token: token,
                                 site: args.site.clone().unwrap_or_default(),
                                 ward: args.ward.clone().unwrap_or_default(),
                                 model: args.model.clone().unwrap_or_default(),
-                                state: args.state.map(|s| device_state_to_wire(s).into()).unwrap_or_default(),
+                                state: args
+                                    .state
+                                    .map(|s| device_state_to_wire(s).into())
+                                    .unwrap_or_default(),
                                 tags: args.tags.clone(),
                             })
                             .await?
@@ -424,7 +468,10 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                     output::devices(out, &all)
                 }
                 DeviceCommand::Show { id } => {
-                    let device = api.get_device(v1::GetDeviceRequest { id: id.clone() }).await?.into_inner();
+                    let device = api
+                        .get_device(v1::GetDeviceRequest { id: id.clone() })
+                        .await?
+                        .into_inner();
                     output::device(out, &device.into())
                 }
                 DeviceCommand::Update(args) => {
@@ -445,14 +492,15 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                     }
                     if paths.is_empty() {
                         return Err(UsageError(
-                            "nothing to change: give --location, --storage, --tag or --clear-tags".into(),
+                            "nothing to change: give --location, --storage, --tag or --clear-tags"
+                                .into(),
                         )
                         .into());
                     }
                     let device = api
                         .update_device(v1::UpdateDeviceRequest {
                             device: Some(device),
-                            update_mask: mask(&paths),
+                            update_mask: Some(mask(&paths)),
                         })
                         .await?
                         .into_inner();
@@ -471,7 +519,11 @@ fn report(error: &anyhow::Error) -> u8 {
     }
     let Some(status) = error.downcast_ref::<tonic::Status>() else {
         eprintln!("error: {error:#}");
-        return if error.to_string().starts_with("cannot reach medfleetd") { 7 } else { 1 };
+        return if error.to_string().starts_with("cannot reach medfleetd") {
+            7
+        } else {
+            1
+        };
     };
     match status.get_details_bad_request() {
         Some(bad_request) if !bad_request.field_violations.is_empty() => {
@@ -486,8 +538,14 @@ fn report(error: &anyhow::Error) -> u8 {
         Code::InvalidArgument | Code::OutOfRange => (3, None),
         Code::NotFound => (4, None),
         Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => (5, None),
-        Code::Unauthenticated => (6, Some("your credentials were not accepted; check --credentials")),
-        Code::PermissionDenied => (6, Some("ask an administrator for the permission named above")),
+        Code::Unauthenticated => (
+            6,
+            Some("your credentials were not accepted; check --credentials"),
+        ),
+        Code::PermissionDenied => (
+            6,
+            Some("ask an administrator for the permission named above"),
+        ),
         Code::Unavailable | Code::DeadlineExceeded => (
             7,
             Some("medfleetd is not reachable or not ready; check --server and that it is running"),
@@ -526,8 +584,14 @@ mod tests {
         fn walk(cmd: &clap::Command, path: &str) {
             let name = format!("{path} {}", cmd.get_name());
             if cmd.get_subcommands().next().is_none() {
-                let help = cmd.get_after_help().map(ToString::to_string).unwrap_or_default();
-                assert!(help.contains("Example"), "`{name}` has no example in its --help");
+                let help = cmd
+                    .get_after_help()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                assert!(
+                    help.contains("Example"),
+                    "`{name}` has no example in its --help"
+                );
             }
             for sub in cmd.get_subcommands() {
                 walk(sub, &name);
@@ -538,7 +602,10 @@ mod tests {
 
     #[test]
     fn scopes_and_locations_parse() {
-        assert_eq!(split_scope("stmarys/icu").unwrap(), ("stmarys".into(), "icu".into()));
+        assert_eq!(
+            split_scope("stmarys/icu").unwrap(),
+            ("stmarys".into(), "icu".into())
+        );
         assert!(split_scope("stmarys").is_err());
         assert!(split_scope("a/b/c").is_err());
         assert_eq!(location("a/b/3").unwrap().bed, "3");

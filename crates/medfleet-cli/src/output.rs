@@ -16,7 +16,9 @@ pub(crate) enum Format {
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> String {
-    ts.and_then(datetime).map(|t| t.to_rfc3339()).unwrap_or_default()
+    ts.and_then(datetime)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -86,7 +88,8 @@ impl From<v1::Device> for DeviceView {
             None => (None, None, None),
         };
         Self {
-            device_class: device_class_from_wire(d.device_class).map_or_else(|| "unspecified".into(), |c| c.to_string()),
+            device_class: device_class_from_wire(d.device_class)
+                .map_or_else(|| "unspecified".into(), |c| c.to_string()),
             state: device_state_from_wire(d.state)
                 .ok()
                 .flatten()
@@ -126,7 +129,8 @@ impl DeviceView {
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
     t
 }
 
@@ -141,7 +145,11 @@ pub(crate) fn sites(format: Format, sites: &[SiteView]) -> anyhow::Result<()> {
     }
     let mut t = table(&["NAME", "DISPLAY NAME", "CREATED"]);
     for s in sites {
-        t.add_row(vec![s.name.as_str(), s.display_name.as_str(), s.create_time.as_str()]);
+        t.add_row(vec![
+            s.name.as_str(),
+            s.display_name.as_str(),
+            s.create_time.as_str(),
+        ]);
     }
     println!("{t}");
     Ok(())
@@ -151,7 +159,10 @@ pub(crate) fn site(format: Format, site: &SiteView) -> anyhow::Result<()> {
     if format == Format::Json {
         return json(site);
     }
-    println!("site:     {}\nname:     {}\ncreated:  {}\nupdated:  {}", site.name, site.display_name, site.create_time, site.update_time);
+    println!(
+        "site:     {}\nname:     {}\ncreated:  {}\nupdated:  {}",
+        site.name, site.display_name, site.create_time, site.update_time
+    );
     Ok(())
 }
 
@@ -161,7 +172,11 @@ pub(crate) fn wards(format: Format, wards: &[WardView]) -> anyhow::Result<()> {
     }
     let mut t = table(&["SCOPE", "DISPLAY NAME", "BEDS"]);
     for w in wards {
-        t.add_row(vec![format!("{}/{}", w.site, w.name), w.display_name.clone(), w.beds.len().to_string()]);
+        t.add_row(vec![
+            format!("{}/{}", w.site, w.name),
+            w.display_name.clone(),
+            w.beds.len().to_string(),
+        ]);
     }
     println!("{t}");
     Ok(())
@@ -176,7 +191,11 @@ pub(crate) fn ward(format: Format, ward: &WardView) -> anyhow::Result<()> {
         ward.site,
         ward.name,
         ward.display_name,
-        if ward.beds.is_empty() { "(none)".to_owned() } else { ward.beds.join(", ") },
+        if ward.beds.is_empty() {
+            "(none)".to_owned()
+        } else {
+            ward.beds.join(", ")
+        },
         ward.create_time,
         ward.update_time
     );
@@ -187,7 +206,16 @@ pub(crate) fn devices(format: Format, devices: &[DeviceView]) -> anyhow::Result<
     if format == Format::Json {
         return json(devices);
     }
-    let mut t = table(&["ID", "MANUFACTURER", "MODEL", "SERIAL", "CLASS", "LOCATION", "STATE", "TAGS"]);
+    let mut t = table(&[
+        "ID",
+        "MANUFACTURER",
+        "MODEL",
+        "SERIAL",
+        "CLASS",
+        "LOCATION",
+        "STATE",
+        "TAGS",
+    ]);
     for d in devices {
         t.add_row(vec![
             d.id.clone(),

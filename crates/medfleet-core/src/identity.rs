@@ -75,7 +75,9 @@ impl FromStr for Identity {
                 // Only the canonical hyphenated lower-case form, so one device has exactly one identity string.
                 let id = Uuid::parse_str(name).map_err(|e| IdentityError::Name(e.to_string()))?;
                 if id.hyphenated().to_string() != name {
-                    return Err(IdentityError::Name("device id must be a lower-case hyphenated UUID".into()));
+                    return Err(IdentityError::Name(
+                        "device id must be a lower-case hyphenated UUID".into(),
+                    ));
                 }
                 Ok(Self::Device(id))
             }
@@ -92,10 +94,19 @@ mod tests {
 
     #[test]
     fn parses_each_kind() {
-        assert_eq!("medfleet://user/alice".parse(), Ok(Identity::User("alice".into())));
-        assert_eq!("medfleet://service/epic".parse(), Ok(Identity::Service("epic".into())));
+        assert_eq!(
+            "medfleet://user/alice".parse(),
+            Ok(Identity::User("alice".into()))
+        );
+        assert_eq!(
+            "medfleet://service/epic".parse(),
+            Ok(Identity::Service("epic".into()))
+        );
         let id = Uuid::new_v4();
-        assert_eq!(format!("medfleet://device/{id}").parse(), Ok(Identity::Device(id)));
+        assert_eq!(
+            format!("medfleet://device/{id}").parse(),
+            Ok(Identity::Device(id))
+        );
     }
 
     #[test]

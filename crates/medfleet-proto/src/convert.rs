@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use medfleet_core::registry::{
-    Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location, NewDevice, NewSite,
-    NewWard, Site, Tags, Ward, WardUpdate, check_beds,
+    Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location,
+    NewDevice, NewSite, NewWard, Site, Tags, Ward, WardUpdate, check_beds,
 };
 use medfleet_core::validation::{Violations, check_slug, check_text};
 use uuid::Uuid;
@@ -174,12 +174,22 @@ pub fn new_device(request: &v1::RegisterDeviceRequest) -> Result<NewDevice, Viol
 }
 
 pub fn device_filter(request: &v1::ListDevicesRequest) -> Result<DeviceFilter, Violations> {
-    let state = device_state_from_wire(request.state).map_err(|e| Violations::single("state", e))?;
-    DeviceFilter::parse(&request.site, &request.ward, &request.model, state, &request.tags)
+    let state =
+        device_state_from_wire(request.state).map_err(|e| Violations::single("state", e))?;
+    DeviceFilter::parse(
+        &request.site,
+        &request.ward,
+        &request.model,
+        state,
+        &request.tags,
+    )
 }
 
 /// The mask's paths, each checked against the fields this RPC may change.
-fn mask_paths(mask: Option<&prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, Violations> {
+fn mask_paths(
+    mask: Option<&prost_types::FieldMask>,
+    allowed: &[&str],
+) -> Result<Vec<String>, Violations> {
     let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
     let allowed_list = allowed.join(", ");
     if paths.is_empty() {
@@ -214,7 +224,9 @@ pub fn site_update(request: &v1::UpdateSiteRequest) -> Result<(String, String), 
     v.finish(|| Some((site.name.clone(), site.display_name.clone())))
 }
 
-pub fn ward_update(request: &v1::UpdateWardRequest) -> Result<(String, String, WardUpdate), Violations> {
+pub fn ward_update(
+    request: &v1::UpdateWardRequest,
+) -> Result<(String, String, WardUpdate), Violations> {
     let ward = request
         .ward
         .as_ref()
@@ -235,7 +247,9 @@ pub fn ward_update(request: &v1::UpdateWardRequest) -> Result<(String, String, W
     v.finish(|| Some((ward.site.clone(), ward.name.clone(), update)))
 }
 
-pub fn device_update(request: &v1::UpdateDeviceRequest) -> Result<(Uuid, DeviceUpdate), Violations> {
+pub fn device_update(
+    request: &v1::UpdateDeviceRequest,
+) -> Result<(Uuid, DeviceUpdate), Violations> {
     let device = request
         .device
         .as_ref()
@@ -263,7 +277,10 @@ mod tests {
     #[test]
     fn every_wire_class_round_trips() {
         for class in DeviceClass::ALL {
-            assert_eq!(device_class_from_wire(device_class_to_wire(class).into()), Some(class));
+            assert_eq!(
+                device_class_from_wire(device_class_to_wire(class).into()),
+                Some(class)
+            );
         }
         assert_eq!(device_class_from_wire(0), None);
         assert_eq!(device_class_from_wire(99), None);
@@ -272,7 +289,10 @@ mod tests {
     #[test]
     fn every_wire_state_round_trips() {
         for state in DeviceState::ALL {
-            assert_eq!(device_state_from_wire(device_state_to_wire(state).into()), Ok(Some(state)));
+            assert_eq!(
+                device_state_from_wire(device_state_to_wire(state).into()),
+                Ok(Some(state))
+            );
         }
         assert!(device_state_from_wire(42).is_err());
     }

@@ -49,13 +49,19 @@ impl RegistryService for RegistryApi {
     }
 
     #[instrument(skip_all)]
-    async fn list_sites(&self, request: Request<v1::ListSitesRequest>) -> Reply<v1::ListSitesResponse> {
+    async fn list_sites(
+        &self,
+        request: Request<v1::ListSitesRequest>,
+    ) -> Reply<v1::ListSitesResponse> {
         let r = request.get_ref();
         let (size, after) = paging(r.page_size, &r.page_token, "sites")?;
         let page = self.registry.list_sites(size, after).await?;
         Ok(Response::new(v1::ListSitesResponse {
             sites: page.items.into_iter().map(Into::into).collect(),
-            next_page_token: page.next_after.map(|k| encode_token(&k, "sites")).unwrap_or_default(),
+            next_page_token: page
+                .next_after
+                .map(|k| encode_token(&k, "sites"))
+                .unwrap_or_default(),
         }))
     }
 
@@ -82,11 +88,16 @@ impl RegistryService for RegistryApi {
         v.check("site", check_slug(&r.site));
         v.check("name", check_slug(&r.name));
         v.finish(|| Some(())).map_err(Error::from)?;
-        Ok(Response::new(self.registry.get_ward(&r.site, &r.name).await?.into()))
+        Ok(Response::new(
+            self.registry.get_ward(&r.site, &r.name).await?.into(),
+        ))
     }
 
     #[instrument(skip_all)]
-    async fn list_wards(&self, request: Request<v1::ListWardsRequest>) -> Reply<v1::ListWardsResponse> {
+    async fn list_wards(
+        &self,
+        request: Request<v1::ListWardsRequest>,
+    ) -> Reply<v1::ListWardsResponse> {
         let r = request.get_ref();
         let site = convert::slug("site", &r.site).map_err(Error::from)?;
         let fingerprint = format!("wards:{site}");
@@ -110,7 +121,10 @@ impl RegistryService for RegistryApi {
     }
 
     #[instrument(skip_all)]
-    async fn register_device(&self, request: Request<v1::RegisterDeviceRequest>) -> Reply<v1::Device> {
+    async fn register_device(
+        &self,
+        request: Request<v1::RegisterDeviceRequest>,
+    ) -> Reply<v1::Device> {
         let new = convert::new_device(request.get_ref()).map_err(Error::from)?;
         let device = self.registry.register_device(new).await?;
         tracing::info!(device = %device.id, model = %device.model, "device registered");
@@ -124,7 +138,10 @@ impl RegistryService for RegistryApi {
     }
 
     #[instrument(skip_all)]
-    async fn list_devices(&self, request: Request<v1::ListDevicesRequest>) -> Reply<v1::ListDevicesResponse> {
+    async fn list_devices(
+        &self,
+        request: Request<v1::ListDevicesRequest>,
+    ) -> Reply<v1::ListDevicesResponse> {
         let r = request.get_ref();
         let filter = convert::device_filter(r).map_err(Error::from)?;
         let fingerprint = filter.fingerprint();
@@ -132,7 +149,12 @@ impl RegistryService for RegistryApi {
         let after = after
             .map(|k| Uuid::parse_str(&k))
             .transpose()
-            .map_err(|_| Error::from(Violations::single("page_token", "is not a page token from this listing")))?;
+            .map_err(|_| {
+                Error::from(Violations::single(
+                    "page_token",
+                    "is not a page token from this listing",
+                ))
+            })?;
         let page = self.registry.list_devices(&filter, size, after).await?;
         Ok(Response::new(v1::ListDevicesResponse {
             devices: page.items.into_iter().map(Into::into).collect(),

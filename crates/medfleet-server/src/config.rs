@@ -75,7 +75,11 @@ pub struct Overrides {
     #[arg(long, env = "MEDFLEET_DATABASE_MAX_CONNECTIONS")]
     pub database_max_connections: Option<u32>,
     /// DNS names and IP addresses clients use to reach this server (repeat or comma-separate).
-    #[arg(long = "server-name", env = "MEDFLEET_SERVER_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "server-name",
+        env = "MEDFLEET_SERVER_NAMES",
+        value_delimiter = ','
+    )]
     pub server_names: Vec<String>,
     /// Log format.
     #[arg(long, env = "MEDFLEET_LOG_FORMAT")]
@@ -126,7 +130,8 @@ impl Config {
         if o.config.is_some() && file.version != Some(CONFIG_VERSION) {
             return Err(ConfigError::Invalid(format!(
                 "the config file must start with `version = {CONFIG_VERSION}` (found {})",
-                file.version.map_or_else(|| "no version".to_owned(), |v| v.to_string())
+                file.version
+                    .map_or_else(|| "no version".to_owned(), |v| v.to_string())
             )));
         }
         let data_dir = o
@@ -134,7 +139,10 @@ impl Config {
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let database_url = o.database_url.or(file.database_url).unwrap_or_else(|| {
-            format!("sqlite://{}?mode=rwc", data_dir.join("medfleet.db").display())
+            format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("medfleet.db").display()
+            )
         });
         let server_names = if o.server_names.is_empty() {
             file.server_names
@@ -143,7 +151,10 @@ impl Config {
             o.server_names
         };
         let config = Self {
-            listen: o.listen.or(file.listen).unwrap_or(parse_default(DEFAULT_LISTEN)),
+            listen: o
+                .listen
+                .or(file.listen)
+                .unwrap_or(parse_default(DEFAULT_LISTEN)),
             http_listen: o
                 .http_listen
                 .or(file.http_listen)
@@ -153,11 +164,29 @@ impl Config {
                 .or(file.database_max_connections)
                 .unwrap_or(10),
             log_format: o.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
-            log_level: o.log_level.or(file.log_level).unwrap_or_else(|| "info".to_owned()),
-            otlp_endpoint: o.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
-            shutdown_grace: duration("shutdown_grace", o.shutdown_grace.or(file.shutdown_grace), "10s")?,
-            server_cert_lifetime: duration("server_cert_lifetime", file.server_cert_lifetime, "90days")?,
-            admin_cert_lifetime: duration("admin_cert_lifetime", file.admin_cert_lifetime, "30days")?,
+            log_level: o
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+            otlp_endpoint: o
+                .otlp_endpoint
+                .or(file.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
+            shutdown_grace: duration(
+                "shutdown_grace",
+                o.shutdown_grace.or(file.shutdown_grace),
+                "10s",
+            )?,
+            server_cert_lifetime: duration(
+                "server_cert_lifetime",
+                file.server_cert_lifetime,
+                "90days",
+            )?,
+            admin_cert_lifetime: duration(
+                "admin_cert_lifetime",
+                file.admin_cert_lifetime,
+                "30days",
+            )?,
             data_dir,
             database_url,
             server_names,
@@ -169,7 +198,10 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         let url = &self.database_url;
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
             return invalid(
                 "database_url must start with sqlite: or postgres:// (e.g. postgres://medfleet@db/medfleet)".into(),
             );
@@ -182,26 +214,36 @@ impl Config {
         }
         for name in &self.server_names {
             if name.parse::<IpAddr>().is_err() && !is_dns_name(name) {
-                return invalid(format!("server name '{name}' is neither an IP address nor a DNS name"));
+                return invalid(format!(
+                    "server name '{name}' is neither an IP address nor a DNS name"
+                ));
             }
         }
-        if self.shutdown_grace > Duration::from_secs(600) {
+        if self.shutdown_grace > Duration::from_mins(10) {
             return invalid("shutdown_grace must be at most 10 minutes".into());
         }
-        let day = Duration::from_secs(24 * 3600);
-        if self.server_cert_lifetime < Duration::from_secs(3600) || self.server_cert_lifetime > 397 * day {
+        let day = Duration::from_hours(24);
+        if self.server_cert_lifetime < Duration::from_hours(1)
+            || self.server_cert_lifetime > 397 * day
+        {
             return invalid("server_cert_lifetime must be between 1 hour and 397 days".into());
         }
-        if self.admin_cert_lifetime < Duration::from_secs(300) || self.admin_cert_lifetime > 397 * day {
+        if self.admin_cert_lifetime < Duration::from_mins(5) || self.admin_cert_lifetime > 397 * day
+        {
             return invalid("admin_cert_lifetime must be between 5 minutes and 397 days".into());
         }
         if let Some(endpoint) = &self.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
-            return invalid(format!("otlp_endpoint '{endpoint}' must be an http:// or https:// URL"));
+            return invalid(format!(
+                "otlp_endpoint '{endpoint}' must be an http:// or https:// URL"
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return invalid(format!("log_level '{}' is not a valid filter: {e}", self.log_level));
+            return invalid(format!(
+                "log_level '{}' is not a valid filter: {e}",
+                self.log_level
+            ));
         }
         if self.listen.port() != 0 && self.listen == self.http_listen {
             return invalid("listen and http_listen must differ".into());
@@ -226,13 +268,17 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
-    addr.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+    addr.parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
     let text = value.unwrap_or_else(|| default.to_owned());
-    humantime::parse_duration(&text)
-        .map_err(|e| ConfigError::Invalid(format!("{key} = '{text}' is not a duration like \"30s\" or \"24h\": {e}")))
+    humantime::parse_duration(&text).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{key} = '{text}' is not a duration like \"30s\" or \"24h\": {e}"
+        ))
+    })
 }
 
 fn is_dns_name(name: &str) -> bool {
@@ -266,7 +312,10 @@ mod tests {
     fn defaults_are_valid_and_local() {
         let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
-        assert!(c.database_url.starts_with("sqlite://medfleet-data/medfleet.db"));
+        assert!(
+            c.database_url
+                .starts_with("sqlite://medfleet-data/medfleet.db")
+        );
         assert!(!c.is_postgres());
     }
 
@@ -302,7 +351,8 @@ mod tests {
             ("log_level = \"[[[\"", "log_level"),
             ("admin_cert_lifetime = \"1s\"", "admin_cert_lifetime"),
         ] {
-            let err = Config::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
+            let err =
+                Config::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
         }
     }

@@ -37,7 +37,9 @@ impl From<Error> for Status {
                 let details = ErrorDetails::with_bad_request(
                     violations
                         .iter()
-                        .map(|v| tonic_types::FieldViolation::new(v.field.clone(), v.description.clone()))
+                        .map(|v| {
+                            tonic_types::FieldViolation::new(v.field.clone(), v.description.clone())
+                        })
                         .collect::<Vec<_>>(),
                 );
                 Status::with_error_details(Code::InvalidArgument, violations.to_string(), details)
@@ -56,7 +58,9 @@ impl From<Error> for Status {
 fn database_status(error: &DbErr) -> Status {
     // A unique-constraint race (two requests passing the same pre-check) is still the caller's conflict.
     if let Some(SqlErr::UniqueConstraintViolation(_)) = error.sql_err() {
-        return Status::already_exists("a resource with the same unique key was created concurrently; retry to see it");
+        return Status::already_exists(
+            "a resource with the same unique key was created concurrently; retry to see it",
+        );
     }
     match error {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {

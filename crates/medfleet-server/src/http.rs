@@ -31,20 +31,29 @@ pub fn router(state: OpsState) -> Router {
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
 
 async fn ready(State(state): State<OpsState>) -> impl IntoResponse {
     if !state.ready.load(Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or shutting down\n");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or shutting down\n",
+        );
     }
     match state.db.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n"),
         Err(error) => {
             tracing::warn!(%error, "readiness: database unreachable");
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready: database unreachable\n")
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: database unreachable\n",
+            )
         }
     }
 }

@@ -87,7 +87,8 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let dir = DataDir::new(&config.data_dir);
     let ca = dir.load_ca()?;
-    let (chain_pem, key_pem) = dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
+    let (chain_pem, key_pem) =
+        dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
     let tls_config = tls::server_config(ca.cert_der(), &chain_pem, &key_pem)?;
 
     db::migrate(&config.database_url).await?;
@@ -96,7 +97,9 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<RegistryServiceServer<RegistryApi>>().await;
+    health
+        .set_serving::<RegistryServiceServer<RegistryApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -131,8 +134,12 @@ pub async fn run(
             shutdown.await;
             tracing::info!("shutting down: refusing new connections and draining open streams");
             ready.store(false, Ordering::Release);
-            health.set_not_serving::<RegistryServiceServer<RegistryApi>>().await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health
+                .set_not_serving::<RegistryServiceServer<RegistryApi>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
             let _ = draining_tx.send(true);
         }
     };

@@ -19,7 +19,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create the CA, the server certificate and the first admin's credentials in a new data directory.
-    #[command(after_help = "Example:\n  medfleetd init --data-dir /var/lib/medfleet --server-name medfleet.hospital.example --admin alice")]
+    #[command(
+        after_help = "Example:\n  medfleetd init --data-dir /var/lib/medfleet --server-name medfleet.hospital.example --admin alice"
+    )]
     Init {
         #[command(flatten)]
         overrides: Overrides,
@@ -28,14 +30,18 @@ enum Command {
         admin: String,
     },
     /// Serve gRPC (mTLS) and the operations endpoints. Initialises the data directory on first start.
-    #[command(after_help = "Examples:\n  medfleetd serve\n  medfleetd serve --config /etc/medfleet/medfleetd.toml\n  \
-                            MEDFLEET_DATABASE_URL=postgres://medfleet@db/medfleet medfleetd serve")]
+    #[command(
+        after_help = "Examples:\n  medfleetd serve\n  medfleetd serve --config /etc/medfleet/medfleetd.toml\n  \
+                            MEDFLEET_DATABASE_URL=postgres://medfleet@db/medfleet medfleetd serve"
+    )]
     Serve {
         #[command(flatten)]
         overrides: Overrides,
     },
     /// Apply pending database migrations and exit.
-    #[command(after_help = "Example:\n  medfleetd migrate --database-url postgres://medfleet@db/medfleet")]
+    #[command(
+        after_help = "Example:\n  medfleetd migrate --database-url postgres://medfleet@db/medfleet"
+    )]
     Migrate {
         #[command(flatten)]
         overrides: Overrides,
@@ -44,7 +50,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("medfleetd: cannot start the async runtime: {error}");
@@ -88,8 +97,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { overrides } => {
             let config = Config::load(overrides)?;
-            let _guard =
-                telemetry::init_tracing(config.log_format, &config.log_level, config.otlp_endpoint.as_deref())?;
+            let _guard = telemetry::init_tracing(
+                config.log_format,
+                &config.log_level,
+                config.otlp_endpoint.as_deref(),
+            )?;
             if let Some(outcome) = ensure_initialised(&config, "admin")? {
                 print_credentials_hint(&config, &outcome);
             }

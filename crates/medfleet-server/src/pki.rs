@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use medfleet_core::identity::{Identity, SCHEME};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
@@ -20,9 +20,9 @@ use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
 /// Lifetime of the CA certificate.
-pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const CA_LIFETIME: Duration = Duration::from_hours(87600);
 /// Certificates are valid from a little before issue so that clients with a slightly slow clock accept them.
-const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+const CLOCK_SKEW: Duration = Duration::from_mins(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -38,7 +38,9 @@ pub enum PkiError {
         "{path} is readable by other users (mode {mode:o}); a private key must be mode 0600: run `chmod 600 {path}`"
     )]
     InsecureKey { path: PathBuf, mode: u32 },
-    #[error("{0} is already initialised (it holds a CA); use another --data-dir or keep the existing CA")]
+    #[error(
+        "{0} is already initialised (it holds a CA); use another --data-dir or keep the existing CA"
+    )]
     AlreadyInitialised(PathBuf),
     #[error("{0} is not initialised; run `medfleetd init --data-dir {0}` first")]
     NotInitialised(PathBuf),
@@ -84,7 +86,8 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,7 +100,10 @@ fn random_serial() -> SerialNumber {
 
 fn window(lifetime: Duration) -> (OffsetDateTime, OffsetDateTime) {
     let now = SystemTime::now();
-    (OffsetDateTime::from(now - CLOCK_SKEW), OffsetDateTime::from(now + lifetime))
+    (
+        OffsetDateTime::from(now - CLOCK_SKEW),
+        OffsetDateTime::from(now + lifetime),
+    )
 }
 
 impl CertificateAuthority {
@@ -152,11 +158,18 @@ impl CertificateAuthority {
     }
 
     /// A TLS server certificate for the given DNS names and IP addresses, with a fresh key.
-    pub fn issue_server(&self, names: &[String], lifetime: Duration) -> Result<CredentialBundle, PkiError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<CredentialBundle, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().map_or("medfleetd", String::as_str));
+        dn.push(
+            DnType::CommonName,
+            names.first().map_or("medfleetd", String::as_str),
+        );
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -172,7 +185,11 @@ impl CertificateAuthority {
     }
 
     /// A client certificate for `identity` with a freshly generated key, valid for `lifetime` from now.
-    pub fn issue_client(&self, identity: &Identity, lifetime: Duration) -> Result<CredentialBundle, PkiError> {
+    pub fn issue_client(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<CredentialBundle, PkiError> {
         let now = SystemTime::now();
         self.issue_client_for_window(identity, now - CLOCK_SKEW, now + lifetime)
     }
@@ -209,22 +226,30 @@ impl CertificateAuthority {
 
 /// The medfleet identity a certificate speaks for: its single `medfleet://` URI SAN.
 pub fn identity_of(cert_der: &[u8]) -> Result<Identity, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| format!("unreadable subjectAltName: {e}"))?
-        .ok_or("certificate has no subjectAltName; it was not issued by medfleet for a principal")?;
-    let mut uris = san.value.general_names.iter().filter_map(|name| match name {
-        GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
-        _ => None,
-    });
+        .ok_or(
+            "certificate has no subjectAltName; it was not issued by medfleet for a principal",
+        )?;
+    let mut uris = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
+            _ => None,
+        });
     let uri = uris
         .next()
         .ok_or("certificate has no medfleet:// identity in its subjectAltName")?;
     if uris.next().is_some() {
         return Err("certificate names more than one medfleet:// identity".to_owned());
     }
-    uri.parse().map_err(|e| format!("certificate identity {uri} is invalid: {e}"))
+    uri.parse()
+        .map_err(|e| format!("certificate identity {uri} is invalid: {e}"))
 }
 
 /// The on-disk layout of a medfleetd data directory.
@@ -284,7 +309,11 @@ impl DataDir {
         if self.is_initialised() {
             return Err(PkiError::AlreadyInitialised(self.root.clone()));
         }
-        for dir in [self.root.clone(), self.root.join("ca"), self.root.join("tls")] {
+        for dir in [
+            self.root.clone(),
+            self.root.join("ca"),
+            self.root.join("tls"),
+        ] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
         }
@@ -339,7 +368,10 @@ impl DataDir {
         let server = ca.issue_server(names, lifetime)?;
         write_private(&self.server_key(), &server.key_pem)?;
         write_public(&cert_path, &server.cert_pem)?;
-        Ok((format!("{}{}", server.cert_pem, ca.cert_pem()), server.key_pem))
+        Ok((
+            format!("{}{}", server.cert_pem, ca.cert_pem()),
+            server.key_pem,
+        ))
     }
 }
 
@@ -347,7 +379,8 @@ impl DataDir {
 fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| e.to_string())?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-    let not_after = u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
+    let not_after =
+        u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
     let mut names: Vec<String> = cert
         .subject_alternative_name()
         .map_err(|e| e.to_string())?
@@ -364,7 +397,10 @@ fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
         })
         .unwrap_or_default();
     names.sort();
-    Ok((SystemTime::UNIX_EPOCH + Duration::from_secs(not_after), names))
+    Ok((
+        SystemTime::UNIX_EPOCH + Duration::from_secs(not_after),
+        names,
+    ))
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
@@ -381,7 +417,10 @@ fn read(path: &Path) -> Result<String, PkiError> {
 
 /// Reads a private key file after checking that only its owner can read it.
 pub fn read_private(path: &Path) -> Result<String, PkiError> {
-    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
+    let mode = fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(PkiError::InsecureKey {
             path: path.to_owned(),
@@ -427,7 +466,7 @@ mod tests {
     fn client_cert_carries_identity() {
         let (ca, _) = CertificateAuthority::generate("test").unwrap();
         let identity = Identity::User("alice".into());
-        let bundle = ca.issue_client(&identity, Duration::from_secs(3600)).unwrap();
+        let bundle = ca.issue_client(&identity, Duration::from_hours(1)).unwrap();
         let der = CertificateDer::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
         assert_eq!(identity_of(&der), Ok(identity));
         assert!(!format!("{bundle:?}").contains("PRIVATE"));
@@ -436,7 +475,9 @@ mod tests {
     #[test]
     fn server_cert_has_no_identity() {
         let (ca, _) = CertificateAuthority::generate("test").unwrap();
-        let bundle = ca.issue_server(&["localhost".into()], Duration::from_secs(3600)).unwrap();
+        let bundle = ca
+            .issue_server(&["localhost".into()], Duration::from_hours(1))
+            .unwrap();
         let der = CertificateDer::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
         assert!(identity_of(&der).unwrap_err().contains("no medfleet://"));
     }
@@ -446,7 +487,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path().join("data"));
         let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let hour = Duration::from_secs(3600);
+        let hour = Duration::from_hours(1);
         dir.init("admin", &names, hour, hour).unwrap();
         for path in [dir.ca_key(), dir.server_key(), dir.admin_bundle()] {
             let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -467,11 +508,16 @@ mod tests {
     fn server_cert_reissued_when_names_change() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path());
-        let hour = Duration::from_secs(3600);
-        dir.init("admin", &["localhost".into()], hour, hour).unwrap();
+        let hour = Duration::from_hours(1);
+        dir.init("admin", &["localhost".into()], hour, hour)
+            .unwrap();
         let ca = dir.load_ca().unwrap();
-        let (first, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
-        let (same, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
+        let (first, _) = dir
+            .server_credentials(&ca, &["localhost".into()], hour)
+            .unwrap();
+        let (same, _) = dir
+            .server_credentials(&ca, &["localhost".into()], hour)
+            .unwrap();
         assert_eq!(first, same);
         let (renamed, _) = dir
             .server_credentials(&ca, &["localhost".into(), "medfleet.example".into()], hour)

@@ -39,7 +39,10 @@ pub enum Access {
 pub const SERVICE_ACCESS: &[(&str, Access)] = &[
     ("/grpc.health.v1.Health/", Access::AnyIdentity),
     ("/grpc.reflection.v1.ServerReflection/", Access::AnyIdentity),
-    ("/grpc.reflection.v1alpha.ServerReflection/", Access::AnyIdentity),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/",
+        Access::AnyIdentity,
+    ),
     ("/medfleet.v1.RegistryService/", Access::Users),
 ];
 
@@ -62,7 +65,9 @@ pub fn authorize(peer: Option<&PeerInfo>, path: &str) -> Result<Identity, Status
         None => return Err(Status::unauthenticated("no client certificate")),
     };
     match rule_for(path) {
-        None => Err(Status::unimplemented(format!("{path} is not served by medfleetd"))),
+        None => Err(Status::unimplemented(format!(
+            "{path} is not served by medfleetd"
+        ))),
         Some((_, Access::AnyIdentity)) => Ok(identity),
         Some((_, Access::Users)) => match identity {
             Identity::User(_) => Ok(identity),
@@ -171,7 +176,10 @@ where
             }
             Ok(identity) => {
                 span.record("caller", tracing::field::display(&identity));
-                request.extensions_mut().insert(Caller { identity, request_id });
+                request.extensions_mut().insert(Caller {
+                    identity,
+                    request_id,
+                });
                 // The clone that was polled ready is the one that must serve the call.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -202,8 +210,14 @@ mod tests {
         let service = peer(Ok(Identity::Service("epic".into())));
         let path = "/medfleet.v1.RegistryService/ListDevices";
         assert!(authorize(Some(&user), path).is_ok());
-        assert_eq!(authorize(Some(&device), path).unwrap_err().code(), tonic::Code::PermissionDenied);
-        assert_eq!(authorize(Some(&service), path).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            authorize(Some(&device), path).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            authorize(Some(&service), path).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
         assert!(authorize(Some(&device), "/grpc.health.v1.Health/Check").is_ok());
     }
 
@@ -212,8 +226,16 @@ mod tests {
         let anonymous = peer(Err("no SAN".into()));
         let status = authorize(Some(&anonymous), "/grpc.health.v1.Health/Check").unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert_eq!(authorize(None, "/x").unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            authorize(None, "/x").unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let user = peer(Ok(Identity::User("alice".into())));
-        assert_eq!(authorize(Some(&user), "/evil.Service/Do").unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            authorize(Some(&user), "/evil.Service/Do")
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unimplemented
+        );
     }
 }

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use medfleet_core::registry::{
-    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
-    WardUpdate,
+    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard,
+    Site, Tags, Ward, WardUpdate,
 };
 use sea_orm::sea_query::Query;
 use sea_orm::{
-    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
-    IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection,
+    EntityTrait as _, IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
 };
 use uuid::Uuid;
 
@@ -60,8 +60,15 @@ impl Registry {
 
     pub async fn create_site(&self, new: NewSite) -> Result<Site> {
         let txn = begin_write(&self.db).await?;
-        if site::Entity::find_by_id(new.name.clone()).one(&txn).await?.is_some() {
-            return Err(Error::AlreadyExists(format!("site '{}' already exists", new.name)));
+        if site::Entity::find_by_id(new.name.clone())
+            .one(&txn)
+            .await?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists(format!(
+                "site '{}' already exists",
+                new.name
+            )));
         }
         let at = now();
         let model = site::ActiveModel {
@@ -90,9 +97,11 @@ impl Registry {
             .limit(size + 1)
             .all(&self.db)
             .await?;
-        Ok(page(rows.into_iter().map(site_from).collect(), size, |s: &Site| {
-            s.name.clone()
-        }))
+        Ok(page(
+            rows.into_iter().map(site_from).collect(),
+            size,
+            |s: &Site| s.name.clone(),
+        ))
     }
 
     pub async fn update_site(&self, name: &str, display_name: String) -> Result<Site> {
@@ -137,7 +146,12 @@ impl Registry {
         find_ward(&self.db, site, name).await.and_then(ward_from)
     }
 
-    pub async fn list_wards(&self, site: &str, size: u64, after: Option<String>) -> Result<Page<Ward, String>> {
+    pub async fn list_wards(
+        &self,
+        site: &str,
+        size: u64,
+        after: Option<String>,
+    ) -> Result<Page<Ward, String>> {
         find_site(&self.db, site).await?;
         let mut query = ward::Entity::find().filter(ward::Column::Site.eq(site));
         if let Some(after) = after {
@@ -148,7 +162,10 @@ impl Registry {
             .limit(size + 1)
             .all(&self.db)
             .await?;
-        let wards = rows.into_iter().map(ward_from).collect::<Result<Vec<_>>>()?;
+        let wards = rows
+            .into_iter()
+            .map(ward_from)
+            .collect::<Result<Vec<_>>>()?;
         Ok(page(wards, size, |w: &Ward| w.name.clone()))
     }
 
@@ -238,11 +255,19 @@ impl Registry {
 
     pub async fn get_device(&self, id: Uuid) -> Result<Device> {
         let model = find_device(&self.db, id).await?;
-        let tags = load_tags(&self.db, &[id]).await?.remove(&id).unwrap_or_default();
+        let tags = load_tags(&self.db, &[id])
+            .await?
+            .remove(&id)
+            .unwrap_or_default();
         device_from(model, tags)
     }
 
-    pub async fn list_devices(&self, filter: &DeviceFilter, size: u64, after: Option<Uuid>) -> Result<Page<Device, Uuid>> {
+    pub async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+        size: u64,
+        after: Option<Uuid>,
+    ) -> Result<Page<Device, Uuid>> {
         let mut query = device::Entity::find();
         if let Some(site) = &filter.site {
             query = query.filter(device::Column::Site.eq(site));
@@ -315,7 +340,10 @@ impl Registry {
         }
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
-        let tags = load_tags(&txn, &[id]).await?.remove(&id).unwrap_or_default();
+        let tags = load_tags(&txn, &[id])
+            .await?
+            .remove(&id)
+            .unwrap_or_default();
         txn.commit().await?;
         device_from(model, tags)
     }
@@ -356,7 +384,11 @@ async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Res
     if let Some(bed) = &location.bed {
         let beds = parse_beds(&ward.beds)?;
         if !beds.contains(bed) {
-            let known = if beds.is_empty() { "none".to_owned() } else { beds.join(", ") };
+            let known = if beds.is_empty() {
+                "none".to_owned()
+            } else {
+                beds.join(", ")
+            };
             return Err(Error::FailedPrecondition(format!(
                 "ward {} has no bed '{bed}' (its beds: {known}); add the bed to the ward first",
                 location.scope()
@@ -366,7 +398,11 @@ async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Res
     Ok(())
 }
 
-async fn insert_tags(conn: &impl ConnectionTrait, id: Uuid, tags: &BTreeMap<String, String>) -> Result<()> {
+async fn insert_tags(
+    conn: &impl ConnectionTrait,
+    id: Uuid,
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
     if tags.is_empty() {
         return Ok(());
     }
@@ -380,7 +416,10 @@ async fn insert_tags(conn: &impl ConnectionTrait, id: Uuid, tags: &BTreeMap<Stri
     Ok(())
 }
 
-async fn load_tags(conn: &impl ConnectionTrait, ids: &[Uuid]) -> Result<BTreeMap<Uuid, BTreeMap<String, String>>> {
+async fn load_tags(
+    conn: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> Result<BTreeMap<Uuid, BTreeMap<String, String>>> {
     let mut out: BTreeMap<Uuid, BTreeMap<String, String>> = BTreeMap::new();
     if ids.is_empty() {
         return Ok(out);
@@ -390,12 +429,16 @@ async fn load_tags(conn: &impl ConnectionTrait, ids: &[Uuid]) -> Result<BTreeMap
         .all(conn)
         .await?;
     for row in rows {
-        out.entry(row.device_id).or_default().insert(row.key, row.value);
+        out.entry(row.device_id)
+            .or_default()
+            .insert(row.key, row.value);
     }
     Ok(out)
 }
 
-fn location_columns(location: Option<&Location>) -> (Option<String>, Option<String>, Option<String>) {
+fn location_columns(
+    location: Option<&Location>,
+) -> (Option<String>, Option<String>, Option<String>) {
     match location {
         Some(l) => (Some(l.site.clone()), Some(l.ward.clone()), l.bed.clone()),
         None => (None, None, None),
@@ -407,7 +450,8 @@ fn beds_json(beds: &[String]) -> Result<String> {
 }
 
 fn parse_beds(json: &str) -> Result<Vec<String>> {
-    serde_json::from_str(json).map_err(|e| Error::Internal(format!("stored bed list is corrupt: {e}")))
+    serde_json::from_str(json)
+        .map_err(|e| Error::Internal(format!("stored bed list is corrupt: {e}")))
 }
 
 fn site_from(m: site::Model) -> Site {
@@ -431,7 +475,9 @@ fn ward_from(m: ward::Model) -> Result<Ward> {
 }
 
 fn device_from(m: device::Model, tags: BTreeMap<String, String>) -> Result<Device> {
-    let corrupt = |what: &str, e: String| Error::Internal(format!("device {} has a corrupt {what}: {e}", m.id));
+    let corrupt = |what: &str, e: String| {
+        Error::Internal(format!("device {} has a corrupt {what}: {e}", m.id))
+    };
     let location = match (m.site.clone(), m.ward.clone()) {
         (Some(site), Some(ward)) => Some(Location {
             site,

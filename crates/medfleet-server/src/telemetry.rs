@@ -53,7 +53,11 @@ impl Drop for TracingGuard {
 
 /// Installs the process-wide subscriber: human or JSON logs, and OTLP traces when `otlp_endpoint` is set. Must
 /// run inside the tokio runtime (the OTLP exporter is a tonic client).
-pub fn init_tracing(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> Result<TracingGuard, TelemetryError> {
+pub fn init_tracing(
+    format: LogFormat,
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+) -> Result<TracingGuard, TelemetryError> {
     let filter = EnvFilter::try_new(filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
@@ -141,7 +145,9 @@ impl Metrics {
                 .f64_histogram("medfleet_rpc_duration")
                 .with_description("gRPC request latency until response headers")
                 .with_unit("s")
-                .with_boundaries(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+                .with_boundaries(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
                 .build(),
             tls_handshakes: meter
                 .u64_counter("medfleet_tls_handshakes")
@@ -150,19 +156,27 @@ impl Metrics {
             registry,
             provider,
         };
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn record_rpc(&self, method: &str, code: i32, seconds: f64) {
         let method = KeyValue::new("method", method.to_owned());
-        self.inner
-            .rpc_requests
-            .add(1, &[method.clone(), KeyValue::new("code", format!("{:?}", tonic::Code::from_i32(code)))]);
+        self.inner.rpc_requests.add(
+            1,
+            &[
+                method.clone(),
+                KeyValue::new("code", format!("{:?}", tonic::Code::from_i32(code))),
+            ],
+        );
         self.inner.rpc_duration.record(seconds, &[method]);
     }
 
     pub fn record_handshake(&self, outcome: &'static str) {
-        self.inner.tls_handshakes.add(1, &[KeyValue::new("outcome", outcome)]);
+        self.inner
+            .tls_handshakes
+            .add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     /// Prometheus text exposition of every instrument.

@@ -47,12 +47,18 @@ pub struct PeerInfo {
 }
 
 /// Server TLS settings: TLS 1.3 only, client certificates from medfleet's CA required, ALPN h2.
-pub fn server_config(ca: &CertificateDer<'static>, chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let chain =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -78,13 +84,21 @@ impl Connected for TlsConnection {
 }
 
 impl AsyncRead for TlsConnection {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -148,9 +162,15 @@ pub fn incoming(
                             .1
                             .peer_certificates()
                             .and_then(|certs| certs.first())
-                            .map_or_else(|| Err("no client certificate".to_owned()), |cert| identity_of(cert));
+                            .map_or_else(
+                                || Err("no client certificate".to_owned()),
+                                |cert| identity_of(cert),
+                            );
                         metrics.record_handshake("ok");
-                        let peer = PeerInfo { remote_addr, identity };
+                        let peer = PeerInfo {
+                            remote_addr,
+                            identity,
+                        };
                         let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
                     }
                     Ok(Err(error)) => {

@@ -22,8 +22,21 @@ struct Daemon {
 impl Daemon {
     async fn start(data_dir: &Path, database_url: &str) -> Self {
         let mut child = Command::new(binary("medfleetd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .args(["--log-format", "json", "--log-level", "info", "--shutdown-grace", "5s"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "info",
+                "--shutdown-grace",
+                "5s",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--database-url", database_url])
@@ -47,7 +60,10 @@ impl Daemon {
                         && json["fields"]["message"] == "medfleetd serving"
                         && let Some(tx) = port_tx.take()
                     {
-                        let addr = json["fields"]["grpc"].as_str().unwrap_or_default().to_owned();
+                        let addr = json["fields"]["grpc"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
                         let _ = tx.send(addr);
                     }
                     lines.lock().unwrap().push(line);
@@ -64,7 +80,7 @@ impl Daemon {
             });
         }
         // The timeout only bounds a broken start; the server's own log line is the synchronisation.
-        let addr = tokio::time::timeout(Duration::from_secs(60), port_rx)
+        let addr = tokio::time::timeout(Duration::from_mins(1), port_rx)
             .await
             .expect("medfleetd did not report that it is serving within 60 s")
             .expect("medfleetd exited before serving");
@@ -82,7 +98,11 @@ impl Daemon {
 
     async fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().expect("pid").to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
         assert!(killed.success());
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -124,7 +144,11 @@ async fn cli(port: u16, credentials: &Path, args: &[&str]) -> CliRun {
 }
 
 fn ok(run: &CliRun) -> serde_json::Value {
-    assert_eq!(run.code, 0, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert_eq!(
+        run.code, 0,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
     serde_json::from_str(&run.stdout).unwrap_or(serde_json::Value::Null)
 }
 
@@ -133,18 +157,56 @@ async fn daemon_and_cli(backend: Backend) {
     let data_dir = storage.dir.path().join("fresh");
     let daemon = Daemon::start(&data_dir, &storage.database_url).await;
     let creds = data_dir.join("admin.pem");
-    assert!(daemon.output().contains(&creds.display().to_string()), "serve must say where the admin credentials are");
-    assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        daemon.output().contains(&creds.display().to_string()),
+        "serve must say where the admin credentials are"
+    );
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let port = daemon.grpc_port;
 
-    ok(&cli(port, &creds, &["sites", "create", "stmarys", "--display-name", "St Mary's"]).await);
-    ok(&cli(port, &creds, &["wards", "create", "stmarys/icu", "--display-name", "ICU", "--beds", "1,2"]).await);
+    ok(&cli(
+        port,
+        &creds,
+        &["sites", "create", "stmarys", "--display-name", "St Mary's"],
+    )
+    .await);
+    ok(&cli(
+        port,
+        &creds,
+        &[
+            "wards",
+            "create",
+            "stmarys/icu",
+            "--display-name",
+            "ICU",
+            "--beds",
+            "1,2",
+        ],
+    )
+    .await);
     let registered = ok(&cli(
         port,
         &creds,
         &[
-            "devices", "register", "--manufacturer", "Philips", "--model", "MX450", "--serial", "SN-1", "--class",
-            "patient-monitor", "--location", "stmarys/icu/1", "--tag", "asset=A-1", "-o", "json",
+            "devices",
+            "register",
+            "--manufacturer",
+            "Philips",
+            "--model",
+            "MX450",
+            "--serial",
+            "SN-1",
+            "--class",
+            "patient-monitor",
+            "--location",
+            "stmarys/icu/1",
+            "--tag",
+            "asset=A-1",
+            "-o",
+            "json",
         ],
     )
     .await);
@@ -152,22 +214,60 @@ async fn daemon_and_cli(backend: Backend) {
     assert_eq!(registered["state"], "registered");
     assert_eq!(registered["bed"], "1");
 
-    let listed = ok(&cli(port, &creds, &["devices", "list", "--site", "stmarys", "--ward", "icu", "-o", "json"]).await);
+    let listed = ok(&cli(
+        port,
+        &creds,
+        &[
+            "devices", "list", "--site", "stmarys", "--ward", "icu", "-o", "json",
+        ],
+    )
+    .await);
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["id"], id.as_str());
     let table = cli(port, &creds, &["devices", "list"]).await;
     assert_eq!(table.code, 0);
-    assert!(table.stdout.contains(&id) && table.stdout.contains("stmarys/icu/1"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains(&id) && table.stdout.contains("stmarys/icu/1"),
+        "{}",
+        table.stdout
+    );
 
-    let moved = ok(&cli(port, &creds, &["devices", "update", &id, "--location", "stmarys/icu/2", "-o", "json"]).await);
+    let moved = ok(&cli(
+        port,
+        &creds,
+        &[
+            "devices",
+            "update",
+            &id,
+            "--location",
+            "stmarys/icu/2",
+            "-o",
+            "json",
+        ],
+    )
+    .await);
     assert_eq!(moved["bed"], "2");
-    assert_eq!(ok(&cli(port, &creds, &["devices", "show", &id, "-o", "json"]).await)["bed"], "2");
+    assert_eq!(
+        ok(&cli(port, &creds, &["devices", "show", &id, "-o", "json"]).await)["bed"],
+        "2"
+    );
 
     // Exit codes scripts rely on, with messages that say what is wrong.
     let dup = cli(
         port,
         &creds,
-        &["devices", "register", "--manufacturer", "Philips", "--model", "MX450", "--serial", "SN-1", "--class", "other"],
+        &[
+            "devices",
+            "register",
+            "--manufacturer",
+            "Philips",
+            "--model",
+            "MX450",
+            "--serial",
+            "SN-1",
+            "--class",
+            "other",
+        ],
     )
     .await;
     assert_eq!(dup.code, 5, "{}", dup.stderr);
@@ -175,7 +275,18 @@ async fn daemon_and_cli(backend: Backend) {
     let bad = cli(
         port,
         &creds,
-        &["devices", "register", "--manufacturer", "Philips", "--model", "MX450", "--serial", "bad serial", "--class", "other"],
+        &[
+            "devices",
+            "register",
+            "--manufacturer",
+            "Philips",
+            "--model",
+            "MX450",
+            "--serial",
+            "bad serial",
+            "--class",
+            "other",
+        ],
     )
     .await;
     assert_eq!(bad.code, 3, "{}", bad.stderr);
@@ -184,34 +295,77 @@ async fn daemon_and_cli(backend: Backend) {
     assert_eq!(missing.code, 4, "{}", missing.stderr);
     let usage = cli(port, &creds, &["devices", "list", "--ward", "icu"]).await;
     assert_eq!(usage.code, 2, "{}", usage.stderr);
-    let bad_class = cli(port, &creds, &["devices", "register", "--manufacturer", "a", "--model", "b", "--serial", "c", "--class", "toaster"]).await;
+    let bad_class = cli(
+        port,
+        &creds,
+        &[
+            "devices",
+            "register",
+            "--manufacturer",
+            "a",
+            "--model",
+            "b",
+            "--serial",
+            "c",
+            "--class",
+            "toaster",
+        ],
+    )
+    .await;
     assert_eq!(bad_class.code, 2);
-    assert!(bad_class.stderr.contains("patient-monitor"), "lists the valid classes: {}", bad_class.stderr);
+    assert!(
+        bad_class.stderr.contains("patient-monitor"),
+        "lists the valid classes: {}",
+        bad_class.stderr
+    );
     let no_creds = cli(port, &data_dir.join("nope.pem"), &["sites", "list"]).await;
     assert_eq!(no_creds.code, 1);
-    assert!(no_creds.stderr.contains("--credentials"), "{}", no_creds.stderr);
+    assert!(
+        no_creds.stderr.contains("--credentials"),
+        "{}",
+        no_creds.stderr
+    );
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
     let unreachable = cli(closed_port, &creds, &["sites", "list"]).await;
     assert_eq!(unreachable.code, 7, "{}", unreachable.stderr);
-    assert!(unreachable.stderr.contains("cannot reach medfleetd"), "{}", unreachable.stderr);
+    assert!(
+        unreachable.stderr.contains("cannot reach medfleetd"),
+        "{}",
+        unreachable.stderr
+    );
     let help = cli(port, &creds, &["devices", "register", "--help"]).await;
     assert_eq!(help.code, 0);
     assert!(help.stdout.contains("Example"), "{}", help.stdout);
 
     let (status, logs) = daemon.terminate().await;
-    assert!(status.success(), "medfleetd exited with {status} after SIGTERM:\n{logs}");
+    assert!(
+        status.success(),
+        "medfleetd exited with {status} after SIGTERM:\n{logs}"
+    );
     assert!(logs.contains("shutting down"), "{logs}");
     assert!(logs.contains("medfleetd stopped"), "{logs}");
-    assert!(!logs.contains("PRIVATE KEY"), "a private key reached the logs");
-    assert!(logs.contains("device registered"), "handlers log their state changes: {logs}");
+    assert!(
+        !logs.contains("PRIVATE KEY"),
+        "a private key reached the logs"
+    );
+    assert!(
+        logs.contains("device registered"),
+        "handlers log their state changes: {logs}"
+    );
 
     // A CA key that other users can read stops the server before it serves anything.
     let ca_key = data_dir.join("ca/ca.key");
     std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let refused = Command::new(binary("medfleetd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(&data_dir)
         .args(["--database-url", &storage.database_url])
@@ -230,19 +384,34 @@ async fn init_creates_credentials_once() {
     let data = dir.path().join("data");
     let run = |admin: &'static str| {
         Command::new(binary("medfleetd"))
-            .args(["init", "--server-name", "localhost,medfleet.example", "--admin", admin])
+            .args([
+                "init",
+                "--server-name",
+                "localhost,medfleet.example",
+                "--admin",
+                admin,
+            ])
             .arg("--data-dir")
             .arg(&data)
             .output()
     };
     let first = run("alice").await.unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     for private in ["ca/ca.key", "tls/server.key", "admin.pem"] {
-        let mode = std::fs::metadata(data.join(private)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(data.join(private))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{private}");
     }
     let bundle = medfleet_e2e::bundle_from_file(&data.join("admin.pem"));
-    let der = rustls::pki_types::pem::PemObject::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
+    let der =
+        rustls::pki_types::pem::PemObject::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
     let _: &rustls::pki_types::CertificateDer<'_> = &der;
     assert_eq!(
         medfleet_server::pki::identity_of(&der).unwrap(),
@@ -261,5 +430,8 @@ async fn init_creates_credentials_once() {
         .await
         .unwrap();
     assert!(!bad_name.status.success());
-    assert!(!dir.path().join("other").exists(), "a refused init left files behind");
+    assert!(
+        !dir.path().join("other").exists(),
+        "a refused init left files behind"
+    );
 }

@@ -1,6 +1,12 @@
 //! One test binary for every end-to-end suite (one link instead of one per file).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    // Helpers return the Option a proto field wants.
+    clippy::unnecessary_wraps
+)]
 
 mod binaries;
 mod operations;

@@ -83,11 +83,16 @@ async fn sites_and_wards(backend: Backend) {
     let created = site(&mut api, "stmarys").await;
     assert_eq!(created.display_name, "stmarys hospital");
     let fetched = api
-        .get_site(v1::GetSiteRequest { name: "stmarys".into() })
+        .get_site(v1::GetSiteRequest {
+            name: "stmarys".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(fetched, created, "a read returns exactly what the write returned");
+    assert_eq!(
+        fetched, created,
+        "a read returns exactly what the write returned"
+    );
 
     let dup = api
         .create_site(v1::CreateSiteRequest {
@@ -115,7 +120,9 @@ async fn sites_and_wards(backend: Backend) {
     assert!(seconds(&updated) >= seconds(&created));
 
     let missing = api
-        .get_site(v1::GetSiteRequest { name: "nowhere".into() })
+        .get_site(v1::GetSiteRequest {
+            name: "nowhere".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -137,7 +144,9 @@ async fn sites_and_wards(backend: Backend) {
     assert_eq!(icu.beds, ["1", "2"]);
     ward(&mut api, "stmarys", "ed", &[]).await;
     let dup_ward = api
-        .create_ward(v1::CreateWardRequest { ward: Some(icu.clone()) })
+        .create_ward(v1::CreateWardRequest {
+            ward: Some(icu.clone()),
+        })
         .await
         .unwrap_err();
     assert_eq!(dup_ward.code(), Code::AlreadyExists);
@@ -156,7 +165,10 @@ async fn sites_and_wards(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(widened.beds, ["1", "2", "3"]);
-    assert_eq!(widened.display_name, "ICU", "fields outside the mask are kept");
+    assert_eq!(
+        widened.display_name, "ICU",
+        "fields outside the mask are kept"
+    );
 
     let wards = api
         .list_wards(v1::ListWardsRequest {
@@ -169,7 +181,11 @@ async fn sites_and_wards(backend: Backend) {
     let names: Vec<_> = wards.wards.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["ed", "icu"]);
 
-    let sites = api.list_sites(v1::ListSitesRequest::default()).await.unwrap().into_inner();
+    let sites = api
+        .list_sites(v1::ListSitesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(sites.sites.len(), 1);
     assert!(sites.next_page_token.is_empty());
 }
@@ -188,11 +204,16 @@ async fn devices(backend: Backend) {
     let device = api.register_device(request).await.unwrap().into_inner();
     assert!(uuid::Uuid::parse_str(&device.id).is_ok());
     assert_eq!(device.state, i32::from(v1::DeviceState::Registered));
-    assert_eq!(device.eui64, "00-12-A3-FF-FE-4B-5C-6D", "EUI-64 is normalised");
+    assert_eq!(
+        device.eui64, "00-12-A3-FF-FE-4B-5C-6D",
+        "EUI-64 is normalised"
+    );
     assert_eq!(device.location, location("stmarys", "icu", "1"));
 
     let fetched = api
-        .get_device(v1::GetDeviceRequest { id: device.id.clone() })
+        .get_device(v1::GetDeviceRequest {
+            id: device.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -203,7 +224,10 @@ async fn devices(backend: Backend) {
             device: Some(v1::Device {
                 id: device.id.clone(),
                 location: location("stmarys", "icu", "2"),
-                tags: HashMap::from([("asset".into(), "A-18".into()), ("owner".into(), "biomed".into())]),
+                tags: HashMap::from([
+                    ("asset".into(), "A-18".into()),
+                    ("owner".into(), "biomed".into()),
+                ]),
                 // Outside the mask: must be ignored.
                 serial_number: "CHANGED".into(),
                 ..Default::default()
@@ -228,7 +252,10 @@ async fn devices(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(stored.location, None, "an empty location puts the device in storage");
+    assert_eq!(
+        stored.location, None,
+        "an empty location puts the device in storage"
+    );
     assert_eq!(stored.tags, moved.tags, "tags outside the mask are kept");
 
     let missing = api
@@ -251,16 +278,50 @@ async fn invalid_input(backend: Backend) {
 
     // Each case: the request and the fields its rejection must name.
     let bad_sites = [
-        (v1::Site { name: "St Marys".into(), display_name: "x".into(), ..Default::default() }, "site.name"),
-        (v1::Site { name: "ok".into(), display_name: String::new(), ..Default::default() }, "site.display_name"),
-        (v1::Site { name: "ok".into(), display_name: "a\nb".into(), ..Default::default() }, "site.display_name"),
-        (v1::Site { name: "x".repeat(64), display_name: "x".into(), ..Default::default() }, "site.name"),
+        (
+            v1::Site {
+                name: "St Marys".into(),
+                display_name: "x".into(),
+                ..Default::default()
+            },
+            "site.name",
+        ),
+        (
+            v1::Site {
+                name: "ok".into(),
+                display_name: String::new(),
+                ..Default::default()
+            },
+            "site.display_name",
+        ),
+        (
+            v1::Site {
+                name: "ok".into(),
+                display_name: "a\nb".into(),
+                ..Default::default()
+            },
+            "site.display_name",
+        ),
+        (
+            v1::Site {
+                name: "x".repeat(64),
+                display_name: "x".into(),
+                ..Default::default()
+            },
+            "site.name",
+        ),
     ];
     for (site, field) in bad_sites {
-        let status = api.create_site(v1::CreateSiteRequest { site: Some(site) }).await.unwrap_err();
+        let status = api
+            .create_site(v1::CreateSiteRequest { site: Some(site) })
+            .await
+            .unwrap_err();
         assert_eq!(violated_fields(&status), [field]);
     }
-    let status = api.create_site(v1::CreateSiteRequest { site: None }).await.unwrap_err();
+    let status = api
+        .create_site(v1::CreateSiteRequest { site: None })
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["site"]);
 
     let status = api
@@ -277,19 +338,60 @@ async fn invalid_input(backend: Backend) {
         .unwrap_err();
     assert_eq!(
         violated_fields(&status),
-        ["ward.name", "ward.display_name", "ward.beds[1]", "ward.beds[2]"]
+        [
+            "ward.name",
+            "ward.display_name",
+            "ward.beds[1]",
+            "ward.beds[2]"
+        ]
     );
 
     let cases: Vec<(v1::RegisterDeviceRequest, Vec<&str>)> = vec![
-        (v1::RegisterDeviceRequest::default(), vec!["serial_number", "manufacturer", "model", "device_class"]),
-        (v1::RegisterDeviceRequest { serial_number: "has space".into(), ..device_request("") }, vec!["serial_number"]),
-        (device_request(&"9".repeat(65)), vec!["serial_number"]),
-        (v1::RegisterDeviceRequest { eui64: "00:11:22".into(), ..device_request("SN-2") }, vec!["eui64"]),
-        (v1::RegisterDeviceRequest { eui64: "0000000000000000".into(), ..device_request("SN-2") }, vec!["eui64"]),
-        (v1::RegisterDeviceRequest { device_class: 99, ..device_request("SN-2") }, vec!["device_class"]),
-        (v1::RegisterDeviceRequest { manufacturer: "Philips ".into(), ..device_request("SN-2") }, vec!["manufacturer"]),
         (
-            v1::RegisterDeviceRequest { location: location("StMarys", "", "bed 1"), ..device_request("SN-2") },
+            v1::RegisterDeviceRequest::default(),
+            vec!["serial_number", "manufacturer", "model", "device_class"],
+        ),
+        (
+            v1::RegisterDeviceRequest {
+                serial_number: "has space".into(),
+                ..device_request("")
+            },
+            vec!["serial_number"],
+        ),
+        (device_request(&"9".repeat(65)), vec!["serial_number"]),
+        (
+            v1::RegisterDeviceRequest {
+                eui64: "00:11:22".into(),
+                ..device_request("SN-2")
+            },
+            vec!["eui64"],
+        ),
+        (
+            v1::RegisterDeviceRequest {
+                eui64: "0000000000000000".into(),
+                ..device_request("SN-2")
+            },
+            vec!["eui64"],
+        ),
+        (
+            v1::RegisterDeviceRequest {
+                device_class: 99,
+                ..device_request("SN-2")
+            },
+            vec!["device_class"],
+        ),
+        (
+            v1::RegisterDeviceRequest {
+                manufacturer: "Philips ".into(),
+                ..device_request("SN-2")
+            },
+            vec!["manufacturer"],
+        ),
+        (
+            v1::RegisterDeviceRequest {
+                location: location("StMarys", "", "bed 1"),
+                ..device_request("SN-2")
+            },
             vec!["location.site", "location.ward", "location.bed"],
         ),
         (
@@ -320,7 +422,9 @@ async fn invalid_input(backend: Backend) {
     }
 
     let status = api
-        .get_device(v1::GetDeviceRequest { id: "not-a-uuid".into() })
+        .get_device(v1::GetDeviceRequest {
+            id: "not-a-uuid".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["id"]);
@@ -354,8 +458,17 @@ async fn invalid_input(backend: Backend) {
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["page_size", "page_token"]);
 
-    let existing = api.list_devices(v1::ListDevicesRequest::default()).await.unwrap().into_inner().devices[0].clone();
-    for (update_mask, field) in [(None, "update_mask"), (mask(&["serial_number"]), "update_mask")] {
+    let existing = api
+        .list_devices(v1::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices[0]
+        .clone();
+    for (update_mask, field) in [
+        (None, "update_mask"),
+        (mask(&["serial_number"]), "update_mask"),
+    ] {
         let status = api
             .update_device(v1::UpdateDeviceRequest {
                 device: Some(existing.clone()),
@@ -390,7 +503,11 @@ async fn invalid_input(backend: Backend) {
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["site.display_name"]);
 
-    assert_eq!(server.snapshot().await, before, "rejected requests changed the database");
+    assert_eq!(
+        server.snapshot().await,
+        before,
+        "rejected requests changed the database"
+    );
 }
 both_backends!(invalid_input_changes_nothing, invalid_input);
 
@@ -406,23 +523,40 @@ async fn uniqueness_and_preconditions(backend: Backend) {
     let first = api.register_device(first).await.unwrap().into_inner();
     let before = server.snapshot().await;
 
-    let same_serial = api.register_device(device_request("SN-1")).await.unwrap_err();
+    let same_serial = api
+        .register_device(device_request("SN-1"))
+        .await
+        .unwrap_err();
     assert_eq!(same_serial.code(), Code::AlreadyExists);
-    assert!(same_serial.message().contains(&first.id), "{}", same_serial.message());
+    assert!(
+        same_serial.message().contains(&first.id),
+        "{}",
+        same_serial.message()
+    );
 
     let mut same_eui = device_request("SN-2");
     same_eui.eui64 = "00-12-a3-ff-fe-4b-5c-6d".into();
-    assert_eq!(api.register_device(same_eui).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(
+        api.register_device(same_eui).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
 
     let mut no_ward = device_request("SN-3");
     no_ward.location = location("stmarys", "cardiology", "");
-    assert_eq!(api.register_device(no_ward).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(
+        api.register_device(no_ward).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
 
     let mut no_bed = device_request("SN-3");
     no_bed.location = location("stmarys", "icu", "9");
     let status = api.register_device(no_bed).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(status.message().contains("no bed '9'"), "{}", status.message());
+    assert!(
+        status.message().contains("no bed '9'"),
+        "{}",
+        status.message()
+    );
 
     let occupied = api
         .update_ward(v1::UpdateWardRequest {
@@ -437,7 +571,11 @@ async fn uniqueness_and_preconditions(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(occupied.code(), Code::FailedPrecondition);
-    assert_eq!(server.snapshot().await, before, "refused requests changed the database");
+    assert_eq!(
+        server.snapshot().await,
+        before,
+        "refused requests changed the database"
+    );
 
     // The same serial from another manufacturer is a different device.
     let mut other = device_request("SN-1");
@@ -446,10 +584,10 @@ async fn uniqueness_and_preconditions(backend: Backend) {
 
     // A decommissioned device (the lifecycle's end, reached through later RPCs) cannot be changed.
     let db = server.db().await;
-    let sql = format!(
-        "UPDATE devices SET state = 'decommissioned' WHERE serial_number = 'SN-1' AND manufacturer = 'Philips'"
-    );
-    db.execute_raw(Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    let sql = "UPDATE devices SET state = 'decommissioned' WHERE serial_number = 'SN-1' AND manufacturer = 'Philips'".to_string();
+    db.execute_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap();
     let status = api
         .update_device(v1::UpdateDeviceRequest {
             device: Some(v1::Device {
@@ -462,12 +600,19 @@ async fn uniqueness_and_preconditions(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
-both_backends!(uniqueness_and_state_preconditions, uniqueness_and_preconditions);
+both_backends!(
+    uniqueness_and_state_preconditions,
+    uniqueness_and_preconditions
+);
 
 async fn list_all(api: &mut Api, mut request: v1::ListDevicesRequest) -> Vec<v1::Device> {
     let mut all = Vec::new();
     loop {
-        let page = api.list_devices(request.clone()).await.unwrap().into_inner();
+        let page = api
+            .list_devices(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
         all.extend(page.devices);
         if page.next_page_token.is_empty() {
             return all;
@@ -490,17 +635,31 @@ async fn filters_and_paging(backend: Backend) {
     for i in 0..24 {
         let (s, w) = places[i % 3];
         let mut request = device_request(&format!("SN-{i:03}"));
-        request.model = if i % 2 == 0 { "MX450".into() } else { "MX800".into() };
+        request.model = if i % 2 == 0 {
+            "MX450".into()
+        } else {
+            "MX800".into()
+        };
         request.location = location(s, w, "");
         request.tags = HashMap::from([
-            ("fleet".into(), if i % 4 == 0 { "a".into() } else { "b".into() }),
+            (
+                "fleet".into(),
+                if i % 4 == 0 { "a".into() } else { "b".into() },
+            ),
             ("floor".into(), (i % 3).to_string()),
         ]);
         ids.insert(api.register_device(request).await.unwrap().into_inner().id);
     }
 
     // Paging in sevens returns every device exactly once, in id order.
-    let paged = list_all(&mut api, v1::ListDevicesRequest { page_size: 7, ..Default::default() }).await;
+    let paged = list_all(
+        &mut api,
+        v1::ListDevicesRequest {
+            page_size: 7,
+            ..Default::default()
+        },
+    )
+    .await;
     let paged_ids: Vec<_> = paged.iter().map(|d| d.id.clone()).collect();
     assert_eq!(paged_ids, ids.iter().cloned().collect::<Vec<_>>());
 
@@ -513,14 +672,38 @@ async fn filters_and_paging(backend: Backend) {
         tags: tags.iter().map(|t| (*t).to_owned()).collect(),
         ..Default::default()
     };
-    assert_eq!(count(list_all(&mut api, filter("stmarys", "", "", &[])).await), 16);
-    assert_eq!(count(list_all(&mut api, filter("stmarys", "icu", "", &[])).await), 8);
-    assert_eq!(count(list_all(&mut api, filter("stjohns", "icu", "", &[])).await), 8);
-    assert_eq!(count(list_all(&mut api, filter("", "", "MX450", &[])).await), 12);
-    assert_eq!(count(list_all(&mut api, filter("", "", "", &["fleet=a"])).await), 6);
-    assert_eq!(count(list_all(&mut api, filter("", "", "", &["fleet=a", "floor=0"])).await), 2);
-    assert_eq!(count(list_all(&mut api, filter("stmarys", "icu", "MX450", &["fleet=a"])).await), 2);
-    assert_eq!(count(list_all(&mut api, filter("", "", "", &["fleet=zzz"])).await), 0);
+    assert_eq!(
+        count(list_all(&mut api, filter("stmarys", "", "", &[])).await),
+        16
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("stmarys", "icu", "", &[])).await),
+        8
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("stjohns", "icu", "", &[])).await),
+        8
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("", "", "MX450", &[])).await),
+        12
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("", "", "", &["fleet=a"])).await),
+        6
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("", "", "", &["fleet=a", "floor=0"])).await),
+        2
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("stmarys", "icu", "MX450", &["fleet=a"])).await),
+        2
+    );
+    assert_eq!(
+        count(list_all(&mut api, filter("", "", "", &["fleet=zzz"])).await),
+        0
+    );
     let registered = v1::ListDevicesRequest {
         state: v1::DeviceState::Registered.into(),
         ..Default::default()
@@ -533,7 +716,11 @@ async fn filters_and_paging(backend: Backend) {
     assert_eq!(count(list_all(&mut api, enrolled).await), 0);
 
     // A token is bound to its filters.
-    let first = api.list_devices(filter("stmarys", "", "", &[])).await.unwrap().into_inner();
+    let first = api
+        .list_devices(filter("stmarys", "", "", &[]))
+        .await
+        .unwrap()
+        .into_inner();
     let mut other = filter("stjohns", "", "", &[]);
     other.page_token = first.next_page_token.clone();
     let status = api.list_devices(other).await.unwrap_err();
@@ -547,9 +734,15 @@ async fn filters_and_paging(backend: Backend) {
     let mut seen = Vec::new();
     let mut added = 0;
     loop {
-        let page = api.list_devices(request.clone()).await.unwrap().into_inner();
+        let page = api
+            .list_devices(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
         seen.extend(page.devices.into_iter().map(|d| d.id));
-        api.register_device(device_request(&format!("LATE-{added}"))).await.unwrap();
+        api.register_device(device_request(&format!("LATE-{added}")))
+            .await
+            .unwrap();
         added += 1;
         if page.next_page_token.is_empty() {
             break;
@@ -558,7 +751,10 @@ async fn filters_and_paging(backend: Backend) {
     }
     let unique: BTreeSet<_> = seen.iter().cloned().collect();
     assert_eq!(unique.len(), seen.len(), "a device was returned twice");
-    assert!(ids.is_subset(&unique), "a device that existed throughout was skipped");
+    assert!(
+        ids.is_subset(&unique),
+        "a device that existed throughout was skipped"
+    );
 
     // Oversized pages are capped, not refused.
     let big = api
