@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 struct Daemon {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
     grpc_port: u16,
 }
 
@@ -51,9 +52,10 @@ impl Daemon {
         let mut port_tx = Some(port_tx);
         let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut readers = Vec::new();
         {
             let lines = lines.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut stdout = stdout;
                 while let Ok(Some(line)) = stdout.next_line().await {
                     if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
@@ -68,16 +70,16 @@ impl Daemon {
                     }
                     lines.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         {
             let lines = lines.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut stderr = stderr;
                 while let Ok(Some(line)) = stderr.next_line().await {
                     lines.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         // The timeout only bounds a broken start; the server's own log line is the synchronisation.
         let addr = tokio::time::timeout(Duration::from_mins(1), port_rx)
@@ -88,6 +90,7 @@ impl Daemon {
         Self {
             child,
             lines,
+            readers,
             grpc_port,
         }
     }
@@ -108,12 +111,9 @@ impl Daemon {
             .await
             .expect("medfleetd did not stop within 30 s of SIGTERM")
             .unwrap();
-        // Let the readers drain what is left in the pipes.
-        for _ in 0..100 {
-            if self.output().contains("medfleetd stopped") {
-                break;
-            }
-            tokio::task::yield_now().await;
+        // The readers end at EOF, once the exited process's pipes are drained.
+        for reader in std::mem::take(&mut self.readers) {
+            reader.await.unwrap();
         }
         (status, self.output())
     }
