@@ -336,6 +336,36 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid_and_complete() {
+        let text = include_str!("../../../deploy/medfleetd.toml");
+        let config = Config::resolve(file(text), with_file()).unwrap();
+        assert!(config.is_postgres());
+        assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+        // Every key the file format knows appears in the example, so operators see every option.
+        let table: toml::Table = toml::from_str(text).unwrap();
+        for key in [
+            "version",
+            "data_dir",
+            "listen",
+            "http_listen",
+            "database_url",
+            "database_max_connections",
+            "server_names",
+            "log_format",
+            "log_level",
+            "otlp_endpoint",
+            "shutdown_grace",
+            "server_cert_lifetime",
+            "admin_cert_lifetime",
+        ] {
+            assert!(
+                table.contains_key(key),
+                "deploy/medfleetd.toml does not show {key}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<FileConfig>("version = 1\nlisten_addr = \"x\"").is_err());
     }
