@@ -22,6 +22,10 @@ struct Daemon {
 
 impl Daemon {
     async fn start(data_dir: &Path, database_url: &str) -> Self {
+        Self::start_with(data_dir, database_url, &[]).await
+    }
+
+    async fn start_with(data_dir: &Path, database_url: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(binary("medfleetd"))
             .args([
                 "serve",
@@ -41,6 +45,7 @@ impl Daemon {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--database-url", database_url])
+            .args(extra)
             .env_remove("MEDFLEET_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -433,5 +438,135 @@ async fn init_creates_credentials_once() {
     assert!(
         !dir.path().join("other").exists(),
         "a refused init left files behind"
+    );
+}
+
+/// A minimal OTLP/gRPC collector that records what medfleetd exports.
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use tonic::{Request, Response, Status};
+
+    #[derive(Clone, Default)]
+    pub(crate) struct Received {
+        /// (span name, attribute keys=values)
+        pub(crate) spans: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+        pub(crate) metrics: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Received {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            let mut spans = self.spans.lock().unwrap();
+            for resource in &request.get_ref().resource_spans {
+                for scope in &resource.scope_spans {
+                    for span in &scope.spans {
+                        let attributes = span
+                            .attributes
+                            .iter()
+                            .map(|kv| format!("{}={:?}", kv.key, kv.value))
+                            .collect();
+                        spans.push((span.name.clone(), attributes));
+                    }
+                }
+            }
+            Ok(Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Received {
+        async fn export(
+            &self,
+            request: Request<ExportMetricsServiceRequest>,
+        ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+            let mut metrics = self.metrics.lock().unwrap();
+            for resource in &request.get_ref().resource_metrics {
+                for scope in &resource.scope_metrics {
+                    metrics.extend(scope.metrics.iter().map(|m| m.name.clone()));
+                }
+            }
+            Ok(Response::new(ExportMetricsServiceResponse::default()))
+        }
+    }
+
+    /// Serves the collector on a loopback port; returns its endpoint URL.
+    pub(crate) async fn start(received: Received) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(received.clone()))
+                .add_service(MetricsServiceServer::new(received))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+}
+
+#[tokio::test]
+async fn otlp_exports_traces_and_metrics() {
+    let received = collector::Received::default();
+    let endpoint = collector::start(received.clone()).await;
+    let storage = Storage::new(Backend::Sqlite).await;
+    let data_dir = storage.dir.path().join("otlp");
+    let daemon = Daemon::start_with(
+        &data_dir,
+        &storage.database_url,
+        &["--otlp-endpoint", &endpoint],
+    )
+    .await;
+    let creds = data_dir.join("admin.pem");
+    ok(&cli(
+        daemon.grpc_port,
+        &creds,
+        &["sites", "create", "otlp", "--display-name", "OTLP"],
+    )
+    .await);
+    // SIGTERM flushes the span batch and the final metric collection to the collector.
+    let (status, logs) = daemon.terminate().await;
+    assert!(status.success(), "{logs}");
+
+    let spans = received.spans.lock().unwrap().clone();
+    let rpc = spans
+        .iter()
+        .find(|(name, attributes)| {
+            name == "rpc"
+                && attributes
+                    .iter()
+                    .any(|a| a.contains("RegistryService/CreateSite"))
+        })
+        .unwrap_or_else(|| panic!("no rpc span for CreateSite was exported: {spans:?}"));
+    assert!(
+        rpc.1.iter().any(|a| a.starts_with("request_id=")),
+        "{rpc:?}"
+    );
+    assert!(
+        spans.iter().any(|(name, _)| name == "create_site"),
+        "handler span missing: {spans:?}"
+    );
+    let metrics = received.metrics.lock().unwrap().clone();
+    assert!(
+        metrics.iter().any(|m| m == "medfleet_rpc_requests"),
+        "{metrics:?}"
+    );
+    assert!(
+        metrics.iter().any(|m| m == "medfleet_rpc_duration"),
+        "{metrics:?}"
     );
 }
