@@ -459,10 +459,12 @@ mod collector {
     };
     use tonic::{Request, Response, Status};
 
+    /// An exported span: its name and its attributes as `key=value` strings.
+    pub(crate) type Span = (String, Vec<String>);
+
     #[derive(Clone, Default)]
     pub(crate) struct Received {
-        /// (span name, attribute keys=values)
-        pub(crate) spans: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+        pub(crate) spans: Arc<Mutex<Vec<Span>>>,
         pub(crate) metrics: Arc<Mutex<Vec<String>>>,
     }
 
