@@ -6,6 +6,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_registry;
+mod m20261125_000002_identity;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -13,6 +14,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_registry::Migration)]
+        vec![
+            Box::new(m20261125_000001_registry::Migration),
+            Box::new(m20261125_000002_identity::Migration),
+        ]
     }
 }

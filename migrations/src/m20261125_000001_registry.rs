@@ -60,27 +60,10 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(Sites::Table)
-                    .col(
-                        ColumnDef::new(Sites::Name)
-                            .string_len(63)
-                            .not_null()
-                            .primary_key(),
-                    )
-                    .col(
-                        ColumnDef::new(Sites::DisplayName)
-                            .string_len(800)
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(Sites::CreatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(Sites::UpdatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Sites::Name).string_len(63).not_null().primary_key())
+                    .col(ColumnDef::new(Sites::DisplayName).string_len(800).not_null())
+                    .col(ColumnDef::new(Sites::CreatedAt).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(Sites::UpdatedAt).timestamp_with_time_zone().not_null())
                     .to_owned(),
             )
             .await?;
@@ -91,22 +74,10 @@ impl MigrationTrait for Migration {
                     .table(Wards::Table)
                     .col(ColumnDef::new(Wards::Site).string_len(63).not_null())
                     .col(ColumnDef::new(Wards::Name).string_len(63).not_null())
-                    .col(
-                        ColumnDef::new(Wards::DisplayName)
-                            .string_len(800)
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Wards::DisplayName).string_len(800).not_null())
                     .col(ColumnDef::new(Wards::Beds).text().not_null())
-                    .col(
-                        ColumnDef::new(Wards::CreatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(Wards::UpdatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Wards::CreatedAt).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(Wards::UpdatedAt).timestamp_with_time_zone().not_null())
                     .primary_key(Index::create().col(Wards::Site).col(Wards::Name))
                     .foreign_key(
                         ForeignKey::create()
@@ -124,37 +95,17 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(Devices::Table)
                     .col(ColumnDef::new(Devices::Id).uuid().not_null().primary_key())
-                    .col(
-                        ColumnDef::new(Devices::SerialNumber)
-                            .string_len(64)
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(Devices::Manufacturer)
-                            .string_len(400)
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Devices::SerialNumber).string_len(64).not_null())
+                    .col(ColumnDef::new(Devices::Manufacturer).string_len(400).not_null())
                     .col(ColumnDef::new(Devices::Model).string_len(400).not_null())
-                    .col(
-                        ColumnDef::new(Devices::DeviceClass)
-                            .string_len(32)
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Devices::DeviceClass).string_len(32).not_null())
                     .col(ColumnDef::new(Devices::Eui64).string_len(23).null())
                     .col(ColumnDef::new(Devices::Site).string_len(63).null())
                     .col(ColumnDef::new(Devices::Ward).string_len(63).null())
                     .col(ColumnDef::new(Devices::Bed).string_len(32).null())
                     .col(ColumnDef::new(Devices::State).string_len(32).not_null())
-                    .col(
-                        ColumnDef::new(Devices::CreatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(Devices::UpdatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Devices::CreatedAt).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(Devices::UpdatedAt).timestamp_with_time_zone().not_null())
                     .foreign_key(
                         ForeignKey::create()
                             .name("devices_ward_fkey")
@@ -213,11 +164,7 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(DeviceTags::DeviceId).uuid().not_null())
                     .col(ColumnDef::new(DeviceTags::Key).string_len(63).not_null())
                     .col(ColumnDef::new(DeviceTags::Value).string_len(512).not_null())
-                    .primary_key(
-                        Index::create()
-                            .col(DeviceTags::DeviceId)
-                            .col(DeviceTags::Key),
-                    )
+                    .primary_key(Index::create().col(DeviceTags::DeviceId).col(DeviceTags::Key))
                     .foreign_key(
                         ForeignKey::create()
                             .name("device_tags_device_fkey")
@@ -247,9 +194,7 @@ impl MigrationTrait for Migration {
             Wards::Table.into_iden(),
             Sites::Table.into_iden(),
         ] {
-            manager
-                .drop_table(Table::drop().table(table).to_owned())
-                .await?;
+            manager.drop_table(Table::drop().table(table).to_owned()).await?;
         }
         Ok(())
     }

@@ -65,8 +65,7 @@ pub fn skip_postgres() -> bool {
 }
 
 fn pg_admin_url() -> String {
-    std::env::var("MEDFLEET_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("MEDFLEET_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// A PostgreSQL database that exists for one test and is dropped (even after a panic) when this is dropped.
@@ -91,9 +90,7 @@ impl PgDatabase {
             .await
             .expect("create test database");
         admin.close().await.ok();
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url.as_str(), |(b, _)| b);
+        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
         Self {
             url: format!("{base}/{name}"),
             name,
@@ -106,9 +103,7 @@ impl Drop for PgDatabase {
         let name = self.name.clone();
         // Drop may run inside a runtime (or during a panic): do the async work on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 if let Ok(admin) = Database::connect(&pg_admin_url()).await {
                     let _ = admin
@@ -149,10 +144,7 @@ impl Storage {
         let dir = tempfile::tempdir().expect("temp dir");
         let (database_url, pg) = match backend {
             Backend::Sqlite => (
-                format!(
-                    "sqlite://{}?mode=rwc",
-                    dir.path().join("medfleet.db").display()
-                ),
+                format!("sqlite://{}?mode=rwc", dir.path().join("medfleet.db").display()),
                 None,
             ),
             Backend::Postgres => {
@@ -160,11 +152,7 @@ impl Storage {
                 (pg.url.clone(), Some(pg))
             }
         };
-        Self {
-            dir,
-            database_url,
-            pg,
-        }
+        Self { dir, database_url, pg }
     }
 
     /// A configuration on this storage with ephemeral loopback ports.
@@ -195,9 +183,7 @@ impl TestServer {
     pub async fn start_on(config: Config) -> Self {
         medfleet_server::ensure_initialised(&config, "admin").expect("init data dir");
         let grpc = TcpListener::bind(config.listen).await.expect("bind grpc");
-        let http = TcpListener::bind(config.http_listen)
-            .await
-            .expect("bind http");
+        let http = TcpListener::bind(config.http_listen).await.expect("bind http");
         let grpc_addr = grpc.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -247,36 +233,24 @@ impl TestServer {
     }
 
     /// An mTLS channel presenting `bundle`, connected to this server.
-    pub async fn channel(
-        &self,
-        bundle: &CredentialBundle,
-    ) -> Result<Channel, tonic::transport::Error> {
+    pub async fn channel(&self, bundle: &CredentialBundle) -> Result<Channel, tonic::transport::Error> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(
-                &bundle.cert_pem,
-                &bundle.key_pem,
-            ))
+            .identity(tonic::transport::Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
             .domain_name("localhost");
         self.endpoint(tls)?.connect().await
     }
 
     /// An endpoint to this server with arbitrary TLS settings (for refusal tests).
     pub fn endpoint(&self, tls: ClientTlsConfig) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(
-            Endpoint::from_shared(format!("https://{}", self.grpc_addr))?
-                .tls_config(tls)?
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(30)),
-        )
+        Ok(Endpoint::from_shared(format!("https://{}", self.grpc_addr))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30)))
     }
 
     pub async fn admin(&self) -> RegistryServiceClient<Channel> {
-        RegistryServiceClient::new(
-            self.channel(&self.admin_bundle())
-                .await
-                .expect("admin channel"),
-        )
+        RegistryServiceClient::new(self.channel(&self.admin_bundle()).await.expect("admin channel"))
     }
 
     pub async fn db(&self) -> DatabaseConnection {
@@ -361,10 +335,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .expect("send request");
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read response");
+    stream.read_to_string(&mut response).await.expect("read response");
     let status = response
         .split_whitespace()
         .nth(1)

@@ -97,9 +97,9 @@ pub(crate) fn credentials_path(flag: Option<PathBuf>) -> PathBuf {
 }
 
 pub(crate) async fn connect(server: &str, credentials: &Credentials) -> anyhow::Result<Channel> {
-    let uri: http::Uri = server.parse().with_context(|| {
-        format!("--server {server} is not a URL like https://medfleet.example:7443")
-    })?;
+    let uri: http::Uri = server
+        .parse()
+        .with_context(|| format!("--server {server} is not a URL like https://medfleet.example:7443"))?;
     if uri.scheme_str() != Some("https") {
         bail!("--server {server} must be an https:// URL: medfleetd only speaks TLS");
     }
@@ -111,10 +111,7 @@ pub(crate) async fn connect(server: &str, credentials: &Credentials) -> anyhow::
         .to_owned();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
-        .identity(Identity::from_pem(
-            &credentials.cert_pem,
-            &credentials.key_pem,
-        ))
+        .identity(Identity::from_pem(&credentials.cert_pem, &credentials.key_pem))
         .domain_name(host);
     let endpoint = Endpoint::from_shared(server.to_owned())
         .with_context(|| format!("--server {server} is not a valid URL"))?

@@ -41,13 +41,7 @@ struct Cli {
     #[arg(long, global = true, env = "MEDFLEET_CREDENTIALS")]
     credentials: Option<PathBuf>,
     /// Output format.
-    #[arg(
-        short = 'o',
-        long = "output",
-        global = true,
-        value_enum,
-        default_value = "table"
-    )]
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
     output: Format,
     #[command(subcommand)]
     command: Command,
@@ -69,9 +63,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum SiteCommand {
     /// Create a site.
-    #[command(
-        after_help = "Example:\n  medfleet sites create stmarys --display-name \"St Mary's Hospital\""
-    )]
+    #[command(after_help = "Example:\n  medfleet sites create stmarys --display-name \"St Mary's Hospital\"")]
     Create {
         /// Short name: lowercase letters, digits and '-'.
         name: String,
@@ -85,9 +77,7 @@ enum SiteCommand {
     #[command(after_help = "Example:\n  medfleet sites show stmarys")]
     Show { name: String },
     /// Change a site's display name.
-    #[command(
-        after_help = "Example:\n  medfleet sites update stmarys --display-name \"St Mary's\""
-    )]
+    #[command(after_help = "Example:\n  medfleet sites update stmarys --display-name \"St Mary's\"")]
     Update {
         name: String,
         #[arg(long)]
@@ -136,21 +126,15 @@ enum DeviceCommand {
     )]
     Register(RegisterArgs),
     /// List devices, with filters.
-    #[command(
-        after_help = "Examples:\n  medfleet devices list --site stmarys --ward icu\n  \
-                            medfleet devices list --state registered --tag asset=A-17 -o json"
-    )]
+    #[command(after_help = "Examples:\n  medfleet devices list --site stmarys --ward icu\n  \
+                            medfleet devices list --state registered --tag asset=A-17 -o json")]
     List(ListArgs),
     /// Show one device.
-    #[command(
-        after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f"
-    )]
+    #[command(after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f")]
     Show { id: String },
     /// Move a device or replace its tags.
-    #[command(
-        after_help = "Examples:\n  medfleet devices update ID --location stmarys/icu/4\n  \
-                            medfleet devices update ID --storage\n  medfleet devices update ID --tag asset=A-17 --tag owner=biomed"
-    )]
+    #[command(after_help = "Examples:\n  medfleet devices update ID --location stmarys/icu/4\n  \
+                            medfleet devices update ID --storage\n  medfleet devices update ID --tag asset=A-17 --tag owner=biomed")]
     Update(UpdateArgs),
 }
 
@@ -246,10 +230,7 @@ fn location(text: &str) -> anyhow::Result<v1::Location> {
             ward: (*ward).to_owned(),
             bed: (*bed).to_owned(),
         }),
-        _ => Err(UsageError(format!(
-            "--location '{text}' is not SITE/WARD or SITE/WARD/BED"
-        ))
-        .into()),
+        _ => Err(UsageError(format!("--location '{text}' is not SITE/WARD or SITE/WARD/BED")).into()),
     }
 }
 
@@ -265,8 +246,7 @@ fn mask(paths: &[&str]) -> prost_types::FieldMask {
 }
 
 async fn registry(cli: &Cli) -> anyhow::Result<RegistryServiceClient<Channel>> {
-    let credentials =
-        client::Credentials::load(&client::credentials_path(cli.credentials.clone()))?;
+    let credentials = client::Credentials::load(&client::credentials_path(cli.credentials.clone()))?;
     Ok(RegistryServiceClient::new(
         client::connect(&cli.server, &credentials).await?,
     ))
@@ -378,10 +358,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                 }
                 WardCommand::Show { scope } => {
                     let (site, name) = split_scope(scope)?;
-                    let ward = api
-                        .get_ward(v1::GetWardRequest { site, name })
-                        .await?
-                        .into_inner();
+                    let ward = api.get_ward(v1::GetWardRequest { site, name }).await?.into_inner();
                     output::ward(out, &ward.into())
                 }
                 WardCommand::Update {
@@ -398,10 +375,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                         paths.push("beds");
                     }
                     if paths.is_empty() {
-                        return Err(UsageError(
-                            "nothing to change: give --display-name and/or --beds".into(),
-                        )
-                        .into());
+                        return Err(UsageError("nothing to change: give --display-name and/or --beds".into()).into());
                     }
                     let ward = api
                         .update_ward(v1::UpdateWardRequest {
@@ -445,16 +419,12 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                     while all.len() < limit {
                         let page = api
                             .list_devices(v1::ListDevicesRequest {
-                                page_size: i32::try_from((limit - all.len()).min(500))
-                                    .unwrap_or(500),
+                                page_size: i32::try_from((limit - all.len()).min(500)).unwrap_or(500),
                                 page_token: token,
                                 site: args.site.clone().unwrap_or_default(),
                                 ward: args.ward.clone().unwrap_or_default(),
                                 model: args.model.clone().unwrap_or_default(),
-                                state: args
-                                    .state
-                                    .map(|s| device_state_to_wire(s).into())
-                                    .unwrap_or_default(),
+                                state: args.state.map(|s| device_state_to_wire(s).into()).unwrap_or_default(),
                                 tags: args.tags.clone(),
                             })
                             .await?
@@ -492,8 +462,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                     }
                     if paths.is_empty() {
                         return Err(UsageError(
-                            "nothing to change: give --location, --storage, --tag or --clear-tags"
-                                .into(),
+                            "nothing to change: give --location, --storage, --tag or --clear-tags".into(),
                         )
                         .into());
                     }
@@ -538,14 +507,8 @@ fn report(error: &anyhow::Error) -> u8 {
         Code::InvalidArgument | Code::OutOfRange => (3, None),
         Code::NotFound => (4, None),
         Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => (5, None),
-        Code::Unauthenticated => (
-            6,
-            Some("your credentials were not accepted; check --credentials"),
-        ),
-        Code::PermissionDenied => (
-            6,
-            Some("ask an administrator for the permission named above"),
-        ),
+        Code::Unauthenticated => (6, Some("your credentials were not accepted; check --credentials")),
+        Code::PermissionDenied => (6, Some("ask an administrator for the permission named above")),
         Code::Unavailable | Code::DeadlineExceeded => (
             7,
             Some("medfleetd is not reachable or not ready; check --server and that it is running"),
@@ -584,14 +547,8 @@ mod tests {
         fn walk(cmd: &clap::Command, path: &str) {
             let name = format!("{path} {}", cmd.get_name());
             if cmd.get_subcommands().next().is_none() {
-                let help = cmd
-                    .get_after_help()
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                assert!(
-                    help.contains("Example"),
-                    "`{name}` has no example in its --help"
-                );
+                let help = cmd.get_after_help().map(ToString::to_string).unwrap_or_default();
+                assert!(help.contains("Example"), "`{name}` has no example in its --help");
             }
             for sub in cmd.get_subcommands() {
                 walk(sub, &name);
@@ -602,10 +559,7 @@ mod tests {
 
     #[test]
     fn scopes_and_locations_parse() {
-        assert_eq!(
-            split_scope("stmarys/icu").unwrap(),
-            ("stmarys".into(), "icu".into())
-        );
+        assert_eq!(split_scope("stmarys/icu").unwrap(), ("stmarys".into(), "icu".into()));
         assert!(split_scope("stmarys").is_err());
         assert!(split_scope("a/b/c").is_err());
         assert_eq!(location("a/b/3").unwrap().bed, "3");

@@ -16,9 +16,7 @@ pub(crate) enum Format {
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> String {
-    ts.and_then(datetime)
-        .map(|t| t.to_rfc3339())
-        .unwrap_or_default()
+    ts.and_then(datetime).map(|t| t.to_rfc3339()).unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -129,8 +127,7 @@ impl DeviceView {
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_header(header.to_vec());
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
     t
 }
 
@@ -145,11 +142,7 @@ pub(crate) fn sites(format: Format, sites: &[SiteView]) -> anyhow::Result<()> {
     }
     let mut t = table(&["NAME", "DISPLAY NAME", "CREATED"]);
     for s in sites {
-        t.add_row(vec![
-            s.name.as_str(),
-            s.display_name.as_str(),
-            s.create_time.as_str(),
-        ]);
+        t.add_row(vec![s.name.as_str(), s.display_name.as_str(), s.create_time.as_str()]);
     }
     println!("{t}");
     Ok(())

@@ -86,6 +86,56 @@ impl FromStr for Identity {
     }
 }
 
+/// Why certificates were revoked (RFC 5280 reason codes that apply to medfleet), as recorded in the revocation
+/// log and the CRL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationReason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+}
+
+impl RevocationReason {
+    pub const ALL: [Self; 5] = [
+        Self::Unspecified,
+        Self::KeyCompromise,
+        Self::AffiliationChanged,
+        Self::Superseded,
+        Self::CessationOfOperation,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::KeyCompromise => "key-compromise",
+            Self::AffiliationChanged => "affiliation-changed",
+            Self::Superseded => "superseded",
+            Self::CessationOfOperation => "cessation-of-operation",
+        }
+    }
+}
+
+impl FromStr for RevocationReason {
+    type Err = String;
+
+    /// Accepts the stored spelling and the words operators type (`compromised`, `retired`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "compromised" | "key-compromise" => Ok(Self::KeyCompromise),
+            "retired" | "cessation-of-operation" => Ok(Self::CessationOfOperation),
+            "superseded" => Ok(Self::Superseded),
+            "affiliation-changed" => Ok(Self::AffiliationChanged),
+            "unspecified" => Ok(Self::Unspecified),
+            other => Err(format!(
+                "unknown reason '{}'; use compromised, superseded, retired, affiliation-changed or unspecified",
+                crate::validation::printable(other)
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -94,19 +144,10 @@ mod tests {
 
     #[test]
     fn parses_each_kind() {
-        assert_eq!(
-            "medfleet://user/alice".parse(),
-            Ok(Identity::User("alice".into()))
-        );
-        assert_eq!(
-            "medfleet://service/epic".parse(),
-            Ok(Identity::Service("epic".into()))
-        );
+        assert_eq!("medfleet://user/alice".parse(), Ok(Identity::User("alice".into())));
+        assert_eq!("medfleet://service/epic".parse(), Ok(Identity::Service("epic".into())));
         let id = Uuid::new_v4();
-        assert_eq!(
-            format!("medfleet://device/{id}").parse(),
-            Ok(Identity::Device(id))
-        );
+        assert_eq!(format!("medfleet://device/{id}").parse(), Ok(Identity::Device(id)));
     }
 
     #[test]
@@ -122,6 +163,15 @@ mod tests {
         ] {
             assert!(bad.parse::<Identity>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reasons_round_trip() {
+        for reason in RevocationReason::ALL {
+            assert_eq!(reason.as_str().parse(), Ok(reason));
+        }
+        assert_eq!("compromised".parse(), Ok(RevocationReason::KeyCompromise));
+        assert!("bored".parse::<RevocationReason>().is_err());
     }
 
     proptest! {

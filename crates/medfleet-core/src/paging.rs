@@ -29,19 +29,15 @@ pub fn decode_token(token: &str, fingerprint: &str) -> Result<Option<String>, St
     if token.is_empty() {
         return Ok(None);
     }
-    let invalid =
-        || "is not a page token from this listing; start again without page_token".to_owned();
+    let invalid = || "is not a page token from this listing; start again without page_token".to_owned();
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let mut parts = text.splitn(3, '\n');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some("v1"), Some(hash), Some(key)) if hash == fingerprint_hash(fingerprint) => {
-            Ok(Some(key.to_owned()))
+        (Some("v1"), Some(hash), Some(key)) if hash == fingerprint_hash(fingerprint) => Ok(Some(key.to_owned())),
+        (Some("v1"), Some(_), Some(_)) => {
+            Err("was issued for different filters; repeat the same filters or start without page_token".to_owned())
         }
-        (Some("v1"), Some(_), Some(_)) => Err(
-            "was issued for different filters; repeat the same filters or start without page_token"
-                .to_owned(),
-        ),
         _ => Err(invalid()),
     }
 }

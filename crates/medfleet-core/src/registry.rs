@@ -36,10 +36,7 @@ impl NewSite {
     pub fn parse(name: &str, display_name: &str) -> Result<Self, Violations> {
         let mut v = Violations::new();
         v.check("site.name", check_slug(name));
-        v.check(
-            "site.display_name",
-            check_text(display_name, MAX_DISPLAY_NAME),
-        );
+        v.check("site.display_name", check_text(display_name, MAX_DISPLAY_NAME));
         v.finish(|| {
             Some(Self {
                 name: name.to_owned(),
@@ -75,19 +72,11 @@ pub struct NewWard {
 }
 
 impl NewWard {
-    pub fn parse(
-        site: &str,
-        name: &str,
-        display_name: &str,
-        beds: &[String],
-    ) -> Result<Self, Violations> {
+    pub fn parse(site: &str, name: &str, display_name: &str, beds: &[String]) -> Result<Self, Violations> {
         let mut v = Violations::new();
         v.check("ward.site", check_slug(site));
         v.check("ward.name", check_slug(name));
-        v.check(
-            "ward.display_name",
-            check_text(display_name, MAX_DISPLAY_NAME),
-        );
+        v.check("ward.display_name", check_text(display_name, MAX_DISPLAY_NAME));
         let beds = check_beds(&mut v, "ward.beds", beds);
         v.finish(|| {
             Some(Self {
@@ -104,10 +93,7 @@ impl NewWard {
 pub fn check_beds(v: &mut Violations, field: &str, beds: &[String]) -> Option<Vec<String>> {
     let before = v.clone();
     if beds.len() > MAX_BEDS_PER_WARD {
-        v.push(
-            field,
-            format!("a ward has at most {MAX_BEDS_PER_WARD} beds"),
-        );
+        v.push(field, format!("a ward has at most {MAX_BEDS_PER_WARD} beds"));
     }
     let mut seen = BTreeSet::new();
     for (i, bed) in beds.iter().enumerate() {
@@ -181,17 +167,14 @@ impl FromStr for DeviceClass {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|c| c.as_str()).collect();
-                format!(
-                    "unknown device class '{}'; use one of {}",
-                    printable(s),
-                    names.join(", ")
-                )
-            })
+        Self::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|c| c.as_str()).collect();
+            format!(
+                "unknown device class '{}'; use one of {}",
+                printable(s),
+                names.join(", ")
+            )
+        })
     }
 }
 
@@ -205,12 +188,7 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
-    pub const ALL: [Self; 4] = [
-        Self::Registered,
-        Self::Enrolled,
-        Self::Active,
-        Self::Decommissioned,
-    ];
+    pub const ALL: [Self; 4] = [Self::Registered, Self::Enrolled, Self::Active, Self::Decommissioned];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -227,8 +205,7 @@ impl DeviceState {
         use DeviceState::{Active, Decommissioned, Enrolled, Registered};
         matches!(
             (self, next),
-            (Registered, Enrolled | Decommissioned)
-                | (Enrolled | Active, Enrolled | Active | Decommissioned)
+            (Registered, Enrolled | Decommissioned) | (Enrolled | Active, Enrolled | Active | Decommissioned)
         )
     }
 }
@@ -243,17 +220,14 @@ impl FromStr for DeviceState {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|c| c.as_str()).collect();
-                format!(
-                    "unknown device state '{}'; use one of {}",
-                    printable(s),
-                    names.join(", ")
-                )
-            })
+        Self::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|c| c.as_str()).collect();
+            format!(
+                "unknown device state '{}'; use one of {}",
+                printable(s),
+                names.join(", ")
+            )
+        })
     }
 }
 
@@ -319,22 +293,12 @@ pub struct Location {
 
 impl Location {
     /// `None` for an all-empty location (the device is in storage).
-    pub fn parse(
-        v: &mut Violations,
-        field: &str,
-        site: &str,
-        ward: &str,
-        bed: &str,
-    ) -> Option<Option<Self>> {
+    pub fn parse(v: &mut Violations, field: &str, site: &str, ward: &str, bed: &str) -> Option<Option<Self>> {
         if site.is_empty() && ward.is_empty() && bed.is_empty() {
             return Some(None);
         }
-        let site_ok = v
-            .check(&format!("{field}.site"), check_slug(site))
-            .is_some();
-        let ward_ok = v
-            .check(&format!("{field}.ward"), check_slug(ward))
-            .is_some();
+        let site_ok = v.check(&format!("{field}.site"), check_slug(site)).is_some();
+        let ward_ok = v.check(&format!("{field}.ward"), check_slug(ward)).is_some();
         let bed_ok = bed.is_empty() || v.check(&format!("{field}.bed"), check_bed(bed)).is_some();
         (site_ok && ward_ok && bed_ok).then(|| {
             Some(Self {
@@ -371,18 +335,12 @@ impl Tags {
         tags: impl IntoIterator<Item = (&'a String, &'a String)>,
     ) -> Option<Self> {
         let before = v.clone();
-        let map: BTreeMap<String, String> = tags
-            .into_iter()
-            .map(|(k, val)| (k.clone(), val.clone()))
-            .collect();
+        let map: BTreeMap<String, String> = tags.into_iter().map(|(k, val)| (k.clone(), val.clone())).collect();
         if map.len() > MAX_TAGS {
             v.push(field, format!("a device has at most {MAX_TAGS} tags"));
         }
         for (key, value) in &map {
-            v.check(
-                &format!("{field}[{}]", printable(key)),
-                check_tag(key, value),
-            );
+            v.check(&format!("{field}[{}]", printable(key)), check_tag(key, value));
         }
         (v == &before).then_some(Self(map))
     }
@@ -416,9 +374,7 @@ pub fn check_tag(key: &str, value: &str) -> Result<(), String> {
         ));
     }
     if value.chars().count() > MAX_TAG_VALUE {
-        return Err(format!(
-            "tag value is longer than {MAX_TAG_VALUE} characters"
-        ));
+        return Err(format!("tag value is longer than {MAX_TAG_VALUE} characters"));
     }
     if value.chars().any(char::is_control) {
         return Err("tag value must not contain control characters".to_owned());
@@ -485,10 +441,7 @@ impl NewDevice {
     ) -> Result<Self, Violations> {
         let mut v = Violations::new();
         v.check("serial_number", check_serial(fields.serial_number));
-        v.check(
-            "manufacturer",
-            check_text(fields.manufacturer, MAX_MANUFACTURER),
-        );
+        v.check("manufacturer", check_text(fields.manufacturer, MAX_MANUFACTURER));
         v.check("model", check_text(fields.model, MAX_MODEL));
         if fields.class.is_none() {
             v.push("device_class", "is required; choose the device's class");
@@ -634,11 +587,7 @@ mod tests {
 
     #[test]
     fn eui64_normalises_all_spellings() {
-        for input in [
-            "0012a3fffe4b5c6d",
-            "00:12:A3:FF:FE:4B:5C:6D",
-            "00-12-a3-ff-fe-4b-5c-6d",
-        ] {
+        for input in ["0012a3fffe4b5c6d", "00:12:A3:FF:FE:4B:5C:6D", "00-12-a3-ff-fe-4b-5c-6d"] {
             assert_eq!(
                 Eui64::parse(input).map(|e| e.to_string()),
                 Ok("00-12-A3-FF-FE-4B-5C-6D".to_owned())
@@ -703,30 +652,19 @@ mod tests {
     fn empty_location_means_storage() {
         let mut f = fields();
         f.location = Some(("", "", ""));
-        assert_eq!(
-            NewDevice::parse(&f, &BTreeMap::new()).unwrap().location,
-            None
-        );
+        assert_eq!(NewDevice::parse(&f, &BTreeMap::new()).unwrap().location, None);
     }
 
     #[test]
     fn too_many_tags_rejected() {
-        let tags: BTreeMap<String, String> = (0..=MAX_TAGS)
-            .map(|i| (format!("k{i}"), String::new()))
-            .collect();
+        let tags: BTreeMap<String, String> = (0..=MAX_TAGS).map(|i| (format!("k{i}"), String::new())).collect();
         assert!(NewDevice::parse(&fields(), &tags).is_err());
     }
 
     #[test]
     fn beds_must_be_unique_and_valid() {
         assert!(NewWard::parse("stmarys", "icu", "ICU", &["1".into(), "2".into()]).is_ok());
-        let err = NewWard::parse(
-            "stmarys",
-            "icu",
-            "ICU",
-            &["1".into(), "1".into(), String::new()],
-        )
-        .unwrap_err();
+        let err = NewWard::parse("stmarys", "icu", "ICU", &["1".into(), "1".into(), String::new()]).unwrap_err();
         let fields: Vec<_> = err.iter().map(|f| f.field.clone()).collect();
         assert_eq!(fields, ["ward.beds[1]", "ward.beds[2]"]);
     }
@@ -746,14 +684,7 @@ mod tests {
     #[test]
     fn filter_requires_site_with_ward() {
         assert!(DeviceFilter::parse("", "icu", "", None, &[]).is_err());
-        let f = DeviceFilter::parse(
-            "stmarys",
-            "icu",
-            "",
-            None,
-            &["b=2".into(), "a=1".into(), "a=1".into()],
-        )
-        .unwrap();
+        let f = DeviceFilter::parse("stmarys", "icu", "", None, &["b=2".into(), "a=1".into(), "a=1".into()]).unwrap();
         assert_eq!(f.tags, [("a".into(), "1".into()), ("b".into(), "2".into())]);
         assert!(DeviceFilter::parse("", "", "", None, &["novalue".into()]).is_err());
     }

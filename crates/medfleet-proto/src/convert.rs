@@ -2,9 +2,10 @@
 //! values become wire messages.
 
 use chrono::{DateTime, Utc};
+use medfleet_core::identity::{Identity, RevocationReason};
 use medfleet_core::registry::{
-    Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location,
-    NewDevice, NewSite, NewWard, Site, Tags, Ward, WardUpdate, check_beds,
+    Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location, NewDevice, NewSite, NewWard,
+    Site, Tags, Ward, WardUpdate, check_beds,
 };
 use medfleet_core::validation::{Violations, check_slug, check_text};
 use uuid::Uuid;
@@ -174,22 +175,12 @@ pub fn new_device(request: &v1::RegisterDeviceRequest) -> Result<NewDevice, Viol
 }
 
 pub fn device_filter(request: &v1::ListDevicesRequest) -> Result<DeviceFilter, Violations> {
-    let state =
-        device_state_from_wire(request.state).map_err(|e| Violations::single("state", e))?;
-    DeviceFilter::parse(
-        &request.site,
-        &request.ward,
-        &request.model,
-        state,
-        &request.tags,
-    )
+    let state = device_state_from_wire(request.state).map_err(|e| Violations::single("state", e))?;
+    DeviceFilter::parse(&request.site, &request.ward, &request.model, state, &request.tags)
 }
 
 /// The mask's paths, each checked against the fields this RPC may change.
-fn mask_paths(
-    mask: Option<&prost_types::FieldMask>,
-    allowed: &[&str],
-) -> Result<Vec<String>, Violations> {
+fn mask_paths(mask: Option<&prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, Violations> {
     let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
     let allowed_list = allowed.join(", ");
     if paths.is_empty() {
@@ -224,9 +215,7 @@ pub fn site_update(request: &v1::UpdateSiteRequest) -> Result<(String, String), 
     v.finish(|| Some((site.name.clone(), site.display_name.clone())))
 }
 
-pub fn ward_update(
-    request: &v1::UpdateWardRequest,
-) -> Result<(String, String, WardUpdate), Violations> {
+pub fn ward_update(request: &v1::UpdateWardRequest) -> Result<(String, String, WardUpdate), Violations> {
     let ward = request
         .ward
         .as_ref()
@@ -247,9 +236,7 @@ pub fn ward_update(
     v.finish(|| Some((ward.site.clone(), ward.name.clone(), update)))
 }
 
-pub fn device_update(
-    request: &v1::UpdateDeviceRequest,
-) -> Result<(Uuid, DeviceUpdate), Violations> {
+pub fn device_update(request: &v1::UpdateDeviceRequest) -> Result<(Uuid, DeviceUpdate), Violations> {
     let device = request
         .device
         .as_ref()
@@ -270,6 +257,78 @@ pub fn device_update(
     v.finish(|| Some((id, update)))
 }
 
+/// An optional duration field with a default and bounds.
+pub fn duration(
+    field: &str,
+    value: Option<&prost_types::Duration>,
+    default: std::time::Duration,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, Violations> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let human = |d: std::time::Duration| format!("{}s", d.as_secs());
+    let parsed = u64::try_from(value.seconds)
+        .ok()
+        .zip(u32::try_from(value.nanos).ok())
+        .map(|(secs, nanos)| std::time::Duration::new(secs, nanos))
+        .filter(|d| *d >= min && *d <= max);
+    parsed.ok_or_else(|| Violations::single(field, format!("must be between {} and {}", human(min), human(max))))
+}
+
+pub fn duration_to_wire(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn revocation_reason_from_wire(value: i32) -> Result<RevocationReason, Violations> {
+    match v1::RevocationReason::try_from(value) {
+        Ok(v1::RevocationReason::Unspecified) => Ok(RevocationReason::Unspecified),
+        Ok(v1::RevocationReason::KeyCompromise) => Ok(RevocationReason::KeyCompromise),
+        Ok(v1::RevocationReason::AffiliationChanged) => Ok(RevocationReason::AffiliationChanged),
+        Ok(v1::RevocationReason::Superseded) => Ok(RevocationReason::Superseded),
+        Ok(v1::RevocationReason::CessationOfOperation) => Ok(RevocationReason::CessationOfOperation),
+        Err(_) => Err(Violations::single(
+            "reason",
+            format!("{value} is not a known revocation reason"),
+        )),
+    }
+}
+
+pub fn revocation_reason_to_wire(reason: RevocationReason) -> v1::RevocationReason {
+    match reason {
+        RevocationReason::Unspecified => v1::RevocationReason::Unspecified,
+        RevocationReason::KeyCompromise => v1::RevocationReason::KeyCompromise,
+        RevocationReason::AffiliationChanged => v1::RevocationReason::AffiliationChanged,
+        RevocationReason::Superseded => v1::RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation => v1::RevocationReason::CessationOfOperation,
+    }
+}
+
+/// An operator or integration named in a request.
+pub fn principal(kind: i32, name: &str) -> Result<Identity, Violations> {
+    let mut v = Violations::new();
+    let kind = match v1::PrincipalKind::try_from(kind) {
+        Ok(v1::PrincipalKind::User) => Some(true),
+        Ok(v1::PrincipalKind::Service) => Some(false),
+        _ => {
+            v.push("kind", "choose user or service");
+            None
+        }
+    };
+    v.check("name", Identity::check_name(name));
+    v.finish(|| {
+        Some(if kind? {
+            Identity::User(name.to_owned())
+        } else {
+            Identity::Service(name.to_owned())
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,10 +336,7 @@ mod tests {
     #[test]
     fn every_wire_class_round_trips() {
         for class in DeviceClass::ALL {
-            assert_eq!(
-                device_class_from_wire(device_class_to_wire(class).into()),
-                Some(class)
-            );
+            assert_eq!(device_class_from_wire(device_class_to_wire(class).into()), Some(class));
         }
         assert_eq!(device_class_from_wire(0), None);
         assert_eq!(device_class_from_wire(99), None);

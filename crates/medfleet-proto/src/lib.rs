@@ -17,5 +17,4 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of every medfleet proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/medfleet_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/medfleet_descriptor.bin"));

@@ -9,18 +9,28 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
 
+use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::error::Error;
+use crate::identity_api::caller;
 use crate::store::Registry;
+
+/// Most devices one `ImportDevices` call may carry (one transaction).
+pub const MAX_IMPORT: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct RegistryApi {
     registry: Registry,
+    credentials: Credentials,
 }
 
 impl RegistryApi {
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    pub fn new(registry: Registry, credentials: Credentials) -> Self {
+        Self { registry, credentials }
     }
+}
+
+fn token_ttl(field: &str, ttl: Option<&prost_types::Duration>) -> Result<std::time::Duration, String> {
+    convert::duration(field, ttl, DEFAULT_TOKEN_TTL, MIN_TOKEN_TTL, MAX_TOKEN_TTL).map_err(|e| field_message(&e))
 }
 
 fn paging(size: i32, token: &str, fingerprint: &str) -> Result<(u64, Option<String>), Error> {
@@ -31,6 +41,15 @@ fn paging(size: i32, token: &str, fingerprint: &str) -> Result<(u64, Option<Stri
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// The description of a single-field violation, to fold into a request's own list.
+fn field_message(violations: &Violations) -> String {
+    violations
+        .iter()
+        .map(|v| v.description.clone())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 #[tonic::async_trait]
 impl RegistryService for RegistryApi {
@@ -49,19 +68,13 @@ impl RegistryService for RegistryApi {
     }
 
     #[instrument(skip_all)]
-    async fn list_sites(
-        &self,
-        request: Request<v1::ListSitesRequest>,
-    ) -> Reply<v1::ListSitesResponse> {
+    async fn list_sites(&self, request: Request<v1::ListSitesRequest>) -> Reply<v1::ListSitesResponse> {
         let r = request.get_ref();
         let (size, after) = paging(r.page_size, &r.page_token, "sites")?;
         let page = self.registry.list_sites(size, after).await?;
         Ok(Response::new(v1::ListSitesResponse {
             sites: page.items.into_iter().map(Into::into).collect(),
-            next_page_token: page
-                .next_after
-                .map(|k| encode_token(&k, "sites"))
-                .unwrap_or_default(),
+            next_page_token: page.next_after.map(|k| encode_token(&k, "sites")).unwrap_or_default(),
         }))
     }
 
@@ -88,16 +101,11 @@ impl RegistryService for RegistryApi {
         v.check("site", check_slug(&r.site));
         v.check("name", check_slug(&r.name));
         v.finish(|| Some(())).map_err(Error::from)?;
-        Ok(Response::new(
-            self.registry.get_ward(&r.site, &r.name).await?.into(),
-        ))
+        Ok(Response::new(self.registry.get_ward(&r.site, &r.name).await?.into()))
     }
 
     #[instrument(skip_all)]
-    async fn list_wards(
-        &self,
-        request: Request<v1::ListWardsRequest>,
-    ) -> Reply<v1::ListWardsResponse> {
+    async fn list_wards(&self, request: Request<v1::ListWardsRequest>) -> Reply<v1::ListWardsResponse> {
         let r = request.get_ref();
         let site = convert::slug("site", &r.site).map_err(Error::from)?;
         let fingerprint = format!("wards:{site}");
@@ -121,10 +129,7 @@ impl RegistryService for RegistryApi {
     }
 
     #[instrument(skip_all)]
-    async fn register_device(
-        &self,
-        request: Request<v1::RegisterDeviceRequest>,
-    ) -> Reply<v1::Device> {
+    async fn register_device(&self, request: Request<v1::RegisterDeviceRequest>) -> Reply<v1::Device> {
         let new = convert::new_device(request.get_ref()).map_err(Error::from)?;
         let device = self.registry.register_device(new).await?;
         tracing::info!(device = %device.id, model = %device.model, "device registered");
@@ -138,23 +143,17 @@ impl RegistryService for RegistryApi {
     }
 
     #[instrument(skip_all)]
-    async fn list_devices(
-        &self,
-        request: Request<v1::ListDevicesRequest>,
-    ) -> Reply<v1::ListDevicesResponse> {
+    async fn list_devices(&self, request: Request<v1::ListDevicesRequest>) -> Reply<v1::ListDevicesResponse> {
         let r = request.get_ref();
         let filter = convert::device_filter(r).map_err(Error::from)?;
         let fingerprint = filter.fingerprint();
         let (size, after) = paging(r.page_size, &r.page_token, &fingerprint)?;
-        let after = after
-            .map(|k| Uuid::parse_str(&k))
-            .transpose()
-            .map_err(|_| {
-                Error::from(Violations::single(
-                    "page_token",
-                    "is not a page token from this listing",
-                ))
-            })?;
+        let after = after.map(|k| Uuid::parse_str(&k)).transpose().map_err(|_| {
+            Error::from(Violations::single(
+                "page_token",
+                "is not a page token from this listing",
+            ))
+        })?;
         let page = self.registry.list_devices(&filter, size, after).await?;
         Ok(Response::new(v1::ListDevicesResponse {
             devices: page.items.into_iter().map(Into::into).collect(),
@@ -163,6 +162,97 @@ impl RegistryService for RegistryApi {
                 .map(|k| encode_token(&k.to_string(), &fingerprint))
                 .unwrap_or_default(),
         }))
+    }
+
+    #[instrument(skip_all)]
+    async fn issue_enrollment_token(
+        &self,
+        request: Request<v1::IssueEnrollmentTokenRequest>,
+    ) -> Reply<v1::EnrollmentToken> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let mut v = Violations::new();
+        let id = v.check(
+            "device_id",
+            convert::device_id("device_id", &r.device_id).map_err(|e| field_message(&e)),
+        );
+        let ttl = v.check("ttl", token_ttl("ttl", r.ttl.as_ref()));
+        let (id, ttl) = v.finish(|| id.zip(ttl)).map_err(Error::from)?;
+        let token = self
+            .credentials
+            .issue_enrollment_token(id, ttl, &caller.identity)
+            .await?;
+        tracing::info!(device = %id, expires = %token.expires_at, "enrollment token issued");
+        Ok(Response::new(v1::EnrollmentToken {
+            device_id: id.to_string(),
+            token: token.token,
+            expire_time: Some(convert::timestamp(token.expires_at)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(count = request.get_ref().devices.len()))]
+    async fn import_devices(&self, request: Request<v1::ImportDevicesRequest>) -> Reply<v1::ImportDevicesResponse> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let mut v = Violations::new();
+        if r.devices.is_empty() || r.devices.len() > MAX_IMPORT {
+            v.push("devices", format!("send 1 to {MAX_IMPORT} devices per call"));
+        }
+        let ttl = if r.issue_tokens {
+            v.check("token_ttl", token_ttl("token_ttl", r.token_ttl.as_ref()))
+        } else {
+            None
+        };
+        let mut devices = Vec::with_capacity(r.devices.len());
+        for (i, device) in r.devices.iter().enumerate() {
+            match convert::new_device(device) {
+                Ok(new) => devices.push(new),
+                Err(errors) => {
+                    for e in errors.iter() {
+                        v.push(format!("devices[{i}].{}", e.field), e.description.clone());
+                    }
+                }
+            }
+        }
+        v.finish(|| Some(())).map_err(Error::from)?;
+        let tokens = ttl.map(|ttl| (ttl, &caller.identity));
+        let imported = self.registry.import_devices(devices, tokens).await?;
+        tracing::info!(count = imported.len(), tokens = r.issue_tokens, "devices imported");
+        Ok(Response::new(v1::ImportDevicesResponse {
+            devices: imported
+                .into_iter()
+                .map(|(device, token)| v1::ImportedDevice {
+                    device: Some(device.into()),
+                    token_expire_time: token.as_ref().map(|t| convert::timestamp(t.expires_at)),
+                    token: token.map(|t| t.token).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn revoke_device(&self, request: Request<v1::RevokeDeviceRequest>) -> Reply<v1::Device> {
+        let r = request.get_ref();
+        let id = convert::device_id("id", &r.id).map_err(Error::from)?;
+        let reason = convert::revocation_reason_from_wire(r.reason).map_err(Error::from)?;
+        let device = self.credentials.revoke_device(id, reason, false).await?;
+        tracing::info!(device = %id, reason = reason.as_str(), "device certificates revoked");
+        Ok(Response::new(device.into()))
+    }
+
+    #[instrument(skip_all)]
+    async fn decommission_device(&self, request: Request<v1::DecommissionDeviceRequest>) -> Reply<v1::Device> {
+        let id = convert::device_id("id", &request.get_ref().id).map_err(Error::from)?;
+        let device = self
+            .credentials
+            .revoke_device(
+                id,
+                medfleet_core::identity::RevocationReason::CessationOfOperation,
+                true,
+            )
+            .await?;
+        tracing::info!(device = %id, "device decommissioned");
+        Ok(Response::new(device.into()))
     }
 
     #[instrument(skip_all)]

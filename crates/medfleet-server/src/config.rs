@@ -50,7 +50,9 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     pub shutdown_grace: Option<String>,
     pub server_cert_lifetime: Option<String>,
-    pub admin_cert_lifetime: Option<String>,
+    pub device_cert_lifetime: Option<String>,
+    pub operator_cert_lifetime: Option<String>,
+    pub service_cert_lifetime: Option<String>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -75,11 +77,7 @@ pub struct Overrides {
     #[arg(long, env = "MEDFLEET_DATABASE_MAX_CONNECTIONS")]
     pub database_max_connections: Option<u32>,
     /// DNS names and IP addresses clients use to reach this server (repeat or comma-separate).
-    #[arg(
-        long = "server-name",
-        env = "MEDFLEET_SERVER_NAMES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "server-name", env = "MEDFLEET_SERVER_NAMES", value_delimiter = ',')]
     pub server_names: Vec<String>,
     /// Log format.
     #[arg(long, env = "MEDFLEET_LOG_FORMAT")]
@@ -109,7 +107,9 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     pub shutdown_grace: Duration,
     pub server_cert_lifetime: Duration,
-    pub admin_cert_lifetime: Duration,
+    pub device_cert_lifetime: Duration,
+    pub operator_cert_lifetime: Duration,
+    pub service_cert_lifetime: Duration,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "medfleet-data";
@@ -130,20 +130,17 @@ impl Config {
         if o.config.is_some() && file.version != Some(CONFIG_VERSION) {
             return Err(ConfigError::Invalid(format!(
                 "the config file must start with `version = {CONFIG_VERSION}` (found {})",
-                file.version
-                    .map_or_else(|| "no version".to_owned(), |v| v.to_string())
+                file.version.map_or_else(|| "no version".to_owned(), |v| v.to_string())
             )));
         }
         let data_dir = o
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let database_url = o.database_url.or(file.database_url).unwrap_or_else(|| {
-            format!(
-                "sqlite://{}?mode=rwc",
-                data_dir.join("medfleet.db").display()
-            )
-        });
+        let database_url = o
+            .database_url
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("medfleet.db").display()));
         let server_names = if o.server_names.is_empty() {
             file.server_names
                 .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "::1".into()])
@@ -151,10 +148,7 @@ impl Config {
             o.server_names
         };
         let config = Self {
-            listen: o
-                .listen
-                .or(file.listen)
-                .unwrap_or(parse_default(DEFAULT_LISTEN)),
+            listen: o.listen.or(file.listen).unwrap_or(parse_default(DEFAULT_LISTEN)),
             http_listen: o
                 .http_listen
                 .or(file.http_listen)
@@ -164,29 +158,13 @@ impl Config {
                 .or(file.database_max_connections)
                 .unwrap_or(10),
             log_format: o.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
-            log_level: o
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".to_owned()),
-            otlp_endpoint: o
-                .otlp_endpoint
-                .or(file.otlp_endpoint)
-                .filter(|e| !e.is_empty()),
-            shutdown_grace: duration(
-                "shutdown_grace",
-                o.shutdown_grace.or(file.shutdown_grace),
-                "10s",
-            )?,
-            server_cert_lifetime: duration(
-                "server_cert_lifetime",
-                file.server_cert_lifetime,
-                "90days",
-            )?,
-            admin_cert_lifetime: duration(
-                "admin_cert_lifetime",
-                file.admin_cert_lifetime,
-                "30days",
-            )?,
+            log_level: o.log_level.or(file.log_level).unwrap_or_else(|| "info".to_owned()),
+            otlp_endpoint: o.otlp_endpoint.or(file.otlp_endpoint).filter(|e| !e.is_empty()),
+            shutdown_grace: duration("shutdown_grace", o.shutdown_grace.or(file.shutdown_grace), "10s")?,
+            server_cert_lifetime: duration("server_cert_lifetime", file.server_cert_lifetime, "90days")?,
+            device_cert_lifetime: duration("device_cert_lifetime", file.device_cert_lifetime, "24h")?,
+            operator_cert_lifetime: duration("operator_cert_lifetime", file.operator_cert_lifetime, "30days")?,
+            service_cert_lifetime: duration("service_cert_lifetime", file.service_cert_lifetime, "90days")?,
             data_dir,
             database_url,
             server_names,
@@ -198,10 +176,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         let url = &self.database_url;
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return invalid(
                 "database_url must start with sqlite: or postgres:// (e.g. postgres://medfleet@db/medfleet)".into(),
             );
@@ -214,36 +189,32 @@ impl Config {
         }
         for name in &self.server_names {
             if name.parse::<IpAddr>().is_err() && !is_dns_name(name) {
-                return invalid(format!(
-                    "server name '{name}' is neither an IP address nor a DNS name"
-                ));
+                return invalid(format!("server name '{name}' is neither an IP address nor a DNS name"));
             }
         }
         if self.shutdown_grace > Duration::from_mins(10) {
             return invalid("shutdown_grace must be at most 10 minutes".into());
         }
         let day = Duration::from_hours(24);
-        if self.server_cert_lifetime < Duration::from_hours(1)
-            || self.server_cert_lifetime > 397 * day
-        {
+        if self.server_cert_lifetime < Duration::from_hours(1) || self.server_cert_lifetime > 397 * day {
             return invalid("server_cert_lifetime must be between 1 hour and 397 days".into());
         }
-        if self.admin_cert_lifetime < Duration::from_mins(5) || self.admin_cert_lifetime > 397 * day
-        {
-            return invalid("admin_cert_lifetime must be between 5 minutes and 397 days".into());
+        for (key, lifetime) in [
+            ("device_cert_lifetime", self.device_cert_lifetime),
+            ("operator_cert_lifetime", self.operator_cert_lifetime),
+            ("service_cert_lifetime", self.service_cert_lifetime),
+        ] {
+            if lifetime < Duration::from_mins(5) || lifetime > 397 * day {
+                return invalid(format!("{key} must be between 5 minutes and 397 days"));
+            }
         }
         if let Some(endpoint) = &self.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
-            return invalid(format!(
-                "otlp_endpoint '{endpoint}' must be an http:// or https:// URL"
-            ));
+            return invalid(format!("otlp_endpoint '{endpoint}' must be an http:// or https:// URL"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return invalid(format!(
-                "log_level '{}' is not a valid filter: {e}",
-                self.log_level
-            ));
+            return invalid(format!("log_level '{}' is not a valid filter: {e}", self.log_level));
         }
         if self.listen.port() != 0 && self.listen == self.http_listen {
             return invalid("listen and http_listen must differ".into());
@@ -268,8 +239,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
-    addr.parse()
-        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+    addr.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
@@ -312,10 +282,7 @@ mod tests {
     fn defaults_are_valid_and_local() {
         let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
-        assert!(
-            c.database_url
-                .starts_with("sqlite://medfleet-data/medfleet.db")
-        );
+        assert!(c.database_url.starts_with("sqlite://medfleet-data/medfleet.db"));
         assert!(!c.is_postgres());
     }
 
@@ -356,12 +323,11 @@ mod tests {
             "otlp_endpoint",
             "shutdown_grace",
             "server_cert_lifetime",
-            "admin_cert_lifetime",
+            "device_cert_lifetime",
+            "operator_cert_lifetime",
+            "service_cert_lifetime",
         ] {
-            assert!(
-                table.contains_key(key),
-                "deploy/medfleetd.toml does not show {key}"
-            );
+            assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }
     }
 
@@ -379,10 +345,10 @@ mod tests {
             ("shutdown_grace = \"1h\"", "shutdown_grace"),
             ("otlp_endpoint = \"collector:4317\"", "otlp_endpoint"),
             ("log_level = \"[[[\"", "log_level"),
-            ("admin_cert_lifetime = \"1s\"", "admin_cert_lifetime"),
+            ("operator_cert_lifetime = \"1s\"", "operator_cert_lifetime"),
+            ("device_cert_lifetime = \"4min\"", "device_cert_lifetime"),
         ] {
-            let err =
-                Config::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
+            let err = Config::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
         }
     }

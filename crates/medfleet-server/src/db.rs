@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use medfleet_migrations::{Migrator, MigratorTrait as _};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, SqliteTransactionMode, TransactionOptions, TransactionTrait as _,
+    ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait as _,
 };
 
 /// Arbitrary but fixed key of the PostgreSQL advisory lock that serialises migrations across replicas.

@@ -21,6 +21,8 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// Stored data that violates an invariant (a bug or manual tampering), never caused by the caller.
@@ -37,9 +39,7 @@ impl From<Error> for Status {
                 let details = ErrorDetails::with_bad_request(
                     violations
                         .iter()
-                        .map(|v| {
-                            tonic_types::FieldViolation::new(v.field.clone(), v.description.clone())
-                        })
+                        .map(|v| tonic_types::FieldViolation::new(v.field.clone(), v.description.clone()))
                         .collect::<Vec<_>>(),
                 );
                 Status::with_error_details(Code::InvalidArgument, violations.to_string(), details)
@@ -49,6 +49,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Database(e) => database_status(&e),
             Error::Internal(m) => internal(&m),
         }
@@ -58,9 +59,7 @@ impl From<Error> for Status {
 fn database_status(error: &DbErr) -> Status {
     // A unique-constraint race (two requests passing the same pre-check) is still the caller's conflict.
     if let Some(SqlErr::UniqueConstraintViolation(_)) = error.sql_err() {
-        return Status::already_exists(
-            "a resource with the same unique key was created concurrently; retry to see it",
-        );
+        return Status::already_exists("a resource with the same unique key was created concurrently; retry to see it");
     }
     match error {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {

@@ -3,12 +3,16 @@
 
 pub mod api;
 pub mod config;
+pub mod credentials;
 pub mod db;
 pub mod entity;
 pub mod error;
 pub mod http;
+pub mod identity_api;
 pub mod pki;
+pub mod revocation;
 pub mod rpc;
+pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
@@ -17,14 +21,21 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use medfleet_proto::v1::credential_service_server::CredentialServiceServer;
+use medfleet_proto::v1::device_service_server::DeviceServiceServer;
+use medfleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use medfleet_proto::v1::registry_service_server::RegistryServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::api::RegistryApi;
 use crate::config::Config;
-use crate::pki::{DataDir, InitOutcome, PkiError};
+use crate::credentials::{Credentials, Lifetimes};
+use crate::identity_api::IdentityApi;
+use crate::pki::{DataDir, InitOutcome, IssuedCertificate, PkiError};
+use crate::revocation::Revocations;
 use crate::rpc::RpcLayer;
+use crate::session::DeviceApi;
 use crate::store::Registry;
 use crate::telemetry::{Metrics, TelemetryError};
 use crate::tls::TlsError;
@@ -73,9 +84,27 @@ pub fn ensure_initialised(config: &Config, admin: &str) -> Result<Option<InitOut
         admin,
         &config.server_names,
         config.server_cert_lifetime,
-        config.admin_cert_lifetime,
+        config.operator_cert_lifetime,
     )
     .map(Some)
+}
+
+/// Records the first admin's certificate so it can be revoked like any other. Best effort: a missing or unreadable
+/// file only means that certificate cannot be revoked individually (it still expires).
+async fn record_bootstrap_admin(dir: &DataDir, ca: &pki::CertificateAuthority, credentials: &Credentials) {
+    let Ok(pem) = std::fs::read_to_string(dir.admin_cert()) else {
+        return;
+    };
+    let recorded = match IssuedCertificate::from_pem(&pem, ca.cert_pem()) {
+        Ok((identity, issued)) => credentials
+            .record_bootstrap(&identity, &issued)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = recorded {
+        tracing::warn!(%error, path = %dir.admin_cert().display(), "could not record the first admin's certificate");
+    }
 }
 
 /// Serves until `shutdown` completes, then stops accepting, reports NOT_SERVING, lets open streams drain for
@@ -86,20 +115,35 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let dir = DataDir::new(&config.data_dir);
-    let ca = dir.load_ca()?;
-    let (chain_pem, key_pem) =
-        dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
-    let tls_config = tls::server_config(ca.cert_der(), &chain_pem, &key_pem)?;
+    let ca = Arc::new(dir.load_ca()?);
+    let (chain_pem, key_pem) = dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
 
     db::migrate(&config.database_url).await?;
     let db = db::connect(&config.database_url, config.database_max_connections).await?;
+    let revocations = Revocations::new();
+    revocations.refresh(&db).await?;
+    let background = tokio_util::sync::CancellationToken::new();
+    revocations.spawn_poller(db.clone(), background.clone());
+    let tls_config = tls::server_config(ca.cert_der(), &chain_pem, &key_pem, revocations.clone())?;
+    let credentials = Credentials::new(
+        db.clone(),
+        ca.clone(),
+        Lifetimes {
+            device: config.device_cert_lifetime,
+            operator: config.operator_cert_lifetime,
+            service: config.service_cert_lifetime,
+        },
+        revocations.clone(),
+    );
+    record_bootstrap_admin(&dir, &ca, &credentials).await;
     let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<RegistryServiceServer<RegistryApi>>()
-        .await;
+    health.set_serving::<RegistryServiceServer<RegistryApi>>().await;
+    health.set_serving::<EnrollmentServiceServer<IdentityApi>>().await;
+    health.set_serving::<CredentialServiceServer<IdentityApi>>().await;
+    health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -108,12 +152,19 @@ pub async fn run(
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let registry = RegistryServiceServer::new(RegistryApi::new(Registry::new(db.clone())));
+    let registry = Registry::new(db.clone());
+    let identity_api = IdentityApi::new(credentials.clone());
+    let enrollment = EnrollmentServiceServer::new(identity_api.clone());
+    let credential_service = CredentialServiceServer::new(identity_api);
+    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone()));
+    let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials));
 
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let ops = http::router(http::OpsState {
         metrics: metrics.clone(),
         db: db.clone(),
+        ca: ca.clone(),
+        revocations: revocations.clone(),
         ready: ready.clone(),
     });
     let http_addr = listeners.http.local_addr()?;
@@ -127,16 +178,17 @@ pub async fn run(
     });
 
     let grpc_addr = listeners.grpc.local_addr()?;
-    let incoming = tls::incoming(listeners.grpc, tls_config, metrics.clone());
+    let incoming = tls::incoming(listeners.grpc, tls_config, revocations.clone(), metrics.clone());
     let signal = {
         let (health, ready) = (health.clone(), ready.clone());
         async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new connections and draining open streams");
             ready.store(false, Ordering::Release);
-            health
-                .set_not_serving::<RegistryServiceServer<RegistryApi>>()
-                .await;
+            health.set_not_serving::<RegistryServiceServer<RegistryApi>>().await;
+            health.set_not_serving::<EnrollmentServiceServer<IdentityApi>>().await;
+            health.set_not_serving::<CredentialServiceServer<IdentityApi>>().await;
+            health.set_not_serving::<DeviceServiceServer<DeviceApi>>().await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
@@ -148,6 +200,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
+        .add_service(enrollment)
+        .add_service(credential_service)
+        .add_service(device_service)
         .add_service(registry)
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
@@ -174,6 +229,7 @@ pub async fn run(
         Err(_) => tracing::warn!("operations listener did not stop in time"),
         Ok(Ok(Ok(()))) => {}
     }
+    background.cancel();
     metrics.shutdown();
     db.close().await?;
     tracing::info!("medfleetd stopped");

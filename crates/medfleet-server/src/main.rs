@@ -39,9 +39,7 @@ enum Command {
         overrides: Overrides,
     },
     /// Apply pending database migrations and exit.
-    #[command(
-        after_help = "Example:\n  medfleetd migrate --database-url postgres://medfleet@db/medfleet"
-    )]
+    #[command(after_help = "Example:\n  medfleetd migrate --database-url postgres://medfleet@db/medfleet")]
     Migrate {
         #[command(flatten)]
         overrides: Overrides,
@@ -50,10 +48,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("medfleetd: cannot start the async runtime: {error}");
@@ -97,11 +92,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { overrides } => {
             let config = Config::load(overrides)?;
-            let _guard = telemetry::init_tracing(
-                config.log_format,
-                &config.log_level,
-                config.otlp_endpoint.as_deref(),
-            )?;
+            let _guard =
+                telemetry::init_tracing(config.log_format, &config.log_level, config.otlp_endpoint.as_deref())?;
             if let Some(outcome) = ensure_initialised(&config, "admin")? {
                 print_credentials_hint(&config, &outcome);
             }

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use medfleet_core::identity::{Identity, SCHEME};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
@@ -38,9 +38,7 @@ pub enum PkiError {
         "{path} is readable by other users (mode {mode:o}); a private key must be mode 0600: run `chmod 600 {path}`"
     )]
     InsecureKey { path: PathBuf, mode: u32 },
-    #[error(
-        "{0} is already initialised (it holds a CA); use another --data-dir or keep the existing CA"
-    )]
+    #[error("{0} is already initialised (it holds a CA); use another --data-dir or keep the existing CA")]
     AlreadyInitialised(PathBuf),
     #[error("{0} is not initialised; run `medfleetd init --data-dir {0}` first")]
     NotInitialised(PathBuf),
@@ -53,6 +51,110 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Why a certificate signing request was refused. Every variant is the requester's fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    #[error("the CSR is not a DER-encoded PKCS#10 certification request")]
+    Malformed,
+    #[error("the CSR's signature does not verify with the key it carries")]
+    BadSignature,
+    #[error("{0}")]
+    UnsupportedKey(String),
+}
+
+/// A verified CSR's public key, ready to be certified. Whatever identity the CSR claimed is discarded.
+#[derive(Debug)]
+pub struct RequestedKey(rcgen::SubjectPublicKeyInfo);
+
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_P256: &str = "1.2.840.10045.3.1.7";
+const OID_P384: &str = "1.3.132.0.34";
+const OID_ED25519: &str = "1.3.101.112";
+const OID_RSA: &str = "1.2.840.113549.1.1.1";
+
+/// Parses a CSR, verifies its self-signature and applies the key policy: ECDSA P-256 or P-384, or Ed25519.
+pub fn check_csr(der: &[u8]) -> Result<RequestedKey, CsrError> {
+    use x509_parser::prelude::FromDer as _;
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(der).map_err(|_| CsrError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed);
+    }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let algorithm = spki.algorithm.algorithm.to_id_string();
+    match algorithm.as_str() {
+        OID_ED25519 => {}
+        OID_EC_PUBLIC_KEY => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|oid| oid.to_id_string())
+                .unwrap_or_default();
+            if curve != OID_P256 && curve != OID_P384 {
+                return Err(CsrError::UnsupportedKey(format!(
+                    "elliptic curve {curve} is not accepted; use ECDSA P-256 (or P-384, or Ed25519)"
+                )));
+            }
+        }
+        OID_RSA => {
+            return Err(CsrError::UnsupportedKey(
+                "RSA keys are not accepted (slow, and weak at the sizes devices use); use ECDSA P-256".to_owned(),
+            ));
+        }
+        other => {
+            return Err(CsrError::UnsupportedKey(format!(
+                "key algorithm {other} is not accepted; use ECDSA P-256 (or P-384, or Ed25519)"
+            )));
+        }
+    }
+    rcgen::SubjectPublicKeyInfo::from_der(spki.raw)
+        .map(RequestedKey)
+        .map_err(|e| CsrError::UnsupportedKey(format!("unusable public key: {e}")))
+}
+
+/// A certificate medfleet issued, with what the registry records about it.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Lower-case hex of the DER serial number (as [`serial_of`] reads it back).
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub issued_at: SystemTime,
+}
+
+impl IssuedCertificate {
+    /// Reads back a certificate medfleet issued (the bootstrap admin's, written by `init`).
+    pub fn from_pem(cert_pem: &str, ca_pem: &str) -> Result<(Identity, Self), String> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+        let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+        let not_before = at(cert.validity().not_before.timestamp());
+        Ok((
+            identity_of(&der)?,
+            Self {
+                cert_pem: cert_pem.to_owned(),
+                ca_pem: ca_pem.to_owned(),
+                serial: serial_of(&der)?,
+                not_before,
+                not_after: at(cert.validity().not_after.timestamp()),
+                issued_at: not_before + CLOCK_SKEW,
+            },
+        ))
+    }
+}
+
+/// Extra subject attributes of a device certificate (the identity itself is always the URI SAN).
+#[derive(Debug, Clone, Default)]
+pub struct SubjectDetails {
+    pub serial_number: Option<String>,
+    pub eui64: Option<String>,
 }
 
 /// A certificate and its private key, PEM-encoded, plus the CA that issued it: what a principal needs to connect.
@@ -86,16 +188,39 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority")
-            .finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
     }
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial() -> (SerialNumber, String) {
     let mut bytes: [u8; 16] = *uuid::Uuid::new_v4().as_bytes();
-    // Positive DER integer with a fixed length.
+    // A positive DER integer of fixed length, so its DER content bytes are exactly these bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    SerialNumber::from_slice(&bytes)
+    let hex = bytes.iter().fold(String::with_capacity(32), |mut out, b| {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
+        out
+    });
+    (SerialNumber::from_slice(&bytes), hex)
+}
+
+/// The serial number of a DER certificate as lower-case hex of its DER content bytes.
+pub fn serial_of(cert_der: &[u8]) -> Result<String, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(cert.raw_serial().iter().fold(String::new(), |mut out, b| {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
+        out
+    }))
+}
+
+/// Expiry of a DER certificate.
+pub fn not_after_of(cert_der: &[u8]) -> Result<SystemTime, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 fn window(lifetime: Duration) -> (OffsetDateTime, OffsetDateTime) {
@@ -121,7 +246,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial().0);
         (params.not_before, params.not_after) = window(CA_LIFETIME);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
@@ -135,12 +260,11 @@ impl CertificateAuthority {
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
-            PkiError::InvalidCertificate {
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| PkiError::InvalidCertificate {
                 path: PathBuf::from("ca.crt"),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(Self {
             cert_pem: cert_pem.to_owned(),
@@ -158,23 +282,16 @@ impl CertificateAuthority {
     }
 
     /// A TLS server certificate for the given DNS names and IP addresses, with a fresh key.
-    pub fn issue_server(
-        &self,
-        names: &[String],
-        lifetime: Duration,
-    ) -> Result<CredentialBundle, PkiError> {
+    pub fn issue_server(&self, names: &[String], lifetime: Duration) -> Result<CredentialBundle, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            names.first().map_or("medfleetd", String::as_str),
-        );
+        dn.push(DnType::CommonName, names.first().map_or("medfleetd", String::as_str));
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial().0);
         (params.not_before, params.not_after) = window(lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CredentialBundle {
@@ -185,11 +302,7 @@ impl CertificateAuthority {
     }
 
     /// A client certificate for `identity` with a freshly generated key, valid for `lifetime` from now.
-    pub fn issue_client(
-        &self,
-        identity: &Identity,
-        lifetime: Duration,
-    ) -> Result<CredentialBundle, PkiError> {
+    pub fn issue_client(&self, identity: &Identity, lifetime: Duration) -> Result<CredentialBundle, PkiError> {
         let now = SystemTime::now();
         self.issue_client_for_window(identity, now - CLOCK_SKEW, now + lifetime)
     }
@@ -203,45 +316,106 @@ impl CertificateAuthority {
         not_after: SystemTime,
     ) -> Result<CredentialBundle, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let issued = self.sign(identity, &key, not_before, not_after, &SubjectDetails::default())?;
+        Ok(CredentialBundle {
+            key_pem: key.serialize_pem(),
+            cert_pem: issued.cert_pem,
+            ca_pem: issued.ca_pem,
+        })
+    }
+
+    /// Certifies a requester's key (from a verified CSR) for `identity`, valid for `lifetime` from now.
+    pub fn issue_for_key(
+        &self,
+        identity: &Identity,
+        key: &RequestedKey,
+        lifetime: Duration,
+        details: &SubjectDetails,
+    ) -> Result<IssuedCertificate, PkiError> {
+        let now = SystemTime::now();
+        self.sign(identity, &key.0, now - CLOCK_SKEW, now + lifetime, details)
+    }
+
+    fn sign(
+        &self,
+        identity: &Identity,
+        public_key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        details: &SubjectDetails,
+    ) -> Result<IssuedCertificate, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationalUnitName, identity.kind());
         dn.push(DnType::CommonName, identity.to_string());
+        if let Some(serial) = &details.serial_number {
+            // X.520 serialNumber (2.5.4.5), as IEEE 802.1AR device identities carry it.
+            dn.push(DnType::CustomDnType(vec![2, 5, 4, 5]), serial.as_str());
+        }
+        if let Some(eui64) = &details.eui64 {
+            dn.push(DnType::OrganizationalUnitName, format!("EUI-64 {eui64}"));
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
+        let (serial_number, serial) = random_serial();
+        params.serial_number = Some(serial_number);
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CredentialBundle {
-            key_pem: key.serialize_pem(),
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        Ok(IssuedCertificate {
             cert_pem: cert.pem(),
             ca_pem: self.cert_pem.clone(),
+            serial,
+            not_before,
+            not_after,
+            issued_at: SystemTime::now(),
         })
+    }
+
+    /// A DER CRL of the given revoked serials (hex), signed by the CA.
+    pub fn crl(&self, number: u64, revoked: &[(String, SystemTime)]) -> Result<Vec<u8>, PkiError> {
+        let now = SystemTime::now();
+        let revoked_certs = revoked
+            .iter()
+            .filter_map(|(hex, at)| {
+                let bytes: Vec<u8> = (0..hex.len() / 2)
+                    .map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
+                    .collect::<Option<_>>()?;
+                Some(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&bytes),
+                    revocation_time: OffsetDateTime::from(*at),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: OffsetDateTime::from(now - CLOCK_SKEW),
+            next_update: OffsetDateTime::from(now + Duration::from_hours(1)),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
     }
 }
 
 /// The medfleet identity a certificate speaks for: its single `medfleet://` URI SAN.
 pub fn identity_of(cert_der: &[u8]) -> Result<Identity, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| format!("unreadable subjectAltName: {e}"))?
-        .ok_or(
-            "certificate has no subjectAltName; it was not issued by medfleet for a principal",
-        )?;
-    let mut uris = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
-            _ => None,
-        });
+        .ok_or("certificate has no subjectAltName; it was not issued by medfleet for a principal")?;
+    let mut uris = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
+        _ => None,
+    });
     let uri = uris
         .next()
         .ok_or("certificate has no medfleet:// identity in its subjectAltName")?;
@@ -289,6 +463,10 @@ impl DataDir {
     pub fn admin_bundle(&self) -> PathBuf {
         self.root.join("admin.pem")
     }
+    /// The first admin's certificate (public), kept so the server can record it for revocation.
+    pub fn admin_cert(&self) -> PathBuf {
+        self.root.join("ca/admin.crt")
+    }
     pub fn sqlite_db(&self) -> PathBuf {
         self.root.join("medfleet.db")
     }
@@ -309,11 +487,7 @@ impl DataDir {
         if self.is_initialised() {
             return Err(PkiError::AlreadyInitialised(self.root.clone()));
         }
-        for dir in [
-            self.root.clone(),
-            self.root.join("ca"),
-            self.root.join("tls"),
-        ] {
+        for dir in [self.root.clone(), self.root.join("ca"), self.root.join("tls")] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
         }
@@ -325,6 +499,7 @@ impl DataDir {
         write_public(&self.server_cert(), &server.cert_pem)?;
         let admin = ca.issue_client(&Identity::User(admin.to_owned()), admin_lifetime)?;
         write_private(&self.admin_bundle(), &admin.to_pem())?;
+        write_public(&self.admin_cert(), &admin.cert_pem)?;
         write_public(&self.ca_cert(), ca.cert_pem())?;
         Ok(InitOutcome {
             admin_bundle: self.admin_bundle(),
@@ -368,10 +543,7 @@ impl DataDir {
         let server = ca.issue_server(names, lifetime)?;
         write_private(&self.server_key(), &server.key_pem)?;
         write_public(&cert_path, &server.cert_pem)?;
-        Ok((
-            format!("{}{}", server.cert_pem, ca.cert_pem()),
-            server.key_pem,
-        ))
+        Ok((format!("{}{}", server.cert_pem, ca.cert_pem()), server.key_pem))
     }
 }
 
@@ -379,8 +551,7 @@ impl DataDir {
 fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| e.to_string())?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-    let not_after =
-        u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
     let mut names: Vec<String> = cert
         .subject_alternative_name()
         .map_err(|e| e.to_string())?
@@ -397,10 +568,7 @@ fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
         })
         .unwrap_or_default();
     names.sort();
-    Ok((
-        SystemTime::UNIX_EPOCH + Duration::from_secs(not_after),
-        names,
-    ))
+    Ok((SystemTime::UNIX_EPOCH + Duration::from_secs(not_after), names))
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
@@ -417,10 +585,7 @@ fn read(path: &Path) -> Result<String, PkiError> {
 
 /// Reads a private key file after checking that only its owner can read it.
 pub fn read_private(path: &Path) -> Result<String, PkiError> {
-    let mode = fs::metadata(path)
-        .map_err(io_err(path))?
-        .permissions()
-        .mode();
+    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(PkiError::InsecureKey {
             path: path.to_owned(),
@@ -475,9 +640,7 @@ mod tests {
     #[test]
     fn server_cert_has_no_identity() {
         let (ca, _) = CertificateAuthority::generate("test").unwrap();
-        let bundle = ca
-            .issue_server(&["localhost".into()], Duration::from_hours(1))
-            .unwrap();
+        let bundle = ca.issue_server(&["localhost".into()], Duration::from_hours(1)).unwrap();
         let der = CertificateDer::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
         assert!(identity_of(&der).unwrap_err().contains("no medfleet://"));
     }
@@ -509,15 +672,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path());
         let hour = Duration::from_hours(1);
-        dir.init("admin", &["localhost".into()], hour, hour)
-            .unwrap();
+        dir.init("admin", &["localhost".into()], hour, hour).unwrap();
         let ca = dir.load_ca().unwrap();
-        let (first, _) = dir
-            .server_credentials(&ca, &["localhost".into()], hour)
-            .unwrap();
-        let (same, _) = dir
-            .server_credentials(&ca, &["localhost".into()], hour)
-            .unwrap();
+        let (first, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
+        let (same, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
         assert_eq!(first, same);
         let (renamed, _) = dir
             .server_credentials(&ca, &["localhost".into(), "medfleet.example".into()], hour)

@@ -24,25 +24,34 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub struct Caller {
     pub identity: Identity,
     pub request_id: String,
+    /// Serial (hex) and expiry of the certificate the caller connected with.
+    pub certificate: Option<(String, std::time::SystemTime)>,
 }
 
 /// Who may call a family of RPCs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Any authenticated principal (health, reflection).
+    /// Anyone who completed the TLS handshake, with or without a client certificate (enrollment only: the
+    /// one-time token is the credential).
+    Anonymous,
+    /// Any authenticated principal (health, reflection, renewing one's own certificate).
     AnyIdentity,
+    /// Devices only, each for itself (the handler matches the request's claims against the certificate).
+    Devices,
     /// Operators only (`medfleet://user/...`).
     Users,
 }
 
-/// Access rules by gRPC service. A method whose service is not listed is refused: deny by default.
+/// Access rules by method-path prefix; the first match wins, so a specific method comes before its service.
+/// A method no rule matches is refused: deny by default.
 pub const SERVICE_ACCESS: &[(&str, Access)] = &[
     ("/grpc.health.v1.Health/", Access::AnyIdentity),
     ("/grpc.reflection.v1.ServerReflection/", Access::AnyIdentity),
-    (
-        "/grpc.reflection.v1alpha.ServerReflection/",
-        Access::AnyIdentity,
-    ),
+    ("/grpc.reflection.v1alpha.ServerReflection/", Access::AnyIdentity),
+    ("/medfleet.v1.EnrollmentService/Enroll", Access::Anonymous),
+    ("/medfleet.v1.CredentialService/Renew", Access::AnyIdentity),
+    ("/medfleet.v1.CredentialService/", Access::Users),
+    ("/medfleet.v1.DeviceService/", Access::Devices),
     ("/medfleet.v1.RegistryService/", Access::Users),
 ];
 
@@ -53,30 +62,42 @@ fn rule_for(path: &str) -> Option<(&'static str, Access)> {
         .copied()
 }
 
-/// The access decision for `path` called over a connection with `peer`.
-pub fn authorize(peer: Option<&PeerInfo>, path: &str) -> Result<Identity, Status> {
+/// The access decision for `path` called over a connection with `peer`: the caller's identity (`None` for an
+/// anonymous enrollment) or the status to refuse with.
+pub fn authorize(peer: Option<&PeerInfo>, path: &str) -> Result<Option<Identity>, Status> {
+    let rule = rule_for(path).map(|(_, access)| access);
+    if rule == Some(Access::Anonymous) {
+        return Ok(peer.and_then(|p| p.identity.clone().ok()));
+    }
     let identity = match peer.map(|p| &p.identity) {
         Some(Ok(identity)) => identity.clone(),
         Some(Err(reason)) => {
             return Err(Status::unauthenticated(format!(
-                "the client certificate carries no valid medfleet identity ({reason}); use credentials issued by medfleet"
+                "{path} needs a client certificate with a medfleet identity ({reason}); use credentials issued by \
+                 medfleet"
             )));
         }
         None => return Err(Status::unauthenticated("no client certificate")),
     };
-    match rule_for(path) {
-        None => Err(Status::unimplemented(format!(
-            "{path} is not served by medfleetd"
-        ))),
-        Some((_, Access::AnyIdentity)) => Ok(identity),
-        Some((_, Access::Users)) => match identity {
-            Identity::User(_) => Ok(identity),
-            other => Err(Status::permission_denied(format!(
-                "{path} is for operators (user identities); {other} is a {} identity",
-                other.kind()
-            ))),
-        },
+    let allowed = match (rule, &identity) {
+        (None, _) => return Err(Status::unimplemented(format!("{path} is not served by medfleetd"))),
+        (Some(Access::AnyIdentity | Access::Anonymous), _)
+        | (Some(Access::Users), Identity::User(_))
+        | (Some(Access::Devices), Identity::Device(_)) => true,
+        (Some(Access::Users | Access::Devices), _) => false,
+    };
+    if allowed {
+        return Ok(Some(identity));
     }
+    let needed = if rule == Some(Access::Devices) {
+        "devices"
+    } else {
+        "operators (user identities)"
+    };
+    Err(Status::permission_denied(format!(
+        "{path} is for {needed}; {identity} is a {} identity",
+        identity.kind()
+    )))
 }
 
 #[derive(Debug, Clone)]
@@ -167,7 +188,9 @@ where
             response
         };
 
-        match authorize(request.extensions().get::<PeerInfo>(), &path) {
+        let peer = request.extensions().get::<PeerInfo>();
+        let certificate = peer.and_then(|p| p.certificate.clone());
+        match authorize(peer, &path) {
             Err(status) => {
                 let _entered = span.enter();
                 tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
@@ -175,11 +198,16 @@ where
                 Box::pin(std::future::ready(Ok(response)))
             }
             Ok(identity) => {
-                span.record("caller", tracing::field::display(&identity));
-                request.extensions_mut().insert(Caller {
-                    identity,
-                    request_id,
-                });
+                if let Some(identity) = identity {
+                    span.record("caller", tracing::field::display(&identity));
+                    request.extensions_mut().insert(Caller {
+                        identity,
+                        request_id,
+                        certificate,
+                    });
+                } else {
+                    span.record("caller", "anonymous");
+                }
                 // The clone that was polled ready is the one that must serve the call.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -200,6 +228,7 @@ mod tests {
         PeerInfo {
             remote_addr: ([127, 0, 0, 1], 1).into(),
             identity,
+            certificate: None,
         }
     }
 
@@ -222,19 +251,47 @@ mod tests {
     }
 
     #[test]
+    fn enrollment_is_the_only_anonymous_method() {
+        let anonymous = peer(Err("no client certificate".into()));
+        assert_eq!(
+            authorize(Some(&anonymous), "/medfleet.v1.EnrollmentService/Enroll").unwrap(),
+            None
+        );
+        for path in [
+            "/medfleet.v1.CredentialService/Renew",
+            "/medfleet.v1.DeviceService/Session",
+            "/medfleet.v1.RegistryService/ListSites",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            let status = authorize(Some(&anonymous), path).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{path}");
+        }
+    }
+
+    #[test]
+    fn renewal_for_all_issuing_for_users_sessions_for_devices() {
+        let device = peer(Ok(Identity::Device(uuid::Uuid::new_v4())));
+        let service = peer(Ok(Identity::Service("epic".into())));
+        let user = peer(Ok(Identity::User("alice".into())));
+        for p in [&device, &service, &user] {
+            assert!(authorize(Some(p), "/medfleet.v1.CredentialService/Renew").is_ok());
+        }
+        assert!(authorize(Some(&service), "/medfleet.v1.CredentialService/IssueCredentials").is_err());
+        assert!(authorize(Some(&user), "/medfleet.v1.CredentialService/IssueCredentials").is_ok());
+        assert!(authorize(Some(&device), "/medfleet.v1.DeviceService/Session").is_ok());
+        let status = authorize(Some(&user), "/medfleet.v1.DeviceService/Session").unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
     fn no_identity_is_unauthenticated_and_unknown_paths_are_refused() {
         let anonymous = peer(Err("no SAN".into()));
         let status = authorize(Some(&anonymous), "/grpc.health.v1.Health/Check").unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert_eq!(
-            authorize(None, "/x").unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(authorize(None, "/x").unwrap_err().code(), tonic::Code::Unauthenticated);
         let user = peer(Ok(Identity::User("alice".into())));
         assert_eq!(
-            authorize(Some(&user), "/evil.Service/Do")
-                .unwrap_err()
-                .code(),
+            authorize(Some(&user), "/evil.Service/Do").unwrap_err().code(),
             tonic::Code::Unimplemented
         );
     }

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use medfleet_core::registry::{
-    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard,
-    Site, Tags, Ward, WardUpdate,
+    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
+    WardUpdate,
 };
 use sea_orm::sea_query::Query;
 use sea_orm::{
-    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection,
-    EntityTrait as _, IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
+    IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
 };
 use uuid::Uuid;
 
@@ -60,15 +60,8 @@ impl Registry {
 
     pub async fn create_site(&self, new: NewSite) -> Result<Site> {
         let txn = begin_write(&self.db).await?;
-        if site::Entity::find_by_id(new.name.clone())
-            .one(&txn)
-            .await?
-            .is_some()
-        {
-            return Err(Error::AlreadyExists(format!(
-                "site '{}' already exists",
-                new.name
-            )));
+        if site::Entity::find_by_id(new.name.clone()).one(&txn).await?.is_some() {
+            return Err(Error::AlreadyExists(format!("site '{}' already exists", new.name)));
         }
         let at = now();
         let model = site::ActiveModel {
@@ -97,11 +90,9 @@ impl Registry {
             .limit(size + 1)
             .all(&self.db)
             .await?;
-        Ok(page(
-            rows.into_iter().map(site_from).collect(),
-            size,
-            |s: &Site| s.name.clone(),
-        ))
+        Ok(page(rows.into_iter().map(site_from).collect(), size, |s: &Site| {
+            s.name.clone()
+        }))
     }
 
     pub async fn update_site(&self, name: &str, display_name: String) -> Result<Site> {
@@ -146,12 +137,7 @@ impl Registry {
         find_ward(&self.db, site, name).await.and_then(ward_from)
     }
 
-    pub async fn list_wards(
-        &self,
-        site: &str,
-        size: u64,
-        after: Option<String>,
-    ) -> Result<Page<Ward, String>> {
+    pub async fn list_wards(&self, site: &str, size: u64, after: Option<String>) -> Result<Page<Ward, String>> {
         find_site(&self.db, site).await?;
         let mut query = ward::Entity::find().filter(ward::Column::Site.eq(site));
         if let Some(after) = after {
@@ -162,10 +148,7 @@ impl Registry {
             .limit(size + 1)
             .all(&self.db)
             .await?;
-        let wards = rows
-            .into_iter()
-            .map(ward_from)
-            .collect::<Result<Vec<_>>>()?;
+        let wards = rows.into_iter().map(ward_from).collect::<Result<Vec<_>>>()?;
         Ok(page(wards, size, |w: &Ward| w.name.clone()))
     }
 
@@ -203,62 +186,57 @@ impl Registry {
 
     pub async fn register_device(&self, new: NewDevice) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
-        if let Some(location) = &new.location {
-            check_location(&txn, location).await?;
-        }
-        if let Some(existing) = device::Entity::find()
-            .filter(device::Column::Manufacturer.eq(&new.manufacturer))
-            .filter(device::Column::SerialNumber.eq(&new.serial_number))
-            .one(&txn)
-            .await?
-        {
-            return Err(Error::AlreadyExists(format!(
-                "a {} device with serial number {} is already registered (device {})",
-                new.manufacturer, new.serial_number, existing.id
-            )));
-        }
-        if let Some(eui64) = &new.eui64
-            && let Some(existing) = device::Entity::find()
-                .filter(device::Column::Eui64.eq(eui64.as_str()))
-                .one(&txn)
-                .await?
-        {
-            return Err(Error::AlreadyExists(format!(
-                "EUI-64 {eui64} is already registered to device {}",
-                existing.id
-            )));
-        }
-        let at = now();
-        let id = Uuid::new_v4();
-        let (site, ward, bed) = location_columns(new.location.as_ref());
-        let model = device::ActiveModel {
-            id: Set(id),
-            serial_number: Set(new.serial_number),
-            manufacturer: Set(new.manufacturer),
-            model: Set(new.model),
-            device_class: Set(new.class.as_str().to_owned()),
-            eui64: Set(new.eui64.map(|e| e.as_str().to_owned())),
-            site: Set(site),
-            ward: Set(ward),
-            bed: Set(bed),
-            state: Set(DeviceState::Registered.as_str().to_owned()),
-            created_at: Set(at),
-            updated_at: Set(at),
-        }
-        .insert(&txn)
-        .await?;
-        let tags = new.tags.into_inner();
-        insert_tags(&txn, id, &tags).await?;
+        let device = insert_device(&txn, new).await?;
         txn.commit().await?;
-        device_from(model, tags)
+        Ok(device)
+    }
+
+    /// Registers every device, and issues each a token when `tokens` is given, in one transaction: all or none.
+    pub async fn import_devices(
+        &self,
+        devices: Vec<NewDevice>,
+        tokens: Option<(std::time::Duration, &medfleet_core::identity::Identity)>,
+    ) -> Result<Vec<(Device, Option<crate::credentials::NewToken>)>> {
+        let txn = begin_write(&self.db).await?;
+        let mut out = Vec::with_capacity(devices.len());
+        for (i, new) in devices.into_iter().enumerate() {
+            let device = insert_device(&txn, new).await.map_err(|e| match e {
+                Error::AlreadyExists(m) => Error::AlreadyExists(format!("devices[{i}]: {m}; nothing was imported")),
+                Error::FailedPrecondition(m) => {
+                    Error::FailedPrecondition(format!("devices[{i}]: {m}; nothing was imported"))
+                }
+                other => other,
+            })?;
+            let token = match tokens {
+                Some((ttl, by)) => Some(crate::credentials::insert_token(&txn, device.id, ttl, by).await?),
+                None => None,
+            };
+            out.push((device, token));
+        }
+        txn.commit().await?;
+        Ok(out)
+    }
+
+    /// A device opened a session: enrolled becomes active. Refused for a decommissioned device.
+    pub async fn mark_active(&self, id: Uuid) -> Result<Device> {
+        let txn = begin_write(&self.db).await?;
+        let current = find_device(&txn, id).await?;
+        if current.state == DeviceState::Decommissioned.as_str() {
+            return Err(Error::FailedPrecondition(format!("device {id} is decommissioned")));
+        }
+        if current.state != DeviceState::Active.as_str() {
+            let mut model = current.into_active_model();
+            model.state = Set(DeviceState::Active.as_str().to_owned());
+            model.updated_at = Set(now());
+            model.update(&txn).await?;
+        }
+        txn.commit().await?;
+        self.get_device(id).await
     }
 
     pub async fn get_device(&self, id: Uuid) -> Result<Device> {
         let model = find_device(&self.db, id).await?;
-        let tags = load_tags(&self.db, &[id])
-            .await?
-            .remove(&id)
-            .unwrap_or_default();
+        let tags = load_tags(&self.db, &[id]).await?.remove(&id).unwrap_or_default();
         device_from(model, tags)
     }
 
@@ -340,13 +318,61 @@ impl Registry {
         }
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
-        let tags = load_tags(&txn, &[id])
-            .await?
-            .remove(&id)
-            .unwrap_or_default();
+        let tags = load_tags(&txn, &[id]).await?.remove(&id).unwrap_or_default();
         txn.commit().await?;
         device_from(model, tags)
     }
+}
+
+/// Inserts one device (and its tags) inside the caller's transaction after checking its location and uniqueness.
+async fn insert_device(txn: &impl ConnectionTrait, new: NewDevice) -> Result<Device> {
+    if let Some(location) = &new.location {
+        check_location(txn, location).await?;
+    }
+    if let Some(existing) = device::Entity::find()
+        .filter(device::Column::Manufacturer.eq(&new.manufacturer))
+        .filter(device::Column::SerialNumber.eq(&new.serial_number))
+        .one(txn)
+        .await?
+    {
+        return Err(Error::AlreadyExists(format!(
+            "a {} device with serial number {} is already registered (device {})",
+            new.manufacturer, new.serial_number, existing.id
+        )));
+    }
+    if let Some(eui64) = &new.eui64
+        && let Some(existing) = device::Entity::find()
+            .filter(device::Column::Eui64.eq(eui64.as_str()))
+            .one(txn)
+            .await?
+    {
+        return Err(Error::AlreadyExists(format!(
+            "EUI-64 {eui64} is already registered to device {}",
+            existing.id
+        )));
+    }
+    let at = now();
+    let id = Uuid::new_v4();
+    let (site, ward, bed) = location_columns(new.location.as_ref());
+    let model = device::ActiveModel {
+        id: Set(id),
+        serial_number: Set(new.serial_number),
+        manufacturer: Set(new.manufacturer),
+        model: Set(new.model),
+        device_class: Set(new.class.as_str().to_owned()),
+        eui64: Set(new.eui64.map(|e| e.as_str().to_owned())),
+        site: Set(site),
+        ward: Set(ward),
+        bed: Set(bed),
+        state: Set(DeviceState::Registered.as_str().to_owned()),
+        created_at: Set(at),
+        updated_at: Set(at),
+    }
+    .insert(txn)
+    .await?;
+    let tags = new.tags.into_inner();
+    insert_tags(txn, id, &tags).await?;
+    device_from(model, tags)
 }
 
 async fn find_site(conn: &impl ConnectionTrait, name: &str) -> Result<site::Model> {
@@ -398,11 +424,7 @@ async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Res
     Ok(())
 }
 
-async fn insert_tags(
-    conn: &impl ConnectionTrait,
-    id: Uuid,
-    tags: &BTreeMap<String, String>,
-) -> Result<()> {
+async fn insert_tags(conn: &impl ConnectionTrait, id: Uuid, tags: &BTreeMap<String, String>) -> Result<()> {
     if tags.is_empty() {
         return Ok(());
     }
@@ -416,10 +438,7 @@ async fn insert_tags(
     Ok(())
 }
 
-async fn load_tags(
-    conn: &impl ConnectionTrait,
-    ids: &[Uuid],
-) -> Result<BTreeMap<Uuid, BTreeMap<String, String>>> {
+async fn load_tags(conn: &impl ConnectionTrait, ids: &[Uuid]) -> Result<BTreeMap<Uuid, BTreeMap<String, String>>> {
     let mut out: BTreeMap<Uuid, BTreeMap<String, String>> = BTreeMap::new();
     if ids.is_empty() {
         return Ok(out);
@@ -429,16 +448,12 @@ async fn load_tags(
         .all(conn)
         .await?;
     for row in rows {
-        out.entry(row.device_id)
-            .or_default()
-            .insert(row.key, row.value);
+        out.entry(row.device_id).or_default().insert(row.key, row.value);
     }
     Ok(out)
 }
 
-fn location_columns(
-    location: Option<&Location>,
-) -> (Option<String>, Option<String>, Option<String>) {
+fn location_columns(location: Option<&Location>) -> (Option<String>, Option<String>, Option<String>) {
     match location {
         Some(l) => (Some(l.site.clone()), Some(l.ward.clone()), l.bed.clone()),
         None => (None, None, None),
@@ -450,8 +465,7 @@ fn beds_json(beds: &[String]) -> Result<String> {
 }
 
 fn parse_beds(json: &str) -> Result<Vec<String>> {
-    serde_json::from_str(json)
-        .map_err(|e| Error::Internal(format!("stored bed list is corrupt: {e}")))
+    serde_json::from_str(json).map_err(|e| Error::Internal(format!("stored bed list is corrupt: {e}")))
 }
 
 fn site_from(m: site::Model) -> Site {
@@ -475,9 +489,7 @@ fn ward_from(m: ward::Model) -> Result<Ward> {
 }
 
 fn device_from(m: device::Model, tags: BTreeMap<String, String>) -> Result<Device> {
-    let corrupt = |what: &str, e: String| {
-        Error::Internal(format!("device {} has a corrupt {what}: {e}", m.id))
-    };
+    let corrupt = |what: &str, e: String| Error::Internal(format!("device {} has a corrupt {what}: {e}", m.id));
     let location = match (m.site.clone(), m.ward.clone()) {
         (Some(site), Some(ward)) => Some(Location {
             site,

@@ -156,9 +156,7 @@ impl Metrics {
             registry,
             provider,
         };
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     pub fn record_rpc(&self, method: &str, code: i32, seconds: f64) {
@@ -174,9 +172,7 @@ impl Metrics {
     }
 
     pub fn record_handshake(&self, outcome: &'static str) {
-        self.inner
-            .tls_handshakes
-            .add(1, &[KeyValue::new("outcome", outcome)]);
+        self.inner.tls_handshakes.add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     /// Prometheus text exposition of every instrument.

@@ -1,5 +1,6 @@
-//! TLS 1.3 termination with mandatory client certificates, done here rather than in tonic so that the verifier is
-//! ours (revocation, custom checks) and the caller's identity is extracted once per connection.
+//! TLS 1.3 termination, done here rather than in tonic so that the client-certificate verifier is ours (it consults
+//! the revocation set), the caller's identity is extracted once per connection, and a connection can be closed the
+//! moment its certificate is revoked.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,7 +21,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::pki::identity_of;
+use crate::pki::{identity_of, not_after_of, serial_of};
+use crate::revocation::{RevocationAwareVerifier, RevocationWatch, Revocations};
 use crate::telemetry::Metrics;
 
 /// A handshake that takes longer than this is dropped (slowloris protection).
@@ -44,21 +46,27 @@ pub struct PeerInfo {
     pub remote_addr: SocketAddr,
     /// The identity in the client certificate, or why it has none.
     pub identity: Result<Identity, String>,
+    /// Serial (hex) and expiry of the client certificate, when one was presented.
+    pub certificate: Option<(String, std::time::SystemTime)>,
 }
 
-/// Server TLS settings: TLS 1.3 only, client certificates from medfleet's CA required, ALPN h2.
+/// Server TLS settings: TLS 1.3 only, ALPN h2, client certificates from medfleet's CA verified against the
+/// revocation set. A connection without a certificate is accepted at the TLS layer only so that devices can
+/// reach `Enroll`; the RPC layer refuses it everything else.
 pub fn server_config(
     ca: &CertificateDer<'static>,
     chain_pem: &str,
     key_pem: &str,
+    revocations: Arc<Revocations>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone())?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let chain =
-        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let verifier = Arc::new(RevocationAwareVerifier::new(webpki, revocations));
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -68,11 +76,28 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// One accepted, authenticated TLS connection.
+/// One accepted TLS connection. Its I/O fails, and so it closes, as soon as its certificate is revoked.
 #[derive(Debug)]
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    revoked: Option<RevocationWatch>,
+}
+
+impl TlsConnection {
+    fn check_revoked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let revoked = self
+            .revoked
+            .as_mut()
+            .is_some_and(|watch| watch.poll_revoked(cx).is_ready());
+        if revoked {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client certificate was revoked",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Connected for TlsConnection {
@@ -84,25 +109,26 @@ impl Connected for TlsConnection {
 }
 
 impl AsyncRead for TlsConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Err(error) = self.check_revoked(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Err(error) = self.check_revoked(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Err(error) = self.check_revoked(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -115,6 +141,9 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Err(error) = self.check_revoked(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -128,6 +157,7 @@ impl AsyncWrite for TlsConnection {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    revocations: Arc<Revocations>,
     metrics: Metrics,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
@@ -151,27 +181,27 @@ pub fn incoming(
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (tx, acceptor, metrics) = (tx.clone(), acceptor.clone(), metrics.clone());
+            let (tx, acceptor, metrics, revocations) =
+                (tx.clone(), acceptor.clone(), metrics.clone(), revocations.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let identity = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|certs| certs.first())
-                            .map_or_else(
-                                || Err("no client certificate".to_owned()),
-                                |cert| identity_of(cert),
-                            );
+                        let leaf = stream.get_ref().1.peer_certificates().and_then(|certs| certs.first());
+                        let identity =
+                            leaf.map_or_else(|| Err("no client certificate".to_owned()), |cert| identity_of(cert));
+                        let certificate = leaf.and_then(|cert| Some((serial_of(cert).ok()?, not_after_of(cert).ok()?)));
+                        let revoked = certificate
+                            .as_ref()
+                            .map(|(serial, _)| revocations.watch(serial.clone()));
                         metrics.record_handshake("ok");
                         let peer = PeerInfo {
                             remote_addr,
                             identity,
+                            certificate,
                         };
-                        let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                        let _ = tx.send(Ok(TlsConnection { stream, peer, revoked })).await;
                     }
                     Ok(Err(error)) => {
                         metrics.record_handshake("failed");

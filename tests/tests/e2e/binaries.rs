@@ -27,21 +27,8 @@ impl Daemon {
 
     async fn start_with(data_dir: &Path, database_url: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(binary("medfleetd"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-                "--shutdown-grace",
-                "5s",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--log-format", "json", "--log-level", "info", "--shutdown-grace", "5s"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--database-url", database_url])
@@ -67,10 +54,7 @@ impl Daemon {
                         && json["fields"]["message"] == "medfleetd serving"
                         && let Some(tx) = port_tx.take()
                     {
-                        let addr = json["fields"]["grpc"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_owned();
+                        let addr = json["fields"]["grpc"].as_str().unwrap_or_default().to_owned();
                         let _ = tx.send(addr);
                     }
                     lines.lock().unwrap().push(line);
@@ -106,11 +90,7 @@ impl Daemon {
 
     async fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().expect("pid").to_string();
-        let killed = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
         assert!(killed.success());
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -149,11 +129,7 @@ async fn cli(port: u16, credentials: &Path, args: &[&str]) -> CliRun {
 }
 
 fn ok(run: &CliRun) -> serde_json::Value {
-    assert_eq!(
-        run.code, 0,
-        "stdout: {}\nstderr: {}",
-        run.stdout, run.stderr
-    );
+    assert_eq!(run.code, 0, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
     serde_json::from_str(&run.stdout).unwrap_or(serde_json::Value::Null)
 }
 
@@ -166,10 +142,7 @@ async fn daemon_and_cli(backend: Backend) {
         daemon.output().contains(&creds.display().to_string()),
         "serve must say where the admin credentials are"
     );
-    assert_eq!(
-        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
     let port = daemon.grpc_port;
 
     ok(&cli(
@@ -222,9 +195,7 @@ async fn daemon_and_cli(backend: Backend) {
     let listed = ok(&cli(
         port,
         &creds,
-        &[
-            "devices", "list", "--site", "stmarys", "--ward", "icu", "-o", "json",
-        ],
+        &["devices", "list", "--site", "stmarys", "--ward", "icu", "-o", "json"],
     )
     .await);
     assert_eq!(listed.as_array().unwrap().len(), 1);
@@ -240,15 +211,7 @@ async fn daemon_and_cli(backend: Backend) {
     let moved = ok(&cli(
         port,
         &creds,
-        &[
-            "devices",
-            "update",
-            &id,
-            "--location",
-            "stmarys/icu/2",
-            "-o",
-            "json",
-        ],
+        &["devices", "update", &id, "--location", "stmarys/icu/2", "-o", "json"],
     )
     .await);
     assert_eq!(moved["bed"], "2");
@@ -325,11 +288,7 @@ async fn daemon_and_cli(backend: Backend) {
     );
     let no_creds = cli(port, &data_dir.join("nope.pem"), &["sites", "list"]).await;
     assert_eq!(no_creds.code, 1);
-    assert!(
-        no_creds.stderr.contains("--credentials"),
-        "{}",
-        no_creds.stderr
-    );
+    assert!(no_creds.stderr.contains("--credentials"), "{}", no_creds.stderr);
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
@@ -351,10 +310,7 @@ async fn daemon_and_cli(backend: Backend) {
     );
     assert!(logs.contains("shutting down"), "{logs}");
     assert!(logs.contains("medfleetd stopped"), "{logs}");
-    assert!(
-        !logs.contains("PRIVATE KEY"),
-        "a private key reached the logs"
-    );
+    assert!(!logs.contains("PRIVATE KEY"), "a private key reached the logs");
     assert!(
         logs.contains("device registered"),
         "handlers log their state changes: {logs}"
@@ -364,13 +320,7 @@ async fn daemon_and_cli(backend: Backend) {
     let ca_key = data_dir.join("ca/ca.key");
     std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let refused = Command::new(binary("medfleetd"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&data_dir)
         .args(["--database-url", &storage.database_url])
@@ -389,34 +339,19 @@ async fn init_creates_credentials_once() {
     let data = dir.path().join("data");
     let run = |admin: &'static str| {
         Command::new(binary("medfleetd"))
-            .args([
-                "init",
-                "--server-name",
-                "localhost,medfleet.example",
-                "--admin",
-                admin,
-            ])
+            .args(["init", "--server-name", "localhost,medfleet.example", "--admin", admin])
             .arg("--data-dir")
             .arg(&data)
             .output()
     };
     let first = run("alice").await.unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     for private in ["ca/ca.key", "tls/server.key", "admin.pem"] {
-        let mode = std::fs::metadata(data.join(private))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(data.join(private)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{private}");
     }
     let bundle = medfleet_e2e::bundle_from_file(&data.join("admin.pem"));
-    let der =
-        rustls::pki_types::pem::PemObject::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
     let _: &rustls::pki_types::CertificateDer<'_> = &der;
     assert_eq!(
         medfleet_server::pki::identity_of(&der).unwrap(),
@@ -435,10 +370,7 @@ async fn init_creates_credentials_once() {
         .await
         .unwrap();
     assert!(!bad_name.status.success());
-    assert!(
-        !dir.path().join("other").exists(),
-        "a refused init left files behind"
-    );
+    assert!(!dir.path().join("other").exists(), "a refused init left files behind");
 }
 
 /// A minimal OTLP/gRPC collector that records what medfleetd exports.
@@ -451,12 +383,8 @@ mod collector {
     use opentelemetry_proto::tonic::collector::metrics::v1::{
         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
     };
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-        TraceService, TraceServiceServer,
-    };
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-    };
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
     use tonic::{Request, Response, Status};
 
     /// An exported span: its name and its attributes as `key=value` strings.
@@ -527,12 +455,7 @@ async fn otlp_exports_traces_and_metrics() {
     let endpoint = collector::start(received.clone()).await;
     let storage = Storage::new(Backend::Sqlite).await;
     let data_dir = storage.dir.path().join("otlp");
-    let daemon = Daemon::start_with(
-        &data_dir,
-        &storage.database_url,
-        &["--otlp-endpoint", &endpoint],
-    )
-    .await;
+    let daemon = Daemon::start_with(&data_dir, &storage.database_url, &["--otlp-endpoint", &endpoint]).await;
     let creds = data_dir.join("admin.pem");
     ok(&cli(
         daemon.grpc_port,
@@ -547,28 +470,14 @@ async fn otlp_exports_traces_and_metrics() {
     let spans = received.spans.lock().unwrap().clone();
     let rpc = spans
         .iter()
-        .find(|(name, attributes)| {
-            name == "rpc"
-                && attributes
-                    .iter()
-                    .any(|a| a.contains("RegistryService/CreateSite"))
-        })
+        .find(|(name, attributes)| name == "rpc" && attributes.iter().any(|a| a.contains("RegistryService/CreateSite")))
         .unwrap_or_else(|| panic!("no rpc span for CreateSite was exported: {spans:?}"));
-    assert!(
-        rpc.1.iter().any(|a| a.starts_with("request_id=")),
-        "{rpc:?}"
-    );
+    assert!(rpc.1.iter().any(|a| a.starts_with("request_id=")), "{rpc:?}");
     assert!(
         spans.iter().any(|(name, _)| name == "create_site"),
         "handler span missing: {spans:?}"
     );
     let metrics = received.metrics.lock().unwrap().clone();
-    assert!(
-        metrics.iter().any(|m| m == "medfleet_rpc_requests"),
-        "{metrics:?}"
-    );
-    assert!(
-        metrics.iter().any(|m| m == "medfleet_rpc_duration"),
-        "{metrics:?}"
-    );
+    assert!(metrics.iter().any(|m| m == "medfleet_rpc_requests"), "{metrics:?}");
+    assert!(metrics.iter().any(|m| m == "medfleet_rpc_duration"), "{metrics:?}");
 }

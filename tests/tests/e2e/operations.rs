@@ -2,9 +2,7 @@
 
 use medfleet_e2e::{Backend, TestServer, both_backends, http_get};
 use medfleet_proto::v1;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -43,36 +41,23 @@ async fn observability(backend: Backend) {
 
     // A request id given by the caller comes back; metrics count the call by method and code.
     let mut api = medfleet_proto::v1::registry_service_client::RegistryServiceClient::new(channel);
-    let mut request = tonic::Request::new(v1::GetSiteRequest {
-        name: "nowhere".into(),
-    });
+    let mut request = tonic::Request::new(v1::GetSiteRequest { name: "nowhere".into() });
     request
         .metadata_mut()
         .insert("x-request-id", "test-req-42".parse().unwrap());
     let status = api.get_site(request).await.unwrap_err();
-    assert_eq!(
-        status.metadata().get("x-request-id").unwrap(),
-        "test-req-42"
-    );
+    assert_eq!(status.metadata().get("x-request-id").unwrap(), "test-req-42");
     let (code, metrics) = http_get(server.http_addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
-        metrics.contains(r#"medfleet_rpc_requests_total{code="NotFound",method="/medfleet.v1.RegistryService/GetSite""#),
+        metrics
+            .contains(r#"medfleet_rpc_requests_total{code="NotFound",method="/medfleet.v1.RegistryService/GetSite""#),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("medfleet_rpc_duration_seconds_bucket"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("medfleet_rpc_duration_seconds_bucket"), "{metrics}");
 
-    assert_eq!(
-        http_get(server.http_addr, "/healthz").await,
-        (200, "ok\n".to_owned())
-    );
-    assert_eq!(
-        http_get(server.http_addr, "/readyz").await,
-        (200, "ready\n".to_owned())
-    );
+    assert_eq!(http_get(server.http_addr, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(http_get(server.http_addr, "/readyz").await, (200, "ready\n".to_owned()));
     assert_eq!(http_get(server.http_addr, "/nope").await.0, 404);
 }
 both_backends!(health_reflection_metrics, observability);
@@ -91,11 +76,7 @@ async fn graceful_shutdown(backend: Backend) {
 
     let stopping = tokio::spawn(server.stop());
     // Open streams are told before the server goes away...
-    let next = watch
-        .message()
-        .await
-        .unwrap()
-        .expect("a status update during shutdown");
+    let next = watch.message().await.unwrap().expect("a status update during shutdown");
     assert_eq!(next.status(), ServingStatus::NotServing);
     // ...and once the client lets go, shutdown completes without waiting for the drain deadline.
     drop(watch);

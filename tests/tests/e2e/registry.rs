@@ -83,16 +83,11 @@ async fn sites_and_wards(backend: Backend) {
     let created = site(&mut api, "stmarys").await;
     assert_eq!(created.display_name, "stmarys hospital");
     let fetched = api
-        .get_site(v1::GetSiteRequest {
-            name: "stmarys".into(),
-        })
+        .get_site(v1::GetSiteRequest { name: "stmarys".into() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        fetched, created,
-        "a read returns exactly what the write returned"
-    );
+    assert_eq!(fetched, created, "a read returns exactly what the write returned");
 
     let dup = api
         .create_site(v1::CreateSiteRequest {
@@ -120,9 +115,7 @@ async fn sites_and_wards(backend: Backend) {
     assert!(seconds(&updated) >= seconds(&created));
 
     let missing = api
-        .get_site(v1::GetSiteRequest {
-            name: "nowhere".into(),
-        })
+        .get_site(v1::GetSiteRequest { name: "nowhere".into() })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -165,10 +158,7 @@ async fn sites_and_wards(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(widened.beds, ["1", "2", "3"]);
-    assert_eq!(
-        widened.display_name, "ICU",
-        "fields outside the mask are kept"
-    );
+    assert_eq!(widened.display_name, "ICU", "fields outside the mask are kept");
 
     let wards = api
         .list_wards(v1::ListWardsRequest {
@@ -204,16 +194,11 @@ async fn devices(backend: Backend) {
     let device = api.register_device(request).await.unwrap().into_inner();
     assert!(uuid::Uuid::parse_str(&device.id).is_ok());
     assert_eq!(device.state, i32::from(v1::DeviceState::Registered));
-    assert_eq!(
-        device.eui64, "00-12-A3-FF-FE-4B-5C-6D",
-        "EUI-64 is normalised"
-    );
+    assert_eq!(device.eui64, "00-12-A3-FF-FE-4B-5C-6D", "EUI-64 is normalised");
     assert_eq!(device.location, location("stmarys", "icu", "1"));
 
     let fetched = api
-        .get_device(v1::GetDeviceRequest {
-            id: device.id.clone(),
-        })
+        .get_device(v1::GetDeviceRequest { id: device.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -224,10 +209,7 @@ async fn devices(backend: Backend) {
             device: Some(v1::Device {
                 id: device.id.clone(),
                 location: location("stmarys", "icu", "2"),
-                tags: HashMap::from([
-                    ("asset".into(), "A-18".into()),
-                    ("owner".into(), "biomed".into()),
-                ]),
+                tags: HashMap::from([("asset".into(), "A-18".into()), ("owner".into(), "biomed".into())]),
                 // Outside the mask: must be ignored.
                 serial_number: "CHANGED".into(),
                 ..Default::default()
@@ -252,10 +234,7 @@ async fn devices(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        stored.location, None,
-        "an empty location puts the device in storage"
-    );
+    assert_eq!(stored.location, None, "an empty location puts the device in storage");
     assert_eq!(stored.tags, moved.tags, "tags outside the mask are kept");
 
     let missing = api
@@ -318,10 +297,7 @@ async fn invalid_input(backend: Backend) {
             .unwrap_err();
         assert_eq!(violated_fields(&status), [field]);
     }
-    let status = api
-        .create_site(v1::CreateSiteRequest { site: None })
-        .await
-        .unwrap_err();
+    let status = api.create_site(v1::CreateSiteRequest { site: None }).await.unwrap_err();
     assert_eq!(violated_fields(&status), ["site"]);
 
     let status = api
@@ -338,12 +314,7 @@ async fn invalid_input(backend: Backend) {
         .unwrap_err();
     assert_eq!(
         violated_fields(&status),
-        [
-            "ward.name",
-            "ward.display_name",
-            "ward.beds[1]",
-            "ward.beds[2]"
-        ]
+        ["ward.name", "ward.display_name", "ward.beds[1]", "ward.beds[2]"]
     );
 
     let cases: Vec<(v1::RegisterDeviceRequest, Vec<&str>)> = vec![
@@ -465,10 +436,7 @@ async fn invalid_input(backend: Backend) {
         .into_inner()
         .devices[0]
         .clone();
-    for (update_mask, field) in [
-        (None, "update_mask"),
-        (mask(&["serial_number"]), "update_mask"),
-    ] {
+    for (update_mask, field) in [(None, "update_mask"), (mask(&["serial_number"]), "update_mask")] {
         let status = api
             .update_device(v1::UpdateDeviceRequest {
                 device: Some(existing.clone()),
@@ -523,16 +491,9 @@ async fn uniqueness_and_preconditions(backend: Backend) {
     let first = api.register_device(first).await.unwrap().into_inner();
     let before = server.snapshot().await;
 
-    let same_serial = api
-        .register_device(device_request("SN-1"))
-        .await
-        .unwrap_err();
+    let same_serial = api.register_device(device_request("SN-1")).await.unwrap_err();
     assert_eq!(same_serial.code(), Code::AlreadyExists);
-    assert!(
-        same_serial.message().contains(&first.id),
-        "{}",
-        same_serial.message()
-    );
+    assert!(same_serial.message().contains(&first.id), "{}", same_serial.message());
 
     let mut same_eui = device_request("SN-2");
     same_eui.eui64 = "00-12-a3-ff-fe-4b-5c-6d".into();
@@ -552,11 +513,7 @@ async fn uniqueness_and_preconditions(backend: Backend) {
     no_bed.location = location("stmarys", "icu", "9");
     let status = api.register_device(no_bed).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(
-        status.message().contains("no bed '9'"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("no bed '9'"), "{}", status.message());
 
     let occupied = api
         .update_ward(v1::UpdateWardRequest {
@@ -571,11 +528,7 @@ async fn uniqueness_and_preconditions(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(occupied.code(), Code::FailedPrecondition);
-    assert_eq!(
-        server.snapshot().await,
-        before,
-        "refused requests changed the database"
-    );
+    assert_eq!(server.snapshot().await, before, "refused requests changed the database");
 
     // The same serial from another manufacturer is a different device.
     let mut other = device_request("SN-1");
@@ -584,7 +537,8 @@ async fn uniqueness_and_preconditions(backend: Backend) {
 
     // A decommissioned device (the lifecycle's end, reached through later RPCs) cannot be changed.
     let db = server.db().await;
-    let sql = "UPDATE devices SET state = 'decommissioned' WHERE serial_number = 'SN-1' AND manufacturer = 'Philips'".to_string();
+    let sql = "UPDATE devices SET state = 'decommissioned' WHERE serial_number = 'SN-1' AND manufacturer = 'Philips'"
+        .to_string();
     db.execute_raw(Statement::from_string(db.get_database_backend(), sql))
         .await
         .unwrap();
@@ -600,19 +554,12 @@ async fn uniqueness_and_preconditions(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
-both_backends!(
-    uniqueness_and_state_preconditions,
-    uniqueness_and_preconditions
-);
+both_backends!(uniqueness_and_state_preconditions, uniqueness_and_preconditions);
 
 async fn list_all(api: &mut Api, mut request: v1::ListDevicesRequest) -> Vec<v1::Device> {
     let mut all = Vec::new();
     loop {
-        let page = api
-            .list_devices(request.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let page = api.list_devices(request.clone()).await.unwrap().into_inner();
         all.extend(page.devices);
         if page.next_page_token.is_empty() {
             return all;
@@ -635,17 +582,10 @@ async fn filters_and_paging(backend: Backend) {
     for i in 0..24 {
         let (s, w) = places[i % 3];
         let mut request = device_request(&format!("SN-{i:03}"));
-        request.model = if i % 2 == 0 {
-            "MX450".into()
-        } else {
-            "MX800".into()
-        };
+        request.model = if i % 2 == 0 { "MX450".into() } else { "MX800".into() };
         request.location = location(s, w, "");
         request.tags = HashMap::from([
-            (
-                "fleet".into(),
-                if i % 4 == 0 { "a".into() } else { "b".into() },
-            ),
+            ("fleet".into(), if i % 4 == 0 { "a".into() } else { "b".into() }),
             ("floor".into(), (i % 3).to_string()),
         ]);
         ids.insert(api.register_device(request).await.unwrap().into_inner().id);
@@ -672,26 +612,11 @@ async fn filters_and_paging(backend: Backend) {
         tags: tags.iter().map(|t| (*t).to_owned()).collect(),
         ..Default::default()
     };
-    assert_eq!(
-        count(list_all(&mut api, filter("stmarys", "", "", &[])).await),
-        16
-    );
-    assert_eq!(
-        count(list_all(&mut api, filter("stmarys", "icu", "", &[])).await),
-        8
-    );
-    assert_eq!(
-        count(list_all(&mut api, filter("stjohns", "icu", "", &[])).await),
-        8
-    );
-    assert_eq!(
-        count(list_all(&mut api, filter("", "", "MX450", &[])).await),
-        12
-    );
-    assert_eq!(
-        count(list_all(&mut api, filter("", "", "", &["fleet=a"])).await),
-        6
-    );
+    assert_eq!(count(list_all(&mut api, filter("stmarys", "", "", &[])).await), 16);
+    assert_eq!(count(list_all(&mut api, filter("stmarys", "icu", "", &[])).await), 8);
+    assert_eq!(count(list_all(&mut api, filter("stjohns", "icu", "", &[])).await), 8);
+    assert_eq!(count(list_all(&mut api, filter("", "", "MX450", &[])).await), 12);
+    assert_eq!(count(list_all(&mut api, filter("", "", "", &["fleet=a"])).await), 6);
     assert_eq!(
         count(list_all(&mut api, filter("", "", "", &["fleet=a", "floor=0"])).await),
         2
@@ -700,10 +625,7 @@ async fn filters_and_paging(backend: Backend) {
         count(list_all(&mut api, filter("stmarys", "icu", "MX450", &["fleet=a"])).await),
         2
     );
-    assert_eq!(
-        count(list_all(&mut api, filter("", "", "", &["fleet=zzz"])).await),
-        0
-    );
+    assert_eq!(count(list_all(&mut api, filter("", "", "", &["fleet=zzz"])).await), 0);
     let registered = v1::ListDevicesRequest {
         state: v1::DeviceState::Registered.into(),
         ..Default::default()
@@ -734,11 +656,7 @@ async fn filters_and_paging(backend: Backend) {
     let mut seen = Vec::new();
     let mut added = 0;
     loop {
-        let page = api
-            .list_devices(request.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let page = api.list_devices(request.clone()).await.unwrap().into_inner();
         seen.extend(page.devices.into_iter().map(|d| d.id));
         api.register_device(device_request(&format!("LATE-{added}")))
             .await
@@ -751,10 +669,7 @@ async fn filters_and_paging(backend: Backend) {
     }
     let unique: BTreeSet<_> = seen.iter().cloned().collect();
     assert_eq!(unique.len(), seen.len(), "a device was returned twice");
-    assert!(
-        ids.is_subset(&unique),
-        "a device that existed throughout was skipped"
-    );
+    assert!(ids.is_subset(&unique), "a device that existed throughout was skipped");
 
     // Oversized pages are capped, not refused.
     let big = api

@@ -12,19 +12,14 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 fn tls_with(bundle: Option<&CredentialBundle>, trust_pem: &str) -> ClientTlsConfig {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(trust_pem))
         .domain_name("localhost");
     match bundle {
-        Some(b) => tls.identity(tonic::transport::Identity::from_pem(
-            &b.cert_pem,
-            &b.key_pem,
-        )),
+        Some(b) => tls.identity(tonic::transport::Identity::from_pem(&b.cert_pem, &b.key_pem)),
         None => tls,
     }
 }
@@ -51,9 +46,7 @@ async fn assert_refused(server: &TestServer, tls: ClientTlsConfig, what: &str) {
 fn failed_handshakes(metrics: &str) -> u64 {
     metrics
         .lines()
-        .find(|l| {
-            l.starts_with("medfleet_tls_handshakes_total") && l.contains("outcome=\"failed\"")
-        })
+        .find(|l| l.starts_with("medfleet_tls_handshakes_total") && l.contains("outcome=\"failed\""))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -66,19 +59,10 @@ async fn mtls_refusals(backend: Backend) {
 
     // Control: the admin's credentials work on this very server.
     let mut health = HealthClient::new(server.channel(&admin).await.unwrap());
-    let reply = health
-        .check(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
     assert_eq!(reply.status(), ServingStatus::Serving);
 
-    assert_refused(
-        &server,
-        tls_with(None, &ca_pem),
-        "a client without a certificate",
-    )
-    .await;
+    assert_refused(&server, tls_with(None, &ca_pem), "a client without a certificate").await;
 
     let (foreign_ca, _) = CertificateAuthority::generate("somebody else").unwrap();
     let foreign = foreign_ca
@@ -97,21 +81,11 @@ async fn mtls_refusals(backend: Backend) {
     let expired = ca
         .issue_client_for_window(&Identity::User("admin".into()), now - 2 * hour, now - hour)
         .unwrap();
-    assert_refused(
-        &server,
-        tls_with(Some(&expired), &ca_pem),
-        "an expired certificate",
-    )
-    .await;
+    assert_refused(&server, tls_with(Some(&expired), &ca_pem), "an expired certificate").await;
     let early = ca
         .issue_client_for_window(&Identity::User("admin".into()), now + hour, now + 2 * hour)
         .unwrap();
-    assert_refused(
-        &server,
-        tls_with(Some(&early), &ca_pem),
-        "a not-yet-valid certificate",
-    )
-    .await;
+    assert_refused(&server, tls_with(Some(&early), &ca_pem), "a not-yet-valid certificate").await;
 
     // TLS 1.2 is refused even with valid credentials.
     let mut roots = rustls::RootCertStore::empty();
@@ -120,17 +94,13 @@ async fn mtls_refusals(backend: Backend) {
         .unwrap();
     let chain = vec![CertificateDer::from_pem_slice(admin.cert_pem.as_bytes()).unwrap()];
     let key = PrivateKeyDer::from_pem_slice(admin.key_pem.as_bytes()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(server.grpc_addr)
-        .await
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
         .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.grpc_addr).await.unwrap();
     let tls12 = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await;
@@ -149,11 +119,8 @@ async fn identities(backend: Backend) {
 
     // A certificate from our CA that names no medfleet identity: authenticated TLS, but no principal.
     let ca_key = std::fs::read_to_string(server.data_dir().ca_key()).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(
-        server.ca().cert_pem(),
-        rcgen::KeyPair::from_pem(&ca_key).unwrap(),
-    )
-    .unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(server.ca().cert_pem(), rcgen::KeyPair::from_pem(&ca_key).unwrap()).unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["anonymous.example".to_owned()]).unwrap();
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
@@ -164,10 +131,7 @@ async fn identities(backend: Backend) {
         ca_pem: server.ca().cert_pem().to_owned(),
     };
     let mut api = RegistryServiceClient::new(server.channel(&anonymous).await.unwrap());
-    let status = api
-        .list_sites(v1::ListSitesRequest::default())
-        .await
-        .unwrap_err();
+    let status = api.list_sites(v1::ListSitesRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     let status = HealthClient::new(server.channel(&anonymous).await.unwrap())
         .check(HealthCheckRequest::default())
@@ -177,10 +141,7 @@ async fn identities(backend: Backend) {
 
     // Devices and services are authenticated but may not call operator RPCs.
     let before = server.snapshot().await;
-    for identity in [
-        Identity::Device(uuid::Uuid::new_v4()),
-        Identity::Service("epic".into()),
-    ] {
+    for identity in [Identity::Device(uuid::Uuid::new_v4()), Identity::Service("epic".into())] {
         let bundle = server.issue(&identity);
         let channel = server.channel(&bundle).await.unwrap();
         let mut api = RegistryServiceClient::new(channel.clone());
@@ -194,20 +155,9 @@ async fn identities(backend: Backend) {
             })
             .await
             .unwrap_err();
-        assert_eq!(
-            status.code(),
-            Code::PermissionDenied,
-            "{identity}: {status:?}"
-        );
-        assert!(
-            status.message().contains(identity.kind()),
-            "{}",
-            status.message()
-        );
-        let status = api
-            .list_devices(v1::ListDevicesRequest::default())
-            .await
-            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{identity}: {status:?}");
+        assert!(status.message().contains(identity.kind()), "{}", status.message());
+        let status = api.list_devices(v1::ListDevicesRequest::default()).await.unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied);
         // ...while the health service answers any authenticated identity.
         let reply = HealthClient::new(channel)
@@ -222,8 +172,6 @@ async fn identities(backend: Backend) {
     // Another operator (not the bootstrap admin) may call operator RPCs.
     let operator = server.issue(&Identity::User("biomed-alice".into()));
     let mut api = RegistryServiceClient::new(server.channel(&operator).await.unwrap());
-    api.list_sites(v1::ListSitesRequest::default())
-        .await
-        .unwrap();
+    api.list_sites(v1::ListSitesRequest::default()).await.unwrap();
 }
 both_backends!(identity_rules, identities);

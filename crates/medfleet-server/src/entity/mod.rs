@@ -1,6 +1,10 @@
 //! sea-orm entities: one module per table created by `medfleet-migrations`.
 
+pub mod certificate;
 pub mod device;
 pub mod device_tag;
+pub mod enrollment_token;
+pub mod principal;
+pub mod revocation;
 pub mod site;
 pub mod ward;

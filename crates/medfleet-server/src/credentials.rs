@@ -1,0 +1,549 @@
+//! The certificate lifecycle: one-time enrollment tokens, enrollment, renewal, operator/service credentials and
+//! revocation. Every issued certificate is recorded; every revocation is appended to the revocation log that all
+//! replicas follow (see [`crate::revocation`]).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use medfleet_core::identity::{Identity, RevocationReason};
+use medfleet_core::registry::{Device, DeviceState};
+use ring::rand::SecureRandom as _;
+use sea_orm::ActiveValue::Set;
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
+    IntoActiveModel as _, QueryFilter as _,
+};
+use uuid::Uuid;
+
+use crate::db::begin_write;
+use crate::entity::{certificate, device, enrollment_token, principal};
+use crate::error::{Error, Result};
+use crate::pki::{CertificateAuthority, IssuedCertificate, RequestedKey, SubjectDetails};
+use crate::revocation::{Revocations, log_revocations};
+use crate::store::{Registry, now};
+
+/// Every enrollment token starts with this, so secret scanners and people recognise one.
+pub const TOKEN_PREFIX: &str = "mft_";
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_hours(24);
+pub const MIN_TOKEN_TTL: Duration = Duration::from_mins(5);
+pub const MAX_TOKEN_TTL: Duration = Duration::from_hours(30 * 24);
+
+/// Certificate lifetimes by principal kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    pub device: Duration,
+    pub operator: Duration,
+    pub service: Duration,
+}
+
+impl Lifetimes {
+    fn of(&self, identity: &Identity) -> Duration {
+        match identity {
+            Identity::Device(_) => self.device,
+            Identity::User(_) => self.operator,
+            Identity::Service(_) => self.service,
+        }
+    }
+}
+
+/// Limits failed enrollment attempts per source address (token guessing), as a token bucket: a burst of
+/// [`FailureLimiter::BURST`] failures, refilled at one per [`FailureLimiter::REFILL`]. Successful enrollments
+/// are never limited, so bulk enrollment from one gateway is not slowed.
+#[derive(Debug, Default)]
+pub struct FailureLimiter {
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl FailureLimiter {
+    pub const BURST: f64 = 10.0;
+    pub const REFILL: Duration = Duration::from_secs(6);
+
+    fn level(entry: (f64, Instant), now: Instant) -> f64 {
+        let refilled = now.duration_since(entry.1).as_secs_f64() / Self::REFILL.as_secs_f64();
+        (entry.0 + refilled).min(Self::BURST)
+    }
+
+    /// Whether `address` may make another attempt.
+    pub fn allows(&self, address: IpAddr) -> bool {
+        let buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        buckets
+            .get(&address)
+            .is_none_or(|entry| Self::level(*entry, Instant::now()) >= 1.0)
+    }
+
+    pub fn record_failure(&self, address: IpAddr) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let level = buckets
+            .get(&address)
+            .map_or(Self::BURST, |entry| Self::level(*entry, now));
+        buckets.insert(address, ((level - 1.0).max(0.0), now));
+        // Forget addresses whose bucket has refilled, so the map cannot grow without bound.
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, entry| Self::level(*entry, now) < Self::BURST);
+        }
+    }
+}
+
+/// A freshly issued enrollment token: the secret (shown once) and its expiry.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+fn hash_token(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().iter().fold(String::with_capacity(64), |mut out, b| {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn generate_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Internal("the system random number generator failed".into()))?;
+    Ok(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
+}
+
+/// Issues a token for `device_id` inside the caller's transaction, voiding the device's unused tokens.
+pub(crate) async fn insert_token(
+    txn: &impl ConnectionTrait,
+    device_id: Uuid,
+    ttl: Duration,
+    created_by: &Identity,
+) -> Result<NewToken> {
+    enrollment_token::Entity::delete_many()
+        .filter(enrollment_token::Column::DeviceId.eq(device_id))
+        .filter(enrollment_token::Column::UsedAt.is_null())
+        .exec(txn)
+        .await?;
+    let token = generate_token()?;
+    let at = now();
+    let expires_at = at + chrono::Duration::from_std(ttl).map_err(|e| Error::Internal(e.to_string()))?;
+    enrollment_token::ActiveModel {
+        id: Set(Uuid::new_v4()),
+        device_id: Set(device_id),
+        token_hash: Set(hash_token(&token)),
+        created_by: Set(created_by.to_string()),
+        created_at: Set(at),
+        expires_at: Set(expires_at),
+        used_at: Set(None),
+    }
+    .insert(txn)
+    .await?;
+    Ok(NewToken { token, expires_at })
+}
+
+async fn record_certificate(txn: &impl ConnectionTrait, identity: &Identity, issued: &IssuedCertificate) -> Result<()> {
+    certificate::ActiveModel {
+        serial: Set(issued.serial.clone()),
+        identity: Set(identity.to_string()),
+        not_before: Set(DateTime::<Utc>::from(issued.not_before)),
+        not_after: Set(DateTime::<Utc>::from(issued.not_after)),
+        issued_at: Set(DateTime::<Utc>::from(issued.issued_at)),
+        revoked_at: Set(None),
+        revocation_reason: Set(None),
+    }
+    .insert(txn)
+    .await?;
+    Ok(())
+}
+
+/// Revokes every unexpired, unrevoked certificate of `identity` inside the caller's transaction.
+async fn revoke_all(txn: &impl ConnectionTrait, identity: &Identity, reason: RevocationReason) -> Result<u32> {
+    let at = now();
+    let certs = certificate::Entity::find()
+        .filter(certificate::Column::Identity.eq(identity.to_string()))
+        .filter(certificate::Column::RevokedAt.is_null())
+        .filter(certificate::Column::NotAfter.gt(at))
+        .all(txn)
+        .await?;
+    let mut revoked = Vec::with_capacity(certs.len());
+    for cert in certs {
+        revoked.push((cert.serial.clone(), cert.not_after));
+        let mut model = cert.into_active_model();
+        model.revoked_at = Set(Some(at));
+        model.revocation_reason = Set(Some(reason.as_str().to_owned()));
+        model.update(txn).await?;
+    }
+    log_revocations(txn, &identity.to_string(), reason.as_str(), &revoked).await?;
+    Ok(u32::try_from(revoked.len()).unwrap_or(u32::MAX))
+}
+
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    db: DatabaseConnection,
+    registry: Registry,
+    ca: Arc<CertificateAuthority>,
+    lifetimes: Lifetimes,
+    revocations: Arc<Revocations>,
+    limiter: Arc<FailureLimiter>,
+}
+
+impl Credentials {
+    pub fn new(
+        db: DatabaseConnection,
+        ca: Arc<CertificateAuthority>,
+        lifetimes: Lifetimes,
+        revocations: Arc<Revocations>,
+    ) -> Self {
+        Self {
+            registry: Registry::new(db.clone()),
+            db,
+            ca,
+            lifetimes,
+            revocations,
+            limiter: Arc::new(FailureLimiter::default()),
+        }
+    }
+
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    pub async fn issue_enrollment_token(&self, device_id: Uuid, ttl: Duration, by: &Identity) -> Result<NewToken> {
+        let txn = begin_write(&self.db).await?;
+        let device = device::Entity::find_by_id(device_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("device {device_id} does not exist")))?;
+        if device.state == DeviceState::Decommissioned.as_str() {
+            return Err(Error::FailedPrecondition(format!(
+                "device {device_id} is decommissioned; it cannot be enrolled again"
+            )));
+        }
+        let token = insert_token(&txn, device_id, ttl, by).await?;
+        txn.commit().await?;
+        Ok(token)
+    }
+
+    /// Exchanges a one-time token and a verified CSR key for the device's certificate. Token failures count
+    /// against the source address.
+    pub async fn enroll(
+        &self,
+        source: IpAddr,
+        token: &str,
+        key: &RequestedKey,
+        expected_device: Option<Uuid>,
+    ) -> Result<(Identity, IssuedCertificate)> {
+        if !self.limiter.allows(source) {
+            return Err(Error::ResourceExhausted(
+                "too many failed enrollment attempts from this address; wait a minute and check the token".into(),
+            ));
+        }
+        let result = self.enroll_inner(token, key, expected_device).await;
+        if let Err(Error::Unauthenticated(_) | Error::PermissionDenied(_)) = &result {
+            self.limiter.record_failure(source);
+        }
+        result
+    }
+
+    async fn enroll_inner(
+        &self,
+        token: &str,
+        key: &RequestedKey,
+        expected_device: Option<Uuid>,
+    ) -> Result<(Identity, IssuedCertificate)> {
+        let invalid = || {
+            Error::Unauthenticated(
+                "the enrollment token is not valid; ask hospital IT for a new one (medfleet devices enroll-token)"
+                    .into(),
+            )
+        };
+        if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
+            return Err(invalid());
+        }
+        let txn = begin_write(&self.db).await?;
+        let row = enrollment_token::Entity::find()
+            .filter(enrollment_token::Column::TokenHash.eq(hash_token(token)))
+            .one(&txn)
+            .await?
+            .ok_or_else(invalid)?;
+        let at = now();
+        if let Some(used_at) = row.used_at {
+            return Err(Error::Unauthenticated(format!(
+                "the enrollment token was already used at {}; ask hospital IT for a new one",
+                used_at.to_rfc3339()
+            )));
+        }
+        if row.expires_at <= at {
+            return Err(Error::Unauthenticated(format!(
+                "the enrollment token expired at {}; ask hospital IT for a new one",
+                row.expires_at.to_rfc3339()
+            )));
+        }
+        if let Some(expected) = expected_device
+            && expected != row.device_id
+        {
+            return Err(Error::PermissionDenied(format!(
+                "this enrollment token was issued for another device, not {expected}"
+            )));
+        }
+        let device = device::Entity::find_by_id(row.device_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(invalid)?;
+        if device.state == DeviceState::Decommissioned.as_str() {
+            return Err(Error::FailedPrecondition(format!(
+                "device {} is decommissioned and cannot be enrolled",
+                device.id
+            )));
+        }
+        // Single use even under concurrency: only one transaction can flip used_at from NULL.
+        let claimed = enrollment_token::Entity::update_many()
+            .col_expr(enrollment_token::Column::UsedAt, sea_orm::sea_query::Expr::value(at))
+            .filter(enrollment_token::Column::Id.eq(row.id))
+            .filter(enrollment_token::Column::UsedAt.is_null())
+            .exec(&txn)
+            .await?;
+        if claimed.rows_affected != 1 {
+            return Err(Error::Unauthenticated(
+                "the enrollment token was just used by another request".into(),
+            ));
+        }
+        let identity = Identity::Device(device.id);
+        let details = SubjectDetails {
+            serial_number: Some(device.serial_number.clone()),
+            eui64: device.eui64.clone(),
+        };
+        let issued = self
+            .ca
+            .issue_for_key(&identity, key, self.lifetimes.device, &details)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        record_certificate(&txn, &identity, &issued).await?;
+        let mut model = device.into_active_model();
+        model.state = Set(DeviceState::Enrolled.as_str().to_owned());
+        model.updated_at = Set(at);
+        model.update(&txn).await?;
+        txn.commit().await?;
+        Ok((identity, issued))
+    }
+
+    /// A new certificate for the caller's own identity.
+    pub async fn renew(
+        &self,
+        identity: &Identity,
+        current_serial: Option<&str>,
+        key: &RequestedKey,
+    ) -> Result<IssuedCertificate> {
+        if current_serial.is_some_and(|serial| self.revocations.is_revoked(serial)) {
+            return Err(Error::PermissionDenied(
+                "the certificate used for this call was revoked".into(),
+            ));
+        }
+        let txn = begin_write(&self.db).await?;
+        let details = match identity {
+            Identity::Device(id) => {
+                let device = device::Entity::find_by_id(*id)
+                    .one(&txn)
+                    .await?
+                    .ok_or_else(|| Error::PermissionDenied(format!("device {id} is not registered")))?;
+                if device.state == DeviceState::Decommissioned.as_str() {
+                    return Err(Error::PermissionDenied(format!(
+                        "device {id} is decommissioned; its certificates are not renewed"
+                    )));
+                }
+                SubjectDetails {
+                    serial_number: Some(device.serial_number),
+                    eui64: device.eui64,
+                }
+            }
+            Identity::User(_) | Identity::Service(_) => {
+                let row = principal::Entity::find_by_id(identity.to_string()).one(&txn).await?;
+                if row.is_some_and(|p| p.disabled_at.is_some()) {
+                    return Err(Error::PermissionDenied(format!(
+                        "{identity} was revoked; an administrator can issue new credentials"
+                    )));
+                }
+                SubjectDetails::default()
+            }
+        };
+        let issued = self
+            .ca
+            .issue_for_key(identity, key, self.lifetimes.of(identity), &details)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        record_certificate(&txn, identity, &issued).await?;
+        txn.commit().await?;
+        Ok(issued)
+    }
+
+    /// Credentials for an operator or integration; re-enables a revoked principal of that name.
+    pub async fn issue_credentials(
+        &self,
+        identity: &Identity,
+        key: &RequestedKey,
+        lifetime: Option<Duration>,
+        by: &Identity,
+    ) -> Result<IssuedCertificate> {
+        let txn = begin_write(&self.db).await?;
+        let at = now();
+        match principal::Entity::find_by_id(identity.to_string()).one(&txn).await? {
+            Some(existing) => {
+                let mut model = existing.into_active_model();
+                model.disabled_at = Set(None);
+                model.update(&txn).await?;
+            }
+            None => {
+                principal::ActiveModel {
+                    identity: Set(identity.to_string()),
+                    created_by: Set(by.to_string()),
+                    created_at: Set(at),
+                    disabled_at: Set(None),
+                }
+                .insert(&txn)
+                .await?;
+            }
+        }
+        let lifetime = lifetime.unwrap_or_else(|| self.lifetimes.of(identity));
+        let issued = self
+            .ca
+            .issue_for_key(identity, key, lifetime, &SubjectDetails::default())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        record_certificate(&txn, identity, &issued).await?;
+        txn.commit().await?;
+        Ok(issued)
+    }
+
+    /// Disables an operator or integration and revokes all its certificates, effective at once.
+    pub async fn revoke_principal(&self, identity: &Identity, reason: RevocationReason, by: &Identity) -> Result<u32> {
+        if identity == by {
+            return Err(Error::FailedPrecondition(
+                "you cannot revoke your own credentials; ask another administrator".into(),
+            ));
+        }
+        let txn = begin_write(&self.db).await?;
+        let known_principal = principal::Entity::find_by_id(identity.to_string()).one(&txn).await?;
+        let has_certificates = certificate::Entity::find()
+            .filter(certificate::Column::Identity.eq(identity.to_string()))
+            .one(&txn)
+            .await?
+            .is_some();
+        let at = now();
+        match known_principal {
+            Some(existing) => {
+                let mut model = existing.into_active_model();
+                model.disabled_at = Set(Some(at));
+                model.update(&txn).await?;
+            }
+            None if has_certificates => {
+                principal::ActiveModel {
+                    identity: Set(identity.to_string()),
+                    created_by: Set(by.to_string()),
+                    created_at: Set(at),
+                    disabled_at: Set(Some(at)),
+                }
+                .insert(&txn)
+                .await?;
+            }
+            None => return Err(Error::NotFound(format!("{identity} has no credentials"))),
+        }
+        let revoked = revoke_all(&txn, identity, reason).await?;
+        txn.commit().await?;
+        self.revocations.refresh(&self.db).await?;
+        Ok(revoked)
+    }
+
+    /// Revokes every certificate of a device; `decommission` also retires it for good. Outstanding enrollment
+    /// tokens are voided either way.
+    pub async fn revoke_device(&self, id: Uuid, reason: RevocationReason, decommission: bool) -> Result<Device> {
+        let txn = begin_write(&self.db).await?;
+        let current = device::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
+        let already_decommissioned = current.state == DeviceState::Decommissioned.as_str();
+        if already_decommissioned && !decommission {
+            return Err(Error::FailedPrecondition(format!(
+                "device {id} is decommissioned; its certificates were revoked then"
+            )));
+        }
+        if !already_decommissioned {
+            let identity = Identity::Device(id);
+            revoke_all(&txn, &identity, reason).await?;
+            enrollment_token::Entity::delete_many()
+                .filter(enrollment_token::Column::DeviceId.eq(id))
+                .filter(enrollment_token::Column::UsedAt.is_null())
+                .exec(&txn)
+                .await?;
+            let next = if decommission {
+                DeviceState::Decommissioned
+            } else {
+                DeviceState::Registered
+            };
+            let mut model = current.into_active_model();
+            model.state = Set(next.as_str().to_owned());
+            model.updated_at = Set(now());
+            model.update(&txn).await?;
+        }
+        txn.commit().await?;
+        self.revocations.refresh(&self.db).await?;
+        self.registry.get_device(id).await
+    }
+
+    /// Records the first admin's certificate (issued by `init`, possibly before the database existed) so that it
+    /// can be revoked like any other.
+    pub async fn record_bootstrap(&self, identity: &Identity, issued: &IssuedCertificate) -> Result<()> {
+        let txn = begin_write(&self.db).await?;
+        if certificate::Entity::find_by_id(issued.serial.clone())
+            .one(&txn)
+            .await?
+            .is_none()
+        {
+            record_certificate(&txn, identity, issued).await?;
+        }
+        if principal::Entity::find_by_id(identity.to_string())
+            .one(&txn)
+            .await?
+            .is_none()
+        {
+            principal::ActiveModel {
+                identity: Set(identity.to_string()),
+                created_by: Set("medfleetd init".to_owned()),
+                created_at: Set(DateTime::<Utc>::from(issued.issued_at)),
+                disabled_at: Set(None),
+            }
+            .insert(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hashed() {
+        let a = generate_token().unwrap();
+        let b = generate_token().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX));
+        assert_eq!(a.len(), TOKEN_PREFIX.len() + 43);
+        assert_eq!(hash_token(&a).len(), 64);
+        assert_ne!(hash_token(&a), hash_token(&b));
+    }
+
+    #[test]
+    fn limiter_allows_a_burst_of_failures_then_refuses() {
+        let limiter = FailureLimiter::default();
+        let address: IpAddr = [10, 0, 0, 1].into();
+        let other: IpAddr = [10, 0, 0, 2].into();
+        for _ in 0..10 {
+            assert!(limiter.allows(address));
+            limiter.record_failure(address);
+        }
+        assert!(!limiter.allows(address));
+        assert!(limiter.allows(other), "limits are per address");
+    }
+}

@@ -1,0 +1,284 @@
+//! Revocation that takes effect at once, on every replica.
+//!
+//! The database's `revocations` table is an append-only log with a monotonic sequence. Each replica keeps the
+//! revoked serials that have not expired yet in memory, refreshes them right after its own revocations and polls
+//! the log every [`POLL_INTERVAL`] for other replicas' (a short indexed query, so a revocation made anywhere is
+//! enforced everywhere well within a second). The TLS verifier consults the set on every handshake, and every live
+//! connection of a revoked certificate is closed, which ends its streams.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use chrono::Utc;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sea_orm::{ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::entity::revocation;
+use crate::pki::{CertificateAuthority, serial_of};
+
+/// How often a replica looks for revocations made by other replicas.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Default)]
+struct RevokedSet {
+    last_seq: i64,
+    /// serial → (revoked at, certificate expiry)
+    serials: HashMap<String, (SystemTime, SystemTime)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Revocations {
+    set: RwLock<RevokedSet>,
+    live: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    next_connection: AtomicU64,
+    crl_cache: Mutex<Option<(i64, Arc<Vec<u8>>)>>,
+}
+
+impl Revocations {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.set
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .serials
+            .contains_key(serial)
+    }
+
+    /// Applies log entries this replica has not seen, closes live connections of newly revoked certificates and
+    /// forgets expired ones. Returns how many entries were new.
+    pub async fn refresh(&self, db: &DatabaseConnection) -> Result<usize, sea_orm::DbErr> {
+        let last_seq = self.set.read().unwrap_or_else(PoisonError::into_inner).last_seq;
+        let entries = revocation::Entity::find()
+            .filter(revocation::Column::Seq.gt(last_seq))
+            .order_by_asc(revocation::Column::Seq)
+            .all(db)
+            .await?;
+        let now = SystemTime::now();
+        let mut fresh = Vec::new();
+        {
+            let mut set = self.set.write().unwrap_or_else(PoisonError::into_inner);
+            for entry in &entries {
+                set.last_seq = set.last_seq.max(entry.seq);
+                let not_after = SystemTime::from(entry.not_after);
+                if not_after > now
+                    && set
+                        .serials
+                        .insert(entry.serial.clone(), (SystemTime::from(entry.revoked_at), not_after))
+                        .is_none()
+                {
+                    fresh.push(entry.serial.clone());
+                }
+            }
+            // An expired certificate is refused by the verifier anyway; keep the set (and the CRL) small.
+            set.serials.retain(|_, (_, not_after)| *not_after > now);
+        }
+        if !fresh.is_empty() {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            for serial in &fresh {
+                if let Some(connections) = live.remove(serial) {
+                    tracing::info!(serial = %serial, connections = connections.len(), "closing connections of a revoked certificate");
+                    for token in connections.values() {
+                        token.cancel();
+                    }
+                }
+            }
+        }
+        Ok(entries.len())
+    }
+
+    /// Polls the log until `stop` is cancelled. Errors are logged and retried: a database blip must not stop
+    /// revocations from propagating once it recovers.
+    pub fn spawn_poller(self: &Arc<Self>, db: DatabaseConnection, stop: CancellationToken) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = this.refresh(&db).await {
+                    tracing::warn!(%error, "refreshing revocations failed; retrying");
+                }
+            }
+        });
+    }
+
+    /// Registers a live connection of the certificate `serial`; the returned watch completes when that
+    /// certificate is revoked.
+    pub fn watch(self: &Arc<Self>, serial: String) -> RevocationWatch {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if self.is_revoked(&serial) {
+            token.cancel();
+        } else {
+            self.live
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(serial.clone())
+                .or_default()
+                .insert(id, token.clone());
+        }
+        RevocationWatch {
+            revocations: Arc::clone(self),
+            serial,
+            id,
+            cancelled: Box::pin(token.cancelled_owned()),
+        }
+    }
+
+    /// The DER CRL of every revoked, unexpired certificate, re-signed only when the set changed.
+    pub fn crl(&self, ca: &CertificateAuthority) -> Result<Arc<Vec<u8>>, crate::pki::PkiError> {
+        let (seq, revoked) = {
+            let set = self.set.read().unwrap_or_else(PoisonError::into_inner);
+            let revoked: Vec<(String, SystemTime)> = set.serials.iter().map(|(s, (at, _))| (s.clone(), *at)).collect();
+            (set.last_seq, revoked)
+        };
+        let mut cache = self.crl_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached_seq, der)) = cache.as_ref()
+            && *cached_seq == seq
+        {
+            return Ok(Arc::clone(der));
+        }
+        let der = Arc::new(ca.crl(u64::try_from(seq).unwrap_or(0), &revoked)?);
+        *cache = Some((seq, Arc::clone(&der)));
+        Ok(der)
+    }
+}
+
+/// Completes when the watched certificate is revoked; unregisters itself when dropped.
+pub struct RevocationWatch {
+    revocations: Arc<Revocations>,
+    serial: String,
+    id: u64,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for RevocationWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationWatch")
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RevocationWatch {
+    pub fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.cancelled.as_mut().poll(cx)
+    }
+}
+
+impl Drop for RevocationWatch {
+    fn drop(&mut self) {
+        let mut live = self.revocations.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(connections) = live.get_mut(&self.serial) {
+            connections.remove(&self.id);
+            if connections.is_empty() {
+                live.remove(&self.serial);
+            }
+        }
+    }
+}
+
+/// rustls's WebPKI verifier plus the revocation set. Client certificates are optional at the TLS layer so that a
+/// device without one can reach `Enroll`; the RPC layer refuses every other method to such a connection.
+#[derive(Debug)]
+pub struct RevocationAwareVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl RevocationAwareVerifier {
+    pub fn new(inner: Arc<dyn ClientCertVerifier>, revocations: Arc<Revocations>) -> Self {
+        Self { inner, revocations }
+    }
+}
+
+impl ClientCertVerifier for RevocationAwareVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let serial =
+            serial_of(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.revocations.is_revoked(&serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Appends revocation log entries for `certs` (serial, expiry) inside the caller's transaction.
+pub async fn log_revocations(
+    txn: &impl sea_orm::ConnectionTrait,
+    identity: &str,
+    reason: &str,
+    certs: &[(String, chrono::DateTime<Utc>)],
+) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::ActiveValue::{NotSet, Set};
+    if certs.is_empty() {
+        return Ok(());
+    }
+    let at = crate::store::now();
+    revocation::Entity::insert_many(certs.iter().map(|(serial, not_after)| revocation::ActiveModel {
+        seq: NotSet,
+        serial: Set(serial.clone()),
+        identity: Set(identity.to_owned()),
+        reason: Set(reason.to_owned()),
+        revoked_at: Set(at),
+        not_after: Set(*not_after),
+    }))
+    .exec(txn)
+    .await?;
+    Ok(())
+}
