@@ -4,6 +4,7 @@
 //! 5 conflict (already exists or not allowed in the current state), 6 not authorised, 7 server unavailable.
 
 mod client;
+mod identity;
 mod output;
 
 use std::collections::HashMap;
@@ -55,9 +56,29 @@ enum Command {
     /// Wards inside a site, and their beds.
     #[command(subcommand)]
     Wards(WardCommand),
-    /// The device registry.
+    /// The device registry, enrollment and revocation.
     #[command(subcommand)]
     Devices(DeviceCommand),
+    /// Operator credentials (medfleet://user/NAME).
+    #[command(subcommand)]
+    Users(identity::PrincipalCommand),
+    /// Integration credentials (medfleet://service/NAME), e.g. for EMR interfaces.
+    #[command(subcommand)]
+    Services(identity::PrincipalCommand),
+    /// Your own credentials.
+    #[command(subcommand)]
+    Credentials(CredentialCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialCommand {
+    /// Renew your certificate with a fresh key; replaces the credentials file (or writes --out).
+    #[command(after_help = "Example:\n  medfleet --credentials ~/alice.pem credentials renew")]
+    Renew {
+        /// Write the renewed bundle here instead of replacing the current one.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +153,34 @@ enum DeviceCommand {
     /// Show one device.
     #[command(after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f")]
     Show { id: String },
+    /// Issue a one-time enrollment token for a device (replaces any unused one).
+    #[command(after_help = "Example:\n  medfleet devices enroll-token 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --ttl 24h")]
+    EnrollToken {
+        id: String,
+        /// How long the token stays valid (5m to 30days).
+        #[arg(long, value_parser = identity::parse_duration, default_value = "24h")]
+        ttl: std::time::Duration,
+    },
+    /// Register many devices from a CSV file, optionally issuing their enrollment tokens.
+    #[command(
+        after_help = "Example:\n  medfleet devices import devices.csv --tokens-out tokens.csv\n\n\
+                            devices.csv:\n  manufacturer,model,serial_number,device_class,eui64,location,tags\n  \
+                            Philips,MX450,SN-0001,patient-monitor,,stmarys/icu/1,asset=A-17;owner=biomed"
+    )]
+    Import(identity::ImportArgs),
+    /// Revoke every certificate of a device at once; it stays registered and can be re-enrolled with a new token.
+    #[command(
+        after_help = "Example:\n  medfleet devices revoke 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --reason compromised"
+    )]
+    Revoke {
+        id: String,
+        /// compromised, superseded, retired, affiliation-changed or unspecified.
+        #[arg(long, value_parser = parse_reason)]
+        reason: medfleet_core::identity::RevocationReason,
+    },
+    /// Retire a device for good: revokes its certificates; it can never enroll again.
+    #[command(after_help = "Example:\n  medfleet devices decommission 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f")]
+    Decommission { id: String },
     /// Move a device or replace its tags.
     #[command(after_help = "Examples:\n  medfleet devices update ID --location stmarys/icu/4\n  \
                             medfleet devices update ID --storage\n  medfleet devices update ID --tag asset=A-17 --tag owner=biomed")]
@@ -204,6 +253,10 @@ fn parse_state(s: &str) -> Result<DeviceState, String> {
     s.parse()
 }
 
+fn parse_reason(s: &str) -> Result<medfleet_core::identity::RevocationReason, String> {
+    s.parse()
+}
+
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     medfleet_core::registry::parse_tag_term(s)
 }
@@ -217,7 +270,7 @@ fn split_scope(scope: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-fn location(text: &str) -> anyhow::Result<v1::Location> {
+pub(crate) fn location(text: &str) -> anyhow::Result<v1::Location> {
     let parts: Vec<&str> = text.split('/').collect();
     match parts.as_slice() {
         [site, ward] => Ok(v1::Location {
@@ -237,7 +290,7 @@ fn location(text: &str) -> anyhow::Result<v1::Location> {
 /// A mistake in how the command was called, found after clap parsed it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UsageError(String);
+pub(crate) struct UsageError(pub(crate) String);
 
 fn mask(paths: &[&str]) -> prost_types::FieldMask {
     prost_types::FieldMask {
@@ -245,11 +298,13 @@ fn mask(paths: &[&str]) -> prost_types::FieldMask {
     }
 }
 
+async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
+    let bundle = client::load(&client::credentials_path(cli.credentials.clone()))?;
+    client::connect(&cli.server, &bundle).await
+}
+
 async fn registry(cli: &Cli) -> anyhow::Result<RegistryServiceClient<Channel>> {
-    let credentials = client::Credentials::load(&client::credentials_path(cli.credentials.clone()))?;
-    Ok(RegistryServiceClient::new(
-        client::connect(&cli.server, &credentials).await?,
-    ))
+    Ok(RegistryServiceClient::new(channel(cli).await?))
 }
 
 async fn execute(cli: &Cli) -> anyhow::Result<()> {
@@ -394,9 +449,25 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Users(command) => {
+            identity::principal(channel(cli).await?, v1::PrincipalKind::User, command, out).await
+        }
+        Command::Services(command) => {
+            identity::principal(channel(cli).await?, v1::PrincipalKind::Service, command, out).await
+        }
+        Command::Credentials(CredentialCommand::Renew { out: target }) => {
+            let current = client::credentials_path(cli.credentials.clone());
+            let target = target.clone().unwrap_or_else(|| current.clone());
+            identity::renew(channel(cli).await?, &target, out).await
+        }
         Command::Devices(command) => {
-            let mut api = registry(cli).await?;
+            let channel = channel(cli).await?;
+            let mut api = RegistryServiceClient::new(channel.clone());
             match command {
+                DeviceCommand::EnrollToken { id, ttl } => identity::enroll_token(channel, id, *ttl, out).await,
+                DeviceCommand::Import(args) => identity::import(channel, args, out).await,
+                DeviceCommand::Revoke { id, reason } => identity::revoke_device(channel, id, Some(*reason), out).await,
+                DeviceCommand::Decommission { id } => identity::revoke_device(channel, id, None, out).await,
                 DeviceCommand::Register(args) => {
                     let device = api
                         .register_device(v1::RegisterDeviceRequest {

@@ -131,7 +131,7 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
-fn json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! The medfleet wire format: code generated from `proto/` and the explicit conversions between wire messages and
-//! the domain types of `medfleet-core`. No other crate depends on prost/tonic codegen output directly for domain
-//! logic; they convert here.
+//! The medfleet wire format: code generated from `proto/`, the explicit conversions between wire messages and the
+//! domain types of `medfleet-core`, and the client side of the wire (mTLS channels, credential bundles, CSRs)
+//! shared by the CLI and the device agent.
 
+pub mod client;
 pub mod convert;
 
 /// Generated messages, clients and servers of the `medfleet.v1` package.

@@ -1,0 +1,65 @@
+//! The agent's state directory: its identity bundle (key 0600) and where it enrolled.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct AgentState {
+    pub(crate) server: String,
+    pub(crate) device_id: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct StateDir(PathBuf);
+
+impl StateDir {
+    pub(crate) fn new(root: PathBuf) -> Self {
+        Self(root)
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.0
+    }
+
+    /// Key, certificate and CA in one file, mode 0600.
+    pub(crate) fn identity(&self) -> PathBuf {
+        self.0.join("identity.pem")
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.0.join("agent.json")
+    }
+
+    pub(crate) fn save(&self, state: &AgentState) -> anyhow::Result<()> {
+        medfleet_proto::client::write_private(&self.state_file(), &serde_json::to_string_pretty(state)?)?;
+        Ok(())
+    }
+
+    pub(crate) fn load(&self) -> anyhow::Result<AgentState> {
+        let path = self.state_file();
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is missing; enroll first: medfleet-agent enroll --state-dir {}",
+                path.display(),
+                self.0.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+    }
+}
+
+/// (not before, not after) of a PEM certificate.
+pub(crate) fn validity(cert_pem: &str) -> anyhow::Result<(SystemTime, SystemTime)> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("the stored certificate is not PEM")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("the stored certificate is unreadable")?;
+    let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    Ok((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
+}
