@@ -249,6 +249,47 @@ impl TestServer {
             .timeout(Duration::from_secs(30)))
     }
 
+    /// Enrolls a device with `token` over an anonymous (server-authenticated) channel, as a device would.
+    pub async fn enroll(
+        &self,
+        token: &str,
+        expected_device_id: &str,
+    ) -> Result<(medfleet_proto::client::Bundle, medfleet_proto::v1::CertificateResponse), tonic::Status> {
+        let (key_pem, csr_der) = medfleet_proto::client::new_key_and_csr().expect("key and CSR");
+        let response = self
+            .enroll_raw(medfleet_proto::v1::EnrollRequest {
+                token: token.to_owned(),
+                csr_der,
+                expected_device_id: expected_device_id.to_owned(),
+            })
+            .await?;
+        let bundle = medfleet_proto::client::Bundle::parse(&format!("{key_pem}{}", response.certificate_chain_pem))
+            .expect("issued bundle");
+        Ok((bundle, response))
+    }
+
+    /// Sends an `Enroll` request as is, without a client certificate.
+    pub async fn enroll_raw(
+        &self,
+        request: medfleet_proto::v1::EnrollRequest,
+    ) -> Result<medfleet_proto::v1::CertificateResponse, tonic::Status> {
+        let ca = self.ca().cert_pem().to_owned();
+        let channel = medfleet_proto::client::connect_anonymous(&self.url(), &ca)
+            .await
+            .expect("anonymous channel");
+        medfleet_proto::v1::enrollment_service_client::EnrollmentServiceClient::new(channel)
+            .enroll(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A channel presenting a device's (or anyone's) bundle.
+    pub async fn channel_for(&self, bundle: &medfleet_proto::client::Bundle) -> Result<Channel, String> {
+        medfleet_proto::client::connect(&self.url(), bundle)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn admin(&self) -> RegistryServiceClient<Channel> {
         RegistryServiceClient::new(self.channel(&self.admin_bundle()).await.expect("admin channel"))
     }

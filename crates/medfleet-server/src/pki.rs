@@ -82,7 +82,7 @@ pub fn check_csr(der: &[u8]) -> Result<RequestedKey, CsrError> {
     if !rest.is_empty() {
         return Err(CsrError::Malformed);
     }
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    // The key policy first: ring refuses to verify weak keys at all, which would hide the real reason.
     let spki = &csr.certification_request_info.subject_pki;
     let algorithm = spki.algorithm.algorithm.to_id_string();
     match algorithm.as_str() {
@@ -112,6 +112,7 @@ pub fn check_csr(der: &[u8]) -> Result<RequestedKey, CsrError> {
             )));
         }
     }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     rcgen::SubjectPublicKeyInfo::from_der(spki.raw)
         .map(RequestedKey)
         .map_err(|e| CsrError::UnsupportedKey(format!("unusable public key: {e}")))

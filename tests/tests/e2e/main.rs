@@ -9,6 +9,7 @@
 )]
 
 mod binaries;
+mod identity;
 mod operations;
 mod registry;
 mod security;

@@ -62,7 +62,28 @@ async fn mtls_refusals(backend: Backend) {
     let reply = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
     assert_eq!(reply.status(), ServingStatus::Serving);
 
-    assert_refused(&server, tls_with(None, &ca_pem), "a client without a certificate").await;
+    // Without a certificate the TLS handshake completes (devices must reach Enroll), but nothing else answers.
+    let anonymous = server
+        .endpoint(tls_with(None, &ca_pem))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(anonymous.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = RegistryServiceClient::new(anonymous.clone())
+        .list_sites(v1::ListSitesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = medfleet_proto::v1::credential_service_client::CredentialServiceClient::new(anonymous)
+        .renew(v1::RenewRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     let (foreign_ca, _) = CertificateAuthority::generate("somebody else").unwrap();
     let foreign = foreign_ca
