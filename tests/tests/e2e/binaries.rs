@@ -12,11 +12,103 @@ use medfleet_e2e::{Backend, Storage, binary, both_backends};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-/// A running `medfleetd serve` with its output captured line by line.
-struct Daemon {
+/// A child process with stdout and stderr captured line by line; tests wait on what it prints.
+struct Process {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    changed: Arc<tokio::sync::Notify>,
     readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn process");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let mut readers = Vec::new();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        for mut source in [Box::new(stdout) as Box<dyn LineSource>, Box::new(stderr)] {
+            let (lines, changed) = (lines.clone(), changed.clone());
+            readers.push(tokio::spawn(async move {
+                while let Some(line) = source.next().await {
+                    lines.lock().unwrap().push(line);
+                    changed.notify_waiters();
+                }
+                changed.notify_waiters();
+            }));
+        }
+        Self {
+            child,
+            lines,
+            changed,
+            readers,
+        }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until `count` lines contain `needle`. The timeout only bounds a broken run.
+    async fn wait_for(&self, needle: &str, count: usize) {
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.count(needle) >= count {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
+            panic!("no {count}x '{needle}' within 60 s; output so far:\n{}", self.output());
+        }
+    }
+
+    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().expect("pid").to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the process did not stop within 30 s of SIGTERM")
+            .unwrap();
+        // The readers end at EOF, once the exited process's pipes are drained.
+        for reader in std::mem::take(&mut self.readers) {
+            reader.await.unwrap();
+        }
+        (status, self.output())
+    }
+}
+
+/// Lines from stdout or stderr.
+#[tonic::async_trait]
+trait LineSource: Send {
+    async fn next(&mut self) -> Option<String>;
+}
+
+#[tonic::async_trait]
+impl<R: tokio::io::AsyncBufRead + Unpin + Send> LineSource for tokio::io::Lines<R> {
+    async fn next(&mut self) -> Option<String> {
+        self.next_line().await.ok().flatten()
+    }
+}
+
+/// A running `medfleetd serve` (JSON logs) and the gRPC port it reported.
+struct Daemon {
+    process: Process,
     grpc_port: u16,
 }
 
@@ -26,81 +118,37 @@ impl Daemon {
     }
 
     async fn start_with(data_dir: &Path, database_url: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary("medfleetd"))
+        let mut command = Command::new(binary("medfleetd"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .args(["--log-format", "json", "--log-level", "info", "--shutdown-grace", "5s"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--database-url", database_url])
             .args(extra)
-            .env_remove("MEDFLEET_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn medfleetd");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-        let mut port_tx = Some(port_tx);
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut readers = Vec::new();
-        {
-            let lines = lines.clone();
-            readers.push(tokio::spawn(async move {
-                let mut stdout = stdout;
-                while let Ok(Some(line)) = stdout.next_line().await {
-                    if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                        && json["fields"]["message"] == "medfleetd serving"
-                        && let Some(tx) = port_tx.take()
-                    {
-                        let addr = json["fields"]["grpc"].as_str().unwrap_or_default().to_owned();
-                        let _ = tx.send(addr);
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            }));
-        }
-        {
-            let lines = lines.clone();
-            readers.push(tokio::spawn(async move {
-                let mut stderr = stderr;
-                while let Ok(Some(line)) = stderr.next_line().await {
-                    lines.lock().unwrap().push(line);
-                }
-            }));
-        }
-        // The timeout only bounds a broken start; the server's own log line is the synchronisation.
-        let addr = tokio::time::timeout(Duration::from_mins(1), port_rx)
-            .await
-            .expect("medfleetd did not report that it is serving within 60 s")
-            .expect("medfleetd exited before serving");
+            .env_remove("MEDFLEET_CONFIG");
+        let process = Process::spawn(command);
+        process.wait_for("medfleetd serving", 1).await;
+        let line = process
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("medfleetd serving"))
+            .cloned()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        let addr = json["fields"]["grpc"].as_str().expect("grpc address").to_owned();
         let grpc_port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Self {
-            child,
-            lines,
-            readers,
-            grpc_port,
-        }
+        Self { process, grpc_port }
     }
 
     fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.process.output()
     }
 
-    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id().expect("pid").to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
-        assert!(killed.success());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("medfleetd did not stop within 30 s of SIGTERM")
-            .unwrap();
-        // The readers end at EOF, once the exited process's pipes are drained.
-        for reader in std::mem::take(&mut self.readers) {
-            reader.await.unwrap();
-        }
-        (status, self.output())
+    async fn terminate(self) -> (std::process::ExitStatus, String) {
+        self.process.terminate().await
     }
 }
 
@@ -481,3 +529,127 @@ async fn otlp_exports_traces_and_metrics() {
     assert!(metrics.iter().any(|m| m == "medfleet_rpc_requests"), "{metrics:?}");
     assert!(metrics.iter().any(|m| m == "medfleet_rpc_duration"), "{metrics:?}");
 }
+
+async fn identity_with_binaries(backend: Backend) {
+    let storage = Storage::new(backend).await;
+    let data_dir = storage.dir.path().join("server");
+    let daemon = Daemon::start(&data_dir, &storage.database_url).await;
+    let port = daemon.grpc_port;
+    let url = format!("https://localhost:{port}");
+    let admin = data_dir.join("admin.pem");
+    let work = storage.dir.path();
+
+    ok(&cli(port, &admin, &["sites", "create", "stmarys", "--display-name", "St Mary's"]).await);
+    ok(&cli(port, &admin, &["wards", "create", "stmarys/icu", "--display-name", "ICU", "--beds", "1,2,3"]).await);
+
+    // Bulk registration with tokens.
+    let csv_path = work.join("devices.csv");
+    std::fs::write(
+        &csv_path,
+        "manufacturer,model,serial_number,device_class,eui64,location,tags\n\
+         Philips,MX450,SN-1,patient-monitor,00-12-A3-FF-FE-00-00-01,stmarys/icu/1,asset=A-1\n\
+         Philips,MX450,SN-2,patient-monitor,,stmarys/icu/2,\n\
+         BD,Alaris 8015,SN-3,infusion-pump,,stmarys/icu,owner=biomed;asset=A-3\n",
+    )
+    .unwrap();
+    let tokens_path = work.join("tokens.csv");
+    let imported = ok(&cli(
+        port,
+        &admin,
+        &["devices", "import", csv_path.to_str().unwrap(), "--tokens-out", tokens_path.to_str().unwrap(), "-o", "json"],
+    )
+    .await);
+    assert_eq!(imported["imported"], 3);
+    assert_eq!(std::fs::metadata(&tokens_path).unwrap().permissions().mode() & 0o777, 0o600);
+    let tokens: Vec<Vec<String>> = std::fs::read_to_string(&tokens_path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_owned).collect())
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    let (device_1, token_1) = (tokens[0][0].clone(), tokens[0][3].clone());
+
+    // A bad row is caught before anything is sent.
+    let bad_csv = work.join("bad.csv");
+    std::fs::write(
+        &bad_csv,
+        "manufacturer,model,serial_number,device_class,eui64,location,tags\nPhilips,MX450,SN-9,toaster,,,\n",
+    )
+    .unwrap();
+    let bad = cli(port, &admin, &["devices", "import", bad_csv.to_str().unwrap()]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("line 2"), "{}", bad.stderr);
+
+    // Operators and integrations.
+    let alice = work.join("alice.pem");
+    ok(&cli(port, &admin, &["users", "create", "alice", "--out", alice.to_str().unwrap()]).await);
+    assert_eq!(std::fs::metadata(&alice).unwrap().permissions().mode() & 0o777, 0o600);
+    let listed = ok(&cli(port, &alice, &["devices", "list", "-o", "json"]).await);
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    let before = ok(&cli(port, &alice, &["credentials", "renew", "-o", "json"]).await);
+    let after = ok(&cli(port, &alice, &["credentials", "renew", "-o", "json"]).await);
+    assert_ne!(before["serial"], after["serial"], "renewal issues a new certificate");
+    ok(&cli(port, &alice, &["sites", "list", "-o", "json"]).await);
+    let epic = work.join("epic.pem");
+    ok(&cli(port, &admin, &["services", "create", "epic", "--out", epic.to_str().unwrap()]).await);
+    let denied = cli(port, &epic, &["devices", "list"]).await;
+    assert_eq!(denied.code, 6, "{}", denied.stderr);
+
+    // The agent enrolls with its token (its key never leaves its state dir) and holds a session.
+    let ca = data_dir.join("ca/ca.crt");
+    let state = work.join("agent-1");
+    let enroll = |token: String, state: std::path::PathBuf, expected: String| {
+        let (url, ca) = (url.clone(), ca.clone());
+        async move {
+            Command::new(binary("medfleet-agent"))
+                .args(["enroll", "--server", &url, "--token", &token, "--device-id", &expected])
+                .arg("--ca")
+                .arg(&ca)
+                .arg("--state-dir")
+                .arg(&state)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let wrong = enroll(tokens[1][3].clone(), work.join("agent-wrong"), tokens[2][0].clone()).await;
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("another device"));
+    let enrolled = enroll(token_1.clone(), state.clone(), device_1.clone()).await;
+    assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
+    assert_eq!(std::fs::metadata(state.join("identity.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(ok(&cli(port, &admin, &["devices", "show", &device_1, "-o", "json"]).await)["state"], "enrolled");
+
+    let mut run = Command::new(binary("medfleet-agent"));
+    run.args(["run", "--heartbeat", "1s", "--renew-after", "1s"]).arg("--state-dir").arg(&state);
+    let agent = Process::spawn(run);
+    agent.wait_for("session established", 1).await;
+    assert_eq!(ok(&cli(port, &admin, &["devices", "show", &device_1, "-o", "json"]).await)["state"], "active");
+    // Renewal in the background, then a new session with the new certificate.
+    agent.wait_for("certificate renewed", 1).await;
+    agent.wait_for("session established", 2).await;
+
+    // Revoking the device ends its session; the agent keeps retrying and is refused.
+    ok(&cli(port, &admin, &["devices", "revoke", &device_1, "--reason", "compromised", "-o", "json"]).await);
+    agent.wait_for("session failed", 1).await;
+    let (status, agent_logs) = agent.terminate().await;
+    assert!(status.success(), "{agent_logs}");
+
+    // Operators are revoked the same way; nobody revokes themselves.
+    ok(&cli(port, &admin, &["users", "revoke", "alice", "--reason", "affiliation-changed", "-o", "json"]).await);
+    assert_ne!(cli(port, &alice, &["sites", "list"]).await.code, 0, "a revoked operator still connects");
+    let myself = cli(port, &admin, &["users", "revoke", "admin"]).await;
+    assert_eq!(myself.code, 5, "{}", myself.stderr);
+
+    let (status, logs) = daemon.terminate().await;
+    assert!(status.success(), "{logs}");
+    for (name, text) in [("medfleetd", &logs), ("medfleet-agent", &agent_logs)] {
+        assert!(!text.contains("PRIVATE KEY"), "a private key reached the {name} logs");
+        for row in &tokens {
+            assert!(!text.contains(&row[3]), "an enrollment token reached the {name} logs");
+        }
+    }
+    assert!(logs.contains("device enrolled") && logs.contains("certificate renewed"), "{logs}");
+}
+both_backends!(identity_lifecycle_through_the_binaries, identity_with_binaries);
