@@ -72,9 +72,11 @@ impl Process {
                 notified.await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
-            panic!("no {count}x '{needle}' within 60 s; output so far:\n{}", self.output());
-        }
+        assert!(
+            tokio::time::timeout(Duration::from_mins(1), wait).await.is_ok(),
+            "no {count}x '{needle}' within 60 s; output so far:\n{}",
+            self.output()
+        );
     }
 
     async fn terminate(mut self) -> (std::process::ExitStatus, String) {
@@ -539,8 +541,26 @@ async fn identity_with_binaries(backend: Backend) {
     let admin = data_dir.join("admin.pem");
     let work = storage.dir.path();
 
-    ok(&cli(port, &admin, &["sites", "create", "stmarys", "--display-name", "St Mary's"]).await);
-    ok(&cli(port, &admin, &["wards", "create", "stmarys/icu", "--display-name", "ICU", "--beds", "1,2,3"]).await);
+    ok(&cli(
+        port,
+        &admin,
+        &["sites", "create", "stmarys", "--display-name", "St Mary's"],
+    )
+    .await);
+    ok(&cli(
+        port,
+        &admin,
+        &[
+            "wards",
+            "create",
+            "stmarys/icu",
+            "--display-name",
+            "ICU",
+            "--beds",
+            "1,2,3",
+        ],
+    )
+    .await);
 
     // Bulk registration with tokens.
     let csv_path = work.join("devices.csv");
@@ -556,11 +576,22 @@ async fn identity_with_binaries(backend: Backend) {
     let imported = ok(&cli(
         port,
         &admin,
-        &["devices", "import", csv_path.to_str().unwrap(), "--tokens-out", tokens_path.to_str().unwrap(), "-o", "json"],
+        &[
+            "devices",
+            "import",
+            csv_path.to_str().unwrap(),
+            "--tokens-out",
+            tokens_path.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
     )
     .await);
     assert_eq!(imported["imported"], 3);
-    assert_eq!(std::fs::metadata(&tokens_path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&tokens_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let tokens: Vec<Vec<String>> = std::fs::read_to_string(&tokens_path)
         .unwrap()
         .lines()
@@ -583,7 +614,12 @@ async fn identity_with_binaries(backend: Backend) {
 
     // Operators and integrations.
     let alice = work.join("alice.pem");
-    ok(&cli(port, &admin, &["users", "create", "alice", "--out", alice.to_str().unwrap()]).await);
+    ok(&cli(
+        port,
+        &admin,
+        &["users", "create", "alice", "--out", alice.to_str().unwrap()],
+    )
+    .await);
     assert_eq!(std::fs::metadata(&alice).unwrap().permissions().mode() & 0o777, 0o600);
     let listed = ok(&cli(port, &alice, &["devices", "list", "-o", "json"]).await);
     assert_eq!(listed.as_array().unwrap().len(), 3);
@@ -592,7 +628,12 @@ async fn identity_with_binaries(backend: Backend) {
     assert_ne!(before["serial"], after["serial"], "renewal issues a new certificate");
     ok(&cli(port, &alice, &["sites", "list", "-o", "json"]).await);
     let epic = work.join("epic.pem");
-    ok(&cli(port, &admin, &["services", "create", "epic", "--out", epic.to_str().unwrap()]).await);
+    ok(&cli(
+        port,
+        &admin,
+        &["services", "create", "epic", "--out", epic.to_str().unwrap()],
+    )
+    .await);
     let denied = cli(port, &epic, &["devices", "list"]).await;
     assert_eq!(denied.code, 6, "{}", denied.stderr);
 
@@ -617,28 +658,69 @@ async fn identity_with_binaries(backend: Backend) {
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("another device"));
     let enrolled = enroll(token_1.clone(), state.clone(), device_1.clone()).await;
-    assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
-    assert_eq!(std::fs::metadata(state.join("identity.pem")).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(ok(&cli(port, &admin, &["devices", "show", &device_1, "-o", "json"]).await)["state"], "enrolled");
+    assert!(
+        enrolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(state.join("identity.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        ok(&cli(port, &admin, &["devices", "show", &device_1, "-o", "json"]).await)["state"],
+        "enrolled"
+    );
 
     let mut run = Command::new(binary("medfleet-agent"));
-    run.args(["run", "--heartbeat", "1s", "--renew-after", "1s"]).arg("--state-dir").arg(&state);
+    run.args(["run", "--heartbeat", "1s", "--renew-after", "1s"])
+        .arg("--state-dir")
+        .arg(&state);
     let agent = Process::spawn(run);
     agent.wait_for("session established", 1).await;
-    assert_eq!(ok(&cli(port, &admin, &["devices", "show", &device_1, "-o", "json"]).await)["state"], "active");
+    assert_eq!(
+        ok(&cli(port, &admin, &["devices", "show", &device_1, "-o", "json"]).await)["state"],
+        "active"
+    );
     // Renewal in the background, then a new session with the new certificate.
     agent.wait_for("certificate renewed", 1).await;
     agent.wait_for("session established", 2).await;
 
     // Revoking the device ends its session; the agent keeps retrying and is refused.
-    ok(&cli(port, &admin, &["devices", "revoke", &device_1, "--reason", "compromised", "-o", "json"]).await);
+    ok(&cli(
+        port,
+        &admin,
+        &["devices", "revoke", &device_1, "--reason", "compromised", "-o", "json"],
+    )
+    .await);
     agent.wait_for("session failed", 1).await;
     let (status, agent_logs) = agent.terminate().await;
     assert!(status.success(), "{agent_logs}");
 
     // Operators are revoked the same way; nobody revokes themselves.
-    ok(&cli(port, &admin, &["users", "revoke", "alice", "--reason", "affiliation-changed", "-o", "json"]).await);
-    assert_ne!(cli(port, &alice, &["sites", "list"]).await.code, 0, "a revoked operator still connects");
+    ok(&cli(
+        port,
+        &admin,
+        &[
+            "users",
+            "revoke",
+            "alice",
+            "--reason",
+            "affiliation-changed",
+            "-o",
+            "json",
+        ],
+    )
+    .await);
+    assert_ne!(
+        cli(port, &alice, &["sites", "list"]).await.code,
+        0,
+        "a revoked operator still connects"
+    );
     let myself = cli(port, &admin, &["users", "revoke", "admin"]).await;
     assert_eq!(myself.code, 5, "{}", myself.stderr);
 
@@ -650,6 +732,9 @@ async fn identity_with_binaries(backend: Backend) {
             assert!(!text.contains(&row[3]), "an enrollment token reached the {name} logs");
         }
     }
-    assert!(logs.contains("device enrolled") && logs.contains("certificate renewed"), "{logs}");
+    assert!(
+        logs.contains("device enrolled") && logs.contains("certificate renewed"),
+        "{logs}"
+    );
 }
 both_backends!(identity_lifecycle_through_the_binaries, identity_with_binaries);

@@ -79,10 +79,13 @@ async fn open_session(
 /// Asserts that a held session is cut within the revocation deadline of `since`.
 async fn assert_cut(inbound: &mut tonic::Streaming<v1::SessionResponse>, since: Instant, what: &str) {
     let remaining = REVOCATION_DEADLINE.saturating_sub(since.elapsed());
-    match tokio::time::timeout(remaining, inbound.message()).await {
-        Err(_) => panic!("{what}: the session was still open {REVOCATION_DEADLINE:?} after the revocation"),
-        Ok(Ok(Some(message))) => panic!("{what}: unexpected message {message:?}"),
-        Ok(Ok(None) | Err(_)) => {}
+    let next = tokio::time::timeout(remaining, inbound.message()).await;
+    assert!(
+        next.is_ok(),
+        "{what}: the session was still open {REVOCATION_DEADLINE:?} after the revocation"
+    );
+    if let Ok(Ok(Some(message))) = next {
+        panic!("{what}: unexpected message {message:?}");
     }
 }
 
@@ -314,7 +317,13 @@ async fn renewal_and_revocation(backend: Backend) {
     .unwrap();
     let listed: Vec<String> = crl
         .iter_revoked_certificates()
-        .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .map(|r| {
+            r.raw_serial().iter().fold(String::new(), |mut out, b| {
+                use std::fmt::Write as _;
+                let _ = write!(out, "{b:02x}");
+                out
+            })
+        })
         .collect();
     assert!(
         listed.contains(&issued.serial) && listed.contains(&renewed.serial),
