@@ -16,7 +16,7 @@ use ring::rand::SecureRandom as _;
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
-    IntoActiveModel as _, QueryFilter as _,
+    IntoActiveModel as _, QueryFilter as _, QuerySelect as _,
 };
 use uuid::Uuid;
 
@@ -341,9 +341,12 @@ impl Credentials {
             ));
         }
         let txn = begin_write(&self.db).await?;
+        // Lock the principal's row: a concurrent revocation updates it too, so one waits for the other and the
+        // re-check below sees a revocation that committed first (SQLite's BEGIN IMMEDIATE serialises anyway).
         let details = match identity {
             Identity::Device(id) => {
                 let device = device::Entity::find_by_id(*id)
+                    .lock_exclusive()
                     .one(&txn)
                     .await?
                     .ok_or_else(|| Error::PermissionDenied(format!("device {id} is not registered")))?;
@@ -358,7 +361,10 @@ impl Credentials {
                 }
             }
             Identity::User(_) | Identity::Service(_) => {
-                let row = principal::Entity::find_by_id(identity.to_string()).one(&txn).await?;
+                let row = principal::Entity::find_by_id(identity.to_string())
+                    .lock_exclusive()
+                    .one(&txn)
+                    .await?;
                 if row.is_some_and(|p| p.disabled_at.is_some()) {
                     return Err(Error::PermissionDenied(format!(
                         "{identity} was revoked; an administrator can issue new credentials"
@@ -367,6 +373,16 @@ impl Credentials {
                 SubjectDetails::default()
             }
         };
+        if let Some(serial) = current_serial
+            && certificate::Entity::find_by_id(serial.to_owned())
+                .one(&txn)
+                .await?
+                .is_some_and(|cert| cert.revoked_at.is_some())
+        {
+            return Err(Error::PermissionDenied(
+                "the certificate used for this call was revoked".into(),
+            ));
+        }
         let issued = self
             .ca
             .issue_for_key(identity, key, self.lifetimes.of(identity), &details)
@@ -421,7 +437,12 @@ impl Credentials {
             ));
         }
         let txn = begin_write(&self.db).await?;
-        let known_principal = principal::Entity::find_by_id(identity.to_string()).one(&txn).await?;
+        // Locked first, as `renew` does: a renewal either finishes before this revocation (and its certificate is
+        // revoked below) or waits for it (and is refused).
+        let known_principal = principal::Entity::find_by_id(identity.to_string())
+            .lock_exclusive()
+            .one(&txn)
+            .await?;
         let has_certificates = certificate::Entity::find()
             .filter(certificate::Column::Identity.eq(identity.to_string()))
             .one(&txn)
@@ -456,7 +477,9 @@ impl Credentials {
     /// tokens are voided either way.
     pub async fn revoke_device(&self, id: Uuid, reason: RevocationReason, decommission: bool) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
+        // Locked first, as `renew` does (see `revoke_principal`).
         let current = device::Entity::find_by_id(id)
+            .lock_exclusive()
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
