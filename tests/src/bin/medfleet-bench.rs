@@ -56,8 +56,14 @@ impl Stats {
         if sorted.is_empty() {
             return Duration::ZERO;
         }
-        let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round();
-        sorted[usize::try_from(rank as u64).unwrap_or(0).min(sorted.len() - 1)]
+        // Nearest rank: the smallest sample with at least p% of the samples at or below it.
+        let wanted = (sorted.len() as f64 * p / 100.0).ceil();
+        let index = sorted
+            .iter()
+            .enumerate()
+            .position(|(i, _)| (i + 1) as f64 >= wanted)
+            .unwrap_or(0);
+        sorted[index]
     }
 
     fn total(&self) -> Duration {
