@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_registry;
 mod m20261125_000002_identity;
+mod m20261125_000003_access;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_registry::Migration),
             Box::new(m20261125_000002_identity::Migration),
+            Box::new(m20261125_000003_access::Migration),
         ]
     }
 }

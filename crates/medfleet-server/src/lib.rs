@@ -1,6 +1,7 @@
 //! medfleetd, the medfleet control plane: gRPC over mutual TLS, the certificate authority, storage on SQLite or
 //! PostgreSQL, and telemetry. [`run`] serves one replica; any number of replicas may share one PostgreSQL.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod credentials;

@@ -1,9 +1,12 @@
 //! sea-orm entities: one module per table created by `medfleet-migrations`.
 
+pub mod audit_log;
+pub mod casbin_rule;
 pub mod certificate;
 pub mod device;
 pub mod device_tag;
 pub mod enrollment_token;
+pub mod policy_version;
 pub mod principal;
 pub mod revocation;
 pub mod site;

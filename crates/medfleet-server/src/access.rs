@@ -1,0 +1,339 @@
+//! Role-based access with casbin: RBAC with domains, where a domain is a location scope (`*`, `<site>`,
+//! `<site>/<ward>`) and a grant on a scope covers everything below it.
+//!
+//! Policies live in the `casbin_rules` table, read through [`SeaOrmAdapter`] (no published adapter supports
+//! sea-orm 2, and this one shares the pool and the migrations). Each replica holds a cached enforcer and rebuilds
+//! it when the `policy_version` row changes: at once after its own changes, within [`POLL_INTERVAL`] after another
+//! replica's.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use casbin::{Adapter, CachedEnforcer, CoreApi as _, DefaultModel, Filter, Model};
+use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::{
+    ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::entity::{casbin_rule, policy_version};
+
+/// How often a replica checks whether another replica changed the policy.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Subjects are identity URIs; roles are plain names; p rules carry no domain (a role means the same everywhere),
+/// g rules bind a subject to a role within a scope.
+const MODEL: &str = r#"
+[request_definition]
+r = sub, dom, obj, act
+
+[policy_definition]
+p = sub, obj, act
+
+[role_definition]
+g = _, _, _
+
+[policy_effect]
+e = some(where (p.eft == allow))
+
+[matchers]
+m = g(r.sub, p.sub, r.dom) && (p.obj == "*" || r.obj == p.obj) && (p.act == "*" || r.act == p.act)
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("access policy: {0}")]
+    Casbin(#[from] casbin::Error),
+    #[error("access policy storage: {0}")]
+    Database(#[from] sea_orm::DbErr),
+}
+
+fn adapter_error(error: sea_orm::DbErr) -> casbin::Error {
+    casbin::error::AdapterError(Box::new(error)).into()
+}
+
+/// The scopes whose grants cover `scope`, most specific first: `stmarys/icu` → `stmarys/icu`, `stmarys`, `*`.
+pub fn covering_scopes(scope: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(3);
+    if scope != "*" {
+        out.push(scope.to_owned());
+        if let Some((site, _)) = scope.split_once('/') {
+            out.push(site.to_owned());
+        }
+    }
+    out.push("*".to_owned());
+    out
+}
+
+/// A casbin adapter over the `casbin_rules` table.
+#[derive(Debug)]
+pub struct SeaOrmAdapter {
+    db: DatabaseConnection,
+}
+
+impl SeaOrmAdapter {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+}
+
+fn row(ptype: &str, rule: &[String]) -> casbin_rule::ActiveModel {
+    let value = |i: usize| Set(rule.get(i).cloned().unwrap_or_default());
+    casbin_rule::ActiveModel {
+        id: NotSet,
+        ptype: Set(ptype.to_owned()),
+        v0: value(0),
+        v1: value(1),
+        v2: value(2),
+        v3: value(3),
+        v4: value(4),
+        v5: value(5),
+    }
+}
+
+fn column(index: usize) -> Option<casbin_rule::Column> {
+    use casbin_rule::Column::{V0, V1, V2, V3, V4, V5};
+    [V0, V1, V2, V3, V4, V5].get(index).copied()
+}
+
+async fn delete_matching(
+    db: &impl ConnectionTrait,
+    ptype: &str,
+    start: usize,
+    values: &[String],
+    exact: bool,
+) -> Result<u64, sea_orm::DbErr> {
+    let mut query = casbin_rule::Entity::delete_many().filter(casbin_rule::Column::Ptype.eq(ptype));
+    for (i, value) in values.iter().enumerate() {
+        if value.is_empty() && !exact {
+            continue;
+        }
+        if let Some(col) = column(start + i) {
+            query = query.filter(col.eq(value.clone()));
+        }
+    }
+    Ok(query.exec(db).await?.rows_affected)
+}
+
+#[async_trait::async_trait]
+impl Adapter for SeaOrmAdapter {
+    async fn load_policy(&mut self, m: &mut dyn Model) -> casbin::Result<()> {
+        let rows = casbin_rule::Entity::find()
+            .order_by_asc(casbin_rule::Column::Id)
+            .all(&self.db)
+            .await
+            .map_err(adapter_error)?;
+        for rule in rows {
+            let sec = if rule.ptype.starts_with('g') { "g" } else { "p" };
+            if let Some(assertions) = m.get_mut_model().get_mut(sec)
+                && let Some(assertion) = assertions.get_mut(&rule.ptype)
+            {
+                assertion.get_mut_policy().insert(rule.values());
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_filtered_policy<'a>(&mut self, m: &mut dyn Model, _f: Filter<'a>) -> casbin::Result<()> {
+        self.load_policy(m).await
+    }
+
+    async fn save_policy(&mut self, m: &mut dyn Model) -> casbin::Result<()> {
+        self.clear_policy().await?;
+        for sec in ["p", "g"] {
+            let Some(assertions) = m.get_model().get(sec) else {
+                continue;
+            };
+            for (ptype, assertion) in assertions {
+                let rows: Vec<_> = assertion.get_policy().iter().map(|rule| row(ptype, rule)).collect();
+                if !rows.is_empty() {
+                    casbin_rule::Entity::insert_many(rows)
+                        .exec(&self.db)
+                        .await
+                        .map_err(adapter_error)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn clear_policy(&mut self) -> casbin::Result<()> {
+        casbin_rule::Entity::delete_many()
+            .exec(&self.db)
+            .await
+            .map_err(adapter_error)?;
+        Ok(())
+    }
+
+    fn is_filtered(&self) -> bool {
+        false
+    }
+
+    async fn add_policy(&mut self, _sec: &str, ptype: &str, rule: Vec<String>) -> casbin::Result<bool> {
+        casbin_rule::Entity::insert(row(ptype, &rule))
+            .exec(&self.db)
+            .await
+            .map_err(adapter_error)?;
+        Ok(true)
+    }
+
+    async fn add_policies(&mut self, _sec: &str, ptype: &str, rules: Vec<Vec<String>>) -> casbin::Result<bool> {
+        if !rules.is_empty() {
+            casbin_rule::Entity::insert_many(rules.iter().map(|r| row(ptype, r)))
+                .exec(&self.db)
+                .await
+                .map_err(adapter_error)?;
+        }
+        Ok(true)
+    }
+
+    async fn remove_policy(&mut self, _sec: &str, ptype: &str, rule: Vec<String>) -> casbin::Result<bool> {
+        Ok(delete_matching(&self.db, ptype, 0, &rule, true)
+            .await
+            .map_err(adapter_error)?
+            > 0)
+    }
+
+    async fn remove_policies(&mut self, _sec: &str, ptype: &str, rules: Vec<Vec<String>>) -> casbin::Result<bool> {
+        let mut removed = false;
+        for rule in rules {
+            removed |= delete_matching(&self.db, ptype, 0, &rule, true)
+                .await
+                .map_err(adapter_error)?
+                > 0;
+        }
+        Ok(removed)
+    }
+
+    async fn remove_filtered_policy(
+        &mut self,
+        _sec: &str,
+        ptype: &str,
+        field_index: usize,
+        field_values: Vec<String>,
+    ) -> casbin::Result<bool> {
+        Ok(delete_matching(&self.db, ptype, field_index, &field_values, false)
+            .await
+            .map_err(adapter_error)?
+            > 0)
+    }
+}
+
+/// The replica's enforcer and the policy version it was built from.
+pub struct Access {
+    db: DatabaseConnection,
+    enforcer: ArcSwap<CachedEnforcer>,
+    version: AtomicI64,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn build(db: &DatabaseConnection) -> Result<CachedEnforcer, AccessError> {
+    let model = DefaultModel::from_str(MODEL).await?;
+    let mut enforcer = CachedEnforcer::new(model, SeaOrmAdapter::new(db.clone())).await?;
+    // Policy changes are written by medfleet's own transactions (with their audit entries), never by casbin.
+    enforcer.enable_auto_save(false);
+    Ok(enforcer)
+}
+
+async fn current_version(db: &DatabaseConnection) -> Result<i64, sea_orm::DbErr> {
+    Ok(policy_version::Entity::find_by_id(1)
+        .one(db)
+        .await?
+        .map_or(0, |row| row.version))
+}
+
+impl Access {
+    pub async fn load(db: DatabaseConnection) -> Result<Arc<Self>, AccessError> {
+        let version = current_version(&db).await?;
+        let enforcer = build(&db).await?;
+        Ok(Arc::new(Self {
+            db,
+            enforcer: ArcSwap::from_pointee(enforcer),
+            version: AtomicI64::new(version),
+        }))
+    }
+
+    /// Rebuilds the enforcer if the stored policy version moved. Returns whether it did.
+    pub async fn refresh(&self) -> Result<bool, AccessError> {
+        let version = current_version(&self.db).await?;
+        if version == self.version.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let enforcer = build(&self.db).await?;
+        self.enforcer.store(Arc::new(enforcer));
+        self.version.store(version, Ordering::Release);
+        Ok(true)
+    }
+
+    pub fn spawn_poller(self: &Arc<Self>, stop: CancellationToken) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = this.refresh().await {
+                    tracing::warn!(%error, "refreshing the access policy failed; retrying");
+                }
+            }
+        });
+    }
+
+    /// The covering scope whose grant allows `subject` to `action` `object` in `scope`, if any.
+    pub fn allowing_scope(&self, subject: &str, scope: &str, object: &str, action: &str) -> Option<String> {
+        let enforcer = self.enforcer.load();
+        covering_scopes(scope).into_iter().find(|dom| {
+            enforcer
+                .enforce((subject, dom.as_str(), object, action))
+                .unwrap_or_else(|error| {
+                    tracing::error!(%error, "policy evaluation failed; denying");
+                    false
+                })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_cover_their_wards() {
+        assert_eq!(covering_scopes("stmarys/icu"), ["stmarys/icu", "stmarys", "*"]);
+        assert_eq!(covering_scopes("stmarys"), ["stmarys", "*"]);
+        assert_eq!(covering_scopes("*"), ["*"]);
+    }
+
+    #[tokio::test]
+    async fn model_grants_by_scope() {
+        let model = DefaultModel::from_str(MODEL).await.unwrap();
+        let mut e = CachedEnforcer::new(model, casbin::MemoryAdapter::default())
+            .await
+            .unwrap();
+        use casbin::MgmtApi as _;
+        e.add_policy(vec!["biomed".into(), "device".into(), "read".into()])
+            .await
+            .unwrap();
+        e.add_grouping_policy(vec!["medfleet://user/bob".into(), "biomed".into(), "stmarys".into()])
+            .await
+            .unwrap();
+        assert!(e.enforce(("medfleet://user/bob", "stmarys", "device", "read")).unwrap());
+        assert!(!e.enforce(("medfleet://user/bob", "stjohns", "device", "read")).unwrap());
+        assert!(
+            !e.enforce(("medfleet://user/bob", "stmarys", "device", "update"))
+                .unwrap()
+        );
+    }
+}
