@@ -318,11 +318,11 @@ mod tests {
 
     #[tokio::test]
     async fn model_grants_by_scope() {
+        use casbin::MgmtApi as _;
         let model = DefaultModel::from_str(MODEL).await.unwrap();
         let mut e = CachedEnforcer::new(model, casbin::MemoryAdapter::default())
             .await
             .unwrap();
-        use casbin::MgmtApi as _;
         e.add_policy(vec!["biomed".into(), "device".into(), "read".into()])
             .await
             .unwrap();
