@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod credentials;
 pub mod db;

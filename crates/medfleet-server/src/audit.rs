@@ -1,0 +1,207 @@
+//! The tamper-evident audit trail: an append-only table in which each entry's hash covers the previous entry's
+//! hash and the entry's canonical bytes, so editing, deleting or reordering any entry breaks the chain from there.
+//!
+//! Entries are appended inside the transaction of the change they record. Appends are serialised (a PostgreSQL
+//! transaction-scoped advisory lock; SQLite's write transactions are serial already) so replicas extend one chain.
+//! Entries name principals and resources by opaque ids only: never patient data.
+
+use chrono::{DateTime, Utc};
+use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::{ActiveModelTrait as _, ConnectionTrait, DbBackend, EntityTrait as _, QueryOrder as _, QuerySelect as _};
+
+use crate::entity::audit_log;
+use crate::store::now;
+
+/// Arbitrary but fixed key of the advisory lock that serialises audit appends on PostgreSQL.
+const AUDIT_LOCK_KEY: i64 = 0x6d65_6466_6c74_0002;
+/// The `prev_hash` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One event to record.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub scope: String,
+    pub outcome: Outcome,
+    pub request_id: String,
+    pub detail: String,
+}
+
+/// The canonical bytes an entry's hash covers: every field, length-prefixed so no two entries serialise alike.
+fn canonical(prev_hash: &str, at: DateTime<Utc>, event: &Event) -> Vec<u8> {
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let mut out = Vec::new();
+    for field in [
+        prev_hash,
+        at.as_str(),
+        event.actor.as_str(),
+        event.action.as_str(),
+        event.target.as_str(),
+        event.scope.as_str(),
+        event.outcome.as_str(),
+        event.request_id.as_str(),
+        event.detail.as_str(),
+    ] {
+        out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out
+}
+
+fn hash(prev_hash: &str, at: DateTime<Utc>, event: &Event) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &canonical(prev_hash, at, event));
+    digest.as_ref().iter().fold(String::with_capacity(64), |mut out, b| {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// Appends `event` inside the caller's transaction.
+pub async fn append(txn: &impl ConnectionTrait, event: &Event) -> Result<(), sea_orm::DbErr> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})"))
+            .await?;
+    }
+    let prev = audit_log::Entity::find()
+        .order_by_desc(audit_log::Column::Seq)
+        .limit(1)
+        .one(txn)
+        .await?
+        .map_or_else(|| GENESIS.to_owned(), |last| last.hash);
+    let at = now();
+    audit_log::ActiveModel {
+        seq: NotSet,
+        at: Set(at),
+        actor: Set(event.actor.clone()),
+        action: Set(event.action.clone()),
+        target: Set(event.target.clone()),
+        scope: Set(event.scope.clone()),
+        outcome: Set(event.outcome.as_str().to_owned()),
+        request_id: Set(event.request_id.clone()),
+        detail: Set(event.detail.clone()),
+        hash: Set(hash(&prev, at, event)),
+        prev_hash: Set(prev),
+    }
+    .insert(txn)
+    .await?;
+    Ok(())
+}
+
+fn event_of(row: &audit_log::Model) -> Option<Event> {
+    let outcome = match row.outcome.as_str() {
+        "allowed" => Outcome::Allowed,
+        "denied" => Outcome::Denied,
+        "failed" => Outcome::Failed,
+        _ => return None,
+    };
+    Some(Event {
+        actor: row.actor.clone(),
+        action: row.action.clone(),
+        target: row.target.clone(),
+        scope: row.scope.clone(),
+        outcome,
+        request_id: row.request_id.clone(),
+        detail: row.detail.clone(),
+    })
+}
+
+/// The result of walking the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub entries: u64,
+    /// The first entry whose link does not hold, and why.
+    pub first_broken: Option<(i64, String)>,
+}
+
+/// Walks the whole chain in order, in pages, and reports the first broken link.
+pub async fn verify(db: &impl ConnectionTrait) -> Result<Verification, sea_orm::DbErr> {
+    use sea_orm::{ColumnTrait as _, QueryFilter as _};
+    let mut expected_prev = GENESIS.to_owned();
+    let mut after = i64::MIN;
+    let mut entries = 0;
+    loop {
+        let page = audit_log::Entity::find()
+            .filter(audit_log::Column::Seq.gt(after))
+            .order_by_asc(audit_log::Column::Seq)
+            .limit(1000)
+            .all(db)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for row in &page {
+            entries += 1;
+            let broken = if row.prev_hash != expected_prev {
+                Some("its prev_hash is not the previous entry's hash (an entry was removed, inserted or reordered)")
+            } else if event_of(row).is_none_or(|event| hash(&row.prev_hash, row.at, &event) != row.hash) {
+                Some("its content does not match its hash (the entry was modified)")
+            } else {
+                None
+            };
+            if let Some(reason) = broken {
+                return Ok(Verification {
+                    entries,
+                    first_broken: Some((row.seq, reason.to_owned())),
+                });
+            }
+            expected_prev.clone_from(&row.hash);
+        }
+    }
+    Ok(Verification {
+        entries,
+        first_broken: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(detail: &str) -> Event {
+        Event {
+            actor: "medfleet://user/alice".into(),
+            action: "device.update".into(),
+            target: "device/6f1c".into(),
+            scope: "stmarys/icu".into(),
+            outcome: Outcome::Allowed,
+            request_id: "r1".into(),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn hash_covers_every_field_and_the_link() {
+        let at = now();
+        let base = hash(GENESIS, at, &event("x"));
+        assert_eq!(base, hash(GENESIS, at, &event("x")));
+        assert_ne!(base, hash(GENESIS, at, &event("y")));
+        assert_ne!(base, hash(&"1".repeat(64), at, &event("x")));
+        let mut other = event("x");
+        other.outcome = Outcome::Denied;
+        assert_ne!(base, hash(GENESIS, at, &other));
+        // Length prefixes: moving a character between fields changes the hash.
+        let mut shifted = event("x");
+        shifted.actor.push('s');
+        shifted.action.remove(0);
+        assert_ne!(base, hash(GENESIS, at, &shifted));
+    }
+}
