@@ -149,6 +149,12 @@ async fn enroll(
     }
     let ca_pem =
         std::fs::read_to_string(ca).with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+    // Everything that can fail locally fails before the one-time token is spent.
+    dir.save(&AgentState {
+        server: server.to_owned(),
+        device_id: String::new(),
+    })
+    .with_context(|| format!("cannot write to the state directory {}", dir.root().display()))?;
     // The key is generated here and never leaves the device; only the CSR is sent.
     let (key_pem, csr_der) = new_key_and_csr()?;
     let channel = connect_anonymous(server, &ca_pem).await?;

@@ -42,14 +42,21 @@ impl StateDir {
 
     pub(crate) fn load(&self) -> anyhow::Result<AgentState> {
         let path = self.state_file();
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let enroll_first = || {
             format!(
-                "{} is missing; enroll first: medfleet-agent enroll --state-dir {}",
-                path.display(),
+                "{} holds no enrolled identity; enroll first: medfleet-agent enroll --state-dir {}",
+                self.0.display(),
                 self.0.display()
             )
-        })?;
-        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+        };
+        let text = std::fs::read_to_string(&path).with_context(enroll_first)?;
+        let state: AgentState =
+            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        // The identity is written before the device id; without both the enrollment did not finish.
+        if state.device_id.is_empty() || !self.identity().exists() {
+            anyhow::bail!(enroll_first());
+        }
+        Ok(state)
     }
 }
 

@@ -551,6 +551,19 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Whether a transport failure was the server rejecting our client certificate (a TLS alert after the handshake).
+fn certificate_refused(status: &tonic::Status) -> bool {
+    let mut text = status.message().to_lowercase();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        text.push_str(&error.to_string().to_lowercase());
+        source = error.source();
+    }
+    ["certificate", "revoked", "expired", "unknown ca", "bad certificate"]
+        .iter()
+        .any(|needle| text.contains(needle))
+}
+
 /// Prints the error for a person and picks the exit code scripts rely on.
 fn report(error: &anyhow::Error) -> u8 {
     if let Some(usage) = error.downcast_ref::<UsageError>() {
@@ -580,6 +593,15 @@ fn report(error: &anyhow::Error) -> u8 {
         Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => (5, None),
         Code::Unauthenticated => (6, Some("your credentials were not accepted; check --credentials")),
         Code::PermissionDenied => (6, Some("ask an administrator for the permission named above")),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled if certificate_refused(status) => {
+            (
+                6,
+                Some(
+                    "medfleetd refused your certificate (revoked, expired or not issued by its CA); renew it \
+                 (medfleet credentials renew) or ask an administrator for new credentials",
+                ),
+            )
+        }
         Code::Unavailable | Code::DeadlineExceeded => (
             7,
             Some("medfleetd is not reachable or not ready; check --server and that it is running"),

@@ -185,11 +185,11 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), ClientError> {
         .unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e.to_string()))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // A fresh, unpredictable name opened with O_EXCL: never an existing file, never a planted symlink.
+    let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| file_error(&tmp, e.to_string()))?;

@@ -291,6 +291,83 @@ impl Access {
         });
     }
 
+    /// Which scopes `subject` may `action` `object` in, from its grants.
+    pub fn visibility(&self, subject: &str, object: &str, action: &str) -> crate::policy::Visibility {
+        use casbin::MgmtApi as _;
+        let enforcer = self.enforcer.load();
+        let mut sites = std::collections::BTreeSet::new();
+        let mut wards = std::collections::BTreeSet::new();
+        for grant in enforcer.get_filtered_grouping_policy(0, vec![subject.to_owned()]) {
+            let Some(scope) = grant.get(2) else { continue };
+            if !enforcer
+                .enforce((subject, scope.as_str(), object, action))
+                .unwrap_or(false)
+            {
+                continue;
+            }
+            match scope.split_once('/') {
+                _ if scope == "*" => return crate::policy::Visibility::All,
+                Some((site, ward)) => {
+                    wards.insert((site.to_owned(), ward.to_owned()));
+                }
+                None => {
+                    sites.insert(scope.clone());
+                }
+            }
+        }
+        crate::policy::Visibility::Scopes { sites, wards }
+    }
+
+    /// Explains a decision: the grant that allows it, or every grant the subject holds when none does.
+    pub fn explain(&self, subject: &str, scope: &str, object: &str, action: &str) -> (bool, String) {
+        use casbin::MgmtApi as _;
+        let enforcer = self.enforcer.load();
+        if let Some(allowing) = self.allowing_scope(subject, scope, object, action) {
+            let roles: Vec<String> = enforcer
+                .get_filtered_grouping_policy(0, vec![subject.to_owned()])
+                .into_iter()
+                .filter(|g| g.get(2) == Some(&allowing))
+                .filter_map(|g| g.get(1).cloned())
+                .filter(|role| {
+                    enforcer
+                        .enforce((subject, allowing.as_str(), object, action))
+                        .unwrap_or(false)
+                        && !role.is_empty()
+                })
+                .collect();
+            return (
+                true,
+                format!(
+                    "allowed: {subject} holds {} on scope {allowing}, which covers {scope}",
+                    roles.join(", ")
+                ),
+            );
+        }
+        let grants: Vec<String> = enforcer
+            .get_filtered_grouping_policy(0, vec![subject.to_owned()])
+            .into_iter()
+            .map(|g| {
+                format!(
+                    "{} on {}",
+                    g.get(1).cloned().unwrap_or_default(),
+                    g.get(2).cloned().unwrap_or_default()
+                )
+            })
+            .collect();
+        let held = if grants.is_empty() {
+            "no roles".to_owned()
+        } else {
+            grants.join(", ")
+        };
+        (
+            false,
+            format!(
+                "denied: no role of {subject} grants {object}:{action} on {scope} or a scope covering it ({subject} \
+                 holds {held}); deny by default"
+            ),
+        )
+    }
+
     /// The covering scope whose grant allows `subject` to `action` `object` in `scope`, if any.
     pub fn allowing_scope(&self, subject: &str, scope: &str, object: &str, action: &str) -> Option<String> {
         let enforcer = self.enforcer.load();
@@ -336,4 +413,132 @@ mod tests {
                 .unwrap()
         );
     }
+}
+
+/// Built-in role names (their permissions are seeded by the migration and editable later).
+pub const ROLES: &[&str] = &[
+    "admin",
+    "it_provisioner",
+    "biomed",
+    "clinician",
+    "emr_system",
+    "auditor",
+];
+
+/// A role grant: `subject` holds `role` within `scope`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub subject: String,
+    pub role: String,
+    pub scope: String,
+}
+
+/// Validates a scope: `*`, `<site>` or `<site>/<ward>`.
+pub fn check_scope(scope: &str) -> Result<(), String> {
+    if scope == "*" {
+        return Ok(());
+    }
+    let mut parts = scope.split('/');
+    let ok = match (parts.next(), parts.next(), parts.next()) {
+        (Some(site), None, None) => medfleet_core::validation::check_slug(site).is_ok(),
+        (Some(site), Some(ward), None) => {
+            medfleet_core::validation::check_slug(site).is_ok() && medfleet_core::validation::check_slug(ward).is_ok()
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{}' is not a scope; use *, SITE or SITE/WARD",
+            medfleet_core::validation::printable(scope)
+        ))
+    }
+}
+
+/// Bumps the policy version inside the caller's transaction so every replica reloads.
+pub async fn bump_version(txn: &impl ConnectionTrait) -> Result<(), sea_orm::DbErr> {
+    policy_version::Entity::update_many()
+        .col_expr(
+            policy_version::Column::Version,
+            sea_orm::sea_query::ExprTrait::add(sea_orm::sea_query::Expr::col(policy_version::Column::Version), 1),
+        )
+        .filter(policy_version::Column::Id.eq(1))
+        .exec(txn)
+        .await?;
+    Ok(())
+}
+
+/// Adds a grant inside the caller's transaction; `false` if it already existed.
+pub async fn insert_grant(txn: &impl ConnectionTrait, grant: &Grant) -> Result<bool, sea_orm::DbErr> {
+    let exists = casbin_rule::Entity::find()
+        .filter(casbin_rule::Column::Ptype.eq("g"))
+        .filter(casbin_rule::Column::V0.eq(&grant.subject))
+        .filter(casbin_rule::Column::V1.eq(&grant.role))
+        .filter(casbin_rule::Column::V2.eq(&grant.scope))
+        .one(txn)
+        .await?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    casbin_rule::Entity::insert(row(
+        "g",
+        &[grant.subject.clone(), grant.role.clone(), grant.scope.clone()],
+    ))
+    .exec(txn)
+    .await?;
+    bump_version(txn).await?;
+    Ok(true)
+}
+
+/// Removes a grant inside the caller's transaction; `false` if there was none.
+pub async fn delete_grant(txn: &impl ConnectionTrait, grant: &Grant) -> Result<bool, sea_orm::DbErr> {
+    let removed = delete_matching(
+        txn,
+        "g",
+        0,
+        &[grant.subject.clone(), grant.role.clone(), grant.scope.clone()],
+        true,
+    )
+    .await?;
+    if removed > 0 {
+        bump_version(txn).await?;
+    }
+    Ok(removed > 0)
+}
+
+/// Grants, optionally of one subject, in a stable order.
+pub async fn list_grants(db: &impl ConnectionTrait, subject: Option<&str>) -> Result<Vec<Grant>, sea_orm::DbErr> {
+    let mut query = casbin_rule::Entity::find().filter(casbin_rule::Column::Ptype.eq("g"));
+    if let Some(subject) = subject {
+        query = query.filter(casbin_rule::Column::V0.eq(subject));
+    }
+    Ok(query
+        .order_by_asc(casbin_rule::Column::V0)
+        .order_by_asc(casbin_rule::Column::V2)
+        .order_by_asc(casbin_rule::Column::V1)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| Grant {
+            subject: r.v0,
+            role: r.v1,
+            scope: r.v2,
+        })
+        .collect())
+}
+
+/// Roles that exist in the policy (have at least one permission).
+pub async fn known_roles(db: &impl ConnectionTrait) -> Result<Vec<String>, sea_orm::DbErr> {
+    let mut roles: Vec<String> = casbin_rule::Entity::find()
+        .filter(casbin_rule::Column::Ptype.eq("p"))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| r.v0)
+        .collect();
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
 }

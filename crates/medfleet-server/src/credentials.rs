@@ -68,8 +68,21 @@ impl FailureLimiter {
         (entry.0 + refilled).min(Self::BURST)
     }
 
+    /// IPv6 clients hold whole /64s: limit per /64, or rotating addresses would evade the limit.
+    fn key(address: IpAddr) -> IpAddr {
+        match address {
+            IpAddr::V6(v6) => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+            v4 @ IpAddr::V4(_) => v4,
+        }
+    }
+
     /// Whether `address` may make another attempt.
     pub fn allows(&self, address: IpAddr) -> bool {
+        let address = Self::key(address);
         let buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         buckets
             .get(&address)
@@ -77,6 +90,7 @@ impl FailureLimiter {
     }
 
     pub fn record_failure(&self, address: IpAddr) {
+        let address = Self::key(address);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let level = buckets
@@ -91,10 +105,19 @@ impl FailureLimiter {
 }
 
 /// A freshly issued enrollment token: the secret (shown once) and its expiry.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NewToken {
     pub token: String,
     pub expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for NewToken {
+    // The token is a secret: never printed, even by a stray `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewToken")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 fn hash_token(token: &str) -> String {
@@ -288,7 +311,9 @@ impl Credentials {
                 "this enrollment token was issued for another device, not {expected}"
             )));
         }
+        // The device row is locked before the token, in the same order as revocation takes them.
         let device = device::Entity::find_by_id(row.device_id)
+            .lock_exclusive()
             .one(&txn)
             .await?
             .ok_or_else(invalid)?;
@@ -311,6 +336,8 @@ impl Credentials {
             ));
         }
         let identity = Identity::Device(device.id);
+        // A re-enrolled device (a replaced unit, a reset) leaves its earlier certificates behind: retire them.
+        let superseded = revoke_all(&txn, &identity, RevocationReason::Superseded).await?;
         let details = SubjectDetails {
             serial_number: Some(device.serial_number.clone()),
             eui64: device.eui64.clone(),
@@ -325,7 +352,18 @@ impl Credentials {
         model.updated_at = Set(at);
         model.update(&txn).await?;
         txn.commit().await?;
+        if superseded > 0 {
+            self.apply_revocations().await;
+        }
         Ok((identity, issued))
+    }
+
+    /// Applies committed revocations on this replica at once. A failure here only delays them until the next
+    /// poll; the revocation itself is committed, so the caller is not told it failed.
+    async fn apply_revocations(&self) {
+        if let Err(error) = self.revocations.refresh(&self.db).await {
+            tracing::warn!(%error, "applying revocations now failed; the poller will apply them");
+        }
     }
 
     /// A new certificate for the caller's own identity.
@@ -469,7 +507,7 @@ impl Credentials {
         }
         let revoked = revoke_all(&txn, identity, reason).await?;
         txn.commit().await?;
-        self.revocations.refresh(&self.db).await?;
+        self.apply_revocations().await;
         Ok(revoked)
     }
 
@@ -508,7 +546,7 @@ impl Credentials {
             model.update(&txn).await?;
         }
         txn.commit().await?;
-        self.revocations.refresh(&self.db).await?;
+        self.apply_revocations().await;
         self.registry.get_device(id).await
     }
 
@@ -568,5 +606,13 @@ mod tests {
         }
         assert!(!limiter.allows(address));
         assert!(limiter.allows(other), "limits are per address");
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        for _ in 0..10 {
+            limiter.record_failure(v6);
+        }
+        assert!(
+            !limiter.allows("2001:db8::ffff".parse().unwrap()),
+            "an IPv6 /64 is one client"
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod identity_api;
 pub mod pki;
+pub mod policy;
 pub mod revocation;
 pub mod rpc;
 pub mod session;

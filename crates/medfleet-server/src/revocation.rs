@@ -25,6 +25,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::entity::revocation;
 use crate::pki::{CertificateAuthority, serial_of};
 
+/// Arbitrary but fixed key of the advisory lock that orders writers of the revocation log on PostgreSQL.
+const REVOCATION_LOG_LOCK_KEY: i64 = 0x6d65_6466_6c74_0003;
+/// A CRL is re-signed at least this often even when nothing changed, well before its next-update time.
+const CRL_MAX_AGE: Duration = Duration::from_mins(30);
+
 /// How often a replica looks for revocations made by other replicas.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -35,12 +40,15 @@ struct RevokedSet {
     serials: HashMap<String, (SystemTime, SystemTime)>,
 }
 
+/// A signed CRL: the log position it covers, when it was signed, and its DER.
+type SignedCrl = (i64, std::time::Instant, Arc<Vec<u8>>);
+
 #[derive(Debug, Default)]
 pub struct Revocations {
     set: RwLock<RevokedSet>,
     live: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
     next_connection: AtomicU64,
-    crl_cache: Mutex<Option<(i64, Arc<Vec<u8>>)>>,
+    crl_cache: Mutex<Option<SignedCrl>>,
 }
 
 impl Revocations {
@@ -122,15 +130,15 @@ impl Revocations {
     pub fn watch(self: &Arc<Self>, serial: String) -> RevocationWatch {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
-        if self.is_revoked(&serial) {
-            token.cancel();
-        } else {
-            self.live
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(serial.clone())
-                .or_default()
-                .insert(id, token.clone());
+        {
+            // Checked and registered under the `live` lock: `refresh` marks a serial revoked before it takes this
+            // lock to cut connections, so a connection is either seen revoked here or cut there.
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.is_revoked(&serial) {
+                token.cancel();
+            } else {
+                live.entry(serial.clone()).or_default().insert(id, token.clone());
+            }
         }
         RevocationWatch {
             revocations: Arc::clone(self),
@@ -148,13 +156,17 @@ impl Revocations {
             (set.last_seq, revoked)
         };
         let mut cache = self.crl_cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((cached_seq, der)) = cache.as_ref()
+        if let Some((cached_seq, signed_at, der)) = cache.as_ref()
             && *cached_seq == seq
+            && signed_at.elapsed() < CRL_MAX_AGE
         {
             return Ok(Arc::clone(der));
         }
-        let der = Arc::new(ca.crl(u64::try_from(seq).unwrap_or(0), &revoked)?);
-        *cache = Some((seq, Arc::clone(&der)));
+        // CRL numbers must increase with every CRL issued, also when only the validity window moves.
+        let number = u64::try_from(seq).unwrap_or(0) * 1_000_000
+            + u64::try_from(Utc::now().timestamp() % 1_000_000).unwrap_or(0);
+        let der = Arc::new(ca.crl(number, &revoked)?);
+        *cache = Some((seq, std::time::Instant::now(), Arc::clone(&der)));
         Ok(der)
     }
 }
@@ -268,6 +280,13 @@ pub async fn log_revocations(
     use sea_orm::ActiveValue::{NotSet, Set};
     if certs.is_empty() {
         return Ok(());
+    }
+    // Replicas read the log by `seq > last seen`. Sequence numbers are taken at insert, commits land in any order,
+    // so an entry committed after a higher one would be skipped for good. Serialising writers of the log until
+    // their commit makes commit order equal seq order (SQLite's write transactions are serial already).
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REVOCATION_LOG_LOCK_KEY})"))
+            .await?;
     }
     let at = crate::store::now();
     revocation::Entity::insert_many(certs.iter().map(|(serial, not_after)| revocation::ActiveModel {

@@ -55,6 +55,18 @@ pub const SERVICE_ACCESS: &[(&str, Access)] = &[
     ("/medfleet.v1.RegistryService/", Access::Users),
 ];
 
+fn rule_label(path: &str) -> String {
+    let prefix = crate::policy::RULES
+        .iter()
+        .find(|(key, _)| key.ends_with('/') && path.starts_with(key))
+        .map(|(key, _)| format!("{key}*"));
+    match (prefix, crate::policy::rule_for(path)) {
+        (Some(prefix), _) => prefix,
+        (None, Some(_)) => path.to_owned(),
+        (None, None) => "unknown".to_owned(),
+    }
+}
+
 fn rule_for(path: &str) -> Option<(&'static str, Access)> {
     SERVICE_ACCESS
         .iter()
@@ -167,7 +179,9 @@ where
         let started = Instant::now();
         let path = request.uri().path().to_owned();
         // Unknown paths are folded into one label so callers cannot grow the metric's cardinality.
-        let method_label = rule_for(&path).map_or_else(|| "unknown".to_owned(), |_| path.clone());
+        // Only exact methods are labelled by name; a prefix rule (a standard service) labels by its prefix, so
+        // callers cannot grow the metric's cardinality with made-up method names.
+        let method_label = rule_label(&path);
         let request_id = request_id(&request);
         let span = tracing::info_span!(
             "rpc",

@@ -220,11 +220,16 @@ impl Registry {
     /// A device opened a session: enrolled becomes active. Refused for a decommissioned device.
     pub async fn mark_active(&self, id: Uuid) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
-        let current = find_device(&txn, id).await?;
+        // Locked, so a concurrent revocation's state change is not overwritten.
+        let current = device::Entity::find_by_id(id)
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
         if current.state == DeviceState::Decommissioned.as_str() {
             return Err(Error::FailedPrecondition(format!("device {id} is decommissioned")));
         }
-        if current.state != DeviceState::Active.as_str() {
+        if current.state == DeviceState::Enrolled.as_str() {
             let mut model = current.into_active_model();
             model.state = Set(DeviceState::Active.as_str().to_owned());
             model.updated_at = Set(now());

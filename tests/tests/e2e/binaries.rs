@@ -697,7 +697,8 @@ async fn identity_with_binaries(backend: Backend) {
         &["devices", "revoke", &device_1, "--reason", "compromised", "-o", "json"],
     )
     .await);
-    agent.wait_for("session failed", 1).await;
+    // The session is cut, and reconnecting with the revoked certificate fails too.
+    agent.wait_for("session failed", 2).await;
     let (status, agent_logs) = agent.terminate().await;
     assert!(status.success(), "{agent_logs}");
 
@@ -726,7 +727,18 @@ async fn identity_with_binaries(backend: Backend) {
 
     let (status, logs) = daemon.terminate().await;
     assert!(status.success(), "{logs}");
-    for (name, text) in [("medfleetd", &logs), ("medfleet-agent", &agent_logs)] {
+    let enroll_output = format!(
+        "{}{}{}{}",
+        String::from_utf8_lossy(&enrolled.stdout),
+        String::from_utf8_lossy(&enrolled.stderr),
+        String::from_utf8_lossy(&wrong.stdout),
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    for (name, text) in [
+        ("medfleetd", &logs),
+        ("medfleet-agent run", &agent_logs),
+        ("medfleet-agent enroll", &enroll_output),
+    ] {
         assert!(!text.contains("PRIVATE KEY"), "a private key reached the {name} logs");
         for row in &tokens {
             assert!(!text.contains(&row[3]), "an enrollment token reached the {name} logs");

@@ -89,22 +89,27 @@ async fn assert_cut(inbound: &mut tonic::Streaming<v1::SessionResponse>, since: 
     }
 }
 
-/// Asserts that new connections with `bundle` are refused at the handshake.
+/// Asserts that new connections with `bundle` are refused at the handshake, while the admin's credentials still
+/// work on the same server (so the refusal is about this certificate, not a server that went away).
 async fn assert_refused(server: &TestServer, bundle: &Bundle, what: &str) {
-    let Ok(channel) = server.channel_for(bundle).await else {
-        return;
-    };
-    let status = HealthClient::new(channel)
+    if let Ok(channel) = server.channel_for(bundle).await {
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err(what);
+        assert!(
+            matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+            ),
+            "{what}: {status:?}"
+        );
+    }
+    let control = server.channel(&server.admin_bundle()).await.expect("admin channel");
+    HealthClient::new(control)
         .check(HealthCheckRequest::default())
         .await
-        .expect_err(what);
-    assert!(
-        matches!(
-            status.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
-        ),
-        "{what}: {status:?}"
-    );
+        .unwrap_or_else(|e| panic!("{what}: the server no longer answers valid clients either: {e:?}"));
 }
 
 async fn device_state(api: &mut Api, id: &str) -> v1::DeviceState {
@@ -229,6 +234,29 @@ async fn enrollment_rejections(backend: Backend) {
 }
 both_backends!(enrollment_rejections_change_nothing, enrollment_rejections);
 
+async fn concurrent_single_use(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut api = server.admin().await;
+    // Of eight simultaneous enrollments with one token, exactly one succeeds. of eight simultaneous enrollments with one token, exactly one succeeds.
+    let d = register(&mut api, "SN-D").await;
+    let token_d = token(&mut api, &d).await;
+    let attempts = (0..8).map(|_| server.enroll(&token_d, ""));
+    let outcomes = futures::future::join_all(attempts).await;
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        1,
+        "a token was used more than once"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().err())
+            .all(|e| e.code() == Code::Unauthenticated),
+        "{outcomes:?}"
+    );
+}
+both_backends!(token_is_single_use_under_concurrency, concurrent_single_use);
+
 async fn brute_force(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut api = server.admin().await;
@@ -289,7 +317,6 @@ async fn renewal_and_revocation(backend: Backend) {
         .unwrap();
 
     // Revocation: every certificate of the device, at once, live streams included.
-    let started = Instant::now();
     let revoked = api
         .revoke_device(v1::RevokeDeviceRequest {
             id: device.id.clone(),
@@ -298,6 +325,7 @@ async fn renewal_and_revocation(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
+    let started = Instant::now();
     assert_cut(&mut session, started, "first certificate").await;
     assert_cut(&mut renewed_session, started, "renewed certificate").await;
     assert_eq!(
@@ -373,13 +401,13 @@ async fn replicas(backend: Backend) {
     let (mut session, _keep) = open_session(b.channel_for(&bundle).await.unwrap(), &device.id)
         .await
         .unwrap();
-    let started = Instant::now();
     api.revoke_device(v1::RevokeDeviceRequest {
         id: device.id.clone(),
         reason: v1::RevocationReason::KeyCompromise.into(),
     })
     .await
     .unwrap();
+    let started = Instant::now();
     assert_cut(&mut session, started, "session on the other replica").await;
     assert_refused(&b, &bundle, "handshake on the other replica").await;
     assert!(!http_get_bytes(b.http_addr, "/crl").await.is_empty());

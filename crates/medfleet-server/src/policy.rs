@@ -1,0 +1,428 @@
+//! Which permission every RPC needs, and on which scope: the table the RPC layer decides from. A method that is not
+//! in [`RULES`] is refused (deny by default), and a test fails if any method of the proto has no rule.
+//!
+//! Scopes come from the request (a site or ward named in it) or from the stored resource it targets (the ward a
+//! device stands in), resolved here before any handler runs. A caller who may not read a resource is told it does
+//! not exist, so scopes cannot be probed.
+
+use std::collections::BTreeSet;
+
+use medfleet_core::identity::Identity;
+use medfleet_proto::v1;
+use sea_orm::{DatabaseConnection, EntityTrait as _};
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::access::Access;
+use crate::entity::device;
+
+/// What the scope of a request is taken from.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// Fleet-wide: scope `*`.
+    Global,
+    /// A site named in the request.
+    Site(fn(&[u8]) -> Option<String>),
+    /// A ward named in the request.
+    Ward(fn(&[u8]) -> Option<(String, String)>),
+    /// A stored device named by id in the request; its location is the scope.
+    Device(fn(&[u8]) -> Option<String>),
+    /// A device being registered: its requested location (storage is `*`).
+    NewDevice,
+    /// Devices being imported: every row's location, plus `enrollment:create` when tokens are issued.
+    Import,
+    /// A device update: the device's scope, and the new location's scope when it moves.
+    DeviceUpdate,
+    /// A listing: the caller sees what its grants cover.
+    List,
+}
+
+/// Who may call a method.
+#[derive(Debug, Clone, Copy)]
+pub enum Rule {
+    /// No client certificate needed (enrollment: the one-time token is the credential).
+    Anonymous,
+    /// Any authenticated principal, for itself (health, reflection, renewing one's own certificate).
+    AnyIdentity,
+    /// Devices only; the handler matches the request's claims against the certificate.
+    Devices,
+    /// Users and services holding `object:action` on the target's scope through a role grant.
+    Permission {
+        object: &'static str,
+        action: &'static str,
+        target: Target,
+    },
+}
+
+const fn permission(object: &'static str, action: &'static str, target: Target) -> Rule {
+    Rule::Permission { object, action, target }
+}
+
+fn decode<M: prost::Message + Default>(body: &[u8]) -> Option<M> {
+    M::decode(body).ok()
+}
+
+/// Every method medfleetd serves. Prefix entries (ending in `/`) cover a whole standard service.
+pub const RULES: &[(&str, Rule)] = &[
+    ("/grpc.health.v1.Health/", Rule::AnyIdentity),
+    ("/grpc.reflection.v1.ServerReflection/", Rule::AnyIdentity),
+    ("/grpc.reflection.v1alpha.ServerReflection/", Rule::AnyIdentity),
+    ("/medfleet.v1.EnrollmentService/Enroll", Rule::Anonymous),
+    ("/medfleet.v1.CredentialService/Renew", Rule::AnyIdentity),
+    (
+        "/medfleet.v1.CredentialService/IssueCredentials",
+        permission("credential", "create", Target::Global),
+    ),
+    (
+        "/medfleet.v1.CredentialService/RevokeCredentials",
+        permission("credential", "revoke", Target::Global),
+    ),
+    ("/medfleet.v1.DeviceService/Session", Rule::Devices),
+    (
+        "/medfleet.v1.RegistryService/CreateSite",
+        permission(
+            "site",
+            "create",
+            Target::Site(|b| decode::<v1::CreateSiteRequest>(b)?.site.map(|s| s.name)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/GetSite",
+        permission(
+            "site",
+            "read",
+            Target::Site(|b| decode::<v1::GetSiteRequest>(b).map(|r| r.name)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/ListSites",
+        permission("site", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.RegistryService/UpdateSite",
+        permission(
+            "site",
+            "update",
+            Target::Site(|b| decode::<v1::UpdateSiteRequest>(b)?.site.map(|s| s.name)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/CreateWard",
+        permission(
+            "ward",
+            "create",
+            Target::Site(|b| decode::<v1::CreateWardRequest>(b)?.ward.map(|w| w.site)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/GetWard",
+        permission(
+            "ward",
+            "read",
+            Target::Ward(|b| decode::<v1::GetWardRequest>(b).map(|r| (r.site, r.name))),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/ListWards",
+        permission("ward", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.RegistryService/UpdateWard",
+        permission(
+            "ward",
+            "update",
+            Target::Ward(|b| decode::<v1::UpdateWardRequest>(b)?.ward.map(|w| (w.site, w.name))),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/RegisterDevice",
+        permission("device", "create", Target::NewDevice),
+    ),
+    (
+        "/medfleet.v1.RegistryService/GetDevice",
+        permission(
+            "device",
+            "read",
+            Target::Device(|b| decode::<v1::GetDeviceRequest>(b).map(|r| r.id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/ListDevices",
+        permission("device", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.RegistryService/UpdateDevice",
+        permission("device", "update", Target::DeviceUpdate),
+    ),
+    (
+        "/medfleet.v1.RegistryService/IssueEnrollmentToken",
+        permission(
+            "enrollment",
+            "create",
+            Target::Device(|b| decode::<v1::IssueEnrollmentTokenRequest>(b).map(|r| r.device_id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/ImportDevices",
+        permission("device", "create", Target::Import),
+    ),
+    (
+        "/medfleet.v1.RegistryService/RevokeDevice",
+        permission(
+            "device",
+            "revoke",
+            Target::Device(|b| decode::<v1::RevokeDeviceRequest>(b).map(|r| r.id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RegistryService/DecommissionDevice",
+        permission(
+            "device",
+            "decommission",
+            Target::Device(|b| decode::<v1::DecommissionDeviceRequest>(b).map(|r| r.id)),
+        ),
+    ),
+];
+
+/// The rule for a method path: an exact entry, or a prefix entry of a standard service.
+pub fn rule_for(path: &str) -> Option<Rule> {
+    RULES
+        .iter()
+        .find(|(key, _)| {
+            if key.ends_with('/') {
+                path.starts_with(key)
+            } else {
+                path == *key
+            }
+        })
+        .map(|(_, rule)| *rule)
+}
+
+/// What a caller may see in listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visibility {
+    All,
+    Scopes {
+        sites: BTreeSet<String>,
+        wards: BTreeSet<(String, String)>,
+    },
+}
+
+impl Visibility {
+    pub fn sees_site(&self, site: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Scopes { sites, .. } => sites.contains(site),
+        }
+    }
+
+    pub fn sees_ward(&self, site: &str, ward: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Scopes { sites, wards } => {
+                sites.contains(site) || wards.contains(&(site.to_owned(), ward.to_owned()))
+            }
+        }
+    }
+}
+
+fn scope_of(site: &str, ward: &str) -> String {
+    if site.is_empty() && ward.is_empty() {
+        "*".to_owned()
+    } else {
+        format!("{site}/{ward}")
+    }
+}
+
+/// The outcome of an allowed request: for listings, what the caller may see.
+#[derive(Debug, Clone, Default)]
+pub struct Decision {
+    pub visibility: Option<Visibility>,
+    /// The scope the decision was made on (for the audit trail).
+    pub scope: String,
+}
+
+/// Decides a permission rule for an authenticated user or service. `body` is the request message (unary RPCs).
+pub async fn decide(
+    access: &Access,
+    db: &DatabaseConnection,
+    identity: &Identity,
+    object: &'static str,
+    action: &'static str,
+    target: Target,
+    body: &[u8],
+) -> Result<Decision, Status> {
+    let subject = identity.to_string();
+    let require = |scope: &str, object: &str, action: &str| -> Result<(), Status> {
+        if access.allowing_scope(&subject, scope, object, action).is_some() {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "{identity} lacks permission {object}:{action} on scope {scope}; ask an administrator for a role \
+                 that grants it (medfleet access grant)"
+            )))
+        }
+    };
+    let single = |scope: String| async move {
+        require(&scope, object, action)?;
+        Ok(Decision {
+            visibility: None,
+            scope,
+        })
+    };
+    match target {
+        Target::Global => single("*".to_owned()).await,
+        Target::Site(extract) => single(extract(body).unwrap_or_default()).await,
+        Target::Ward(extract) => {
+            let (site, ward) = extract(body).unwrap_or_default();
+            single(scope_of(&site, &ward)).await
+        }
+        Target::NewDevice => {
+            let location = decode::<v1::RegisterDeviceRequest>(body).and_then(|r| r.location);
+            single(location.map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward))).await
+        }
+        Target::Device(extract) => {
+            let scope = device_scope(access, db, &subject, extract(body).as_deref()).await?;
+            require(&scope, object, action)?;
+            Ok(Decision {
+                visibility: None,
+                scope,
+            })
+        }
+        Target::DeviceUpdate => {
+            let request = decode::<v1::UpdateDeviceRequest>(body).unwrap_or_default();
+            let device = request.device.unwrap_or_default();
+            let scope = device_scope(access, db, &subject, Some(&device.id)).await?;
+            require(&scope, object, action)?;
+            let moves = request
+                .update_mask
+                .is_some_and(|m| m.paths.iter().any(|p| p == "location"));
+            if moves {
+                let to = device
+                    .location
+                    .map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward));
+                require(&to, object, action)?;
+            }
+            Ok(Decision {
+                visibility: None,
+                scope,
+            })
+        }
+        Target::Import => {
+            let request = decode::<v1::ImportDevicesRequest>(body).unwrap_or_default();
+            let scopes: BTreeSet<String> = request
+                .devices
+                .iter()
+                .map(|d| {
+                    d.location
+                        .as_ref()
+                        .map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward))
+                })
+                .collect();
+            for scope in &scopes {
+                require(scope, object, action)?;
+                if request.issue_tokens {
+                    require(scope, "enrollment", "create")?;
+                }
+            }
+            Ok(Decision {
+                visibility: None,
+                scope: scopes.into_iter().collect::<Vec<_>>().join(","),
+            })
+        }
+        Target::List => {
+            let visibility = access.visibility(&subject, object, action);
+            if visibility
+                == (Visibility::Scopes {
+                    sites: BTreeSet::new(),
+                    wards: BTreeSet::new(),
+                })
+            {
+                return Err(Status::permission_denied(format!(
+                    "{identity} lacks permission {object}:{action} on any scope; ask an administrator for a role \
+                     that grants it (medfleet access grant)"
+                )));
+            }
+            Ok(Decision {
+                visibility: Some(visibility),
+                scope: "*".to_owned(),
+            })
+        }
+    }
+}
+
+/// The scope of a stored device. A device the caller may not read is reported as missing, exactly like one that
+/// does not exist, so device ids cannot be probed across scopes. An unparsable id is left to the handler's
+/// validation (scope `*`, so only fleet-wide roles get that far).
+async fn device_scope(
+    access: &Access,
+    db: &DatabaseConnection,
+    subject: &str,
+    id: Option<&str>,
+) -> Result<String, Status> {
+    let Some(id) = id.and_then(|id| Uuid::parse_str(id).ok()) else {
+        return Ok("*".to_owned());
+    };
+    let missing = || Status::not_found(format!("device {id} does not exist"));
+    let row = device::Entity::find_by_id(id)
+        .one(db)
+        .await
+        .map_err(|e| Status::from(crate::error::Error::from(e)))?
+        .ok_or_else(missing)?;
+    let scope = match (&row.site, &row.ward) {
+        (Some(site), Some(ward)) => format!("{site}/{ward}"),
+        _ => "*".to_owned(),
+    };
+    if access.allowing_scope(subject, &scope, "device", "read").is_none() {
+        return Err(missing());
+    }
+    Ok(scope)
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn exact_paths_and_service_prefixes() {
+        assert!(matches!(
+            rule_for("/medfleet.v1.EnrollmentService/Enroll"),
+            Some(Rule::Anonymous)
+        ));
+        assert!(matches!(
+            rule_for("/grpc.health.v1.Health/Watch"),
+            Some(Rule::AnyIdentity)
+        ));
+        assert!(rule_for("/medfleet.v1.RegistryService/DropEverything").is_none());
+        assert!(rule_for("/medfleet.v1.RegistryService/GetDeviceX").is_none());
+    }
+
+    #[test]
+    fn targets_are_read_from_the_request() {
+        let body = v1::GetWardRequest {
+            site: "stmarys".into(),
+            name: "icu".into(),
+        }
+        .encode_to_vec();
+        let Some(Rule::Permission {
+            target: Target::Ward(extract),
+            ..
+        }) = rule_for("/medfleet.v1.RegistryService/GetWard")
+        else {
+            panic!("GetWard is ward-scoped");
+        };
+        assert_eq!(extract(&body), Some(("stmarys".into(), "icu".into())));
+    }
+
+    #[test]
+    fn visibility() {
+        let v = Visibility::Scopes {
+            sites: ["stmarys".to_owned()].into(),
+            wards: [("stjohns".to_owned(), "icu".to_owned())].into(),
+        };
+        assert!(v.sees_site("stmarys") && !v.sees_site("stjohns"));
+        assert!(v.sees_ward("stmarys", "ed") && v.sees_ward("stjohns", "icu") && !v.sees_ward("stjohns", "ed"));
+    }
+}
