@@ -3,6 +3,7 @@
 //! Exit codes (stable, for scripts): 0 success, 1 other error, 2 usage error, 3 invalid input, 4 not found,
 //! 5 conflict (already exists or not allowed in the current state), 6 not authorised, 7 server unavailable.
 
+mod access;
 mod client;
 mod identity;
 mod output;
@@ -68,6 +69,9 @@ enum Command {
     /// Your own credentials.
     #[command(subcommand)]
     Credentials(CredentialCommand),
+    /// Role-based access: who may do what, where.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -449,6 +453,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Access(command) => access::run(channel(cli).await?, command, out).await,
         Command::Users(command) => {
             identity::principal(channel(cli).await?, v1::PrincipalKind::User, command, out).await
         }

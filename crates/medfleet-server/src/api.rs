@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::error::Error;
 use crate::identity_api::caller;
+use crate::policy::{Decision, Visibility};
 use crate::store::Registry;
 
 /// Most devices one `ImportDevices` call may carry (one transaction).
@@ -42,6 +43,19 @@ fn paging(size: i32, token: &str, fingerprint: &str) -> Result<(u64, Option<Stri
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// What the caller may see, as decided by the RPC layer; nothing if the layer decided nothing (never the case for
+/// a listing, whose rule always yields a visibility).
+fn visibility<T>(request: &Request<T>) -> Visibility {
+    request
+        .extensions()
+        .get::<Decision>()
+        .and_then(|d| d.visibility.clone())
+        .unwrap_or(Visibility::Scopes {
+            sites: std::collections::BTreeSet::new(),
+            wards: std::collections::BTreeSet::new(),
+        })
+}
+
 /// The description of a single-field violation, to fold into a request's own list.
 fn field_message(violations: &Violations) -> String {
     violations
@@ -71,7 +85,7 @@ impl RegistryService for RegistryApi {
     async fn list_sites(&self, request: Request<v1::ListSitesRequest>) -> Reply<v1::ListSitesResponse> {
         let r = request.get_ref();
         let (size, after) = paging(r.page_size, &r.page_token, "sites")?;
-        let page = self.registry.list_sites(size, after).await?;
+        let page = self.registry.list_sites(size, after, &visibility(&request)).await?;
         Ok(Response::new(v1::ListSitesResponse {
             sites: page.items.into_iter().map(Into::into).collect(),
             next_page_token: page.next_after.map(|k| encode_token(&k, "sites")).unwrap_or_default(),
@@ -110,7 +124,10 @@ impl RegistryService for RegistryApi {
         let site = convert::slug("site", &r.site).map_err(Error::from)?;
         let fingerprint = format!("wards:{site}");
         let (size, after) = paging(r.page_size, &r.page_token, &fingerprint)?;
-        let page = self.registry.list_wards(&site, size, after).await?;
+        let page = self
+            .registry
+            .list_wards(&site, size, after, &visibility(&request))
+            .await?;
         Ok(Response::new(v1::ListWardsResponse {
             wards: page.items.into_iter().map(Into::into).collect(),
             next_page_token: page
@@ -154,7 +171,10 @@ impl RegistryService for RegistryApi {
                 "is not a page token from this listing",
             ))
         })?;
-        let page = self.registry.list_devices(&filter, size, after).await?;
+        let page = self
+            .registry
+            .list_devices(&filter, size, after, &visibility(&request))
+            .await?;
         Ok(Response::new(v1::ListDevicesResponse {
             devices: page.items.into_iter().map(Into::into).collect(),
             next_page_token: page

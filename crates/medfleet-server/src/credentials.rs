@@ -574,6 +574,16 @@ impl Credentials {
             }
             .insert(&txn)
             .await?;
+            // The first admin holds the admin role fleet-wide, once: a later revocation of that grant sticks.
+            crate::access::insert_grant(
+                &txn,
+                &crate::access::Grant {
+                    subject: identity.to_string(),
+                    role: "admin".to_owned(),
+                    scope: "*".to_owned(),
+                },
+            )
+            .await?;
         }
         txn.commit().await?;
         Ok(())

@@ -2,6 +2,7 @@
 //! PostgreSQL, and telemetry. [`run`] serves one replica; any number of replicas may share one PostgreSQL.
 
 pub mod access;
+pub mod access_api;
 pub mod api;
 pub mod audit;
 pub mod config;
@@ -24,6 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use medfleet_proto::v1::access_service_server::AccessServiceServer;
 use medfleet_proto::v1::credential_service_server::CredentialServiceServer;
 use medfleet_proto::v1::device_service_server::DeviceServiceServer;
 use medfleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
@@ -59,6 +61,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Access(access::AccessError),
 }
 
 /// The two sockets a replica serves: gRPC (mTLS) and plain HTTP for operations.
@@ -139,6 +143,8 @@ pub async fn run(
         revocations.clone(),
     );
     record_bootstrap_admin(&dir, &ca, &credentials).await;
+    let access = access::Access::load(db.clone()).await.map_err(ServeError::Access)?;
+    access.spawn_poller(background.clone());
     let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -147,6 +153,7 @@ pub async fn run(
     health.set_serving::<EnrollmentServiceServer<IdentityApi>>().await;
     health.set_serving::<CredentialServiceServer<IdentityApi>>().await;
     health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
+    health.set_serving::<AccessServiceServer<access_api::AccessApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -161,6 +168,7 @@ pub async fn run(
     let credential_service = CredentialServiceServer::new(identity_api);
     let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone()));
     let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials));
+    let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
 
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let ops = http::router(http::OpsState {
@@ -193,13 +201,16 @@ pub async fn run(
             health.set_not_serving::<CredentialServiceServer<IdentityApi>>().await;
             health.set_not_serving::<DeviceServiceServer<DeviceApi>>().await;
             health
+                .set_not_serving::<AccessServiceServer<access_api::AccessApi>>()
+                .await;
+            health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = draining_tx.send(true);
         }
     };
     let serve = Server::builder()
-        .layer(RpcLayer::new(metrics.clone()))
+        .layer(RpcLayer::new(metrics.clone(), access.clone(), db.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -207,6 +218,7 @@ pub async fn run(
         .add_service(credential_service)
         .add_service(device_service)
         .add_service(registry)
+        .add_service(access_service)
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let deadline = async move {

@@ -79,6 +79,22 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     ("/medfleet.v1.DeviceService/Session", Rule::Devices),
     (
+        "/medfleet.v1.AccessService/Grant",
+        permission("access", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.AccessService/Revoke",
+        permission("access", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.AccessService/ListGrants",
+        permission("access", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.AccessService/Check",
+        permission("access", "read", Target::Global),
+    ),
+    (
         "/medfleet.v1.RegistryService/CreateSite",
         permission(
             "site",
@@ -384,6 +400,24 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
+
+    /// Deny by default means a new RPC without a rule is unreachable; this makes it a failing test instead of a
+    /// surprise.
+    #[test]
+    fn every_method_in_the_proto_has_a_rule() {
+        let fds = prost_types::FileDescriptorSet::decode(medfleet_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut methods = 0;
+        for file in &fds.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    assert!(rule_for(&path).is_some(), "{path} has no access rule in policy::RULES");
+                    methods += 1;
+                }
+            }
+        }
+        assert!(methods >= 20, "the descriptor set looks empty ({methods} methods)");
+    }
 
     #[test]
     fn exact_paths_and_service_prefixes() {

@@ -1,23 +1,36 @@
 //! The one tower layer every RPC passes through: request id, caller identity, access decision, span and metrics.
 //!
-//! Handlers never check who is calling; they read the [`Caller`] this layer put in the request extensions.
+//! The decision follows [`crate::policy::RULES`]: authentication first (who is calling, from the connection's
+//! certificate), then, for role-governed methods, the casbin decision on the target's scope, resolved from the
+//! request message before the handler runs. Handlers never check who is calling; they read the [`Caller`] (and,
+//! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every refusal is written
+//! to the audit trail.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
+use http_body_util::BodyExt as _;
 use medfleet_core::identity::Identity;
+use sea_orm::DatabaseConnection;
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
+use crate::access::Access;
+use crate::audit::{self, Outcome};
+use crate::policy::{self, Decision, Rule};
 use crate::telemetry::Metrics;
 use crate::tls::PeerInfo;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The largest request message the layer reads to find its target (tonic's own default limit).
+const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// The authenticated caller of the current request.
 #[derive(Debug, Clone)]
@@ -28,57 +41,12 @@ pub struct Caller {
     pub certificate: Option<(String, std::time::SystemTime)>,
 }
 
-/// Who may call a family of RPCs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone who completed the TLS handshake, with or without a client certificate (enrollment only: the
-    /// one-time token is the credential).
-    Anonymous,
-    /// Any authenticated principal (health, reflection, renewing one's own certificate).
-    AnyIdentity,
-    /// Devices only, each for itself (the handler matches the request's claims against the certificate).
-    Devices,
-    /// Operators only (`medfleet://user/...`).
-    Users,
-}
-
-/// Access rules by method-path prefix; the first match wins, so a specific method comes before its service.
-/// A method no rule matches is refused: deny by default.
-pub const SERVICE_ACCESS: &[(&str, Access)] = &[
-    ("/grpc.health.v1.Health/", Access::AnyIdentity),
-    ("/grpc.reflection.v1.ServerReflection/", Access::AnyIdentity),
-    ("/grpc.reflection.v1alpha.ServerReflection/", Access::AnyIdentity),
-    ("/medfleet.v1.EnrollmentService/Enroll", Access::Anonymous),
-    ("/medfleet.v1.CredentialService/Renew", Access::AnyIdentity),
-    ("/medfleet.v1.CredentialService/", Access::Users),
-    ("/medfleet.v1.DeviceService/", Access::Devices),
-    ("/medfleet.v1.RegistryService/", Access::Users),
-];
-
-fn rule_label(path: &str) -> String {
-    let prefix = crate::policy::RULES
-        .iter()
-        .find(|(key, _)| key.ends_with('/') && path.starts_with(key))
-        .map(|(key, _)| format!("{key}*"));
-    match (prefix, crate::policy::rule_for(path)) {
-        (Some(prefix), _) => prefix,
-        (None, Some(_)) => path.to_owned(),
-        (None, None) => "unknown".to_owned(),
-    }
-}
-
-fn rule_for(path: &str) -> Option<(&'static str, Access)> {
-    SERVICE_ACCESS
-        .iter()
-        .find(|(prefix, _)| path.starts_with(prefix))
-        .copied()
-}
-
-/// The access decision for `path` called over a connection with `peer`: the caller's identity (`None` for an
-/// anonymous enrollment) or the status to refuse with.
-pub fn authorize(peer: Option<&PeerInfo>, path: &str) -> Result<Option<Identity>, Status> {
-    let rule = rule_for(path).map(|(_, access)| access);
-    if rule == Some(Access::Anonymous) {
+/// Who is calling, as far as the method's rule needs to know: `Ok(None)` for an anonymous enrollment.
+pub fn authenticate(peer: Option<&PeerInfo>, path: &str) -> Result<Option<Identity>, Status> {
+    let Some(rule) = policy::rule_for(path) else {
+        return Err(Status::unimplemented(format!("{path} is not served by medfleetd")));
+    };
+    if matches!(rule, Rule::Anonymous) {
         return Ok(peer.and_then(|p| p.identity.clone().ok()));
     }
     let identity = match peer.map(|p| &p.identity) {
@@ -91,35 +59,53 @@ pub fn authorize(peer: Option<&PeerInfo>, path: &str) -> Result<Option<Identity>
         }
         None => return Err(Status::unauthenticated("no client certificate")),
     };
-    let allowed = match (rule, &identity) {
-        (None, _) => return Err(Status::unimplemented(format!("{path} is not served by medfleetd"))),
-        (Some(Access::AnyIdentity | Access::Anonymous), _)
-        | (Some(Access::Users), Identity::User(_))
-        | (Some(Access::Devices), Identity::Device(_)) => true,
-        (Some(Access::Users | Access::Devices), _) => false,
+    let refused = match (rule, &identity) {
+        (Rule::Devices, Identity::Device(_))
+        | (Rule::AnyIdentity | Rule::Anonymous, _)
+        | (Rule::Permission { .. }, Identity::User(_) | Identity::Service(_)) => None,
+        (Rule::Devices, _) => Some("devices"),
+        (Rule::Permission { .. }, Identity::Device(_)) => Some("operators and integrations"),
     };
-    if allowed {
-        return Ok(Some(identity));
+    match refused {
+        None => Ok(Some(identity)),
+        Some(needed) => Err(Status::permission_denied(format!(
+            "{path} is for {needed}; {identity} is a {} identity",
+            identity.kind()
+        ))),
     }
-    let needed = if rule == Some(Access::Devices) {
-        "devices"
-    } else {
-        "operators (user identities)"
-    };
-    Err(Status::permission_denied(format!(
-        "{path} is for {needed}; {identity} is a {} identity",
-        identity.kind()
-    )))
 }
 
-#[derive(Debug, Clone)]
+/// The message of a unary gRPC request body: one uncompressed length-prefixed frame.
+fn message(frame: &[u8]) -> Result<&[u8], Status> {
+    let Some((header, rest)) = frame.split_at_checked(5) else {
+        return Ok(&[]);
+    };
+    if header[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not accepted; send them uncompressed",
+        ));
+    }
+    let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    rest.get(..length)
+        .ok_or_else(|| Status::invalid_argument("the request frame is shorter than its length prefix"))
+}
+
+#[derive(Clone)]
 pub struct RpcLayer {
     metrics: Metrics,
+    access: Arc<Access>,
+    db: DatabaseConnection,
+}
+
+impl std::fmt::Debug for RpcLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcLayer").finish_non_exhaustive()
+    }
 }
 
 impl RpcLayer {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Metrics, access: Arc<Access>, db: DatabaseConnection) -> Self {
+        Self { metrics, access, db }
     }
 }
 
@@ -129,15 +115,21 @@ impl<S> Layer<S> for RpcLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RpcService {
             inner,
-            metrics: self.metrics.clone(),
+            layer: self.clone(),
         }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RpcService<S> {
     inner: S,
-    metrics: Metrics,
+    layer: RpcLayer,
+}
+
+impl<S> std::fmt::Debug for RpcService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcService").finish_non_exhaustive()
+    }
 }
 
 /// A caller-supplied request id is kept (for correlation with client logs) only if it is short and printable.
@@ -161,6 +153,48 @@ fn grpc_code<B>(response: &Response<B>) -> i32 {
         .unwrap_or(0)
 }
 
+/// The metric label of a method: exact methods by name, standard services by prefix, anything else "unknown", so
+/// callers cannot grow the metric's cardinality with made-up method names.
+fn rule_label(path: &str) -> String {
+    let prefix = policy::RULES
+        .iter()
+        .find(|(key, _)| key.ends_with('/') && path.starts_with(key))
+        .map(|(key, _)| format!("{key}*"));
+    match (prefix, policy::rule_for(path)) {
+        (Some(prefix), _) => prefix,
+        (None, Some(_)) => path.to_owned(),
+        (None, None) => "unknown".to_owned(),
+    }
+}
+
+/// Records a refusal. Best effort: the refusal itself never depends on the audit write.
+async fn audit_refusal(
+    db: &DatabaseConnection,
+    actor: &str,
+    path: &str,
+    scope: &str,
+    request_id: &str,
+    status: &Status,
+) {
+    let event = audit::Event {
+        actor: actor.to_owned(),
+        action: path.to_owned(),
+        target: path.to_owned(),
+        scope: scope.to_owned(),
+        outcome: Outcome::Denied,
+        request_id: request_id.to_owned(),
+        detail: format!("{:?}: {}", status.code(), status.message()),
+    };
+    let written = async {
+        let txn = crate::db::begin_write(db).await?;
+        audit::append(&txn, &event).await?;
+        txn.commit().await
+    };
+    if let Err(error) = written.await {
+        tracing::error!(%error, "could not record a refusal in the audit trail");
+    }
+}
+
 impl<S> Service<Request<Body>> for RpcService<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
@@ -175,12 +209,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
         let started = Instant::now();
         let path = request.uri().path().to_owned();
-        // Unknown paths are folded into one label so callers cannot grow the metric's cardinality.
-        // Only exact methods are labelled by name; a prefix rule (a standard service) labels by its prefix, so
-        // callers cannot grow the metric's cardinality with made-up method names.
         let method_label = rule_label(&path);
         let request_id = request_id(&request);
         let span = tracing::info_span!(
@@ -191,47 +222,97 @@ where
             grpc.code = tracing::field::Empty,
         );
         let header_value = HeaderValue::from_str(&request_id).ok();
-        let metrics = self.metrics.clone();
+        let metrics = self.layer.metrics.clone();
         let finish = move |mut response: Response<Body>, span: &tracing::Span| {
             let code = grpc_code(&response);
             span.record("grpc.code", code);
             metrics.record_rpc(&method_label, code, started.elapsed().as_secs_f64());
-            if let Some(value) = header_value {
+            if let Some(value) = header_value.clone() {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
             response
         };
-
         let peer = request.extensions().get::<PeerInfo>();
         let certificate = peer.and_then(|p| p.certificate.clone());
-        match authorize(peer, &path) {
-            Err(status) => {
-                let _entered = span.enter();
-                tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
-                let response = finish(status.into_http(), &span);
-                Box::pin(std::future::ready(Ok(response)))
-            }
-            Ok(identity) => {
-                if let Some(identity) = identity {
-                    span.record("caller", tracing::field::display(&identity));
-                    request.extensions_mut().insert(Caller {
-                        identity,
-                        request_id,
-                        certificate,
-                    });
-                } else {
-                    span.record("caller", "anonymous");
+        let authenticated = authenticate(peer, &path);
+        let layer = self.layer.clone();
+        // The clone that was polled ready is the one that must serve the call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+
+        Box::pin(
+            async move {
+                let span = tracing::Span::current();
+                let refuse = |status: Status, actor: String, scope: String| {
+                    let (db, path, request_id, span) =
+                        (layer.db.clone(), path.clone(), request_id.clone(), span.clone());
+                    let finish = finish.clone();
+                    async move {
+                        tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
+                        if status.code() != tonic::Code::Unimplemented {
+                            audit_refusal(&db, &actor, &path, &scope, &request_id, &status).await;
+                        }
+                        finish(status.into_http(), &span)
+                    }
+                };
+                let identity = match authenticated {
+                    Ok(identity) => identity,
+                    Err(status) => {
+                        let actor = peer_actor(certificate.as_ref());
+                        return Ok(refuse(status, actor, String::new()).await);
+                    }
+                };
+                let mut request = request;
+                if let (Some(identity), Some(Rule::Permission { object, action, target })) =
+                    (&identity, policy::rule_for(&path))
+                {
+                    let (parts, body) = request.into_parts();
+                    let Ok(collected) = http_body_util::Limited::new(body, MAX_MESSAGE).collect().await else {
+                        let status = Status::resource_exhausted("the request is larger than 4 MiB");
+                        return Ok(refuse(status, identity.to_string(), String::new()).await);
+                    };
+                    let bytes: Bytes = collected.to_bytes();
+                    let decided = match message(&bytes) {
+                        Ok(message) => {
+                            policy::decide(&layer.access, &layer.db, identity, object, action, target, message).await
+                        }
+                        Err(status) => Err(status),
+                    };
+                    match decided {
+                        Ok(decision) => {
+                            request = Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+                            request.extensions_mut().insert::<Decision>(decision);
+                        }
+                        Err(status) => {
+                            let scope = format!("{object}:{action}");
+                            return Ok(refuse(status, identity.to_string(), scope).await);
+                        }
+                    }
                 }
-                // The clone that was polled ready is the one that must serve the call.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move {
-                    let response = inner.call(request).instrument(span.clone()).await?;
-                    Ok(finish(response, &span))
-                })
+                match identity {
+                    Some(identity) => {
+                        span.record("caller", tracing::field::display(&identity));
+                        request.extensions_mut().insert(Caller {
+                            identity,
+                            request_id: request_id.clone(),
+                            certificate,
+                        });
+                    }
+                    None => {
+                        span.record("caller", "anonymous");
+                    }
+                }
+                let response = inner.call(request).await?;
+                Ok(finish(response, &span))
             }
-        }
+            .instrument(span),
+        )
     }
+}
+
+/// How a refused caller is named in the audit trail: its certificate serial when it presented one.
+fn peer_actor(certificate: Option<&(String, std::time::SystemTime)>) -> String {
+    certificate.map_or_else(|| "anonymous".to_owned(), |(serial, _)| format!("certificate {serial}"))
 }
 
 #[cfg(test)]
@@ -247,28 +328,32 @@ mod tests {
     }
 
     #[test]
-    fn registry_is_for_users_only() {
+    fn principal_kinds_per_rule() {
         let user = peer(Ok(Identity::User("alice".into())));
         let device = peer(Ok(Identity::Device(uuid::Uuid::new_v4())));
         let service = peer(Ok(Identity::Service("epic".into())));
         let path = "/medfleet.v1.RegistryService/ListDevices";
-        assert!(authorize(Some(&user), path).is_ok());
-        assert_eq!(
-            authorize(Some(&device), path).unwrap_err().code(),
-            tonic::Code::PermissionDenied
+        assert!(authenticate(Some(&user), path).is_ok());
+        assert!(
+            authenticate(Some(&service), path).is_ok(),
+            "services are governed by their role grants"
         );
-        assert_eq!(
-            authorize(Some(&service), path).unwrap_err().code(),
-            tonic::Code::PermissionDenied
-        );
-        assert!(authorize(Some(&device), "/grpc.health.v1.Health/Check").is_ok());
+        let status = authenticate(Some(&device), path).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(authenticate(Some(&device), "/grpc.health.v1.Health/Check").is_ok());
+        assert!(authenticate(Some(&device), "/medfleet.v1.DeviceService/Session").is_ok());
+        let status = authenticate(Some(&user), "/medfleet.v1.DeviceService/Session").unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        for p in [&device, &service, &user] {
+            assert!(authenticate(Some(p), "/medfleet.v1.CredentialService/Renew").is_ok());
+        }
     }
 
     #[test]
     fn enrollment_is_the_only_anonymous_method() {
         let anonymous = peer(Err("no client certificate".into()));
         assert_eq!(
-            authorize(Some(&anonymous), "/medfleet.v1.EnrollmentService/Enroll").unwrap(),
+            authenticate(Some(&anonymous), "/medfleet.v1.EnrollmentService/Enroll").unwrap(),
             None
         );
         for path in [
@@ -277,36 +362,39 @@ mod tests {
             "/medfleet.v1.RegistryService/ListSites",
             "/grpc.health.v1.Health/Check",
         ] {
-            let status = authorize(Some(&anonymous), path).unwrap_err();
+            let status = authenticate(Some(&anonymous), path).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{path}");
         }
+        assert_eq!(authenticate(None, "/x").unwrap_err().code(), tonic::Code::Unimplemented);
+        let user = peer(Ok(Identity::User("alice".into())));
+        let status = authenticate(Some(&user), "/evil.Service/Do").unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
     }
 
     #[test]
-    fn renewal_for_all_issuing_for_users_sessions_for_devices() {
-        let device = peer(Ok(Identity::Device(uuid::Uuid::new_v4())));
-        let service = peer(Ok(Identity::Service("epic".into())));
-        let user = peer(Ok(Identity::User("alice".into())));
-        for p in [&device, &service, &user] {
-            assert!(authorize(Some(p), "/medfleet.v1.CredentialService/Renew").is_ok());
-        }
-        assert!(authorize(Some(&service), "/medfleet.v1.CredentialService/IssueCredentials").is_err());
-        assert!(authorize(Some(&user), "/medfleet.v1.CredentialService/IssueCredentials").is_ok());
-        assert!(authorize(Some(&device), "/medfleet.v1.DeviceService/Session").is_ok());
-        let status = authorize(Some(&user), "/medfleet.v1.DeviceService/Session").unwrap_err();
-        assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    }
-
-    #[test]
-    fn no_identity_is_unauthenticated_and_unknown_paths_are_refused() {
-        let anonymous = peer(Err("no SAN".into()));
-        let status = authorize(Some(&anonymous), "/grpc.health.v1.Health/Check").unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert_eq!(authorize(None, "/x").unwrap_err().code(), tonic::Code::Unauthenticated);
-        let user = peer(Ok(Identity::User("alice".into())));
+    fn frames() {
+        assert_eq!(message(&[0, 0, 0, 0, 2, 7, 8]).unwrap(), &[7, 8]);
+        assert_eq!(message(&[]).unwrap(), &[] as &[u8]);
         assert_eq!(
-            authorize(Some(&user), "/evil.Service/Do").unwrap_err().code(),
+            message(&[1, 0, 0, 0, 0]).unwrap_err().code(),
             tonic::Code::Unimplemented
         );
+        assert_eq!(
+            message(&[0, 0, 0, 0, 9, 1]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(
+            rule_label("/grpc.health.v1.Health/Anything"),
+            "/grpc.health.v1.Health/*"
+        );
+        assert_eq!(
+            rule_label("/medfleet.v1.RegistryService/GetSite"),
+            "/medfleet.v1.RegistryService/GetSite"
+        );
+        assert_eq!(rule_label("/medfleet.v1.RegistryService/Made-Up"), "unknown");
     }
 }

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::db::begin_write;
 use crate::entity::{device, device_tag, site, ward};
 use crate::error::{Error, Result};
+use crate::policy::Visibility;
 
 /// The current time at the precision both backends store (microseconds), so a value returned from a write
 /// equals the value a later read returns.
@@ -80,8 +81,16 @@ impl Registry {
         find_site(&self.db, name).await.map(site_from)
     }
 
-    pub async fn list_sites(&self, size: u64, after: Option<String>) -> Result<Page<Site, String>> {
+    pub async fn list_sites(
+        &self,
+        size: u64,
+        after: Option<String>,
+        visibility: &Visibility,
+    ) -> Result<Page<Site, String>> {
         let mut query = site::Entity::find();
+        if let Visibility::Scopes { sites, .. } = visibility {
+            query = query.filter(site::Column::Name.is_in(sites.iter().cloned()));
+        }
         if let Some(after) = after {
             query = query.filter(site::Column::Name.gt(after));
         }
@@ -137,9 +146,32 @@ impl Registry {
         find_ward(&self.db, site, name).await.and_then(ward_from)
     }
 
-    pub async fn list_wards(&self, site: &str, size: u64, after: Option<String>) -> Result<Page<Ward, String>> {
+    pub async fn list_wards(
+        &self,
+        site: &str,
+        size: u64,
+        after: Option<String>,
+        visibility: &Visibility,
+    ) -> Result<Page<Ward, String>> {
+        let visible: Option<Vec<String>> = match visibility {
+            Visibility::Scopes { sites, wards } if !sites.contains(site) => Some(
+                wards
+                    .iter()
+                    .filter(|(s, _)| s == site)
+                    .map(|(_, w)| w.clone())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if visible.as_ref().is_some_and(Vec::is_empty) {
+            // Nothing of this site is visible: answer as if it did not exist.
+            return Err(Error::NotFound(format!("site '{site}' does not exist")));
+        }
         find_site(&self.db, site).await?;
         let mut query = ward::Entity::find().filter(ward::Column::Site.eq(site));
+        if let Some(names) = visible {
+            query = query.filter(ward::Column::Name.is_in(names));
+        }
         if let Some(after) = after {
             query = query.filter(ward::Column::Name.gt(after));
         }
@@ -250,8 +282,20 @@ impl Registry {
         filter: &DeviceFilter,
         size: u64,
         after: Option<Uuid>,
+        visibility: &Visibility,
     ) -> Result<Page<Device, Uuid>> {
         let mut query = device::Entity::find();
+        if let Visibility::Scopes { sites, wards } = visibility {
+            let mut visible = sea_orm::Condition::any().add(device::Column::Site.is_in(sites.iter().cloned()));
+            for (site, ward) in wards {
+                visible = visible.add(
+                    sea_orm::Condition::all()
+                        .add(device::Column::Site.eq(site.as_str()))
+                        .add(device::Column::Ward.eq(ward.as_str())),
+                );
+            }
+            query = query.filter(visible);
+        }
         if let Some(site) = &filter.site {
             query = query.filter(device::Column::Site.eq(site));
         }

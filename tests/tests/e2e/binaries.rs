@@ -621,6 +621,52 @@ async fn identity_with_binaries(backend: Backend) {
     )
     .await);
     assert_eq!(std::fs::metadata(&alice).unwrap().permissions().mode() & 0o777, 0o600);
+    // Deny by default: alice can do nothing until granted a role.
+    let denied = cli(port, &alice, &["devices", "list"]).await;
+    assert_eq!(denied.code, 6, "{}", denied.stderr);
+    assert!(denied.stderr.contains("device:read"), "{}", denied.stderr);
+    ok(&cli(
+        port,
+        &admin,
+        &["access", "grant", "alice", "biomed", "--scope", "stmarys"],
+    )
+    .await);
+    let check = ok(&cli(
+        port,
+        &admin,
+        &[
+            "access",
+            "check",
+            "alice",
+            "read",
+            "device",
+            "--scope",
+            "stmarys/icu",
+            "-o",
+            "json",
+        ],
+    )
+    .await);
+    assert_eq!(check["allowed"], true, "{check}");
+    let check = ok(&cli(
+        port,
+        &admin,
+        &[
+            "access",
+            "check",
+            "alice",
+            "update",
+            "device",
+            "--scope",
+            "stmarys/icu",
+            "-o",
+            "json",
+        ],
+    )
+    .await);
+    assert_eq!(check["allowed"], false, "{check}");
+    let grants = ok(&cli(port, &admin, &["access", "list", "alice", "-o", "json"]).await);
+    assert_eq!(grants[0]["role"], "biomed");
     let listed = ok(&cli(port, &alice, &["devices", "list", "-o", "json"]).await);
     assert_eq!(listed.as_array().unwrap().len(), 3);
     let before = ok(&cli(port, &alice, &["credentials", "renew", "-o", "json"]).await);

@@ -8,6 +8,7 @@
     clippy::unnecessary_wraps
 )]
 
+mod access;
 mod binaries;
 mod identity;
 mod operations;

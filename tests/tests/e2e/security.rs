@@ -190,9 +190,29 @@ async fn identities(backend: Backend) {
     }
     assert_eq!(server.snapshot().await, before);
 
-    // Another operator (not the bootstrap admin) may call operator RPCs.
+    // Another operator (not the bootstrap admin) is denied by default, until granted a role.
     let operator = server.issue(&Identity::User("biomed-alice".into()));
     let mut api = RegistryServiceClient::new(server.channel(&operator).await.unwrap());
+    let status = api.list_sites(v1::ListSitesRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("site:read"),
+        "names the missing permission: {}",
+        status.message()
+    );
+    let mut access = medfleet_proto::v1::access_service_client::AccessServiceClient::new(
+        server.channel(&server.admin_bundle()).await.unwrap(),
+    );
+    access
+        .grant(v1::GrantRequest {
+            grant: Some(v1::RoleGrant {
+                principal: "medfleet://user/biomed-alice".into(),
+                role: "biomed".into(),
+                scope: "*".into(),
+            }),
+        })
+        .await
+        .unwrap();
     api.list_sites(v1::ListSitesRequest::default()).await.unwrap();
 }
 both_backends!(identity_rules, identities);
