@@ -47,8 +47,10 @@ async fn device_in(api: &mut Registry, serial: &str, site: &str, ward: &str) -> 
         ..Default::default()
     })
     .await
-    .map(tonic::Response::into_inner)
-    .unwrap_or_else(|e| panic!("register {serial} in {site}/{ward}: {e:?}"))
+    .map_or_else(
+        |e| panic!("register {serial} in {site}/{ward}: {e:?}"),
+        tonic::Response::into_inner,
+    )
 }
 
 async fn fleet(server: &TestServer) -> (v1::Device, v1::Device, v1::Device) {
@@ -106,10 +108,8 @@ async fn scopes(backend: Backend) {
         .unwrap()
         .into_inner()
         .devices;
-    assert_eq!(
-        listed.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
-        [icu.id.clone()]
-    );
+    let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, [icu.id.as_str()]);
     bea.get_device(v1::GetDeviceRequest { id: icu.id.clone() })
         .await
         .unwrap();
