@@ -4,6 +4,7 @@
 //! 5 conflict (already exists or not allowed in the current state), 6 not authorised, 7 server unavailable.
 
 mod access;
+mod audit;
 mod client;
 mod identity;
 mod output;
@@ -72,6 +73,9 @@ enum Command {
     /// Role-based access: who may do what, where.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// The tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -454,6 +458,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Access(command) => access::run(channel(cli).await?, command, out).await,
+        Command::Audit(command) => audit::run(channel(cli).await?, command, out).await,
         Command::Users(command) => {
             identity::principal(channel(cli).await?, v1::PrincipalKind::User, command, out).await
         }

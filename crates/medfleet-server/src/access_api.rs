@@ -77,6 +77,18 @@ impl AccessService for AccessApi {
         let grant = self.grant_from(request.get_ref().grant.as_ref()).await?;
         let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
         let changed = insert_grant(&txn, &grant).await.map_err(Error::from)?;
+        if changed {
+            crate::rpc::audit_context(&request)
+                .record(
+                    &txn,
+                    "access.grant",
+                    grant.subject.clone(),
+                    grant.scope.clone(),
+                    grant.role.clone(),
+                )
+                .await
+                .map_err(Error::from)?;
+        }
         txn.commit().await.map_err(Error::from)?;
         self.apply().await;
         tracing::info!(subject = %grant.subject, role = %grant.role, scope = %grant.scope, changed, "role granted");
@@ -94,6 +106,16 @@ impl AccessService for AccessApi {
             ))
             .into());
         }
+        crate::rpc::audit_context(&request)
+            .record(
+                &txn,
+                "access.revoke",
+                grant.subject.clone(),
+                grant.scope.clone(),
+                grant.role.clone(),
+            )
+            .await
+            .map_err(Error::from)?;
         txn.commit().await.map_err(Error::from)?;
         self.apply().await;
         tracing::info!(subject = %grant.subject, role = %grant.role, scope = %grant.scope, "role revoked");

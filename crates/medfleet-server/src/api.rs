@@ -13,6 +13,7 @@ use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKE
 use crate::error::Error;
 use crate::identity_api::caller;
 use crate::policy::{Decision, Visibility};
+use crate::rpc::audit_context;
 use crate::store::Registry;
 
 /// Most devices one `ImportDevices` call may carry (one transaction).
@@ -70,7 +71,7 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn create_site(&self, request: Request<v1::CreateSiteRequest>) -> Reply<v1::Site> {
         let new = convert::new_site(request.get_ref()).map_err(Error::from)?;
-        let site = self.registry.create_site(new).await?;
+        let site = self.registry.create_site(new, &audit_context(&request)).await?;
         tracing::info!(site = %site.name, "site created");
         Ok(Response::new(site.into()))
     }
@@ -95,7 +96,10 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn update_site(&self, request: Request<v1::UpdateSiteRequest>) -> Reply<v1::Site> {
         let (name, display_name) = convert::site_update(request.get_ref()).map_err(Error::from)?;
-        let site = self.registry.update_site(&name, display_name).await?;
+        let site = self
+            .registry
+            .update_site(&name, display_name, &audit_context(&request))
+            .await?;
         tracing::info!(site = %site.name, "site updated");
         Ok(Response::new(site.into()))
     }
@@ -103,7 +107,7 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn create_ward(&self, request: Request<v1::CreateWardRequest>) -> Reply<v1::Ward> {
         let new = convert::new_ward(request.get_ref()).map_err(Error::from)?;
-        let ward = self.registry.create_ward(new).await?;
+        let ward = self.registry.create_ward(new, &audit_context(&request)).await?;
         tracing::info!(ward = %ward.scope(), "ward created");
         Ok(Response::new(ward.into()))
     }
@@ -140,7 +144,10 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn update_ward(&self, request: Request<v1::UpdateWardRequest>) -> Reply<v1::Ward> {
         let (site, name, update) = convert::ward_update(request.get_ref()).map_err(Error::from)?;
-        let ward = self.registry.update_ward(&site, &name, update).await?;
+        let ward = self
+            .registry
+            .update_ward(&site, &name, update, &audit_context(&request))
+            .await?;
         tracing::info!(ward = %ward.scope(), "ward updated");
         Ok(Response::new(ward.into()))
     }
@@ -148,7 +155,7 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn register_device(&self, request: Request<v1::RegisterDeviceRequest>) -> Reply<v1::Device> {
         let new = convert::new_device(request.get_ref()).map_err(Error::from)?;
-        let device = self.registry.register_device(new).await?;
+        let device = self.registry.register_device(new, &audit_context(&request)).await?;
         tracing::info!(device = %device.id, model = %device.model, "device registered");
         Ok(Response::new(device.into()))
     }
@@ -200,7 +207,7 @@ impl RegistryService for RegistryApi {
         let (id, ttl) = v.finish(|| id.zip(ttl)).map_err(Error::from)?;
         let token = self
             .credentials
-            .issue_enrollment_token(id, ttl, &caller.identity)
+            .issue_enrollment_token(id, ttl, &caller.identity, &audit_context(&request))
             .await?;
         tracing::info!(device = %id, expires = %token.expires_at, "enrollment token issued");
         Ok(Response::new(v1::EnrollmentToken {
@@ -236,7 +243,10 @@ impl RegistryService for RegistryApi {
         }
         v.finish(|| Some(())).map_err(Error::from)?;
         let tokens = ttl.map(|ttl| (ttl, &caller.identity));
-        let imported = self.registry.import_devices(devices, tokens).await?;
+        let imported = self
+            .registry
+            .import_devices(devices, tokens, &audit_context(&request))
+            .await?;
         tracing::info!(count = imported.len(), tokens = r.issue_tokens, "devices imported");
         Ok(Response::new(v1::ImportDevicesResponse {
             devices: imported
@@ -255,7 +265,10 @@ impl RegistryService for RegistryApi {
         let r = request.get_ref();
         let id = convert::device_id("id", &r.id).map_err(Error::from)?;
         let reason = convert::revocation_reason_from_wire(r.reason).map_err(Error::from)?;
-        let device = self.credentials.revoke_device(id, reason, false).await?;
+        let device = self
+            .credentials
+            .revoke_device(id, reason, false, &audit_context(&request))
+            .await?;
         tracing::info!(device = %id, reason = reason.as_str(), "device certificates revoked");
         Ok(Response::new(device.into()))
     }
@@ -269,6 +282,7 @@ impl RegistryService for RegistryApi {
                 id,
                 medfleet_core::identity::RevocationReason::CessationOfOperation,
                 true,
+                &audit_context(&request),
             )
             .await?;
         tracing::info!(device = %id, "device decommissioned");
@@ -278,7 +292,10 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn update_device(&self, request: Request<v1::UpdateDeviceRequest>) -> Reply<v1::Device> {
         let (id, update) = convert::device_update(request.get_ref()).map_err(Error::from)?;
-        let device = self.registry.update_device(id, update).await?;
+        let device = self
+            .registry
+            .update_device(id, update, &audit_context(&request))
+            .await?;
         tracing::info!(device = %device.id, "device updated");
         Ok(Response::new(device.into()))
     }

@@ -76,6 +76,59 @@ fn hash(prev_hash: &str, at: DateTime<Utc>, event: &Event) -> String {
     })
 }
 
+/// Who is acting, for the entries a request writes.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub actor: String,
+    pub request_id: String,
+}
+
+impl Context {
+    pub fn new(actor: impl Into<String>, request_id: impl Into<String>) -> Self {
+        Self {
+            actor: actor.into(),
+            request_id: request_id.into(),
+        }
+    }
+
+    /// medfleetd itself (start-up work such as recording the first admin).
+    pub fn system(what: &str) -> Self {
+        Self::new(format!("medfleetd ({what})"), "")
+    }
+
+    /// Records an allowed change inside the transaction that makes it.
+    pub async fn record(
+        &self,
+        txn: &impl ConnectionTrait,
+        action: &str,
+        target: impl Into<String>,
+        scope: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Result<(), sea_orm::DbErr> {
+        append(
+            txn,
+            &Event {
+                actor: self.actor.clone(),
+                action: action.to_owned(),
+                target: target.into(),
+                scope: scope.into(),
+                outcome: Outcome::Allowed,
+                request_id: self.request_id.clone(),
+                detail: detail.into(),
+            },
+        )
+        .await
+    }
+}
+
+/// The scope of a device from its stored location (`*` for a device in storage).
+pub fn device_scope(site: Option<&str>, ward: Option<&str>) -> String {
+    match (site, ward) {
+        (Some(site), Some(ward)) => format!("{site}/{ward}"),
+        _ => "*".to_owned(),
+    }
+}
+
 /// Appends `event` inside the caller's transaction.
 pub async fn append(txn: &impl ConnectionTrait, event: &Event) -> Result<(), sea_orm::DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
@@ -204,4 +257,62 @@ mod tests {
         shifted.action.remove(0);
         assert_ne!(base, hash(GENESIS, at, &shifted));
     }
+}
+
+/// Filters of an audit listing.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub actor: Option<String>,
+    pub action_prefix: Option<String>,
+    /// This scope and the scopes below it.
+    pub scope: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "audit:{:?}:{:?}:{:?}:{:?}",
+            self.actor, self.action_prefix, self.scope, self.since
+        )
+    }
+}
+
+/// Entries newest first, `size` of them, before the entry `before` (exclusive).
+pub async fn list(
+    db: &impl ConnectionTrait,
+    filter: &Filter,
+    size: u64,
+    before: Option<i64>,
+) -> Result<(Vec<audit_log::Model>, Option<i64>), sea_orm::DbErr> {
+    use sea_orm::{ColumnTrait as _, Condition, QueryFilter as _};
+    let mut query = audit_log::Entity::find();
+    if let Some(before) = before {
+        query = query.filter(audit_log::Column::Seq.lt(before));
+    }
+    if let Some(actor) = &filter.actor {
+        query = query.filter(audit_log::Column::Actor.eq(actor.as_str()));
+    }
+    if let Some(prefix) = &filter.action_prefix {
+        query = query.filter(audit_log::Column::Action.starts_with(prefix.as_str()));
+    }
+    if let Some(scope) = &filter.scope {
+        query = query.filter(
+            Condition::any()
+                .add(audit_log::Column::Scope.eq(scope.as_str()))
+                .add(audit_log::Column::Scope.starts_with(format!("{scope}/"))),
+        );
+    }
+    if let Some(since) = filter.since {
+        query = query.filter(audit_log::Column::At.gte(since));
+    }
+    let mut rows = query
+        .order_by_desc(audit_log::Column::Seq)
+        .limit(size + 1)
+        .all(db)
+        .await?;
+    let more = rows.len() > usize::try_from(size).unwrap_or(usize::MAX);
+    rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+    let next = if more { rows.last().map(|r| r.seq) } else { None };
+    Ok((rows, next))
 }

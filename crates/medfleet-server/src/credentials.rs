@@ -20,6 +20,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use crate::audit::{Context, device_scope};
 use crate::db::begin_write;
 use crate::entity::{certificate, device, enrollment_token, principal};
 use crate::error::{Error, Result};
@@ -233,7 +234,13 @@ impl Credentials {
         &self.ca
     }
 
-    pub async fn issue_enrollment_token(&self, device_id: Uuid, ttl: Duration, by: &Identity) -> Result<NewToken> {
+    pub async fn issue_enrollment_token(
+        &self,
+        device_id: Uuid,
+        ttl: Duration,
+        by: &Identity,
+        audit: &Context,
+    ) -> Result<NewToken> {
         let txn = begin_write(&self.db).await?;
         let device = device::Entity::find_by_id(device_id)
             .one(&txn)
@@ -245,6 +252,15 @@ impl Credentials {
             )));
         }
         let token = insert_token(&txn, device_id, ttl, by).await?;
+        audit
+            .record(
+                &txn,
+                "enrollment.token.issue",
+                format!("device/{device_id}"),
+                device_scope(device.site.as_deref(), device.ward.as_deref()),
+                format!("expires {}", token.expires_at.to_rfc3339()),
+            )
+            .await?;
         txn.commit().await?;
         Ok(token)
     }
@@ -257,13 +273,14 @@ impl Credentials {
         token: &str,
         key: &RequestedKey,
         expected_device: Option<Uuid>,
+        audit: &Context,
     ) -> Result<(Identity, IssuedCertificate)> {
         if !self.limiter.allows(source) {
             return Err(Error::ResourceExhausted(
                 "too many failed enrollment attempts from this address; wait a minute and check the token".into(),
             ));
         }
-        let result = self.enroll_inner(token, key, expected_device).await;
+        let result = self.enroll_inner(token, key, expected_device, audit).await;
         if let Err(Error::Unauthenticated(_) | Error::PermissionDenied(_)) = &result {
             self.limiter.record_failure(source);
         }
@@ -275,6 +292,7 @@ impl Credentials {
         token: &str,
         key: &RequestedKey,
         expected_device: Option<Uuid>,
+        audit: &Context,
     ) -> Result<(Identity, IssuedCertificate)> {
         let invalid = || {
             Error::Unauthenticated(
@@ -347,6 +365,15 @@ impl Credentials {
             .issue_for_key(&identity, key, self.lifetimes.device, &details)
             .map_err(|e| Error::Internal(e.to_string()))?;
         record_certificate(&txn, &identity, &issued).await?;
+        audit
+            .record(
+                &txn,
+                "device.enroll",
+                format!("device/{}", device.id),
+                device_scope(device.site.as_deref(), device.ward.as_deref()),
+                format!("certificate {}", issued.serial),
+            )
+            .await?;
         let mut model = device.into_active_model();
         model.state = Set(DeviceState::Enrolled.as_str().to_owned());
         model.updated_at = Set(at);
@@ -372,6 +399,7 @@ impl Credentials {
         identity: &Identity,
         current_serial: Option<&str>,
         key: &RequestedKey,
+        audit: &Context,
     ) -> Result<IssuedCertificate> {
         if current_serial.is_some_and(|serial| self.revocations.is_revoked(serial)) {
             return Err(Error::PermissionDenied(
@@ -426,6 +454,15 @@ impl Credentials {
             .issue_for_key(identity, key, self.lifetimes.of(identity), &details)
             .map_err(|e| Error::Internal(e.to_string()))?;
         record_certificate(&txn, identity, &issued).await?;
+        audit
+            .record(
+                &txn,
+                "certificate.renew",
+                identity.to_string(),
+                "*",
+                format!("certificate {}", issued.serial),
+            )
+            .await?;
         txn.commit().await?;
         Ok(issued)
     }
@@ -437,6 +474,7 @@ impl Credentials {
         key: &RequestedKey,
         lifetime: Option<Duration>,
         by: &Identity,
+        audit: &Context,
     ) -> Result<IssuedCertificate> {
         let txn = begin_write(&self.db).await?;
         let at = now();
@@ -463,12 +501,27 @@ impl Credentials {
             .issue_for_key(identity, key, lifetime, &SubjectDetails::default())
             .map_err(|e| Error::Internal(e.to_string()))?;
         record_certificate(&txn, identity, &issued).await?;
+        audit
+            .record(
+                &txn,
+                "credential.issue",
+                identity.to_string(),
+                "*",
+                format!("certificate {}", issued.serial),
+            )
+            .await?;
         txn.commit().await?;
         Ok(issued)
     }
 
     /// Disables an operator or integration and revokes all its certificates, effective at once.
-    pub async fn revoke_principal(&self, identity: &Identity, reason: RevocationReason, by: &Identity) -> Result<u32> {
+    pub async fn revoke_principal(
+        &self,
+        identity: &Identity,
+        reason: RevocationReason,
+        by: &Identity,
+        audit: &Context,
+    ) -> Result<u32> {
         if identity == by {
             return Err(Error::FailedPrecondition(
                 "you cannot revoke your own credentials; ask another administrator".into(),
@@ -506,6 +559,15 @@ impl Credentials {
             None => return Err(Error::NotFound(format!("{identity} has no credentials"))),
         }
         let revoked = revoke_all(&txn, identity, reason).await?;
+        audit
+            .record(
+                &txn,
+                "credential.revoke",
+                identity.to_string(),
+                "*",
+                format!("{revoked} certificate(s); reason {}", reason.as_str()),
+            )
+            .await?;
         txn.commit().await?;
         self.apply_revocations().await;
         Ok(revoked)
@@ -513,7 +575,13 @@ impl Credentials {
 
     /// Revokes every certificate of a device; `decommission` also retires it for good. Outstanding enrollment
     /// tokens are voided either way.
-    pub async fn revoke_device(&self, id: Uuid, reason: RevocationReason, decommission: bool) -> Result<Device> {
+    pub async fn revoke_device(
+        &self,
+        id: Uuid,
+        reason: RevocationReason,
+        decommission: bool,
+        audit: &Context,
+    ) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
         // Locked first, as `renew` does (see `revoke_principal`).
         let current = device::Entity::find_by_id(id)
@@ -521,6 +589,7 @@ impl Credentials {
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
+        let scope = device_scope(current.site.as_deref(), current.ward.as_deref());
         let already_decommissioned = current.state == DeviceState::Decommissioned.as_str();
         if already_decommissioned && !decommission {
             return Err(Error::FailedPrecondition(format!(
@@ -529,7 +598,16 @@ impl Credentials {
         }
         if !already_decommissioned {
             let identity = Identity::Device(id);
-            revoke_all(&txn, &identity, reason).await?;
+            let revoked = revoke_all(&txn, &identity, reason).await?;
+            let action = if decommission {
+                "device.decommission"
+            } else {
+                "device.revoke"
+            };
+            let detail = format!("{revoked} certificate(s); reason {}", reason.as_str());
+            audit
+                .record(&txn, action, format!("device/{id}"), scope, detail)
+                .await?;
             enrollment_token::Entity::delete_many()
                 .filter(enrollment_token::Column::DeviceId.eq(id))
                 .filter(enrollment_token::Column::UsedAt.is_null())
@@ -574,6 +652,15 @@ impl Credentials {
             }
             .insert(&txn)
             .await?;
+            Context::system("init")
+                .record(
+                    &txn,
+                    "credential.bootstrap",
+                    identity.to_string(),
+                    "*",
+                    format!("certificate {}", issued.serial),
+                )
+                .await?;
             // The first admin holds the admin role fleet-wide, once: a later revocation of that grant sticks.
             crate::access::insert_grant(
                 &txn,

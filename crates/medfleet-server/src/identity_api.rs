@@ -73,7 +73,11 @@ impl EnrollmentService for IdentityApi {
             Some(convert::device_id("expected_device_id", &r.expected_device_id).map_err(Error::from)?)
         };
         let key = csr("csr_der", &r.csr_der)?;
-        match self.credentials.enroll(source, &r.token, &key, expected).await {
+        match self
+            .credentials
+            .enroll(source, &r.token, &key, expected, &crate::rpc::audit_context(&request))
+            .await
+        {
             Ok((identity, issued)) => {
                 tracing::info!(identity = %identity, serial = %issued.serial, "device enrolled");
                 Ok(Response::new(response(&identity, issued)))
@@ -94,7 +98,10 @@ impl CredentialService for IdentityApi {
         let caller = caller(&request)?;
         let key = csr("csr_der", &request.get_ref().csr_der)?;
         let current = caller.certificate.as_ref().map(|(serial, _)| serial.as_str());
-        let issued = self.credentials.renew(&caller.identity, current, &key).await?;
+        let issued = self
+            .credentials
+            .renew(&caller.identity, current, &key, &crate::rpc::audit_context(&request))
+            .await?;
         tracing::info!(identity = %caller.identity, serial = %issued.serial, "certificate renewed");
         Ok(Response::new(response(&caller.identity, issued)))
     }
@@ -123,7 +130,13 @@ impl CredentialService for IdentityApi {
         let key = csr("csr_der", &r.csr_der)?;
         let issued = self
             .credentials
-            .issue_credentials(&identity, &key, lifetime, &caller.identity)
+            .issue_credentials(
+                &identity,
+                &key,
+                lifetime,
+                &caller.identity,
+                &crate::rpc::audit_context(&request),
+            )
             .await?;
         tracing::info!(identity = %identity, serial = %issued.serial, by = %caller.identity, "credentials issued");
         Ok(Response::new(response(&identity, issued)))
@@ -140,7 +153,12 @@ impl CredentialService for IdentityApi {
         let reason = convert::revocation_reason_from_wire(r.reason).map_err(Error::from)?;
         let revoked = self
             .credentials
-            .revoke_principal(&identity, reason, &caller.identity)
+            .revoke_principal(
+                &identity,
+                reason,
+                &caller.identity,
+                &crate::rpc::audit_context(&request),
+            )
             .await?;
         tracing::info!(identity = %identity, revoked, reason = reason.as_str(), by = %caller.identity, "credentials revoked");
         Ok(Response::new(v1::RevokeResponse {

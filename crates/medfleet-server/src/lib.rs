@@ -5,6 +5,7 @@ pub mod access;
 pub mod access_api;
 pub mod api;
 pub mod audit;
+pub mod audit_api;
 pub mod config;
 pub mod credentials;
 pub mod db;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use medfleet_proto::v1::access_service_server::AccessServiceServer;
+use medfleet_proto::v1::audit_service_server::AuditServiceServer;
 use medfleet_proto::v1::credential_service_server::CredentialServiceServer;
 use medfleet_proto::v1::device_service_server::DeviceServiceServer;
 use medfleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
@@ -154,6 +156,7 @@ pub async fn run(
     health.set_serving::<CredentialServiceServer<IdentityApi>>().await;
     health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
     health.set_serving::<AccessServiceServer<access_api::AccessApi>>().await;
+    health.set_serving::<AuditServiceServer<audit_api::AuditApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -169,6 +172,7 @@ pub async fn run(
     let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone()));
     let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
+    let audit_service = AuditServiceServer::new(audit_api::AuditApi::new(db.clone()));
 
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let ops = http::router(http::OpsState {
@@ -219,6 +223,7 @@ pub async fn run(
         .add_service(device_service)
         .add_service(registry)
         .add_service(access_service)
+        .add_service(audit_service)
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let deadline = async move {

@@ -95,6 +95,14 @@ pub const RULES: &[(&str, Rule)] = &[
         permission("access", "read", Target::Global),
     ),
     (
+        "/medfleet.v1.AuditService/ListAuditEvents",
+        permission("audit", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.AuditService/VerifyAuditTrail",
+        permission("audit", "read", Target::Global),
+    ),
+    (
         "/medfleet.v1.RegistryService/CreateSite",
         permission(
             "site",

@@ -32,6 +32,24 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The largest request message the layer reads to find its target (tonic's own default limit).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 
+/// The request id of the current request (present on every request, anonymous ones included).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The audit context of a request: the caller (or "anonymous") and the request id.
+pub fn audit_context<T>(request: &tonic::Request<T>) -> crate::audit::Context {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let actor = request
+        .extensions()
+        .get::<Caller>()
+        .map_or_else(|| "anonymous".to_owned(), |c| c.identity.to_string());
+    crate::audit::Context::new(actor, request_id)
+}
+
 /// The authenticated caller of the current request.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -289,6 +307,7 @@ where
                         }
                     }
                 }
+                request.extensions_mut().insert(RequestId(request_id.clone()));
                 match identity {
                     Some(identity) => {
                         span.record("caller", tracing::field::display(&identity));

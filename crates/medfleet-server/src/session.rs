@@ -42,6 +42,7 @@ impl DeviceService for DeviceApi {
         request: Request<Streaming<v1::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let caller = caller(&request)?;
+        let audit = crate::rpc::audit_context(&request);
         let Identity::Device(id) = caller.identity else {
             return Err(Status::permission_denied("sessions are for devices"));
         };
@@ -65,7 +66,7 @@ impl DeviceService for DeviceApi {
                 "this certificate belongs to device {id}; it cannot open a session for another device"
             )));
         }
-        self.registry.mark_active(id).await?;
+        self.registry.mark_active(id, &audit).await?;
         tracing::info!(device = %id, firmware = %hello.firmware_version, "session opened");
 
         let (tx, rx) = tokio::sync::mpsc::channel(8);

@@ -17,6 +17,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use crate::audit::Context;
 use crate::db::begin_write;
 use crate::entity::{device, device_tag, site, ward};
 use crate::error::{Error, Result};
@@ -59,7 +60,7 @@ impl Registry {
         Self { db }
     }
 
-    pub async fn create_site(&self, new: NewSite) -> Result<Site> {
+    pub async fn create_site(&self, new: NewSite, audit: &Context) -> Result<Site> {
         let txn = begin_write(&self.db).await?;
         if site::Entity::find_by_id(new.name.clone()).one(&txn).await?.is_some() {
             return Err(Error::AlreadyExists(format!("site '{}' already exists", new.name)));
@@ -73,6 +74,15 @@ impl Registry {
         }
         .insert(&txn)
         .await?;
+        audit
+            .record(
+                &txn,
+                "site.create",
+                format!("site/{}", model.name),
+                model.name.clone(),
+                "",
+            )
+            .await?;
         txn.commit().await?;
         Ok(site_from(model))
     }
@@ -104,17 +114,26 @@ impl Registry {
         }))
     }
 
-    pub async fn update_site(&self, name: &str, display_name: String) -> Result<Site> {
+    pub async fn update_site(&self, name: &str, display_name: String, audit: &Context) -> Result<Site> {
         let txn = begin_write(&self.db).await?;
         let mut model = find_site(&txn, name).await?.into_active_model();
         model.display_name = Set(display_name);
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
+        audit
+            .record(
+                &txn,
+                "site.update",
+                format!("site/{}", model.name),
+                model.name.clone(),
+                "display_name",
+            )
+            .await?;
         txn.commit().await?;
         Ok(site_from(model))
     }
 
-    pub async fn create_ward(&self, new: NewWard) -> Result<Ward> {
+    pub async fn create_ward(&self, new: NewWard, audit: &Context) -> Result<Ward> {
         let txn = begin_write(&self.db).await?;
         find_site(&txn, &new.site).await?;
         if ward::Entity::find_by_id((new.site.clone(), new.name.clone()))
@@ -138,6 +157,15 @@ impl Registry {
         }
         .insert(&txn)
         .await?;
+        audit
+            .record(
+                &txn,
+                "ward.create",
+                format!("ward/{}/{}", model.site, model.name),
+                format!("{}/{}", model.site, model.name),
+                "",
+            )
+            .await?;
         txn.commit().await?;
         ward_from(model)
     }
@@ -184,7 +212,7 @@ impl Registry {
         Ok(page(wards, size, |w: &Ward| w.name.clone()))
     }
 
-    pub async fn update_ward(&self, site: &str, name: &str, update: WardUpdate) -> Result<Ward> {
+    pub async fn update_ward(&self, site: &str, name: &str, update: WardUpdate, audit: &Context) -> Result<Ward> {
         let txn = begin_write(&self.db).await?;
         let mut model = find_ward(&txn, site, name).await?.into_active_model();
         if let Some(display_name) = update.display_name {
@@ -212,13 +240,31 @@ impl Registry {
         }
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
+        audit
+            .record(
+                &txn,
+                "ward.update",
+                format!("ward/{}/{}", model.site, model.name),
+                format!("{}/{}", model.site, model.name),
+                "",
+            )
+            .await?;
         txn.commit().await?;
         ward_from(model)
     }
 
-    pub async fn register_device(&self, new: NewDevice) -> Result<Device> {
+    pub async fn register_device(&self, new: NewDevice, audit: &Context) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
         let device = insert_device(&txn, new).await?;
+        audit
+            .record(
+                &txn,
+                "device.register",
+                format!("device/{}", device.id),
+                device.location.as_ref().map_or_else(|| "*".to_owned(), Location::scope),
+                "",
+            )
+            .await?;
         txn.commit().await?;
         Ok(device)
     }
@@ -228,6 +274,7 @@ impl Registry {
         &self,
         devices: Vec<NewDevice>,
         tokens: Option<(std::time::Duration, &medfleet_core::identity::Identity)>,
+        audit: &Context,
     ) -> Result<Vec<(Device, Option<crate::credentials::NewToken>)>> {
         let txn = begin_write(&self.db).await?;
         let mut out = Vec::with_capacity(devices.len());
@@ -245,12 +292,27 @@ impl Registry {
             };
             out.push((device, token));
         }
+        for (device, token) in &out {
+            audit
+                .record(
+                    &txn,
+                    "device.register",
+                    format!("device/{}", device.id),
+                    device.location.as_ref().map_or_else(|| "*".to_owned(), Location::scope),
+                    if token.is_some() {
+                        "import, enrollment token issued"
+                    } else {
+                        "import"
+                    },
+                )
+                .await?;
+        }
         txn.commit().await?;
         Ok(out)
     }
 
     /// A device opened a session: enrolled becomes active. Refused for a decommissioned device.
-    pub async fn mark_active(&self, id: Uuid) -> Result<Device> {
+    pub async fn mark_active(&self, id: Uuid, audit: &Context) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
         // Locked, so a concurrent revocation's state change is not overwritten.
         let current = device::Entity::find_by_id(id)
@@ -262,6 +324,15 @@ impl Registry {
             return Err(Error::FailedPrecondition(format!("device {id} is decommissioned")));
         }
         if current.state == DeviceState::Enrolled.as_str() {
+            audit
+                .record(
+                    &txn,
+                    "device.activate",
+                    format!("device/{id}"),
+                    crate::audit::device_scope(current.site.as_deref(), current.ward.as_deref()),
+                    "first session",
+                )
+                .await?;
             let mut model = current.into_active_model();
             model.state = Set(DeviceState::Active.as_str().to_owned());
             model.updated_at = Set(now());
@@ -340,7 +411,7 @@ impl Registry {
         Ok(page(devices, size, |d: &Device| d.id))
     }
 
-    pub async fn update_device(&self, id: Uuid, update: DeviceUpdate) -> Result<Device> {
+    pub async fn update_device(&self, id: Uuid, update: DeviceUpdate, audit: &Context) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
         let current = find_device(&txn, id).await?;
         if current.state == DeviceState::Decommissioned.as_str() {
@@ -348,6 +419,11 @@ impl Registry {
                 "device {id} is decommissioned and can no longer be changed"
             )));
         }
+        let changed: Vec<&str> = [("location", update.location.is_some()), ("tags", update.tags.is_some())]
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(field, _)| *field)
+            .collect();
         let mut model = current.into_active_model();
         if let Some(location) = &update.location {
             if let Some(location) = location {
@@ -368,6 +444,15 @@ impl Registry {
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
         let tags = load_tags(&txn, &[id]).await?.remove(&id).unwrap_or_default();
+        audit
+            .record(
+                &txn,
+                "device.update",
+                format!("device/{id}"),
+                crate::audit::device_scope(model.site.as_deref(), model.ward.as_deref()),
+                changed.join(","),
+            )
+            .await?;
         txn.commit().await?;
         device_from(model, tags)
     }

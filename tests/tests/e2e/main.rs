@@ -9,6 +9,7 @@
 )]
 
 mod access;
+mod audit;
 mod binaries;
 mod identity;
 mod operations;
