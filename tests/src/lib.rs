@@ -204,6 +204,16 @@ impl TestServer {
         }
     }
 
+    /// Waits until the server answers a health check over mTLS, i.e. it has migrated the database and serves.
+    /// (gRPC clients need not call this: their connection waits in the listen backlog until then.)
+    pub async fn wait_ready(&self) {
+        let channel = self.channel(&self.admin_bundle()).await.expect("admin channel");
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("health check");
+    }
+
     pub fn storage(&self) -> Option<&Storage> {
         self.storage.as_ref()
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use casbin::{Adapter, CachedEnforcer, CoreApi as _, DefaultModel, Filter, Model};
+use casbin::{Adapter, CachedApi as _, CachedEnforcer, CoreApi as _, DefaultModel, Filter, Model};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{
     ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
@@ -19,6 +19,9 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use crate::entity::{casbin_rule, policy_version};
+
+/// Decisions kept per enforcer (each is a hash and a bool).
+const DECISION_CACHE_CAPACITY: usize = 100_000;
 
 /// How often a replica checks whether another replica changed the policy.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -241,6 +244,9 @@ async fn build(db: &DatabaseConnection) -> Result<CachedEnforcer, AccessError> {
     let mut enforcer = CachedEnforcer::new(model, SeaOrmAdapter::new(db.clone())).await?;
     // Policy changes are written by medfleet's own transactions (with their audit entries), never by casbin.
     enforcer.enable_auto_save(false);
+    // casbin's default of 200 cached decisions thrashes with a hospital's worth of operators; this bounds memory at
+    // a few MiB. The cache dies with the enforcer on every policy change, so it never serves a stale decision.
+    enforcer.set_cache(Box::new(casbin::DefaultCache::new(DECISION_CACHE_CAPACITY)));
     Ok(enforcer)
 }
 

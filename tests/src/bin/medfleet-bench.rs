@@ -5,6 +5,9 @@
 //! - `enroll`: N devices enroll sequentially, each as a device would (a new server-authenticated TLS connection,
 //!   then `Enroll` with its token and CSR). Baseline: the CA work alone — verifying the same CSRs and signing
 //!   their certificates with rcgen in a loop.
+//! - `enforce`: the access decision with N users holding role grants on N sites/wards (2N+ policy rules): cache
+//!   misses (every request new) against cache hits (the same requests again). Baseline: a `HashSet` lookup of the
+//!   same (subject, scope) pairs — the floor any authorisation check has to pay.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
@@ -19,6 +22,7 @@ use medfleet_server::pki::{SubjectDetails, check_csr};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Enroll,
+    Enforce,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,7 +37,7 @@ enum Backends {
 #[command(after_help = "Example:\n  cargo run --release -p medfleet-e2e --bin medfleet-bench -- enroll --devices 1000")]
 struct Args {
     scenario: Scenario,
-    /// How many devices.
+    /// How many devices (enroll) or users with grants (enforce).
     #[arg(long, default_value_t = 1000)]
     devices: usize,
     #[arg(long, value_enum, default_value = "both")]
@@ -77,6 +81,70 @@ impl Stats {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn enforce(backend: Backend, users: usize) -> (Stats, Stats, Stats) {
+    use medfleet_server::access::{Access, Grant, insert_grant};
+    let server = TestServer::start(backend).await;
+    server.wait_ready().await;
+    let db = server.db().await;
+    let roles = ["biomed", "clinician", "it_provisioner", "auditor", "emr_system"];
+    let grants: Vec<Grant> = (0..users)
+        .flat_map(|i| {
+            [
+                Grant {
+                    subject: format!("medfleet://user/u{i}"),
+                    role: roles[i % roles.len()].to_owned(),
+                    scope: format!("site{}", i % 50),
+                },
+                Grant {
+                    subject: format!("medfleet://user/u{i}"),
+                    role: roles[(i + 1) % roles.len()].to_owned(),
+                    scope: format!("site{}/ward{}", (i + 7) % 50, i % 20),
+                },
+            ]
+        })
+        .collect();
+    let txn = medfleet_server::db::begin_write(&db).await.expect("txn");
+    for grant in &grants {
+        insert_grant(&txn, grant).await.expect("grant");
+    }
+    txn.commit().await.expect("commit");
+    let access = Access::load(db.clone()).await.expect("load policy");
+    let requests: Vec<(String, String)> = (0..users)
+        .map(|i| {
+            (
+                format!("medfleet://user/u{i}"),
+                format!("site{}/ward{}", i % 50, i % 20),
+            )
+        })
+        .collect();
+    let mut misses = Stats::default();
+    for (subject, scope) in &requests {
+        let started = Instant::now();
+        std::hint::black_box(access.allowing_scope(subject, scope, "device", "read"));
+        misses.push(started.elapsed());
+    }
+    let mut hits = Stats::default();
+    for (subject, scope) in &requests {
+        let started = Instant::now();
+        std::hint::black_box(access.allowing_scope(subject, scope, "device", "read"));
+        hits.push(started.elapsed());
+    }
+    let set: std::collections::HashSet<(String, String)> =
+        grants.iter().map(|g| (g.subject.clone(), g.scope.clone())).collect();
+    let mut baseline = Stats::default();
+    for (subject, scope) in &requests {
+        let started = Instant::now();
+        std::hint::black_box(set.contains(&(subject.clone(), scope.clone())));
+        baseline.push(started.elapsed());
+    }
+    server.stop().await.expect("stop");
+    (misses, hits, baseline)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
 async fn enroll(backend: Backend, devices: usize) -> (Stats, Stats) {
@@ -157,6 +225,23 @@ async fn main() {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for backend in backends {
         match args.scenario {
+            Scenario::Enforce => {
+                let (misses, hits, baseline) = enforce(backend, args.devices).await;
+                let rules = args.devices * 2;
+                for (name, stats) in [("enforce (cache miss)", &misses), ("enforce (cache hit)", &hits)] {
+                    let ratio = stats.percentile(50.0).as_secs_f64() / baseline.percentile(50.0).as_secs_f64();
+                    println!(
+                        "| {name} | {backend:?} | {} users, {rules} grants + seeded roles | {} | {} | {:.0} | {} | {} | {:.0} | {ratio:.0}x |",
+                        args.devices,
+                        us(stats.percentile(50.0)),
+                        us(stats.percentile(99.0)),
+                        stats.per_second(),
+                        us(baseline.percentile(50.0)),
+                        us(baseline.percentile(99.0)),
+                        baseline.per_second(),
+                    );
+                }
+            }
             Scenario::Enroll => {
                 let (ours, baseline) = enroll(backend, args.devices).await;
                 let ratio = ours.percentile(50.0).as_secs_f64() / baseline.percentile(50.0).as_secs_f64();
