@@ -287,23 +287,32 @@ pub async fn decide(
             )))
         }
     };
-    let single = |scope: String| async move {
-        require(&scope, object, action)?;
-        Ok(Decision {
-            visibility: None,
-            scope,
-        })
+    // A read of a site or ward outside the caller's scopes is answered as if it did not exist (nothing to probe);
+    // fleet-wide reads (access, audit) are plainly refused.
+    let single = |scope: String, hide: bool| async move {
+        match require(&scope, object, action) {
+            Err(_) if hide && action == "read" => Err(Status::not_found(format!("{object} {scope} does not exist"))),
+            Err(status) => Err(status),
+            Ok(()) => Ok(Decision {
+                visibility: None,
+                scope,
+            }),
+        }
     };
     match target {
-        Target::Global => single("*".to_owned()).await,
-        Target::Site(extract) => single(extract(body).unwrap_or_default()).await,
+        Target::Global => single("*".to_owned(), false).await,
+        Target::Site(extract) => single(extract(body).unwrap_or_default(), true).await,
         Target::Ward(extract) => {
             let (site, ward) = extract(body).unwrap_or_default();
-            single(scope_of(&site, &ward)).await
+            single(scope_of(&site, &ward), true).await
         }
         Target::NewDevice => {
             let location = decode::<v1::RegisterDeviceRequest>(body).and_then(|r| r.location);
-            single(location.map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward))).await
+            single(
+                location.map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward)),
+                true,
+            )
+            .await
         }
         Target::Device(extract) => {
             let scope = device_scope(access, db, &subject, extract(body).as_deref()).await?;

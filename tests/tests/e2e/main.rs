@@ -12,6 +12,7 @@ mod access;
 mod audit;
 mod binaries;
 mod identity;
+mod matrix;
 mod operations;
 mod registry;
 mod security;
