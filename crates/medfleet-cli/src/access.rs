@@ -32,6 +32,23 @@ pub(crate) enum AccessCommand {
     /// List grants, of everyone or of one principal.
     #[command(after_help = "Example:\n  medfleet access list alice -o json")]
     List { principal: Option<String> },
+    /// Show what each role may do (or one role).
+    #[command(after_help = "Example:\n  medfleet access permissions biomed")]
+    Permissions { role: Option<String> },
+    /// Let a role perform an action on an object (admins edit the seeded roles or define new ones).
+    #[command(after_help = "Example:\n  medfleet access allow biomed update device")]
+    Allow {
+        role: String,
+        action: String,
+        object: String,
+    },
+    /// Take a permission away from a role.
+    #[command(after_help = "Example:\n  medfleet access disallow biomed update device")]
+    Disallow {
+        role: String,
+        action: String,
+        object: String,
+    },
     /// Explain whether a principal may perform an action on an object in a scope.
     #[command(after_help = "Example:\n  medfleet access check alice update device --scope stmarys/icu")]
     Check {
@@ -126,6 +143,52 @@ pub(crate) async fn run(channel: Channel, command: &AccessCommand, out: Format) 
                 table.add_row(vec![g.principal.as_str(), g.role.as_str(), g.scope.as_str()]);
             }
             println!("{table}");
+            Ok(())
+        }
+        AccessCommand::Permissions { role } => {
+            let permissions = api
+                .list_permissions(v1::ListPermissionsRequest {
+                    role: role.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .permissions;
+            let rows: Vec<serde_json::Value> = permissions
+                .iter()
+                .map(|p| serde_json::json!({ "role": p.role, "action": p.action, "object": p.object }))
+                .collect();
+            if out == Format::Json {
+                return output::json(&rows);
+            }
+            let mut table = comfy_table::Table::new();
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec!["ROLE", "ACTION", "OBJECT"]);
+            for p in &permissions {
+                table.add_row(vec![p.role.as_str(), p.action.as_str(), p.object.as_str()]);
+            }
+            println!("{table}");
+            Ok(())
+        }
+        AccessCommand::Allow { role, action, object } | AccessCommand::Disallow { role, action, object } => {
+            let request = v1::PermissionRequest {
+                permission: Some(v1::Permission {
+                    role: role.clone(),
+                    object: object.clone(),
+                    action: action.clone(),
+                }),
+            };
+            let allow = matches!(command, AccessCommand::Allow { .. });
+            let changed = if allow {
+                api.add_permission(request).await?.into_inner().changed
+            } else {
+                api.remove_permission(request).await?.into_inner().changed
+            };
+            if out == Format::Json {
+                return output::json(&serde_json::json!({ "changed": changed }));
+            }
+            let verb = if allow { "may now" } else { "may no longer" };
+            println!("role {role} {verb} {action} {object}");
             Ok(())
         }
         AccessCommand::Check {

@@ -535,6 +535,83 @@ pub async fn list_grants(db: &impl ConnectionTrait, subject: Option<&str>) -> Re
         .collect())
 }
 
+/// A role's permission: `role` may `action` `object`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permission {
+    pub role: String,
+    pub object: String,
+    pub action: String,
+}
+
+/// Objects and actions a permission may name (`*` for all).
+pub const OBJECTS: &[&str] = &[
+    "*",
+    "site",
+    "ward",
+    "device",
+    "enrollment",
+    "credential",
+    "access",
+    "audit",
+];
+pub const ACTIONS: &[&str] = &["*", "read", "create", "update", "revoke", "decommission"];
+
+fn p_values(p: &Permission) -> [String; 3] {
+    [p.role.clone(), p.object.clone(), p.action.clone()]
+}
+
+/// Adds a permission inside the caller's transaction; `false` if it existed.
+pub async fn insert_permission(txn: &impl ConnectionTrait, permission: &Permission) -> Result<bool, sea_orm::DbErr> {
+    let exists = casbin_rule::Entity::find()
+        .filter(casbin_rule::Column::Ptype.eq("p"))
+        .filter(casbin_rule::Column::V0.eq(&permission.role))
+        .filter(casbin_rule::Column::V1.eq(&permission.object))
+        .filter(casbin_rule::Column::V2.eq(&permission.action))
+        .one(txn)
+        .await?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    casbin_rule::Entity::insert(row("p", &p_values(permission)))
+        .exec(txn)
+        .await?;
+    bump_version(txn).await?;
+    Ok(true)
+}
+
+/// Removes a permission inside the caller's transaction; `false` if there was none.
+pub async fn delete_permission(txn: &impl ConnectionTrait, permission: &Permission) -> Result<bool, sea_orm::DbErr> {
+    let removed = delete_matching(txn, "p", 0, &p_values(permission), true).await?;
+    if removed > 0 {
+        bump_version(txn).await?;
+    }
+    Ok(removed > 0)
+}
+
+pub async fn list_permissions(
+    db: &impl ConnectionTrait,
+    role: Option<&str>,
+) -> Result<Vec<Permission>, sea_orm::DbErr> {
+    let mut query = casbin_rule::Entity::find().filter(casbin_rule::Column::Ptype.eq("p"));
+    if let Some(role) = role {
+        query = query.filter(casbin_rule::Column::V0.eq(role));
+    }
+    Ok(query
+        .order_by_asc(casbin_rule::Column::V0)
+        .order_by_asc(casbin_rule::Column::V1)
+        .order_by_asc(casbin_rule::Column::V2)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| Permission {
+            role: r.v0,
+            object: r.v1,
+            action: r.v2,
+        })
+        .collect())
+}
+
 /// Roles that exist in the policy (have at least one permission).
 pub async fn known_roles(db: &impl ConnectionTrait) -> Result<Vec<String>, sea_orm::DbErr> {
     let mut roles: Vec<String> = casbin_rule::Entity::find()

@@ -9,7 +9,10 @@ use sea_orm::DatabaseConnection;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::access::{Access, Grant, check_scope, delete_grant, insert_grant, known_roles, list_grants};
+use crate::access::{
+    ACTIONS, Access, Grant, OBJECTS, Permission, check_scope, delete_grant, delete_permission, insert_grant,
+    insert_permission, known_roles, list_grants, list_permissions,
+};
 use crate::error::Error;
 
 #[derive(Debug, Clone)]
@@ -51,6 +54,29 @@ impl AccessApi {
             tracing::warn!(%error, "reloading the access policy failed; the poller will retry");
         }
     }
+}
+
+fn permission_from(permission: Option<&v1::Permission>) -> Result<Permission, Error> {
+    let permission = permission.ok_or_else(|| Violations::single("permission", "is required"))?;
+    let mut v = Violations::new();
+    v.check(
+        "permission.role",
+        medfleet_core::validation::check_slug(&permission.role.replace('_', "-")),
+    );
+    if !OBJECTS.contains(&permission.object.as_str()) {
+        v.push("permission.object", format!("use one of {}", OBJECTS.join(", ")));
+    }
+    if !ACTIONS.contains(&permission.action.as_str()) {
+        v.push("permission.action", format!("use one of {}", ACTIONS.join(", ")));
+    }
+    v.finish(|| {
+        Some(Permission {
+            role: permission.role.clone(),
+            object: permission.object.clone(),
+            action: permission.action.clone(),
+        })
+    })
+    .map_err(Error::from)
 }
 
 /// A principal that can hold roles: a user or a service URI.
@@ -137,6 +163,81 @@ impl AccessService for AccessApi {
         Ok(Response::new(v1::ListGrantsResponse {
             grants: grants.into_iter().map(to_wire).collect(),
         }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_permissions(
+        &self,
+        request: Request<v1::ListPermissionsRequest>,
+    ) -> Result<Response<v1::ListPermissionsResponse>, Status> {
+        let role = &request.get_ref().role;
+        let permissions = list_permissions(&self.db, (!role.is_empty()).then_some(role.as_str()))
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(v1::ListPermissionsResponse {
+            permissions: permissions
+                .into_iter()
+                .map(|p| v1::Permission {
+                    role: p.role,
+                    object: p.object,
+                    action: p.action,
+                })
+                .collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn add_permission(
+        &self,
+        request: Request<v1::PermissionRequest>,
+    ) -> Result<Response<v1::GrantResponse>, Status> {
+        let permission = permission_from(request.get_ref().permission.as_ref())?;
+        let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
+        let changed = insert_permission(&txn, &permission).await.map_err(Error::from)?;
+        if changed {
+            crate::rpc::audit_context(&request)
+                .record(
+                    &txn,
+                    "access.permission.add",
+                    format!("role/{}", permission.role),
+                    "*",
+                    format!("{}:{}", permission.object, permission.action),
+                )
+                .await
+                .map_err(Error::from)?;
+        }
+        txn.commit().await.map_err(Error::from)?;
+        self.apply().await;
+        Ok(Response::new(v1::GrantResponse { changed }))
+    }
+
+    #[instrument(skip_all)]
+    async fn remove_permission(
+        &self,
+        request: Request<v1::PermissionRequest>,
+    ) -> Result<Response<v1::GrantResponse>, Status> {
+        let permission = permission_from(request.get_ref().permission.as_ref())?;
+        let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
+        if !delete_permission(&txn, &permission).await.map_err(Error::from)? {
+            return Err(Error::NotFound(format!(
+                "role {} has no permission {}:{}",
+                permission.role, permission.object, permission.action
+            ))
+            .into());
+        }
+        crate::rpc::audit_context(&request)
+            .record(
+                &txn,
+                "access.permission.remove",
+                format!("role/{}", permission.role),
+                "*",
+                format!("{}:{}", permission.object, permission.action),
+            )
+            .await
+            .map_err(Error::from)?;
+        txn.commit().await.map_err(Error::from)?;
+        self.apply().await;
+        Ok(Response::new(v1::GrantResponse { changed: true }))
     }
 
     #[instrument(skip_all)]

@@ -95,6 +95,18 @@ pub const RULES: &[(&str, Rule)] = &[
         permission("access", "read", Target::Global),
     ),
     (
+        "/medfleet.v1.AccessService/ListPermissions",
+        permission("access", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.AccessService/AddPermission",
+        permission("access", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.AccessService/RemovePermission",
+        permission("access", "update", Target::Global),
+    ),
+    (
         "/medfleet.v1.AuditService/ListAuditEvents",
         permission("audit", "read", Target::Global),
     ),

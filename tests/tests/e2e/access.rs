@@ -312,6 +312,78 @@ async fn administration(backend: Backend) {
 }
 both_backends!(grants_are_validated_and_explained, administration);
 
+async fn editable_roles(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (icu, _, _) = fleet(&server).await;
+    let mut access = access_client(&server).await;
+    access
+        .grant(grant("medfleet://user/bea", "biomed", "stmarys"))
+        .await
+        .unwrap();
+    let mut bea = as_user(&server, "bea").await;
+    let tag_update = v1::UpdateDeviceRequest {
+        device: Some(v1::Device {
+            id: icu.id.clone(),
+            tags: [("owner".to_owned(), "biomed".to_owned())].into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["tags".into()],
+        }),
+    };
+    assert_eq!(
+        bea.update_device(tag_update.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let permission = |action: &str| v1::PermissionRequest {
+        permission: Some(v1::Permission {
+            role: "biomed".into(),
+            object: "device".into(),
+            action: action.into(),
+        }),
+    };
+    assert!(
+        access
+            .add_permission(permission("update"))
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    bea.update_device(tag_update.clone()).await.unwrap();
+    let listed = access
+        .list_permissions(v1::ListPermissionsRequest { role: "biomed".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .permissions;
+    assert!(
+        listed.iter().any(|p| p.object == "device" && p.action == "update"),
+        "{listed:?}"
+    );
+    access.remove_permission(permission("update")).await.unwrap();
+    assert_eq!(
+        bea.update_device(tag_update).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        access.remove_permission(permission("update")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let bad = access
+        .add_permission(v1::PermissionRequest {
+            permission: Some(v1::Permission {
+                role: "biomed".into(),
+                object: "patients".into(),
+                action: "read".into(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+both_backends!(role_permissions_are_editable_by_admins, editable_roles);
+
 /// A grant made through one replica is enforced by another within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_reach_other_replicas_on_postgres() {

@@ -95,8 +95,8 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("CredentialService", "IssueCredentials") => Global("credential", "create"),
         ("CredentialService", "RevokeCredentials") => Global("credential", "revoke"),
         ("DeviceService", "Session") => Devices,
-        ("AccessService", "Grant" | "Revoke") => Global("access", "update"),
-        ("AccessService", "ListGrants" | "Check") => Global("access", "read"),
+        ("AccessService", "Grant" | "Revoke" | "AddPermission" | "RemovePermission") => Global("access", "update"),
+        ("AccessService", "ListGrants" | "Check" | "ListPermissions") => Global("access", "read"),
         ("AuditService", _) => Global("audit", "read"),
         ("RegistryService", "CreateSite") => Scoped("site", "create"),
         ("RegistryService", "GetSite") => Scoped("site", "read"),
@@ -298,6 +298,14 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
                 principal: "medfleet://user/someone".into(),
                 role: "no-such-role".into(),
                 scope: "*".into(),
+            }),
+        }
+        .encode_to_vec(),
+        ("AccessService", "AddPermission" | "RemovePermission") => v1::PermissionRequest {
+            permission: Some(v1::Permission {
+                role: "biomed".into(),
+                object: "no-such-object".into(),
+                action: "read".into(),
             }),
         }
         .encode_to_vec(),
