@@ -141,9 +141,15 @@ pub(crate) async fn run(channel: Channel, command: &AuditCommand, out: Format) -
                     "intact": report.intact,
                     "first_broken_seq": report.first_broken_seq,
                     "reason": report.reason,
+                    "head_seq": report.head_seq,
+                    "head_hash": report.head_hash,
                 }))?;
             } else if report.intact {
-                println!("the audit trail is intact: {} entries verified", report.entries);
+                println!(
+                    "the audit trail is intact: {} entries verified; head is entry {} with hash {}\n\
+                     keep the head outside medfleet: a later verify that does not reach it shows truncation",
+                    report.entries, report.head_seq, report.head_hash
+                );
             }
             if report.intact {
                 Ok(())

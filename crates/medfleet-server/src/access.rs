@@ -229,6 +229,8 @@ pub struct Access {
     db: DatabaseConnection,
     enforcer: ArcSwap<CachedEnforcer>,
     version: AtomicI64,
+    /// One rebuild at a time: a slow rebuild of an older version must not overwrite a newer one.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Access {
@@ -265,15 +267,18 @@ impl Access {
             db,
             enforcer: ArcSwap::from_pointee(enforcer),
             version: AtomicI64::new(version),
+            reloading: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// Rebuilds the enforcer if the stored policy version moved. Returns whether it did.
+    /// Rebuilds the enforcer if the stored policy version moved forward. Returns whether it did.
     pub async fn refresh(&self) -> Result<bool, AccessError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let version = current_version(&self.db).await?;
-        if version == self.version.load(Ordering::Acquire) {
+        if version <= self.version.load(Ordering::Acquire) {
             return Ok(false);
         }
+        // Rules read after the version: they are at least as new as it, so the pair never goes backwards.
         let enforcer = build(&self.db).await?;
         self.enforcer.store(Arc::new(enforcer));
         self.version.store(version, Ordering::Release);
@@ -328,18 +333,21 @@ impl Access {
     pub fn explain(&self, subject: &str, scope: &str, object: &str, action: &str) -> (bool, String) {
         use casbin::MgmtApi as _;
         let enforcer = self.enforcer.load();
+        let grants = enforcer.get_filtered_grouping_policy(0, vec![subject.to_owned()]);
         if let Some(allowing) = self.allowing_scope(subject, scope, object, action) {
-            let roles: Vec<String> = enforcer
-                .get_filtered_grouping_policy(0, vec![subject.to_owned()])
-                .into_iter()
+            let role_grants = |role: &str| {
+                enforcer.get_filtered_policy(0, vec![role.to_owned()]).iter().any(|p| {
+                    matches!(p.get(1).map(String::as_str), Some("*") | None) || p.get(1).is_some_and(|o| o == object)
+                }) && enforcer.get_filtered_policy(0, vec![role.to_owned()]).iter().any(|p| {
+                    (p.get(1).is_some_and(|o| o == "*" || o == object))
+                        && (p.get(2).is_some_and(|a| a == "*" || a == action))
+                })
+            };
+            let roles: Vec<String> = grants
+                .iter()
                 .filter(|g| g.get(2) == Some(&allowing))
                 .filter_map(|g| g.get(1).cloned())
-                .filter(|role| {
-                    enforcer
-                        .enforce((subject, allowing.as_str(), object, action))
-                        .unwrap_or(false)
-                        && !role.is_empty()
-                })
+                .filter(|role| role_grants(role))
                 .collect();
             return (
                 true,
@@ -349,9 +357,8 @@ impl Access {
                 ),
             );
         }
-        let grants: Vec<String> = enforcer
-            .get_filtered_grouping_policy(0, vec![subject.to_owned()])
-            .into_iter()
+        let held: Vec<String> = grants
+            .iter()
             .map(|g| {
                 format!(
                     "{} on {}",
@@ -360,10 +367,10 @@ impl Access {
                 )
             })
             .collect();
-        let held = if grants.is_empty() {
+        let held = if held.is_empty() {
             "no roles".to_owned()
         } else {
-            grants.join(", ")
+            held.join(", ")
         };
         (
             false,

@@ -182,6 +182,8 @@ fn event_of(row: &audit_log::Model) -> Option<Event> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {
     pub entries: u64,
+    /// The newest entry verified and its hash, to be kept outside the database.
+    pub head: Option<(i64, String)>,
     /// The first entry whose link does not hold, and why.
     pub first_broken: Option<(i64, String)>,
 }
@@ -192,6 +194,7 @@ pub async fn verify(db: &impl ConnectionTrait) -> Result<Verification, sea_orm::
     let mut expected_prev = GENESIS.to_owned();
     let mut after = i64::MIN;
     let mut entries = 0;
+    let mut head = None;
     loop {
         let page = audit_log::Entity::find()
             .filter(audit_log::Column::Seq.gt(after))
@@ -213,14 +216,17 @@ pub async fn verify(db: &impl ConnectionTrait) -> Result<Verification, sea_orm::
             if let Some(reason) = broken {
                 return Ok(Verification {
                     entries,
+                    head: None,
                     first_broken: Some((row.seq, reason.to_owned())),
                 });
             }
             expected_prev.clone_from(&row.hash);
+            head = Some((row.seq, row.hash.clone()));
         }
     }
     Ok(Verification {
         entries,
+        head,
         first_broken: None,
     })
 }

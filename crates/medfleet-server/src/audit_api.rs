@@ -85,12 +85,15 @@ impl AuditService for AuditApi {
         if let Some((seq, reason)) = &verification.first_broken {
             tracing::error!(seq, reason = %reason, "the audit trail is broken");
         }
+        let (head_seq, head_hash) = verification.head.unwrap_or_default();
         let (first_broken_seq, reason) = verification.first_broken.unwrap_or_default();
         Ok(Response::new(v1::VerifyAuditTrailResponse {
             entries: verification.entries,
             intact: reason.is_empty(),
             first_broken_seq,
             reason,
+            head_seq,
+            head_hash,
         }))
     }
 }

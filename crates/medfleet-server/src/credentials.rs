@@ -242,7 +242,10 @@ impl Credentials {
         audit: &Context,
     ) -> Result<NewToken> {
         let txn = begin_write(&self.db).await?;
+        // Device row first, as enrollment and revocation take it (one lock order everywhere: device row, then
+        // tokens and certificates, then the revocation log, then the audit trail).
         let device = device::Entity::find_by_id(device_id)
+            .lock_exclusive()
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound(format!("device {device_id} does not exist")))?;
@@ -559,14 +562,23 @@ impl Credentials {
             None => return Err(Error::NotFound(format!("{identity} has no credentials"))),
         }
         let revoked = revoke_all(&txn, identity, reason).await?;
+        // A revoked principal keeps no roles: a name reused later for someone else starts with none.
+        let mut dropped = Vec::new();
+        for grant in crate::access::list_grants(&txn, Some(&identity.to_string())).await? {
+            crate::access::delete_grant(&txn, &grant).await?;
+            dropped.push(format!("{} on {}", grant.role, grant.scope));
+        }
+        let detail = format!(
+            "{revoked} certificate(s); reason {}; roles removed: {}",
+            reason.as_str(),
+            if dropped.is_empty() {
+                "none".to_owned()
+            } else {
+                dropped.join(", ")
+            }
+        );
         audit
-            .record(
-                &txn,
-                "credential.revoke",
-                identity.to_string(),
-                "*",
-                format!("{revoked} certificate(s); reason {}", reason.as_str()),
-            )
+            .record(&txn, "credential.revoke", identity.to_string(), "*", detail)
             .await?;
         txn.commit().await?;
         self.apply_revocations().await;
@@ -599,15 +611,6 @@ impl Credentials {
         if !already_decommissioned {
             let identity = Identity::Device(id);
             let revoked = revoke_all(&txn, &identity, reason).await?;
-            let action = if decommission {
-                "device.decommission"
-            } else {
-                "device.revoke"
-            };
-            let detail = format!("{revoked} certificate(s); reason {}", reason.as_str());
-            audit
-                .record(&txn, action, format!("device/{id}"), scope, detail)
-                .await?;
             enrollment_token::Entity::delete_many()
                 .filter(enrollment_token::Column::DeviceId.eq(id))
                 .filter(enrollment_token::Column::UsedAt.is_null())
@@ -622,6 +625,16 @@ impl Credentials {
             model.state = Set(next.as_str().to_owned());
             model.updated_at = Set(now());
             model.update(&txn).await?;
+            // Last: the audit lock is the final lock any write transaction takes.
+            let action = if decommission {
+                "device.decommission"
+            } else {
+                "device.revoke"
+            };
+            let detail = format!("{revoked} certificate(s); reason {}", reason.as_str());
+            audit
+                .record(&txn, action, format!("device/{id}"), scope, detail)
+                .await?;
         }
         txn.commit().await?;
         self.apply_revocations().await;
@@ -652,15 +665,6 @@ impl Credentials {
             }
             .insert(&txn)
             .await?;
-            Context::system("init")
-                .record(
-                    &txn,
-                    "credential.bootstrap",
-                    identity.to_string(),
-                    "*",
-                    format!("certificate {}", issued.serial),
-                )
-                .await?;
             // The first admin holds the admin role fleet-wide, once: a later revocation of that grant sticks.
             crate::access::insert_grant(
                 &txn,
@@ -671,6 +675,15 @@ impl Credentials {
                 },
             )
             .await?;
+            Context::system("init")
+                .record(
+                    &txn,
+                    "credential.bootstrap",
+                    identity.to_string(),
+                    "*",
+                    format!("certificate {}", issued.serial),
+                )
+                .await?;
         }
         txn.commit().await?;
         Ok(())

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::access::Access;
 use crate::entity::device;
+use medfleet_core::validation::printable;
 
 /// What the scope of a request is taken from.
 #[derive(Debug, Clone, Copy)]
@@ -278,6 +279,13 @@ pub struct Decision {
     pub scope: String,
 }
 
+/// A refused request: the status to answer with and the scope it was refused on (for the audit trail).
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: Status,
+    pub scope: String,
+}
+
 /// Decides a permission rule for an authenticated user or service. `body` is the request message (unary RPCs).
 pub async fn decide(
     access: &Access,
@@ -287,24 +295,30 @@ pub async fn decide(
     action: &'static str,
     target: Target,
     body: &[u8],
-) -> Result<Decision, Status> {
+) -> Result<Decision, Refusal> {
     let subject = identity.to_string();
-    let require = |scope: &str, object: &str, action: &str| -> Result<(), Status> {
+    let require = |scope: &str, object: &str, action: &str| -> Result<(), Refusal> {
         if access.allowing_scope(&subject, scope, object, action).is_some() {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "{identity} lacks permission {object}:{action} on scope {scope}; ask an administrator for a role \
-                 that grants it (medfleet access grant)"
-            )))
+            return Ok(());
         }
+        Err(Refusal {
+            status: Status::permission_denied(format!(
+                "{identity} lacks permission {object}:{action} on scope {}; ask an administrator for a role that \
+                 grants it (medfleet access grant)",
+                printable(scope)
+            )),
+            scope: scope.to_owned(),
+        })
     };
     // A read of a site or ward outside the caller's scopes is answered as if it did not exist (nothing to probe);
     // fleet-wide reads (access, audit) are plainly refused.
     let single = |scope: String, hide: bool| async move {
         match require(&scope, object, action) {
-            Err(_) if hide && action == "read" => Err(Status::not_found(format!("{object} {scope} does not exist"))),
-            Err(status) => Err(status),
+            Err(refusal) if hide && action == "read" => Err(Refusal {
+                status: Status::not_found(format!("{object} {} does not exist", printable(&scope))),
+                scope: refusal.scope,
+            }),
+            Err(refusal) => Err(refusal),
             Ok(()) => Ok(Decision {
                 visibility: None,
                 scope,
@@ -383,10 +397,13 @@ pub async fn decide(
                     wards: BTreeSet::new(),
                 })
             {
-                return Err(Status::permission_denied(format!(
-                    "{identity} lacks permission {object}:{action} on any scope; ask an administrator for a role \
-                     that grants it (medfleet access grant)"
-                )));
+                return Err(Refusal {
+                    status: Status::permission_denied(format!(
+                        "{identity} lacks permission {object}:{action} on any scope; ask an administrator for a role \
+                         that grants it (medfleet access grant)"
+                    )),
+                    scope: "*".to_owned(),
+                });
             }
             Ok(Decision {
                 visibility: Some(visibility),
@@ -404,22 +421,28 @@ async fn device_scope(
     db: &DatabaseConnection,
     subject: &str,
     id: Option<&str>,
-) -> Result<String, Status> {
+) -> Result<String, Refusal> {
     let Some(id) = id.and_then(|id| Uuid::parse_str(id).ok()) else {
         return Ok("*".to_owned());
     };
-    let missing = || Status::not_found(format!("device {id} does not exist"));
+    let missing = |scope: String| Refusal {
+        status: Status::not_found(format!("device {id} does not exist")),
+        scope,
+    };
     let row = device::Entity::find_by_id(id)
         .one(db)
         .await
-        .map_err(|e| Status::from(crate::error::Error::from(e)))?
-        .ok_or_else(missing)?;
+        .map_err(|e| Refusal {
+            status: Status::from(crate::error::Error::from(e)),
+            scope: String::new(),
+        })?
+        .ok_or_else(|| missing(String::new()))?;
     let scope = match (&row.site, &row.ward) {
         (Some(site), Some(ward)) => format!("{site}/{ward}"),
         _ => "*".to_owned(),
     };
     if access.allowing_scope(subject, &scope, "device", "read").is_none() {
-        return Err(missing());
+        return Err(missing(scope));
     }
     Ok(scope)
 }

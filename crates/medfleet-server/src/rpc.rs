@@ -3,8 +3,10 @@
 //! The decision follows [`crate::policy::RULES`]: authentication first (who is calling, from the connection's
 //! certificate), then, for role-governed methods, the casbin decision on the target's scope, resolved from the
 //! request message before the handler runs. Handlers never check who is calling; they read the [`Caller`] (and,
-//! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every refusal is written
-//! to the audit trail.
+//! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every refusal this layer
+//! makes of a caller that presented a certificate is written to the audit trail (anonymous refusals are logged and
+//! counted only, so nobody can fill the trail without credentials); refusals made by handlers on the merits of a
+//! request (a bad token, a revoked certificate) are logged by those handlers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -198,10 +200,15 @@ async fn audit_refusal(
         actor: actor.to_owned(),
         action: path.to_owned(),
         target: path.to_owned(),
-        scope: scope.to_owned(),
+        scope: scope.chars().take(200).collect(),
         outcome: Outcome::Denied,
         request_id: request_id.to_owned(),
-        detail: format!("{:?}: {}", status.code(), status.message()),
+        // Bounded and printable: a caller controls part of the message.
+        detail: format!("{:?}: {}", status.code(), status.message())
+            .chars()
+            .take(500)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
     };
     let written = async {
         let txn = crate::db::begin_write(db).await?;
@@ -261,13 +268,14 @@ where
         Box::pin(
             async move {
                 let span = tracing::Span::current();
+                let identified = certificate.is_some();
                 let refuse = |status: Status, actor: String, scope: String| {
                     let (db, path, request_id, span) =
                         (layer.db.clone(), path.clone(), request_id.clone(), span.clone());
                     let finish = finish.clone();
                     async move {
                         tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
-                        if status.code() != tonic::Code::Unimplemented {
+                        if status.code() != tonic::Code::Unimplemented && identified {
                             audit_refusal(&db, &actor, &path, &scope, &request_id, &status).await;
                         }
                         finish(status.into_http(), &span)
@@ -294,16 +302,18 @@ where
                         Ok(message) => {
                             policy::decide(&layer.access, &layer.db, identity, object, action, target, message).await
                         }
-                        Err(status) => Err(status),
+                        Err(status) => Err(policy::Refusal {
+                            status,
+                            scope: String::new(),
+                        }),
                     };
                     match decided {
                         Ok(decision) => {
                             request = Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
                             request.extensions_mut().insert::<Decision>(decision);
                         }
-                        Err(status) => {
-                            let scope = format!("{object}:{action}");
-                            return Ok(refuse(status, identity.to_string(), scope).await);
+                        Err(refusal) => {
+                            return Ok(refuse(refusal.status, identity.to_string(), refusal.scope).await);
                         }
                     }
                 }

@@ -413,7 +413,12 @@ impl Registry {
 
     pub async fn update_device(&self, id: Uuid, update: DeviceUpdate, audit: &Context) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
-        let current = find_device(&txn, id).await?;
+        let current = device::Entity::find_by_id(id)
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
+        let from = crate::audit::device_scope(current.site.as_deref(), current.ward.as_deref());
         if current.state == DeviceState::Decommissioned.as_str() {
             return Err(Error::FailedPrecondition(format!(
                 "device {id} is decommissioned and can no longer be changed"
@@ -444,14 +449,15 @@ impl Registry {
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
         let tags = load_tags(&txn, &[id]).await?.remove(&id).unwrap_or_default();
+        let to = crate::audit::device_scope(model.site.as_deref(), model.ward.as_deref());
+        // Both ends of a move, so an auditor watching either ward sees it (scopes only: beds and tags stay out).
+        let detail = if from == to {
+            changed.join(",")
+        } else {
+            format!("{}; moved {from} -> {to}", changed.join(","))
+        };
         audit
-            .record(
-                &txn,
-                "device.update",
-                format!("device/{id}"),
-                crate::audit::device_scope(model.site.as_deref(), model.ward.as_deref()),
-                changed.join(","),
-            )
+            .record(&txn, "device.update", format!("device/{id}"), to, detail)
             .await?;
         txn.commit().await?;
         device_from(model, tags)
@@ -469,9 +475,11 @@ async fn insert_device(txn: &impl ConnectionTrait, new: NewDevice) -> Result<Dev
         .one(txn)
         .await?
     {
+        // The existing device's id stays out: it may stand outside the caller's scopes.
+        let _ = existing;
         return Err(Error::AlreadyExists(format!(
-            "a {} device with serial number {} is already registered (device {})",
-            new.manufacturer, new.serial_number, existing.id
+            "a {} device with serial number {} is already registered",
+            new.manufacturer, new.serial_number
         )));
     }
     if let Some(eui64) = &new.eui64
@@ -480,9 +488,9 @@ async fn insert_device(txn: &impl ConnectionTrait, new: NewDevice) -> Result<Dev
             .one(txn)
             .await?
     {
+        let _ = existing;
         return Err(Error::AlreadyExists(format!(
-            "EUI-64 {eui64} is already registered to device {}",
-            existing.id
+            "EUI-64 {eui64} is already registered to another device"
         )));
     }
     let at = now();

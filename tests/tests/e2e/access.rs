@@ -226,10 +226,13 @@ async fn scopes(backend: Backend) {
             .any(|d| d.actor == "medfleet://user/ivan" && d.action.ends_with("/Grant")),
         "{denials:?}"
     );
-    assert!(
-        denials
-            .iter()
-            .any(|d| d.actor == "medfleet://user/bea" && d.action.ends_with("/RevokeDevice"))
+    let revoke_denial = denials
+        .iter()
+        .find(|d| d.actor == "medfleet://user/bea" && d.action.ends_with("/RevokeDevice"))
+        .expect("bea's refused revocation is audited");
+    assert_eq!(
+        revoke_denial.scope, "stmarys/icu",
+        "a refusal is recorded under the target's scope"
     );
 }
 both_backends!(scopes_cover_wards_and_hide_the_rest, scopes);

@@ -134,6 +134,11 @@ async fn trail(backend: Backend) {
         .into_inner();
     assert!(report.intact, "{report:?}");
     assert_eq!(usize::try_from(report.entries).unwrap(), all.len());
+    assert_eq!(
+        report.head_seq, all[0].seq,
+        "verification reports the newest entry as the head"
+    );
+    assert_eq!(report.head_hash, all[0].hash);
 
     // Tampering: change one entry's content directly in the database.
     let db = server.db().await;

@@ -768,6 +768,12 @@ async fn identity_with_binaries(backend: Backend) {
         0,
         "a revoked operator still connects"
     );
+    let roles = ok(&cli(port, &admin, &["access", "list", "alice", "-o", "json"]).await);
+    assert_eq!(
+        roles.as_array().map(Vec::len),
+        Some(0),
+        "a revoked operator keeps no roles: {roles}"
+    );
     let myself = cli(port, &admin, &["users", "revoke", "admin"]).await;
     assert_eq!(myself.code, 5, "{}", myself.stderr);
 

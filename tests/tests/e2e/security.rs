@@ -79,6 +79,18 @@ async fn mtls_refusals(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Refusals of callers without a certificate are logged and counted, never written to the audit trail: nobody
+    // can fill it without credentials.
+    {
+        use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
+        let db = server.db().await;
+        let anonymous_rows = medfleet_server::entity::audit_log::Entity::find()
+            .filter(medfleet_server::entity::audit_log::Column::Actor.eq("anonymous"))
+            .all(&db)
+            .await
+            .unwrap();
+        assert!(anonymous_rows.is_empty(), "{anonymous_rows:?}");
+    }
     let status = medfleet_proto::v1::credential_service_client::CredentialServiceClient::new(anonymous)
         .renew(v1::RenewRequest::default())
         .await
