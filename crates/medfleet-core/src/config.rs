@@ -1,0 +1,264 @@
+//! Layered device configuration: a device's desired configuration is the deep merge of its layers (fleet default
+//! → model → site → ward → device override). Later layers win; `null` deletes a key. Every resolved value remembers
+//! the layer it came from, which `config get --explain` shows.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+/// The layers, in the order they apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layer {
+    Fleet,
+    Model,
+    Site,
+    Ward,
+    Device,
+}
+
+impl Layer {
+    pub const ALL: [Self; 5] = [Self::Fleet, Self::Model, Self::Site, Self::Ward, Self::Device];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fleet => "fleet",
+            Self::Model => "model",
+            Self::Site => "site",
+            Self::Ward => "ward",
+            Self::Device => "device",
+        }
+    }
+}
+
+/// A resolved configuration and, for every leaf (by JSON pointer), the layer that set it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub document: Value,
+    pub sources: BTreeMap<String, Layer>,
+}
+
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+/// Merges `overlay` into `base`: objects merge key by key, `null` removes the key, anything else replaces.
+fn merge(
+    base: &mut Map<String, Value>,
+    overlay: &Map<String, Value>,
+    layer: Layer,
+    path: &str,
+    sources: &mut BTreeMap<String, Layer>,
+) {
+    for (key, value) in overlay {
+        let pointer = format!("{path}/{}", escape(key));
+        match value {
+            Value::Null => {
+                base.remove(key);
+                sources.retain(|p, _| p != &pointer && !p.starts_with(&format!("{pointer}/")));
+            }
+            Value::Object(child) => {
+                let entry = base.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                    sources.retain(|p, _| p != &pointer);
+                }
+                if let Value::Object(target) = entry {
+                    merge(target, child, layer, &pointer, sources);
+                }
+                if child.is_empty() {
+                    sources.insert(pointer, layer);
+                }
+            }
+            leaf => {
+                sources.retain(|p, _| !p.starts_with(&format!("{pointer}/")));
+                base.insert(key.clone(), leaf.clone());
+                sources.insert(pointer, layer);
+            }
+        }
+    }
+}
+
+/// Resolves the layers that exist, in order. A layer that is not a JSON object is ignored by callers' validation
+/// before it is stored; here it is treated as empty.
+pub fn resolve(layers: &[(Layer, Value)]) -> Resolved {
+    let mut ordered: Vec<&(Layer, Value)> = layers.iter().collect();
+    ordered.sort_by_key(|(layer, _)| *layer);
+    let mut document = Map::new();
+    let mut sources = BTreeMap::new();
+    for (layer, value) in ordered {
+        if let Value::Object(overlay) = value {
+            merge(&mut document, overlay, *layer, "", &mut sources);
+        }
+    }
+    Resolved {
+        document: Value::Object(document),
+        sources,
+    }
+}
+
+/// One difference between two documents, by JSON pointer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Added { pointer: String, value: Value },
+    Removed { pointer: String, value: Value },
+    Changed { pointer: String, from: Value, to: Value },
+}
+
+/// The leaf-level differences from `from` to `to`, in pointer order.
+pub fn diff(from: &Value, to: &Value) -> Vec<Change> {
+    let mut changes = Vec::new();
+    walk(from, to, "", &mut changes);
+    changes
+}
+
+fn walk(from: &Value, to: &Value, pointer: &str, changes: &mut Vec<Change>) {
+    match (from, to) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let child = format!("{pointer}/{}", escape(key));
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => walk(x, y, &child, changes),
+                    (Some(x), None) => changes.push(Change::Removed {
+                        pointer: child,
+                        value: x.clone(),
+                    }),
+                    (None, Some(y)) => changes.push(Change::Added {
+                        pointer: child,
+                        value: y.clone(),
+                    }),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a == b => {}
+        (a, b) => changes.push(Change::Changed {
+            pointer: pointer.to_owned(),
+            from: a.clone(),
+            to: b.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn later_layers_win_and_null_deletes() {
+        let resolved = resolve(&[
+            (Layer::Device, json!({ "alarms": { "hr_high": 150 }, "wifi": null })),
+            (
+                Layer::Fleet,
+                json!({ "alarms": { "hr_high": 120, "hr_low": 40 }, "wifi": { "ssid": "med" }, "units": "metric" }),
+            ),
+            (Layer::Ward, json!({ "alarms": { "spo2_low": 92 } })),
+        ]);
+        assert_eq!(
+            resolved.document,
+            json!({ "alarms": { "hr_high": 150, "hr_low": 40, "spo2_low": 92 }, "units": "metric" })
+        );
+        assert_eq!(resolved.sources["/alarms/hr_high"], Layer::Device);
+        assert_eq!(resolved.sources["/alarms/hr_low"], Layer::Fleet);
+        assert_eq!(resolved.sources["/alarms/spo2_low"], Layer::Ward);
+        assert!(
+            !resolved.sources.keys().any(|p| p.starts_with("/wifi")),
+            "{:?}",
+            resolved.sources
+        );
+    }
+
+    #[test]
+    fn scalars_replace_objects_and_back() {
+        let resolved = resolve(&[
+            (Layer::Fleet, json!({ "a": { "b": 1 } })),
+            (Layer::Model, json!({ "a": 5 })),
+            (Layer::Site, json!({ "a": { "c": 2 } })),
+        ]);
+        assert_eq!(resolved.document, json!({ "a": { "c": 2 } }));
+        assert_eq!(resolved.sources.keys().collect::<Vec<_>>(), ["/a/c"]);
+    }
+
+    #[test]
+    fn pointers_escape_slashes_and_tildes() {
+        let resolved = resolve(&[(Layer::Fleet, json!({ "a/b": { "~c": 1 } }))]);
+        assert!(resolved.sources.contains_key("/a~1b/~0c"));
+    }
+
+    #[test]
+    fn diff_reports_leaves() {
+        let changes = diff(
+            &json!({ "a": 1, "b": { "c": 2 }, "d": 3 }),
+            &json!({ "a": 1, "b": { "c": 4 }, "e": 5 }),
+        );
+        assert_eq!(
+            changes,
+            vec![
+                Change::Changed {
+                    pointer: "/b/c".into(),
+                    from: json!(2),
+                    to: json!(4)
+                },
+                Change::Removed {
+                    pointer: "/d".into(),
+                    value: json!(3)
+                },
+                Change::Added {
+                    pointer: "/e".into(),
+                    value: json!(5)
+                },
+            ]
+        );
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-1000i64..1000).prop_map(|n| json!(n)),
+            "[a-z]{0,4}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop::collection::btree_map("[a-c]", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect()))
+        })
+    }
+
+    fn object() -> impl Strategy<Value = Value> {
+        prop::collection::btree_map("[a-c]", json_value(), 0..4).prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    fn has_null(value: &Value) -> bool {
+        match value {
+            Value::Null => true,
+            Value::Object(m) => m.values().any(has_null),
+            _ => false,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn resolution_never_contains_null_and_every_source_points_at_a_value(layers in prop::collection::vec(object(), 0..5)) {
+            let layers: Vec<(Layer, Value)> = Layer::ALL.into_iter().zip(layers).collect();
+            let resolved = resolve(&layers);
+            prop_assert!(!has_null(&resolved.document));
+            for pointer in resolved.sources.keys() {
+                prop_assert!(resolved.document.pointer(pointer).is_some(), "{} missing in {}", pointer, resolved.document);
+            }
+        }
+
+        #[test]
+        fn a_single_layer_without_nulls_resolves_to_itself(layer in object()) {
+            prop_assume!(!has_null(&layer));
+            // Empty objects survive as empty objects.
+            prop_assert_eq!(resolve(&[(Layer::Fleet, layer.clone())]).document, layer);
+        }
+
+        #[test]
+        fn diff_is_empty_exactly_for_equal_documents(a in object(), b in object()) {
+            prop_assert_eq!(diff(&a, &b).is_empty(), a == b);
+        }
+    }
+}
