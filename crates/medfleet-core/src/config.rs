@@ -96,6 +96,58 @@ pub fn resolve(layers: &[(Layer, Value)]) -> Resolved {
     }
 }
 
+/// A device model's configuration schema (JSON Schema draft 2020-12), compiled once, checked against every layer
+/// change before it is stored.
+#[derive(Debug)]
+pub struct ConfigSchema {
+    validator: jsonschema::Validator,
+}
+
+/// One way a document breaks its schema: where (a JSON pointer into the document) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaViolation {
+    pub pointer: String,
+    pub reason: String,
+}
+
+const DRAFT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema";
+
+impl ConfigSchema {
+    /// Compiles a schema. It must be draft 2020-12 (a `$schema` naming another draft is refused rather than
+    /// silently validated under different rules) and reference nothing outside itself.
+    pub fn compile(schema: &Value) -> Result<Self, String> {
+        if let Some(declared) = schema.get("$schema") {
+            if declared.as_str().map(|s| s.trim_end_matches('#')) != Some(DRAFT_2020_12) {
+                return Err(format!("$schema must be {DRAFT_2020_12} (found {declared})"));
+            }
+        }
+        if !schema.is_object() {
+            return Err("a configuration schema must be a JSON object".to_owned());
+        }
+        jsonschema::draft202012::options()
+            .build(schema)
+            .map(|validator| Self { validator })
+            .map_err(|e| format!("not a valid JSON Schema: {e}"))
+    }
+
+    /// Every violation of the schema by `document`, in document order.
+    pub fn check(&self, document: &Value) -> Result<(), Vec<SchemaViolation>> {
+        let mut violations: Vec<SchemaViolation> = self
+            .validator
+            .iter_errors(document)
+            .map(|error| SchemaViolation {
+                pointer: error.instance_path().to_string(),
+                reason: error.to_string(),
+            })
+            .collect();
+        if violations.is_empty() {
+            return Ok(());
+        }
+        violations.sort_by(|a, b| a.pointer.cmp(&b.pointer));
+        Err(violations)
+    }
+}
+
 /// One difference between two documents, by JSON pointer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -186,6 +238,53 @@ mod tests {
     fn pointers_escape_slashes_and_tildes() {
         let resolved = resolve(&[(Layer::Fleet, json!({ "a/b": { "~c": 1 } }))]);
         assert!(resolved.sources.contains_key("/a~1b/~0c"));
+    }
+
+    fn monitor_schema() -> ConfigSchema {
+        ConfigSchema::compile(&json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object",
+            "properties": {
+                "alarms": {
+                    "type": "object",
+                    "properties": {
+                        "hr_high": { "type": "integer", "minimum": 60, "maximum": 250 },
+                        "hr_low": { "type": "integer", "minimum": 20, "maximum": 120 }
+                    },
+                    "additionalProperties": false
+                },
+                "sampling_hz": { "enum": [1, 2, 4] }
+            },
+            "additionalProperties": false
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn schema_checks_the_resolved_document_with_pointers() {
+        let schema = monitor_schema();
+        assert_eq!(
+            schema.check(&json!({ "alarms": { "hr_high": 150 }, "sampling_hz": 2 })),
+            Ok(())
+        );
+        let violations = schema
+            .check(&json!({ "alarms": { "hr_high": 400, "hr_lo": 40 }, "sampling_hz": 3 }))
+            .unwrap_err();
+        let pointers: Vec<&str> = violations.iter().map(|v| v.pointer.as_str()).collect();
+        assert!(pointers.contains(&"/alarms/hr_high"), "{violations:?}");
+        assert!(pointers.contains(&"/sampling_hz"), "{violations:?}");
+        assert!(
+            pointers.contains(&"/alarms"),
+            "an unknown key is reported where it stands: {violations:?}"
+        );
+    }
+
+    #[test]
+    fn schemas_must_be_2020_12_and_valid() {
+        assert!(ConfigSchema::compile(&json!({ "$schema": "http://json-schema.org/draft-07/schema#" })).is_err());
+        assert!(ConfigSchema::compile(&json!({ "type": "no-such-type" })).is_err());
+        assert!(ConfigSchema::compile(&json!(true)).is_err());
+        assert!(ConfigSchema::compile(&json!({ "type": "object" })).is_ok());
     }
 
     #[test]
