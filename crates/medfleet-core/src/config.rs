@@ -116,10 +116,10 @@ impl ConfigSchema {
     /// Compiles a schema. It must be draft 2020-12 (a `$schema` naming another draft is refused rather than
     /// silently validated under different rules) and reference nothing outside itself.
     pub fn compile(schema: &Value) -> Result<Self, String> {
-        if let Some(declared) = schema.get("$schema") {
-            if declared.as_str().map(|s| s.trim_end_matches('#')) != Some(DRAFT_2020_12) {
-                return Err(format!("$schema must be {DRAFT_2020_12} (found {declared})"));
-            }
+        if let Some(declared) = schema.get("$schema")
+            && declared.as_str().map(|s| s.trim_end_matches('#')) != Some(DRAFT_2020_12)
+        {
+            return Err(format!("$schema must be {DRAFT_2020_12} (found {declared})"));
         }
         if !schema.is_object() {
             return Err("a configuration schema must be a JSON object".to_owned());
