@@ -287,18 +287,9 @@ impl Access {
 
     pub fn spawn_poller(self: &Arc<Self>, stop: CancellationToken) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                if let Err(error) = this.refresh().await {
-                    tracing::warn!(%error, "refreshing the access policy failed; retrying");
-                }
-            }
+        crate::db::spawn_poller("access policy", POLL_INTERVAL, stop, move || {
+            let this = Arc::clone(&this);
+            async move { this.refresh().await.map(|_| ()) }
         });
     }
 

@@ -26,7 +26,7 @@ use crate::entity::{certificate, device, enrollment_token, principal};
 use crate::error::{Error, Result};
 use crate::pki::{CertificateAuthority, IssuedCertificate, RequestedKey, SubjectDetails};
 use crate::revocation::{Revocations, log_revocations};
-use crate::store::{Registry, now};
+use crate::store::{Registry, lock_device, now};
 
 /// Every enrollment token starts with this, so secret scanners and people recognise one.
 pub const TOKEN_PREFIX: &str = "mft_";
@@ -244,11 +244,7 @@ impl Credentials {
         let txn = begin_write(&self.db).await?;
         // Device row first, as enrollment and revocation take it (one lock order everywhere: device row, then
         // tokens and certificates, then the revocation log, then the audit trail).
-        let device = device::Entity::find_by_id(device_id)
-            .lock_exclusive()
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {device_id} does not exist")))?;
+        let device = lock_device(&txn, device_id).await?;
         if device.state == DeviceState::Decommissioned.as_str() {
             return Err(Error::FailedPrecondition(format!(
                 "device {device_id} is decommissioned; it cannot be enrolled again"
@@ -388,6 +384,35 @@ impl Credentials {
         Ok((identity, issued))
     }
 
+    /// Signs a certificate for `identity`, records it and audits it as `action`, inside the caller's transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn certify(
+        &self,
+        txn: &impl ConnectionTrait,
+        identity: &Identity,
+        key: &RequestedKey,
+        lifetime: Duration,
+        details: &SubjectDetails,
+        audit: &Context,
+        action: &str,
+    ) -> Result<IssuedCertificate> {
+        let issued = self
+            .ca
+            .issue_for_key(identity, key, lifetime, details)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        record_certificate(txn, identity, &issued).await?;
+        audit
+            .record(
+                txn,
+                action,
+                identity.to_string(),
+                "*",
+                format!("certificate {}", issued.serial),
+            )
+            .await?;
+        Ok(issued)
+    }
+
     /// Applies committed revocations on this replica at once. A failure here only delays them until the next
     /// poll; the revocation itself is committed, so the caller is not told it failed.
     async fn apply_revocations(&self) {
@@ -453,17 +478,14 @@ impl Credentials {
             ));
         }
         let issued = self
-            .ca
-            .issue_for_key(identity, key, self.lifetimes.of(identity), &details)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        record_certificate(&txn, identity, &issued).await?;
-        audit
-            .record(
+            .certify(
                 &txn,
+                identity,
+                key,
+                self.lifetimes.of(identity),
+                &details,
+                audit,
                 "certificate.renew",
-                identity.to_string(),
-                "*",
-                format!("certificate {}", issued.serial),
             )
             .await?;
         txn.commit().await?;
@@ -500,17 +522,14 @@ impl Credentials {
         }
         let lifetime = lifetime.unwrap_or_else(|| self.lifetimes.of(identity));
         let issued = self
-            .ca
-            .issue_for_key(identity, key, lifetime, &SubjectDetails::default())
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        record_certificate(&txn, identity, &issued).await?;
-        audit
-            .record(
+            .certify(
                 &txn,
+                identity,
+                key,
+                lifetime,
+                &SubjectDetails::default(),
+                audit,
                 "credential.issue",
-                identity.to_string(),
-                "*",
-                format!("certificate {}", issued.serial),
             )
             .await?;
         txn.commit().await?;
@@ -596,11 +615,7 @@ impl Credentials {
     ) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
         // Locked first, as `renew` does (see `revoke_principal`).
-        let current = device::Entity::find_by_id(id)
-            .lock_exclusive()
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
+        let current = lock_device(&txn, id).await?;
         let scope = device_scope(current.site.as_deref(), current.ward.as_deref());
         let already_decommissioned = current.state == DeviceState::Decommissioned.as_str();
         if already_decommissioned && !decommission {

@@ -57,3 +57,30 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction,
     })
     .await
 }
+
+/// Runs `tick` every `interval` until `stop` is cancelled. A failed tick is logged and retried at the next one: a
+/// database blip must not stop replicas from converging once it recovers.
+pub fn spawn_poller<F, Fut, E>(
+    what: &'static str,
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    tick: F,
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            if let Err(error) = tick().await {
+                tracing::warn!(%error, what, "periodic refresh failed; retrying");
+            }
+        }
+    });
+}

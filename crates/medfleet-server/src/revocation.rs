@@ -110,18 +110,9 @@ impl Revocations {
     /// revocations from propagating once it recovers.
     pub fn spawn_poller(self: &Arc<Self>, db: DatabaseConnection, stop: CancellationToken) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                if let Err(error) = this.refresh(&db).await {
-                    tracing::warn!(%error, "refreshing revocations failed; retrying");
-                }
-            }
+        crate::db::spawn_poller("revocations", POLL_INTERVAL, stop, move || {
+            let (this, db) = (Arc::clone(&this), db.clone());
+            async move { this.refresh(&db).await.map(|_| ()) }
         });
     }
 

@@ -315,11 +315,7 @@ impl Registry {
     pub async fn mark_active(&self, id: Uuid, audit: &Context) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
         // Locked, so a concurrent revocation's state change is not overwritten.
-        let current = device::Entity::find_by_id(id)
-            .lock_exclusive()
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
+        let current = lock_device(&txn, id).await?;
         if current.state == DeviceState::Decommissioned.as_str() {
             return Err(Error::FailedPrecondition(format!("device {id} is decommissioned")));
         }
@@ -413,11 +409,7 @@ impl Registry {
 
     pub async fn update_device(&self, id: Uuid, update: DeviceUpdate, audit: &Context) -> Result<Device> {
         let txn = begin_write(&self.db).await?;
-        let current = device::Entity::find_by_id(id)
-            .lock_exclusive()
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))?;
+        let current = lock_device(&txn, id).await?;
         let from = crate::audit::device_scope(current.site.as_deref(), current.ward.as_deref());
         if current.state == DeviceState::Decommissioned.as_str() {
             return Err(Error::FailedPrecondition(format!(
@@ -529,6 +521,16 @@ async fn find_ward(conn: &impl ConnectionTrait, site: &str, name: &str) -> Resul
         .one(conn)
         .await?
         .ok_or_else(|| Error::NotFound(format!("ward '{site}/{name}' does not exist")))
+}
+
+/// A device row locked for the rest of the transaction (`SELECT … FOR UPDATE` on PostgreSQL; SQLite's write
+/// transactions are exclusive anyway). Taking the device row first is the lock order every writer follows.
+pub(crate) async fn lock_device(conn: &impl ConnectionTrait, id: Uuid) -> Result<device::Model> {
+    device::Entity::find_by_id(id)
+        .lock_exclusive()
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("device {id} does not exist")))
 }
 
 async fn find_device(conn: &impl ConnectionTrait, id: Uuid) -> Result<device::Model> {
