@@ -48,6 +48,22 @@ impl AccessApi {
         .map_err(Error::from)
     }
 
+    /// Records a policy change (when there was one) in the audit trail of its transaction, commits it, and applies it
+    /// on this replica at once; the others follow within their poll interval.
+    async fn commit(
+        &self,
+        txn: sea_orm::DatabaseTransaction,
+        audit: &crate::audit::Context,
+        change: Option<(&str, String, String, String)>,
+    ) -> Result<(), Error> {
+        if let Some((action, target, scope, detail)) = change {
+            audit.record(&txn, action, target, scope, detail).await?;
+        }
+        txn.commit().await?;
+        self.apply().await;
+        Ok(())
+    }
+
     /// Applies a policy change on this replica at once; the others follow within their poll interval.
     async fn apply(&self) {
         if let Err(error) = self.access.refresh().await {
@@ -103,20 +119,14 @@ impl AccessService for AccessApi {
         let grant = self.grant_from(request.get_ref().grant.as_ref()).await?;
         let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
         let changed = insert_grant(&txn, &grant).await.map_err(Error::from)?;
-        if changed {
-            crate::rpc::audit_context(&request)
-                .record(
-                    &txn,
-                    "access.grant",
-                    grant.subject.clone(),
-                    grant.scope.clone(),
-                    grant.role.clone(),
-                )
-                .await
-                .map_err(Error::from)?;
-        }
-        txn.commit().await.map_err(Error::from)?;
-        self.apply().await;
+        let change = (
+            "access.grant",
+            grant.subject.clone(),
+            grant.scope.clone(),
+            grant.role.clone(),
+        );
+        self.commit(txn, &crate::rpc::audit_context(&request), changed.then_some(change))
+            .await?;
         tracing::info!(subject = %grant.subject, role = %grant.role, scope = %grant.scope, changed, "role granted");
         Ok(Response::new(v1::GrantResponse { changed }))
     }
@@ -132,18 +142,14 @@ impl AccessService for AccessApi {
             ))
             .into());
         }
-        crate::rpc::audit_context(&request)
-            .record(
-                &txn,
-                "access.revoke",
-                grant.subject.clone(),
-                grant.scope.clone(),
-                grant.role.clone(),
-            )
-            .await
-            .map_err(Error::from)?;
-        txn.commit().await.map_err(Error::from)?;
-        self.apply().await;
+        let change = (
+            "access.revoke",
+            grant.subject.clone(),
+            grant.scope.clone(),
+            grant.role.clone(),
+        );
+        self.commit(txn, &crate::rpc::audit_context(&request), Some(change))
+            .await?;
         tracing::info!(subject = %grant.subject, role = %grant.role, scope = %grant.scope, "role revoked");
         Ok(Response::new(v1::GrantResponse { changed: true }))
     }
@@ -194,20 +200,14 @@ impl AccessService for AccessApi {
         let permission = permission_from(request.get_ref().permission.as_ref())?;
         let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
         let changed = insert_permission(&txn, &permission).await.map_err(Error::from)?;
-        if changed {
-            crate::rpc::audit_context(&request)
-                .record(
-                    &txn,
-                    "access.permission.add",
-                    format!("role/{}", permission.role),
-                    "*",
-                    format!("{}:{}", permission.object, permission.action),
-                )
-                .await
-                .map_err(Error::from)?;
-        }
-        txn.commit().await.map_err(Error::from)?;
-        self.apply().await;
+        let change = (
+            "access.permission.add",
+            format!("role/{}", permission.role),
+            "*".to_owned(),
+            format!("{}:{}", permission.object, permission.action),
+        );
+        self.commit(txn, &crate::rpc::audit_context(&request), changed.then_some(change))
+            .await?;
         Ok(Response::new(v1::GrantResponse { changed }))
     }
 
@@ -225,18 +225,14 @@ impl AccessService for AccessApi {
             ))
             .into());
         }
-        crate::rpc::audit_context(&request)
-            .record(
-                &txn,
-                "access.permission.remove",
-                format!("role/{}", permission.role),
-                "*",
-                format!("{}:{}", permission.object, permission.action),
-            )
-            .await
-            .map_err(Error::from)?;
-        txn.commit().await.map_err(Error::from)?;
-        self.apply().await;
+        let change = (
+            "access.permission.remove",
+            format!("role/{}", permission.role),
+            "*".to_owned(),
+            format!("{}:{}", permission.object, permission.action),
+        );
+        self.commit(txn, &crate::rpc::audit_context(&request), Some(change))
+            .await?;
         Ok(Response::new(v1::GrantResponse { changed: true }))
     }
 
