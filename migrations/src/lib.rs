@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261125_000001_registry;
 mod m20261125_000002_identity;
 mod m20261125_000003_access;
+mod m20261125_000004_config;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_registry::Migration),
             Box::new(m20261125_000002_identity::Migration),
             Box::new(m20261125_000003_access::Migration),
+            Box::new(m20261125_000004_config::Migration),
         ]
     }
 }

@@ -2,9 +2,12 @@
 //! → model → site → ward → device override). Later layers win; `null` deletes a key. Every resolved value remembers
 //! the layer it came from, which `config get --explain` shows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
 
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 /// The layers, in the order they apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,6 +29,139 @@ impl Layer {
             Self::Site => "site",
             Self::Ward => "ward",
             Self::Device => "device",
+        }
+    }
+}
+
+impl FromStr for Layer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|layer| layer.as_str() == s)
+            .ok_or_else(|| format!("unknown configuration layer '{s}' (expected fleet, model, site, ward or device)"))
+    }
+}
+
+/// One stored layer: which layer and what it applies to (`""` for the fleet, a model name, a site, `site/ward`,
+/// or a device id).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LayerKey {
+    pub layer: Layer,
+    pub key: String,
+}
+
+impl LayerKey {
+    pub fn fleet() -> Self {
+        Self {
+            layer: Layer::Fleet,
+            key: String::new(),
+        }
+    }
+
+    pub fn new(layer: Layer, key: impl Into<String>) -> Self {
+        let key = if layer == Layer::Fleet {
+            String::new()
+        } else {
+            key.into()
+        };
+        Self { layer, key }
+    }
+}
+
+impl fmt::Display for LayerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.layer == Layer::Fleet {
+            f.write_str("fleet")
+        } else {
+            write!(f, "{} {}", self.layer.as_str(), self.key)
+        }
+    }
+}
+
+/// What a device's configuration depends on besides the layers: its model and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Placement {
+    pub device: Uuid,
+    pub model: String,
+    pub site: Option<String>,
+    pub ward: Option<String>,
+}
+
+impl Placement {
+    /// The layers that apply to this device, in order.
+    pub fn layer_keys(&self) -> Vec<LayerKey> {
+        let mut keys = vec![LayerKey::fleet(), LayerKey::new(Layer::Model, self.model.clone())];
+        if let Some(site) = &self.site {
+            keys.push(LayerKey::new(Layer::Site, site.clone()));
+            if let Some(ward) = &self.ward {
+                keys.push(LayerKey::new(Layer::Ward, format!("{site}/{ward}")));
+            }
+        }
+        keys.push(LayerKey::new(Layer::Device, self.device.to_string()));
+        keys
+    }
+
+    /// Whether a change to `key` can change this device's configuration.
+    pub fn depends_on(&self, key: &LayerKey) -> bool {
+        self.layer_keys().contains(key)
+    }
+}
+
+/// A device's desired configuration: the resolved document, where each leaf came from, the version (the newest
+/// version among the layers that contributed) and a digest of the document that devices report back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub resolved: Resolved,
+    pub version: u64,
+    pub digest: String,
+}
+
+/// The digest devices report: SHA-256 of the document's canonical JSON (object keys sorted, no whitespace).
+pub fn digest(document: &Value) -> String {
+    // serde_json's Map is a BTreeMap (no preserve_order feature), so serialisation is canonical.
+    let bytes = serde_json::to_vec(document).unwrap_or_default();
+    let hash = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The current documents of all stored layers, with the version that last set each: enough to resolve any
+/// device's desired configuration without further queries.
+#[derive(Debug, Clone, Default)]
+pub struct LayerSet {
+    layers: HashMap<LayerKey, (u64, Value)>,
+}
+
+impl LayerSet {
+    pub fn insert(&mut self, key: LayerKey, version: u64, document: Value) {
+        self.layers.insert(key, (version, document));
+    }
+
+    pub fn get(&self, key: &LayerKey) -> Option<&(u64, Value)> {
+        self.layers.get(key)
+    }
+
+    pub fn desired(&self, placement: &Placement) -> Desired {
+        self.resolve_keys(&placement.layer_keys())
+    }
+
+    /// Resolves an explicit list of layer keys (e.g. fleet + model for a model's base configuration).
+    pub fn resolve_keys(&self, keys: &[LayerKey]) -> Desired {
+        let mut version = 0;
+        let mut layers = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some((v, document)) = self.layers.get(key) {
+                version = version.max(*v);
+                layers.push((key.layer, document.clone()));
+            }
+        }
+        let resolved = resolve(&layers);
+        let digest = digest(&resolved.document);
+        Desired {
+            resolved,
+            version,
+            digest,
         }
     }
 }
@@ -198,6 +334,47 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_device_resolves_its_own_layers_and_takes_the_newest_version() {
+        let device = Uuid::new_v4();
+        let placement = Placement {
+            device,
+            model: "mx800".into(),
+            site: Some("stmarys".into()),
+            ward: Some("icu".into()),
+        };
+        let mut set = LayerSet::default();
+        set.insert(LayerKey::fleet(), 1, json!({"rate": 1, "alarm": {"hr_high": 120}}));
+        set.insert(
+            LayerKey::new(Layer::Ward, "stmarys/icu"),
+            7,
+            json!({"alarm": {"hr_high": 140}}),
+        );
+        set.insert(LayerKey::new(Layer::Ward, "stmarys/ed"), 9, json!({"rate": 5}));
+        set.insert(LayerKey::new(Layer::Model, "other"), 11, json!({"rate": 6}));
+        let desired = set.desired(&placement);
+        assert_eq!(desired.resolved.document, json!({"rate": 1, "alarm": {"hr_high": 140}}));
+        assert_eq!(desired.version, 7);
+        assert_eq!(desired.digest, digest(&json!({"alarm": {"hr_high": 140}, "rate": 1})));
+        assert!(placement.depends_on(&LayerKey::new(Layer::Device, device.to_string())));
+        assert!(!placement.depends_on(&LayerKey::new(Layer::Ward, "stmarys/ed")));
+        let in_storage = Placement {
+            site: None,
+            ward: None,
+            ..placement
+        };
+        assert_eq!(set.desired(&in_storage).version, 1);
+    }
+
+    #[test]
+    fn layer_names_round_trip() {
+        for layer in Layer::ALL {
+            assert_eq!(layer.as_str().parse::<Layer>(), Ok(layer));
+        }
+        assert!("building".parse::<Layer>().is_err());
+        assert_eq!(LayerKey::new(Layer::Fleet, "ignored").to_string(), "fleet");
+    }
 
     #[test]
     fn later_layers_win_and_null_deletes() {

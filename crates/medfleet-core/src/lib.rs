@@ -6,5 +6,6 @@
 pub mod config;
 pub mod identity;
 pub mod paging;
+pub mod presence;
 pub mod registry;
 pub mod validation;

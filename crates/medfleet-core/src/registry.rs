@@ -507,6 +507,8 @@ pub struct DeviceFilter {
     pub model: Option<String>,
     pub state: Option<DeviceState>,
     pub tags: Vec<(String, String)>,
+    /// Only devices with (true) or without (false) an open session.
+    pub online: Option<bool>,
 }
 
 impl DeviceFilter {
@@ -549,6 +551,7 @@ impl DeviceFilter {
                 model: non_empty(model),
                 state,
                 tags: terms,
+                online: None,
             })
         })
     }
@@ -558,12 +561,13 @@ impl DeviceFilter {
     pub fn fingerprint(&self) -> String {
         let tags: Vec<String> = self.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!(
-            "site={:?};ward={:?};model={:?};state={:?};tags={:?}",
+            "site={:?};ward={:?};model={:?};state={:?};tags={:?};online={:?}",
             self.site,
             self.ward,
             self.model,
             self.state.map(DeviceState::as_str),
-            tags
+            tags,
+            self.online
         )
     }
 }

@@ -2,7 +2,9 @@
 //! values become wire messages.
 
 use chrono::{DateTime, Utc};
+use medfleet_core::config::{Layer, LayerKey};
 use medfleet_core::identity::{Identity, RevocationReason};
+use medfleet_core::presence::{OperationalState, Presence};
 use medfleet_core::registry::{
     Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location, NewDevice, NewSite, NewWard,
     Site, Tags, Ward, WardUpdate, check_beds,
@@ -116,6 +118,7 @@ impl From<Device> for v1::Device {
             state: device_state_to_wire(device.state).into(),
             create_time: Some(timestamp(device.created_at)),
             update_time: Some(timestamp(device.updated_at)),
+            presence: None,
         }
     }
 }
@@ -176,7 +179,104 @@ pub fn new_device(request: &v1::RegisterDeviceRequest) -> Result<NewDevice, Viol
 
 pub fn device_filter(request: &v1::ListDevicesRequest) -> Result<DeviceFilter, Violations> {
     let state = device_state_from_wire(request.state).map_err(|e| Violations::single("state", e))?;
-    DeviceFilter::parse(&request.site, &request.ward, &request.model, state, &request.tags)
+    let mut filter = DeviceFilter::parse(&request.site, &request.ward, &request.model, state, &request.tags)?;
+    filter.online = request.online;
+    Ok(filter)
+}
+
+pub fn operational_state_to_wire(state: OperationalState) -> v1::OperationalState {
+    match state {
+        OperationalState::Unknown => v1::OperationalState::Unspecified,
+        OperationalState::Idle => v1::OperationalState::Idle,
+        OperationalState::InClinicalUse => v1::OperationalState::InClinicalUse,
+        OperationalState::Alarming => v1::OperationalState::Alarming,
+        OperationalState::Maintenance => v1::OperationalState::Maintenance,
+    }
+}
+
+/// A device's reported state; values this build does not know are kept as unknown rather than refused, so a
+/// newer device does not lose its session over a new state.
+pub fn operational_state_from_wire(value: i32) -> OperationalState {
+    match v1::OperationalState::try_from(value) {
+        Ok(v1::OperationalState::Idle) => OperationalState::Idle,
+        Ok(v1::OperationalState::InClinicalUse) => OperationalState::InClinicalUse,
+        Ok(v1::OperationalState::Alarming) => OperationalState::Alarming,
+        Ok(v1::OperationalState::Maintenance) => OperationalState::Maintenance,
+        Ok(v1::OperationalState::Unspecified) | Err(_) => OperationalState::Unknown,
+    }
+}
+
+impl From<Presence> for v1::DevicePresence {
+    fn from(p: Presence) -> Self {
+        Self {
+            online: p.online,
+            last_seen: Some(timestamp(p.last_seen)),
+            connect_time: Some(timestamp(p.connected_at)),
+            disconnect_time: p.disconnected_at.map(timestamp),
+            replica: p.replica,
+            operational_state: operational_state_to_wire(p.state).into(),
+            firmware_version: p.firmware_version,
+            reported_config_version: p.reported.version,
+            reported_config_digest: p.reported.digest,
+            config_rejection: p.reported.rejection.unwrap_or_default(),
+        }
+    }
+}
+
+pub fn layer_to_wire(key: &LayerKey) -> v1::ConfigLayer {
+    let kind = match key.layer {
+        Layer::Fleet => v1::ConfigLayerKind::Fleet,
+        Layer::Model => v1::ConfigLayerKind::Model,
+        Layer::Site => v1::ConfigLayerKind::Site,
+        Layer::Ward => v1::ConfigLayerKind::Ward,
+        Layer::Device => v1::ConfigLayerKind::Device,
+    };
+    v1::ConfigLayer {
+        kind: kind.into(),
+        key: key.key.clone(),
+    }
+}
+
+/// A layer named in a request, with its key checked for the kind (a slug, `site/ward`, a device id, a model).
+pub fn layer_from_wire(field: &str, layer: Option<&v1::ConfigLayer>) -> Result<LayerKey, Violations> {
+    let layer = layer.ok_or_else(|| Violations::single(field, "is required (fleet, model, site, ward or device)"))?;
+    let key_field = format!("{field}.key");
+    let kind = match v1::ConfigLayerKind::try_from(layer.kind) {
+        Ok(v1::ConfigLayerKind::Fleet) => Layer::Fleet,
+        Ok(v1::ConfigLayerKind::Model) => Layer::Model,
+        Ok(v1::ConfigLayerKind::Site) => Layer::Site,
+        Ok(v1::ConfigLayerKind::Ward) => Layer::Ward,
+        Ok(v1::ConfigLayerKind::Device) => Layer::Device,
+        Ok(v1::ConfigLayerKind::Unspecified) | Err(_) => {
+            return Err(Violations::single(
+                &format!("{field}.kind"),
+                "name the layer: fleet, model, site, ward or device",
+            ));
+        }
+    };
+    let key = layer.key.as_str();
+    let checked = match kind {
+        Layer::Fleet if key.is_empty() => Ok(()),
+        Layer::Fleet => Err("the fleet layer has no key".to_owned()),
+        Layer::Model => check_text(key, medfleet_core::registry::MAX_MODEL).and_then(|()| {
+            if key.is_empty() {
+                Err("name the model".to_owned())
+            } else {
+                Ok(())
+            }
+        }),
+        Layer::Site => check_slug(key),
+        Layer::Ward => match key.split_once('/') {
+            Some((site, ward)) => check_slug(site).and_then(|()| check_slug(ward)),
+            None => Err(format!(
+                "'{}' is not a ward; write it as site/ward",
+                medfleet_core::validation::printable(key)
+            )),
+        },
+        Layer::Device => return device_id(&key_field, key).map(|id| LayerKey::new(Layer::Device, id.to_string())),
+    };
+    checked.map_err(|e| Violations::single(&key_field, e))?;
+    Ok(LayerKey::new(kind, key))
 }
 
 /// The mask's paths, each checked against the fields this RPC may change.

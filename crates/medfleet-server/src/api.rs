@@ -5,9 +5,18 @@ use medfleet_core::paging::{decode_token, encode_token, page_size};
 use medfleet_core::validation::{Violations, check_slug};
 use medfleet_proto::convert;
 use medfleet_proto::v1::{self, registry_service_server::RegistryService};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use medfleet_core::registry::{Device, DeviceFilter};
+use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
+
+use crate::events::{Event, Events};
+use crate::presence;
 
 use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::error::Error;
@@ -23,11 +32,46 @@ pub const MAX_IMPORT: usize = 1000;
 pub struct RegistryApi {
     registry: Registry,
     credentials: Credentials,
+    events: Arc<Events>,
 }
 
 impl RegistryApi {
-    pub fn new(registry: Registry, credentials: Credentials) -> Self {
-        Self { registry, credentials }
+    pub fn new(registry: Registry, credentials: Credentials, events: Arc<Events>) -> Self {
+        Self {
+            registry,
+            credentials,
+            events,
+        }
+    }
+
+    /// Devices with their presence attached.
+    async fn with_presence(&self, devices: Vec<Device>) -> Result<Vec<v1::Device>, Error> {
+        let ids: Vec<Uuid> = devices.iter().map(|d| d.id).collect();
+        let mut presence = presence::load(self.registry.db(), &ids).await?;
+        Ok(devices
+            .into_iter()
+            .map(|d| {
+                let p = presence.remove(&d.id);
+                let mut wire = v1::Device::from(d);
+                wire.presence = p.map(Into::into);
+                wire
+            })
+            .collect())
+    }
+}
+
+/// Events for `WatchDevices`: buffered per watcher; a watcher too slow for this many is resynchronised.
+const WATCH_BUFFER: usize = 1024;
+
+/// Whether a watcher with `visibility` and the given filter sees `device`.
+fn watched(device: &Device, visibility: &Visibility, site: &str, ward: &str) -> bool {
+    match &device.location {
+        Some(l) => {
+            visibility.sees_ward(&l.site, &l.ward)
+                && (site.is_empty() || l.site == site)
+                && (ward.is_empty() || l.ward == ward)
+        }
+        None => *visibility == Visibility::All && site.is_empty(),
     }
 }
 
@@ -163,7 +207,12 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn get_device(&self, request: Request<v1::GetDeviceRequest>) -> Reply<v1::Device> {
         let id = convert::device_id("id", &request.get_ref().id).map_err(Error::from)?;
-        Ok(Response::new(self.registry.get_device(id).await?.into()))
+        let device = self.registry.get_device(id).await?;
+        let mut devices = self.with_presence(vec![device]).await?;
+        devices
+            .pop()
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("the device vanished while reading it"))
     }
 
     #[instrument(skip_all)]
@@ -183,7 +232,7 @@ impl RegistryService for RegistryApi {
             .list_devices(&filter, size, after, &visibility(&request))
             .await?;
         Ok(Response::new(v1::ListDevicesResponse {
-            devices: page.items.into_iter().map(Into::into).collect(),
+            devices: self.with_presence(page.items).await?,
             next_page_token: page
                 .next_after
                 .map(|k| encode_token(&k.to_string(), &fingerprint))
@@ -296,7 +345,77 @@ impl RegistryService for RegistryApi {
             .registry
             .update_device(id, update, &audit_context(&request))
             .await?;
+        // A device that moved may resolve to another configuration; its session's replica recomputes it.
+        self.events.publish(self.registry.db(), Event::Config).await;
         tracing::info!(device = %device.id, "device updated");
         Ok(Response::new(device.into()))
+    }
+
+    type WatchDevicesStream = Pin<Box<dyn Stream<Item = Result<v1::DeviceEvent, Status>> + Send>>;
+
+    #[instrument(skip_all)]
+    async fn watch_devices(&self, request: Request<v1::WatchDevicesRequest>) -> Reply<Self::WatchDevicesStream> {
+        let visibility = visibility(&request);
+        let r = request.into_inner();
+        let filter = DeviceFilter::parse(&r.site, &r.ward, "", None, &[]).map_err(Error::from)?;
+        // Subscribed before the initial listing, so no change between the two is missed.
+        let mut events = self.events.subscribe();
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let send_all = |api: RegistryApi, tx: mpsc::Sender<Result<v1::DeviceEvent, Status>>| {
+                let (filter, visibility) = (filter.clone(), visibility.clone());
+                async move {
+                    let mut after = None;
+                    loop {
+                        let page = api.registry.list_devices(&filter, 500, after, &visibility).await?;
+                        for device in api.with_presence(page.items).await? {
+                            if tx.send(Ok(v1::DeviceEvent { device: Some(device) })).await.is_err() {
+                                return Ok::<bool, Error>(false);
+                            }
+                        }
+                        match page.next_after {
+                            Some(next) => after = Some(next),
+                            None => return Ok(true),
+                        }
+                    }
+                }
+            };
+            if r.initial && !matches!(send_all(api.clone(), tx.clone()).await, Ok(true)) {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    () = tx.closed() => return,
+                    event = events.recv() => event,
+                };
+                let device = match event {
+                    Ok(Event::Presence { device }) => device,
+                    Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if !matches!(send_all(api.clone(), tx.clone()).await, Ok(true)) {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Ok(found) = api.registry.get_device(device).await else {
+                    continue;
+                };
+                if !watched(&found, &visibility, &r.site, &r.ward) {
+                    continue;
+                }
+                let Ok(mut wire) = api.with_presence(vec![found]).await else {
+                    continue;
+                };
+                if let Some(device) = wire.pop()
+                    && tx.send(Ok(v1::DeviceEvent { device: Some(device) })).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

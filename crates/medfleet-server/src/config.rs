@@ -53,6 +53,9 @@ pub struct FileConfig {
     pub device_cert_lifetime: Option<String>,
     pub operator_cert_lifetime: Option<String>,
     pub service_cert_lifetime: Option<String>,
+    pub replica_name: Option<String>,
+    pub heartbeat_timeout: Option<String>,
+    pub config_reconcile_interval: Option<String>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -91,6 +94,15 @@ pub struct Overrides {
     /// How long open streams may drain on shutdown, e.g. "10s".
     #[arg(long, env = "MEDFLEET_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// This replica's name in device presence (default: the host name and a random suffix).
+    #[arg(long, env = "MEDFLEET_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// A device session silent this long is closed and the device marked offline, e.g. "60s".
+    #[arg(long, env = "MEDFLEET_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: Option<String>,
+    /// How often sessions are reconciled with the database (pushes a lost notification missed), e.g. "30s".
+    #[arg(long, env = "MEDFLEET_CONFIG_RECONCILE_INTERVAL")]
+    pub config_reconcile_interval: Option<String>,
 }
 
 /// The validated configuration a server runs with.
@@ -110,6 +122,21 @@ pub struct Config {
     pub device_cert_lifetime: Duration,
     pub operator_cert_lifetime: Duration,
     pub service_cert_lifetime: Duration,
+    pub replica_name: String,
+    pub heartbeat_timeout: Duration,
+    pub config_reconcile_interval: Duration,
+}
+
+/// The host name (from the environment or /etc/hostname) and a random suffix: unique even for two replicas on
+/// one host, recognisable in `devices list`.
+fn default_replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "medfleetd".to_owned());
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
 }
 
 pub const DEFAULT_DATA_DIR: &str = "medfleet-data";
@@ -165,6 +192,20 @@ impl Config {
             device_cert_lifetime: duration("device_cert_lifetime", file.device_cert_lifetime, "24h")?,
             operator_cert_lifetime: duration("operator_cert_lifetime", file.operator_cert_lifetime, "30days")?,
             service_cert_lifetime: duration("service_cert_lifetime", file.service_cert_lifetime, "90days")?,
+            replica_name: o
+                .replica_name
+                .or(file.replica_name)
+                .unwrap_or_else(default_replica_name),
+            heartbeat_timeout: duration(
+                "heartbeat_timeout",
+                o.heartbeat_timeout.or(file.heartbeat_timeout),
+                "60s",
+            )?,
+            config_reconcile_interval: duration(
+                "config_reconcile_interval",
+                o.config_reconcile_interval.or(file.config_reconcile_interval),
+                "30s",
+            )?,
             data_dir,
             database_url,
             server_names,
@@ -194,6 +235,18 @@ impl Config {
         }
         if self.shutdown_grace > Duration::from_mins(10) {
             return invalid("shutdown_grace must be at most 10 minutes".into());
+        }
+        if self.replica_name.is_empty()
+            || self.replica_name.len() > 100
+            || self.replica_name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return invalid("replica_name must be 1 to 100 characters without spaces".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_hours(1)).contains(&self.heartbeat_timeout) {
+            return invalid("heartbeat_timeout must be between 1 second and 1 hour".into());
+        }
+        if !(Duration::from_millis(100)..=Duration::from_hours(1)).contains(&self.config_reconcile_interval) {
+            return invalid("config_reconcile_interval must be between 100 ms and 1 hour".into());
         }
         let day = Duration::from_hours(24);
         if self.server_cert_lifetime < Duration::from_hours(1) || self.server_cert_lifetime > 397 * day {
@@ -326,6 +379,9 @@ mod tests {
             "device_cert_lifetime",
             "operator_cert_lifetime",
             "service_cert_lifetime",
+            "replica_name",
+            "heartbeat_timeout",
+            "config_reconcile_interval",
         ] {
             assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }

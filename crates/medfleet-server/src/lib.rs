@@ -7,14 +7,18 @@ pub mod api;
 pub mod audit;
 pub mod audit_api;
 pub mod config;
+pub mod config_api;
+pub mod configs;
 pub mod credentials;
 pub mod db;
 pub mod entity;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod identity_api;
 pub mod pki;
 pub mod policy;
+pub mod presence;
 pub mod revocation;
 pub mod rpc;
 pub mod session;
@@ -28,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use medfleet_proto::v1::access_service_server::AccessServiceServer;
 use medfleet_proto::v1::audit_service_server::AuditServiceServer;
+use medfleet_proto::v1::config_service_server::ConfigServiceServer;
 use medfleet_proto::v1::credential_service_server::CredentialServiceServer;
 use medfleet_proto::v1::device_service_server::DeviceServiceServer;
 use medfleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
@@ -148,6 +153,19 @@ pub async fn run(
     let access = access::Access::load(db.clone()).await.map_err(ServeError::Access)?;
     access.spawn_poller(background.clone());
     let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
+    let events = events::Events::new(db.get_database_backend());
+    events.spawn_listener(&db, background.clone());
+    let hub = session::Hub::new(
+        db.clone(),
+        events.clone(),
+        config.replica_name.clone(),
+        session::SessionSettings {
+            heartbeat_timeout: config.heartbeat_timeout,
+            reconcile_interval: config.config_reconcile_interval,
+        },
+    );
+    hub.spawn(background.clone());
+    let configs = configs::Configs::new(db.clone(), events.clone());
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -157,6 +175,7 @@ pub async fn run(
     health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
     health.set_serving::<AccessServiceServer<access_api::AccessApi>>().await;
     health.set_serving::<AuditServiceServer<audit_api::AuditApi>>().await;
+    health.set_serving::<ConfigServiceServer<config_api::ConfigApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -169,8 +188,9 @@ pub async fn run(
     let identity_api = IdentityApi::new(credentials.clone());
     let enrollment = EnrollmentServiceServer::new(identity_api.clone());
     let credential_service = CredentialServiceServer::new(identity_api);
-    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone()));
-    let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials));
+    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone(), hub.clone()));
+    let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials, events.clone()));
+    let config_service = ConfigServiceServer::new(config_api::ConfigApi::new(configs));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
     let audit_service = AuditServiceServer::new(audit_api::AuditApi::new(db.clone()));
 
@@ -208,6 +228,9 @@ pub async fn run(
                 .set_not_serving::<AccessServiceServer<access_api::AccessApi>>()
                 .await;
             health
+                .set_not_serving::<ConfigServiceServer<config_api::ConfigApi>>()
+                .await;
+            health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = draining_tx.send(true);
@@ -224,6 +247,7 @@ pub async fn run(
         .add_service(registry)
         .add_service(access_service)
         .add_service(audit_service)
+        .add_service(config_service)
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let deadline = async move {
@@ -235,7 +259,7 @@ pub async fn run(
     };
 
     ready.store(true, Ordering::Release);
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, backend = ?db.get_database_backend(), "medfleetd serving");
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, backend = ?db.get_database_backend(), replica = %config.replica_name, "medfleetd serving");
     let result = tokio::select! {
         result = serve => result.map_err(ServeError::from),
         () = deadline => {

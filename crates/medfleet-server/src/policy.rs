@@ -14,7 +14,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::access::Access;
-use crate::entity::device;
+use crate::entity::{config_version, device};
 use medfleet_core::validation::printable;
 
 /// What the scope of a request is taken from.
@@ -36,6 +36,11 @@ pub enum Target {
     DeviceUpdate,
     /// A listing: the caller sees what its grants cover.
     List,
+    /// A configuration layer named in the request: `*` for fleet and model layers, the site, the ward, or the
+    /// stored device's scope. No layer (a fleet-wide listing) is `*`.
+    ConfigLayer(fn(&[u8]) -> Option<v1::ConfigLayer>),
+    /// Stored configuration versions named in the request: each version's layer scope must be allowed.
+    ConfigVersions(fn(&[u8]) -> Vec<u64>),
 }
 
 /// Who may call a method.
@@ -186,6 +191,74 @@ pub const RULES: &[(&str, Rule)] = &[
     (
         "/medfleet.v1.RegistryService/ListDevices",
         permission("device", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.RegistryService/WatchDevices",
+        permission("device", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.ConfigService/SetConfig",
+        permission(
+            "config",
+            "update",
+            Target::ConfigLayer(|b| decode::<v1::SetConfigRequest>(b)?.layer),
+        ),
+    ),
+    (
+        "/medfleet.v1.ConfigService/GetConfigLayer",
+        permission(
+            "config",
+            "read",
+            Target::ConfigLayer(|b| decode::<v1::GetConfigLayerRequest>(b)?.layer),
+        ),
+    ),
+    (
+        "/medfleet.v1.ConfigService/ResolveConfig",
+        permission(
+            "config",
+            "read",
+            Target::Device(|b| decode::<v1::ResolveConfigRequest>(b).map(|r| r.device_id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.ConfigService/ListConfigVersions",
+        permission(
+            "config",
+            "read",
+            Target::ConfigLayer(|b| decode::<v1::ListConfigVersionsRequest>(b)?.layer),
+        ),
+    ),
+    (
+        "/medfleet.v1.ConfigService/DiffConfigVersions",
+        permission(
+            "config",
+            "read",
+            Target::ConfigVersions(|b| {
+                decode::<v1::DiffConfigVersionsRequest>(b).map_or_else(Vec::new, |r| vec![r.from_version, r.to_version])
+            }),
+        ),
+    ),
+    (
+        "/medfleet.v1.ConfigService/RollbackConfig",
+        permission(
+            "config",
+            "update",
+            Target::ConfigVersions(|b| {
+                decode::<v1::RollbackConfigRequest>(b).map_or_else(Vec::new, |r| vec![r.to_version])
+            }),
+        ),
+    ),
+    (
+        "/medfleet.v1.ConfigService/SetConfigSchema",
+        permission("config_schema", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.ConfigService/GetConfigSchema",
+        permission("config", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.ConfigService/ListConfigDrift",
+        permission("config", "read", Target::List),
     ),
     (
         "/medfleet.v1.RegistryService/UpdateDevice",
@@ -389,6 +462,48 @@ pub async fn decide(
                 scope: scopes.into_iter().collect::<Vec<_>>().join(","),
             })
         }
+        Target::ConfigLayer(extract) => {
+            let scope = match extract(body) {
+                None => "*".to_owned(),
+                Some(layer) => layer_scope(access, db, &subject, &layer).await?,
+            };
+            require(&scope, object, action)?;
+            Ok(Decision {
+                visibility: None,
+                scope,
+            })
+        }
+        Target::ConfigVersions(extract) => {
+            let mut scopes = BTreeSet::new();
+            for version in extract(body) {
+                let Ok(number) = i64::try_from(version) else {
+                    continue;
+                };
+                // A version that does not exist is left to the handler (NOT_FOUND) under scope `*`.
+                let row = config_version::Entity::find_by_id(number)
+                    .one(db)
+                    .await
+                    .map_err(|e| Refusal {
+                        status: Status::from(crate::error::Error::from(e)),
+                        scope: String::new(),
+                    })?;
+                let layer = row.map_or_else(v1::ConfigLayer::default, |r| v1::ConfigLayer {
+                    kind: wire_kind(&r.layer_kind),
+                    key: r.layer_key,
+                });
+                scopes.insert(layer_scope(access, db, &subject, &layer).await?);
+            }
+            if scopes.is_empty() {
+                scopes.insert("*".to_owned());
+            }
+            for scope in &scopes {
+                require(scope, object, action)?;
+            }
+            Ok(Decision {
+                visibility: None,
+                scope: scopes.into_iter().collect::<Vec<_>>().join(","),
+            })
+        }
         Target::List => {
             let visibility = access.visibility(&subject, object, action);
             if visibility
@@ -410,6 +525,34 @@ pub async fn decide(
                 scope: "*".to_owned(),
             })
         }
+    }
+}
+
+fn wire_kind(stored: &str) -> i32 {
+    match stored {
+        "fleet" => v1::ConfigLayerKind::Fleet,
+        "model" => v1::ConfigLayerKind::Model,
+        "site" => v1::ConfigLayerKind::Site,
+        "ward" => v1::ConfigLayerKind::Ward,
+        "device" => v1::ConfigLayerKind::Device,
+        _ => v1::ConfigLayerKind::Unspecified,
+    }
+    .into()
+}
+
+/// The scope of a configuration layer. Fleet and model layers (and anything malformed, left to the handler's
+/// validation) are fleet-wide; a ward key is `site/ward` already.
+async fn layer_scope(
+    access: &Access,
+    db: &DatabaseConnection,
+    subject: &str,
+    layer: &v1::ConfigLayer,
+) -> Result<String, Refusal> {
+    match v1::ConfigLayerKind::try_from(layer.kind) {
+        Ok(v1::ConfigLayerKind::Site) if !layer.key.is_empty() && !layer.key.contains('/') => Ok(layer.key.clone()),
+        Ok(v1::ConfigLayerKind::Ward) if layer.key.split('/').count() == 2 => Ok(layer.key.clone()),
+        Ok(v1::ConfigLayerKind::Device) => device_scope(access, db, subject, Some(&layer.key)).await,
+        _ => Ok("*".to_owned()),
     }
 }
 

@@ -1,32 +1,336 @@
-//! `DeviceService.Session`: the device's long-lived stream. This release authenticates it (a device may open a
-//! session only for itself), marks the device active and keeps the stream open until the device leaves or its
-//! certificate is revoked; configuration and firmware commands will flow on it.
+//! `DeviceService.Session` and the replica's session hub.
+//!
+//! Each replica keeps the sessions it holds in a [`Hub`]. A session opens with a Hello naming the certificate's
+//! own device; the hub records it as the device's current session in the database (so any older session, on this
+//! or another replica, ends with ABORTED), sends the desired configuration if it differs from what the device
+//! runs, then follows heartbeats and configuration reports. A session silent for the heartbeat timeout is closed
+//! and the device marked offline; a replica that dies leaves rows that every replica's sweeper marks offline.
+//!
+//! Configuration pushes are driven by change events (local, or PostgreSQL notifications from other replicas)
+//! and by a periodic reconcile that repairs whatever a lost notification missed.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
+use medfleet_core::config::LayerSet;
 use medfleet_core::identity::Identity;
+use medfleet_core::presence::{OperationalState, ReportedConfig};
+use medfleet_core::validation::printable;
 use medfleet_proto::convert;
 use medfleet_proto::v1::{self, device_service_server::DeviceService, session_request, session_response};
+use sea_orm::DatabaseConnection;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
+use uuid::Uuid;
 
+use crate::configs::{load_layers, load_placements};
+use crate::error::Result;
+use crate::events::{Event, Events};
 use crate::identity_api::caller;
+use crate::presence::{self, Opening};
 use crate::store::Registry;
 
 /// A device must say hello this soon after opening its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commands queued for one device before pushes wait for the next reconcile.
+const OUTBOUND_CAPACITY: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionSettings {
+    /// A session silent this long is closed and its device marked offline.
+    pub heartbeat_timeout: Duration,
+    /// How often every session is re-checked against the database (lost notifications, missed takeovers).
+    pub reconcile_interval: Duration,
+}
+
+impl SessionSettings {
+    /// Devices are asked to beat three times per timeout, so one lost heartbeat never takes a device offline.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_timeout / 3
+    }
+
+    /// `last_seen` is written in batches this often; well inside the timeout so the sweeper never sees a live
+    /// device as stale.
+    fn flush_interval(&self) -> Duration {
+        (self.heartbeat_timeout / 4).min(Duration::from_secs(5))
+    }
+}
+
+/// How a session is told to end, and with which status.
+#[derive(Debug, Default)]
+struct Ending {
+    token: CancellationToken,
+    reason: Mutex<Option<Status>>,
+}
+
+impl Ending {
+    fn end(&self, reason: Option<Status>) {
+        if let Some(reason) = reason
+            && let Ok(mut slot) = self.reason.lock()
+        {
+            slot.get_or_insert(reason);
+        }
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> Option<Status> {
+        self.reason.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+type Outbound = mpsc::Sender<Result<v1::SessionResponse, Status>>;
+
+#[derive(Debug)]
+struct Live {
+    session: Uuid,
+    tx: Outbound,
+    ending: Arc<Ending>,
+    /// The digest last sent to, or reported by, the device: a push is due when the desired digest differs.
+    sent: Option<String>,
+    state: OperationalState,
+    /// Heard from since `last_seen` was last written.
+    heard: bool,
+}
+
+/// The sessions this replica holds.
+#[derive(Debug)]
+pub struct Hub {
+    db: DatabaseConnection,
+    events: Arc<Events>,
+    replica: String,
+    settings: SessionSettings,
+    live: Mutex<HashMap<Uuid, Live>>,
+    /// Layers cached between configuration changes; `generation` moves on every change event.
+    layers: Mutex<Option<(u64, Arc<LayerSet>)>>,
+    generation: AtomicU64,
+    /// Serialises pushes, so a push computed from older layers can never overtake a newer one.
+    pushing: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the map half-updated (single inserts and removes).
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Hub {
+    pub fn new(db: DatabaseConnection, events: Arc<Events>, replica: String, settings: SessionSettings) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            events,
+            replica,
+            settings,
+            live: Mutex::new(HashMap::new()),
+            layers: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            pushing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn settings(&self) -> SessionSettings {
+        self.settings
+    }
+
+    /// Sessions open on this replica.
+    pub fn open_sessions(&self) -> usize {
+        lock(&self.live).len()
+    }
+
+    /// Follows change events, writes heartbeats, sweeps stale devices and reconciles, until `stop`.
+    pub fn spawn(self: &Arc<Self>, stop: CancellationToken) {
+        let hub = self.clone();
+        let mut events = self.events.subscribe();
+        tokio::spawn(async move {
+            let mut flush = tokio::time::interval(hub.settings.flush_interval());
+            let mut reconcile = tokio::time::interval(hub.settings.reconcile_interval);
+            flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let outcome = tokio::select! {
+                    () = stop.cancelled() => break,
+                    event = events.recv() => match event {
+                        Ok(Event::Config) => {
+                            hub.invalidate();
+                            hub.push_all().await
+                        }
+                        Ok(Event::SessionOpened { device, session }) => hub.superseded(device, session).await,
+                        Ok(Event::Presence { .. }) => Ok(()),
+                        Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => hub.reconcile().await,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = flush.tick() => hub.flush().await,
+                    _ = reconcile.tick() => hub.reconcile().await,
+                };
+                if let Err(error) = outcome {
+                    tracing::warn!(%error, "session hub: step failed; the next reconcile retries");
+                }
+            }
+            // Shutting down: end every session so devices reconnect to another replica at once.
+            let sessions: Vec<(Uuid, Uuid, Arc<Ending>)> = lock(&hub.live)
+                .iter()
+                .map(|(d, l)| (*d, l.session, l.ending.clone()))
+                .collect();
+            for (_, _, ending) in &sessions {
+                ending.end(Some(Status::unavailable(
+                    "this medfleetd replica is shutting down; reconnect",
+                )));
+            }
+        });
+    }
+
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn layers(&self) -> Result<Arc<LayerSet>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((cached, set)) = lock(&self.layers).as_ref()
+            && *cached == generation
+        {
+            return Ok(set.clone());
+        }
+        let set = Arc::new(load_layers(&self.db).await?);
+        // A change event that arrived while loading makes this set stale: use it once, do not cache it.
+        if self.generation.load(Ordering::Acquire) == generation {
+            *lock(&self.layers) = Some((generation, set.clone()));
+        }
+        Ok(set)
+    }
+
+    /// Sends every held session whose desired configuration differs from what it runs (or was last sent).
+    async fn push_all(&self) -> Result<()> {
+        let devices: Vec<Uuid> = lock(&self.live).keys().copied().collect();
+        self.push(&devices).await
+    }
+
+    async fn push(&self, devices: &[Uuid]) -> Result<()> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let _serial = self.pushing.lock().await;
+        let layers = self.layers().await?;
+        let placements = load_placements(&self.db, devices).await?;
+        let mut live = lock(&self.live);
+        let mut pushed = 0_usize;
+        for (device, placement) in placements {
+            let Some(entry) = live.get_mut(&device) else {
+                continue;
+            };
+            let desired = layers.desired(&placement);
+            if entry.sent.as_deref() == Some(desired.digest.as_str()) {
+                continue;
+            }
+            let command = v1::SessionResponse {
+                message: Some(session_response::Message::ApplyConfig(v1::ApplyConfig {
+                    version: desired.version,
+                    digest: desired.digest.clone(),
+                    document_json: desired.resolved.document.to_string(),
+                })),
+            };
+            // A device whose queue is full gets it at the next reconcile instead of stalling everyone else.
+            if entry.tx.try_send(Ok(command)).is_ok() {
+                entry.sent = Some(desired.digest);
+                pushed += 1;
+            }
+        }
+        drop(live);
+        if pushed > 0 {
+            tracing::debug!(pushed, "configuration pushed");
+        }
+        Ok(())
+    }
+
+    /// Another session of `device` opened somewhere: end ours if the database agrees it is no longer current.
+    async fn superseded(&self, device: Uuid, session: Uuid) -> Result<()> {
+        let ours = lock(&self.live).get(&device).map(|l| l.session);
+        match ours {
+            Some(ours) if ours != session => {
+                let current = presence::current_sessions(&self.db, &[device]).await?;
+                if current.get(&device) != Some(&ours) {
+                    self.end_replaced(device, ours);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn end_replaced(&self, device: Uuid, session: Uuid) {
+        let mut live = lock(&self.live);
+        if live.get(&device).is_some_and(|l| l.session == session)
+            && let Some(old) = live.remove(&device)
+        {
+            tracing::info!(%device, "session replaced by a newer session of the same device");
+            old.ending.end(Some(replaced()));
+        }
+    }
+
+    /// Writes `last_seen` for the sessions heard from, then marks stale devices offline.
+    async fn flush(&self) -> Result<()> {
+        let heard: Vec<Uuid> = lock(&self.live)
+            .values_mut()
+            .filter_map(|l| std::mem::take(&mut l.heard).then_some(l.session))
+            .collect();
+        presence::touch(&self.db, &heard).await?;
+        presence::sweep(&self.db, &self.events, self.settings.heartbeat_timeout).await?;
+        Ok(())
+    }
+
+    /// Ends sessions the database no longer names as current (a takeover whose notification was lost), then pushes
+    /// whatever differs.
+    async fn reconcile(&self) -> Result<()> {
+        let held: Vec<(Uuid, Uuid)> = lock(&self.live).iter().map(|(d, l)| (*d, l.session)).collect();
+        let devices: Vec<Uuid> = held.iter().map(|(d, _)| *d).collect();
+        let current = presence::current_sessions(&self.db, &devices).await?;
+        for (device, session) in held {
+            if current.get(&device) != Some(&session) {
+                self.end_replaced(device, session);
+            }
+        }
+        self.invalidate();
+        self.push_all().await
+    }
+
+    /// Makes `live` the device's session here, ending any older one this replica holds.
+    fn register(&self, device: Uuid, live: Live) {
+        if let Some(old) = lock(&self.live).insert(device, live) {
+            tracing::info!(%device, "session replaced by a newer session of the same device");
+            old.ending.end(Some(replaced()));
+        }
+    }
+
+    fn unregister(&self, device: Uuid, session: Uuid) {
+        let mut live = lock(&self.live);
+        if live.get(&device).is_some_and(|l| l.session == session) {
+            live.remove(&device);
+        }
+    }
+
+    fn with_live<T>(&self, device: Uuid, session: Uuid, f: impl FnOnce(&mut Live) -> T) -> Option<T> {
+        let mut live = lock(&self.live);
+        live.get_mut(&device).filter(|l| l.session == session).map(f)
+    }
+}
+
+fn replaced() -> Status {
+    Status::aborted("a newer session of this device was opened; this one is closed")
+}
 
 #[derive(Debug, Clone)]
 pub struct DeviceApi {
     registry: Registry,
+    hub: Arc<Hub>,
 }
 
 impl DeviceApi {
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    pub fn new(registry: Registry, hub: Arc<Hub>) -> Self {
+        Self { registry, hub }
     }
 }
 
@@ -61,15 +365,36 @@ impl DeviceService for DeviceApi {
             return Err(Status::invalid_argument("the first message of a session must be Hello"));
         };
         if hello.device_id != id.to_string() {
-            tracing::warn!(device = %id, claimed = %medfleet_core::validation::printable(&hello.device_id), "session refused: claimed another device");
+            tracing::warn!(device = %id, claimed = %printable(&hello.device_id), "session refused: claimed another device");
             return Err(Status::permission_denied(format!(
                 "this certificate belongs to device {id}; it cannot open a session for another device"
             )));
         }
         self.registry.mark_active(id, &audit).await?;
-        tracing::info!(device = %id, firmware = %hello.firmware_version, "session opened");
+        let hub = self.hub.clone();
+        let session = Uuid::new_v4();
+        let reported = ReportedConfig {
+            version: hello.applied_config_version,
+            digest: bounded(&hello.applied_config_digest, 64),
+            rejection: None,
+        };
+        let state = convert::operational_state_from_wire(hello.operational_state);
+        presence::open(
+            &hub.db,
+            &hub.events,
+            &Opening {
+                device: id,
+                session,
+                replica: hub.replica.clone(),
+                state,
+                firmware_version: bounded(&hello.firmware_version, 200),
+                reported: reported.clone(),
+            },
+        )
+        .await?;
+        tracing::info!(device = %id, firmware = %printable(&hello.firmware_version), "session opened");
 
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let welcome = v1::SessionResponse {
             message: Some(session_response::Message::Welcome(v1::Welcome {
                 server_time: Some(convert::timestamp(crate::store::now())),
@@ -77,18 +402,139 @@ impl DeviceService for DeviceApi {
                     .certificate
                     .as_ref()
                     .map(|(_, not_after)| convert::timestamp((*not_after).into())),
+                heartbeat_interval: Some(convert::duration_to_wire(hub.settings.heartbeat_interval())),
             })),
         };
-        tx.send(Ok(welcome))
-            .await
-            .map_err(|_| Status::cancelled("the device left"))?;
-        tokio::spawn(async move {
-            // Heartbeats keep the stream (and, later, presence) alive; the sender lives as long as the device
-            // keeps its side open.
-            while let Ok(Some(_message)) = inbound.message().await {}
-            tracing::info!(device = %id, "session closed");
-            drop(tx);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The channel is empty: the welcome always fits and goes first.
+        let _ = tx.try_send(Ok(welcome));
+        let ending = Arc::new(Ending::default());
+        hub.register(
+            id,
+            Live {
+                session,
+                tx: tx.clone(),
+                ending: ending.clone(),
+                sent: (!reported.digest.is_empty()).then(|| reported.digest.clone()),
+                state,
+                heard: false,
+            },
+        );
+        if let Err(error) = hub.push(&[id]).await {
+            tracing::warn!(device = %id, %error, "initial configuration push failed; the next reconcile retries");
+        }
+        tokio::spawn(follow(hub, id, session, inbound, ending.clone(), tx));
+
+        let closing = ending.clone();
+        let end = futures::stream::once(async move {
+            closing.token.cancelled().await;
+            closing.reason().map(Err)
+        })
+        .filter_map(std::future::ready);
+        let outbound = futures::stream::select(ReceiverStream::new(rx), end);
+        Ok(Response::new(Box::pin(outbound)))
     }
+}
+
+/// A device-supplied string, cut to what storage holds.
+fn bounded(value: &str, max: usize) -> String {
+    value.chars().take(max).collect()
+}
+
+/// Reads the device's side of the session until it leaves, falls silent, or the session is ended.
+async fn follow(
+    hub: Arc<Hub>,
+    device: Uuid,
+    session: Uuid,
+    mut inbound: Streaming<v1::SessionRequest>,
+    ending: Arc<Ending>,
+    tx: Outbound,
+) {
+    let timeout = hub.settings.heartbeat_timeout;
+    loop {
+        let message = tokio::select! {
+            () = ending.token.cancelled() => break,
+            message = tokio::time::timeout(timeout, inbound.message()) => message,
+        };
+        let message = match message {
+            Err(_) => {
+                tracing::info!(%device, ?timeout, "session closed: no heartbeat within the timeout");
+                ending.end(Some(Status::deadline_exceeded(format!(
+                    "no heartbeat for {}; the device is marked offline, reconnect",
+                    humantime::format_duration(timeout)
+                ))));
+                break;
+            }
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => {
+                tracing::debug!(%device, code = ?status.code(), "session stream ended");
+                break;
+            }
+        };
+        if let Err(error) = handle(&hub, device, session, message).await {
+            tracing::warn!(%device, %error, "session message not recorded");
+        }
+    }
+    // The outbound side ends with the session: the hub's sender goes with unregister, ours here.
+    drop(tx);
+    hub.unregister(device, session);
+    ending.token.cancel();
+    match presence::close(&hub.db, &hub.events, device, session).await {
+        Ok(true) => tracing::info!(%device, "session closed; device offline"),
+        Ok(false) => tracing::info!(%device, "session closed (replaced)"),
+        Err(error) => {
+            tracing::warn!(%device, %error, "could not mark the device offline; the sweeper will");
+        }
+    }
+}
+
+async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequest) -> Result<()> {
+    match message.message {
+        Some(session_request::Message::Heartbeat(beat)) => {
+            let state = convert::operational_state_from_wire(beat.operational_state);
+            let changed = hub
+                .with_live(device, session, |l| {
+                    l.heard = true;
+                    std::mem::replace(&mut l.state, state) != state
+                })
+                .unwrap_or(false);
+            if changed {
+                presence::set_state(&hub.db, &hub.events, device, session, state).await?;
+            }
+        }
+        Some(session_request::Message::ConfigReport(report)) => {
+            let digest = bounded(&report.digest, 64);
+            let rejection = (!report.applied).then(|| {
+                let reason = bounded(&report.rejection_reason, 1000);
+                if reason.is_empty() {
+                    "rejected without a reason".to_owned()
+                } else {
+                    reason
+                }
+            });
+            match &rejection {
+                Some(reason) => {
+                    tracing::warn!(%device, version = report.version, reason = %printable(reason), "device rejected its configuration");
+                }
+                None => tracing::debug!(%device, version = report.version, "configuration applied"),
+            }
+            hub.with_live(device, session, |l| {
+                l.heard = true;
+                l.sent = Some(digest.clone());
+            });
+            let reported = ReportedConfig {
+                version: report.version,
+                digest,
+                rejection,
+            };
+            presence::record_report(&hub.db, &hub.events, device, session, &reported).await?;
+        }
+        Some(session_request::Message::Hello(_)) => {
+            return Err(crate::error::Error::FailedPrecondition(
+                "Hello was sent twice; ignored".to_owned(),
+            ));
+        }
+        None => {}
+    }
+    Ok(())
 }

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::db::begin_write;
-use crate::entity::{device, device_tag, site, ward};
+use crate::entity::{device, device_presence, device_tag, site, ward};
 use crate::error::{Error, Result};
 use crate::policy::Visibility;
 
@@ -36,7 +36,7 @@ pub struct Page<T, K> {
     pub next_after: Option<K>,
 }
 
-fn page<T, K>(mut items: Vec<T>, size: u64, key: impl Fn(&T) -> K) -> Page<T, K> {
+pub fn page<T, K>(mut items: Vec<T>, size: u64, key: impl Fn(&T) -> K) -> Page<T, K> {
     let size = usize::try_from(size).unwrap_or(usize::MAX);
     if items.len() > size {
         items.truncate(size);
@@ -58,6 +58,10 @@ pub struct Registry {
 impl Registry {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
     }
 
     pub async fn create_site(&self, new: NewSite, audit: &Context) -> Result<Site> {
@@ -386,6 +390,18 @@ impl Registry {
                         .to_owned(),
                 ),
             );
+        }
+        if let Some(online) = filter.online {
+            let with_session = Query::select()
+                .column(device_presence::Column::DeviceId)
+                .from(device_presence::Entity)
+                .and_where(device_presence::Column::Online.eq(true))
+                .to_owned();
+            query = query.filter(if online {
+                device::Column::Id.in_subquery(with_session)
+            } else {
+                device::Column::Id.not_in_subquery(with_session)
+            });
         }
         if let Some(after) = after {
             query = query.filter(device::Column::Id.gt(after));

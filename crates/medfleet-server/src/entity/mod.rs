@@ -3,7 +3,11 @@
 pub mod audit_log;
 pub mod casbin_rule;
 pub mod certificate;
+pub mod config_layer;
+pub mod config_schema;
+pub mod config_version;
 pub mod device;
+pub mod device_presence;
 pub mod device_tag;
 pub mod enrollment_token;
 pub mod policy_version;
