@@ -1,23 +1,23 @@
 //! `medfleet-agent`: the reference device agent. It enrolls (generating its own key and sending a CSR with a
-//! one-time token), holds its session with medfleetd, and renews its certificate in the background, reconnecting
-//! with the new one.
+//! one-time token), holds its session with medfleetd, applies the configurations pushed on it (atomically, into
+//! its state directory) and renews its certificate in the background, reconnecting with the new one. `simulate`
+//! runs many such devices in one process.
 
+mod device;
+mod simulate;
 mod state;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use medfleet_proto::client::{Bundle, connect, connect_anonymous, new_key_and_csr, write_private};
-use medfleet_proto::v1::{
-    self, credential_service_client::CredentialServiceClient, device_service_client::DeviceServiceClient,
-    enrollment_service_client::EnrollmentServiceClient, session_request, session_response,
-};
+use device::RunOptions;
+use medfleet_proto::client::{Bundle, connect_anonymous, new_key_and_csr, write_private};
+use medfleet_proto::v1::{self, enrollment_service_client::EnrollmentServiceClient};
 use state::{AgentState, StateDir};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 /// The medfleet reference device agent.
 #[derive(Debug, Parser)]
@@ -77,6 +77,52 @@ enum Command {
         /// Firmware version reported in the session hello.
         #[arg(long, default_value = "0.0.0")]
         firmware_version: String,
+        /// Refuse configurations that set this top-level key (to exercise rejection reporting).
+        #[arg(long)]
+        reject_key: Option<String>,
+    },
+    /// Run many simulated devices in one process, each with its own key, certificate and session.
+    #[command(after_help = "Examples:\n  \
+        medfleet-agent simulate --server https://medfleet.hospital.example:7443 --ca ca.crt \\\n    \
+        --state-dir ./sim --devices 1000 --model MX800 --ward stmarys/icu --admin admin.pem\n  \
+        medfleet-agent simulate --server https://medfleet.hospital.example:7443 --ca ca.crt \\\n    \
+        --state-dir ./sim --devices 200 --tokens tokens.csv\n\n\
+        Devices enrolled by an earlier run (in --state-dir) are reused.")]
+    Simulate {
+        #[arg(long, env = "MEDFLEET_SERVER")]
+        server: String,
+        /// The medfleet CA certificate (PEM) to trust.
+        #[arg(long)]
+        ca: PathBuf,
+        /// One sub-directory per device (device-00000, …): keys, certificates, applied configurations.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// How many devices to run.
+        #[arg(long)]
+        devices: usize,
+        /// Enrollment tokens (CSV with a `token` column, e.g. from `medfleet devices import --tokens-out`).
+        #[arg(long, conflicts_with = "admin")]
+        tokens: Option<PathBuf>,
+        /// An admin (or IT provisioner) bundle: register and enroll the devices without a tokens file.
+        #[arg(long)]
+        admin: Option<PathBuf>,
+        /// Model of the devices registered with --admin.
+        #[arg(long, default_value = "SIM-MONITOR")]
+        model: String,
+        /// SITE/WARD where devices registered with --admin stand (default: storage).
+        #[arg(long)]
+        ward: Option<String>,
+        /// Enrollments in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Interval between heartbeats until the server says otherwise.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        heartbeat: Duration,
+        #[arg(long, default_value = "0.0.0")]
+        firmware_version: String,
+        /// Refuse configurations that set this top-level key (to exercise rejection reporting).
+        #[arg(long)]
+        reject_key: Option<String>,
     },
 }
 
@@ -114,14 +160,52 @@ fn main() -> ExitCode {
                 heartbeat,
                 renew_after,
                 firmware_version,
+                reject_key,
             } => {
                 let options = RunOptions {
                     server,
                     heartbeat,
                     renew_after,
                     firmware_version,
+                    reject_key,
+                    quiet: false,
                 };
-                run(&StateDir::new(state_dir), &options).await
+                device::run(&StateDir::new(state_dir), &options, stop_token(), None).await
+            }
+            Command::Simulate {
+                server,
+                ca,
+                state_dir,
+                devices,
+                tokens,
+                admin,
+                model,
+                ward,
+                concurrency,
+                heartbeat,
+                firmware_version,
+                reject_key,
+            } => {
+                let simulation = simulate::Simulation {
+                    server,
+                    ca,
+                    state_dir,
+                    devices,
+                    tokens,
+                    admin,
+                    model,
+                    ward,
+                    concurrency,
+                    options: RunOptions {
+                        server: None,
+                        heartbeat,
+                        renew_after: None,
+                        firmware_version,
+                        reject_key,
+                        quiet: true,
+                    },
+                };
+                simulate::simulate(simulation, stop_token()).await
             }
         }
     });
@@ -149,6 +233,19 @@ async fn enroll(
     }
     let ca_pem =
         std::fs::read_to_string(ca).with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+    let device_id = enroll_with(server, &ca_pem, token, dir, expected_device_id).await?;
+    println!("enrolled as device {device_id}");
+    Ok(())
+}
+
+/// Enrolls the device whose state lives in `dir`; returns its id.
+pub(crate) async fn enroll_with(
+    server: &str,
+    ca_pem: &str,
+    token: &str,
+    dir: &StateDir,
+    expected_device_id: Option<String>,
+) -> anyhow::Result<String> {
     // Everything that can fail locally fails before the one-time token is spent.
     dir.save(&AgentState {
         server: server.to_owned(),
@@ -157,7 +254,7 @@ async fn enroll(
     .with_context(|| format!("cannot write to the state directory {}", dir.root().display()))?;
     // The key is generated here and never leaves the device; only the CSR is sent.
     let (key_pem, csr_der) = new_key_and_csr()?;
-    let channel = connect_anonymous(server, &ca_pem).await?;
+    let channel = connect_anonymous(server, ca_pem).await?;
     let response = EnrollmentServiceClient::new(channel)
         .enroll(v1::EnrollRequest {
             token: token.to_owned(),
@@ -179,133 +276,20 @@ async fn enroll(
         server: server.to_owned(),
         device_id: device_id.clone(),
     })?;
-    tracing::info!(device = %device_id, serial = %response.serial, "enrolled");
-    println!("enrolled as device {device_id}");
-    Ok(())
+    tracing::debug!(device = %device_id, serial = %response.serial, "enrolled");
+    Ok(device_id)
 }
 
-#[derive(Debug)]
-struct RunOptions {
-    server: Option<String>,
-    heartbeat: Duration,
-    renew_after: Option<Duration>,
-    firmware_version: String,
-}
-
-/// How a session ended.
-enum SessionEnd {
-    /// The certificate was renewed: reconnect at once with the new one.
-    Renewed,
-    /// Asked to stop.
-    Stop,
-}
-
-async fn run(dir: &StateDir, options: &RunOptions) -> anyhow::Result<()> {
-    let state = dir.load()?;
-    let server = options.server.clone().unwrap_or_else(|| state.server.clone());
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match session(dir, &server, &state.device_id, options).await {
-            Ok(SessionEnd::Stop) => return Ok(()),
-            Ok(SessionEnd::Renewed) => backoff = Duration::from_secs(1),
-            Err(error) => {
-                tracing::warn!(error = %format!("{error:#}"), retry_in = ?backoff, "session failed");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = stop_signal() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-}
-
-async fn session(dir: &StateDir, server: &str, device_id: &str, options: &RunOptions) -> anyhow::Result<SessionEnd> {
-    let bundle = Bundle::load(&dir.identity())?;
-    let (not_before, not_after) = state::validity(&bundle.cert_pem)?;
-    let now = SystemTime::now();
-    if not_after <= now {
-        bail!(
-            "the device certificate expired at {}; this device must be enrolled again with a new token",
-            humantime::format_rfc3339_seconds(not_after)
-        );
-    }
-    let channel = connect(server, &bundle).await?;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(v1::SessionRequest {
-        message: Some(session_request::Message::Hello(v1::Hello {
-            device_id: device_id.to_owned(),
-            firmware_version: options.firmware_version.clone(),
-            operational_state: v1::OperationalState::Idle.into(),
-        })),
-    })
-    .await?;
-    let mut inbound = DeviceServiceClient::new(channel.clone())
-        .session(ReceiverStream::new(rx))
-        .await
-        .context("opening the session")?
-        .into_inner();
-    match inbound.message().await.context("waiting for the server's welcome")? {
-        Some(v1::SessionResponse {
-            message: Some(session_response::Message::Welcome(_)),
-        }) => {}
-        other => bail!("unexpected first message from the server: {other:?}"),
-    }
-    tracing::info!(device = %device_id, "session established");
-
-    // Renew at 60% of the lifetime: comfortably before two thirds, so a failed attempt has time to be retried.
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    let renew_at = options
-        .renew_after
-        .map_or(not_before + lifetime.mul_f64(0.6), |after| now + after);
-    let renew_in = renew_at.duration_since(SystemTime::now()).unwrap_or_default();
-    let renew = tokio::time::sleep(renew_in);
-    tokio::pin!(renew);
-    let mut heartbeat = tokio::time::interval(options.heartbeat);
-    heartbeat.tick().await;
-    loop {
-        tokio::select! {
-            () = &mut renew => {
-                renew_certificate(dir, channel.clone()).await?;
-                return Ok(SessionEnd::Renewed);
-            }
-            _ = heartbeat.tick() => {
-                let beat = v1::SessionRequest {
-                    message: Some(session_request::Message::Heartbeat(v1::Heartbeat {
-                        operational_state: v1::OperationalState::Idle.into(),
-                    })),
-                };
-                if tx.send(beat).await.is_err() {
-                    bail!("the session closed");
-                }
-            }
-            message = inbound.message() => match message {
-                Ok(Some(_command)) => {}
-                Ok(None) => bail!("the server closed the session"),
-                Err(status) => bail!("the session ended: {} ({:?})", status.message(), status.code()),
-            },
-            () = stop_signal() => {
-                tracing::info!("stopping");
-                return Ok(SessionEnd::Stop);
-            }
-        }
-    }
-}
-
-/// A fresh key and certificate over the current authenticated channel; the files are replaced atomically, so a
-/// crash leaves either the old or the new identity, never half of one.
-async fn renew_certificate(dir: &StateDir, channel: tonic::transport::Channel) -> anyhow::Result<()> {
-    let (key_pem, csr_der) = new_key_and_csr()?;
-    let response = CredentialServiceClient::new(channel)
-        .renew(v1::RenewRequest { csr_der })
-        .await
-        .map_err(|status| anyhow::anyhow!("renewal refused: {}", status.message()))?
-        .into_inner();
-    let bundle = Bundle::parse(&format!("{key_pem}{}", response.certificate_chain_pem))
-        .map_err(|e| anyhow::anyhow!("the renewed certificate is not usable: {e}"))?;
-    write_private(&dir.identity(), &bundle.to_pem())?;
-    tracing::info!(serial = %response.serial, "certificate renewed");
-    Ok(())
+/// Cancelled on SIGTERM or Ctrl-C.
+fn stop_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::info!("stopping");
+        cancel.cancel();
+    });
+    token
 }
 
 async fn stop_signal() {

@@ -1,4 +1,5 @@
-//! The agent's state directory: its identity bundle (key 0600) and where it enrolled.
+//! The agent's state directory: its identity bundle (key 0600), where it enrolled, and the configuration it runs
+//! (`config.json`, replaced atomically, read by the device's software).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -14,7 +15,15 @@ pub(crate) struct AgentState {
     pub(crate) device_id: String,
 }
 
-#[derive(Debug)]
+/// The configuration the device runs: what it reports in its session hello after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct AppliedConfig {
+    pub(crate) version: u64,
+    pub(crate) digest: String,
+    pub(crate) document: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
 pub(crate) struct StateDir(PathBuf);
 
 impl StateDir {
@@ -33,6 +42,32 @@ impl StateDir {
 
     fn state_file(&self) -> PathBuf {
         self.0.join("agent.json")
+    }
+
+    /// The applied configuration: written to a temporary file, synced, then renamed over the old one, so the
+    /// device reads either the previous or the new configuration, never a mix.
+    pub(crate) fn config(&self) -> PathBuf {
+        self.0.join("config.json")
+    }
+
+    pub(crate) fn applied(&self) -> anyhow::Result<Option<AppliedConfig>> {
+        let path = self.config();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .with_context(|| format!("{} is corrupt; remove it to receive the configuration again", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub(crate) fn save_applied(&self, applied: &AppliedConfig) -> anyhow::Result<()> {
+        medfleet_proto::client::write_private(&self.config(), &serde_json::to_string_pretty(applied)?)?;
+        // The rename is durable only once the directory entry is.
+        std::fs::File::open(&self.0)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync {}", self.0.display()))?;
+        Ok(())
     }
 
     pub(crate) fn save(&self, state: &AgentState) -> anyhow::Result<()> {
