@@ -6,6 +6,7 @@
 mod access;
 mod audit;
 mod client;
+mod config;
 mod identity;
 mod output;
 
@@ -76,6 +77,9 @@ enum Command {
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Desired device configuration: layers, versions, schemas, drift.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,8 +160,21 @@ enum DeviceCommand {
     Register(RegisterArgs),
     /// List devices, with filters.
     #[command(after_help = "Examples:\n  medfleet devices list --site stmarys --ward icu\n  \
+                            medfleet devices list --online\n  \
                             medfleet devices list --state registered --tag asset=A-17 -o json")]
     List(ListArgs),
+    /// Stream presence changes live (online, offline, operational state, configuration reports) until Ctrl-C.
+    #[command(after_help = "Examples:\n  medfleet devices watch --site stmarys --ward icu\n  \
+                            medfleet devices watch --initial -o json")]
+    Watch {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long, requires = "site")]
+        ward: Option<String>,
+        /// Start with the current state of every matching device.
+        #[arg(long)]
+        initial: bool,
+    },
     /// Show one device.
     #[command(after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f")]
     Show { id: String },
@@ -231,6 +248,12 @@ struct ListArgs {
     /// key=value; all given tags must match (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
+    /// Only devices with an open session.
+    #[arg(long, conflicts_with = "offline")]
+    online: bool,
+    /// Only devices without an open session.
+    #[arg(long)]
+    offline: bool,
     /// Stop after this many devices (default: all).
     #[arg(long)]
     limit: Option<usize>,
@@ -459,6 +482,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Access(command) => access::run(channel(cli).await?, command, out).await,
         Command::Audit(command) => audit::run(channel(cli).await?, command, out).await,
+        Command::Config(command) => config::run(channel(cli).await?, command, out).await,
         Command::Users(command) => {
             identity::principal(channel(cli).await?, v1::PrincipalKind::User, command, out).await
         }
@@ -507,6 +531,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                                 model: args.model.clone().unwrap_or_default(),
                                 state: args.state.map(|s| device_state_to_wire(s).into()).unwrap_or_default(),
                                 tags: args.tags.clone(),
+                                online: (args.online || args.offline).then_some(args.online),
                             })
                             .await?
                             .into_inner();
@@ -517,6 +542,22 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                         }
                     }
                     output::devices(out, &all)
+                }
+                DeviceCommand::Watch { site, ward, initial } => {
+                    let mut stream = api
+                        .watch_devices(v1::WatchDevicesRequest {
+                            site: site.clone().unwrap_or_default(),
+                            ward: ward.clone().unwrap_or_default(),
+                            initial: *initial,
+                        })
+                        .await?
+                        .into_inner();
+                    while let Some(event) = stream.message().await? {
+                        if let Some(device) = event.device {
+                            output::device_event(out, &device.into())?;
+                        }
+                    }
+                    Err(anyhow::anyhow!("the server ended the watch; run the command again to resume"))
                 }
                 DeviceCommand::Show { id } => {
                     let device = api

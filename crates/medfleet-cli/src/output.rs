@@ -15,7 +15,7 @@ pub(crate) enum Format {
     Json,
 }
 
-fn time(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time(ts: Option<&prost_types::Timestamp>) -> String {
     ts.and_then(datetime).map(|t| t.to_rfc3339()).unwrap_or_default()
 }
 
@@ -76,6 +76,49 @@ pub(crate) struct DeviceView {
     pub(crate) state: String,
     pub(crate) create_time: String,
     pub(crate) update_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) presence: Option<PresenceView>,
+}
+
+/// A device's session presence as the CLI shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct PresenceView {
+    pub(crate) online: bool,
+    pub(crate) last_seen: String,
+    pub(crate) connect_time: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) disconnect_time: String,
+    pub(crate) replica: String,
+    pub(crate) operational_state: String,
+    pub(crate) firmware_version: String,
+    pub(crate) config_version: u64,
+    pub(crate) config_digest: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) config_rejection: String,
+}
+
+impl From<v1::DevicePresence> for PresenceView {
+    fn from(p: v1::DevicePresence) -> Self {
+        let state = match v1::OperationalState::try_from(p.operational_state) {
+            Ok(v1::OperationalState::Idle) => "idle",
+            Ok(v1::OperationalState::InClinicalUse) => "in_clinical_use",
+            Ok(v1::OperationalState::Alarming) => "alarming",
+            Ok(v1::OperationalState::Maintenance) => "maintenance",
+            _ => "unknown",
+        };
+        Self {
+            online: p.online,
+            last_seen: time(p.last_seen.as_ref()),
+            connect_time: time(p.connect_time.as_ref()),
+            disconnect_time: time(p.disconnect_time.as_ref()),
+            replica: p.replica,
+            operational_state: state.to_owned(),
+            firmware_version: p.firmware_version,
+            config_version: p.reported_config_version,
+            config_digest: p.reported_config_digest,
+            config_rejection: p.config_rejection,
+        }
+    }
 }
 
 impl From<v1::Device> for DeviceView {
@@ -103,6 +146,7 @@ impl From<v1::Device> for DeviceView {
             site,
             ward,
             bed,
+            presence: d.presence.map(Into::into),
         }
     }
 }
@@ -116,6 +160,23 @@ impl DeviceView {
         }
     }
 
+    /// "online", "offline" or "never connected".
+    pub(crate) fn presence_text(&self) -> String {
+        match &self.presence {
+            Some(p) if p.online => "online".to_owned(),
+            Some(_) => "offline".to_owned(),
+            None => "never connected".to_owned(),
+        }
+    }
+
+    fn config_text(&self) -> String {
+        match &self.presence {
+            Some(p) if !p.config_rejection.is_empty() => format!("v{} rejected", p.config_version),
+            Some(p) if !p.config_digest.is_empty() => format!("v{}", p.config_version),
+            _ => "-".to_owned(),
+        }
+    }
+
     fn tags_text(&self) -> String {
         self.tags
             .iter()
@@ -125,7 +186,7 @@ impl DeviceView {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
     t
@@ -207,6 +268,8 @@ pub(crate) fn devices(format: Format, devices: &[DeviceView]) -> anyhow::Result<
         "CLASS",
         "LOCATION",
         "STATE",
+        "SESSION",
+        "CONFIG",
         "TAGS",
     ]);
     for d in devices {
@@ -218,6 +281,8 @@ pub(crate) fn devices(format: Format, devices: &[DeviceView]) -> anyhow::Result<
             d.device_class.clone(),
             d.location(),
             d.state.clone(),
+            d.presence_text(),
+            d.config_text(),
             d.tags_text(),
         ]);
     }
@@ -244,6 +309,49 @@ pub(crate) fn device(format: Format, d: &DeviceView) -> anyhow::Result<()> {
         d.tags_text(),
         d.create_time,
         d.update_time
+    );
+    if let Some(p) = &d.presence {
+        println!(
+            "session:       {} (replica {}, last seen {}, connected {})
+operational:   {}
+firmware:      {}
+             configuration: {}{}",
+            d.presence_text(),
+            p.replica,
+            p.last_seen,
+            p.connect_time,
+            p.operational_state,
+            p.firmware_version,
+            d.config_text(),
+            if p.config_rejection.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.config_rejection)
+            }
+        );
+    } else {
+        println!("session:       never connected");
+    }
+    Ok(())
+}
+
+/// One line per presence change, for `devices watch`.
+pub(crate) fn device_event(format: Format, d: &DeviceView) -> anyhow::Result<()> {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string(d)?);
+        return Ok(());
+    }
+    let (state, replica, last_seen) = d.presence.as_ref().map_or(("-", "-", "-"), |p| {
+        (p.operational_state.as_str(), p.replica.as_str(), p.last_seen.as_str())
+    });
+    println!(
+        "{last_seen}  {}  {:<15}  {:<16}  config {:<12}  {}  {}  replica {replica}",
+        d.id,
+        d.presence_text(),
+        state,
+        d.config_text(),
+        d.location(),
+        d.model
     );
     Ok(())
 }

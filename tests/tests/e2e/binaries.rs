@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
 /// A child process with stdout and stderr captured line by line; tests wait on what it prints.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     changed: Arc<tokio::sync::Notify>,
@@ -21,7 +21,7 @@ struct Process {
 }
 
 impl Process {
-    fn spawn(mut command: Command) -> Self {
+    pub(crate) fn spawn(mut command: Command) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -51,16 +51,16 @@ impl Process {
         }
     }
 
-    fn output(&self) -> String {
+    pub(crate) fn output(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 
-    fn count(&self, needle: &str) -> usize {
+    pub(crate) fn count(&self, needle: &str) -> usize {
         self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
     /// Waits until `count` lines contain `needle`. The timeout only bounds a broken run.
-    async fn wait_for(&self, needle: &str, count: usize) {
+    pub(crate) async fn wait_for(&self, needle: &str, count: usize) {
         let wait = async {
             loop {
                 let notified = self.changed.notified();
@@ -79,7 +79,7 @@ impl Process {
         );
     }
 
-    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) async fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().expect("pid").to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
         assert!(killed.success());
@@ -145,7 +145,7 @@ impl Daemon {
         Self { process, grpc_port }
     }
 
-    fn output(&self) -> String {
+    pub(crate) fn output(&self) -> String {
         self.process.output()
     }
 

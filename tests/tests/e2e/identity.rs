@@ -52,6 +52,7 @@ fn hello(device_id: &str) -> v1::SessionRequest {
             device_id: device_id.to_owned(),
             firmware_version: "1.0.0".into(),
             operational_state: v1::OperationalState::Idle.into(),
+            ..Default::default()
         })),
     }
 }

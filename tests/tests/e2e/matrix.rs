@@ -60,12 +60,20 @@ impl Codec for RawCodec {
     }
 }
 
-async fn call(channel: &Channel, path: &str, body: Vec<u8>) -> Code {
+/// The decision on one call. A server stream (a watch) is judged by its response headers: it never ends on its own.
+async fn call(channel: &Channel, path: &str, body: Vec<u8>, server_streaming: bool) -> Code {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.expect("channel ready");
     let path = http::uri::PathAndQuery::try_from(path).expect("path");
-    match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
-        Ok(_) => Code::Ok,
+    let outcome = if server_streaming {
+        grpc.server_streaming(tonic::Request::new(body), path, RawCodec)
+            .await
+            .map(|_| ())
+    } else {
+        grpc.unary(tonic::Request::new(body), path, RawCodec).await.map(|_| ())
+    };
+    match outcome {
+        Ok(()) => Code::Ok,
         Err(status) => status.code(),
     }
 }
@@ -108,7 +116,13 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("RegistryService", "ListWards") => Listing("ward"),
         ("RegistryService", "RegisterDevice" | "ImportDevices") => Scoped("device", "create"),
         ("RegistryService", "GetDevice") => Scoped("device", "read"),
-        ("RegistryService", "ListDevices") => Listing("device"),
+        ("RegistryService", "ListDevices" | "WatchDevices") => Listing("device"),
+        ("ConfigService", "SetConfig" | "RollbackConfig") => Scoped("config", "update"),
+        ("ConfigService", "GetConfigLayer" | "ResolveConfig" | "ListConfigVersions" | "DiffConfigVersions") => {
+            Scoped("config", "read")
+        }
+        ("ConfigService", "SetConfigSchema") => Global("config_schema", "update"),
+        ("ConfigService", "GetConfigSchema" | "ListConfigDrift") => Listing("config"),
         ("RegistryService", "UpdateDevice") => Scoped("device", "update"),
         ("RegistryService", "RevokeDevice") => Scoped("device", "revoke"),
         ("RegistryService", "DecommissionDevice") => Scoped("device", "decommission"),
@@ -128,10 +142,15 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                 ("site" | "ward", "read" | "create" | "update")
                     | ("device", "read" | "create" | "update" | "revoke" | "decommission")
                     | ("enrollment", "create")
+                    | ("config", "read" | "update")
             )
         }
-        "biomed" | "clinician" | "emr_system" => read_fleet,
-        "auditor" => read_fleet || (object, action) == ("audit", "read"),
+        "biomed" => {
+            read_fleet || matches!((object, action), ("config", "read" | "update") | ("config_schema", "update"))
+        }
+        "clinician" => read_fleet || (object, action) == ("config", "read"),
+        "emr_system" => read_fleet,
+        "auditor" => read_fleet || matches!((object, action), ("audit" | "config", "read")),
         _ => false,
     }
 }
@@ -175,6 +194,16 @@ fn expected(principal: &Principal, governed: Governed, target: Target) -> bool {
 struct Fixture {
     device_in: String,
     device_out: String,
+    /// A configuration version of each target's ward layer.
+    version_in: u64,
+    version_out: u64,
+}
+
+fn ward_layer(site: &str) -> Option<v1::ConfigLayer> {
+    Some(v1::ConfigLayer {
+        kind: v1::ConfigLayerKind::Ward.into(),
+        key: format!("{site}/icu"),
+    })
 }
 
 fn location(site: &str) -> Option<v1::Location> {
@@ -267,6 +296,61 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         }
         .encode_to_vec(),
         ("RegistryService", "GetDevice") => v1::GetDeviceRequest { id: device.clone() }.encode_to_vec(),
+        ("ConfigService", "SetConfig") => v1::SetConfigRequest {
+            layer: ward_layer(site),
+            document_json: "{}".into(),
+            comment: "matrix".into(),
+        }
+        .encode_to_vec(),
+        ("ConfigService", "GetConfigLayer") => v1::GetConfigLayerRequest {
+            layer: ward_layer(site),
+        }
+        .encode_to_vec(),
+        ("ConfigService", "ResolveConfig") => v1::ResolveConfigRequest {
+            device_id: device.clone(),
+        }
+        .encode_to_vec(),
+        ("ConfigService", "ListConfigVersions") => v1::ListConfigVersionsRequest {
+            layer: ward_layer(site),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        ("ConfigService", "DiffConfigVersions") => {
+            let version = if target == Target::In {
+                fixture.version_in
+            } else {
+                fixture.version_out
+            };
+            v1::DiffConfigVersionsRequest {
+                from_version: version,
+                to_version: version,
+            }
+            .encode_to_vec()
+        }
+        ("ConfigService", "RollbackConfig") => v1::RollbackConfigRequest {
+            to_version: if target == Target::In {
+                fixture.version_in
+            } else {
+                fixture.version_out
+            },
+            comment: "matrix".into(),
+        }
+        .encode_to_vec(),
+        ("ConfigService", "SetConfigSchema") => v1::SetConfigSchemaRequest {
+            model: "matrix-model".into(),
+            schema_json: r#"{"type": "object"}"#.into(),
+            comment: String::new(),
+        }
+        .encode_to_vec(),
+        ("ConfigService", "GetConfigSchema") => v1::GetConfigSchemaRequest {
+            model: "MX450".into(),
+        }
+        .encode_to_vec(),
+        ("RegistryService", "WatchDevices") => v1::WatchDevicesRequest {
+            site: site.into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
         ("RegistryService", "ListDevices") => v1::ListDevicesRequest {
             site: site.into(),
             ..Default::default()
@@ -378,6 +462,36 @@ async fn matrix(backend: Backend) {
             .unwrap()
             .into_inner()
             .id,
+        version_in: 0,
+        version_out: 0,
+    };
+    let mut configs =
+        v1::config_service_client::ConfigServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
+    let mut versions = Vec::new();
+    for site in ["stmarys", "stjohns"] {
+        let version = configs
+            .set_config(v1::SetConfigRequest {
+                layer: ward_layer(site),
+                document_json: r#"{"rate": 1}"#.into(),
+                comment: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        versions.push(version.version);
+    }
+    configs
+        .set_config_schema(v1::SetConfigSchemaRequest {
+            model: "MX450".into(),
+            schema_json: r#"{"type": "object"}"#.into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+    let fixture = Fixture {
+        version_in: versions[0],
+        version_out: versions[1],
+        ..fixture
     };
 
     let mut principals = vec![Principal::Nobody, Principal::Device];
@@ -440,7 +554,9 @@ async fn matrix(backend: Backend) {
                 };
                 for (principal, channel) in principals.iter().zip(&channels) {
                     for target in [Target::In, Target::Out] {
-                        let code = call(channel, &path, request(service.name(), method.name(), target, &fixture)).await;
+                        let body = request(service.name(), method.name(), target, &fixture);
+                        let streaming = method.server_streaming() && !method.client_streaming();
+                        let code = call(channel, &path, body, streaming).await;
                         let allow = expected(principal, rule, target);
                         decisions += 1;
                         if refused(code, rule) == allow {
