@@ -176,7 +176,11 @@ fn read_tokens(path: &Path, count: usize) -> anyhow::Result<Vec<String>> {
         }
     }
     if tokens.len() < count {
-        bail!("{} holds {} tokens; {count} devices need enrolling", path.display(), tokens.len());
+        bail!(
+            "{} holds {} tokens; {count} devices need enrolling",
+            path.display(),
+            tokens.len()
+        );
     }
     tokens.truncate(count);
     Ok(tokens)
@@ -207,7 +211,11 @@ async fn enroll_all(sim: &Simulation, dirs: &[StateDir], missing: &[usize], toke
         .filter_map(|r| r.err().map(|e| format!("{e:#}")))
         .collect();
     if let Some(first) = failed.first() {
-        bail!("{} of {} enrollments failed; first: {first}", failed.len(), missing.len());
+        bail!(
+            "{} of {} enrollments failed; first: {first}",
+            failed.len(),
+            missing.len()
+        );
     }
     tracing::info!(devices = missing.len(), "simulated devices enrolled");
     Ok(())

@@ -53,9 +53,12 @@ impl StateDir {
     pub(crate) fn applied(&self) -> anyhow::Result<Option<AppliedConfig>> {
         let path = self.config();
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .with_context(|| format!("{} is corrupt; remove it to receive the configuration again", path.display())),
+            Ok(text) => serde_json::from_str(&text).map(Some).with_context(|| {
+                format!(
+                    "{} is corrupt; remove it to receive the configuration again",
+                    path.display()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }

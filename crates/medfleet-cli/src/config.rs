@@ -48,10 +48,7 @@ impl LayerArgs {
         } else {
             return None;
         };
-        Some(v1::ConfigLayer {
-            kind: kind.into(),
-            key,
-        })
+        Some(v1::ConfigLayer { kind: kind.into(), key })
     }
 }
 
@@ -59,9 +56,11 @@ impl LayerArgs {
 pub(crate) enum ConfigCommand {
     /// Replace one layer's document with FILE (JSON object; "-" reads stdin). Validated against every affected
     /// model's schema first; connected devices get the result at once.
-    #[command(after_help = "Examples:\n  medfleet config set --fleet defaults.json -m \"initial defaults\"\n  \
+    #[command(
+        after_help = "Examples:\n  medfleet config set --fleet defaults.json -m \"initial defaults\"\n  \
                             medfleet config set --ward stmarys/icu icu.json -m \"tighter HR alarm limits\"\n  \
-                            medfleet config set --device 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f override.json")]
+                            medfleet config set --device 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f override.json"
+    )]
     Set {
         #[command(flatten)]
         layer: LayerArgs,
@@ -71,8 +70,10 @@ pub(crate) enum ConfigCommand {
         comment: Option<String>,
     },
     /// A device's resolved configuration (with --explain: where each value comes from), or one layer's document.
-    #[command(after_help = "Examples:\n  medfleet config get 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --explain\n  \
-                            medfleet config get --ward stmarys/icu")]
+    #[command(
+        after_help = "Examples:\n  medfleet config get 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --explain\n  \
+                            medfleet config get --ward stmarys/icu"
+    )]
     Get {
         /// A device id (or name a layer instead).
         device_id: Option<String>,
@@ -83,7 +84,9 @@ pub(crate) enum ConfigCommand {
         explain: bool,
     },
     /// Versions, newest first (all layers, or one).
-    #[command(after_help = "Examples:\n  medfleet config history\n  medfleet config history --ward stmarys/icu --limit 5")]
+    #[command(
+        after_help = "Examples:\n  medfleet config history\n  medfleet config history --ward stmarys/icu --limit 5"
+    )]
     History {
         #[command(flatten)]
         layer: LayerArgs,
@@ -102,7 +105,9 @@ pub(crate) enum ConfigCommand {
         comment: Option<String>,
     },
     /// Devices whose reported configuration differs from the desired one.
-    #[command(after_help = "Examples:\n  medfleet config drift\n  medfleet config drift --ward stmarys/icu --all -o json")]
+    #[command(
+        after_help = "Examples:\n  medfleet config drift\n  medfleet config drift --ward stmarys/icu --all -o json"
+    )]
     Drift {
         #[arg(long)]
         site: Option<String>,
@@ -198,11 +203,14 @@ impl From<v1::ConfigVersion> for VersionView {
     }
 }
 
-fn print_version(out: Format, v: VersionView) -> anyhow::Result<()> {
+fn print_version(out: Format, v: &VersionView) -> anyhow::Result<()> {
     if out == Format::Json {
-        return output::json(&v);
+        return output::json(v);
     }
-    let rollback = v.rollback_of.map(|r| format!(" (restores version {r})")).unwrap_or_default();
+    let rollback = v
+        .rollback_of
+        .map(|r| format!(" (restores version {r})"))
+        .unwrap_or_default();
     println!(
         "version {}{rollback}\nlayer:   {}\nauthor:  {}\ntime:    {}\ncomment: {}\n{}",
         v.version,
@@ -304,7 +312,10 @@ pub(crate) async fn run(channel: Channel, command: &ConfigCommand, out: Format) 
                 if out == Format::Json {
                     return output::json(&view);
                 }
-                println!("device {} — desired version {} (digest {})", view.device_id, view.version, view.digest);
+                println!(
+                    "device {} — desired version {} (digest {})",
+                    view.device_id, view.version, view.digest
+                );
                 println!("{}", serde_json::to_string_pretty(&view.document)?);
                 if *explain {
                     let mut t = output::table(&["KEY", "FROM LAYER", "VERSION"]);
@@ -320,9 +331,11 @@ pub(crate) async fn run(channel: Channel, command: &ConfigCommand, out: Format) 
                     .get_config_layer(v1::GetConfigLayerRequest { layer: Some(layer) })
                     .await?
                     .into_inner();
-                print_version(out, version.into())
+                print_version(out, &version.into())
             }
-            _ => Err(UsageError("name a device id or one layer (--fleet, --model, --site, --ward, --device)".into()).into()),
+            _ => Err(
+                UsageError("name a device id or one layer (--fleet, --model, --site, --ward, --device)".into()).into(),
+            ),
         },
         ConfigCommand::History { layer, limit } => {
             let mut all: Vec<VersionView> = Vec::new();
@@ -441,8 +454,7 @@ pub(crate) async fn run(channel: Channel, command: &ConfigCommand, out: Format) 
                 .map(|d| DriftView {
                     location: d
                         .location
-                        .map(|l| format!("{}/{}", l.site, l.ward))
-                        .unwrap_or_else(|| "storage".to_owned()),
+                        .map_or_else(|| "storage".to_owned(), |l| format!("{}/{}", l.site, l.ward)),
                     device_id: d.device_id,
                     model: d.model,
                     online: d.online,
@@ -502,7 +514,10 @@ pub(crate) async fn run(channel: Channel, command: &ConfigCommand, out: Format) 
                     "update_time": output::time(schema.update_time.as_ref()),
                 }));
             }
-            println!("schema of model {} stored; every later change is validated against it", schema.model);
+            println!(
+                "schema of model {} stored; every later change is validated against it",
+                schema.model
+            );
             Ok(())
         }
         ConfigCommand::Schema(SchemaCommand::Get { model }) => {

@@ -557,7 +557,9 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
                             output::device_event(out, &device.into())?;
                         }
                     }
-                    Err(anyhow::anyhow!("the server ended the watch; run the command again to resume"))
+                    Err(anyhow::anyhow!(
+                        "the server ended the watch; run the command again to resume"
+                    ))
                 }
                 DeviceCommand::Show { id } => {
                     let device = api

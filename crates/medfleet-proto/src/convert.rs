@@ -249,7 +249,7 @@ pub fn layer_from_wire(field: &str, layer: Option<&v1::ConfigLayer>) -> Result<L
         Ok(v1::ConfigLayerKind::Device) => Layer::Device,
         Ok(v1::ConfigLayerKind::Unspecified) | Err(_) => {
             return Err(Violations::single(
-                &format!("{field}.kind"),
+                format!("{field}.kind"),
                 "name the layer: fleet, model, site, ward or device",
             ));
         }

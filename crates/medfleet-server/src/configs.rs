@@ -77,8 +77,9 @@ pub struct DriftRow {
 }
 
 impl DriftRow {
+    /// The device runs the desired document and has refused nothing since.
     pub fn in_sync(&self) -> bool {
-        self.reported.digest == self.desired_digest
+        self.reported.digest == self.desired_digest && self.reported.rejection.is_none()
     }
 }
 

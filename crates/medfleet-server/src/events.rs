@@ -155,9 +155,10 @@ impl Events {
             if sender == own {
                 continue;
             }
-            match Event::decode(text) {
-                Some(event) => self.emit(event),
-                None => tracing::warn!(payload = %text, "ignoring an unknown change notification"),
+            if let Some(event) = Event::decode(text) {
+                self.emit(event);
+            } else {
+                tracing::warn!(payload = %text, "ignoring an unknown change notification");
             }
         }
     }

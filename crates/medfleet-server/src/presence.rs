@@ -164,6 +164,8 @@ pub async fn set_state(
     update_current(db, events, device, session, update).await
 }
 
+/// Records what the device said about a pushed configuration. An applied one becomes what the device runs; a
+/// rejected one leaves that alone and records the reason (with the refused version), so drift shows both.
 pub async fn record_report(
     db: &DatabaseConnection,
     events: &Events,
@@ -171,20 +173,24 @@ pub async fn record_report(
     session: Uuid,
     reported: &ReportedConfig,
 ) -> Result<bool> {
-    let update = device_presence::Entity::update_many()
-        .col_expr(
-            device_presence::Column::ReportedVersion,
-            Expr::value(i64::try_from(reported.version).unwrap_or(i64::MAX)),
-        )
-        .col_expr(
-            device_presence::Column::ReportedDigest,
-            Expr::value(reported.digest.clone()),
-        )
-        .col_expr(
+    let mut update =
+        device_presence::Entity::update_many().col_expr(device_presence::Column::LastSeen, Expr::value(now()));
+    update = match &reported.rejection {
+        Some(reason) => update.col_expr(
             device_presence::Column::Rejection,
-            Expr::value(reported.rejection.clone()),
-        )
-        .col_expr(device_presence::Column::LastSeen, Expr::value(now()));
+            Expr::value(Some(format!("version {} rejected: {reason}", reported.version))),
+        ),
+        None => update
+            .col_expr(
+                device_presence::Column::ReportedVersion,
+                Expr::value(i64::try_from(reported.version).unwrap_or(i64::MAX)),
+            )
+            .col_expr(
+                device_presence::Column::ReportedDigest,
+                Expr::value(reported.digest.clone()),
+            )
+            .col_expr(device_presence::Column::Rejection, Expr::value(Option::<String>::None)),
+    };
     update_current(db, events, device, session, update).await
 }
 

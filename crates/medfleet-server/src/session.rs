@@ -512,11 +512,10 @@ async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequ
                     reason
                 }
             });
-            match &rejection {
-                Some(reason) => {
-                    tracing::warn!(%device, version = report.version, reason = %printable(reason), "device rejected its configuration");
-                }
-                None => tracing::debug!(%device, version = report.version, "configuration applied"),
+            if let Some(reason) = &rejection {
+                tracing::warn!(%device, version = report.version, reason = %printable(reason), "device rejected its configuration");
+            } else {
+                tracing::debug!(%device, version = report.version, "configuration applied");
             }
             hub.with_live(device, session, |l| {
                 l.heard = true;

@@ -112,15 +112,20 @@ async fn converge(
             watch.message().await.unwrap().expect("the watch ended");
         }
     };
-    let last = tokio::time::timeout(GUARD, wait).await;
-    match last {
-        Ok(rows) => rows,
-        Err(_) => panic!("no convergence within {GUARD:?}: {:#?}", drift(&mut configs(server).await).await),
+    if let Ok(rows) = tokio::time::timeout(GUARD, wait).await {
+        return rows;
     }
+    panic!(
+        "no convergence within {GUARD:?}: {:#?}",
+        drift(&mut configs(server).await).await
+    );
 }
 
 fn all_in_sync(rows: &[v1::DeviceConfigStatus], count: usize, digest: &str) -> bool {
-    rows.len() == count && rows.iter().all(|r| r.online && r.in_sync && r.reported_digest == digest)
+    rows.len() == count
+        && rows
+            .iter()
+            .all(|r| r.online && r.in_sync && r.reported_digest == digest)
 }
 
 fn simulator(server: &TestServer, state: &Path, devices: usize) -> Process {
@@ -179,8 +184,14 @@ async fn push_reaches_every_connected_device(backend: Backend) {
     })
     .await;
     assert!(rows.iter().all(|r| r.reported_version == change.version));
-    sim.wait_for(&format!("{DEVICES}/{DEVICES} connected; configuration v{} ×{DEVICES}", change.version), 1)
-        .await;
+    sim.wait_for(
+        &format!(
+            "{DEVICES}/{DEVICES} connected; configuration v{} ×{DEVICES}",
+            change.version
+        ),
+        1,
+    )
+    .await;
     // Every device wrote the merged document to its own state directory.
     let expected = serde_json::json!({"alarm": {"hr_high": 140, "hr_low": 40}, "sampling_hz": 1});
     let mut dirs = 0;
@@ -256,9 +267,13 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     })
     .await
     .unwrap();
-    set(&mut api, layer(v1::ConfigLayerKind::Fleet, ""), r#"{"alarm": {"hr_high": 120}}"#)
-        .await
-        .unwrap();
+    set(
+        &mut api,
+        layer(v1::ConfigLayerKind::Fleet, ""),
+        r#"{"alarm": {"hr_high": 120}}"#,
+    )
+    .await
+    .unwrap();
     let before_history = history(&mut api).await;
     let before_resolved = api
         .resolve_config(v1::ResolveConfigRequest {
@@ -291,11 +306,17 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     .await
     .unwrap_err();
     assert_eq!(violations(&device_override)[0].0, "/sampling_hz");
-    let base = set(&mut api, layer(v1::ConfigLayerKind::Model, "MX450"), r#"{"alarm": {"hr_high": "high"}}"#)
-        .await
-        .unwrap_err();
+    let base = set(
+        &mut api,
+        layer(v1::ConfigLayerKind::Model, "MX450"),
+        r#"{"alarm": {"hr_high": "high"}}"#,
+    )
+    .await
+    .unwrap_err();
     assert!(
-        violations(&base).iter().any(|(p, d)| p == "/alarm/hr_high" && d.contains("base")),
+        violations(&base)
+            .iter()
+            .any(|(p, d)| p == "/alarm/hr_high" && d.contains("base")),
         "{:?}",
         violations(&base)
     );
@@ -354,12 +375,20 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
     let mut api = configs(&server).await;
     let original = r#"{"alarm": {"hr_high": 130, "spo2_low": 90}, "display": {"brightness": 0.8}, "tags": ["a", "b"]}"#;
     let first = set(&mut api, ward("stmarys/icu"), original).await.unwrap();
-    let second = set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 150, "spo2_low": null}}"#)
-        .await
-        .unwrap();
-    let device_layer = set(&mut api, layer(v1::ConfigLayerKind::Device, &device), r#"{"bed_label": "3"}"#)
-        .await
-        .unwrap();
+    let second = set(
+        &mut api,
+        ward("stmarys/icu"),
+        r#"{"alarm": {"hr_high": 150, "spo2_low": null}}"#,
+    )
+    .await
+    .unwrap();
+    let device_layer = set(
+        &mut api,
+        layer(v1::ConfigLayerKind::Device, &device),
+        r#"{"bed_label": "3"}"#,
+    )
+    .await
+    .unwrap();
     let changes = api
         .diff_config_versions(v1::DiffConfigVersionsRequest {
             from_version: first.version,
@@ -370,7 +399,10 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
         .into_inner()
         .changes;
     let pointers: HashSet<&str> = changes.iter().map(|c| c.pointer.as_str()).collect();
-    assert!(pointers.contains("/alarm/hr_high") && pointers.contains("/display/brightness"), "{changes:?}");
+    assert!(
+        pointers.contains("/alarm/hr_high") && pointers.contains("/display"),
+        "{changes:?}"
+    );
 
     let restored = api
         .rollback_config(v1::RollbackConfigRequest {
@@ -418,7 +450,10 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
     );
     assert_eq!(resolved.version, restored.version);
     let source = |pointer: &str| resolved.sources.iter().find(|s| s.pointer == pointer).unwrap().clone();
-    assert_eq!(source("/bed_label").layer, layer(v1::ConfigLayerKind::Device, &resolved.device_id));
+    assert_eq!(
+        source("/bed_label").layer,
+        layer(v1::ConfigLayerKind::Device, &resolved.device_id)
+    );
     assert_eq!(source("/alarm/hr_high").version, restored.version);
     // Rolling back to a version that does not exist changes nothing.
     let missing = api
@@ -430,20 +465,24 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     // Every change is in the audit trail, with its author.
-    let audit = v1::audit_service_client::AuditServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
-        .list_audit_events(v1::ListAuditEventsRequest {
-            action: "config.".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let audit =
+        v1::audit_service_client::AuditServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
+            .list_audit_events(v1::ListAuditEventsRequest {
+                action: "config.".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
     assert_eq!(audit.iter().filter(|e| e.action == "config.set").count(), 3);
     assert_eq!(audit.iter().filter(|e| e.action == "config.rollback").count(), 1);
     assert!(audit.iter().all(|e| e.actor == "medfleet://user/admin"));
 }
-both_backends!(rollback_restores_the_exact_document, rollback_restores_the_exact_document);
+both_backends!(
+    rollback_restores_the_exact_document,
+    rollback_restores_the_exact_document
+);
 
 /// A device enrolled in-test, with its own certificate.
 async fn enrolled(server: &TestServer, ward: &str) -> (String, Channel) {
@@ -542,11 +581,13 @@ impl Session {
 
     async fn ended(mut self) -> tonic::Status {
         loop {
-            match tokio::time::timeout(GUARD, self.inbound.message()).await {
-                Ok(Ok(Some(_))) => {}
-                Ok(Err(status)) => return status,
-                Ok(Ok(None)) => panic!("the session ended without a status"),
-                Err(_) => panic!("the session did not end within {GUARD:?}"),
+            let next = tokio::time::timeout(GUARD, self.inbound.message())
+                .await
+                .expect("the session did not end in time");
+            match next {
+                Ok(Some(_)) => {}
+                Err(status) => return status,
+                Ok(None) => panic!("the session ended without a status"),
             }
         }
     }
@@ -611,14 +652,32 @@ async fn sessions_presence_takeover_and_timeouts(backend: Backend) {
     let mut first = open(&channel, &device).await;
     let apply = first.next_config().await;
     assert_eq!(apply.version, version.version);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&apply.document_json).unwrap(), serde_json::json!({"rate": 2}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&apply.document_json).unwrap(),
+        serde_json::json!({"rate": 2})
+    );
     let online = presence(&mut events, &device, |p| p.online).await;
     assert_eq!(online.firmware_version, "1.2.3");
     assert_eq!(online.operational_state, i32::from(v1::OperationalState::InClinicalUse));
     first.report(&apply, Some("rate 2 Hz unsupported")).await;
-    presence(&mut events, &device, |p| p.config_rejection == "rate 2 Hz unsupported").await;
-    let row = drift(&mut api).await.into_iter().find(|r| r.device_id == device).unwrap();
-    assert!(!row.in_sync && row.rejection_reason == "rate 2 Hz unsupported");
+    let rejected = presence(&mut events, &device, |p| !p.config_rejection.is_empty()).await;
+    assert_eq!(
+        rejected.config_rejection,
+        format!("version {} rejected: rate 2 Hz unsupported", version.version)
+    );
+    assert!(
+        rejected.reported_config_digest.is_empty(),
+        "a rejected document is not what the device runs"
+    );
+    let row = drift(&mut api)
+        .await
+        .into_iter()
+        .find(|r| r.device_id == device)
+        .unwrap();
+    assert!(
+        !row.in_sync && row.rejection_reason.contains("rate 2 Hz unsupported"),
+        "{row:?}"
+    );
 
     // A second session of the same device replaces the first, which ends with ABORTED.
     let mut second = open(&channel, &device).await;
@@ -627,8 +686,10 @@ async fn sessions_presence_takeover_and_timeouts(backend: Backend) {
     assert!(status.message().contains("newer session"), "{status:?}");
     let apply = second.next_config().await;
     second.report(&apply, None).await;
-    presence(&mut events, &device, |p| p.online && p.reported_config_digest == apply.digest && p.config_rejection.is_empty())
-        .await;
+    presence(&mut events, &device, |p| {
+        p.online && p.reported_config_digest == apply.digest && p.config_rejection.is_empty()
+    })
+    .await;
     let listed = RegistryServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
         .list_devices(v1::ListDevicesRequest {
             online: Some(true),
@@ -638,7 +699,10 @@ async fn sessions_presence_takeover_and_timeouts(backend: Backend) {
         .unwrap()
         .into_inner()
         .devices;
-    assert_eq!(listed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), [device.as_str()]);
+    assert_eq!(
+        listed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        [device.as_str()]
+    );
 
     // A change pushes at once to the open session.
     let next = set(&mut api, ward("stmarys/icu"), r#"{"rate": 4}"#).await.unwrap();
@@ -662,7 +726,10 @@ async fn sessions_presence_takeover_and_timeouts(backend: Backend) {
         .devices;
     assert!(listed.is_empty(), "{listed:?}");
 }
-both_backends!(sessions_presence_takeover_and_timeouts, sessions_presence_takeover_and_timeouts);
+both_backends!(
+    sessions_presence_takeover_and_timeouts,
+    sessions_presence_takeover_and_timeouts
+);
 
 fn cli(server: &TestServer, args: &[&str]) -> std::process::Output {
     std::process::Command::new(binary("medfleet"))
@@ -710,13 +777,19 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
         path.to_str().unwrap().to_owned()
     };
     let v1_file = write("v1.json", r#"{"alarm": {"spo2_low": 90}}"#);
-    let out = cli(&server, &["config", "set", "--ward", "stmarys/ed", &v1_file, "-m", "first"]);
+    let out = cli(
+        &server,
+        &["config", "set", "--ward", "stmarys/ed", &v1_file, "-m", "first"],
+    );
     assert!(out.status.success(), "{out:?}");
 
     let mut events = watch(&server).await;
     let agent = agent_run(state.path());
     agent.wait_for("configuration applied", 1).await;
-    assert_eq!(applied_document(state.path()), serde_json::json!({"alarm": {"spo2_low": 90}}));
+    assert_eq!(
+        applied_document(state.path()),
+        serde_json::json!({"alarm": {"spo2_low": 90}})
+    );
     let online = cli(&server, &["devices", "list", "--online", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&online.stdout).unwrap();
     assert_eq!(listed[0]["id"], device.as_str(), "{listed}");
@@ -727,7 +800,10 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     assert!(status.success());
     presence(&mut events, &device, |p| !p.online).await;
     let v2_file = write("v2.json", r#"{"alarm": {"spo2_low": 88}, "sampling_hz": 2}"#);
-    let out = cli(&server, &["config", "set", "--device", &device, &v2_file, "-m", "for this bed"]);
+    let out = cli(
+        &server,
+        &["config", "set", "--device", &device, &v2_file, "-m", "for this bed"],
+    );
     assert!(out.status.success(), "{out:?}");
     let drifting = cli(&server, &["config", "drift", "-o", "json"]);
     let drifting: serde_json::Value = serde_json::from_slice(&drifting.stdout).unwrap();
@@ -744,7 +820,11 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     let explained = cli(&server, &["config", "get", &device, "--explain", "-o", "json"]);
     let explained: serde_json::Value = serde_json::from_slice(&explained.stdout).unwrap();
     let sources = explained["sources"].as_array().unwrap();
-    assert!(sources.iter().any(|s| s["pointer"] == "/sampling_hz" && s["layer"] == format!("device {device}")));
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["pointer"] == "/sampling_hz" && s["layer"] == format!("device {device}"))
+    );
     let (status, _) = agent.terminate().await;
     assert!(status.success());
 
@@ -761,7 +841,10 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     assert!(!output.contains("already applied"), "{output}");
     assert_eq!(applied_document(state.path())["sampling_hz"], 4);
 }
-both_backends!(offline_agent_converges_on_reconnect, offline_agent_converges_on_reconnect);
+both_backends!(
+    offline_agent_converges_on_reconnect,
+    offline_agent_converges_on_reconnect
+);
 
 /// Two replicas on one PostgreSQL: a change made through A reaches devices connected to B at once (LISTEN/NOTIFY),
 /// and a session opened on B replaces the same device's session on A.
@@ -785,9 +868,14 @@ async fn push_and_takeover_across_replicas() {
     setup(&a).await;
     let state = tempfile::tempdir().unwrap();
     let sim = simulator(&b, state.path(), 10);
-    converge(&a, |rows| rows.len() == 10 && rows.iter().all(|r| r.online && r.in_sync)).await;
+    converge(&a, |rows| {
+        rows.len() == 10 && rows.iter().all(|r| r.online && r.in_sync)
+    })
+    .await;
     let mut api = configs(&a).await;
-    let change = set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 135}}"#).await.unwrap();
+    let change = set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 135}}"#)
+        .await
+        .unwrap();
     converge(&a, |rows| {
         rows.iter().all(|r| r.desired_version == change.version) && all_in_sync(rows, 10, &rows[0].desired_digest)
     })
@@ -798,7 +886,11 @@ async fn push_and_takeover_across_replicas() {
         .unwrap()
         .into_inner()
         .devices;
-    assert!(listed.iter().all(|d| d.presence.as_ref().unwrap().replica == "replica-b"));
+    assert!(
+        listed
+            .iter()
+            .all(|d| d.presence.as_ref().unwrap().replica == "replica-b")
+    );
     sim.terminate().await;
 
     let (device, _) = enrolled(&a, "icu").await;

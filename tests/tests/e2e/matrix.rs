@@ -146,7 +146,11 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
             )
         }
         "biomed" => {
-            read_fleet || matches!((object, action), ("config", "read" | "update") | ("config_schema", "update"))
+            read_fleet
+                || matches!(
+                    (object, action),
+                    ("config", "read" | "update") | ("config_schema", "update")
+                )
         }
         "clinician" => read_fleet || (object, action) == ("config", "read"),
         "emr_system" => read_fleet,
@@ -342,10 +346,7 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
             comment: String::new(),
         }
         .encode_to_vec(),
-        ("ConfigService", "GetConfigSchema") => v1::GetConfigSchemaRequest {
-            model: "MX450".into(),
-        }
-        .encode_to_vec(),
+        ("ConfigService", "GetConfigSchema") => v1::GetConfigSchemaRequest { model: "MX450".into() }.encode_to_vec(),
         ("RegistryService", "WatchDevices") => v1::WatchDevicesRequest {
             site: site.into(),
             ..Default::default()
