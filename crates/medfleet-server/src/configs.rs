@@ -77,9 +77,11 @@ pub struct DriftRow {
 }
 
 impl DriftRow {
-    /// The device runs the desired document and has refused nothing since.
+    /// The device runs the desired document (or, with no layer applying to it, runs none) and has refused
+    /// nothing since.
     pub fn in_sync(&self) -> bool {
-        self.reported.digest == self.desired_digest && self.reported.rejection.is_none()
+        let nothing_desired = self.desired_version == 0 && self.reported.digest.is_empty();
+        (nothing_desired || self.reported.digest == self.desired_digest) && self.reported.rejection.is_none()
     }
 }
 

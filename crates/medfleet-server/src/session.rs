@@ -223,7 +223,9 @@ impl Hub {
                 continue;
             };
             let desired = layers.desired(&placement);
-            if entry.sent.as_deref() == Some(desired.digest.as_str()) {
+            // No layer applies and the device runs nothing: there is nothing to send.
+            let nothing = desired.version == 0 && entry.sent.is_none();
+            if nothing || entry.sent.as_deref() == Some(desired.digest.as_str()) {
                 continue;
             }
             let command = v1::SessionResponse {
