@@ -364,9 +364,13 @@ pub fn bundle_from_file(path: &Path) -> CredentialBundle {
 /// command does that first).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/<test> → target/debug/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    // A test runs from target/debug/deps/<test>, the bench from target/release/<bench>: the binaries sit in
+    // target/<profile>/.
+    let here = exe.parent().expect("target dir");
+    let path = [here.join(name), here.parent().expect("target dir").join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",

@@ -62,6 +62,8 @@ impl RegistryApi {
 
 /// Events for `WatchDevices`: buffered per watcher; a watcher too slow for this many is resynchronised.
 const WATCH_BUFFER: usize = 1024;
+/// Most changed devices read back in one query for a watcher.
+const WATCH_BATCH: usize = 500;
 
 /// Whether a watcher with `visibility` and the given filter sees `device`.
 fn watched(device: &Device, visibility: &Visibility, site: &str, ward: &str) -> bool {
@@ -389,30 +391,50 @@ impl RegistryService for RegistryApi {
                     () = tx.closed() => return,
                     event = events.recv() => event,
                 };
-                let device = match event {
-                    Ok(Event::Presence { device }) => device,
-                    Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if !matches!(send_all(api.clone(), tx.clone()).await, Ok(true)) {
-                            return;
+                // A burst (a ward applying a change) is read back in one query rather than one per device.
+                let mut changed = std::collections::BTreeSet::new();
+                let mut resync = false;
+                let mut next = Some(event);
+                while let Some(event) = next.take() {
+                    match event {
+                        Ok(Event::Presence { device }) => {
+                            changed.insert(device);
                         }
-                        continue;
+                        Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => resync = true,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
                     }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let Ok(found) = api.registry.get_device(device).await else {
-                    continue;
-                };
-                if !watched(&found, &visibility, &r.site, &r.ward) {
+                    if changed.len() < WATCH_BATCH {
+                        next = match events.try_recv() {
+                            Ok(event) => Some(Ok(event)),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Some(Err(broadcast::error::RecvError::Lagged(n)))
+                            }
+                            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => None,
+                        };
+                    }
+                }
+                if resync {
+                    if !matches!(send_all(api.clone(), tx.clone()).await, Ok(true)) {
+                        return;
+                    }
                     continue;
                 }
-                let Ok(mut wire) = api.with_presence(vec![found]).await else {
+                let ids: Vec<Uuid> = changed.into_iter().collect();
+                let Ok(found) = api.registry.devices_by_id(&ids).await else {
                     continue;
                 };
-                if let Some(device) = wire.pop()
-                    && tx.send(Ok(v1::DeviceEvent { device: Some(device) })).await.is_err()
-                {
-                    return;
+                let visible: Vec<Device> = found
+                    .into_iter()
+                    .filter(|d| watched(d, &visibility, &r.site, &r.ward))
+                    .collect();
+                let Ok(wire) = api.with_presence(visible).await else {
+                    continue;
+                };
+                for device in wire {
+                    if tx.send(Ok(v1::DeviceEvent { device: Some(device) })).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

@@ -163,6 +163,7 @@ pub async fn run(
             heartbeat_timeout: config.heartbeat_timeout,
             reconcile_interval: config.config_reconcile_interval,
         },
+        metrics.clone(),
     );
     hub.spawn(background.clone());
     let configs = configs::Configs::new(db.clone(), events.clone());

@@ -164,18 +164,17 @@ pub async fn set_state(
     update_current(db, events, device, session, update).await
 }
 
-/// Records what the device said about a pushed configuration. An applied one becomes what the device runs; a
-/// rejected one leaves that alone and records the reason (with the refused version), so drift shows both.
-pub async fn record_report(
-    db: &DatabaseConnection,
-    events: &Events,
-    device: Uuid,
-    session: Uuid,
-    reported: &ReportedConfig,
-) -> Result<bool> {
-    let mut update =
-        device_presence::Entity::update_many().col_expr(device_presence::Column::LastSeen, Expr::value(now()));
-    update = match &reported.rejection {
+/// One device's answer to a pushed configuration, from its current session.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub device: Uuid,
+    pub session: Uuid,
+    pub reported: ReportedConfig,
+}
+
+fn report_update(reported: &ReportedConfig, at: DateTime<Utc>) -> sea_orm::UpdateMany<device_presence::Entity> {
+    let update = device_presence::Entity::update_many().col_expr(device_presence::Column::LastSeen, Expr::value(at));
+    match &reported.rejection {
         Some(reason) => update.col_expr(
             device_presence::Column::Rejection,
             Expr::value(Some(format!("version {} rejected: {reason}", reported.version))),
@@ -190,8 +189,39 @@ pub async fn record_report(
                 Expr::value(reported.digest.clone()),
             )
             .col_expr(device_presence::Column::Rejection, Expr::value(Option::<String>::None)),
-    };
-    update_current(db, events, device, session, update).await
+    }
+}
+
+/// Records what devices said about pushed configurations, many in one transaction (a push to a whole ward comes
+/// back as a burst of reports). An applied document becomes what the device runs; a rejected one leaves that alone
+/// and records the reason with the refused version, so drift shows both. Reports from sessions that are no longer
+/// current are dropped.
+pub async fn record_reports(db: &DatabaseConnection, events: &Events, reports: &[Report]) -> Result<usize> {
+    if reports.is_empty() {
+        return Ok(0);
+    }
+    let at = now();
+    let txn = begin_write(db).await?;
+    let mut recorded = Vec::with_capacity(reports.len());
+    for report in reports {
+        let result = report_update(&report.reported, at)
+            .filter(device_presence::Column::DeviceId.eq(report.device))
+            .filter(device_presence::Column::SessionId.eq(report.session))
+            .exec(&txn)
+            .await?;
+        if result.rows_affected > 0 {
+            events
+                .announce(&txn, &Event::Presence { device: report.device })
+                .await?;
+            recorded.push(report.device);
+        }
+    }
+    txn.commit().await?;
+    let count = recorded.len();
+    for device in recorded {
+        events.emit(Event::Presence { device });
+    }
+    Ok(count)
 }
 
 /// Marks the device offline if `session` is still its current session.

@@ -36,6 +36,7 @@ use crate::events::{Event, Events};
 use crate::identity_api::caller;
 use crate::presence::{self, Opening};
 use crate::store::Registry;
+use crate::telemetry::Metrics;
 
 /// A device must say hello this soon after opening its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,6 +113,10 @@ pub struct Hub {
     generation: AtomicU64,
     /// Serialises pushes, so a push computed from older layers can never overtake a newer one.
     pushing: tokio::sync::Mutex<()>,
+    /// Configuration reports waiting to be written; the writer takes whatever has queued (group commit).
+    reports: Mutex<Vec<presence::Report>>,
+    reported: tokio::sync::Notify,
+    metrics: Metrics,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,8 +125,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn new(db: DatabaseConnection, events: Arc<Events>, replica: String, settings: SessionSettings) -> Arc<Self> {
+    pub fn new(
+        db: DatabaseConnection,
+        events: Arc<Events>,
+        replica: String,
+        settings: SessionSettings,
+        metrics: Metrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            reports: Mutex::new(Vec::new()),
+            reported: tokio::sync::Notify::new(),
+            metrics,
             db,
             events,
             replica,
@@ -142,8 +156,37 @@ impl Hub {
         lock(&self.live).len()
     }
 
+    /// Writes queued configuration reports until `stop`, each batch in one transaction.
+    fn spawn_report_writer(self: &Arc<Self>, stop: CancellationToken) {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = std::mem::take(&mut *lock(&hub.reports));
+                if batch.is_empty() {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = hub.reported.notified() => continue,
+                    }
+                }
+                for report in &batch {
+                    let outcome = if report.reported.rejection.is_some() {
+                        "rejected"
+                    } else {
+                        "applied"
+                    };
+                    hub.metrics.record_config_report(outcome);
+                }
+                if let Err(error) = presence::record_reports(&hub.db, &hub.events, &batch).await {
+                    // The device repeats what it runs in its next hello; drift shows it until then.
+                    tracing::warn!(%error, reports = batch.len(), "configuration reports not recorded");
+                }
+            }
+        });
+    }
+
     /// Follows change events, writes heartbeats, sweeps stale devices and reconciles, until `stop`.
     pub fn spawn(self: &Arc<Self>, stop: CancellationToken) {
+        self.spawn_report_writer(stop.clone());
         let hub = self.clone();
         let mut events = self.events.subscribe();
         tokio::spawn(async move {
@@ -239,10 +282,13 @@ impl Hub {
             if entry.tx.try_send(Ok(command)).is_ok() {
                 entry.sent = Some(desired.digest);
                 pushed += 1;
+            } else {
+                self.metrics.record_config_push("deferred");
             }
         }
         drop(live);
         if pushed > 0 {
+            self.metrics.record_config_pushes(pushed);
             tracing::debug!(pushed, "configuration pushed");
         }
         Ok(())
@@ -301,7 +347,11 @@ impl Hub {
 
     /// Makes `live` the device's session here, ending any older one this replica holds.
     fn register(&self, device: Uuid, live: Live) {
-        if let Some(old) = lock(&self.live).insert(device, live) {
+        let mut sessions = lock(&self.live);
+        let old = sessions.insert(device, live);
+        self.metrics.set_device_sessions(sessions.len());
+        drop(sessions);
+        if let Some(old) = old {
             tracing::info!(%device, "session replaced by a newer session of the same device");
             old.ending.end(Some(replaced()));
         }
@@ -312,6 +362,7 @@ impl Hub {
         if live.get(&device).is_some_and(|l| l.session == session) {
             live.remove(&device);
         }
+        self.metrics.set_device_sessions(live.len());
     }
 
     fn with_live<T>(&self, device: Uuid, session: Uuid, f: impl FnOnce(&mut Live) -> T) -> Option<T> {
@@ -523,12 +574,16 @@ async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequ
                 l.heard = true;
                 l.sent = Some(digest.clone());
             });
-            let reported = ReportedConfig {
-                version: report.version,
-                digest,
-                rejection,
-            };
-            presence::record_report(&hub.db, &hub.events, device, session, &reported).await?;
+            lock(&hub.reports).push(presence::Report {
+                device,
+                session,
+                reported: ReportedConfig {
+                    version: report.version,
+                    digest,
+                    rejection,
+                },
+            });
+            hub.reported.notify_one();
         }
         Some(session_request::Message::Hello(_)) => {
             return Err(crate::error::Error::FailedPrecondition(

@@ -348,6 +348,28 @@ impl Registry {
         device_from(model, tags)
     }
 
+    /// The given devices that exist, in id order.
+    pub async fn devices_by_id(&self, ids: &[Uuid]) -> Result<Vec<Device>> {
+        let mut rows = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            rows.extend(
+                device::Entity::find()
+                    .filter(device::Column::Id.is_in(chunk.iter().copied()))
+                    .order_by_asc(device::Column::Id)
+                    .all(&self.db)
+                    .await?,
+            );
+        }
+        let found: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
+        let mut tags = load_tags(&self.db, &found).await?;
+        rows.into_iter()
+            .map(|m| {
+                let t = tags.remove(&m.id).unwrap_or_default();
+                device_from(m, t)
+            })
+            .collect()
+    }
+
     pub async fn list_devices(
         &self,
         filter: &DeviceFilter,

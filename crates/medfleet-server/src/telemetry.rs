@@ -108,6 +108,9 @@ struct Inner {
     rpc_requests: Counter<u64>,
     rpc_duration: Histogram<f64>,
     tls_handshakes: Counter<u64>,
+    device_sessions: opentelemetry::metrics::Gauge<u64>,
+    config_pushes: Counter<u64>,
+    config_reports: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -153,6 +156,18 @@ impl Metrics {
                 .u64_counter("medfleet_tls_handshakes")
                 .with_description("TLS handshakes by outcome (ok, failed, timeout)")
                 .build(),
+            device_sessions: meter
+                .u64_gauge("medfleet_device_sessions")
+                .with_description("device sessions open on this replica")
+                .build(),
+            config_pushes: meter
+                .u64_counter("medfleet_config_pushes")
+                .with_description("configuration pushes to device sessions by outcome (sent, deferred)")
+                .build(),
+            config_reports: meter
+                .u64_counter("medfleet_config_reports")
+                .with_description("configuration reports from devices by outcome (applied, rejected)")
+                .build(),
             registry,
             provider,
         };
@@ -173,6 +188,27 @@ impl Metrics {
 
     pub fn record_handshake(&self, outcome: &'static str) {
         self.inner.tls_handshakes.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn set_device_sessions(&self, open: usize) {
+        self.inner
+            .device_sessions
+            .record(u64::try_from(open).unwrap_or(u64::MAX), &[]);
+    }
+
+    pub fn record_config_pushes(&self, sent: usize) {
+        self.inner.config_pushes.add(
+            u64::try_from(sent).unwrap_or(u64::MAX),
+            &[KeyValue::new("outcome", "sent")],
+        );
+    }
+
+    pub fn record_config_push(&self, outcome: &'static str) {
+        self.inner.config_pushes.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn record_config_report(&self, outcome: &'static str) {
+        self.inner.config_reports.add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     /// Prometheus text exposition of every instrument.

@@ -8,6 +8,11 @@
 //! - `enforce`: the access decision with N users holding role grants on N sites/wards (2N+ policy rules): cache
 //!   misses (every request new) against cache hits (the same requests again). Baseline: a `HashSet` lookup of the
 //!   same (subject, scope) pairs — the floor any authorisation check has to pay.
+//! - `config-fanout`: N simulated devices (the real `medfleet-agent simulate`, one process, each device with its
+//!   own mTLS session) hold sessions; a ward configuration change is made and timed until every device has
+//!   applied it and its report reached an operator's `WatchDevices` stream. Repeated `--runs` times; the median
+//!   is the figure. Baseline: a tokio broadcast of the same document to N tasks that each answer on an mpsc
+//!   channel, timed until every answer arrived.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
@@ -23,6 +28,7 @@ use medfleet_server::pki::{SubjectDetails, check_csr};
 enum Scenario {
     Enroll,
     Enforce,
+    ConfigFanout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,6 +48,9 @@ struct Args {
     devices: usize,
     #[arg(long, value_enum, default_value = "both")]
     backend: Backends,
+    /// Repetitions of a timed change (config-fanout).
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +219,151 @@ async fn enroll(backend: Backend, devices: usize) -> (Stats, Stats) {
     (ours, baseline)
 }
 
+/// Every device's reported digest, kept current from a `WatchDevices` stream.
+struct Reports {
+    stream: tonic::Streaming<v1::DeviceEvent>,
+    digests: std::collections::HashMap<String, String>,
+}
+
+impl Reports {
+    async fn until_all(&mut self, devices: usize, digest: &str) {
+        let done =
+            |d: &std::collections::HashMap<String, String>| d.len() == devices && d.values().all(|v| v == digest);
+        while !done(&self.digests) {
+            let event = tokio::time::timeout(Duration::from_mins(5), self.stream.message())
+                .await
+                .expect("no report within 5 minutes")
+                .expect("watch")
+                .expect("the watch ended");
+            if let Some(device) = event.device
+                && let Some(presence) = device.presence
+                && presence.online
+            {
+                self.digests.insert(device.id, presence.reported_config_digest);
+            }
+        }
+    }
+}
+
+async fn config_fanout(backend: Backend, devices: usize, runs: usize) -> (Stats, Stats) {
+    let server = TestServer::start(backend).await;
+    let mut admin = server.admin().await;
+    admin
+        .create_site(v1::CreateSiteRequest {
+            site: Some(v1::Site {
+                name: "bench".into(),
+                display_name: "Bench".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("site");
+    admin
+        .create_ward(v1::CreateWardRequest {
+            ward: Some(v1::Ward {
+                site: "bench".into(),
+                name: "icu".into(),
+                display_name: "ICU".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ward");
+    let channel = server.channel(&server.admin_bundle()).await.expect("admin");
+    let mut configs = v1::config_service_client::ConfigServiceClient::new(channel.clone());
+    let layer = Some(v1::ConfigLayer {
+        kind: v1::ConfigLayerKind::Ward.into(),
+        key: "bench/icu".into(),
+    });
+    let document = |run: usize| {
+        format!(
+            r#"{{"alarm": {{"hr_high": {}, "spo2_low": 90}}, "sampling_hz": 1}}"#,
+            120 + run
+        )
+    };
+    configs
+        .set_config(v1::SetConfigRequest {
+            layer: layer.clone(),
+            document_json: document(0),
+            comment: "initial".into(),
+        })
+        .await
+        .expect("set");
+    let mut reports = Reports {
+        stream: v1::registry_service_client::RegistryServiceClient::new(channel.clone())
+            .watch_devices(v1::WatchDevicesRequest {
+                initial: true,
+                ..Default::default()
+            })
+            .await
+            .expect("watch")
+            .into_inner(),
+        digests: std::collections::HashMap::new(),
+    };
+    let state = tempfile::tempdir().expect("state dir");
+    let data = server.data_dir();
+    let mut simulator = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"))
+        .args(["simulate", "--server", &server.url(), "--ca"])
+        .arg(data.ca_cert())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--devices", &devices.to_string(), "--admin"])
+        .arg(data.admin_bundle())
+        .args(["--model", "MX450", "--ward", "bench/icu", "--concurrency", "16"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("medfleet-agent simulate (build it: cargo build --release -p medfleet-agent)");
+    let digest_of = |text: &str| medfleet_core::config::digest(&serde_json::from_str(text).expect("json"));
+    reports.until_all(devices, &digest_of(&document(0))).await;
+
+    let mut ours = Stats::default();
+    for run in 1..=runs {
+        let started = Instant::now();
+        configs
+            .set_config(v1::SetConfigRequest {
+                layer: layer.clone(),
+                document_json: document(run),
+                comment: format!("run {run}"),
+            })
+            .await
+            .expect("set");
+        reports.until_all(devices, &digest_of(&document(run))).await;
+        ours.push(started.elapsed());
+    }
+    let _ = simulator.kill().await;
+
+    let mut baseline = Stats::default();
+    for run in 1..=runs {
+        let (tx, _) = tokio::sync::broadcast::channel::<std::sync::Arc<String>>(16);
+        let (ack, mut acks) = tokio::sync::mpsc::channel::<usize>(devices);
+        let mut tasks = Vec::with_capacity(devices);
+        for i in 0..devices {
+            let (mut rx, ack) = (tx.subscribe(), ack.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Ok(doc) = rx.recv().await {
+                    let _ = ack.send(i + doc.len()).await;
+                }
+            }));
+        }
+        drop(ack);
+        let started = Instant::now();
+        tx.send(std::sync::Arc::new(document(run))).expect("broadcast");
+        let mut answered = 0;
+        while answered < devices {
+            acks.recv().await.expect("ack");
+            answered += 1;
+        }
+        baseline.push(started.elapsed());
+        for task in tasks {
+            task.await.expect("task");
+        }
+    }
+    server.stop().await.expect("stop");
+    (ours, baseline)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -241,6 +395,20 @@ async fn main() {
                         baseline.per_second(),
                     );
                 }
+            }
+            Scenario::ConfigFanout => {
+                let (ours, baseline) = config_fanout(backend, args.devices, args.runs).await;
+                let ratio = ours.percentile(50.0).as_secs_f64() / baseline.percentile(50.0).as_secs_f64();
+                println!(
+                    "| config-fanout | {backend:?} | {} devices with sessions, {} changes; median = p50 | {} | {} (max) | {:.0} devices/s | {} | {} (max) | - | {ratio:.0}x |",
+                    args.devices,
+                    args.runs,
+                    ms(ours.percentile(50.0)),
+                    ms(ours.percentile(100.0)),
+                    args.devices as f64 / ours.percentile(50.0).as_secs_f64(),
+                    ms(baseline.percentile(50.0)),
+                    ms(baseline.percentile(100.0)),
+                );
             }
             Scenario::Enroll => {
                 let (ours, baseline) = enroll(backend, args.devices).await;
