@@ -128,10 +128,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let subscriber = tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_env("MEDFLEET_AGENT_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    );
+    // Colour codes only help a person at a terminal; in a file or a journal they are noise.
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEDFLEET_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        );
     if cli.log_format == "json" {
         subscriber.json().init();
     } else {

@@ -3,6 +3,7 @@
 //! Nothing here performs I/O or knows the wire format; the proto crate converts into these types and the server
 //! stores them. That keeps every rule unit- and property-testable.
 
+pub mod clinical;
 pub mod config;
 pub mod identity;
 pub mod paging;
