@@ -9,6 +9,8 @@ mod m20261125_000001_registry;
 mod m20261125_000002_identity;
 mod m20261125_000003_access;
 mod m20261125_000004_config;
+mod m20261125_000005_emr;
+mod seed;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -21,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_identity::Migration),
             Box::new(m20261125_000003_access::Migration),
             Box::new(m20261125_000004_config::Migration),
+            Box::new(m20261125_000005_emr::Migration),
         ]
     }
 }

@@ -56,22 +56,7 @@ enum DevicePresence {
     Rejection,
 }
 
-#[derive(DeriveIden)]
-enum CasbinRules {
-    Table,
-    Ptype,
-    V0,
-    V1,
-    V2,
-}
-
-#[derive(DeriveIden)]
-enum PolicyVersion {
-    Table,
-    Version,
-}
-
-const SEED: &[(&str, &str, &str)] = &[
+const SEED: crate::seed::Permissions = &[
     ("it_provisioner", "config", "read"),
     ("it_provisioner", "config", "update"),
     ("biomed", "config", "read"),
@@ -203,24 +188,7 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        let mut seed = Query::insert()
-            .into_table(CasbinRules::Table)
-            .columns([CasbinRules::Ptype, CasbinRules::V0, CasbinRules::V1, CasbinRules::V2])
-            .to_owned();
-        for (role, object, action) in SEED {
-            seed.values_panic(["p".into(), (*role).into(), (*object).into(), (*action).into()]);
-        }
-        manager.exec_stmt(seed).await?;
-        // Replicas reload the policy when its version moves.
-        manager
-            .exec_stmt(
-                Query::update()
-                    .table(PolicyVersion::Table)
-                    .value(PolicyVersion::Version, Expr::col(PolicyVersion::Version).add(1))
-                    .to_owned(),
-            )
-            .await?;
-        Ok(())
+        crate::seed::grant(manager, SEED).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -232,19 +200,6 @@ impl MigrationTrait for Migration {
         ] {
             manager.drop_table(Table::drop().table(table).to_owned()).await?;
         }
-        for (role, object, action) in SEED {
-            manager
-                .exec_stmt(
-                    Query::delete()
-                        .from_table(CasbinRules::Table)
-                        .and_where(Expr::col(CasbinRules::Ptype).eq("p"))
-                        .and_where(Expr::col(CasbinRules::V0).eq(*role))
-                        .and_where(Expr::col(CasbinRules::V1).eq(*object))
-                        .and_where(Expr::col(CasbinRules::V2).eq(*action))
-                        .to_owned(),
-                )
-                .await?;
-        }
-        Ok(())
+        crate::seed::revoke(manager, SEED).await
     }
 }

@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub replica_name: Option<String>,
     pub heartbeat_timeout: Option<String>,
     pub config_reconcile_interval: Option<String>,
+    pub reading_future_tolerance: Option<String>,
+    pub emr_retry_max: Option<String>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -103,6 +105,12 @@ pub struct Overrides {
     /// How often sessions are reconciled with the database (pushes a lost notification missed), e.g. "30s".
     #[arg(long, env = "MEDFLEET_CONFIG_RECONCILE_INTERVAL")]
     pub config_reconcile_interval: Option<String>,
+    /// How far in the future a reading's observation time may be (device clock drift), e.g. "30s".
+    #[arg(long, env = "MEDFLEET_READING_FUTURE_TOLERANCE")]
+    pub reading_future_tolerance: Option<String>,
+    /// How long an EMR delivery is retried (with exponential backoff) before it is dead-lettered, e.g. "24h".
+    #[arg(long, env = "MEDFLEET_EMR_RETRY_MAX")]
+    pub emr_retry_max: Option<String>,
 }
 
 /// The validated configuration a server runs with.
@@ -125,6 +133,8 @@ pub struct Config {
     pub replica_name: String,
     pub heartbeat_timeout: Duration,
     pub config_reconcile_interval: Duration,
+    pub reading_future_tolerance: Duration,
+    pub emr_retry_max: Duration,
 }
 
 /// The host name (from the environment or /etc/hostname) and a random suffix: unique even for two replicas on
@@ -206,6 +216,12 @@ impl Config {
                 o.config_reconcile_interval.or(file.config_reconcile_interval),
                 "30s",
             )?,
+            reading_future_tolerance: duration(
+                "reading_future_tolerance",
+                o.reading_future_tolerance.or(file.reading_future_tolerance),
+                "30s",
+            )?,
+            emr_retry_max: duration("emr_retry_max", o.emr_retry_max.or(file.emr_retry_max), "24h")?,
             data_dir,
             database_url,
             server_names,
@@ -247,6 +263,12 @@ impl Config {
         }
         if !(Duration::from_millis(100)..=Duration::from_hours(1)).contains(&self.config_reconcile_interval) {
             return invalid("config_reconcile_interval must be between 100 ms and 1 hour".into());
+        }
+        if self.reading_future_tolerance > Duration::from_hours(1) {
+            return invalid("reading_future_tolerance must be at most 1 hour".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_hours(24 * 30)).contains(&self.emr_retry_max) {
+            return invalid("emr_retry_max must be between 1 second and 30 days".into());
         }
         let day = Duration::from_hours(24);
         if self.server_cert_lifetime < Duration::from_hours(1) || self.server_cert_lifetime > 397 * day {
@@ -382,6 +404,8 @@ mod tests {
             "replica_name",
             "heartbeat_timeout",
             "config_reconcile_interval",
+            "reading_future_tolerance",
+            "emr_retry_max",
         ] {
             assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }

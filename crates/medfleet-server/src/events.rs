@@ -25,6 +25,8 @@ pub enum Event {
     SessionOpened { device: Uuid, session: Uuid },
     /// A device's presence changed (online, offline, state, configuration report).
     Presence { device: Uuid },
+    /// New EMR outbox rows were committed: relays and feed subscribers look for work.
+    Outbox,
     /// Notifications may have been missed: re-read everything.
     Resync,
 }
@@ -35,6 +37,7 @@ impl Event {
             Self::Config => "config".to_owned(),
             Self::SessionOpened { device, session } => format!("session {device} {session}"),
             Self::Presence { device } => format!("presence {device}"),
+            Self::Outbox => "outbox".to_owned(),
             Self::Resync => "resync".to_owned(),
         }
     }
@@ -44,6 +47,7 @@ impl Event {
         let event = match (parts.next()?, parts.next(), parts.next()) {
             ("config", None, None) => Self::Config,
             ("resync", None, None) => Self::Resync,
+            ("outbox", None, None) => Self::Outbox,
             ("presence", Some(device), None) => Self::Presence {
                 device: device.parse().ok()?,
             },

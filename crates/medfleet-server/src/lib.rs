@@ -6,16 +6,19 @@ pub mod access_api;
 pub mod api;
 pub mod audit;
 pub mod audit_api;
+pub mod clinical;
 pub mod config;
 pub mod config_api;
 pub mod configs;
 pub mod credentials;
 pub mod db;
+pub mod emr;
 pub mod entity;
 pub mod error;
 pub mod events;
 pub mod http;
 pub mod identity_api;
+pub mod ingest;
 pub mod pki;
 pub mod policy;
 pub mod presence;
@@ -167,6 +170,8 @@ pub async fn run(
     );
     hub.spawn(background.clone());
     let configs = configs::Configs::new(db.clone(), events.clone());
+    let clinical = clinical::Clinical::new(db.clone(), events.clone(), config.reading_future_tolerance);
+    let ingest = ingest::Ingest::spawn(clinical.clone(), metrics.clone(), background.clone());
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -189,7 +194,7 @@ pub async fn run(
     let identity_api = IdentityApi::new(credentials.clone());
     let enrollment = EnrollmentServiceServer::new(identity_api.clone());
     let credential_service = CredentialServiceServer::new(identity_api);
-    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone(), hub.clone()));
+    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone(), hub.clone(), ingest));
     let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials, events.clone()));
     let config_service = ConfigServiceServer::new(config_api::ConfigApi::new(configs));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));

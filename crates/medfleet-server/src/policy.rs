@@ -84,6 +84,7 @@ pub const RULES: &[(&str, Rule)] = &[
         permission("credential", "revoke", Target::Global),
     ),
     ("/medfleet.v1.DeviceService/Session", Rule::Devices),
+    ("/medfleet.v1.DeviceService/PublishReadings", Rule::Devices),
     (
         "/medfleet.v1.AccessService/Grant",
         permission("access", "update", Target::Global),

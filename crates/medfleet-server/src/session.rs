@@ -203,7 +203,7 @@ impl Hub {
                             hub.push_all().await
                         }
                         Ok(Event::SessionOpened { device, session }) => hub.superseded(device, session).await,
-                        Ok(Event::Presence { .. }) => Ok(()),
+                        Ok(Event::Presence { .. } | Event::Outbox) => Ok(()),
                         Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => hub.reconcile().await,
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
@@ -379,11 +379,12 @@ fn replaced() -> Status {
 pub struct DeviceApi {
     registry: Registry,
     hub: Arc<Hub>,
+    ingest: crate::ingest::Ingest,
 }
 
 impl DeviceApi {
-    pub fn new(registry: Registry, hub: Arc<Hub>) -> Self {
-        Self { registry, hub }
+    pub fn new(registry: Registry, hub: Arc<Hub>, ingest: crate::ingest::Ingest) -> Self {
+        Self { registry, hub, ingest }
     }
 }
 
@@ -392,6 +393,25 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::SessionResponse, Statu
 #[tonic::async_trait]
 impl DeviceService for DeviceApi {
     type SessionStream = SessionStream;
+    type PublishReadingsStream = crate::ingest::AckStream;
+
+    #[instrument(skip_all)]
+    async fn publish_readings(
+        &self,
+        request: Request<Streaming<v1::ReadingBatch>>,
+    ) -> Result<Response<Self::PublishReadingsStream>, Status> {
+        let caller = caller(&request)?;
+        let Identity::Device(id) = caller.identity else {
+            return Err(Status::permission_denied(
+                "readings come from devices, each with its own certificate",
+            ));
+        };
+        Ok(Response::new(crate::ingest::serve(
+            self.ingest.clone(),
+            id,
+            request.into_inner(),
+        )))
+    }
 
     #[instrument(skip_all)]
     async fn session(

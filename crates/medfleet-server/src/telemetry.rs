@@ -111,6 +111,9 @@ struct Inner {
     device_sessions: opentelemetry::metrics::Gauge<u64>,
     config_pushes: Counter<u64>,
     config_reports: Counter<u64>,
+    readings: Counter<u64>,
+    ingest_commit: Histogram<f64>,
+    deliveries: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -168,6 +171,20 @@ impl Metrics {
                 .u64_counter("medfleet_config_reports")
                 .with_description("configuration reports from devices by outcome (applied, rejected)")
                 .build(),
+            readings: meter
+                .u64_counter("medfleet_readings")
+                .with_description("reading items by outcome (accepted, duplicate, or the rejection reason)")
+                .build(),
+            ingest_commit: meter
+                .f64_histogram("medfleet_ingest_commit")
+                .with_description("duration of one group commit of reading batches")
+                .with_unit("s")
+                .with_boundaries(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+                .build(),
+            deliveries: meter
+                .u64_counter("medfleet_emr_deliveries")
+                .with_description("EMR delivery attempts by destination kind and outcome (delivered, retry, dead)")
+                .build(),
             registry,
             provider,
         };
@@ -209,6 +226,31 @@ impl Metrics {
 
     pub fn record_config_report(&self, outcome: &'static str) {
         self.inner.config_reports.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn record_readings(&self, outcome: &str, count: u64) {
+        if count > 0 {
+            self.inner
+                .readings
+                .add(count, &[KeyValue::new("outcome", outcome.to_owned())]);
+        }
+    }
+
+    pub fn record_ingest_commit(&self, seconds: f64, batches: usize) {
+        let size = match batches {
+            0..=1 => "1",
+            2..=16 => "2-16",
+            _ => "17+",
+        };
+        self.inner
+            .ingest_commit
+            .record(seconds, &[KeyValue::new("batches", size)]);
+    }
+
+    pub fn record_delivery(&self, kind: &'static str, outcome: &'static str, count: u64) {
+        self.inner
+            .deliveries
+            .add(count, &[KeyValue::new("kind", kind), KeyValue::new("outcome", outcome)]);
     }
 
     /// Prometheus text exposition of every instrument.

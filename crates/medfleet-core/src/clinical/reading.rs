@@ -32,7 +32,8 @@ pub struct ReadingInput {
     pub code: String,
     pub value: f64,
     pub unit: String,
-    pub observed_at: DateTime<Utc>,
+    /// `None` when the device did not say; such an item is refused (arrival time is not observation time).
+    pub observed_at: Option<DateTime<Utc>>,
     pub quality: Quality,
 }
 
@@ -80,6 +81,8 @@ pub enum ReadingRejection {
         ahead_secs: i64,
         tolerance_secs: i64,
     },
+    #[error("the item has no observation time; the patient association is resolved at that time")]
+    MissingTime,
     #[error("the device marked the value invalid or unavailable")]
     MarkedInvalid,
     #[error("test, demo or calibration data is never charted")]
@@ -96,6 +99,7 @@ impl ReadingRejection {
             ReadingRejection::NotFinite { .. } => "not_finite",
             ReadingRejection::Implausible { .. } => "implausible",
             ReadingRejection::FromTheFuture { .. } => "future_time",
+            ReadingRejection::MissingTime => "missing_time",
             ReadingRejection::MarkedInvalid => "marked_invalid",
             ReadingRejection::TestData => "test_data",
         }
@@ -164,10 +168,11 @@ pub fn validate(
             high,
         });
     }
-    let ahead = input.observed_at - now;
+    let observed_at = input.observed_at.ok_or(ReadingRejection::MissingTime)?;
+    let ahead = observed_at - now;
     if ahead > future_tolerance {
         return Err(ReadingRejection::FromTheFuture {
-            observed_at: input.observed_at,
+            observed_at,
             ahead_secs: ahead.num_seconds(),
             tolerance_secs: future_tolerance.num_seconds(),
         });
@@ -175,7 +180,7 @@ pub fn validate(
     Ok(Reading {
         vital,
         value: input.value,
-        observed_at: input.observed_at,
+        observed_at,
         questionable: input.quality.questionable,
     })
 }
@@ -205,7 +210,7 @@ mod tests {
             code: code.into(),
             value,
             unit: unit.into(),
-            observed_at: now(),
+            observed_at: Some(now()),
             quality: Quality::default(),
         }
     }
@@ -249,19 +254,22 @@ mod tests {
         assert_eq!(check(&input("150456", f64::NAN, "%")).unwrap_err().code(), "not_finite");
         assert_eq!(check(&input("150456", 140.0, "%")).unwrap_err().code(), "implausible");
         let mut future = input("150456", 97.0, "%");
-        future.observed_at = now() + Duration::minutes(5);
+        future.observed_at = Some(now() + Duration::minutes(5));
         let rejection = check(&future).unwrap_err();
         assert_eq!(rejection.code(), "future_time");
         assert!(rejection.to_string().contains("300 s in the future"), "{rejection}");
         let mut demo = input("150456", 97.0, "%");
         demo.quality.test_data = true;
         assert_eq!(check(&demo).unwrap_err().code(), "test_data");
+        let mut timeless = input("150456", 97.0, "%");
+        timeless.observed_at = None;
+        assert_eq!(check(&timeless).unwrap_err().code(), "missing_time");
         let mut invalid = input("150456", 97.0, "%");
         invalid.quality.invalid = true;
         assert_eq!(check(&invalid).unwrap_err().code(), "marked_invalid");
         // Within tolerance is fine: device clocks drift a little.
         let mut close = input("150456", 97.0, "%");
-        close.observed_at = now() + Duration::seconds(10);
+        close.observed_at = Some(now() + Duration::seconds(10));
         assert!(check(&close).is_ok());
     }
 

@@ -1,0 +1,1051 @@
+//! The chart: patients, device–patient associations, ingest of reading batches, canonical observations and the
+//! EMR outbox. Every path that creates chart entries (ingest, a retroactive association, a status change) goes
+//! through [`chart`] and [`enqueue`], so the invariants live in one place:
+//!
+//! - a reading is charted to the patient whose association covers its observation time, and only once (its
+//!   `observation_id` is set in the transaction that creates the observation, under the device's row lock);
+//! - every chart event gets one outbox row per destination that covers it, in the same transaction;
+//! - outbox ids are assigned in commit order (inserts hold the outbox lock until commit), so a feed cursor never
+//!   skips an event that commits late.
+//!
+//! Patient identifiers never reach a log line or an error message from here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use medfleet_core::clinical::association::{Period, check_patient_identifier};
+use medfleet_core::clinical::chart::{ChartStatus, Measurement, group_measurements};
+use medfleet_core::clinical::codes::Vital;
+use medfleet_core::clinical::reading::{Reading, ReadingInput, validate};
+use medfleet_core::validation::Violations;
+use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _,
+    PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::audit::{Context, device_scope};
+use crate::db::begin_write;
+use crate::entity::{association, device, emr_destination, emr_outbox, observation, patient, reading, reading_batch};
+use crate::error::{Error, Result};
+use crate::events::{Event, Events};
+use crate::store::{lock_device, now};
+
+/// Arbitrary but fixed key of the advisory lock that orders outbox inserts by commit on PostgreSQL.
+const OUTBOX_LOCK_KEY: i64 = 0x6d65_6466_6c74_0005;
+/// PostgreSQL allows 65,535 bind parameters per statement; the widest row here has 11 columns.
+const INSERT_CHUNK: usize = 4_000;
+
+/// A patient as a request names them (validated).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PatientKey {
+    pub identifier: String,
+    pub authority: String,
+    pub display_name: Option<String>,
+}
+
+impl std::fmt::Debug for PatientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PatientKey(<redacted>)")
+    }
+}
+
+impl PatientKey {
+    pub fn parse(field: &str, identifier: &str, authority: &str, display_name: &str) -> Result<Self> {
+        check_patient_identifier(identifier, authority).map_err(|reason| Violations::single(field, reason))?;
+        if display_name.chars().count() > 200 || display_name.chars().any(char::is_control) {
+            return Err(Violations::single(
+                format!("{field}.display_name"),
+                "the display name must be at most 200 characters without control characters",
+            )
+            .into());
+        }
+        Ok(Self {
+            identifier: identifier.trim().to_owned(),
+            authority: authority.to_owned(),
+            display_name: (!display_name.is_empty()).then(|| display_name.to_owned()),
+        })
+    }
+}
+
+/// Where an association came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Clinician,
+    Adt,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Clinician => "clinician",
+            Source::Adt => "adt",
+        }
+    }
+}
+
+/// An association with its patient, as the API returns it.
+#[derive(Debug, Clone)]
+pub struct AssociationView {
+    pub association: association::Model,
+    pub patient: patient::Model,
+    pub charted_retroactively: u64,
+}
+
+/// The kinds of EMR destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationKind {
+    Feed,
+    Fhir,
+    Mllp,
+}
+
+impl DestinationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::Feed => "feed",
+            DestinationKind::Fhir => "fhir",
+            DestinationKind::Mllp => "mllp",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "feed" => DestinationKind::Feed,
+            "fhir" => DestinationKind::Fhir,
+            "mllp" => DestinationKind::Mllp,
+            _ => return None,
+        })
+    }
+}
+
+/// Delivery states of an outbox row.
+pub mod state {
+    /// Waiting for (another) delivery attempt by the destination's relay.
+    pub const PENDING: &str = "pending";
+    pub const DELIVERED: &str = "delivered";
+    /// Gave up: visible to admins, retried only on request.
+    pub const DEAD: &str = "dead";
+    /// Served by the feed to subscribers (each subscription keeps its own cursor).
+    pub const FEED: &str = "feed";
+}
+
+/// The routing part of a destination, enough to decide which chart events it receives.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub kind: DestinationKind,
+    pub sites: BTreeSet<String>,
+    pub wards: BTreeSet<String>,
+}
+
+impl Route {
+    fn from_model(model: &emr_destination::Model) -> Result<Self> {
+        let kind = DestinationKind::parse(&model.kind)
+            .ok_or_else(|| Error::Internal(format!("destination '{}' has unknown kind", model.name)))?;
+        let parse = |text: &str| -> Result<BTreeSet<String>> {
+            serde_json::from_str(text)
+                .map_err(|e| Error::Internal(format!("destination '{}' filter is corrupt: {e}", model.name)))
+        };
+        Ok(Self {
+            name: model.name.clone(),
+            kind,
+            sites: parse(&model.sites)?,
+            wards: parse(&model.wards)?,
+        })
+    }
+
+    /// Whether chart entries from this place go to the destination (no filter: everywhere).
+    pub fn covers(&self, site: Option<&str>, ward: Option<&str>) -> bool {
+        if self.sites.is_empty() && self.wards.is_empty() {
+            return true;
+        }
+        let site_match = site.is_some_and(|s| self.sites.contains(s));
+        let ward_match = matches!((site, ward), (Some(s), Some(w)) if self.wards.contains(&format!("{s}/{w}")));
+        site_match || ward_match
+    }
+}
+
+/// The stored form of an observation's components: `[[refid, value], …]`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Component(String, f64);
+
+pub fn encode_components(measurement: &Measurement) -> String {
+    let components: Vec<Component> = measurement
+        .values()
+        .into_iter()
+        .map(|(vital, value)| Component(vital.info().mdc_refid.to_owned(), value))
+        .collect();
+    serde_json::to_string(&components).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Reads an observation's stored components back into a measurement.
+pub fn decode_measurement(model: &observation::Model) -> Result<Measurement> {
+    let components: Vec<Component> = serde_json::from_str(&model.components)
+        .map_err(|e| Error::Internal(format!("observation {} components are corrupt: {e}", model.id)))?;
+    let mut values = Vec::with_capacity(components.len());
+    for Component(refid, value) in components {
+        let vital = vital_from_refid(&refid)
+            .ok_or_else(|| Error::Internal(format!("observation {} has unknown code {refid}", model.id)))?;
+        values.push((vital, value));
+    }
+    Ok(match values.as_slice() {
+        [(vital, value)] if !vital.is_blood_pressure() => Measurement::Single {
+            vital: *vital,
+            value: *value,
+        },
+        _ => Measurement::BloodPressure { components: values },
+    })
+}
+
+fn vital_from_refid(refid: &str) -> Option<Vital> {
+    Vital::ALL.into_iter().find(|vital| vital.info().mdc_refid == refid)
+}
+
+/// Loads the routes of every enabled destination.
+pub async fn routes(conn: &impl ConnectionTrait) -> Result<Vec<Route>> {
+    emr_destination::Entity::find()
+        .filter(emr_destination::Column::Enabled.eq(true))
+        .all(conn)
+        .await?
+        .iter()
+        .map(Route::from_model)
+        .collect()
+}
+
+/// A chart event waiting to be queued: observation, the status it carries, and the place it was charted.
+struct Pending {
+    observation: Uuid,
+    status: ChartStatus,
+    site: Option<String>,
+    ward: Option<String>,
+}
+
+/// Queues chart events for every route that covers them, holding the outbox lock until the caller commits.
+async fn enqueue(
+    txn: &impl ConnectionTrait,
+    events: &Events,
+    routes: &[Route],
+    pending: &[Pending],
+    only: Option<&BTreeSet<String>>,
+) -> Result<u64> {
+    let at = now();
+    let mut rows = Vec::new();
+    for event in pending {
+        for route in routes {
+            if only.is_some_and(|only| !only.contains(&route.name))
+                || (only.is_none() && !route.covers(event.site.as_deref(), event.ward.as_deref()))
+            {
+                continue;
+            }
+            rows.push(emr_outbox::ActiveModel {
+                destination: Set(route.name.clone()),
+                observation_id: Set(event.observation),
+                status: Set(event.status.as_str().to_owned()),
+                state: Set(if route.kind == DestinationKind::Feed {
+                    state::FEED
+                } else {
+                    state::PENDING
+                }
+                .to_owned()),
+                attempts: Set(0),
+                next_attempt_at: Set(at),
+                last_error: Set(None),
+                created_at: Set(at),
+                delivered_at: Set(None),
+                ..Default::default()
+            });
+        }
+    }
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({OUTBOX_LOCK_KEY})"))
+            .await?;
+    }
+    let count = rows.len() as u64;
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
+        emr_outbox::Entity::insert_many(chunk)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    events.announce(txn, &Event::Outbox).await?;
+    Ok(count)
+}
+
+/// Creates the chart entries for readings of one device covered by one association. Returns, per measurement,
+/// the new observation id and the indexes (into `readings`) of the readings it holds.
+fn chart(
+    device: &device::Model,
+    association: &association::Model,
+    readings: &[Reading],
+) -> (Vec<observation::ActiveModel>, Vec<Pending>, Vec<(Uuid, Vec<usize>)>) {
+    let at = now();
+    let mut rows = Vec::new();
+    let mut pending = Vec::new();
+    let mut members = Vec::new();
+    for (measurement, observed_at, questionable, indexes) in group_measurements(readings) {
+        let id = Uuid::new_v4();
+        rows.push(observation::ActiveModel {
+            id: Set(id),
+            patient_id: Set(association.patient_id),
+            device_id: Set(device.id),
+            association_id: Set(association.id),
+            kind: Set(measurement.kind().to_owned()),
+            components: Set(encode_components(&measurement)),
+            observed_at: Set(observed_at),
+            questionable: Set(questionable),
+            status: Set(ChartStatus::Preliminary.as_str().to_owned()),
+            validated_by: Set(None),
+            validated_at: Set(None),
+            site: Set(device.site.clone()),
+            ward: Set(device.ward.clone()),
+            bed: Set(device.bed.clone()),
+            created_at: Set(at),
+            updated_at: Set(at),
+        });
+        pending.push(Pending {
+            observation: id,
+            status: ChartStatus::Preliminary,
+            site: device.site.clone(),
+            ward: device.ward.clone(),
+        });
+        members.push((id, indexes));
+    }
+    (rows, pending, members)
+}
+
+async fn insert_observations(txn: &impl ConnectionTrait, rows: Vec<observation::ActiveModel>) -> Result<()> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
+        observation::Entity::insert_many(chunk)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Associations of a device that overlap `[from, to]`.
+async fn associations_between(
+    conn: &impl ConnectionTrait,
+    device: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<association::Model>> {
+    Ok(association::Entity::find()
+        .filter(association::Column::DeviceId.eq(device))
+        .filter(association::Column::StartsAt.lte(to))
+        .filter(
+            association::Column::EndsAt
+                .is_null()
+                .or(association::Column::EndsAt.gt(from)),
+        )
+        .all(conn)
+        .await?)
+}
+
+fn period_of(model: &association::Model) -> Period {
+    Period {
+        start: model.starts_at,
+        end: model.ends_at,
+    }
+}
+
+/// One batch from a device, validated and waiting for its group commit.
+#[derive(Debug)]
+pub struct Batch {
+    pub device: Uuid,
+    pub sequence: u64,
+    pub items: Vec<ReadingInput>,
+}
+
+/// What a batch's ack says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub accepted: u32,
+    pub rejected: Vec<Rejected>,
+    #[serde(skip)]
+    pub duplicate: bool,
+    /// Chart entries created (not part of the stored ack).
+    #[serde(skip)]
+    pub charted: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub index: u32,
+    pub code: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Clinical {
+    db: DatabaseConnection,
+    events: Arc<Events>,
+    future_tolerance: chrono::Duration,
+}
+
+impl Clinical {
+    pub fn new(db: DatabaseConnection, events: Arc<Events>, future_tolerance: std::time::Duration) -> Self {
+        Self {
+            db,
+            events,
+            future_tolerance: chrono::Duration::from_std(future_tolerance).unwrap_or(chrono::Duration::seconds(30)),
+        }
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+
+    /// Stores a group of batches (from any devices) in one transaction: dedup by (device, sequence), readings,
+    /// chart entries for the associated ones, outbox rows. The outcomes are in the order of `batches`.
+    pub async fn ingest(&self, batches: &[Batch]) -> Result<Vec<Outcome>> {
+        let clock = now();
+        let txn = begin_write(&self.db).await?;
+        // Device rows are locked in id order, the order every multi-device writer uses, so groups never deadlock.
+        let device_ids: BTreeSet<Uuid> = batches.iter().map(|b| b.device).collect();
+        let mut devices = HashMap::new();
+        for id in device_ids {
+            devices.insert(id, lock_device(&txn, id).await?);
+        }
+        let routes = routes(&txn).await?;
+        let mut outcomes = Vec::with_capacity(batches.len());
+        let mut pending = Vec::new();
+        for batch in batches {
+            let device = devices
+                .get(&batch.device)
+                .ok_or_else(|| Error::Internal("device row vanished during ingest".into()))?;
+            let mut accepted = Vec::new();
+            let mut outcome = Outcome {
+                accepted: 0,
+                rejected: Vec::new(),
+                duplicate: false,
+                charted: 0,
+            };
+            for (index, item) in batch.items.iter().enumerate() {
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                match validate(item, clock, self.future_tolerance) {
+                    Ok(reading) => accepted.push((index, reading)),
+                    Err(rejection) => outcome.rejected.push(Rejected {
+                        index,
+                        code: rejection.code().to_owned(),
+                        reason: rejection.to_string(),
+                    }),
+                }
+            }
+            outcome.accepted = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
+            let sequence = i64::try_from(batch.sequence)
+                .map_err(|_| Violations::single("sequence", "the sequence number is larger than 2^63 - 1"))?;
+            let inserted = reading_batch::Entity::insert(reading_batch::ActiveModel {
+                device_id: Set(batch.device),
+                sequence: Set(sequence),
+                received_at: Set(clock),
+                accepted: Set(i32::try_from(outcome.accepted).unwrap_or(i32::MAX)),
+                rejections: Set(serde_json::to_string(&outcome.rejected).unwrap_or_else(|_| "[]".into())),
+            })
+            .on_conflict(
+                OnConflict::columns([reading_batch::Column::DeviceId, reading_batch::Column::Sequence])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+            if inserted == 0 {
+                outcomes.push(self.stored_outcome(&txn, batch.device, sequence).await?);
+                continue;
+            }
+            let readings: Vec<Reading> = accepted.iter().map(|(_, r)| *r).collect();
+            let chart_of = self.chart_batch(&txn, device, &readings, &mut pending).await?;
+            outcome.charted = u32::try_from(chart_of.iter().flatten().collect::<BTreeSet<_>>().len()).unwrap_or(0);
+            let rows: Vec<reading::ActiveModel> = accepted
+                .iter()
+                .zip(chart_of)
+                .map(|((index, reading), observation)| reading::ActiveModel {
+                    device_id: Set(batch.device),
+                    sequence: Set(sequence),
+                    item_index: Set(i32::try_from(*index).unwrap_or(i32::MAX)),
+                    code: Set(reading.vital.info().mdc_refid.to_owned()),
+                    value: Set(reading.value),
+                    observed_at: Set(reading.observed_at),
+                    received_at: Set(clock),
+                    questionable: Set(reading.questionable),
+                    observation_id: Set(observation),
+                    ..Default::default()
+                })
+                .collect();
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
+                reading::Entity::insert_many(chunk).exec_without_returning(&txn).await?;
+            }
+            outcomes.push(outcome);
+        }
+        let queued = enqueue(&txn, &self.events, &routes, &pending, None).await?;
+        txn.commit().await?;
+        if queued > 0 {
+            self.events.emit(Event::Outbox);
+        }
+        Ok(outcomes)
+    }
+
+    /// Charts the readings of one device that associations cover; returns each reading's observation, if any.
+    async fn chart_batch(
+        &self,
+        txn: &impl ConnectionTrait,
+        device: &device::Model,
+        readings: &[Reading],
+        pending: &mut Vec<Pending>,
+    ) -> Result<Vec<Option<Uuid>>> {
+        let mut chart_of = vec![None; readings.len()];
+        let (Some(from), Some(to)) = (
+            readings.iter().map(|r| r.observed_at).min(),
+            readings.iter().map(|r| r.observed_at).max(),
+        ) else {
+            return Ok(chart_of);
+        };
+        let associations = associations_between(txn, device.id, from, to).await?;
+        for association in &associations {
+            let period = period_of(association);
+            let covered: Vec<usize> = (0..readings.len())
+                .filter(|i| period.covers(readings[*i].observed_at))
+                .collect();
+            if covered.is_empty() {
+                continue;
+            }
+            let subset: Vec<Reading> = covered.iter().map(|i| readings[*i]).collect();
+            let (rows, events, members) = chart(device, association, &subset);
+            insert_observations(txn, rows).await?;
+            pending.extend(events);
+            for (observation, indexes) in members {
+                for index in indexes {
+                    chart_of[covered[index]] = Some(observation);
+                }
+            }
+        }
+        Ok(chart_of)
+    }
+
+    async fn stored_outcome(&self, txn: &impl ConnectionTrait, device: Uuid, sequence: i64) -> Result<Outcome> {
+        let stored = reading_batch::Entity::find_by_id((device, sequence))
+            .one(txn)
+            .await?
+            .ok_or_else(|| Error::Internal("a conflicting reading batch vanished".into()))?;
+        let rejected: Vec<Rejected> = serde_json::from_str(&stored.rejections)
+            .map_err(|e| Error::Internal(format!("stored rejections of a batch are corrupt: {e}")))?;
+        Ok(Outcome {
+            accepted: u32::try_from(stored.accepted).unwrap_or(0),
+            rejected,
+            duplicate: true,
+            charted: 0,
+        })
+    }
+
+    async fn upsert_patient(&self, txn: &impl ConnectionTrait, key: &PatientKey) -> Result<patient::Model> {
+        if let Some(existing) = patient::Entity::find()
+            .filter(patient::Column::Authority.eq(&key.authority))
+            .filter(patient::Column::Identifier.eq(&key.identifier))
+            .one(txn)
+            .await?
+        {
+            if key.display_name.is_some() && existing.display_name != key.display_name {
+                let mut update: patient::ActiveModel = existing.into();
+                update.display_name = Set(key.display_name.clone());
+                return Ok(patient::Entity::update(update).exec(txn).await?);
+            }
+            return Ok(existing);
+        }
+        let model = patient::ActiveModel {
+            id: Set(Uuid::new_v4()),
+            authority: Set(key.authority.clone()),
+            identifier: Set(key.identifier.clone()),
+            display_name: Set(key.display_name.clone()),
+            created_at: Set(now()),
+        };
+        Ok(patient::Entity::insert(model).exec_with_returning(txn).await?)
+    }
+
+    pub async fn find_patient(&self, key: &PatientKey) -> Result<Option<patient::Model>> {
+        Ok(patient::Entity::find()
+            .filter(patient::Column::Authority.eq(&key.authority))
+            .filter(patient::Column::Identifier.eq(&key.identifier))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Associates a device with a patient for `period`, charting the stored readings the period covers.
+    pub async fn associate(
+        &self,
+        device: Uuid,
+        key: &PatientKey,
+        period: Period,
+        source: Source,
+        audit: &Context,
+    ) -> Result<AssociationView> {
+        let txn = begin_write(&self.db).await?;
+        let device = lock_device(&txn, device).await?;
+        let view = self.associate_locked(&txn, &device, key, period, source, audit).await?;
+        txn.commit().await?;
+        if view.charted_retroactively > 0 {
+            self.events.emit(Event::Outbox);
+        }
+        Ok(view)
+    }
+
+    async fn associate_locked(
+        &self,
+        txn: &impl ConnectionTrait,
+        device: &device::Model,
+        key: &PatientKey,
+        period: Period,
+        source: Source,
+        audit: &Context,
+    ) -> Result<AssociationView> {
+        let existing = association::Entity::find()
+            .filter(association::Column::DeviceId.eq(device.id))
+            .all(txn)
+            .await?;
+        if let Some(clash) = existing.iter().find(|a| period_of(a).overlaps(&period)) {
+            return Err(Error::FailedPrecondition(format!(
+                "device {} is already associated with a patient from {}{}; end that association first \
+                 (medfleet patients dissociate) or choose a period that does not overlap it",
+                device.id,
+                clash.starts_at.to_rfc3339(),
+                clash
+                    .ends_at
+                    .map(|e| format!(" until {}", e.to_rfc3339()))
+                    .unwrap_or_default(),
+            )));
+        }
+        let patient = self.upsert_patient(txn, key).await?;
+        let model = association::ActiveModel {
+            id: Set(Uuid::new_v4()),
+            device_id: Set(device.id),
+            patient_id: Set(patient.id),
+            starts_at: Set(period.start),
+            ends_at: Set(period.end),
+            source: Set(source.as_str().to_owned()),
+            created_by: Set(audit.actor.clone()),
+            created_at: Set(now()),
+            ended_by: Set(None),
+        };
+        let association = association::Entity::insert(model).exec_with_returning(txn).await?;
+        // Readings stored while nobody was associated and inside the new period are charted now.
+        let mut query = reading::Entity::find()
+            .filter(reading::Column::DeviceId.eq(device.id))
+            .filter(reading::Column::ObservationId.is_null())
+            .filter(reading::Column::ObservedAt.gte(period.start));
+        if let Some(end) = period.end {
+            query = query.filter(reading::Column::ObservedAt.lt(end));
+        }
+        let stored = query.order_by_asc(reading::Column::ObservedAt).all(txn).await?;
+        let mut charted = 0u64;
+        if !stored.is_empty() {
+            let readings: Vec<Reading> = stored
+                .iter()
+                .filter_map(|row| {
+                    Some(Reading {
+                        vital: vital_from_refid(&row.code)?,
+                        value: row.value,
+                        observed_at: row.observed_at,
+                        questionable: row.questionable,
+                    })
+                })
+                .collect();
+            let (rows, pending, members) = chart(device, &association, &readings);
+            insert_observations(txn, rows).await?;
+            for (observation, indexes) in members {
+                let ids: Vec<i64> = indexes.iter().map(|i| stored[*i].id).collect();
+                reading::Entity::update_many()
+                    .col_expr(reading::Column::ObservationId, Expr::value(observation))
+                    .filter(reading::Column::Id.is_in(ids))
+                    .exec(txn)
+                    .await?;
+            }
+            charted = stored.len() as u64;
+            enqueue(txn, &self.events, &routes(txn).await?, &pending, None).await?;
+        }
+        audit
+            .record(
+                txn,
+                "association.create",
+                format!("device/{}", device.id),
+                device_scope(device.site.as_deref(), device.ward.as_deref()),
+                format!(
+                    "patient {} ({}) from {}{}; {charted} stored readings charted retroactively",
+                    patient.id,
+                    source.as_str(),
+                    period.start.to_rfc3339(),
+                    period
+                        .end
+                        .map(|e| format!(" until {}", e.to_rfc3339()))
+                        .unwrap_or_default()
+                ),
+            )
+            .await?;
+        Ok(AssociationView {
+            association,
+            patient,
+            charted_retroactively: charted,
+        })
+    }
+
+    /// Ends the device's association that is open at `at`.
+    pub async fn dissociate(&self, device: Uuid, at: DateTime<Utc>, audit: &Context) -> Result<AssociationView> {
+        let txn = begin_write(&self.db).await?;
+        let device = lock_device(&txn, device).await?;
+        let open = association::Entity::find()
+            .filter(association::Column::DeviceId.eq(device.id))
+            .filter(association::Column::StartsAt.lt(at))
+            .filter(
+                association::Column::EndsAt
+                    .is_null()
+                    .or(association::Column::EndsAt.gt(at)),
+            )
+            .one(&txn)
+            .await?
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "device {} has no association open at {}",
+                    device.id,
+                    at.to_rfc3339()
+                ))
+            })?;
+        let view = self.end_locked(&txn, &device, open, at, audit).await?;
+        txn.commit().await?;
+        Ok(view)
+    }
+
+    async fn end_locked(
+        &self,
+        txn: &impl ConnectionTrait,
+        device: &device::Model,
+        open: association::Model,
+        at: DateTime<Utc>,
+        audit: &Context,
+    ) -> Result<AssociationView> {
+        let later = observation::Entity::find()
+            .filter(observation::Column::AssociationId.eq(open.id))
+            .filter(observation::Column::ObservedAt.gte(at))
+            .count(txn)
+            .await?;
+        if later > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "{later} chart entries observed at or after {} already belong to this association; end it at a \
+                 later time, or mark those entries entered-in-error first",
+                at.to_rfc3339()
+            )));
+        }
+        let mut update: association::ActiveModel = open.into();
+        update.ends_at = Set(Some(at));
+        update.ended_by = Set(Some(audit.actor.clone()));
+        let ended = association::Entity::update(update).exec(txn).await?;
+        let patient = patient::Entity::find_by_id(ended.patient_id)
+            .one(txn)
+            .await?
+            .ok_or_else(|| Error::Internal("an association refers to a missing patient".into()))?;
+        audit
+            .record(
+                txn,
+                "association.end",
+                format!("device/{}", device.id),
+                device_scope(device.site.as_deref(), device.ward.as_deref()),
+                format!("patient {} until {}", patient.id, at.to_rfc3339()),
+            )
+            .await?;
+        Ok(AssociationView {
+            association: ended,
+            patient,
+            charted_retroactively: 0,
+        })
+    }
+
+    /// Associations of a device, or of a patient, oldest first.
+    pub async fn list_associations(
+        &self,
+        device: Option<Uuid>,
+        patient: Option<&PatientKey>,
+    ) -> Result<Vec<AssociationView>> {
+        let mut query = association::Entity::find();
+        if let Some(device) = device {
+            query = query.filter(association::Column::DeviceId.eq(device));
+        }
+        if let Some(key) = patient {
+            let Some(found) = self.find_patient(key).await? else {
+                return Ok(Vec::new());
+            };
+            query = query.filter(association::Column::PatientId.eq(found.id));
+        }
+        let rows = query.order_by_asc(association::Column::StartsAt).all(&self.db).await?;
+        let ids: BTreeSet<Uuid> = rows.iter().map(|a| a.patient_id).collect();
+        let patients: HashMap<Uuid, patient::Model> = patient::Entity::find()
+            .filter(patient::Column::Id.is_in(ids))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect();
+        rows.into_iter()
+            .map(|association| {
+                let patient = patients
+                    .get(&association.patient_id)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("an association refers to a missing patient".into()))?;
+                Ok(AssociationView {
+                    association,
+                    patient,
+                    charted_retroactively: 0,
+                })
+            })
+            .collect()
+    }
+
+    /// An ADT event: admit/transfer bind the bed's devices to the patient; discharge (and transfer, for the old
+    /// bed) end the patient's open associations.
+    pub async fn adt(
+        &self,
+        kind: AdtKind,
+        key: &PatientKey,
+        bed: Option<(String, String, String)>,
+        at: DateTime<Utc>,
+        audit: &Context,
+    ) -> Result<(Vec<AssociationView>, Vec<AssociationView>)> {
+        let txn = begin_write(&self.db).await?;
+        let mut ended = Vec::new();
+        let mut started = Vec::new();
+        let patient = patient::Entity::find()
+            .filter(patient::Column::Authority.eq(&key.authority))
+            .filter(patient::Column::Identifier.eq(&key.identifier))
+            .one(&txn)
+            .await?;
+        let bed_devices: Vec<device::Model> = match &bed {
+            Some((site, ward, bed)) if kind != AdtKind::Discharge => {
+                device::Entity::find()
+                    .filter(device::Column::Site.eq(site.as_str()))
+                    .filter(device::Column::Ward.eq(ward.as_str()))
+                    .filter(device::Column::Bed.eq(bed.as_str()))
+                    .order_by_asc(device::Column::Id)
+                    .all(&txn)
+                    .await?
+            }
+            _ => Vec::new(),
+        };
+        // The patient's open associations on devices that are not at the new bed end now.
+        let mut to_end: BTreeMap<Uuid, association::Model> = BTreeMap::new();
+        if let Some(patient) = &patient {
+            for open in association::Entity::find()
+                .filter(association::Column::PatientId.eq(patient.id))
+                .filter(association::Column::StartsAt.lt(at))
+                .filter(
+                    association::Column::EndsAt
+                        .is_null()
+                        .or(association::Column::EndsAt.gt(at)),
+                )
+                .all(&txn)
+                .await?
+            {
+                if !bed_devices.iter().any(|d| d.id == open.device_id) {
+                    to_end.insert(open.device_id, open);
+                }
+            }
+        }
+        let mut lock_order: BTreeSet<Uuid> = to_end.keys().copied().collect();
+        lock_order.extend(bed_devices.iter().map(|d| d.id));
+        let mut locked = HashMap::new();
+        for id in lock_order {
+            locked.insert(id, lock_device(&txn, id).await?);
+        }
+        for (device_id, open) in to_end {
+            if let Some(device) = locked.get(&device_id) {
+                ended.push(self.end_locked(&txn, device, open, at, audit).await?);
+            }
+        }
+        for device in &bed_devices {
+            let Some(device) = locked.get(&device.id) else { continue };
+            // Whoever the bed's device was bound to before (another patient) is no longer in this bed.
+            let current = association::Entity::find()
+                .filter(association::Column::DeviceId.eq(device.id))
+                .filter(
+                    association::Column::EndsAt
+                        .is_null()
+                        .or(association::Column::EndsAt.gt(at)),
+                )
+                .one(&txn)
+                .await?;
+            if let Some(current) = current {
+                if patient.as_ref().is_some_and(|p| p.id == current.patient_id) {
+                    continue;
+                }
+                if current.starts_at < at {
+                    ended.push(self.end_locked(&txn, device, current, at, audit).await?);
+                } else {
+                    return Err(Error::FailedPrecondition(format!(
+                        "device {} has an association starting after this event; resolve it first",
+                        device.id
+                    )));
+                }
+            }
+            started.push(
+                self.associate_locked(
+                    &txn,
+                    device,
+                    key,
+                    Period::new(at, None).map_err(Error::FailedPrecondition)?,
+                    Source::Adt,
+                    audit,
+                )
+                .await?,
+            );
+        }
+        txn.commit().await?;
+        if started.iter().any(|s| s.charted_retroactively > 0) {
+            self.events.emit(Event::Outbox);
+        }
+        Ok((started, ended))
+    }
+
+    /// Sets the status of chart entries (validation or retraction) and queues the change for every destination
+    /// that received the entry.
+    pub async fn set_status(
+        &self,
+        ids: &[Uuid],
+        status: ChartStatus,
+        visible: impl Fn(Option<&str>, Option<&str>) -> bool,
+        audit: &Context,
+    ) -> Result<Vec<observation::Model>> {
+        let txn = begin_write(&self.db).await?;
+        let rows = observation::Entity::find()
+            .filter(observation::Column::Id.is_in(ids.iter().copied()))
+            .lock_exclusive()
+            .all(&txn)
+            .await?;
+        for id in ids {
+            let row = rows.iter().find(|r| r.id == *id);
+            if row.is_none_or(|r| !visible(r.site.as_deref(), r.ward.as_deref())) {
+                return Err(Error::NotFound(format!("observation {id} does not exist")));
+            }
+        }
+        let routes = routes(&txn).await?;
+        let mut updated = Vec::new();
+        for row in rows {
+            let current = ChartStatus::parse(&row.status);
+            if current == Some(status) {
+                updated.push(row);
+                continue;
+            }
+            if current == Some(ChartStatus::EnteredInError) {
+                return Err(Error::FailedPrecondition(format!(
+                    "observation {} was marked entered-in-error; a retracted entry cannot change again",
+                    row.id
+                )));
+            }
+            let delivered_to: BTreeSet<String> = emr_outbox::Entity::find()
+                .select_only()
+                .column(emr_outbox::Column::Destination)
+                .filter(emr_outbox::Column::ObservationId.eq(row.id))
+                .distinct()
+                .into_tuple::<String>()
+                .all(&txn)
+                .await?
+                .into_iter()
+                .collect();
+            let at = now();
+            let mut update: observation::ActiveModel = row.clone().into();
+            update.status = Set(status.as_str().to_owned());
+            update.updated_at = Set(at);
+            if status == ChartStatus::Final {
+                update.validated_by = Set(Some(audit.actor.clone()));
+                update.validated_at = Set(Some(at));
+            }
+            let saved = observation::Entity::update(update).exec(&txn).await?;
+            enqueue(
+                &txn,
+                &self.events,
+                &routes,
+                &[Pending {
+                    observation: saved.id,
+                    status,
+                    site: saved.site.clone(),
+                    ward: saved.ward.clone(),
+                }],
+                Some(&delivered_to),
+            )
+            .await?;
+            audit
+                .record(
+                    &txn,
+                    "observation.status",
+                    format!("observation/{}", saved.id),
+                    device_scope(saved.site.as_deref(), saved.ward.as_deref()),
+                    format!("{} → {}", row.status, status.as_str()),
+                )
+                .await?;
+            updated.push(saved);
+        }
+        txn.commit().await?;
+        self.events.emit(Event::Outbox);
+        Ok(updated)
+    }
+
+    /// Chart entries of a patient or a device, newest first, after the keyset `after` (observed_at, id).
+    pub async fn list_observations(
+        &self,
+        device: Option<Uuid>,
+        patient: Option<Uuid>,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: u64,
+    ) -> Result<Vec<observation::Model>> {
+        let mut query = observation::Entity::find();
+        if let Some(device) = device {
+            query = query.filter(observation::Column::DeviceId.eq(device));
+        }
+        if let Some(patient) = patient {
+            query = query.filter(observation::Column::PatientId.eq(patient));
+        }
+        if let Some((at, id)) = after {
+            query = query.filter(
+                observation::Column::ObservedAt
+                    .lt(at)
+                    .or(observation::Column::ObservedAt
+                        .eq(at)
+                        .and(observation::Column::Id.lt(id))),
+            );
+        }
+        Ok(query
+            .order_by_desc(observation::Column::ObservedAt)
+            .order_by_desc(observation::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Patients by id (for rendering observations).
+    pub async fn patients(&self, ids: impl IntoIterator<Item = Uuid>) -> Result<HashMap<Uuid, patient::Model>> {
+        Ok(patient::Entity::find()
+            .filter(patient::Column::Id.is_in(ids.into_iter().collect::<BTreeSet<_>>()))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect())
+    }
+}
+
+/// ADT event kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdtKind {
+    Admit,
+    Transfer,
+    Discharge,
+}

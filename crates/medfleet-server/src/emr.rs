@@ -1,0 +1,855 @@
+//! EMR destinations and delivery: the outbox relays that send chart events to FHIR R4 servers (transaction
+//! Bundles with conditional create) and HL7 v2 receivers (ORU^R01 over MLLP, waiting for the ACK), and the feed
+//! that EMR systems subscribe to over gRPC with a cursor stored here.
+//!
+//! Exactly one replica relays a destination at a time: it holds a lease on the destination's row, renewed before
+//! every round and taken over by another replica only once it has expired. Receivers must still be idempotent
+//! (a delivery whose answer was lost is sent again): FHIR entries carry a conditional create on the
+//! observation's identifier, HL7 messages a control id (MSH-10) that stays the same on every resend.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body_util::{BodyExt as _, Full};
+use medfleet_core::clinical::chart::{ChartEntry, ChartStatus, DeviceRef, PatientRef, PointOfCare};
+use medfleet_core::clinical::{fhir, hl7};
+use medfleet_core::validation::{Violations, check_slug};
+use sea_orm::sea_query::{Expr, ExprTrait as _};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
+    QuerySelect as _,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::audit::Context;
+use crate::clinical::{DestinationKind, decode_measurement, state};
+use crate::entity::{device, emr_destination, emr_outbox, feed_subscription, observation, patient};
+use crate::error::{Error, Result};
+use crate::events::{Event, Events};
+use crate::store::now;
+use crate::telemetry::Metrics;
+
+/// How long a relay's claim on a destination lasts without renewal.
+const LEASE: Duration = Duration::from_secs(30);
+/// How often relays look for work when no notification woke them (the periodic reconcile).
+const RELAY_TICK: Duration = Duration::from_secs(1);
+/// Chart events per FHIR transaction Bundle.
+const FHIR_BATCH: u64 = 50;
+/// Events per relay query for MLLP (sent one message at a time).
+const MLLP_BATCH: u64 = 100;
+/// Bounds one network exchange with a receiver.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause between retries of a failing delivery.
+const MAX_BACKOFF: Duration = Duration::from_mins(5);
+/// How much of a receiver's answer is kept as the error of a failed delivery.
+const ERROR_EXCERPT: usize = 300;
+
+/// Connection settings of a destination, stored as JSON. The bearer token never leaves the server.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct Settings {
+    pub endpoint: String,
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    #[serde(default)]
+    pub receiving_application: String,
+    #[serde(default)]
+    pub receiving_facility: String,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A destination as an admin defines it.
+#[derive(Debug, Clone)]
+pub struct NewDestination {
+    pub name: String,
+    pub kind: DestinationKind,
+    pub sites: BTreeSet<String>,
+    pub wards: BTreeSet<String>,
+    pub interval_secs: u32,
+    pub settings: Settings,
+    pub enabled: bool,
+}
+
+impl NewDestination {
+    /// Checks the fields that do not need stored state; every problem is reported at once.
+    pub fn check(&self) -> Result<()> {
+        let mut v = Violations::new();
+        v.check("name", check_slug(&self.name));
+        for site in &self.sites {
+            v.check("sites", check_slug(site));
+        }
+        for ward in &self.wards {
+            match ward.split_once('/') {
+                Some((site, name)) if check_slug(site).is_ok() && check_slug(name).is_ok() => {}
+                _ => v.push("wards", format!("'{ward}' is not a ward; write it as SITE/WARD")),
+            }
+        }
+        if self.interval_secs > 24 * 3600 {
+            v.push("interval_seconds", "the charting interval must be at most 24 hours");
+        }
+        match self.kind {
+            DestinationKind::Feed => {
+                if !self.settings.endpoint.is_empty() {
+                    v.push(
+                        "endpoint",
+                        "a feed destination has no endpoint: EMR systems subscribe to it",
+                    );
+                }
+            }
+            DestinationKind::Fhir => match self.settings.endpoint.parse::<http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") || is_loopback_http(&uri) => {}
+                _ => v.push(
+                    "endpoint",
+                    "a FHIR endpoint is the server's base URL: https://host[:port]/path (http:// only on loopback)",
+                ),
+            },
+            DestinationKind::Mllp => {
+                if split_host_port(&self.settings.endpoint).is_none() {
+                    v.push("endpoint", "an MLLP endpoint is HOST:PORT");
+                }
+            }
+        }
+        if let Some(pem) = &self.settings.ca_pem
+            && rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<rustls_pki_types::CertificateDer<'_>>, _>>()
+                .map_or(true, |certs| certs.is_empty())
+        {
+            v.push("ca_pem", "the CA must be one or more PEM certificates");
+        }
+        if v.is_empty() { Ok(()) } else { Err(v.into()) }
+    }
+}
+
+fn is_loopback_http(uri: &http::Uri) -> bool {
+    uri.scheme_str() == Some("http")
+        && uri
+            .host()
+            .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+}
+
+fn split_host_port(endpoint: &str) -> Option<(String, u16)> {
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then(|| (host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+pub fn settings_of(model: &emr_destination::Model) -> Result<Settings> {
+    serde_json::from_str(&model.settings)
+        .map_err(|e| Error::Internal(format!("destination '{}' settings are corrupt: {e}", model.name)))
+}
+
+#[derive(Debug)]
+pub struct Emr {
+    db: DatabaseConnection,
+    events: Arc<Events>,
+    metrics: Metrics,
+    replica: String,
+    retry_max: chrono::Duration,
+    running: Mutex<HashSet<String>>,
+}
+
+impl Emr {
+    pub fn new(
+        db: DatabaseConnection,
+        events: Arc<Events>,
+        metrics: Metrics,
+        replica: String,
+        retry_max: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            events,
+            metrics,
+            replica,
+            retry_max: chrono::Duration::from_std(retry_max).unwrap_or(chrono::Duration::hours(24)),
+            running: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+
+    pub async fn create_destination(&self, new: NewDestination, audit: &Context) -> Result<emr_destination::Model> {
+        new.check()?;
+        let txn = crate::db::begin_write(&self.db).await?;
+        if emr_destination::Entity::find_by_id(new.name.clone())
+            .one(&txn)
+            .await?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists(format!(
+                "EMR destination '{}' already exists",
+                new.name
+            )));
+        }
+        let json = |set: &BTreeSet<String>| serde_json::to_string(set).unwrap_or_else(|_| "[]".into());
+        let model = emr_destination::ActiveModel {
+            name: Set(new.name.clone()),
+            kind: Set(new.kind.as_str().to_owned()),
+            settings: Set(serde_json::to_string(&new.settings).unwrap_or_default()),
+            sites: Set(json(&new.sites)),
+            wards: Set(json(&new.wards)),
+            interval_secs: Set(i64::from(new.interval_secs)),
+            enabled: Set(new.enabled),
+            created_by: Set(audit.actor.clone()),
+            created_at: Set(now()),
+            relay_owner: Set(None),
+            relay_lease_until: Set(None),
+        };
+        let stored = emr_destination::Entity::insert(model).exec_with_returning(&txn).await?;
+        audit
+            .record(
+                &txn,
+                "emr_destination.create",
+                format!("emr_destination/{}", new.name),
+                "*",
+                format!("{} {}", new.kind.as_str(), new.settings.endpoint),
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(stored)
+    }
+
+    pub async fn destinations(&self) -> Result<Vec<emr_destination::Model>> {
+        Ok(emr_destination::Entity::find()
+            .order_by_asc(emr_destination::Column::Name)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn destination(&self, name: &str) -> Result<emr_destination::Model> {
+        emr_destination::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("EMR destination '{name}' does not exist")))
+    }
+
+    /// Deliveries newest first, after the keyset `before` (an outbox id).
+    pub async fn deliveries(
+        &self,
+        destination: Option<&str>,
+        failed_only: bool,
+        before: Option<i64>,
+        limit: u64,
+    ) -> Result<Vec<emr_outbox::Model>> {
+        let mut query = emr_outbox::Entity::find();
+        if let Some(destination) = destination {
+            query = query.filter(emr_outbox::Column::Destination.eq(destination));
+        }
+        if failed_only {
+            query = query.filter(emr_outbox::Column::State.eq(state::DEAD));
+        }
+        if let Some(before) = before {
+            query = query.filter(emr_outbox::Column::Id.lt(before));
+        }
+        Ok(query
+            .order_by_desc(emr_outbox::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Puts dead-lettered deliveries back in the queue.
+    pub async fn retry(&self, destination: &str, ids: &[i64], audit: &Context) -> Result<u64> {
+        self.destination(destination).await?;
+        let txn = crate::db::begin_write(&self.db).await?;
+        let mut update = emr_outbox::Entity::update_many()
+            .col_expr(emr_outbox::Column::State, Expr::value(state::PENDING))
+            .col_expr(emr_outbox::Column::Attempts, Expr::value(0))
+            .col_expr(emr_outbox::Column::NextAttemptAt, Expr::value(now()))
+            .filter(emr_outbox::Column::Destination.eq(destination))
+            .filter(emr_outbox::Column::State.eq(state::DEAD));
+        if !ids.is_empty() {
+            update = update.filter(emr_outbox::Column::Id.is_in(ids.iter().copied()));
+        }
+        let retried = update.exec(&txn).await?.rows_affected;
+        audit
+            .record(
+                &txn,
+                "emr_delivery.retry",
+                format!("emr_destination/{destination}"),
+                "*",
+                format!("{retried} dead-lettered deliveries queued again"),
+            )
+            .await?;
+        self.events.announce(&txn, &Event::Outbox).await?;
+        txn.commit().await?;
+        self.events.emit(Event::Outbox);
+        Ok(retried)
+    }
+
+    /// The chart entries behind outbox rows (each with the status its row carries), by outbox id.
+    pub async fn entries(&self, rows: &[emr_outbox::Model]) -> Result<HashMap<i64, ChartEntry>> {
+        let ids: BTreeSet<Uuid> = rows.iter().map(|r| r.observation_id).collect();
+        let observations: HashMap<Uuid, observation::Model> = observation::Entity::find()
+            .filter(observation::Column::Id.is_in(ids))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|o| (o.id, o))
+            .collect();
+        let patient_ids: BTreeSet<Uuid> = observations.values().map(|o| o.patient_id).collect();
+        let device_ids: BTreeSet<Uuid> = observations.values().map(|o| o.device_id).collect();
+        let patients: HashMap<Uuid, patient::Model> = patient::Entity::find()
+            .filter(patient::Column::Id.is_in(patient_ids))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect();
+        let devices: HashMap<Uuid, device::Model> = device::Entity::find()
+            .filter(device::Column::Id.is_in(device_ids))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d))
+            .collect();
+        let mut out = HashMap::new();
+        for row in rows {
+            let observation = observations
+                .get(&row.observation_id)
+                .ok_or_else(|| Error::Internal(format!("outbox row {} has no observation", row.id)))?;
+            let entry = chart_entry(observation, &patients, &devices, ChartStatus::parse(&row.status))?;
+            out.insert(row.id, entry);
+        }
+        Ok(out)
+    }
+
+    /// Starts the relays of this replica: each tick (or change notification) it claims the destinations whose
+    /// lease is free and runs a delivery round for each one it holds.
+    pub fn spawn_relays(self: &Arc<Self>, stop: CancellationToken) {
+        let emr = self.clone();
+        tokio::spawn(async move {
+            let mut events = emr.events.subscribe();
+            let mut tick = tokio::time::interval(RELAY_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                    event = events.recv() => {
+                        if matches!(event, Ok(Event::Config | Event::SessionOpened { .. } | Event::Presence { .. })) {
+                            continue;
+                        }
+                    }
+                }
+                if let Err(error) = emr.relay_tick(&stop).await {
+                    tracing::warn!(%error, "EMR relay round failed; retrying at the next tick");
+                }
+            }
+            emr.release_leases().await;
+        });
+    }
+
+    async fn relay_tick(self: &Arc<Self>, stop: &CancellationToken) -> Result<()> {
+        let destinations = emr_destination::Entity::find()
+            .filter(emr_destination::Column::Enabled.eq(true))
+            .filter(
+                emr_destination::Column::Kind.is_in([DestinationKind::Fhir.as_str(), DestinationKind::Mllp.as_str()]),
+            )
+            .all(&self.db)
+            .await?;
+        for destination in destinations {
+            if self.lock_running().contains(&destination.name) {
+                continue;
+            }
+            if !self.claim(&destination.name).await? {
+                continue;
+            }
+            self.lock_running().insert(destination.name.clone());
+            let (emr, stop) = (self.clone(), stop.clone());
+            tokio::spawn(async move {
+                let name = destination.name.clone();
+                if let Err(error) = emr.round(destination, &stop).await {
+                    tracing::warn!(destination = %name, %error, "delivery round failed; retrying at the next tick");
+                }
+                emr.lock_running().remove(&name);
+            });
+        }
+        Ok(())
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes or renews the lease on a destination; false if another replica holds it.
+    async fn claim(&self, name: &str) -> Result<bool> {
+        let at = now();
+        let until = at + chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::seconds(30));
+        let claimed = emr_destination::Entity::update_many()
+            .col_expr(emr_destination::Column::RelayOwner, Expr::value(self.replica.clone()))
+            .col_expr(emr_destination::Column::RelayLeaseUntil, Expr::value(until))
+            .filter(emr_destination::Column::Name.eq(name))
+            .filter(
+                emr_destination::Column::RelayOwner
+                    .is_null()
+                    .or(emr_destination::Column::RelayOwner.eq(self.replica.clone()))
+                    .or(emr_destination::Column::RelayLeaseUntil.lt(at)),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(claimed.rows_affected == 1)
+    }
+
+    async fn release_leases(&self) {
+        let released = emr_destination::Entity::update_many()
+            .col_expr(emr_destination::Column::RelayOwner, Expr::value(Option::<String>::None))
+            .col_expr(
+                emr_destination::Column::RelayLeaseUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .filter(emr_destination::Column::RelayOwner.eq(self.replica.clone()))
+            .exec(&self.db)
+            .await;
+        if let Err(error) = released {
+            tracing::debug!(%error, "relay leases not released; they expire on their own");
+        }
+    }
+
+    /// Delivers what is due for one destination, batch after batch, while this replica holds the lease.
+    async fn round(&self, destination: emr_destination::Model, stop: &CancellationToken) -> Result<()> {
+        let kind = DestinationKind::parse(&destination.kind)
+            .ok_or_else(|| Error::Internal(format!("destination '{}' has unknown kind", destination.name)))?;
+        let settings = settings_of(&destination)?;
+        let mut mllp: Option<Box<dyn Io>> = None;
+        loop {
+            if stop.is_cancelled() || !self.claim(&destination.name).await? {
+                return Ok(());
+            }
+            let limit = if kind == DestinationKind::Fhir {
+                FHIR_BATCH
+            } else {
+                MLLP_BATCH
+            };
+            let due = emr_outbox::Entity::find()
+                .filter(emr_outbox::Column::Destination.eq(destination.name.as_str()))
+                .filter(emr_outbox::Column::State.eq(state::PENDING))
+                .filter(emr_outbox::Column::NextAttemptAt.lte(now()))
+                .order_by_asc(emr_outbox::Column::Id)
+                .limit(limit)
+                .all(&self.db)
+                .await?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            let entries = self.entries(&due).await?;
+            match kind {
+                DestinationKind::Fhir => {
+                    let ordered: Vec<ChartEntry> = due.iter().filter_map(|r| entries.get(&r.id).cloned()).collect();
+                    let outcome = post_bundle(&settings, &fhir::transaction_bundle(&ordered)).await;
+                    self.settle(&due, &outcome, kind).await?;
+                }
+                DestinationKind::Mllp => {
+                    for row in &due {
+                        let Some(entry) = entries.get(&row.id) else { continue };
+                        let outcome = send_mllp(&mut mllp, &settings, entry, row.id).await;
+                        if outcome.is_err() {
+                            mllp = None;
+                        }
+                        self.settle(std::slice::from_ref(row), &outcome, kind).await?;
+                    }
+                }
+                DestinationKind::Feed => return Ok(()),
+            }
+        }
+    }
+
+    /// Records the result of one delivery attempt for `rows`.
+    async fn settle(
+        &self,
+        rows: &[emr_outbox::Model],
+        outcome: &Result<(), Failure>,
+        kind: DestinationKind,
+    ) -> Result<()> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let at = now();
+        match outcome {
+            Ok(()) => {
+                emr_outbox::Entity::update_many()
+                    .col_expr(emr_outbox::Column::State, Expr::value(state::DELIVERED))
+                    .col_expr(emr_outbox::Column::DeliveredAt, Expr::value(Some(at)))
+                    .col_expr(emr_outbox::Column::LastError, Expr::value(Option::<String>::None))
+                    .col_expr(
+                        emr_outbox::Column::Attempts,
+                        Expr::col(emr_outbox::Column::Attempts).add(1),
+                    )
+                    .filter(emr_outbox::Column::Id.is_in(ids))
+                    .exec(&self.db)
+                    .await?;
+                self.metrics
+                    .record_delivery(kind.as_str(), "delivered", rows.len() as u64);
+            }
+            Err(failure) => {
+                for row in rows {
+                    let attempts = row.attempts.saturating_add(1);
+                    let expired = at - row.created_at > self.retry_max;
+                    let dead = failure.permanent || expired;
+                    let backoff = Duration::from_secs(1u64 << attempts.clamp(0, 16)).min(MAX_BACKOFF);
+                    let reason = if expired && !failure.permanent {
+                        format!("gave up after {attempts} attempts: {}", failure.reason)
+                    } else {
+                        failure.reason.clone()
+                    };
+                    emr_outbox::Entity::update_many()
+                        .col_expr(
+                            emr_outbox::Column::State,
+                            Expr::value(if dead { state::DEAD } else { state::PENDING }),
+                        )
+                        .col_expr(emr_outbox::Column::Attempts, Expr::value(attempts))
+                        .col_expr(emr_outbox::Column::LastError, Expr::value(Some(reason)))
+                        .col_expr(
+                            emr_outbox::Column::NextAttemptAt,
+                            Expr::value(
+                                at + chrono::Duration::from_std(backoff).unwrap_or(chrono::Duration::seconds(1)),
+                            ),
+                        )
+                        .filter(emr_outbox::Column::Id.eq(row.id))
+                        .exec(&self.db)
+                        .await?;
+                }
+                let outcome = if failure.permanent { "dead" } else { "retry" };
+                tracing::warn!(kind = kind.as_str(), deliveries = rows.len(), reason = %failure.reason, outcome, "EMR delivery failed");
+                self.metrics.record_delivery(kind.as_str(), outcome, rows.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gets or creates a durable feed subscription. Only its owner may use it.
+    pub async fn subscription(&self, name: &str, destination: &str, owner: &str) -> Result<feed_subscription::Model> {
+        if let Some(existing) = feed_subscription::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+        {
+            if existing.owner != owner {
+                return Err(Error::NotFound(format!("feed subscription '{name}' does not exist")));
+            }
+            if !destination.is_empty() && existing.destination != destination {
+                return Err(Error::FailedPrecondition(format!(
+                    "subscription '{name}' follows destination '{}', not '{destination}'",
+                    existing.destination
+                )));
+            }
+            return Ok(existing);
+        }
+        if destination.is_empty() {
+            return Err(Violations::single(
+                "destination",
+                "name the feed destination to create the subscription (it did not exist)",
+            )
+            .into());
+        }
+        let target = self.destination(destination).await?;
+        if target.kind != DestinationKind::Feed.as_str() {
+            return Err(Error::FailedPrecondition(format!(
+                "destination '{destination}' is a {} destination, not a feed",
+                target.kind
+            )));
+        }
+        let at = now();
+        let model = feed_subscription::ActiveModel {
+            name: Set(name.to_owned()),
+            destination: Set(destination.to_owned()),
+            cursor: Set(0),
+            owner: Set(owner.to_owned()),
+            created_at: Set(at),
+            updated_at: Set(at),
+        };
+        feed_subscription::Entity::insert(model)
+            .exec_without_returning(&self.db)
+            .await?;
+        feed_subscription::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::Internal("a created subscription vanished".into()))
+    }
+
+    /// Feed events of a destination after `cursor`, oldest first.
+    pub async fn feed_page(&self, destination: &str, cursor: i64, limit: u64) -> Result<Vec<emr_outbox::Model>> {
+        Ok(emr_outbox::Entity::find()
+            .filter(emr_outbox::Column::Destination.eq(destination))
+            .filter(emr_outbox::Column::Id.gt(cursor))
+            .order_by_asc(emr_outbox::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Moves a subscription's cursor forward (never back) to an event that exists.
+    pub async fn acknowledge(&self, name: &str, owner: &str, cursor: i64) -> Result<i64> {
+        let subscription = self.subscription(name, "", owner).await?;
+        let exists = emr_outbox::Entity::find()
+            .filter(emr_outbox::Column::Destination.eq(subscription.destination.as_str()))
+            .filter(emr_outbox::Column::Id.eq(cursor))
+            .one(&self.db)
+            .await?
+            .is_some();
+        if !exists {
+            return Err(Violations::single(
+                "cursor",
+                format!(
+                    "cursor {cursor} is not an event of this subscription's feed; acknowledge a cursor you received"
+                ),
+            )
+            .into());
+        }
+        feed_subscription::Entity::update_many()
+            .col_expr(feed_subscription::Column::Cursor, Expr::value(cursor))
+            .col_expr(feed_subscription::Column::UpdatedAt, Expr::value(now()))
+            .filter(feed_subscription::Column::Name.eq(name))
+            .filter(feed_subscription::Column::Cursor.lt(cursor))
+            .exec(&self.db)
+            .await?;
+        Ok(feed_subscription::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+            .map_or(cursor, |s| s.cursor))
+    }
+}
+
+/// A chart entry from stored rows. `status` overrides the observation's current status (an outbox row carries
+/// the status of its own event).
+pub fn chart_entry(
+    observation: &observation::Model,
+    patients: &HashMap<Uuid, patient::Model>,
+    devices: &HashMap<Uuid, device::Model>,
+    status: Option<ChartStatus>,
+) -> Result<ChartEntry> {
+    let patient = patients
+        .get(&observation.patient_id)
+        .ok_or_else(|| Error::Internal(format!("observation {} has no patient", observation.id)))?;
+    let device = devices
+        .get(&observation.device_id)
+        .ok_or_else(|| Error::Internal(format!("observation {} has no device", observation.id)))?;
+    let status = status
+        .or_else(|| ChartStatus::parse(&observation.status))
+        .unwrap_or(ChartStatus::Preliminary);
+    Ok(ChartEntry {
+        id: observation.id,
+        patient: PatientRef {
+            identifier: patient.identifier.clone(),
+            authority: patient.authority.clone(),
+            display_name: patient.display_name.clone(),
+        },
+        device: DeviceRef {
+            id: device.id,
+            serial_number: device.serial_number.clone(),
+            manufacturer: device.manufacturer.clone(),
+            model: device.model.clone(),
+            eui64: device.eui64.clone(),
+        },
+        point_of_care: match (&observation.site, &observation.ward) {
+            (Some(site), Some(ward)) => Some(PointOfCare {
+                site: site.clone(),
+                ward: ward.clone(),
+                bed: observation.bed.clone(),
+            }),
+            _ => None,
+        },
+        measurement: decode_measurement(observation)?,
+        observed_at: observation.observed_at,
+        status,
+        questionable: observation.questionable,
+        validated_by: if status == ChartStatus::Final {
+            observation.validated_by.clone()
+        } else {
+            None
+        },
+    })
+}
+
+/// Why a delivery failed, and whether sending the same thing again could help.
+#[derive(Debug)]
+struct Failure {
+    reason: String,
+    permanent: bool,
+}
+
+impl Failure {
+    fn retry(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            permanent: false,
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// TCP, then TLS if the destination has a CA (FHIR over https always has one).
+async fn connect(host: &str, port: u16, ca_pem: Option<&str>, tls: bool) -> Result<Box<dyn Io>, Failure> {
+    let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| Failure::retry(format!("connecting to {host}:{port} timed out")))?
+        .map_err(|e| Failure::retry(format!("cannot connect to {host}:{port}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    if !tls {
+        return Ok(Box::new(tcp));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca_pem.unwrap_or_default().as_bytes()) {
+        let cert: rustls_pki_types::CertificateDer<'_> =
+            cert.map_err(|e| Failure::retry(format!("the destination's CA PEM is unreadable: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Failure::retry(format!("the destination's CA certificate is unusable: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(Failure {
+            reason: "TLS needs the receiver's CA: set ca_pem on the destination".into(),
+            permanent: true,
+        });
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| Failure::retry(format!("'{host}' is not a valid TLS server name: {e}")))?;
+    let stream = tokio::time::timeout(
+        IO_TIMEOUT,
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| Failure::retry(format!("TLS handshake with {host}:{port} timed out")))?
+    .map_err(|e| Failure::retry(format!("TLS handshake with {host}:{port} failed: {e}")))?;
+    Ok(Box::new(stream))
+}
+
+/// POSTs a transaction Bundle to the FHIR base URL.
+async fn post_bundle(settings: &Settings, bundle: &serde_json::Value) -> Result<(), Failure> {
+    let uri: http::Uri = settings
+        .endpoint
+        .parse()
+        .map_err(|e| Failure::retry(format!("the FHIR endpoint is not a URL: {e}")))?;
+    let https = uri.scheme_str() == Some("https");
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let io = connect(&host, port, settings.ca_pem.as_deref(), https).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::retry(format!("HTTP handshake with the FHIR server failed: {e}")))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let body = serde_json::to_vec(bundle).unwrap_or_default();
+    let mut request = http::Request::post(uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str))
+        .header(
+            http::header::HOST,
+            uri.authority().map_or(host.clone(), ToString::to_string),
+        )
+        .header(http::header::CONTENT_TYPE, "application/fhir+json")
+        .header(http::header::ACCEPT, "application/fhir+json");
+    if let Some(token) = &settings.bearer_token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| Failure::retry(format!("cannot build the FHIR request: {e}")))?;
+    let response = tokio::time::timeout(IO_TIMEOUT, sender.send_request(request))
+        .await
+        .map_err(|_| Failure::retry("the FHIR server did not answer in time"))?
+        .map_err(|e| Failure::retry(format!("the FHIR request failed: {e}")))?;
+    let status = response.status();
+    let body = tokio::time::timeout(IO_TIMEOUT, response.into_body().collect())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if status.is_success() {
+        return Ok(());
+    }
+    let excerpt: String = String::from_utf8_lossy(&body).chars().take(ERROR_EXCERPT).collect();
+    // 4xx other than timeouts, conflicts under load and rate limits will fail the same way again.
+    let permanent = status.is_client_error()
+        && !matches!(status.as_u16(), 408 | 409 | 425 | 429)
+        && status != http::StatusCode::UNAUTHORIZED;
+    Err(Failure {
+        reason: format!("FHIR server answered HTTP {}: {excerpt}", status.as_u16()),
+        permanent,
+    })
+}
+
+/// Sends one ORU^R01 and waits for its ACK, over a connection kept open across messages.
+async fn send_mllp(
+    connection: &mut Option<Box<dyn Io>>,
+    settings: &Settings,
+    entry: &ChartEntry,
+    outbox_id: i64,
+) -> Result<(), Failure> {
+    let control_id = format!("MF{outbox_id}");
+    let endpoints = hl7::Endpoints {
+        sending_application: "MEDFLEET".into(),
+        sending_facility: entry.point_of_care.as_ref().map(|p| p.site.clone()).unwrap_or_default(),
+        receiving_application: settings.receiving_application.clone(),
+        receiving_facility: settings.receiving_facility.clone(),
+    };
+    let message = hl7::oru_r01(entry, &endpoints, &control_id, now());
+    if connection.is_none() {
+        let (host, port) =
+            split_host_port(&settings.endpoint).ok_or_else(|| Failure::retry("the MLLP endpoint is not HOST:PORT"))?;
+        *connection = Some(connect(&host, port, settings.ca_pem.as_deref(), settings.ca_pem.is_some()).await?);
+    }
+    let Some(io) = connection.as_mut() else {
+        return Err(Failure::retry("no MLLP connection"));
+    };
+    let exchange = async {
+        io.write_all(&hl7::mllp_frame(&message)).await?;
+        io.flush().await?;
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((reply, _)) = hl7::mllp_deframe(&buffer) {
+                return Ok::<_, std::io::Error>(Some(reply));
+            }
+            let read = io.read(&mut chunk).await?;
+            if read == 0 {
+                return Ok(None);
+            }
+            buffer.extend_from_slice(&chunk[..read]);
+        }
+    };
+    let reply = tokio::time::timeout(IO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Failure::retry("no ACK from the HL7 receiver in time; the message is sent again"))?
+        .map_err(|e| Failure::retry(format!("MLLP connection failed: {e}")))?
+        .ok_or_else(|| Failure::retry("the HL7 receiver closed the connection without an ACK"))?;
+    let ack = hl7::parse_ack(&reply).map_err(|e| Failure::retry(format!("unreadable ACK: {e}")))?;
+    if ack.control_id != control_id {
+        return Err(Failure::retry(format!(
+            "the ACK acknowledges {} instead of {control_id}",
+            ack.control_id
+        )));
+    }
+    match ack.code {
+        hl7::AckCode::Accept => Ok(()),
+        hl7::AckCode::Error => Err(Failure::retry(format!("the receiver answered AE: {}", ack.text))),
+        hl7::AckCode::Reject => Err(Failure {
+            reason: format!("the receiver answered AR: {}", ack.text),
+            permanent: true,
+        }),
+    }
+}
+
+/// For the feed: the observation ids of outbox rows, to render them with [`Emr::entries`].
+pub fn event_id(row: &emr_outbox::Model) -> String {
+    format!("{}:{}", row.observation_id, row.status)
+}

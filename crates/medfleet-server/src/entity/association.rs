@@ -1,0 +1,21 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "associations")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub device_id: Uuid,
+    pub patient_id: Uuid,
+    pub starts_at: DateTimeUtc,
+    pub ends_at: Option<DateTimeUtc>,
+    pub source: String,
+    pub created_by: String,
+    pub created_at: DateTimeUtc,
+    pub ended_by: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

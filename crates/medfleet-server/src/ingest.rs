@@ -1,0 +1,207 @@
+//! `PublishReadings`: reading batches from devices, group-committed across devices and streams. Each batch is
+//! acked only after the transaction that stores it has committed, so an ack always means durable; a batch that
+//! was stored before is acked again from its stored result (the device's resend after a reconnect).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use medfleet_proto::{convert, v1};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+use uuid::Uuid;
+
+use crate::clinical::{Batch, Clinical, Outcome};
+use crate::telemetry::Metrics;
+
+/// Items per batch a device may send; larger batches are refused so one device cannot hold a group commit.
+pub const MAX_ITEMS: usize = 1_000;
+/// Batches one stream may have waiting for their commit; the stream stops reading beyond that (backpressure).
+const IN_FLIGHT_PER_STREAM: usize = 64;
+/// Batches one group commit takes at most.
+const MAX_GROUP: usize = 512;
+
+struct Job {
+    batch: Batch,
+    reply: oneshot::Sender<Result<Outcome, Status>>,
+}
+
+/// Hands batches to the group-commit writer.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("device", &self.batch.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingest {
+    /// Starts the writer; it stops when `stop` is cancelled, after answering what it has taken.
+    pub fn spawn(clinical: Clinical, metrics: Metrics, stop: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
+        tokio::spawn(writer(clinical, metrics, rx, stop));
+        Self { tx }
+    }
+
+    async fn submit(&self, batch: Batch) -> Result<Outcome, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down; resend the batch to another replica"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down; resend the batch"))?
+    }
+}
+
+async fn writer(clinical: Clinical, metrics: Metrics, mut rx: mpsc::Receiver<Job>, stop: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            () = stop.cancelled() => None,
+            job = rx.recv() => job,
+        };
+        let Some(first) = first else { break };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        commit(&clinical, &metrics, jobs).await;
+    }
+}
+
+async fn commit(clinical: &Clinical, metrics: &Metrics, jobs: Vec<Job>) {
+    let (batches, replies): (Vec<Batch>, Vec<_>) = jobs.into_iter().map(|job| (job.batch, job.reply)).unzip();
+    let started = Instant::now();
+    match clinical.ingest(&batches).await {
+        Ok(outcomes) => {
+            metrics.record_ingest_commit(started.elapsed().as_secs_f64(), batches.len());
+            for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                record(metrics, &outcome);
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(error) if batches.len() > 1 => {
+            // One batch may be what failed the group (its device was just deleted, say): commit each on its own
+            // so the others are not held hostage.
+            tracing::warn!(%error, batches = batches.len(), "group commit failed; committing batches one by one");
+            for (batch, reply) in batches.into_iter().zip(replies) {
+                let result = clinical.ingest(std::slice::from_ref(&batch)).await;
+                let answer = match result {
+                    Ok(mut outcomes) => outcomes.pop().ok_or_else(|| Status::internal("no outcome for a batch")),
+                    Err(error) => Err(Status::from(error)),
+                };
+                if let Ok(outcome) = &answer {
+                    record(metrics, outcome);
+                }
+                let _ = reply.send(answer);
+            }
+        }
+        Err(error) => {
+            let status = Status::from(error);
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
+fn record(metrics: &Metrics, outcome: &Outcome) {
+    if outcome.duplicate {
+        metrics.record_readings("duplicate", u64::from(outcome.accepted));
+        return;
+    }
+    metrics.record_readings("accepted", u64::from(outcome.accepted));
+    for rejected in &outcome.rejected {
+        metrics.record_readings(&rejected.code, 1);
+    }
+}
+
+pub type AckStream = Pin<Box<dyn Stream<Item = Result<v1::ReadingAck, Status>> + Send>>;
+
+/// Serves one device's `PublishReadings` stream.
+pub fn serve(ingest: Ingest, device: Uuid, mut inbound: Streaming<v1::ReadingBatch>) -> AckStream {
+    let (tx, rx) = mpsc::channel::<Result<v1::ReadingAck, Status>>(IN_FLIGHT_PER_STREAM);
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(IN_FLIGHT_PER_STREAM));
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(%device, %status, "reading stream ended by the device");
+                    break;
+                }
+            };
+            let batch = match to_batch(device, message) {
+                Ok(batch) => batch,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let (ingest, tx) = (ingest.clone(), tx.clone());
+            tokio::spawn(async move {
+                let sequence = batch.sequence;
+                let answer = ingest.submit(batch).await.map(|outcome| ack(sequence, outcome));
+                let _ = tx.send(answer).await;
+                drop(permit);
+            });
+        }
+        // The stream closes once every batch still in flight has been answered (each task holds a sender).
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn to_batch(device: Uuid, message: v1::ReadingBatch) -> Result<Batch, Status> {
+    if message.sequence == 0 || i64::try_from(message.sequence).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "batch sequence {} is out of range: sequences start at 1 and stay below 2^63",
+            message.sequence
+        )));
+    }
+    if message.items.len() > MAX_ITEMS {
+        return Err(Status::invalid_argument(format!(
+            "batch {} has {} items; send at most {MAX_ITEMS} per batch",
+            message.sequence,
+            message.items.len()
+        )));
+    }
+    let items = message.items.iter().map(convert::reading_input).collect();
+    Ok(Batch {
+        device,
+        sequence: message.sequence,
+        items,
+    })
+}
+
+fn ack(sequence: u64, outcome: Outcome) -> v1::ReadingAck {
+    v1::ReadingAck {
+        sequence,
+        accepted: outcome.accepted,
+        rejected: outcome
+            .rejected
+            .into_iter()
+            .map(|r| v1::ItemRejection {
+                index: r.index,
+                code: r.code,
+                reason: r.reason,
+            })
+            .collect(),
+        duplicate: outcome.duplicate,
+    }
+}
