@@ -26,6 +26,8 @@ pub(crate) struct RunOptions {
     pub(crate) reject_key: Option<String>,
     /// Per-device events at debug level (the simulator reports aggregates instead).
     pub(crate) quiet: bool,
+    /// Measure and publish vital signs (a simulated bedside monitor).
+    pub(crate) vitals: Option<crate::readings::VitalsOptions>,
 }
 
 /// What a device is doing, for the simulator's summary.
@@ -60,19 +62,66 @@ pub(crate) async fn run(
     stop: CancellationToken,
     status: Option<watch::Sender<Status>>,
 ) -> anyhow::Result<()> {
+    // This device's own token: ending it must not stop the other devices of a simulation.
+    let stop = stop.child_token();
     let state = dir.load()?;
     let server = options.server.clone().unwrap_or_else(|| state.server.clone());
+    let readings = match &options.vitals {
+        Some(vitals) => Some(start_readings(dir, &server, vitals, options.quiet, &stop)?),
+        None => None,
+    };
+    let result = sessions(dir, &server, &state.device_id, options, &stop, status.as_ref()).await;
+    stop.cancel();
+    if let Some(readings) = readings {
+        readings.await??;
+    }
+    result
+}
+
+/// Starts measuring into the buffer and publishing from it; the returned task ends after `stop`.
+fn start_readings(
+    dir: &StateDir,
+    server: &str,
+    vitals: &crate::readings::VitalsOptions,
+    quiet: bool,
+    stop: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let buffer = crate::readings::Buffer::open(dir)?;
+    let (new, receiver) = mpsc::unbounded_channel();
+    let measuring = tokio::spawn(crate::readings::measure(
+        buffer.clone(),
+        vitals.clone(),
+        new,
+        stop.clone(),
+    ));
+    let (dir, server, stop) = (dir.clone(), server.to_owned(), stop.clone());
+    Ok(tokio::spawn(async move {
+        let published = crate::readings::publish(&dir, &server, &buffer, receiver, quiet, &stop).await;
+        measuring.await??;
+        published
+    }))
+}
+
+async fn sessions(
+    dir: &StateDir,
+    server: &str,
+    device_id: &str,
+    options: &RunOptions,
+    stop: &CancellationToken,
+    status: Option<&watch::Sender<Status>>,
+) -> anyhow::Result<()> {
+    let state_device = device_id;
     let mut backoff = Duration::from_secs(1);
     loop {
-        let outcome = session(dir, &server, &state.device_id, options, &stop, status.as_ref()).await;
-        if let Some(status) = &status {
+        let outcome = session(dir, server, state_device, options, stop, status).await;
+        if let Some(status) = status {
             status.send_modify(|s| s.connected = false);
         }
         match outcome {
             Ok(SessionEnd::Stop) => return Ok(()),
             Ok(SessionEnd::Renewed) => backoff = Duration::from_secs(1),
             Err(error) => {
-                tracing::warn!(device = %state.device_id, error = %format!("{error:#}"), retry_in = ?backoff, "session failed");
+                tracing::warn!(device = %state_device, error = %format!("{error:#}"), retry_in = ?backoff, "session failed");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return Ok(()),

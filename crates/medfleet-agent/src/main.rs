@@ -4,6 +4,7 @@
 //! runs many such devices in one process.
 
 mod device;
+mod readings;
 mod simulate;
 mod state;
 
@@ -61,7 +62,9 @@ enum Command {
         device_id: Option<String>,
     },
     /// Hold the session with medfleetd, renew the certificate in the background, reconnect after failures.
-    #[command(after_help = "Example:\n  medfleet-agent run --state-dir /var/lib/medfleet-agent")]
+    #[command(
+        after_help = "Examples:\n  medfleet-agent run --state-dir /var/lib/medfleet-agent\n  medfleet-agent run --state-dir ./monitor --vitals-interval 1s   # a simulated bedside monitor"
+    )]
     Run {
         #[arg(long)]
         state_dir: PathBuf,
@@ -80,6 +83,13 @@ enum Command {
         /// Refuse configurations that set this top-level key (to exercise rejection reporting).
         #[arg(long)]
         reject_key: Option<String>,
+        /// Act as a bedside monitor: measure HR, SpO2, NIBP, temperature and RR this often and publish them
+        /// (buffered durably until the server acknowledges them).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        vitals_interval: Option<Duration>,
+        /// Stop measuring after this many batches (publishing goes on until all are acknowledged).
+        #[arg(long, requires = "vitals_interval")]
+        vitals_count: Option<u64>,
     },
     /// Run many simulated devices in one process, each with its own key, certificate and session.
     #[command(after_help = "Examples:\n  \
@@ -123,7 +133,18 @@ enum Command {
         /// Refuse configurations that set this top-level key (to exercise rejection reporting).
         #[arg(long)]
         reject_key: Option<String>,
+        /// Act as a bedside monitor: measure HR, SpO2, NIBP, temperature and RR this often and publish them
+        /// (buffered durably until the server acknowledges them).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        vitals_interval: Option<Duration>,
+        /// Stop measuring after this many batches (publishing goes on until all are acknowledged).
+        #[arg(long, requires = "vitals_interval")]
+        vitals_count: Option<u64>,
     },
+}
+
+fn vitals_options(interval: Option<Duration>, count: Option<u64>) -> Option<readings::VitalsOptions> {
+    interval.map(|interval| readings::VitalsOptions { interval, count })
 }
 
 fn main() -> ExitCode {
@@ -165,6 +186,8 @@ fn main() -> ExitCode {
                 renew_after,
                 firmware_version,
                 reject_key,
+                vitals_interval,
+                vitals_count,
             } => {
                 let options = RunOptions {
                     server,
@@ -173,6 +196,7 @@ fn main() -> ExitCode {
                     firmware_version,
                     reject_key,
                     quiet: false,
+                    vitals: vitals_options(vitals_interval, vitals_count),
                 };
                 device::run(&StateDir::new(state_dir), &options, stop_token(), None).await
             }
@@ -189,6 +213,8 @@ fn main() -> ExitCode {
                 heartbeat,
                 firmware_version,
                 reject_key,
+                vitals_interval,
+                vitals_count,
             } => {
                 let simulation = simulate::Simulation {
                     server,
@@ -207,6 +233,7 @@ fn main() -> ExitCode {
                         firmware_version,
                         reject_key,
                         quiet: true,
+                        vitals: vitals_options(vitals_interval, vitals_count),
                     },
                 };
                 simulate::simulate(simulation, stop_token()).await

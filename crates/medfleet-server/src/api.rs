@@ -21,7 +21,7 @@ use crate::presence;
 use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::error::Error;
 use crate::identity_api::caller;
-use crate::policy::{Decision, Visibility};
+use crate::policy::{Visibility, visibility};
 use crate::rpc::audit_context;
 use crate::store::Registry;
 
@@ -89,19 +89,6 @@ fn paging(size: i32, token: &str, fingerprint: &str) -> Result<(u64, Option<Stri
 }
 
 type Reply<T> = Result<Response<T>, Status>;
-
-/// What the caller may see, as decided by the RPC layer; nothing if the layer decided nothing (never the case for
-/// a listing, whose rule always yields a visibility).
-fn visibility<T>(request: &Request<T>) -> Visibility {
-    request
-        .extensions()
-        .get::<Decision>()
-        .and_then(|d| d.visibility.clone())
-        .unwrap_or(Visibility::Scopes {
-            sites: std::collections::BTreeSet::new(),
-            wards: std::collections::BTreeSet::new(),
-        })
-}
 
 /// The description of a single-field violation, to fold into a request's own list.
 fn field_message(violations: &Violations) -> String {

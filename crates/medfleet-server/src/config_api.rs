@@ -12,7 +12,7 @@ use tracing::instrument;
 
 use crate::configs::{Configs, Schema, Version, parse_document};
 use crate::error::Error;
-use crate::policy::{Decision, Visibility};
+use crate::policy::visibility;
 use crate::rpc::audit_context;
 
 /// Longest comment kept with a version.
@@ -99,17 +99,6 @@ fn change_to_wire(change: Change) -> v1::ConfigChange {
             to_json: json(&to),
         },
     }
-}
-
-fn visibility<T>(request: &Request<T>) -> Visibility {
-    request
-        .extensions()
-        .get::<Decision>()
-        .and_then(|d| d.visibility.clone())
-        .unwrap_or(Visibility::Scopes {
-            sites: std::collections::BTreeSet::new(),
-            wards: std::collections::BTreeSet::new(),
-        })
 }
 
 #[tonic::async_trait]

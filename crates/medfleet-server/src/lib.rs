@@ -7,6 +7,7 @@ pub mod api;
 pub mod audit;
 pub mod audit_api;
 pub mod clinical;
+pub mod clinical_api;
 pub mod config;
 pub mod config_api;
 pub mod configs;
@@ -38,7 +39,11 @@ use medfleet_proto::v1::audit_service_server::AuditServiceServer;
 use medfleet_proto::v1::config_service_server::ConfigServiceServer;
 use medfleet_proto::v1::credential_service_server::CredentialServiceServer;
 use medfleet_proto::v1::device_service_server::DeviceServiceServer;
+use medfleet_proto::v1::emr_service_server::EmrServiceServer;
 use medfleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
+use medfleet_proto::v1::feed_service_server::FeedServiceServer;
+use medfleet_proto::v1::observation_service_server::ObservationServiceServer;
+use medfleet_proto::v1::patient_service_server::PatientServiceServer;
 use medfleet_proto::v1::registry_service_server::RegistryServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -172,6 +177,14 @@ pub async fn run(
     let configs = configs::Configs::new(db.clone(), events.clone());
     let clinical = clinical::Clinical::new(db.clone(), events.clone(), config.reading_future_tolerance);
     let ingest = ingest::Ingest::spawn(clinical.clone(), metrics.clone(), background.clone());
+    let emr = emr::Emr::new(
+        db.clone(),
+        events.clone(),
+        metrics.clone(),
+        config.replica_name.clone(),
+        config.emr_retry_max,
+    );
+    emr.spawn_relays(background.clone());
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -182,6 +195,18 @@ pub async fn run(
     health.set_serving::<AccessServiceServer<access_api::AccessApi>>().await;
     health.set_serving::<AuditServiceServer<audit_api::AuditApi>>().await;
     health.set_serving::<ConfigServiceServer<config_api::ConfigApi>>().await;
+    health
+        .set_serving::<PatientServiceServer<clinical_api::ClinicalApi>>()
+        .await;
+    health
+        .set_serving::<ObservationServiceServer<clinical_api::ClinicalApi>>()
+        .await;
+    health
+        .set_serving::<EmrServiceServer<clinical_api::ClinicalApi>>()
+        .await;
+    health
+        .set_serving::<FeedServiceServer<clinical_api::ClinicalApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(medfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -199,6 +224,11 @@ pub async fn run(
     let config_service = ConfigServiceServer::new(config_api::ConfigApi::new(configs));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
     let audit_service = AuditServiceServer::new(audit_api::AuditApi::new(db.clone()));
+    let clinical_api = clinical_api::ClinicalApi::new(clinical, emr);
+    let patient_service = PatientServiceServer::new(clinical_api.clone());
+    let observation_service = ObservationServiceServer::new(clinical_api.clone());
+    let emr_service = EmrServiceServer::new(clinical_api.clone());
+    let feed_service = FeedServiceServer::new(clinical_api);
 
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let ops = http::router(http::OpsState {
@@ -237,6 +267,18 @@ pub async fn run(
                 .set_not_serving::<ConfigServiceServer<config_api::ConfigApi>>()
                 .await;
             health
+                .set_not_serving::<PatientServiceServer<clinical_api::ClinicalApi>>()
+                .await;
+            health
+                .set_not_serving::<ObservationServiceServer<clinical_api::ClinicalApi>>()
+                .await;
+            health
+                .set_not_serving::<EmrServiceServer<clinical_api::ClinicalApi>>()
+                .await;
+            health
+                .set_not_serving::<FeedServiceServer<clinical_api::ClinicalApi>>()
+                .await;
+            health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = draining_tx.send(true);
@@ -254,6 +296,10 @@ pub async fn run(
         .add_service(access_service)
         .add_service(audit_service)
         .add_service(config_service)
+        .add_service(patient_service)
+        .add_service(observation_service)
+        .add_service(emr_service)
+        .add_service(feed_service)
         .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let deadline = async move {

@@ -262,6 +262,66 @@ pub const RULES: &[(&str, Rule)] = &[
         permission("config", "read", Target::List),
     ),
     (
+        "/medfleet.v1.PatientService/Associate",
+        permission(
+            "association",
+            "update",
+            Target::Device(|b| decode::<v1::AssociateRequest>(b).map(|r| r.device_id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.PatientService/Dissociate",
+        permission(
+            "association",
+            "update",
+            Target::Device(|b| decode::<v1::DissociateRequest>(b).map(|r| r.device_id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.PatientService/ListAssociations",
+        permission("patient", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.PatientService/RecordAdtEvent",
+        permission(
+            "association",
+            "update",
+            Target::Ward(|b| decode::<v1::AdtEvent>(b).map(|r| (r.site, r.ward))),
+        ),
+    ),
+    (
+        "/medfleet.v1.ObservationService/ListObservations",
+        permission("observation", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.ObservationService/SetObservationStatus",
+        permission("observation", "validate", Target::List),
+    ),
+    (
+        "/medfleet.v1.EmrService/CreateDestination",
+        permission("emr_destination", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.EmrService/ListDestinations",
+        permission("emr_destination", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.EmrService/ListDeliveries",
+        permission("emr_destination", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.EmrService/RetryDeliveries",
+        permission("emr_destination", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FeedService/Subscribe",
+        permission("feed", "subscribe", Target::List),
+    ),
+    (
+        "/medfleet.v1.FeedService/Acknowledge",
+        permission("feed", "subscribe", Target::List),
+    ),
+    (
         "/medfleet.v1.RegistryService/UpdateDevice",
         permission("device", "update", Target::DeviceUpdate),
     ),
@@ -333,6 +393,29 @@ impl Visibility {
             Self::Scopes { sites, wards } => {
                 sites.contains(site) || wards.contains(&(site.to_owned(), ward.to_owned()))
             }
+        }
+    }
+}
+
+/// What the caller of a listing may see, as the RPC layer decided; nothing if it decided nothing (never the case
+/// for a listing, whose rule always yields a visibility).
+pub fn visibility<T>(request: &tonic::Request<T>) -> Visibility {
+    request
+        .extensions()
+        .get::<Decision>()
+        .and_then(|d| d.visibility.clone())
+        .unwrap_or(Visibility::Scopes {
+            sites: BTreeSet::new(),
+            wards: BTreeSet::new(),
+        })
+}
+
+impl Visibility {
+    /// Whether a resource at this place (none: in storage, fleet-wide) is visible.
+    pub fn sees_place(&self, site: Option<&str>, ward: Option<&str>) -> bool {
+        match (site, ward) {
+            (Some(site), Some(ward)) => self.sees_ward(site, ward),
+            _ => *self == Self::All,
         }
     }
 }

@@ -91,8 +91,8 @@ enum Governed {
     Global(&'static str, &'static str),
     /// A role permission on the scope of the request's target.
     Scoped(&'static str, &'static str),
-    /// A listing: allowed with the permission in any scope; shows only what the scopes cover.
-    Listing(&'static str),
+    /// A listing: allowed with the permission (object, action) in any scope; shows only what the scopes cover.
+    Listing(&'static str, &'static str),
 }
 
 fn governed(service: &str, method: &str) -> Option<Governed> {
@@ -109,24 +109,32 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("RegistryService", "CreateSite") => Scoped("site", "create"),
         ("RegistryService", "GetSite") => Scoped("site", "read"),
         ("RegistryService", "UpdateSite") => Scoped("site", "update"),
-        ("RegistryService", "ListSites") => Listing("site"),
+        ("RegistryService", "ListSites") => Listing("site", "read"),
         ("RegistryService", "CreateWard") => Scoped("ward", "create"),
         ("RegistryService", "GetWard") => Scoped("ward", "read"),
         ("RegistryService", "UpdateWard") => Scoped("ward", "update"),
-        ("RegistryService", "ListWards") => Listing("ward"),
+        ("RegistryService", "ListWards") => Listing("ward", "read"),
         ("RegistryService", "RegisterDevice" | "ImportDevices") => Scoped("device", "create"),
         ("RegistryService", "GetDevice") => Scoped("device", "read"),
-        ("RegistryService", "ListDevices" | "WatchDevices") => Listing("device"),
+        ("RegistryService", "ListDevices" | "WatchDevices") => Listing("device", "read"),
         ("ConfigService", "SetConfig" | "RollbackConfig") => Scoped("config", "update"),
         ("ConfigService", "GetConfigLayer" | "ResolveConfig" | "ListConfigVersions" | "DiffConfigVersions") => {
             Scoped("config", "read")
         }
         ("ConfigService", "SetConfigSchema") => Global("config_schema", "update"),
-        ("ConfigService", "GetConfigSchema" | "ListConfigDrift") => Listing("config"),
+        ("ConfigService", "GetConfigSchema" | "ListConfigDrift") => Listing("config", "read"),
         ("RegistryService", "UpdateDevice") => Scoped("device", "update"),
         ("RegistryService", "RevokeDevice") => Scoped("device", "revoke"),
         ("RegistryService", "DecommissionDevice") => Scoped("device", "decommission"),
         ("RegistryService", "IssueEnrollmentToken") => Scoped("enrollment", "create"),
+        ("DeviceService", "PublishReadings") => Devices,
+        ("PatientService", "Associate" | "Dissociate" | "RecordAdtEvent") => Scoped("association", "update"),
+        ("PatientService", "ListAssociations") => Listing("patient", "read"),
+        ("ObservationService", "ListObservations") => Listing("observation", "read"),
+        ("ObservationService", "SetObservationStatus") => Listing("observation", "validate"),
+        ("EmrService", "CreateDestination" | "RetryDeliveries") => Global("emr_destination", "update"),
+        ("EmrService", "ListDestinations" | "ListDeliveries") => Global("emr_destination", "read"),
+        ("FeedService", _) => Listing("feed", "subscribe"),
         _ => return None,
     })
 }
@@ -143,6 +151,7 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                     | ("device", "read" | "create" | "update" | "revoke" | "decommission")
                     | ("enrollment", "create")
                     | ("config", "read" | "update")
+                    | ("emr_destination", "read" | "update")
             )
         }
         "biomed" => {
@@ -152,9 +161,21 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                     ("config", "read" | "update") | ("config_schema", "update")
                 )
         }
-        "clinician" => read_fleet || (object, action) == ("config", "read"),
-        "emr_system" => read_fleet,
-        "auditor" => read_fleet || matches!((object, action), ("audit" | "config", "read")),
+        "clinician" => {
+            read_fleet
+                || matches!(
+                    (object, action),
+                    ("config" | "patient", "read") | ("association", "update") | ("observation", "read" | "validate")
+                )
+        }
+        "emr_system" => {
+            read_fleet
+                || matches!(
+                    (object, action),
+                    ("patient" | "observation", "read") | ("association", "update") | ("feed", "subscribe")
+                )
+        }
+        "auditor" => read_fleet || matches!((object, action), ("audit" | "config" | "observation", "read")),
         _ => false,
     }
 }
@@ -191,7 +212,7 @@ fn expected(principal: &Principal, governed: Governed, target: Target) -> bool {
         (Governed::Scoped(object, action), Principal::Role { role, scope, .. }) => {
             role_allows(role, object, action) && (target == Target::In || *scope == "*")
         }
-        (Governed::Listing(object), Principal::Role { role, .. }) => role_allows(role, object, "read"),
+        (Governed::Listing(object, action), Principal::Role { role, .. }) => role_allows(role, object, action),
     }
 }
 
@@ -409,6 +430,28 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         }
         .encode_to_vec(),
         ("CredentialService", "RevokeCredentials") => v1::RevokeCredentialsRequest::default().encode_to_vec(),
+        // Authorised, these fail validation (no patient) or find nothing to end.
+        ("PatientService", "Associate") => v1::AssociateRequest {
+            device_id: device.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        ("PatientService", "Dissociate") => v1::DissociateRequest {
+            device_id: device.clone(),
+            at: None,
+        }
+        .encode_to_vec(),
+        ("PatientService", "RecordAdtEvent") => v1::AdtEvent {
+            site: site.into(),
+            ward: "icu".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        ("PatientService", "ListAssociations") => v1::ListAssociationsRequest {
+            device_id: device.clone(),
+            patient: None,
+        }
+        .encode_to_vec(),
         // Everything else is judged with an empty message: the decision comes before the handler looks at it.
         _ => Vec::new(),
     }

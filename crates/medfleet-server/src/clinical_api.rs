@@ -1,0 +1,625 @@
+//! `PatientService`, `ObservationService`, `EmrService` and `FeedService`: request conversion and the
+//! visibility checks that depend on stored rows, then [`Clinical`] and [`Emr`]. The RPC layer has already decided
+//! the permission.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use medfleet_core::clinical::association::Period;
+use medfleet_core::clinical::chart::{ChartEntry, ChartStatus, Measurement};
+use medfleet_core::clinical::fhir;
+use medfleet_core::paging::{decode_token, encode_token, page_size};
+use medfleet_core::validation::{Violations, check_slug};
+use medfleet_proto::convert;
+use medfleet_proto::v1::{
+    self, emr_service_server::EmrService, feed_service_server::FeedService,
+    observation_service_server::ObservationService, patient_service_server::PatientService,
+};
+use sea_orm::EntityTrait as _;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::clinical::{AdtKind, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement};
+use crate::emr::{Emr, NewDestination, Settings, event_id, settings_of};
+use crate::entity::{device, emr_destination, emr_outbox, observation, patient};
+use crate::error::{Error, Result};
+use crate::identity_api::caller;
+use crate::policy::{Visibility, visibility};
+use crate::rpc::audit_context;
+use crate::store::now;
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// How often a feed stream looks for events when no notification woke it (the periodic reconcile).
+const FEED_POLL: Duration = Duration::from_secs(1);
+/// Events read per feed query.
+const FEED_PAGE: u64 = 500;
+
+#[derive(Debug, Clone)]
+pub struct ClinicalApi {
+    clinical: Clinical,
+    emr: Arc<Emr>,
+}
+
+impl ClinicalApi {
+    pub fn new(clinical: Clinical, emr: Arc<Emr>) -> Self {
+        Self { clinical, emr }
+    }
+
+    /// The stored device, if the caller may see where it stands (otherwise it "does not exist").
+    async fn visible_device(&self, id: Uuid, visibility: &Visibility) -> Result<device::Model> {
+        let missing = || Error::NotFound(format!("device {id} does not exist"));
+        let device = device::Entity::find_by_id(id)
+            .one(self.clinical.db())
+            .await?
+            .ok_or_else(missing)?;
+        if visibility.sees_place(device.site.as_deref(), device.ward.as_deref()) {
+            Ok(device)
+        } else {
+            Err(missing())
+        }
+    }
+}
+
+fn patient_key(field: &str, patient: Option<&v1::PatientIdentifier>) -> Result<PatientKey> {
+    let patient = patient.ok_or_else(|| Violations::single(field, "is required: identifier and authority"))?;
+    PatientKey::parse(field, &patient.identifier, &patient.authority, &patient.display_name)
+}
+
+fn optional_time(field: &str, value: Option<&prost_types::Timestamp>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    value
+        .map(|t| convert::datetime(t).ok_or_else(|| Error::from(Violations::single(field, "is not a valid time"))))
+        .transpose()
+}
+
+fn patient_to_wire(patient: &patient::Model) -> v1::PatientIdentifier {
+    v1::PatientIdentifier {
+        identifier: patient.identifier.clone(),
+        authority: patient.authority.clone(),
+        display_name: patient.display_name.clone().unwrap_or_default(),
+    }
+}
+
+fn association_to_wire(view: &AssociationView) -> v1::Association {
+    let a = &view.association;
+    v1::Association {
+        id: a.id.to_string(),
+        device_id: a.device_id.to_string(),
+        patient: Some(patient_to_wire(&view.patient)),
+        starts_at: Some(convert::timestamp(a.starts_at)),
+        ends_at: a.ends_at.map(convert::timestamp),
+        source: a.source.clone(),
+        created_by: a.created_by.clone(),
+        charted_retroactively: view.charted_retroactively,
+    }
+}
+
+fn components_to_wire(measurement: &Measurement) -> Vec<v1::ObservationComponent> {
+    measurement
+        .values()
+        .into_iter()
+        .map(|(vital, value)| {
+            let info = vital.info();
+            v1::ObservationComponent {
+                mdc_code: info.mdc_code,
+                mdc_refid: info.mdc_refid.to_owned(),
+                loinc: info.loinc.to_owned(),
+                value,
+                ucum: info.ucum.to_owned(),
+            }
+        })
+        .collect()
+}
+
+fn observation_to_wire(model: &observation::Model, patient: Option<&patient::Model>) -> Result<v1::Observation> {
+    let measurement = decode_measurement(model)?;
+    Ok(v1::Observation {
+        id: model.id.to_string(),
+        patient: patient.map(patient_to_wire),
+        device_id: model.device_id.to_string(),
+        kind: model.kind.clone(),
+        components: components_to_wire(&measurement),
+        observed_at: Some(convert::timestamp(model.observed_at)),
+        status: model.status.clone(),
+        questionable: model.questionable,
+        validated_by: model.validated_by.clone().unwrap_or_default(),
+        site: model.site.clone().unwrap_or_default(),
+        ward: model.ward.clone().unwrap_or_default(),
+        bed: model.bed.clone().unwrap_or_default(),
+    })
+}
+
+#[tonic::async_trait]
+impl PatientService for ClinicalApi {
+    #[instrument(skip_all)]
+    async fn associate(&self, request: Request<v1::AssociateRequest>) -> Reply<v1::Association> {
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        let device = convert::device_id("device_id", &r.device_id).map_err(Error::from)?;
+        let key = patient_key("patient", r.patient.as_ref())?;
+        let from = optional_time("from", r.from.as_ref())?.unwrap_or_else(now);
+        let until = optional_time("until", r.until.as_ref())?;
+        let period = Period::new(from, until).map_err(|reason| Error::from(Violations::single("until", reason)))?;
+        let view = self
+            .clinical
+            .associate(device, &key, period, Source::Clinician, &audit)
+            .await?;
+        tracing::info!(%device, association = %view.association.id, charted = view.charted_retroactively, "device associated");
+        Ok(Response::new(association_to_wire(&view)))
+    }
+
+    #[instrument(skip_all)]
+    async fn dissociate(&self, request: Request<v1::DissociateRequest>) -> Reply<v1::Association> {
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        let device = convert::device_id("device_id", &r.device_id).map_err(Error::from)?;
+        let at = optional_time("at", r.at.as_ref())?.unwrap_or_else(now);
+        let view = self.clinical.dissociate(device, at, &audit).await?;
+        tracing::info!(%device, association = %view.association.id, "device dissociated");
+        Ok(Response::new(association_to_wire(&view)))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_associations(
+        &self,
+        request: Request<v1::ListAssociationsRequest>,
+    ) -> Reply<v1::ListAssociationsResponse> {
+        let visibility = visibility(&request);
+        let r = request.into_inner();
+        let device = if r.device_id.is_empty() {
+            None
+        } else {
+            Some(convert::device_id("device_id", &r.device_id).map_err(Error::from)?)
+        };
+        let patient = r
+            .patient
+            .as_ref()
+            .map(|p| PatientKey::parse("patient", &p.identifier, &p.authority, ""))
+            .transpose()?;
+        if device.is_none() && patient.is_none() {
+            return Err(Error::from(Violations::single("device_id", "name a device or a patient")).into());
+        }
+        if let Some(device) = device {
+            self.visible_device(device, &visibility).await?;
+        }
+        let views = self.clinical.list_associations(device, patient.as_ref()).await?;
+        // Associations of devices the caller cannot see are left out.
+        let ids: BTreeSet<Uuid> = views.iter().map(|v| v.association.device_id).collect();
+        let mut seen = HashMap::new();
+        for id in ids {
+            seen.insert(id, self.visible_device(id, &visibility).await.is_ok());
+        }
+        Ok(Response::new(v1::ListAssociationsResponse {
+            associations: views
+                .iter()
+                .filter(|v| seen.get(&v.association.device_id).copied().unwrap_or(false))
+                .map(association_to_wire)
+                .collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn record_adt_event(&self, request: Request<v1::AdtEvent>) -> Reply<v1::AdtEventResult> {
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        let mut v = Violations::new();
+        let kind = match v1::AdtEventType::try_from(r.r#type) {
+            Ok(v1::AdtEventType::Admit) => Some(AdtKind::Admit),
+            Ok(v1::AdtEventType::Transfer) => Some(AdtKind::Transfer),
+            Ok(v1::AdtEventType::Discharge) => Some(AdtKind::Discharge),
+            _ => {
+                v.push("type", "must be ADMIT, TRANSFER or DISCHARGE");
+                None
+            }
+        };
+        let bed = if kind == Some(AdtKind::Discharge) {
+            None
+        } else {
+            if r.site.is_empty() || r.ward.is_empty() || r.bed.is_empty() {
+                v.push("bed", "admit and transfer name the patient's bed: site, ward and bed");
+            }
+            Some((r.site.clone(), r.ward.clone(), r.bed.clone()))
+        };
+        let at = optional_time("occurred_at", r.occurred_at.as_ref())?.unwrap_or_else(now);
+        let key = patient_key("patient", r.patient.as_ref());
+        let (Some(kind), Ok(key)) = (kind, key) else {
+            return Err(Error::from(v).into());
+        };
+        if !v.is_empty() {
+            return Err(Error::from(v).into());
+        }
+        let (started, ended) = self.clinical.adt(kind, &key, bed, at, &audit).await?;
+        tracing::info!(event = ?kind, started = started.len(), ended = ended.len(), "ADT event applied");
+        Ok(Response::new(v1::AdtEventResult {
+            started: started.iter().map(association_to_wire).collect(),
+            ended: ended.iter().map(association_to_wire).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ObservationService for ClinicalApi {
+    #[instrument(skip_all)]
+    async fn list_observations(
+        &self,
+        request: Request<v1::ListObservationsRequest>,
+    ) -> Reply<v1::ListObservationsResponse> {
+        let visibility = visibility(&request);
+        let r = request.into_inner();
+        let device = if r.device_id.is_empty() {
+            None
+        } else {
+            Some(convert::device_id("device_id", &r.device_id).map_err(Error::from)?)
+        };
+        let patient_key = r
+            .patient
+            .as_ref()
+            .map(|p| PatientKey::parse("patient", &p.identifier, &p.authority, ""))
+            .transpose()?;
+        if device.is_none() && patient_key.is_none() {
+            return Err(Error::from(Violations::single("device_id", "name a device or a patient")).into());
+        }
+        if let Some(device) = device {
+            self.visible_device(device, &visibility).await?;
+        }
+        let patient = match &patient_key {
+            Some(key) => match self.clinical.find_patient(key).await? {
+                Some(found) => Some(found.id),
+                None => {
+                    return Ok(Response::new(v1::ListObservationsResponse::default()));
+                }
+            },
+            None => None,
+        };
+        let size = page_size(r.page_size).map_err(|e| Error::from(Violations::single("page_size", e)))?;
+        let fingerprint = format!("observations:{device:?}:{patient:?}");
+        let after = decode_token(&r.page_token, &fingerprint)
+            .map_err(|e| Error::from(Violations::single("page_token", e)))?
+            .map(|key| {
+                let (at, id) = key.split_once('|').unwrap_or_default();
+                let at = chrono::DateTime::parse_from_rfc3339(at).map(|t| t.to_utc());
+                match (at, Uuid::parse_str(id)) {
+                    (Ok(at), Ok(id)) => Ok((at, id)),
+                    _ => Err(Error::from(Violations::single(
+                        "page_token",
+                        "is not a token this listing issued",
+                    ))),
+                }
+            })
+            .transpose()?;
+        let mut rows = self
+            .clinical
+            .list_observations(device, patient, after, size + 1)
+            .await?;
+        let next = if rows.len() as u64 > size {
+            rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+            rows.last()
+                .map(|last| encode_token(&format!("{}|{}", last.observed_at.to_rfc3339(), last.id), &fingerprint))
+        } else {
+            None
+        };
+        let patients = self.clinical.patients(rows.iter().map(|o| o.patient_id)).await?;
+        let observations = rows
+            .iter()
+            .filter(|o| visibility.sees_place(o.site.as_deref(), o.ward.as_deref()))
+            .map(|o| observation_to_wire(o, patients.get(&o.patient_id)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Response::new(v1::ListObservationsResponse {
+            observations,
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn set_observation_status(
+        &self,
+        request: Request<v1::SetObservationStatusRequest>,
+    ) -> Reply<v1::SetObservationStatusResponse> {
+        let visibility = visibility(&request);
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        let mut v = Violations::new();
+        let status = match ChartStatus::parse(&r.status) {
+            Some(status @ (ChartStatus::Final | ChartStatus::EnteredInError)) => Some(status),
+            _ => {
+                v.push("status", "must be final (validated) or entered-in-error (retracted)");
+                None
+            }
+        };
+        if r.observation_ids.is_empty() || r.observation_ids.len() > 1000 {
+            v.push("observation_ids", "name 1 to 1000 observations");
+        }
+        let ids: Vec<Uuid> = r
+            .observation_ids
+            .iter()
+            .filter_map(|id| {
+                v.check(
+                    "observation_ids",
+                    Uuid::parse_str(id).map_err(|_| format!("'{id}' is not an observation id")),
+                )
+            })
+            .collect();
+        let Some(status) = status.filter(|_| v.is_empty()) else {
+            return Err(Error::from(v).into());
+        };
+        let updated = self
+            .clinical
+            .set_status(&ids, status, |site, ward| visibility.sees_place(site, ward), &audit)
+            .await?;
+        tracing::info!(
+            count = updated.len(),
+            status = status.as_str(),
+            "observation status set"
+        );
+        let patients = self.clinical.patients(updated.iter().map(|o| o.patient_id)).await?;
+        Ok(Response::new(v1::SetObservationStatusResponse {
+            observations: updated
+                .iter()
+                .map(|o| observation_to_wire(o, patients.get(&o.patient_id)))
+                .collect::<Result<Vec<_>>>()?,
+        }))
+    }
+}
+
+fn destination_to_wire(model: &emr_destination::Model) -> Result<v1::EmrDestination> {
+    let settings = settings_of(model)?;
+    let list = |text: &str| -> Vec<String> { serde_json::from_str(text).unwrap_or_default() };
+    let kind = match DestinationKind::parse(&model.kind) {
+        Some(DestinationKind::Feed) => v1::EmrDestinationKind::Feed,
+        Some(DestinationKind::Fhir) => v1::EmrDestinationKind::Fhir,
+        Some(DestinationKind::Mllp) => v1::EmrDestinationKind::Mllp,
+        None => v1::EmrDestinationKind::Unspecified,
+    };
+    Ok(v1::EmrDestination {
+        name: model.name.clone(),
+        kind: kind.into(),
+        sites: list(&model.sites),
+        wards: list(&model.wards),
+        interval_seconds: u32::try_from(model.interval_secs).unwrap_or(0),
+        endpoint: settings.endpoint,
+        bearer_token: String::new(),
+        ca_pem: settings.ca_pem.unwrap_or_default(),
+        receiving_application: settings.receiving_application,
+        receiving_facility: settings.receiving_facility,
+        enabled: model.enabled,
+        created_at: Some(convert::timestamp(model.created_at)),
+        created_by: model.created_by.clone(),
+    })
+}
+
+fn delivery_to_wire(row: &emr_outbox::Model) -> v1::Delivery {
+    v1::Delivery {
+        id: u64::try_from(row.id).unwrap_or(0),
+        destination: row.destination.clone(),
+        observation_id: row.observation_id.to_string(),
+        status: row.status.clone(),
+        state: row.state.clone(),
+        attempts: u32::try_from(row.attempts).unwrap_or(0),
+        last_error: row.last_error.clone().unwrap_or_default(),
+        created_at: Some(convert::timestamp(row.created_at)),
+        delivered_at: row.delivered_at.map(convert::timestamp),
+        next_attempt_at: Some(convert::timestamp(row.next_attempt_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl EmrService for ClinicalApi {
+    #[instrument(skip_all)]
+    async fn create_destination(&self, request: Request<v1::EmrDestination>) -> Reply<v1::EmrDestination> {
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        let kind = match v1::EmrDestinationKind::try_from(r.kind) {
+            Ok(v1::EmrDestinationKind::Feed) => DestinationKind::Feed,
+            Ok(v1::EmrDestinationKind::Fhir) => DestinationKind::Fhir,
+            Ok(v1::EmrDestinationKind::Mllp) => DestinationKind::Mllp,
+            _ => return Err(Error::from(Violations::single("kind", "must be FEED, FHIR or MLLP")).into()),
+        };
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let new = NewDestination {
+            name: r.name,
+            kind,
+            sites: r.sites.into_iter().collect(),
+            wards: r.wards.into_iter().collect(),
+            interval_secs: r.interval_seconds,
+            settings: Settings {
+                endpoint: r.endpoint,
+                bearer_token: non_empty(r.bearer_token),
+                ca_pem: non_empty(r.ca_pem),
+                receiving_application: r.receiving_application,
+                receiving_facility: r.receiving_facility,
+            },
+            enabled: r.enabled,
+        };
+        let stored = self.emr.create_destination(new, &audit).await?;
+        tracing::info!(destination = %stored.name, kind = %stored.kind, "EMR destination created");
+        Ok(Response::new(destination_to_wire(&stored)?))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_destinations(
+        &self,
+        _request: Request<v1::ListDestinationsRequest>,
+    ) -> Reply<v1::ListDestinationsResponse> {
+        let destinations = self.emr.destinations().await?;
+        Ok(Response::new(v1::ListDestinationsResponse {
+            destinations: destinations
+                .iter()
+                .map(destination_to_wire)
+                .collect::<Result<Vec<_>>>()?,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_deliveries(&self, request: Request<v1::ListDeliveriesRequest>) -> Reply<v1::ListDeliveriesResponse> {
+        let r = request.into_inner();
+        if !r.destination.is_empty() {
+            self.emr.destination(&r.destination).await?;
+        }
+        let size = page_size(r.page_size).map_err(|e| Error::from(Violations::single("page_size", e)))?;
+        let fingerprint = format!("deliveries:{}:{}", r.destination, r.failed_only);
+        let before = decode_token(&r.page_token, &fingerprint)
+            .map_err(|e| Error::from(Violations::single("page_token", e)))?
+            .map(|key| key.parse::<i64>())
+            .transpose()
+            .map_err(|_| Error::from(Violations::single("page_token", "is not a token this listing issued")))?;
+        let destination = (!r.destination.is_empty()).then_some(r.destination.as_str());
+        let mut rows = self
+            .emr
+            .deliveries(destination, r.failed_only, before, size + 1)
+            .await?;
+        let next = if rows.len() as u64 > size {
+            rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+            rows.last().map(|last| encode_token(&last.id.to_string(), &fingerprint))
+        } else {
+            None
+        };
+        Ok(Response::new(v1::ListDeliveriesResponse {
+            deliveries: rows.iter().map(delivery_to_wire).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn retry_deliveries(
+        &self,
+        request: Request<v1::RetryDeliveriesRequest>,
+    ) -> Reply<v1::RetryDeliveriesResponse> {
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        if r.destination.is_empty() {
+            return Err(Error::from(Violations::single("destination", "is required")).into());
+        }
+        let ids: Vec<i64> = r.ids.iter().filter_map(|id| i64::try_from(*id).ok()).collect();
+        let retried = self.emr.retry(&r.destination, &ids, &audit).await?;
+        tracing::info!(destination = %r.destination, retried, "dead-lettered deliveries queued again");
+        Ok(Response::new(v1::RetryDeliveriesResponse { retried }))
+    }
+}
+
+type FeedStream = Pin<Box<dyn Stream<Item = std::result::Result<v1::FeedEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FeedService for ClinicalApi {
+    type SubscribeStream = FeedStream;
+
+    #[instrument(skip_all)]
+    async fn subscribe(&self, request: Request<v1::SubscribeRequest>) -> Reply<Self::SubscribeStream> {
+        let owner = caller(&request)?.identity.to_string();
+        let visibility = visibility(&request);
+        let r = request.into_inner();
+        check_slug(&r.subscription).map_err(|e| Error::from(Violations::single("subscription", e)))?;
+        let subscription = self.emr.subscription(&r.subscription, &r.destination, &owner).await?;
+        let destination = self.emr.destination(&subscription.destination).await?;
+        // A subscriber sees chart entries only from places its grants cover: the destination's filter must lie
+        // inside them (no filter means the whole fleet).
+        let sites: BTreeSet<String> = serde_json::from_str(&destination.sites).unwrap_or_default();
+        let wards: BTreeSet<String> = serde_json::from_str(&destination.wards).unwrap_or_default();
+        let covered = if sites.is_empty() && wards.is_empty() {
+            visibility == Visibility::All
+        } else {
+            sites.iter().all(|s| visibility.sees_site(s))
+                && wards.iter().all(|w| {
+                    w.split_once('/')
+                        .is_some_and(|(site, ward)| visibility.sees_ward(site, ward))
+                })
+        };
+        if !covered {
+            return Err(Status::permission_denied(format!(
+                "feed '{}' carries chart entries from places your grants do not cover; ask for feed:subscribe on \
+                 them",
+                destination.name
+            )));
+        }
+        tracing::info!(subscription = %subscription.name, cursor = subscription.cursor, "feed subscription resumed");
+        let (tx, rx) = mpsc::channel(FEED_PAGE as usize);
+        let emr = self.emr.clone();
+        tokio::spawn(async move {
+            if let Err(status) = follow_feed(emr, subscription.destination, subscription.cursor, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all)]
+    async fn acknowledge(&self, request: Request<v1::AcknowledgeRequest>) -> Reply<v1::AcknowledgeResponse> {
+        let owner = caller(&request)?.identity.to_string();
+        let r = request.into_inner();
+        let cursor = i64::try_from(r.cursor)
+            .map_err(|_| Error::from(Violations::single("cursor", "is not a cursor this feed issued")))?;
+        let stored = self.emr.acknowledge(&r.subscription, &owner, cursor).await?;
+        Ok(Response::new(v1::AcknowledgeResponse {
+            cursor: u64::try_from(stored).unwrap_or(0),
+        }))
+    }
+}
+
+/// Sends feed events after `cursor` until the subscriber goes away: each page as soon as it is read, then waits
+/// for a change notification or the poll interval.
+async fn follow_feed(
+    emr: Arc<Emr>,
+    destination: String,
+    mut cursor: i64,
+    tx: &mpsc::Sender<std::result::Result<v1::FeedEvent, Status>>,
+) -> std::result::Result<(), Status> {
+    let mut events = emr.events().subscribe();
+    loop {
+        let rows = emr.feed_page(&destination, cursor, FEED_PAGE).await?;
+        if !rows.is_empty() {
+            let entries = emr.entries(&rows).await?;
+            for row in &rows {
+                let Some(entry) = entries.get(&row.id) else { continue };
+                let event = v1::FeedEvent {
+                    cursor: u64::try_from(row.id).unwrap_or(0),
+                    event_id: event_id(row),
+                    observation: Some(entry_to_wire(entry)),
+                    fhir_json: fhir::observation(entry).to_string(),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return Ok(());
+                }
+                cursor = row.id;
+            }
+            continue;
+        }
+        tokio::select! {
+            () = tx.closed() => return Ok(()),
+            () = tokio::time::sleep(FEED_POLL) => {}
+            event = events.recv() => {
+                // Any event (or a lag) just means: look again; a closed channel means the server is stopping.
+                if let Err(broadcast::error::RecvError::Closed) = event {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A chart entry as the feed carries it (status: the one of this event).
+fn entry_to_wire(entry: &ChartEntry) -> v1::Observation {
+    let poc = entry.point_of_care.clone().unwrap_or_default();
+    v1::Observation {
+        id: entry.id.to_string(),
+        patient: Some(v1::PatientIdentifier {
+            identifier: entry.patient.identifier.clone(),
+            authority: entry.patient.authority.clone(),
+            display_name: entry.patient.display_name.clone().unwrap_or_default(),
+        }),
+        device_id: entry.device.id.to_string(),
+        kind: entry.measurement.kind().to_owned(),
+        components: components_to_wire(&entry.measurement),
+        observed_at: Some(convert::timestamp(entry.observed_at)),
+        status: entry.status.as_str().to_owned(),
+        questionable: entry.questionable,
+        validated_by: entry.validated_by.clone().unwrap_or_default(),
+        site: poc.site,
+        ward: poc.ward,
+        bed: poc.bed.unwrap_or_default(),
+    }
+}
