@@ -21,8 +21,11 @@ pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// A wire time at the precision both databases store (microseconds): a time that went in and came back out
+/// compares equal, so half-open periods that meet at a boundary never overlap by a few nanoseconds.
 pub fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
+    use chrono::SubsecRound as _;
+    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?).map(|t| t.trunc_subsecs(6))
 }
 
 pub fn device_class_to_wire(class: DeviceClass) -> v1::DeviceClass {

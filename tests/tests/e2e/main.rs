@@ -11,6 +11,7 @@
 mod access;
 mod audit;
 mod binaries;
+mod clinical;
 mod config;
 mod identity;
 mod matrix;

@@ -1,0 +1,491 @@
+//! Readings into patient records end to end: association at observation time, per-item rejection, replay
+//! dedup, retroactive charting, validation, and delivery to the gRPC feed, a FHIR server and an HL7 v2 receiver,
+//! with the output checked by independent parsers (Python `fhir.resources` and `hl7`).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use medfleet_core::identity::Identity;
+use medfleet_e2e::receivers::{FhirReceiver, MllpReceiver, validate};
+use medfleet_e2e::{Backend, TestServer, both_backends};
+use medfleet_proto::v1::{
+    self, device_service_client::DeviceServiceClient, emr_service_client::EmrServiceClient,
+    feed_service_client::FeedServiceClient, observation_service_client::ObservationServiceClient,
+    patient_service_client::PatientServiceClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Bounds a broken run; never a synchronisation point.
+const GUARD: Duration = Duration::from_secs(60);
+
+fn ts(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
+    Some(medfleet_proto::convert::timestamp(at))
+}
+
+fn item(code: &str, value: f64, unit: &str, at: DateTime<Utc>) -> v1::ReadingItem {
+    v1::ReadingItem {
+        code: code.into(),
+        value,
+        unit: unit.into(),
+        observed_at: ts(at),
+        quality: Vec::new(),
+    }
+}
+
+/// A full set of vitals at one instant: five chart entries (HR, SpO2, the NIBP panel, temperature, RR).
+fn vitals(at: DateTime<Utc>) -> Vec<v1::ReadingItem> {
+    vec![
+        item("147842", 72.0, "/min", at),
+        item("150456", 97.0, "%", at),
+        item("150021", 120.0, "mm[Hg]", at),
+        item("150022", 80.0, "mm[Hg]", at),
+        item("150023", 93.0, "mm[Hg]", at),
+        item("150364", 36.9, "Cel", at),
+        item("151562", 16.0, "/min", at),
+    ]
+}
+
+fn patient(identifier: &str) -> Option<v1::PatientIdentifier> {
+    Some(v1::PatientIdentifier {
+        identifier: identifier.into(),
+        authority: "HOSP".into(),
+        display_name: "Doe^Jane".into(),
+    })
+}
+
+/// A device's reading stream, driven by the test as the device (its own certificate).
+struct Publisher {
+    tx: mpsc::Sender<v1::ReadingBatch>,
+    acks: tonic::Streaming<v1::ReadingAck>,
+}
+
+impl Publisher {
+    async fn open(channel: Channel) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let acks = DeviceServiceClient::new(channel)
+            .publish_readings(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, acks }
+    }
+
+    async fn send(&mut self, sequence: u64, items: Vec<v1::ReadingItem>) -> v1::ReadingAck {
+        self.tx.send(v1::ReadingBatch { sequence, items }).await.unwrap();
+        tokio::time::timeout(GUARD, self.acks.message())
+            .await
+            .expect("no ack")
+            .unwrap()
+            .expect("stream ended")
+    }
+}
+
+async fn observations(api: &mut ObservationServiceClient<Channel>, mrn: &str) -> Vec<v1::Observation> {
+    api.list_observations(v1::ListObservationsRequest {
+        patient: patient(mrn),
+        page_size: 500,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .observations
+}
+
+async fn setup(server: &TestServer) -> String {
+    let mut admin = server.admin().await;
+    admin
+        .create_site(v1::CreateSiteRequest {
+            site: Some(v1::Site {
+                name: "stmarys".into(),
+                display_name: "St Mary's".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    admin
+        .create_ward(v1::CreateWardRequest {
+            ward: Some(v1::Ward {
+                site: "stmarys".into(),
+                name: "icu".into(),
+                display_name: "ICU".into(),
+                beds: vec!["1".into(), "2".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    admin
+        .register_device(v1::RegisterDeviceRequest {
+            serial_number: "MON-1".into(),
+            manufacturer: "Philips".into(),
+            model: "MX450".into(),
+            device_class: v1::DeviceClass::PatientMonitor.into(),
+            eui64: "00-09-FB-FF-FE-12-34-56".into(),
+            location: Some(v1::Location {
+                site: "stmarys".into(),
+                ward: "icu".into(),
+                bed: "1".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp: &MllpReceiver) {
+    let mut emr = EmrServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
+    for destination in [
+        v1::EmrDestination {
+            name: "emr-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            enabled: true,
+            ..Default::default()
+        },
+        v1::EmrDestination {
+            name: "fhir".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: fhir.base_url(),
+            bearer_token: "secret-token".into(),
+            enabled: true,
+            ..Default::default()
+        },
+        v1::EmrDestination {
+            name: "hl7".into(),
+            kind: v1::EmrDestinationKind::Mllp.into(),
+            endpoint: mllp.addr.to_string(),
+            receiving_application: "EMR".into(),
+            receiving_facility: "HOSP".into(),
+            sites: vec!["stmarys".into()],
+            enabled: true,
+            ..Default::default()
+        },
+    ] {
+        emr.create_destination(destination).await.unwrap();
+    }
+    // Refused with the field named: an FHIR endpoint over plain HTTP to a remote host.
+    let refused = emr
+        .create_destination(v1::EmrDestination {
+            name: "bad".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: "http://emr.example.org/fhir".into(),
+            enabled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("endpoint"), "{}", refused.message());
+}
+
+async fn readings_chart_to_the_right_patient(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let files = tempfile::tempdir().unwrap();
+    let fhir = FhirReceiver::start(files.path()).await;
+    let mllp = MllpReceiver::start().await;
+    destinations(&server, &fhir, &mllp).await;
+    // Receivers fail first: the relays must retry.
+    fhir.log.lock().unwrap().fail_next = 1;
+    mllp.log.lock().unwrap().reject_next = 1;
+
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut patients = PatientServiceClient::new(admin.clone());
+    let mut chart = ObservationServiceClient::new(admin.clone());
+    let device_channel = server
+        .channel(&server.issue(&Identity::Device(device.parse().unwrap())))
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(device_channel.clone()).await;
+
+    let start = Utc::now() - chrono::Duration::minutes(30);
+    let before = start + chrono::Duration::minutes(1);
+    let during = start + chrono::Duration::minutes(10);
+    let after = start + chrono::Duration::minutes(25);
+
+    // Nobody associated yet: stored, not charted.
+    let ack = publisher.send(1, vec![item("147842", 70.0, "/min", before)]).await;
+    assert_eq!((ack.sequence, ack.accepted, ack.duplicate), (1, 1, false));
+
+    let association = patients
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-A"),
+            from: ts(start + chrono::Duration::minutes(5)),
+            until: ts(start + chrono::Duration::minutes(20)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(association.charted_retroactively, 0);
+    // Overlapping association of the same device: refused, nothing changed.
+    let overlap = patients
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-B"),
+            from: ts(start + chrono::Duration::minutes(15)),
+            until: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(overlap.code(), Code::FailedPrecondition, "{overlap:?}");
+    assert!(!overlap.message().contains("MRN"), "{}", overlap.message());
+
+    let ack = publisher.send(2, vitals(during)).await;
+    assert_eq!((ack.accepted, ack.rejected.len()), (7, 0), "{ack:?}");
+    let ack = publisher.send(3, vitals(after)).await;
+    assert_eq!(ack.accepted, 7);
+
+    // Bad items: each refused with its reason; the good one in the same batch is kept.
+    let future = Utc::now() + chrono::Duration::minutes(10);
+    let ack = publisher
+        .send(
+            4,
+            vec![
+                item("999999", 1.0, "/min", during),
+                item("147842", 72.0, "%", during),
+                item("150456", 8_388_607.0, "%", during),
+                item("150456", 140.0, "%", during),
+                item("147842", 72.0, "/min", future),
+                item("151562", 18.0, "/min", during + chrono::Duration::seconds(1)),
+            ],
+        )
+        .await;
+    let reasons: Vec<(u32, &str)> = ack.rejected.iter().map(|r| (r.index, r.code.as_str())).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (0, "unknown_code"),
+            (1, "wrong_unit"),
+            (2, "special_value"),
+            (3, "implausible"),
+            (4, "future_time")
+        ]
+    );
+    assert_eq!(ack.accepted, 1);
+
+    // A resend of a stored batch is acked again from what was stored and changes nothing.
+    let replay = publisher.send(2, vitals(during)).await;
+    assert!(replay.duplicate);
+    assert_eq!(replay.accepted, 7);
+
+    // The chart: exactly the measurements inside the association (5 from batch 2, 1 valid from batch 4).
+    let charted = observations(&mut chart, "MRN-A").await;
+    let mut kinds: Vec<&str> = charted.iter().map(|o| o.kind.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        vec![
+            "MDC_ECG_HEART_RATE",
+            "MDC_PRESS_BLD_NONINV",
+            "MDC_PULS_OXIM_SAT_O2",
+            "MDC_RESP_RATE",
+            "MDC_RESP_RATE",
+            "MDC_TEMP_BODY"
+        ]
+    );
+    let bp = charted.iter().find(|o| o.kind == "MDC_PRESS_BLD_NONINV").unwrap();
+    let parts: Vec<(&str, f64)> = bp.components.iter().map(|c| (c.loinc.as_str(), c.value)).collect();
+    assert_eq!(parts, vec![("8480-6", 120.0), ("8462-4", 80.0), ("8478-0", 93.0)]);
+    assert!(charted.iter().all(|o| o.status == "preliminary" && o.bed == "1"));
+
+    // A retroactive association charts the stored reading from before, once.
+    let retro = patients
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-B"),
+            from: ts(start),
+            until: ts(start + chrono::Duration::minutes(5)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retro.charted_retroactively, 1);
+    let b = observations(&mut chart, "MRN-B").await;
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].components[0].value, 70.0);
+    assert_eq!(observations(&mut chart, "MRN-A").await.len(), 6);
+
+    // Validation: final, with the validator recorded; every destination gets the new status.
+    let validated = chart
+        .set_observation_status(v1::SetObservationStatusRequest {
+            observation_ids: vec![bp.id.clone()],
+            status: "final".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(validated.observations[0].status, "final");
+    assert_eq!(validated.observations[0].validated_by, "medfleet://user/admin");
+
+    // The FHIR server: every chart entry created exactly once, the BP panel now final.
+    let expected: Vec<String> = observations(&mut chart, "MRN-A")
+        .await
+        .into_iter()
+        .chain(observations(&mut chart, "MRN-B").await)
+        .map(|o| format!("urn:uuid:{}", o.id))
+        .collect();
+    let bp_key = format!("urn:uuid:{}", bp.id);
+    fhir.wait("every chart entry at the FHIR server", |log| {
+        expected.iter().all(|id| log.created.contains_key(id)) && log.status.get(&bp_key).is_some_and(|s| s == "final")
+    })
+    .await;
+    {
+        let log = fhir.log.lock().unwrap();
+        assert_eq!(log.created.len(), expected.len());
+        assert!(log.created.values().all(|n| *n == 1), "{:?}", log.created);
+    }
+    let mut bundles: Vec<_> = std::fs::read_dir(files.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    bundles.sort();
+    let validated_entries = validate("fhir", &bundles);
+    assert!(validated_entries.len() >= expected.len());
+    let panel = validated_entries
+        .iter()
+        .find(|e| e["loinc"] == "85354-9")
+        .expect("the BP panel");
+    assert_eq!(panel["components"], serde_json::json!(["8480-6", "8462-4", "8478-0"]));
+    assert!(
+        validated_entries
+            .iter()
+            .all(|e| e["patient"] == "MRN-A" || e["patient"] == "MRN-B")
+    );
+    assert!(validated_entries.iter().filter(|e| e["method"] == "POST").all(|e| {
+        e["if_none_exist"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("identifier="))
+    }));
+
+    // The HL7 receiver: one accepted message per chart event (6 + 1 preliminary, 1 final), parsed independently.
+    mllp.wait("every chart event at the HL7 receiver", |log| {
+        log.by_control_id.values().sum::<usize>() >= expected.len() + 1
+    })
+    .await;
+    let messages: Vec<String> = mllp.log.lock().unwrap().messages.clone();
+    let hl7_files: Vec<_> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let path = files.path().join(format!("message-{i:04}.hl7"));
+            std::fs::write(&path, m).unwrap();
+            path
+        })
+        .collect();
+    let parsed = validate("hl7", &hl7_files);
+    let heart = parsed
+        .iter()
+        .find(|m| m["metrics"][0]["refid"] == "MDC_ECG_HEART_RATE" && m["patient"] == "MRN-A")
+        .expect("a heart-rate message");
+    assert_eq!(heart["profile"], "IHE_PCD_001^IHE PCD^1.3.6.1.4.1.19376.1.6.1.1.1^ISO");
+    assert_eq!(heart["authority"], "HOSP");
+    assert_eq!(heart["location"], "icu^^1^stmarys");
+    assert_eq!(heart["service"], "182777000^monitoring of patient^SCT");
+    assert_eq!(heart["containers"], 3);
+    let metric = &heart["metrics"][0];
+    assert_eq!(metric["type"], "NM");
+    assert_eq!(metric["code"], "147842");
+    assert_eq!(metric["sub_id"], "1.1.1.1");
+    assert_eq!(metric["value"], "72");
+    assert_eq!(metric["unit"], "264864");
+    assert_eq!(metric["status"], "R");
+    assert_eq!(metric["equipment"], "0009FBFFFE123456");
+    assert!(
+        parsed
+            .iter()
+            .any(|m| m["metrics"].as_array().unwrap().iter().all(|x| x["status"] == "F"))
+    );
+    // The AE'd first message was sent again with the same control id and accepted.
+    let log = mllp.log.lock().unwrap();
+    assert!(log.messages.len() > log.by_control_id.len());
+
+    // The feed, as an EMR system sees it: commit order, then resume after the acknowledged cursor.
+    let emr_identity = Identity::Service("epic".into());
+    let mut access =
+        v1::access_service_client::AccessServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
+    access
+        .grant(v1::GrantRequest {
+            grant: Some(v1::RoleGrant {
+                principal: emr_identity.to_string(),
+                role: "emr_system".into(),
+                scope: "*".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    drop(log);
+    let mut feed = FeedServiceClient::new(server.channel(&server.issue(&emr_identity)).await.unwrap());
+    let mut stream = feed
+        .subscribe(v1::SubscribeRequest {
+            subscription: "epic-main".into(),
+            destination: "emr-feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < expected.len() + 1 {
+        let event = tokio::time::timeout(GUARD, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        events.push(event);
+    }
+    let cursors: Vec<u64> = events.iter().map(|e| e.cursor).collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
+    let fhir_json: serde_json::Value = serde_json::from_str(&events[0].fhir_json).unwrap();
+    assert_eq!(fhir_json["resourceType"], "Observation");
+    feed.acknowledge(v1::AcknowledgeRequest {
+        subscription: "epic-main".into(),
+        cursor: events[2].cursor,
+    })
+    .await
+    .unwrap();
+    drop(stream);
+    let mut resumed = feed
+        .subscribe(v1::SubscribeRequest {
+            subscription: "epic-main".into(),
+            destination: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(GUARD, resumed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.cursor, events[3].cursor);
+    assert_eq!(first.event_id, events[3].event_id);
+    // Another identity cannot use the subscription.
+    let stranger = Identity::Service("other-emr".into());
+    access
+        .grant(v1::GrantRequest {
+            grant: Some(v1::RoleGrant {
+                principal: stranger.to_string(),
+                role: "emr_system".into(),
+                scope: "*".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    let mut other = FeedServiceClient::new(server.channel(&server.issue(&stranger)).await.unwrap());
+    let refused = other
+        .subscribe(v1::SubscribeRequest {
+            subscription: "epic-main".into(),
+            destination: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+}
+
+both_backends!(readings_chart_to_the_right_patient, readings_chart_to_the_right_patient);
