@@ -6,6 +6,7 @@
 mod access;
 mod audit;
 mod client;
+mod clinical;
 mod config;
 mod identity;
 mod output;
@@ -80,6 +81,18 @@ enum Command {
     /// Desired device configuration: layers, versions, schemas, drift.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Device–patient associations (which patient a device's readings chart to).
+    #[command(subcommand)]
+    Patients(clinical::PatientCommand),
+    /// The chart: observations from devices, and their validation.
+    #[command(subcommand)]
+    Observations(clinical::ObservationCommand),
+    /// EMR destinations (gRPC feed, FHIR R4, HL7 v2 over MLLP) and their deliveries.
+    #[command(subcommand)]
+    Emr(clinical::EmrCommand),
+    /// Watch an EMR feed live.
+    #[command(subcommand)]
+    Feed(clinical::FeedCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -483,6 +496,10 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
         Command::Access(command) => access::run(channel(cli).await?, command, out).await,
         Command::Audit(command) => audit::run(channel(cli).await?, command, out).await,
         Command::Config(command) => config::run(channel(cli).await?, command, out).await,
+        Command::Patients(command) => clinical::patients(channel(cli).await?, command, out).await,
+        Command::Observations(command) => clinical::observations(channel(cli).await?, command, out).await,
+        Command::Emr(command) => clinical::emr(channel(cli).await?, command, out).await,
+        Command::Feed(command) => clinical::feed(channel(cli).await?, command, out).await,
         Command::Users(command) => {
             identity::principal(channel(cli).await?, v1::PrincipalKind::User, command, out).await
         }

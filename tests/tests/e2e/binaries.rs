@@ -79,6 +79,15 @@ impl Process {
         );
     }
 
+    /// SIGKILL: the process gets no chance to flush or drain anything.
+    pub(crate) async fn kill(mut self) -> String {
+        self.child.kill().await.expect("SIGKILL");
+        for reader in self.readers.drain(..) {
+            let _ = reader.await;
+        }
+        self.output()
+    }
+
     pub(crate) async fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().expect("pid").to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
@@ -109,9 +118,9 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> LineSource for tokio::io::Lines<
 }
 
 /// A running `medfleetd serve` (JSON logs) and the gRPC port it reported.
-struct Daemon {
-    process: Process,
-    grpc_port: u16,
+pub(crate) struct Daemon {
+    pub(crate) process: Process,
+    pub(crate) grpc_port: u16,
 }
 
 impl Daemon {
@@ -120,9 +129,14 @@ impl Daemon {
     }
 
     async fn start_with(data_dir: &Path, database_url: &str, extra: &[&str]) -> Self {
+        Self::start_on(data_dir, database_url, "127.0.0.1:0", extra).await
+    }
+
+    /// Starts on `listen` (a restarted replica takes its predecessor's port, so running agents find it again).
+    pub(crate) async fn start_on(data_dir: &Path, database_url: &str, listen: &str, extra: &[&str]) -> Self {
         let mut command = Command::new(binary("medfleetd"));
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen, "--http-listen", "127.0.0.1:0"])
             .args(["--log-format", "json", "--log-level", "info", "--shutdown-grace", "5s"])
             .arg("--data-dir")
             .arg(data_dir)
@@ -149,7 +163,7 @@ impl Daemon {
         self.process.output()
     }
 
-    async fn terminate(self) -> (std::process::ExitStatus, String) {
+    pub(crate) async fn terminate(self) -> (std::process::ExitStatus, String) {
         self.process.terminate().await
     }
 }

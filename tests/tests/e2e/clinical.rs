@@ -489,3 +489,220 @@ async fn readings_chart_to_the_right_patient(backend: Backend) {
 }
 
 both_backends!(readings_chart_to_the_right_patient, readings_chart_to_the_right_patient);
+
+/// The admin's client channel to a `medfleetd` process.
+async fn channel_to(port: u16, data_dir: &std::path::Path) -> Channel {
+    let bundle = medfleet_proto::client::Bundle::load(&data_dir.join("admin.pem")).unwrap();
+    medfleet_proto::client::connect(&format!("https://localhost:{port}"), &bundle)
+        .await
+        .unwrap()
+}
+
+/// SIGKILL medfleetd while simulated monitors stream; restart it: every acked reading is stored exactly once,
+/// every chart entry reaches the FHIR server and the HL7 receiver, and no duplicate is charted.
+async fn acked_readings_survive_a_server_kill(backend: Backend) {
+    use crate::binaries::{Daemon, Process};
+
+    const DEVICES: usize = 4;
+    const BATCHES: u64 = 60;
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let data_dir = storage.dir.path().join("data");
+    let first = Daemon::start_on(&data_dir, &storage.database_url, "127.0.0.1:0", &[]).await;
+    let port = first.grpc_port;
+    let admin = channel_to(port, &data_dir).await;
+    let mut registry = v1::registry_service_client::RegistryServiceClient::new(admin.clone());
+    registry
+        .create_site(v1::CreateSiteRequest {
+            site: Some(v1::Site {
+                name: "stmarys".into(),
+                display_name: "St Mary's".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    registry
+        .create_ward(v1::CreateWardRequest {
+            ward: Some(v1::Ward {
+                site: "stmarys".into(),
+                name: "icu".into(),
+                display_name: "ICU".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let imported = registry
+        .import_devices(v1::ImportDevicesRequest {
+            devices: (0..DEVICES)
+                .map(|i| v1::RegisterDeviceRequest {
+                    serial_number: format!("MON-{i}"),
+                    manufacturer: "Philips".into(),
+                    model: "MX450".into(),
+                    device_class: v1::DeviceClass::PatientMonitor.into(),
+                    location: Some(v1::Location {
+                        site: "stmarys".into(),
+                        ward: "icu".into(),
+                        bed: String::new(),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            issue_tokens: true,
+            token_ttl: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    let files = tempfile::tempdir().unwrap();
+    let tokens = files.path().join("tokens.csv");
+    let mut csv = String::from("token\n");
+    for device in &imported {
+        csv.push_str(&device.token);
+        csv.push('\n');
+    }
+    std::fs::write(&tokens, csv).unwrap();
+    let mut patients = PatientServiceClient::new(admin.clone());
+    for (i, device) in imported.iter().enumerate() {
+        patients
+            .associate(v1::AssociateRequest {
+                device_id: device.device.as_ref().unwrap().id.clone(),
+                patient: patient(&format!("MRN-KILL-{i}")),
+                from: ts(Utc::now() - chrono::Duration::hours(1)),
+                until: None,
+            })
+            .await
+            .unwrap();
+    }
+    let fhir = FhirReceiver::start(files.path()).await;
+    let mllp = MllpReceiver::start().await;
+    let mut emr = EmrServiceClient::new(admin.clone());
+    for destination in [
+        v1::EmrDestination {
+            name: "fhir".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: fhir.base_url(),
+            enabled: true,
+            ..Default::default()
+        },
+        v1::EmrDestination {
+            name: "hl7".into(),
+            kind: v1::EmrDestinationKind::Mllp.into(),
+            endpoint: mllp.addr.to_string(),
+            enabled: true,
+            ..Default::default()
+        },
+    ] {
+        emr.create_destination(destination).await.unwrap();
+    }
+
+    let state = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"));
+    command
+        .args(["simulate", "--server", &format!("https://localhost:{port}"), "--ca"])
+        .arg(data_dir.join("ca/ca.crt"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--devices", &DEVICES.to_string(), "--tokens"])
+        .arg(&tokens)
+        .args(["--vitals-interval", "100ms", "--vitals-count", &BATCHES.to_string()]);
+    let agents = Process::spawn(command);
+
+    // Mid-stream: some entries are at the FHIR server, most readings are still to come.
+    let started = tokio::time::timeout(
+        GUARD,
+        fhir.wait("the first chart entries at the FHIR server", |log| {
+            log.created.len() >= 40
+        }),
+    )
+    .await;
+    assert!(
+        started.is_ok(),
+        "no chart entries at the FHIR server within {GUARD:?}\nagents:\n{}\nserver:\n{}",
+        agents.output(),
+        first.process.output()
+    );
+    let mut logs = first.process.kill().await;
+    let second = Daemon::start_on(&data_dir, &storage.database_url, &format!("127.0.0.1:{port}"), &[]).await;
+
+    let measurements = DEVICES * usize::try_from(BATCHES).unwrap() * 5;
+    agents.wait_for("measurements finished", DEVICES).await;
+    fhir.wait("every chart entry at the FHIR server", |log| {
+        log.created.len() >= measurements
+    })
+    .await;
+    mllp.wait("every chart entry at the HL7 receiver", |log| {
+        let entries: std::collections::HashSet<&str> = log
+            .messages
+            .iter()
+            .filter_map(|m| m.split('\r').find(|s| s.starts_with("OBR|")))
+            .filter_map(|obr| obr.split('|').nth(3))
+            .collect();
+        entries.len() >= measurements
+    })
+    .await;
+    {
+        let log = fhir.log.lock().unwrap();
+        assert_eq!(log.created.len(), measurements);
+        let duplicates: Vec<_> = log.created.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            duplicates.is_empty(),
+            "charted twice at the FHIR server: {duplicates:?}"
+        );
+    }
+
+    // Storage: every reading once; every chart entry once.
+    let db = sea_orm::Database::connect(&storage.database_url).await.unwrap();
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            use sea_orm::ConnectionTrait as _;
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get_by_index::<i64>(0).unwrap()
+        }
+    };
+    let readings = DEVICES * usize::try_from(BATCHES).unwrap() * 7;
+    let stored = count("SELECT COUNT(*) FROM readings").await;
+    let distinct = count(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT device_id, sequence, item_index FROM readings) AS unique_readings",
+    )
+    .await;
+    assert_eq!(usize::try_from(stored).unwrap(), readings);
+    assert_eq!(stored, distinct);
+    assert_eq!(
+        usize::try_from(count("SELECT COUNT(*) FROM observations").await).unwrap(),
+        measurements
+    );
+
+    let (status, agent_logs) = agents.terminate().await;
+    assert!(status.success(), "{agent_logs}");
+    for device in std::fs::read_dir(state.path()).unwrap() {
+        let outbox = device.unwrap().path().join("outbox");
+        let left: Vec<_> = std::fs::read_dir(&outbox)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("batch-"))
+            .collect();
+        assert!(left.is_empty(), "unacknowledged batches left in {}", outbox.display());
+    }
+    let (status, second_logs) = second.terminate().await;
+    assert!(status.success());
+    logs.push_str(&second_logs);
+    logs.push_str(&agent_logs);
+    // No patient identifier in any log line of the server or the agents.
+    assert!(!logs.contains("MRN-KILL"), "a patient identifier reached the logs");
+    assert!(
+        logs.contains("readings") || logs.contains("session"),
+        "the logs were captured"
+    );
+}
+
+both_backends!(
+    acked_readings_survive_a_server_kill,
+    acked_readings_survive_a_server_kill
+);
