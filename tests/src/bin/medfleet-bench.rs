@@ -13,6 +13,12 @@
 //!   applied it and its report reached an operator's `WatchDevices` stream. Repeated `--runs` times; the median
 //!   is the figure. Baseline: a tokio broadcast of the same document to N tasks that each answer on an mpsc
 //!   channel, timed until every answer arrived.
+//! - `emr-latency`: N simulated monitors (the real agent, each with its own mTLS stream and durable buffer),
+//!   each associated with a patient, measure HR, SpO2, NIBP, temperature and RR every `--interval` for
+//!   `--seconds`; a gRPC feed subscriber times each chart entry from the device's observation time to its arrival
+//!   (p50/p99/max), and the durable ingest rate is the readings stored per second of streaming. Baseline: the same
+//!   number of reading rows written by multi-row INSERTs in batches of the same size straight into an equivalent
+//!   table (no validation, charting or outbox) — the database floor.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
@@ -29,6 +35,8 @@ enum Scenario {
     Enroll,
     Enforce,
     ConfigFanout,
+    /// Readings from simulated monitors into the chart and out through a gRPC feed (`--interval`, `--seconds`).
+    EmrLatency,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,6 +59,12 @@ struct Args {
     /// Repetitions of a timed change (config-fanout).
     #[arg(long, default_value_t = 7)]
     runs: usize,
+    /// How often each simulated monitor measures (emr-latency), e.g. 1s or 20ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    interval: Duration,
+    /// How long the monitors measure (emr-latency).
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
 }
 
 #[derive(Debug, Default)]
@@ -364,6 +378,196 @@ async fn config_fanout(backend: Backend, devices: usize, runs: usize) -> (Stats,
     (ours, baseline)
 }
 
+struct Readings {
+    latency: Stats,
+    readings: u64,
+    readings_per_second: f64,
+    baseline_per_second: f64,
+}
+
+async fn emr_latency(backend: Backend, devices: usize, interval: Duration, seconds: u64) -> Readings {
+    let server = TestServer::start(backend).await;
+    let mut admin = server.admin().await;
+    admin
+        .create_site(v1::CreateSiteRequest {
+            site: Some(v1::Site {
+                name: "bench".into(),
+                display_name: "Bench".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("site");
+    admin
+        .create_ward(v1::CreateWardRequest {
+            ward: Some(v1::Ward {
+                site: "bench".into(),
+                name: "icu".into(),
+                display_name: "ICU".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ward");
+    let imported = admin
+        .import_devices(v1::ImportDevicesRequest {
+            devices: (0..devices)
+                .map(|i| v1::RegisterDeviceRequest {
+                    serial_number: format!("BENCH-{i}"),
+                    manufacturer: "Philips".into(),
+                    model: "MX450".into(),
+                    device_class: v1::DeviceClass::PatientMonitor.into(),
+                    location: Some(v1::Location {
+                        site: "bench".into(),
+                        ward: "icu".into(),
+                        bed: String::new(),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            issue_tokens: true,
+            token_ttl: None,
+        })
+        .await
+        .expect("import")
+        .into_inner()
+        .devices;
+    let channel = server.channel(&server.admin_bundle()).await.expect("admin");
+    let mut patients = v1::patient_service_client::PatientServiceClient::new(channel.clone());
+    for (i, device) in imported.iter().enumerate() {
+        patients
+            .associate(v1::AssociateRequest {
+                device_id: device.device.as_ref().expect("device").id.clone(),
+                patient: Some(v1::PatientIdentifier {
+                    identifier: format!("BENCH-{i}"),
+                    authority: "BENCH".into(),
+                    display_name: String::new(),
+                }),
+                from: Some(medfleet_proto::convert::timestamp(chrono::Utc::now() - chrono::Duration::hours(1))),
+                until: None,
+            })
+            .await
+            .expect("associate");
+    }
+    v1::emr_service_client::EmrServiceClient::new(channel.clone())
+        .create_destination(v1::EmrDestination {
+            name: "bench-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            enabled: true,
+            ..Default::default()
+        })
+        .await
+        .expect("destination");
+    let mut feed = v1::feed_service_client::FeedServiceClient::new(channel.clone())
+        .subscribe(v1::SubscribeRequest {
+            subscription: "bench".into(),
+            destination: "bench-feed".into(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+
+    let state = tempfile::tempdir().expect("state dir");
+    let tokens = state.path().join("tokens.csv");
+    let mut csv = String::from("token\n");
+    for device in &imported {
+        csv.push_str(&device.token);
+        csv.push('\n');
+    }
+    std::fs::write(&tokens, csv).expect("tokens");
+    let batches = (Duration::from_secs(seconds).as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+    let data = server.data_dir();
+    let mut simulator = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"))
+        .args(["simulate", "--server", &server.url(), "--ca"])
+        .arg(data.ca_cert())
+        .arg("--state-dir")
+        .arg(state.path().join("devices"))
+        .args(["--devices", &devices.to_string(), "--tokens"])
+        .arg(&tokens)
+        .args(["--concurrency", "16", "--vitals-interval", &humantime::format_duration(interval).to_string()])
+        .args(["--vitals-count", &batches.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("medfleet-agent simulate (build it: cargo build --release -p medfleet-agent)");
+    let expected = devices as u64 * batches * 5;
+    let mut latency = Stats::default();
+    let mut first = None;
+    let mut last = Instant::now();
+    while (latency.samples.len() as u64) < expected {
+        let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(60), feed.message()).await else {
+            eprintln!("the feed went quiet after {} of {expected} events", latency.samples.len());
+            break;
+        };
+        let arrived = chrono::Utc::now();
+        let observed = event
+            .observation
+            .and_then(|o| o.observed_at)
+            .and_then(|t| medfleet_proto::convert::datetime(&t))
+            .unwrap_or(arrived);
+        latency.push((arrived - observed).to_std().unwrap_or_default());
+        first.get_or_insert_with(Instant::now);
+        last = Instant::now();
+    }
+    let _ = simulator.kill().await;
+    let db = server.db().await;
+    let readings: i64 = {
+        use sea_orm::ConnectionTrait as _;
+        db.query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) FROM readings",
+        ))
+        .await
+        .expect("count")
+        .expect("row")
+        .try_get_by_index(0)
+        .expect("count")
+    };
+    let readings = u64::try_from(readings).unwrap_or(0);
+    let streaming = last.duration_since(first.unwrap_or(last)).max(Duration::from_millis(1));
+    let baseline_per_second = raw_inserts(&db, readings, 7 * 16).await;
+    server.stop().await.expect("stop");
+    Readings {
+        latency,
+        readings,
+        readings_per_second: readings as f64 / streaming.as_secs_f64(),
+        baseline_per_second,
+    }
+}
+
+/// The database floor: `rows` reading rows in multi-row INSERTs of `batch` rows into an equivalent table.
+async fn raw_inserts(db: &sea_orm::DatabaseConnection, rows: u64, batch: u64) -> f64 {
+    use sea_orm::ConnectionTrait as _;
+    db.execute_unprepared(
+        "CREATE TABLE bench_readings (id BIGINT, device_id TEXT, sequence BIGINT, item_index INTEGER, code TEXT, \
+         value DOUBLE PRECISION, observed_at TEXT, received_at TEXT, questionable BOOLEAN)",
+    )
+    .await
+    .expect("baseline table");
+    let started = Instant::now();
+    let mut written = 0;
+    while written < rows {
+        let n = batch.min(rows - written);
+        let values: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    "({}, '0b7c0d6a-0000-4000-8000-000000000000', {}, {}, 'MDC_ECG_HEART_RATE', 72.5, \
+                     '2026-11-25T10:00:00Z', '2026-11-25T10:00:00Z', false)",
+                    written + i,
+                    (written + i) / 7,
+                    (written + i) % 7
+                )
+            })
+            .collect();
+        db.execute_unprepared(&format!("INSERT INTO bench_readings VALUES {}", values.join(", ")))
+            .await
+            .expect("baseline insert");
+        written += n;
+    }
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -395,6 +599,22 @@ async fn main() {
                         baseline.per_second(),
                     );
                 }
+            }
+            Scenario::EmrLatency => {
+                let result = emr_latency(backend, args.devices, args.interval, args.seconds).await;
+                println!(
+                    "| emr-latency | {backend:?} | {} monitors × 7 readings (5 chart entries) every {} for {} s; {} readings | {} | {} (max {}) | {:.0} readings/s | - | - | {:.0} rows/s (raw INSERT) | {:.2}x of raw |",
+                    args.devices,
+                    humantime::format_duration(args.interval),
+                    args.seconds,
+                    result.readings,
+                    ms(result.latency.percentile(50.0)),
+                    ms(result.latency.percentile(99.0)),
+                    ms(result.latency.percentile(100.0)),
+                    result.readings_per_second,
+                    result.baseline_per_second,
+                    result.readings_per_second / result.baseline_per_second,
+                );
             }
             Scenario::ConfigFanout => {
                 let (ours, baseline) = config_fanout(backend, args.devices, args.runs).await;
