@@ -92,6 +92,7 @@ enum EmrDestinations {
     CreatedAt,
     RelayOwner,
     RelayLeaseUntil,
+    ChartedUntil,
 }
 
 #[derive(DeriveIden)]
@@ -296,6 +297,11 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(EmrDestinations::RelayOwner).string_len(200).null())
                     .col(
                         ColumnDef::new(EmrDestinations::RelayLeaseUntil)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(EmrDestinations::ChartedUntil)
                             .timestamp_with_time_zone()
                             .null(),
                     )

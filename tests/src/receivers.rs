@@ -137,6 +137,8 @@ pub struct MllpLog {
     pub messages: Vec<String>,
     /// Messages still to answer with AE (to exercise retries).
     pub reject_next: usize,
+    /// Messages still to answer with AR (a permanent refusal: dead-lettered).
+    pub refuse_next: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -178,7 +180,10 @@ impl MllpReceiver {
                             let code = {
                                 let mut log = log.lock().unwrap();
                                 log.messages.push(message.clone());
-                                if log.reject_next > 0 {
+                                if log.refuse_next > 0 {
+                                    log.refuse_next -= 1;
+                                    "AR"
+                                } else if log.reject_next > 0 {
                                     log.reject_next -= 1;
                                     "AE"
                                 } else {

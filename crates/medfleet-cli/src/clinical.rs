@@ -165,7 +165,8 @@ pub(crate) enum EmrCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum FeedCommand {
-    /// Print a feed's chart events live, acknowledging each (the subscription resumes after the last one).
+    /// Print a feed's chart events live, acknowledging each (the subscription resumes after the last one);
+    /// with -o json, one JSON object per line.
     #[command(
         after_help = "Examples:\n  medfleet feed tail --subscription it-debug --destination epic-feed\n  \
                             medfleet feed tail --subscription it-debug --no-ack -o json"
@@ -682,12 +683,14 @@ pub(crate) async fn feed(channel: Channel, command: &FeedCommand, out: Format) -
         let cursor = event.cursor;
         let observation = ObservationView::from(event.observation.unwrap_or_default());
         if out == Format::Json {
-            output::json(&serde_json::json!({
+            // One compact object per line (JSON Lines): a stream stays parseable while it runs.
+            let line = serde_json::json!({
                 "cursor": cursor,
                 "event_id": event.event_id,
                 "observation": observation,
                 "fhir": serde_json::from_str::<serde_json::Value>(&event.fhir_json).unwrap_or_default(),
-            }))?;
+            });
+            println!("{line}");
         } else {
             println!(
                 "{cursor:>8}  {}  {:<28} {:<40} {:<12} patient {}  {}",

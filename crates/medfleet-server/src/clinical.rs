@@ -140,10 +140,13 @@ pub struct Route {
     pub kind: DestinationKind,
     pub sites: BTreeSet<String>,
     pub wards: BTreeSet<String>,
+    /// 0: every chart entry. Otherwise only threshold breaches are queued at once; the interval job queues the
+    /// median of each window.
+    pub interval_secs: i64,
 }
 
 impl Route {
-    fn from_model(model: &emr_destination::Model) -> Result<Self> {
+    pub(crate) fn from_model(model: &emr_destination::Model) -> Result<Self> {
         let kind = DestinationKind::parse(&model.kind)
             .ok_or_else(|| Error::Internal(format!("destination '{}' has unknown kind", model.name)))?;
         let parse = |text: &str| -> Result<BTreeSet<String>> {
@@ -155,6 +158,7 @@ impl Route {
             kind,
             sites: parse(&model.sites)?,
             wards: parse(&model.wards)?,
+            interval_secs: model.interval_secs,
         })
     }
 
@@ -217,15 +221,19 @@ pub async fn routes(conn: &impl ConnectionTrait) -> Result<Vec<Route>> {
 }
 
 /// A chart event waiting to be queued: observation, the status it carries, and the place it was charted.
-struct Pending {
-    observation: Uuid,
-    status: ChartStatus,
-    site: Option<String>,
-    ward: Option<String>,
+pub(crate) struct Pending {
+    pub(crate) observation: Uuid,
+    pub(crate) status: ChartStatus,
+    pub(crate) site: Option<String>,
+    pub(crate) ward: Option<String>,
+    /// A value outside the alarm limits: charted at once even where a charting interval applies.
+    pub(crate) breach: bool,
 }
 
 /// Queues chart events for every route that covers them, holding the outbox lock until the caller commits.
-async fn enqueue(
+/// `only` names the routes to use regardless of their filters and intervals (status changes go where the entry
+/// went before).
+pub(crate) async fn enqueue(
     txn: &impl ConnectionTrait,
     events: &Events,
     routes: &[Route],
@@ -236,9 +244,14 @@ async fn enqueue(
     let mut rows = Vec::new();
     for event in pending {
         for route in routes {
-            if only.is_some_and(|only| !only.contains(&route.name))
-                || (only.is_none() && !route.covers(event.site.as_deref(), event.ward.as_deref()))
-            {
+            let wanted = match only {
+                Some(only) => only.contains(&route.name),
+                None => {
+                    route.covers(event.site.as_deref(), event.ward.as_deref())
+                        && (route.interval_secs == 0 || event.breach)
+                }
+            };
+            if !wanted {
                 continue;
             }
             rows.push(emr_outbox::ActiveModel {
@@ -310,11 +323,16 @@ fn chart(
             created_at: Set(at),
             updated_at: Set(at),
         });
+        let breach = measurement
+            .values()
+            .iter()
+            .any(|(vital, value)| medfleet_core::clinical::reading::breaches_threshold(*vital, *value));
         pending.push(Pending {
             observation: id,
             status: ChartStatus::Preliminary,
             site: device.site.clone(),
             ward: device.ward.clone(),
+            breach,
         });
         members.push((id, indexes));
     }
@@ -978,6 +996,7 @@ impl Clinical {
                     status,
                     site: saved.site.clone(),
                     ward: saved.ward.clone(),
+                    breach: false,
                 }],
                 Some(&delivered_to),
             )

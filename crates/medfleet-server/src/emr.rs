@@ -211,6 +211,7 @@ impl Emr {
             created_at: Set(now()),
             relay_owner: Set(None),
             relay_lease_until: Set(None),
+            charted_until: Set(None),
         };
         let stored = emr_destination::Entity::insert(model).exec_with_returning(&txn).await?;
         audit
@@ -358,6 +359,16 @@ impl Emr {
     }
 
     async fn relay_tick(self: &Arc<Self>, stop: &CancellationToken) -> Result<()> {
+        for destination in emr_destination::Entity::find()
+            .filter(emr_destination::Column::Enabled.eq(true))
+            .filter(emr_destination::Column::IntervalSecs.gt(0))
+            .all(&self.db)
+            .await?
+        {
+            if let Err(error) = self.chart_interval(&destination.name).await {
+                tracing::warn!(destination = %destination.name, %error, "interval charting failed; retrying at the next tick");
+            }
+        }
         let destinations = emr_destination::Entity::find()
             .filter(emr_destination::Column::Enabled.eq(true))
             .filter(
@@ -528,6 +539,103 @@ impl Emr {
                 tracing::warn!(kind = kind.as_str(), deliveries = rows.len(), reason = %failure.reason, outcome, "EMR delivery failed");
                 self.metrics.record_delivery(kind.as_str(), outcome, rows.len() as u64);
             }
+        }
+        Ok(())
+    }
+
+    /// Charts the median of every closed window of a destination with a charting interval. A window closes one
+    /// interval after it ends (grace for readings still in devices' buffers); the destination row is locked for
+    /// the run, so replicas never chart a window twice.
+    async fn chart_interval(&self, name: &str) -> Result<()> {
+        let txn = crate::db::begin_write(&self.db).await?;
+        let Some(destination) = emr_destination::Entity::find_by_id(name.to_owned())
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+        else {
+            return Ok(());
+        };
+        let interval = std::cmp::max(destination.interval_secs, 1);
+        let floor = |at: DateTime<Utc>| {
+            let seconds = at.timestamp().div_euclid(interval) * interval;
+            DateTime::from_timestamp(seconds, 0).unwrap_or(at)
+        };
+        let ready_until = floor(now() - chrono::Duration::seconds(interval));
+        let from = match destination.charted_until {
+            Some(at) => at,
+            None => {
+                // First run: from the window of the earliest entry charted since the destination exists.
+                let earliest = observation::Entity::find()
+                    .filter(observation::Column::CreatedAt.gte(destination.created_at))
+                    .order_by_asc(observation::Column::ObservedAt)
+                    .one(&txn)
+                    .await?;
+                match earliest {
+                    Some(first) => floor(first.observed_at),
+                    None => return Ok(()),
+                }
+            }
+        };
+        if from >= ready_until {
+            return Ok(());
+        }
+        let route = crate::clinical::Route::from_model(&destination)?;
+        let candidates: Vec<observation::Model> = observation::Entity::find()
+            .filter(observation::Column::ObservedAt.gte(from))
+            .filter(observation::Column::ObservedAt.lt(ready_until))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .filter(|o| route.covers(o.site.as_deref(), o.ward.as_deref()))
+            .collect();
+        let already: HashSet<Uuid> = emr_outbox::Entity::find()
+            .select_only()
+            .column(emr_outbox::Column::ObservationId)
+            .filter(emr_outbox::Column::Destination.eq(name))
+            .filter(emr_outbox::Column::ObservationId.is_in(candidates.iter().map(|o| o.id)))
+            .into_tuple::<Uuid>()
+            .all(&txn)
+            .await?
+            .into_iter()
+            .collect();
+        let mut windows: HashMap<(Uuid, Uuid, String, i64), Vec<(f64, &observation::Model)>> = HashMap::new();
+        for candidate in &candidates {
+            let value = decode_measurement(candidate)?.values().first().map_or(0.0, |(_, v)| *v);
+            let window = candidate.observed_at.timestamp().div_euclid(interval);
+            windows
+                .entry((
+                    candidate.patient_id,
+                    candidate.device_id,
+                    candidate.kind.clone(),
+                    window,
+                ))
+                .or_default()
+                .push((value, candidate));
+        }
+        let mut pending = Vec::new();
+        for members in windows.values_mut() {
+            members.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.observed_at.cmp(&b.1.observed_at)));
+            // The lower median is a value the device really measured (no synthetic average in a chart).
+            let (_, median) = members[(members.len() - 1) / 2];
+            if already.contains(&median.id) {
+                continue;
+            }
+            pending.push(crate::clinical::Pending {
+                observation: median.id,
+                status: ChartStatus::parse(&median.status).unwrap_or(ChartStatus::Preliminary),
+                site: median.site.clone(),
+                ward: median.ward.clone(),
+                breach: true,
+            });
+        }
+        let only: BTreeSet<String> = [name.to_owned()].into();
+        let queued = crate::clinical::enqueue(&txn, &self.events, &[route], &pending, Some(&only)).await?;
+        let mut update: emr_destination::ActiveModel = destination.into();
+        update.charted_until = Set(Some(ready_until));
+        emr_destination::Entity::update(update).exec(&txn).await?;
+        txn.commit().await?;
+        if queued > 0 {
+            self.events.emit(Event::Outbox);
         }
         Ok(())
     }

@@ -443,7 +443,9 @@ async fn emr_latency(backend: Backend, devices: usize, interval: Duration, secon
                     authority: "BENCH".into(),
                     display_name: String::new(),
                 }),
-                from: Some(medfleet_proto::convert::timestamp(chrono::Utc::now() - chrono::Duration::hours(1))),
+                from: Some(medfleet_proto::convert::timestamp(
+                    chrono::Utc::now() - chrono::Duration::hours(1),
+                )),
                 until: None,
             })
             .await
@@ -484,7 +486,12 @@ async fn emr_latency(backend: Backend, devices: usize, interval: Duration, secon
         .arg(state.path().join("devices"))
         .args(["--devices", &devices.to_string(), "--tokens"])
         .arg(&tokens)
-        .args(["--concurrency", "16", "--vitals-interval", &humantime::format_duration(interval).to_string()])
+        .args([
+            "--concurrency",
+            "16",
+            "--vitals-interval",
+            &humantime::format_duration(interval).to_string(),
+        ])
         .args(["--vitals-count", &batches.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -497,7 +504,10 @@ async fn emr_latency(backend: Backend, devices: usize, interval: Duration, secon
     let mut last = Instant::now();
     while (latency.samples.len() as u64) < expected {
         let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(60), feed.message()).await else {
-            eprintln!("the feed went quiet after {} of {expected} events", latency.samples.len());
+            eprintln!(
+                "the feed went quiet after {} of {expected} events",
+                latency.samples.len()
+            );
             break;
         };
         let arrived = chrono::Utc::now();

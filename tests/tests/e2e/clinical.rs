@@ -706,3 +706,248 @@ both_backends!(
     acked_readings_survive_a_server_kill,
     acked_readings_survive_a_server_kill
 );
+
+/// A destination with a charting interval receives the median of each window, and threshold breaches at once.
+async fn charting_interval_sends_medians_and_breaches(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "ward-chart".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            interval_seconds: 60,
+            enabled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let minute = (Utc::now() - chrono::Duration::minutes(30)).timestamp().div_euclid(60) * 60;
+    let window = DateTime::from_timestamp(minute, 0).unwrap();
+    PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-I"),
+            from: ts(window - chrono::Duration::minutes(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let device_channel = server
+        .channel(&server.issue(&Identity::Device(device.parse().unwrap())))
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(device_channel).await;
+    let at = |s: i64| window + chrono::Duration::seconds(s);
+    let ack = publisher
+        .send(
+            1,
+            vec![
+                item("147842", 60.0, "/min", at(0)),
+                item("147842", 70.0, "/min", at(10)),
+                item("147842", 80.0, "/min", at(20)),
+                item("147842", 150.0, "/min", at(30)),
+                item("150456", 96.0, "%", at(0)),
+                item("150456", 95.0, "%", at(30)),
+            ],
+        )
+        .await;
+    assert_eq!(ack.accepted, 6);
+    let mut feed = FeedServiceClient::new(admin)
+        .subscribe(v1::SubscribeRequest {
+            subscription: "ward-chart-sub".into(),
+            destination: "ward-chart".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut values = Vec::new();
+    while values.len() < 3 {
+        let event = tokio::time::timeout(GUARD, feed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let observation = event.observation.unwrap();
+        values.push((observation.kind, observation.components[0].value));
+    }
+    values.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    // The breach (150) at once; the lower medians of the window: HR 70 of {60, 70, 80, 150}, SpO2 95 of {95, 96}.
+    assert_eq!(
+        values,
+        vec![
+            ("MDC_ECG_HEART_RATE".to_owned(), 70.0),
+            ("MDC_ECG_HEART_RATE".to_owned(), 150.0),
+            ("MDC_PULS_OXIM_SAT_O2".to_owned(), 95.0)
+        ]
+    );
+    let deliveries = EmrServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
+        .list_deliveries(v1::ListDeliveriesRequest {
+            destination: "ward-chart".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(deliveries.len(), 3, "{deliveries:?}");
+}
+
+both_backends!(
+    charting_interval_sends_medians_and_breaches,
+    charting_interval_sends_medians_and_breaches
+);
+
+fn cli(server: &TestServer, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(medfleet_e2e::binary("medfleet"))
+        .args(["--server", &server.url(), "--credentials"])
+        .arg(server.data_dir().admin_bundle())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A receiver that refuses a message for good: the delivery is dead-lettered with the reason, listed for admins,
+/// and sent again on request. The CLI drives it, and shows the feed live.
+async fn dead_letters_are_visible_and_retried(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let mllp = MllpReceiver::start().await;
+    mllp.log.lock().unwrap().refuse_next = 1;
+    let endpoint = mllp.addr.to_string();
+    for args in [
+        vec![
+            "emr",
+            "create",
+            "hl7",
+            "--kind",
+            "mllp",
+            "--endpoint",
+            &endpoint,
+            "--site",
+            "stmarys",
+        ],
+        vec!["emr", "create", "emr-feed", "--kind", "feed"],
+    ] {
+        let (ok, out, err) = cli(&server, &args);
+        assert!(ok, "{out}{err}");
+    }
+    let (ok, listed, _) = cli(&server, &["emr", "list", "-o", "json"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let (ok, out, err) = cli(
+        &server,
+        &[
+            "patients",
+            "associate",
+            &device,
+            "MRN-D",
+            "--authority",
+            "HOSP",
+            "--from",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let device_channel = server
+        .channel(&server.issue(&Identity::Device(device.parse().unwrap())))
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(device_channel).await;
+    let ack = publisher
+        .send(
+            1,
+            vec![item("147842", 71.0, "/min", Utc::now() - chrono::Duration::seconds(5))],
+        )
+        .await;
+    assert_eq!(ack.accepted, 1);
+
+    // The AR'd message is dead-lettered with the receiver's answer. The relay settles each message before it
+    // sends the next, so once a second one is accepted the first one's fate is committed.
+    mllp.wait("the refused message", |log| !log.messages.is_empty()).await;
+    let ack = publisher
+        .send(
+            2,
+            vec![item("147842", 72.0, "/min", Utc::now() - chrono::Duration::seconds(4))],
+        )
+        .await;
+    assert_eq!(ack.accepted, 1);
+    mllp.wait("the second message accepted", |log| log.by_control_id.len() == 1)
+        .await;
+    let mut emr = EmrServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
+    let dead = emr
+        .list_deliveries(v1::ListDeliveriesRequest {
+            destination: "hl7".into(),
+            failed_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].state, "dead");
+    assert!(dead[0].last_error.contains("AR"), "{}", dead[0].last_error);
+    let (ok, shown, _) = cli(&server, &["emr", "deliveries", "--failed", "-o", "json"]);
+    assert!(ok);
+    assert!(shown.contains("\"state\": \"dead\""), "{shown}");
+
+    let (ok, out, err) = cli(&server, &["emr", "retry", "hl7"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("1 deliveries queued again"), "{out}");
+    mllp.wait("the retried message accepted", |log| log.by_control_id.len() == 2)
+        .await;
+
+    // The feed, live from the CLI: the chart entries, with their FHIR form.
+    let (ok, tail, err) = cli(
+        &server,
+        &[
+            "feed",
+            "tail",
+            "--subscription",
+            "it-debug",
+            "--destination",
+            "emr-feed",
+            "--limit",
+            "2",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let event: serde_json::Value = serde_json::from_str(tail.lines().next().unwrap()).unwrap();
+    assert_eq!(event["observation"]["patient"], "MRN-D");
+    assert_eq!(event["fhir"]["resourceType"], "Observation");
+    let (ok, chart, _) = cli(
+        &server,
+        &[
+            "observations",
+            "list",
+            "--patient",
+            "MRN-D",
+            "--authority",
+            "HOSP",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok);
+    let chart: serde_json::Value = serde_json::from_str(&chart).unwrap();
+    assert_eq!(chart.as_array().unwrap().len(), 2);
+    let id = chart[0]["id"].as_str().unwrap().to_owned();
+    let (ok, out, err) = cli(&server, &["observations", "validate", &id, "--entered-in-error"]);
+    assert!(ok, "{out}{err}");
+    let (ok, again, _) = cli(&server, &["observations", "validate", &id]);
+    assert!(!ok, "a retracted entry cannot be validated: {again}");
+}
+
+both_backends!(
+    dead_letters_are_visible_and_retried,
+    dead_letters_are_visible_and_retried
+);

@@ -18,6 +18,8 @@ pub struct Model {
     /// The replica whose relay holds the destination's lease, and until when.
     pub relay_owner: Option<String>,
     pub relay_lease_until: Option<DateTimeUtc>,
+    /// With a charting interval: windows (of observation time) before this are charted.
+    pub charted_until: Option<DateTimeUtc>,
 }
 
 // Settings hold a bearer token: never print them.
