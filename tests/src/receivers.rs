@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 pub struct FhirLog {
     /// Creations per Observation identifier: more than one is a duplicate chart entry.
     pub created: HashMap<String, usize>,
+    /// Requests per identifier (creations and matches): more than one means the entry was sent again.
+    pub requests: HashMap<String, usize>,
     /// Current status per identifier.
     pub status: HashMap<String, String>,
     /// Bundles received (also written to `dir` for the Python validator).
@@ -72,6 +74,7 @@ async fn transaction(State(state): State<FhirState>, body: axum::body::Bytes) ->
             return (StatusCode::BAD_REQUEST, "unconditional request".into());
         };
         let status = entry["resource"]["status"].as_str().unwrap_or_default().to_owned();
+        *log.requests.entry(key.clone()).or_default() += 1;
         let exists = log.created.contains_key(&key);
         match (method, exists) {
             // Conditional create that matches: nothing is created (the idempotent case).
@@ -93,8 +96,90 @@ async fn transaction(State(state): State<FhirState>, body: axum::body::Bytes) ->
     (StatusCode::OK, reply.to_string())
 }
 
+/// TLS material for a receiver that requires mutual TLS: its own CA, server certificate (localhost) and a
+/// client certificate for medfleet, all fresh for the test.
+#[derive(Debug, Clone)]
+pub struct HospitalPki {
+    pub ca_pem: String,
+    server_cert_pem: String,
+    server_key_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+}
+
+impl HospitalPki {
+    pub fn new() -> Self {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Hospital Integration CA");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert_pem, server_key_pem) =
+            leaf(vec!["localhost".into()], rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert_pem, client_key_pem) = leaf(
+            vec!["medfleet.hospital.example".into()],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Self {
+            ca_pem: ca_cert.pem(),
+            server_cert_pem,
+            server_key_pem,
+            client_cert_pem,
+            client_key_pem,
+        }
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .unwrap();
+        let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(self.server_cert_pem.as_bytes()).unwrap()];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+impl Default for HospitalPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FhirReceiver {
     pub async fn start(dir: &Path) -> Self {
+        Self::serve(dir, None).await
+    }
+
+    /// A receiver on https that requires a client certificate from `pki`'s CA and a bearer token.
+    pub async fn start_tls(dir: &Path, pki: &HospitalPki, bearer: &str) -> Self {
+        Self::serve(dir, Some((pki.acceptor(), bearer.to_owned()))).await
+    }
+
+    async fn serve(dir: &Path, tls: Option<(tokio_rustls::TlsAcceptor, String)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(FhirLog::default()));
@@ -107,15 +192,57 @@ impl FhirReceiver {
         let app = axum::Router::new()
             .route("/fhir", axum::routing::post(transaction))
             .with_state(state);
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+            }
+            Some((acceptor, bearer)) => {
+                let expected = format!("Bearer {bearer}");
+                let app = app.layer(axum::middleware::from_fn(
+                    move |request: axum::extract::Request, next: axum::middleware::Next| {
+                        let authorised = request
+                            .headers()
+                            .get(axum::http::header::AUTHORIZATION)
+                            .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+                        async move {
+                            if authorised {
+                                next.run(request).await
+                            } else {
+                                axum::response::IntoResponse::into_response(StatusCode::UNAUTHORIZED)
+                            }
+                        }
+                    },
+                ));
+                tokio::spawn(async move {
+                    while let Ok((socket, _)) = listener.accept().await {
+                        let (acceptor, app) = (acceptor.clone(), app.clone());
+                        tokio::spawn(async move {
+                            // A client without an acceptable certificate fails here.
+                            let Ok(stream) = acceptor.accept(socket).await else {
+                                return;
+                            };
+                            let service = hyper_util::service::TowerToHyperService::new(app);
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                });
+            }
+        }
         Self {
             addr,
             log,
             dir: dir.to_owned(),
             changed,
         }
+    }
+
+    /// The https base URL (as a TLS receiver's certificate names it).
+    pub fn tls_base_url(&self) -> String {
+        format!("https://localhost:{}/fhir", self.addr.port())
     }
 
     pub fn base_url(&self) -> String {

@@ -129,6 +129,12 @@ pub(crate) enum EmrCommand {
         /// PEM CA of the receiver's TLS certificate.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Mutual TLS: medfleet's client certificate chain (PEM) for this receiver.
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// Mutual TLS: the client certificate's private key (PEM).
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<PathBuf>,
         /// MLLP MSH-5 / MSH-6.
         #[arg(long, default_value = "")]
         receiving_application: String,
@@ -520,6 +526,8 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
             receiving_application,
             receiving_facility,
             disabled,
+            client_cert,
+            client_key,
         } => {
             let created = api
                 .create_destination(v1::EmrDestination {
@@ -539,6 +547,8 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
                     receiving_application: receiving_application.clone(),
                     receiving_facility: receiving_facility.clone(),
                     enabled: !disabled,
+                    client_certificate_pem: read_file("client-cert", client_cert.as_ref())?,
+                    client_key_pem: read_file("client-key", client_key.as_ref())?,
                     ..Default::default()
                 })
                 .await?

@@ -390,6 +390,8 @@ fn destination_to_wire(model: &emr_destination::Model) -> Result<v1::EmrDestinat
         enabled: model.enabled,
         created_at: Some(convert::timestamp(model.created_at)),
         created_by: model.created_by.clone(),
+        client_certificate_pem: settings.client_certificate_pem.unwrap_or_default(),
+        client_key_pem: String::new(),
     })
 }
 
@@ -433,6 +435,8 @@ impl EmrService for ClinicalApi {
                 ca_pem: non_empty(r.ca_pem),
                 receiving_application: r.receiving_application,
                 receiving_facility: r.receiving_facility,
+                client_certificate_pem: non_empty(r.client_certificate_pem),
+                client_key_pem: non_empty(r.client_key_pem),
             },
             enabled: r.enabled,
         };

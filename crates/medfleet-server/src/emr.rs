@@ -63,6 +63,11 @@ pub struct Settings {
     pub receiving_application: String,
     #[serde(default)]
     pub receiving_facility: String,
+    /// Mutual TLS towards the receiver: medfleet's client certificate chain and key (PEM).
+    #[serde(default)]
+    pub client_certificate_pem: Option<String>,
+    #[serde(default)]
+    pub client_key_pem: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -130,6 +135,21 @@ impl NewDestination {
                 .map_or(true, |certs| certs.is_empty())
         {
             v.push("ca_pem", "the CA must be one or more PEM certificates");
+        }
+        match (&self.settings.client_certificate_pem, &self.settings.client_key_pem) {
+            (None, None) => {}
+            (Some(certs), Some(key)) => {
+                if client_identity(certs, key).is_err() {
+                    v.push(
+                        "client_certificate_pem",
+                        "the client certificate chain and key must be PEM, the key PKCS#8, SEC1 or PKCS#1",
+                    );
+                }
+            }
+            _ => v.push(
+                "client_key_pem",
+                "mutual TLS needs both the client certificate chain and its key",
+            ),
         }
         if v.is_empty() { Ok(()) } else { Err(v.into()) }
     }
@@ -802,8 +822,27 @@ impl Failure {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// TCP, then TLS if the destination has a CA (FHIR over https always has one).
-async fn connect(host: &str, port: u16, ca_pem: Option<&str>, tls: bool) -> Result<Box<dyn Io>, Failure> {
+type ClientIdentity = (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+);
+
+fn client_identity(certs: &str, key: &str) -> std::result::Result<ClientIdentity, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(certs.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if chain.is_empty() {
+        return Err("no certificate".into());
+    }
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    Ok((chain, key))
+}
+
+/// TCP, then TLS if the destination has a CA (FHIR over https always has one), with medfleet's client
+/// certificate when the destination has one.
+async fn connect(host: &str, port: u16, settings: &Settings, tls: bool) -> Result<Box<dyn Io>, Failure> {
+    let ca_pem = settings.ca_pem.as_deref();
     let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect((host, port)))
         .await
         .map_err(|_| Failure::retry(format!("connecting to {host}:{port} timed out")))?
@@ -826,9 +865,20 @@ async fn connect(host: &str, port: u16, ca_pem: Option<&str>, tls: bool) -> Resu
             permanent: true,
         });
     }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&settings.client_certificate_pem, &settings.client_key_pem) {
+        (Some(certs), Some(key)) => {
+            let (chain, key) = client_identity(certs, key).map_err(|e| Failure {
+                reason: format!("the destination's client certificate is unusable: {e}"),
+                permanent: true,
+            })?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| Failure {
+                reason: format!("the destination's client certificate does not match its key: {e}"),
+                permanent: true,
+            })?
+        }
+        _ => builder.with_no_client_auth(),
+    };
     let name = rustls_pki_types::ServerName::try_from(host.to_owned())
         .map_err(|e| Failure::retry(format!("'{host}' is not a valid TLS server name: {e}")))?;
     let stream = tokio::time::timeout(
@@ -850,7 +900,7 @@ async fn post_bundle(settings: &Settings, bundle: &serde_json::Value) -> Result<
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let io = connect(&host, port, settings.ca_pem.as_deref(), https).await?;
+    let io = connect(&host, port, settings, https).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| Failure::retry(format!("HTTP handshake with the FHIR server failed: {e}")))?;
@@ -914,7 +964,7 @@ async fn send_mllp(
     if connection.is_none() {
         let (host, port) =
             split_host_port(&settings.endpoint).ok_or_else(|| Failure::retry("the MLLP endpoint is not HOST:PORT"))?;
-        *connection = Some(connect(&host, port, settings.ca_pem.as_deref(), settings.ca_pem.is_some()).await?);
+        *connection = Some(connect(&host, port, settings, settings.ca_pem.is_some()).await?);
     }
     let Some(io) = connection.as_mut() else {
         return Err(Failure::retry("no MLLP connection"));

@@ -951,3 +951,199 @@ both_backends!(
     dead_letters_are_visible_and_retried,
     dead_letters_are_visible_and_retried
 );
+
+/// ADT events from the EMR bind the bed's devices to the patient in the bed, and end them on transfer and
+/// discharge; readings chart accordingly.
+async fn adt_events_bind_bed_devices(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut patients = PatientServiceClient::new(admin.clone());
+    // Microseconds: the precision the server keeps, so periods compare equal after the round trip.
+    let start = chrono::SubsecRound::trunc_subsecs(Utc::now() - chrono::Duration::hours(2), 6);
+    let at = |minutes: i64| start + chrono::Duration::minutes(minutes);
+    let event = |kind: v1::AdtEventType, mrn: &str, bed: &str, minutes: i64| v1::AdtEvent {
+        r#type: kind.into(),
+        patient: patient(mrn),
+        site: "stmarys".into(),
+        ward: "icu".into(),
+        bed: bed.into(),
+        occurred_at: ts(at(minutes)),
+    };
+    let admitted = patients
+        .record_adt_event(event(v1::AdtEventType::Admit, "MRN-P1", "1", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(admitted.started.len(), 1);
+    assert_eq!(admitted.started[0].device_id, device);
+    assert_eq!(admitted.started[0].source, "adt");
+    let moved = patients
+        .record_adt_event(event(v1::AdtEventType::Transfer, "MRN-P1", "2", 30))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((moved.started.len(), moved.ended.len()), (0, 1));
+    patients
+        .record_adt_event(event(v1::AdtEventType::Admit, "MRN-P2", "1", 40))
+        .await
+        .unwrap();
+    let discharged = patients
+        .record_adt_event(event(v1::AdtEventType::Discharge, "MRN-P2", "", 90))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(discharged.ended.len(), 1);
+    let history = patients
+        .list_associations(v1::ListAssociationsRequest {
+            device_id: device.clone(),
+            patient: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .associations;
+    let periods: Vec<(String, Option<prost_types::Timestamp>)> = history
+        .iter()
+        .map(|a| (a.patient.as_ref().unwrap().identifier.clone(), a.ends_at))
+        .collect();
+    assert_eq!(
+        periods,
+        vec![("MRN-P1".to_owned(), ts(at(30))), ("MRN-P2".to_owned(), ts(at(90)))]
+    );
+    // An admit without a bed is refused with the field named.
+    let refused = patients
+        .record_adt_event(event(v1::AdtEventType::Admit, "MRN-P3", "", 100))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+
+    let device_channel = server
+        .channel(&server.issue(&Identity::Device(device.parse().unwrap())))
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(device_channel).await;
+    let ack = publisher
+        .send(
+            1,
+            vec![
+                item("147842", 61.0, "/min", at(10)),
+                item("147842", 62.0, "/min", at(35)),
+                item("147842", 63.0, "/min", at(50)),
+                item("147842", 64.0, "/min", at(95)),
+            ],
+        )
+        .await;
+    assert_eq!(ack.accepted, 4);
+    let mut chart = ObservationServiceClient::new(admin);
+    let values = |rows: Vec<v1::Observation>| rows.iter().map(|o| o.components[0].value).collect::<Vec<_>>();
+    assert_eq!(values(observations(&mut chart, "MRN-P1").await), vec![61.0]);
+    assert_eq!(values(observations(&mut chart, "MRN-P2").await), vec![63.0]);
+}
+
+both_backends!(adt_events_bind_bed_devices, adt_events_bind_bed_devices);
+
+/// Two replicas on one PostgreSQL: one relays the destination (the lease), so each chart entry is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_per_destination_across_replicas() {
+    if medfleet_e2e::skip_postgres() {
+        return;
+    }
+    let storage = medfleet_e2e::Storage::new(Backend::Postgres).await;
+    let replica = |name: &str| {
+        let mut config = storage.config();
+        config.replica_name = name.into();
+        config
+    };
+    let a = TestServer::start_on(replica("replica-a")).await;
+    a.wait_ready().await;
+    let b = TestServer::start_on(replica("replica-b")).await;
+    b.wait_ready().await;
+    let device = setup(&a).await;
+    let files = tempfile::tempdir().unwrap();
+    let fhir = FhirReceiver::start(files.path()).await;
+    EmrServiceClient::new(a.channel(&a.admin_bundle()).await.unwrap())
+        .create_destination(v1::EmrDestination {
+            name: "fhir".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: fhir.base_url(),
+            enabled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    PatientServiceClient::new(b.channel(&b.admin_bundle()).await.unwrap())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-R"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    // Readings arrive on both replicas; both relay loops run.
+    let identity = Identity::Device(device.parse().unwrap());
+    let mut on_a = Publisher::open(a.channel(&a.issue(&identity)).await.unwrap()).await;
+    let mut on_b = Publisher::open(b.channel(&b.issue(&identity)).await.unwrap()).await;
+    let base = Utc::now() - chrono::Duration::minutes(30);
+    for sequence in 1..=20u64 {
+        let publisher = if sequence % 2 == 0 { &mut on_a } else { &mut on_b };
+        let at = base + chrono::Duration::seconds(i64::try_from(sequence).unwrap());
+        let ack = publisher.send(sequence, vitals(at)).await;
+        assert_eq!(ack.accepted, 7);
+    }
+    fhir.wait("every chart entry at the FHIR server", |log| log.created.len() == 100)
+        .await;
+    let log = fhir.log.lock().unwrap();
+    let resent: Vec<_> = log.requests.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(resent.is_empty(), "entries sent by more than one relay: {resent:?}");
+}
+
+/// A FHIR server on https that requires medfleet's client certificate (mutual TLS) and a bearer token.
+async fn fhir_over_mutual_tls_with_bearer(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let files = tempfile::tempdir().unwrap();
+    let pki = medfleet_e2e::receivers::HospitalPki::new();
+    let fhir = FhirReceiver::start_tls(files.path(), &pki, "s3cret").await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let created = EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "fhir-mtls".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: fhir.tls_base_url(),
+            bearer_token: "s3cret".into(),
+            ca_pem: pki.ca_pem.clone(),
+            client_certificate_pem: pki.client_cert_pem.clone(),
+            client_key_pem: pki.client_key_pem.clone(),
+            enabled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Secrets go in, never out.
+    assert!(created.bearer_token.is_empty() && created.client_key_pem.is_empty());
+    PatientServiceClient::new(admin)
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-T"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let device_channel = server
+        .channel(&server.issue(&Identity::Device(device.parse().unwrap())))
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(device_channel).await;
+    let ack = publisher
+        .send(1, vitals(Utc::now() - chrono::Duration::seconds(2)))
+        .await;
+    assert_eq!(ack.accepted, 7);
+    fhir.wait("the chart entries over mutual TLS", |log| log.created.len() == 5)
+        .await;
+}
+
+both_backends!(fhir_over_mutual_tls_with_bearer, fhir_over_mutual_tls_with_bearer);
