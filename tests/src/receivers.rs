@@ -359,7 +359,7 @@ async fn wait_on(changed: &tokio::sync::Notify, what: &str, done: impl Fn() -> b
         }
     };
     assert!(
-        tokio::time::timeout(std::time::Duration::from_secs(120), wait)
+        tokio::time::timeout(std::time::Duration::from_mins(2), wait)
             .await
             .is_ok(),
         "{what}: not reached within 120 s"

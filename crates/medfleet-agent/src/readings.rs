@@ -148,8 +148,8 @@ impl Buffer {
 /// A plausible adult's vitals, varying a little from batch to batch (deterministic per sequence, so a test can
 /// tell values apart without randomness).
 fn vitals(sequence: u64, at: SystemTime) -> Vec<StoredItem> {
-    let wobble = |period: u64, span: f64| {
-        let phase = (sequence % period) as f64 / period as f64;
+    let wobble = |period: u32, span: f64| {
+        let phase = f64::from(u32::try_from(sequence % u64::from(period)).unwrap_or(0)) / f64::from(period);
         (phase * std::f64::consts::TAU).sin() * span
     };
     let observed_at_ms = at

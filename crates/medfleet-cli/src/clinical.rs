@@ -100,6 +100,8 @@ pub(crate) enum Kind {
     Mllp,
 }
 
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(crate) enum EmrCommand {
     /// Define where chart entries go.
@@ -202,12 +204,12 @@ fn time_arg(flag: &str, value: Option<&str>) -> anyhow::Result<Option<prost_type
         .transpose()
 }
 
-fn patient(identifier: &str, authority: &str, name: Option<&str>) -> Option<v1::PatientIdentifier> {
-    Some(v1::PatientIdentifier {
+fn patient(identifier: &str, authority: &str, name: Option<&str>) -> v1::PatientIdentifier {
+    v1::PatientIdentifier {
         identifier: identifier.to_owned(),
         authority: authority.to_owned(),
         display_name: name.unwrap_or_default().to_owned(),
-    })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -240,12 +242,12 @@ impl From<v1::Association> for AssociationView {
     }
 }
 
-fn associations(out: Format, rows: Vec<AssociationView>) -> anyhow::Result<()> {
+fn associations(out: Format, rows: &[AssociationView]) -> anyhow::Result<()> {
     if out == Format::Json {
-        return output::json(&rows);
+        return output::json(rows);
     }
     let mut table = output::table(&["ID", "DEVICE", "PATIENT", "FROM", "UNTIL", "SOURCE", "BY"]);
-    for a in &rows {
+    for a in rows {
         table.add_row(vec![
             a.id.clone(),
             a.device_id.clone(),
@@ -277,7 +279,7 @@ pub(crate) async fn patients(channel: Channel, command: &PatientCommand, out: Fo
             let made = api
                 .associate(v1::AssociateRequest {
                     device_id: device.clone(),
-                    patient: patient(&p.patient, &p.authority, name.as_deref()),
+                    patient: Some(patient(&p.patient, &p.authority, name.as_deref())),
                     from: time_arg("from", from.as_deref())?,
                     until: time_arg("until", until.as_deref())?,
                 })
@@ -329,12 +331,12 @@ pub(crate) async fn patients(channel: Channel, command: &PatientCommand, out: Fo
             let rows = api
                 .list_associations(v1::ListAssociationsRequest {
                     device_id: device.clone().unwrap_or_default(),
-                    patient: p.as_ref().and_then(|p| patient(p, authority, None)),
+                    patient: p.as_ref().map(|p| patient(p, authority, None)),
                 })
                 .await?
                 .into_inner()
                 .associations;
-            associations(out, rows.into_iter().map(AssociationView::from).collect())
+            associations(out, &rows.into_iter().map(AssociationView::from).collect::<Vec<_>>())
         }
     }
 }
@@ -418,7 +420,7 @@ pub(crate) async fn observations(channel: Channel, command: &ObservationCommand,
                 let page = api
                     .list_observations(v1::ListObservationsRequest {
                         device_id: device.clone().unwrap_or_default(),
-                        patient: p.as_ref().and_then(|p| patient(p, authority, None)),
+                        patient: p.as_ref().map(|p| patient(p, authority, None)),
                         page_size: i32::try_from((*limit - rows.len()).min(500)).unwrap_or(500),
                         page_token: token,
                     })

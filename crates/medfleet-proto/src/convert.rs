@@ -432,6 +432,30 @@ pub fn principal(kind: i32, name: &str) -> Result<Identity, Violations> {
     })
 }
 
+/// A reading item as the domain validates it. Strings are cut to what any valid value can be, so an oversized
+/// field costs nothing downstream; a missing observation time stays missing (the item is then refused).
+pub fn reading_input(item: &v1::ReadingItem) -> medfleet_core::clinical::reading::ReadingInput {
+    let quality = item
+        .quality
+        .iter()
+        .fold(medfleet_core::clinical::reading::Quality::default(), |mut q, flag| {
+            match v1::ReadingQuality::try_from(*flag) {
+                Ok(v1::ReadingQuality::Invalid) => q.invalid = true,
+                Ok(v1::ReadingQuality::Questionable) => q.questionable = true,
+                Ok(v1::ReadingQuality::TestData) => q.test_data = true,
+                Ok(v1::ReadingQuality::Unspecified) | Err(_) => {}
+            }
+            q
+        });
+    medfleet_core::clinical::reading::ReadingInput {
+        code: item.code.chars().take(64).collect(),
+        value: item.value,
+        unit: item.unit.chars().take(32).collect(),
+        observed_at: item.observed_at.as_ref().and_then(datetime),
+        quality,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,29 +505,5 @@ mod tests {
     fn timestamps_round_trip() {
         let now = Utc::now();
         assert_eq!(datetime(&timestamp(now)), Some(now));
-    }
-}
-
-/// A reading item as the domain validates it. Strings are cut to what any valid value can be, so an oversized
-/// field costs nothing downstream; a missing observation time stays missing (the item is then refused).
-pub fn reading_input(item: &v1::ReadingItem) -> medfleet_core::clinical::reading::ReadingInput {
-    let quality = item
-        .quality
-        .iter()
-        .fold(medfleet_core::clinical::reading::Quality::default(), |mut q, flag| {
-            match v1::ReadingQuality::try_from(*flag) {
-                Ok(v1::ReadingQuality::Invalid) => q.invalid = true,
-                Ok(v1::ReadingQuality::Questionable) => q.questionable = true,
-                Ok(v1::ReadingQuality::TestData) => q.test_data = true,
-                Ok(v1::ReadingQuality::Unspecified) | Err(_) => {}
-            }
-            q
-        });
-    medfleet_core::clinical::reading::ReadingInput {
-        code: item.code.chars().take(64).collect(),
-        value: item.value,
-        unit: item.unit.chars().take(32).collect(),
-        observed_at: item.observed_at.as_ref().and_then(datetime),
-        quality,
     }
 }

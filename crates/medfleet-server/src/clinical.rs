@@ -292,13 +292,12 @@ pub(crate) async fn enqueue(
     Ok(count)
 }
 
+/// New observation rows, their chart events, and per observation the indexes of the readings it holds.
+type Charted = (Vec<observation::ActiveModel>, Vec<Pending>, Vec<(Uuid, Vec<usize>)>);
+
 /// Creates the chart entries for readings of one device covered by one association. Returns, per measurement,
 /// the new observation id and the indexes (into `readings`) of the readings it holds.
-fn chart(
-    device: &device::Model,
-    association: &association::Model,
-    readings: &[Reading],
-) -> (Vec<observation::ActiveModel>, Vec<Pending>, Vec<(Uuid, Vec<usize>)>) {
+fn chart(device: &device::Model, association: &association::Model, readings: &[Reading]) -> Charted {
     let at = now();
     let mut rows = Vec::new();
     let mut pending = Vec::new();

@@ -325,13 +325,13 @@ impl ObservationService for ClinicalApi {
         let audit = audit_context(&request);
         let r = request.into_inner();
         let mut v = Violations::new();
-        let status = match ChartStatus::parse(&r.status) {
-            Some(status @ (ChartStatus::Final | ChartStatus::EnteredInError)) => Some(status),
-            _ => {
+        let status =
+            if let Some(status @ (ChartStatus::Final | ChartStatus::EnteredInError)) = ChartStatus::parse(&r.status) {
+                Some(status)
+            } else {
                 v.push("status", "must be final (validated) or entered-in-error (retracted)");
                 None
-            }
-        };
+            };
         if r.observation_ids.is_empty() || r.observation_ids.len() > 1000 {
             v.push("observation_ids", "name 1 to 1000 observations");
         }
@@ -541,7 +541,7 @@ impl FeedService for ClinicalApi {
             )));
         }
         tracing::info!(subscription = %subscription.name, cursor = subscription.cursor, "feed subscription resumed");
-        let (tx, rx) = mpsc::channel(FEED_PAGE as usize);
+        let (tx, rx) = mpsc::channel(usize::try_from(FEED_PAGE).unwrap_or(500));
         let emr = self.emr.clone();
         tokio::spawn(async move {
             if let Err(status) = follow_feed(emr, subscription.destination, subscription.cursor, &tx).await {

@@ -581,20 +581,17 @@ impl Emr {
             DateTime::from_timestamp(seconds, 0).unwrap_or(at)
         };
         let ready_until = floor(now() - chrono::Duration::seconds(interval));
-        let from = match destination.charted_until {
-            Some(at) => at,
-            None => {
-                // First run: from the window of the earliest entry charted since the destination exists.
-                let earliest = observation::Entity::find()
-                    .filter(observation::Column::CreatedAt.gte(destination.created_at))
-                    .order_by_asc(observation::Column::ObservedAt)
-                    .one(&txn)
-                    .await?;
-                match earliest {
-                    Some(first) => floor(first.observed_at),
-                    None => return Ok(()),
-                }
-            }
+        let from = if let Some(at) = destination.charted_until {
+            at
+        } else {
+            // First run: from the window of the earliest entry charted since the destination exists.
+            let earliest = observation::Entity::find()
+                .filter(observation::Column::CreatedAt.gte(destination.created_at))
+                .order_by_asc(observation::Column::ObservedAt)
+                .one(&txn)
+                .await?;
+            let Some(first) = earliest else { return Ok(()) };
+            floor(first.observed_at)
         };
         if from >= ready_until {
             return Ok(());
@@ -618,7 +615,7 @@ impl Emr {
             .await?
             .into_iter()
             .collect();
-        let mut windows: HashMap<(Uuid, Uuid, String, i64), Vec<(f64, &observation::Model)>> = HashMap::new();
+        let mut windows: HashMap<WindowKey, Vec<(f64, &observation::Model)>> = HashMap::new();
         for candidate in &candidates {
             let value = decode_measurement(candidate)?.values().first().map_or(0.0, |(_, v)| *v);
             let window = candidate.observed_at.timestamp().div_euclid(interval);
@@ -754,7 +751,7 @@ impl Emr {
 
 /// A chart entry from stored rows. `status` overrides the observation's current status (an outbox row carries
 /// the status of its own event).
-pub fn chart_entry(
+fn chart_entry(
     observation: &observation::Model,
     patients: &HashMap<Uuid, patient::Model>,
     devices: &HashMap<Uuid, device::Model>,
@@ -802,6 +799,9 @@ pub fn chart_entry(
         },
     })
 }
+
+/// One charting window: patient, device, measurement kind, window index.
+type WindowKey = (Uuid, Uuid, String, i64);
 
 /// Why a delivery failed, and whether sending the same thing again could help.
 #[derive(Debug)]
@@ -930,7 +930,7 @@ async fn post_bundle(settings: &Settings, bundle: &serde_json::Value) -> Result<
         .await
         .ok()
         .and_then(Result::ok)
-        .map(|b| b.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     if status.is_success() {
         return Ok(());

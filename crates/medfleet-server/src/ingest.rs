@@ -144,7 +144,7 @@ pub fn serve(ingest: Ingest, device: Uuid, mut inbound: Streaming<v1::ReadingBat
                     break;
                 }
             };
-            let batch = match to_batch(device, message) {
+            let batch = match to_batch(device, &message) {
                 Ok(batch) => batch,
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;
@@ -167,7 +167,7 @@ pub fn serve(ingest: Ingest, device: Uuid, mut inbound: Streaming<v1::ReadingBat
     Box::pin(ReceiverStream::new(rx))
 }
 
-fn to_batch(device: Uuid, message: v1::ReadingBatch) -> Result<Batch, Status> {
+fn to_batch(device: Uuid, message: &v1::ReadingBatch) -> Result<Batch, Status> {
     if message.sequence == 0 || i64::try_from(message.sequence).is_err() {
         return Err(Status::invalid_argument(format!(
             "batch sequence {} is out of range: sequences start at 1 and stay below 2^63",

@@ -477,7 +477,10 @@ async fn emr_latency(backend: Backend, devices: usize, interval: Duration, secon
         csv.push('\n');
     }
     std::fs::write(&tokens, csv).expect("tokens");
-    let batches = (Duration::from_secs(seconds).as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+    let per_batch = interval.as_millis().max(1);
+    let batches = u64::try_from(u128::from(seconds) * 1000)
+        .unwrap_or(u64::MAX)
+        .div_ceil(u64::try_from(per_batch).unwrap_or(1));
     let data = server.data_dir();
     let mut simulator = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"))
         .args(["simulate", "--server", &server.url(), "--ca"])
@@ -503,7 +506,7 @@ async fn emr_latency(backend: Backend, devices: usize, interval: Duration, secon
     let mut first = None;
     let mut last = Instant::now();
     while (latency.samples.len() as u64) < expected {
-        let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(60), feed.message()).await else {
+        let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_mins(1), feed.message()).await else {
             eprintln!(
                 "the feed went quiet after {} of {expected} events",
                 latency.samples.len()

@@ -5,7 +5,9 @@
     clippy::expect_used,
     clippy::too_many_lines,
     // Helpers return the Option a proto field wants.
-    clippy::unnecessary_wraps
+    clippy::unnecessary_wraps,
+    // Chart values are exact decimals the test itself sent.
+    clippy::float_cmp
 )]
 
 mod access;

@@ -102,7 +102,7 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("CredentialService", "Renew") => AnyIdentity,
         ("CredentialService", "IssueCredentials") => Global("credential", "create"),
         ("CredentialService", "RevokeCredentials") => Global("credential", "revoke"),
-        ("DeviceService", "Session") => Devices,
+        ("DeviceService", "Session" | "PublishReadings") => Devices,
         ("AccessService", "Grant" | "Revoke" | "AddPermission" | "RemovePermission") => Global("access", "update"),
         ("AccessService", "ListGrants" | "Check" | "ListPermissions") => Global("access", "read"),
         ("AuditService", _) => Global("audit", "read"),
@@ -127,7 +127,6 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("RegistryService", "RevokeDevice") => Scoped("device", "revoke"),
         ("RegistryService", "DecommissionDevice") => Scoped("device", "decommission"),
         ("RegistryService", "IssueEnrollmentToken") => Scoped("enrollment", "create"),
-        ("DeviceService", "PublishReadings") => Devices,
         ("PatientService", "Associate" | "Dissociate" | "RecordAdtEvent") => Scoped("association", "update"),
         ("PatientService", "ListAssociations") => Listing("patient", "read"),
         ("ObservationService", "ListObservations") => Listing("observation", "read"),
@@ -150,8 +149,7 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                 ("site" | "ward", "read" | "create" | "update")
                     | ("device", "read" | "create" | "update" | "revoke" | "decommission")
                     | ("enrollment", "create")
-                    | ("config", "read" | "update")
-                    | ("emr_destination", "read" | "update")
+                    | ("config" | "emr_destination", "read" | "update")
             )
         }
         "biomed" => {
