@@ -502,8 +502,15 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_round_trip() {
-        let now = Utc::now();
+    fn timestamps_round_trip_at_storage_precision() {
+        use chrono::SubsecRound as _;
+        let now = Utc::now().trunc_subsecs(6);
         assert_eq!(datetime(&timestamp(now)), Some(now));
+        // Finer than microseconds is cut, as both databases would.
+        let fine = prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 123_456_789,
+        };
+        assert_eq!(datetime(&fine).map(|t| t.timestamp_subsec_nanos()), Some(123_456_000));
     }
 }
