@@ -594,9 +594,24 @@ async fn acked_readings_survive_a_server_kill(backend: Backend) {
             enabled: true,
             ..Default::default()
         },
+        v1::EmrDestination {
+            name: "emr-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            enabled: true,
+            ..Default::default()
+        },
     ] {
         emr.create_destination(destination).await.unwrap();
     }
+    let mut feed = FeedServiceClient::new(admin.clone());
+    let mut before_kill = feed
+        .subscribe(v1::SubscribeRequest {
+            subscription: "survivor".into(),
+            destination: "emr-feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     let state = tempfile::tempdir().unwrap();
     let mut command = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"));
@@ -624,8 +639,41 @@ async fn acked_readings_survive_a_server_kill(backend: Backend) {
         agents.output(),
         first.process.output()
     );
+    // The feed subscriber has seen some events and acknowledged the fifth.
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        seen.push(
+            tokio::time::timeout(GUARD, before_kill.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    feed.acknowledge(v1::AcknowledgeRequest {
+        subscription: "survivor".into(),
+        cursor: seen[4].cursor,
+    })
+    .await
+    .unwrap();
     let mut logs = first.process.kill().await;
     let second = Daemon::start_on(&data_dir, &storage.database_url, &format!("127.0.0.1:{port}"), &[]).await;
+    // After the restart the subscription resumes right after the acknowledged event.
+    let mut resumed = FeedServiceClient::new(channel_to(port, &data_dir).await)
+        .subscribe(v1::SubscribeRequest {
+            subscription: "survivor".into(),
+            destination: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = tokio::time::timeout(GUARD, resumed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.cursor, &next.event_id), (seen[5].cursor, &seen[5].event_id));
+    drop((before_kill, resumed));
 
     let measurements = DEVICES * usize::try_from(BATCHES).unwrap() * 5;
     agents.wait_for("measurements finished", DEVICES).await;
