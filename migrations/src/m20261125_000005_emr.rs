@@ -40,6 +40,7 @@ enum ReadingBatches {
     ReceivedAt,
     Accepted,
     Rejections,
+    Digest,
 }
 
 #[derive(DeriveIden)]
@@ -198,6 +199,7 @@ impl MigrationTrait for Migration {
                     .col(timestamp(ReadingBatches::ReceivedAt))
                     .col(ColumnDef::new(ReadingBatches::Accepted).integer().not_null())
                     .col(ColumnDef::new(ReadingBatches::Rejections).text().not_null())
+                    .col(ColumnDef::new(ReadingBatches::Digest).string_len(64).not_null())
                     .primary_key(
                         Index::create()
                             .col(ReadingBatches::DeviceId)
@@ -272,6 +274,16 @@ impl MigrationTrait for Migration {
                     .name("observations_patient_time_idx")
                     .table(Observations::Table)
                     .col(Observations::PatientId)
+                    .col(Observations::ObservedAt)
+                    .to_owned(),
+            )
+            .await?;
+        // Interval charting reads windows of observation time across patients.
+        manager
+            .create_index(
+                Index::create()
+                    .name("observations_time_idx")
+                    .table(Observations::Table)
                     .col(Observations::ObservedAt)
                     .to_owned(),
             )

@@ -135,6 +135,25 @@ impl Buffer {
         }))
     }
 
+    /// Moves an unacknowledged batch to a sequence of at least `at_least` (the server had seen its sequence with
+    /// other readings: this device's buffer was reset). The new copy is durable before the old one goes.
+    fn renumber(&self, sequence: u64, at_least: u64) -> anyhow::Result<Option<u64>> {
+        let path = self.batch_path(sequence);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let batch: StoredBatch =
+            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        if self.last_sequence()? + 1 < at_least {
+            write_private(&self.counter(), &(at_least - 1).to_string())?;
+        }
+        let renumbered = self.append(batch.items)?;
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        Ok(Some(renumbered))
+    }
+
     /// Drops an acknowledged batch. Losing the removal in a crash only means a harmless resend.
     fn acknowledged(&self, sequence: u64) -> anyhow::Result<()> {
         match std::fs::remove_file(self.batch_path(sequence)) {
@@ -278,6 +297,16 @@ async fn publish_once(
             () = stop.cancelled() => return Ok(()),
             result = &mut sender => return result,
             ack = acks.message() => match ack {
+                Ok(Some(ack)) if ack.next_sequence > 0 => {
+                    // Nothing of this batch was stored: keep it under a fresh sequence and resend everything.
+                    let renumbered = buffer.renumber(ack.sequence, ack.next_sequence)?;
+                    anyhow::bail!(
+                        "the server had stored sequence {} with other readings (this device's buffer was reset); \
+                         the batch is kept as sequence {} and sent again",
+                        ack.sequence,
+                        renumbered.map_or_else(|| "-".to_owned(), |s| s.to_string())
+                    );
+                }
                 Ok(Some(ack)) => {
                     buffer.acknowledged(ack.sequence)?;
                     if !ack.rejected.is_empty() {
@@ -298,5 +327,30 @@ async fn publish_once(
                 Err(status) => anyhow::bail!("the reading stream ended: {} ({:?})", status.message(), status.code()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_keeps_batches_until_acked_and_renumbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer::open(&StateDir::new(dir.path().to_owned())).unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_hours(500_000);
+        let first = buffer.append(vitals(1, at)).unwrap();
+        let second = buffer.append(vitals(2, at)).unwrap();
+        assert_eq!((first, second), (1, 2));
+        buffer.acknowledged(first).unwrap();
+        assert_eq!(buffer.pending().unwrap(), vec![2]);
+        // The server knew sequences up to 40: the batch moves to 41, contents unchanged.
+        let before = buffer.load(2).unwrap().unwrap().items;
+        assert_eq!(buffer.renumber(2, 41).unwrap(), Some(41));
+        assert_eq!(buffer.pending().unwrap(), vec![41]);
+        assert_eq!(buffer.load(41).unwrap().unwrap().items, before);
+        // Sequences are never reused, even once everything is acked.
+        buffer.acknowledged(41).unwrap();
+        assert_eq!(buffer.append(vitals(3, at)).unwrap(), 42);
     }
 }

@@ -393,6 +393,37 @@ pub struct Outcome {
     /// Chart entries created (not part of the stored ack).
     #[serde(skip)]
     pub charted: u32,
+    /// When the sequence was used before for other readings: the first sequence the device may use.
+    #[serde(skip)]
+    pub next_sequence: Option<u64>,
+}
+
+/// SHA-256 over a batch's items in a fixed layout, to tell a resend from a reused sequence number.
+fn batch_digest(items: &[ReadingInput]) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for item in items {
+        for part in [item.code.as_bytes(), item.unit.as_bytes()] {
+            context.update(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+            context.update(part);
+        }
+        context.update(&item.value.to_bits().to_be_bytes());
+        let at = item.observed_at.map_or(i64::MIN, |t| t.timestamp_micros());
+        context.update(&at.to_be_bytes());
+        context.update(&[
+            u8::from(item.quality.invalid),
+            u8::from(item.quality.questionable),
+            u8::from(item.quality.test_data),
+        ]);
+    }
+    context
+        .finish()
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut out, b| {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -450,6 +481,7 @@ impl Clinical {
                 rejected: Vec::new(),
                 duplicate: false,
                 charted: 0,
+                next_sequence: None,
             };
             for (index, item) in batch.items.iter().enumerate() {
                 let index = u32::try_from(index).unwrap_or(u32::MAX);
@@ -471,6 +503,7 @@ impl Clinical {
                 received_at: Set(clock),
                 accepted: Set(i32::try_from(outcome.accepted).unwrap_or(i32::MAX)),
                 rejections: Set(serde_json::to_string(&outcome.rejected).unwrap_or_else(|_| "[]".into())),
+                digest: Set(batch_digest(&batch.items)),
             })
             .on_conflict(
                 OnConflict::columns([reading_batch::Column::DeviceId, reading_batch::Column::Sequence])
@@ -480,7 +513,7 @@ impl Clinical {
             .exec_without_returning(&txn)
             .await?;
             if inserted == 0 {
-                outcomes.push(self.stored_outcome(&txn, batch.device, sequence).await?);
+                outcomes.push(self.stored_outcome(&txn, batch, sequence).await?);
                 continue;
             }
             let readings: Vec<Reading> = accepted.iter().map(|(_, r)| *r).collect();
@@ -535,8 +568,9 @@ impl Clinical {
         let associations = associations_between(txn, device.id, from, to).await?;
         for association in &associations {
             let period = period_of(association);
+            // Periods never overlap; should stored data ever break that, a reading still charts only once.
             let covered: Vec<usize> = (0..readings.len())
-                .filter(|i| period.covers(readings[*i].observed_at))
+                .filter(|i| chart_of[*i].is_none() && period.covers(readings[*i].observed_at))
                 .collect();
             if covered.is_empty() {
                 continue;
@@ -554,11 +588,43 @@ impl Clinical {
         Ok(chart_of)
     }
 
-    async fn stored_outcome(&self, txn: &impl ConnectionTrait, device: Uuid, sequence: i64) -> Result<Outcome> {
-        let stored = reading_batch::Entity::find_by_id((device, sequence))
+    /// The answer to a sequence that is already stored: the original outcome for a true resend; for different
+    /// readings under a used sequence (a device whose buffer was reset), a refusal of every item with the first
+    /// free sequence, so the device renumbers instead of losing them as "duplicates".
+    async fn stored_outcome(&self, txn: &impl ConnectionTrait, batch: &Batch, sequence: i64) -> Result<Outcome> {
+        let stored = reading_batch::Entity::find_by_id((batch.device, sequence))
             .one(txn)
             .await?
             .ok_or_else(|| Error::Internal("a conflicting reading batch vanished".into()))?;
+        if stored.digest != batch_digest(&batch.items) {
+            let highest: Option<i64> = reading_batch::Entity::find()
+                .select_only()
+                .column_as(reading_batch::Column::Sequence.max(), "highest")
+                .filter(reading_batch::Column::DeviceId.eq(batch.device))
+                .into_tuple()
+                .one(txn)
+                .await?
+                .flatten();
+            let next = u64::try_from(highest.unwrap_or(sequence))
+                .unwrap_or(0)
+                .saturating_add(1);
+            tracing::warn!(device = %batch.device, sequence, next, "a device reused a sequence number for other readings");
+            return Ok(Outcome {
+                accepted: 0,
+                rejected: (0..batch.items.len())
+                    .map(|index| Rejected {
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        code: "sequence_reused".into(),
+                        reason: format!(
+                            "sequence {sequence} was already used for other readings; resend from sequence {next}"
+                        ),
+                    })
+                    .collect(),
+                duplicate: false,
+                charted: 0,
+                next_sequence: Some(next),
+            });
+        }
         let rejected: Vec<Rejected> = serde_json::from_str(&stored.rejections)
             .map_err(|e| Error::Internal(format!("stored rejections of a batch are corrupt: {e}")))?;
         Ok(Outcome {
@@ -566,6 +632,7 @@ impl Clinical {
             rejected,
             duplicate: true,
             charted: 0,
+            next_sequence: None,
         })
     }
 
@@ -669,28 +736,33 @@ impl Clinical {
         let stored = query.order_by_asc(reading::Column::ObservedAt).all(txn).await?;
         let mut charted = 0u64;
         if !stored.is_empty() {
-            let readings: Vec<Reading> = stored
+            // (row id, reading) pairs: the grouping's indexes must point at the rows they came from.
+            let pairs: Vec<(i64, Reading)> = stored
                 .iter()
                 .filter_map(|row| {
-                    Some(Reading {
-                        vital: vital_from_refid(&row.code)?,
-                        value: row.value,
-                        observed_at: row.observed_at,
-                        questionable: row.questionable,
-                    })
+                    Some((
+                        row.id,
+                        Reading {
+                            vital: vital_from_refid(&row.code)?,
+                            value: row.value,
+                            observed_at: row.observed_at,
+                            questionable: row.questionable,
+                        },
+                    ))
                 })
                 .collect();
+            let readings: Vec<Reading> = pairs.iter().map(|(_, r)| *r).collect();
             let (rows, pending, members) = chart(device, &association, &readings);
             insert_observations(txn, rows).await?;
             for (observation, indexes) in members {
-                let ids: Vec<i64> = indexes.iter().map(|i| stored[*i].id).collect();
+                let ids: Vec<i64> = indexes.iter().map(|i| pairs[*i].0).collect();
                 reading::Entity::update_many()
                     .col_expr(reading::Column::ObservationId, Expr::value(observation))
                     .filter(reading::Column::Id.is_in(ids))
                     .exec(txn)
                     .await?;
             }
-            charted = stored.len() as u64;
+            charted = pairs.len() as u64;
             enqueue(txn, &self.events, &routes(txn).await?, &pending, None).await?;
         }
         audit
@@ -764,10 +836,30 @@ impl Clinical {
                 at.to_rfc3339()
             )));
         }
-        let mut update: association::ActiveModel = open.into();
-        update.ends_at = Set(Some(at));
-        update.ended_by = Set(Some(audit.actor.clone()));
-        let ended = association::Entity::update(update).exec(txn).await?;
+        // Conditional on the row still being open at `at`: an end never moves later (which could make it overlap
+        // a newer association), whatever a concurrent writer did since this transaction read it.
+        let updated = association::Entity::update_many()
+            .col_expr(association::Column::EndsAt, Expr::value(Some(at)))
+            .col_expr(association::Column::EndedBy, Expr::value(Some(audit.actor.clone())))
+            .filter(association::Column::Id.eq(open.id))
+            .filter(association::Column::StartsAt.lt(at))
+            .filter(
+                association::Column::EndsAt
+                    .is_null()
+                    .or(association::Column::EndsAt.gt(at)),
+            )
+            .exec(txn)
+            .await?;
+        if updated.rows_affected != 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "the association of device {} changed concurrently; retry",
+                device.id
+            )));
+        }
+        let ended = association::Entity::find_by_id(open.id)
+            .one(txn)
+            .await?
+            .ok_or_else(|| Error::Internal("an ended association vanished".into()))?;
         let patient = patient::Entity::find_by_id(ended.patient_id)
             .one(txn)
             .await?

@@ -36,8 +36,12 @@ use crate::events::{Event, Events};
 use crate::store::now;
 use crate::telemetry::Metrics;
 
-/// How long a relay's claim on a destination lasts without renewal.
+/// How long a relay's claim on a destination lasts without renewal: longer than one whole exchange
+/// (`EXCHANGE_TIMEOUT`), since the relay renews it before every send; and short, because a replica that died
+/// holds its destinations until the lease runs out.
 const LEASE: Duration = Duration::from_secs(30);
+/// Bounds one whole delivery attempt (connect, TLS, request, answer), whatever each step takes.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often relays look for work when no notification woke them (the periodic reconcile).
 const RELAY_TICK: Duration = Duration::from_secs(1);
 /// Chart events per FHIR transaction Bundle.
@@ -385,6 +389,15 @@ impl Emr {
             .all(&self.db)
             .await?
         {
+            // Only take the write lock when a window has closed since the last run.
+            let interval = std::cmp::max(destination.interval_secs, 1);
+            let closed = (now() - chrono::Duration::seconds(interval))
+                .timestamp()
+                .div_euclid(interval)
+                * interval;
+            if destination.charted_until.is_some_and(|at| at.timestamp() >= closed) {
+                continue;
+            }
             if let Err(error) = self.chart_interval(&destination.name).await {
                 tracing::warn!(destination = %destination.name, %error, "interval charting failed; retrying at the next tick");
             }
@@ -483,14 +496,37 @@ impl Emr {
             let entries = self.entries(&due).await?;
             match kind {
                 DestinationKind::Fhir => {
-                    let ordered: Vec<ChartEntry> = due.iter().filter_map(|r| entries.get(&r.id).cloned()).collect();
-                    let outcome = post_bundle(&settings, &fhir::transaction_bundle(&ordered)).await;
+                    // A Bundle may name each resource once: of several pending events of one entry only the
+                    // newest is sent (a conditional update creates it if the earlier one never arrived); the
+                    // older rows share its fate.
+                    let mut newest: HashMap<Uuid, &emr_outbox::Model> = HashMap::new();
+                    for row in &due {
+                        newest.insert(row.observation_id, row);
+                    }
+                    let ordered: Vec<ChartEntry> = due
+                        .iter()
+                        .filter(|r| newest.get(&r.observation_id).is_some_and(|n| n.id == r.id))
+                        .filter_map(|r| entries.get(&r.id).cloned())
+                        .collect();
+                    let bundle = fhir::transaction_bundle(&ordered);
+                    let outcome = tokio::time::timeout(EXCHANGE_TIMEOUT, post_bundle(&settings, &bundle))
+                        .await
+                        .unwrap_or_else(|_| Err(Failure::retry("the FHIR exchange took too long; sent again later")));
                     self.settle(&due, &outcome, kind).await?;
                 }
                 DestinationKind::Mllp => {
                     for row in &due {
                         let Some(entry) = entries.get(&row.id) else { continue };
-                        let outcome = send_mllp(&mut mllp, &settings, entry, row.id).await;
+                        // Each message may wait for its ACK up to the timeout: hold the lease for every one.
+                        if stop.is_cancelled() || !self.claim(&destination.name).await? {
+                            return Ok(());
+                        }
+                        let outcome =
+                            tokio::time::timeout(EXCHANGE_TIMEOUT, send_mllp(&mut mllp, &settings, entry, row.id))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(Failure::retry("the HL7 exchange took too long; sent again later"))
+                                });
                         if outcome.is_err() {
                             mllp = None;
                         }
@@ -556,6 +592,8 @@ impl Emr {
                         .await?;
                 }
                 let outcome = if failure.permanent { "dead" } else { "retry" };
+                // The reason holds only medfleet's own words and the receiver's structured codes (never its free
+                // text, which may echo a patient identifier).
                 tracing::warn!(kind = kind.as_str(), deliveries = rows.len(), reason = %failure.reason, outcome, "EMR delivery failed");
                 self.metrics.record_delivery(kind.as_str(), outcome, rows.len() as u64);
             }
@@ -604,6 +642,8 @@ impl Emr {
             .await?
             .into_iter()
             .filter(|o| route.covers(o.site.as_deref(), o.ward.as_deref()))
+            // A retracted entry is never a window's median.
+            .filter(|o| o.status != ChartStatus::EnteredInError.as_str())
             .collect();
         let already: HashSet<Uuid> = emr_outbox::Entity::find()
             .select_only()
@@ -935,15 +975,53 @@ async fn post_bundle(settings: &Settings, bundle: &serde_json::Value) -> Result<
     if status.is_success() {
         return Ok(());
     }
-    let excerpt: String = String::from_utf8_lossy(&body).chars().take(ERROR_EXCERPT).collect();
+    let excerpt = operation_outcome_codes(&body);
     // 4xx other than timeouts, conflicts under load and rate limits will fail the same way again.
     let permanent = status.is_client_error()
         && !matches!(status.as_u16(), 408 | 409 | 425 | 429)
         && status != http::StatusCode::UNAUTHORIZED;
     Err(Failure {
-        reason: format!("FHIR server answered HTTP {}: {excerpt}", status.as_u16()),
+        reason: format!("FHIR server answered HTTP {}{excerpt}", status.as_u16()),
         permanent,
     })
+}
+
+/// The structured part of a FHIR OperationOutcome: each issue's severity, code and expression (element paths).
+/// Its free text (`diagnostics`, `details.text`) is left out: servers echo patient identifiers in it.
+fn operation_outcome_codes(body: &[u8]) -> String {
+    let Ok(outcome) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::new();
+    };
+    let issues: Vec<String> = outcome["issue"]
+        .as_array()
+        .map(|issues| {
+            issues
+                .iter()
+                .take(5)
+                .map(|issue| {
+                    let expression = issue["expression"]
+                        .as_array()
+                        .map(|e| e.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    format!(
+                        "{} {} {}",
+                        issue["severity"].as_str().unwrap_or_default(),
+                        issue["code"].as_str().unwrap_or_default(),
+                        expression
+                    )
+                    .trim()
+                    .chars()
+                    .take(ERROR_EXCERPT)
+                    .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if issues.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", issues.join("; "))
+    }
 }
 
 /// Sends one ORU^R01 and waits for its ACK, over a connection kept open across messages.
@@ -997,11 +1075,17 @@ async fn send_mllp(
             ack.control_id
         )));
     }
+    // Only the ERR-3 error code goes into the reason; the ACK's text may echo patient data.
+    let code = if ack.error_code.is_empty() {
+        String::new()
+    } else {
+        format!(" (error code {})", ack.error_code)
+    };
     match ack.code {
         hl7::AckCode::Accept => Ok(()),
-        hl7::AckCode::Error => Err(Failure::retry(format!("the receiver answered AE: {}", ack.text))),
+        hl7::AckCode::Error => Err(Failure::retry(format!("the receiver answered AE{code}"))),
         hl7::AckCode::Reject => Err(Failure {
-            reason: format!("the receiver answered AR: {}", ack.text),
+            reason: format!("the receiver answered AR{code}"),
             permanent: true,
         }),
     }

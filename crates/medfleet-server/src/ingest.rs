@@ -203,5 +203,6 @@ fn ack(sequence: u64, outcome: Outcome) -> v1::ReadingAck {
             })
             .collect(),
         duplicate: outcome.duplicate,
+        next_sequence: outcome.next_sequence.unwrap_or(0),
     }
 }

@@ -274,6 +274,11 @@ async fn readings_chart_to_the_right_patient(backend: Backend) {
     let replay = publisher.send(2, vitals(during)).await;
     assert!(replay.duplicate);
     assert_eq!(replay.accepted, 7);
+    // The same sequence with other readings (a device whose buffer was reset): nothing stored, every item
+    // refused, and the first free sequence named so the device can renumber.
+    let reused = publisher.send(2, vec![item("147842", 99.0, "/min", during)]).await;
+    assert_eq!((reused.accepted, reused.duplicate, reused.next_sequence), (0, false, 5));
+    assert_eq!(reused.rejected[0].code, "sequence_reused");
 
     // The chart: exactly the measurements inside the association (5 from batch 2, 1 valid from batch 4).
     let charted = observations(&mut chart, "MRN-A").await;

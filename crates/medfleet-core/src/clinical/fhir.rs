@@ -65,15 +65,24 @@ fn device_reference(device: &DeviceRef) -> Value {
     })
 }
 
+/// The LOINC code the R4 vital-signs profile requires where it differs from the more specific one we chart
+/// (oxygen saturation profile: 2708-6; heart rate profile: 8867-4).
+fn profile_loinc(vital: Vital) -> Option<(&'static str, &'static str)> {
+    match vital {
+        Vital::SpO2 => Some(("2708-6", "Oxygen saturation in Arterial blood")),
+        Vital::PulseRate => Some(("8867-4", "Heart rate")),
+        _ => None,
+    }
+}
+
 fn code_of(vital: Vital) -> Value {
     let info = vital.info();
-    json!({
-        "coding": [
-            {"system": LOINC, "code": info.loinc, "display": info.loinc_display},
-            {"system": MDC, "code": info.mdc_code.to_string(), "display": info.mdc_refid},
-        ],
-        "text": info.loinc_display,
-    })
+    let mut coding = vec![json!({"system": LOINC, "code": info.loinc, "display": info.loinc_display})];
+    if let Some((code, display)) = profile_loinc(vital) {
+        coding.push(json!({"system": LOINC, "code": code, "display": display}));
+    }
+    coding.push(json!({"system": MDC, "code": info.mdc_code.to_string(), "display": info.mdc_refid}));
+    json!({"coding": coding, "text": info.loinc_display})
 }
 
 fn quantity(vital: Vital, value: f64) -> Value {
@@ -106,7 +115,14 @@ pub fn observation(entry: &ChartEntry) -> Value {
             resource["valueQuantity"] = quantity(*vital, *value);
         }
         Measurement::BloodPressure { components } => {
-            resource["meta"] = json!({"profile": [VITAL_SIGNS_PROFILE, BP_PROFILE]});
+            // The bp profile requires both systolic and diastolic; a lone mean pressure is a plain vital sign.
+            let has = |wanted: Vital| components.iter().any(|(vital, _)| *vital == wanted);
+            let profiles = if has(Vital::NibpSystolic) && has(Vital::NibpDiastolic) {
+                json!([VITAL_SIGNS_PROFILE, BP_PROFILE])
+            } else {
+                json!([VITAL_SIGNS_PROFILE])
+            };
+            resource["meta"] = json!({"profile": profiles});
             resource["code"] = json!({
                 "coding": [
                     {"system": LOINC, "code": NIBP_PANEL_LOINC, "display": NIBP_PANEL_LOINC_DISPLAY},
@@ -230,6 +246,32 @@ mod tests {
         assert_eq!(value["component"][1]["code"]["coding"][0]["code"], "8462-4");
         assert_eq!(value["component"][1]["valueQuantity"]["code"], "mm[Hg]");
         assert_eq!(value["status"], "final");
+        assert_eq!(value["meta"]["profile"][1], BP_PROFILE);
+        let mean_only = observation(&entry(
+            Measurement::BloodPressure {
+                components: vec![(Vital::NibpMean, 93.0)],
+            },
+            ChartStatus::Preliminary,
+        ));
+        assert_eq!(mean_only["meta"]["profile"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn profile_codes_are_present() {
+        let spo2 = observation(&entry(
+            Measurement::Single {
+                vital: Vital::SpO2,
+                value: 97.0,
+            },
+            ChartStatus::Preliminary,
+        ));
+        let codes: Vec<&str> = spo2["code"]["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["code"].as_str())
+            .collect();
+        assert_eq!(codes, vec!["59408-5", "2708-6", "150456"]);
     }
 
     #[test]

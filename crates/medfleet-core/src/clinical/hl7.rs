@@ -220,7 +220,8 @@ pub fn oru_r01(entry: &ChartEntry, endpoints: &Endpoints, control_id: &str, sent
         let sub_id = format!("1.1.1.{}", index + 1);
         let obx3 = format!("{}^{}^MDC", info.mdc_code, info.mdc_refid);
         let obx6 = format!("{}^{}^MDC", info.mdc_unit_code, info.mdc_unit_refid);
-        let obx7 = format!("{}-{}", info.plausible.0, info.plausible.1);
+        let (low, high) = super::reading::alarm_limits(*vital);
+        let obx7 = format!("{}-{}", format_value(low), format_value(high));
         let obx8 = if super::reading::breaches_threshold(*vital, *value) {
             "A"
         } else {
@@ -274,6 +275,8 @@ pub struct Acknowledgement {
     pub code: AckCode,
     pub control_id: String,
     pub text: String,
+    /// ERR-3 (HL7 error code), first component: structured, safe to log.
+    pub error_code: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,16 +310,21 @@ pub fn parse_ack(message: &str) -> Result<Acknowledgement, AckError> {
         "AR" | "CR" => AckCode::Reject,
         other => return Err(AckError::UnknownCode(other.chars().take(8).collect())),
     };
-    let text = message
-        .split(['\r', '\n'])
-        .find(|segment| segment.starts_with("ERR|"))
+    let err = message.split(['\r', '\n']).find(|segment| segment.starts_with("ERR|"));
+    let text = err
         .map(unescape)
         .or_else(|| fields.get(3).map(|text| unescape(text)))
+        .unwrap_or_default();
+    let error_code = err
+        .and_then(|segment| segment.split('|').nth(3))
+        .and_then(|field| field.split('^').next())
+        .map(|code| code.chars().filter(char::is_ascii_alphanumeric).take(16).collect())
         .unwrap_or_default();
     Ok(Acknowledgement {
         code,
         control_id: unescape(fields.get(2).copied().unwrap_or_default()),
         text,
+        error_code,
     })
 }
 
@@ -455,6 +463,8 @@ mod tests {
         let ack = parse_ack("MSH|^~\\&|x\rMSA|AE|MF2|bad \\F\\ thing\r").unwrap();
         assert_eq!(ack.code, AckCode::Error);
         assert_eq!(ack.text, "bad | thing");
+        let ack = parse_ack("MSH|^~\\&|x\rMSA|AR|MF3\rERR|||207^Application internal error^HL70357|E\r").unwrap();
+        assert_eq!((ack.code, ack.error_code.as_str()), (AckCode::Reject, "207"));
         assert_eq!(parse_ack("MSH|x\r"), Err(AckError::NoMsa));
         assert!(matches!(parse_ack("MSA|ZZ|1"), Err(AckError::UnknownCode(_))));
     }

@@ -188,7 +188,14 @@ pub fn validate(
 /// Default alarm limits: a value outside them is a threshold breach, charted at once whatever a destination's
 /// charting interval. Conservative adult limits; a ward can chart more often through its destination interval.
 pub fn breaches_threshold(vital: Vital, value: f64) -> bool {
-    let (low, high) = match vital {
+    let (low, high) = alarm_limits(vital);
+    !(low..=high).contains(&value)
+}
+
+/// The default alarm limits (inclusive) behind [`breaches_threshold`]; HL7 OBX-7 reports them as the reference
+/// range, so OBX-8's abnormal flag agrees with it.
+pub fn alarm_limits(vital: Vital) -> (f64, f64) {
+    match vital {
         Vital::HeartRate | Vital::PulseRate => (40.0, 140.0),
         Vital::SpO2 => (90.0, 100.0),
         Vital::NibpSystolic => (80.0, 180.0),
@@ -196,8 +203,7 @@ pub fn breaches_threshold(vital: Vital, value: f64) -> bool {
         Vital::NibpMean => (60.0, 130.0),
         Vital::BodyTemperature => (35.0, 38.5),
         Vital::RespiratoryRate => (8.0, 30.0),
-    };
-    !(low..=high).contains(&value)
+    }
 }
 
 #[cfg(test)]

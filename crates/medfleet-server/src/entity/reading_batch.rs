@@ -11,6 +11,8 @@ pub struct Model {
     pub accepted: i32,
     /// JSON array of `{index, code, reason}`: the ack is answered again from it on a resend.
     pub rejections: String,
+    /// SHA-256 of the batch's items: a resend must carry the same readings as the stored batch.
+    pub digest: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
