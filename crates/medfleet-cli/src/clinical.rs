@@ -223,6 +223,8 @@ struct AssociationView {
     source: String,
     created_by: String,
     charted_retroactively: u64,
+    status: String,
+    ended_by: String,
 }
 
 impl From<v1::Association> for AssociationView {
@@ -238,6 +240,8 @@ impl From<v1::Association> for AssociationView {
             source: a.source,
             created_by: a.created_by,
             charted_retroactively: a.charted_retroactively,
+            status: a.status,
+            ended_by: a.ended_by,
         }
     }
 }
@@ -246,7 +250,7 @@ fn associations(out: Format, rows: &[AssociationView]) -> anyhow::Result<()> {
     if out == Format::Json {
         return output::json(rows);
     }
-    let mut table = output::table(&["ID", "DEVICE", "PATIENT", "FROM", "UNTIL", "SOURCE", "BY"]);
+    let mut table = output::table(&["ID", "DEVICE", "PATIENT", "FROM", "UNTIL", "STATUS", "SOURCE", "BY"]);
     for a in rows {
         table.add_row(vec![
             a.id.clone(),
@@ -258,6 +262,7 @@ fn associations(out: Format, rows: &[AssociationView]) -> anyhow::Result<()> {
             } else {
                 a.ends_at.clone()
             },
+            a.status.clone(),
             a.source.clone(),
             a.created_by.clone(),
         ]);

@@ -88,6 +88,14 @@ fn patient_to_wire(patient: &patient::Model) -> v1::PatientIdentifier {
 
 fn association_to_wire(view: &AssociationView) -> v1::Association {
     let a = &view.association;
+    let at = now();
+    let status = if a.starts_at > at {
+        "planned"
+    } else if a.ends_at.is_some_and(|end| end <= at) {
+        "ended"
+    } else {
+        "active"
+    };
     v1::Association {
         id: a.id.to_string(),
         device_id: a.device_id.to_string(),
@@ -97,6 +105,8 @@ fn association_to_wire(view: &AssociationView) -> v1::Association {
         source: a.source.clone(),
         created_by: a.created_by.clone(),
         charted_retroactively: view.charted_retroactively,
+        status: status.to_owned(),
+        ended_by: a.ended_by.clone().unwrap_or_default(),
     }
 }
 

@@ -1065,6 +1065,7 @@ async fn adt_events_bind_bed_devices(backend: Backend) {
         periods,
         vec![("MRN-P1".to_owned(), ts(at(30))), ("MRN-P2".to_owned(), ts(at(90)))]
     );
+    assert!(history.iter().all(|a| a.status == "ended" && a.source == "adt"));
     // An admit without a bed is refused with the field named.
     let refused = patients
         .record_adt_event(event(v1::AdtEventType::Admit, "MRN-P3", "", 100))
