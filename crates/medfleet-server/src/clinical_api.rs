@@ -52,6 +52,30 @@ impl ClinicalApi {
         Self { clinical, emr }
     }
 
+    /// What a listing is about: a device the caller may see, or a patient (at least one of them).
+    async fn subject(
+        &self,
+        device_id: &str,
+        patient: Option<&v1::PatientIdentifier>,
+        visibility: &Visibility,
+    ) -> Result<(Option<Uuid>, Option<PatientKey>)> {
+        let device = if device_id.is_empty() {
+            None
+        } else {
+            Some(convert::device_id("device_id", device_id)?)
+        };
+        let patient = patient
+            .map(|p| PatientKey::parse("patient", &p.identifier, &p.authority, ""))
+            .transpose()?;
+        if device.is_none() && patient.is_none() {
+            return Err(Violations::single("device_id", "name a device or a patient").into());
+        }
+        if let Some(device) = device {
+            self.visible_device(device, visibility).await?;
+        }
+        Ok((device, patient))
+    }
+
     /// The stored device, if the caller may see where it stands (otherwise it "does not exist").
     async fn visible_device(&self, id: Uuid, visibility: &Visibility) -> Result<device::Model> {
         let missing = || Error::NotFound(format!("device {id} does not exist"));
@@ -182,22 +206,7 @@ impl PatientService for ClinicalApi {
     ) -> Reply<v1::ListAssociationsResponse> {
         let visibility = visibility(&request);
         let r = request.into_inner();
-        let device = if r.device_id.is_empty() {
-            None
-        } else {
-            Some(convert::device_id("device_id", &r.device_id).map_err(Error::from)?)
-        };
-        let patient = r
-            .patient
-            .as_ref()
-            .map(|p| PatientKey::parse("patient", &p.identifier, &p.authority, ""))
-            .transpose()?;
-        if device.is_none() && patient.is_none() {
-            return Err(Error::from(Violations::single("device_id", "name a device or a patient")).into());
-        }
-        if let Some(device) = device {
-            self.visible_device(device, &visibility).await?;
-        }
+        let (device, patient) = self.subject(&r.device_id, r.patient.as_ref(), &visibility).await?;
         let views = self.clinical.list_associations(device, patient.as_ref()).await?;
         // Associations of devices the caller cannot see are left out.
         let ids: BTreeSet<Uuid> = views.iter().map(|v| v.association.device_id).collect();
@@ -262,22 +271,7 @@ impl ObservationService for ClinicalApi {
     ) -> Reply<v1::ListObservationsResponse> {
         let visibility = visibility(&request);
         let r = request.into_inner();
-        let device = if r.device_id.is_empty() {
-            None
-        } else {
-            Some(convert::device_id("device_id", &r.device_id).map_err(Error::from)?)
-        };
-        let patient_key = r
-            .patient
-            .as_ref()
-            .map(|p| PatientKey::parse("patient", &p.identifier, &p.authority, ""))
-            .transpose()?;
-        if device.is_none() && patient_key.is_none() {
-            return Err(Error::from(Violations::single("device_id", "name a device or a patient")).into());
-        }
-        if let Some(device) = device {
-            self.visible_device(device, &visibility).await?;
-        }
+        let (device, patient_key) = self.subject(&r.device_id, r.patient.as_ref(), &visibility).await?;
         let patient = match &patient_key {
             Some(key) => match self.clinical.find_patient(key).await? {
                 Some(found) => Some(found.id),
