@@ -10,6 +10,7 @@ mod m20261125_000002_identity;
 mod m20261125_000003_access;
 mod m20261125_000004_config;
 mod m20261125_000005_emr;
+mod m20261201_000006_outbox_order;
 mod seed;
 
 #[derive(Debug)]
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000003_access::Migration),
             Box::new(m20261125_000004_config::Migration),
             Box::new(m20261125_000005_emr::Migration),
+            Box::new(m20261201_000006_outbox_order::Migration),
         ]
     }
 }

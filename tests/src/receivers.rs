@@ -56,6 +56,9 @@ async fn transaction(State(state): State<FhirState>, body: axum::body::Bytes) ->
     let mut log = state.log.lock().unwrap();
     if log.fail_next > 0 {
         log.fail_next -= 1;
+        drop(log);
+        // Waiters learn of the refusal too (a test waits for "the receiver was down for that one").
+        state.changed.notify_waiters();
         return (StatusCode::SERVICE_UNAVAILABLE, "try later".into());
     }
     log.bundles += 1;

@@ -6,6 +6,7 @@
 //! restart, a lost connection and a server crash, and a resend after any of those is deduplicated by the server.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -45,13 +46,19 @@ struct StoredBatch {
 #[derive(Debug, Clone)]
 pub(crate) struct Buffer {
     dir: PathBuf,
+    /// The one sequence allocator: measuring and renumbering both take "last + 1" and write a file under it, so
+    /// without this two of them could pick the same number and one batch would overwrite the other.
+    allocate: Arc<Mutex<()>>,
 }
 
 impl Buffer {
     pub(crate) fn open(state: &StateDir) -> anyhow::Result<Self> {
         let dir = state.root().join("outbox");
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            allocate: Arc::new(Mutex::new(())),
+        })
     }
 
     fn counter(&self) -> PathBuf {
@@ -98,6 +105,12 @@ impl Buffer {
 
     /// Stores a new batch durably and returns its sequence number.
     fn append(&self, items: Vec<StoredItem>) -> anyhow::Result<u64> {
+        let _allocating = self.allocate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.append_allocated(items)
+    }
+
+    /// `append` for a caller that holds the allocator.
+    fn append_allocated(&self, items: Vec<StoredItem>) -> anyhow::Result<u64> {
         let sequence = self.last_sequence()? + 1;
         let batch = StoredBatch { sequence, items };
         write_private(&self.batch_path(sequence), &serde_json::to_string(&batch)?)?;
@@ -146,12 +159,26 @@ impl Buffer {
         };
         let batch: StoredBatch =
             serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        let _allocating = self.allocate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.last_sequence()? + 1 < at_least {
             write_private(&self.counter(), &(at_least - 1).to_string())?;
         }
-        let renumbered = self.append(batch.items)?;
+        let renumbered = self.append_allocated(batch.items)?;
         std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         Ok(Some(renumbered))
+    }
+
+    /// Keeps a batch the server refused whole (it can never be accepted as it is) out of the send queue, beside
+    /// the buffer for inspection, instead of resending it forever or deleting readings.
+    fn set_aside(&self, sequence: u64) -> anyhow::Result<PathBuf> {
+        let aside = self.dir.join(format!("refused-{sequence:020}.json"));
+        match std::fs::rename(self.batch_path(sequence), &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot set refused batch {sequence} aside")),
+        }
+        self.sync_dir()?;
+        Ok(aside)
     }
 
     /// Drops an acknowledged batch. Losing the removal in a crash only means a harmless resend.
@@ -307,6 +334,17 @@ async fn publish_once(
                         renumbered.map_or_else(|| "-".to_owned(), |s| s.to_string())
                     );
                 }
+                Ok(Some(ack)) if ack.batch_rejection.is_some() => {
+                    let rejection = ack.batch_rejection.unwrap_or_default();
+                    let aside = buffer.set_aside(ack.sequence)?;
+                    tracing::error!(
+                        sequence = ack.sequence,
+                        code = %rejection.code,
+                        reason = %rejection.reason,
+                        kept = %aside.display(),
+                        "the server refused a whole batch; it is kept aside and not sent again"
+                    );
+                }
                 Ok(Some(ack)) => {
                     buffer.acknowledged(ack.sequence)?;
                     if !ack.rejected.is_empty() {
@@ -352,5 +390,45 @@ mod tests {
         // Sequences are never reused, even once everything is acked.
         buffer.acknowledged(41).unwrap();
         assert_eq!(buffer.append(vitals(3, at)).unwrap(), 42);
+    }
+
+    /// Measuring and renumbering at once never give two batches one sequence (which would overwrite one).
+    #[test]
+    fn concurrent_measure_and_renumber_never_share_a_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer::open(&StateDir::new(dir.path().to_owned())).unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_hours(500_000);
+        let seeded: Vec<u64> = (0..100).map(|i| buffer.append(vitals(i, at)).unwrap()).collect();
+        let measuring = {
+            let buffer = buffer.clone();
+            std::thread::spawn(move || (0..100).map(|i| buffer.append(vitals(i, at)).unwrap()).count())
+        };
+        let renumbering = {
+            let buffer = buffer.clone();
+            std::thread::spawn(move || {
+                seeded
+                    .iter()
+                    .filter(|s| buffer.renumber(**s, 0).unwrap().is_some())
+                    .count()
+            })
+        };
+        let (measured, renumbered) = (measuring.join().unwrap(), renumbering.join().unwrap());
+        assert_eq!((measured, renumbered), (100, 100));
+        assert_eq!(
+            buffer.pending().unwrap().len(),
+            200,
+            "every batch kept under its own sequence"
+        );
+    }
+
+    #[test]
+    fn a_refused_batch_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer::open(&StateDir::new(dir.path().to_owned())).unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_hours(500_000);
+        let sequence = buffer.append(vitals(1, at)).unwrap();
+        let aside = buffer.set_aside(sequence).unwrap();
+        assert!(buffer.pending().unwrap().is_empty());
+        assert!(aside.exists());
     }
 }

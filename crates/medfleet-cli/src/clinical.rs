@@ -45,12 +45,16 @@ pub(crate) enum PatientCommand {
         #[arg(long)]
         until: Option<String>,
     },
-    /// End a device's current association (at --at, default now).
-    #[command(after_help = "Example:\n  medfleet patients dissociate 0b7c…-uuid")]
+    /// End a device's current association (at --at, default now), or cancel a planned one.
+    #[command(after_help = "Examples:\n  medfleet patients dissociate 0b7c…-uuid\n  \
+                            medfleet patients dissociate 0b7c…-uuid --cancel-planned   # a start time typed by mistake")]
     Dissociate {
         device: String,
         #[arg(long)]
         at: Option<String>,
+        /// Cancel the association planned to start after --at (default now) instead of ending the open one.
+        #[arg(long)]
+        cancel_planned: bool,
     },
     /// Associations of a device (--device) or of a patient.
     #[command(after_help = "Examples:\n  medfleet patients associations --device 0b7c…-uuid\n  \
@@ -307,11 +311,16 @@ pub(crate) async fn patients(channel: Channel, command: &PatientCommand, out: Fo
             );
             Ok(())
         }
-        PatientCommand::Dissociate { device, at } => {
+        PatientCommand::Dissociate {
+            device,
+            at,
+            cancel_planned,
+        } => {
             let ended = api
                 .dissociate(v1::DissociateRequest {
                     device_id: device.clone(),
                     at: time_arg("at", at.as_deref())?,
+                    cancel_planned: *cancel_planned,
                 })
                 .await?
                 .into_inner();
@@ -319,10 +328,17 @@ pub(crate) async fn patients(channel: Channel, command: &PatientCommand, out: Fo
             if out == Format::Json {
                 return output::json(&view);
             }
-            println!(
-                "device {} is no longer associated (ended {})",
-                view.device_id, view.ends_at
-            );
+            if *cancel_planned {
+                println!(
+                    "device {}: the association planned from {} is cancelled",
+                    view.device_id, view.starts_at
+                );
+            } else {
+                println!(
+                    "device {} is no longer associated (ended {})",
+                    view.device_id, view.ends_at
+                );
+            }
             Ok(())
         }
         PatientCommand::Associations {

@@ -18,7 +18,7 @@ use medfleet_core::clinical::association::{Period, check_patient_identifier};
 use medfleet_core::clinical::chart::{ChartStatus, Measurement, group_measurements};
 use medfleet_core::clinical::codes::Vital;
 use medfleet_core::clinical::reading::{Reading, ReadingInput, validate};
-use medfleet_core::validation::Violations;
+use medfleet_core::validation::{Violations, printable};
 use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _,
@@ -32,6 +32,7 @@ use crate::db::begin_write;
 use crate::entity::{association, device, emr_destination, emr_outbox, observation, patient, reading, reading_batch};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
+use crate::policy::Visibility;
 use crate::store::{lock_device, now};
 
 /// Arbitrary but fixed key of the advisory lock that orders outbox inserts by commit on PostgreSQL.
@@ -131,6 +132,8 @@ pub mod state {
     pub const DEAD: &str = "dead";
     /// Served by the feed to subscribers (each subscription keeps its own cursor).
     pub const FEED: &str = "feed";
+    /// Never sent: a newer status of the same entry was queued for the destination first.
+    pub const SUPERSEDED: &str = "superseded";
 }
 
 /// The routing part of a destination, enough to decide which chart events it receives.
@@ -228,6 +231,9 @@ pub(crate) struct Pending {
     pub(crate) ward: Option<String>,
     /// A value outside the alarm limits: charted at once even where a charting interval applies.
     pub(crate) breach: bool,
+    /// A new status of an entry queued before: older undelivered rows of the same (destination, entry) are
+    /// superseded, so a retried `final` can never overwrite a later `entered-in-error` at the receiver.
+    pub(crate) status_change: bool,
 }
 
 /// Queues chart events for every route that covers them, holding the outbox lock until the caller commits.
@@ -276,6 +282,7 @@ pub(crate) async fn enqueue(
     if rows.is_empty() {
         return Ok(0);
     }
+    supersede(txn, pending, &rows).await?;
     if txn.get_database_backend() == DbBackend::Postgres {
         txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({OUTBOX_LOCK_KEY})"))
             .await?;
@@ -290,6 +297,40 @@ pub(crate) async fn enqueue(
     }
     events.announce(txn, &Event::Outbox).await?;
     Ok(count)
+}
+
+/// Deliveries of one entry to one destination reach it in the order they were queued: before a status change is
+/// queued, the entry's undelivered rows for the same destinations stop being sent (the newest row carries the
+/// entry's whole current state: a FHIR conditional update, an ORU with the current OBX-11). The relay also never
+/// sends a row while an older one of the same entry is pending (see `emr::Emr::round`), which covers a row that
+/// is in flight while this runs.
+async fn supersede(txn: &impl ConnectionTrait, pending: &[Pending], rows: &[emr_outbox::ActiveModel]) -> Result<()> {
+    for event in pending.iter().filter(|e| e.status_change) {
+        let destinations: BTreeSet<String> = rows
+            .iter()
+            .filter(|r| r.observation_id.as_ref() == &event.observation)
+            .filter(|r| r.state.as_ref() != state::FEED)
+            .map(|r| r.destination.as_ref().clone())
+            .collect();
+        if destinations.is_empty() {
+            continue;
+        }
+        emr_outbox::Entity::update_many()
+            .col_expr(emr_outbox::Column::State, Expr::value(state::SUPERSEDED))
+            .col_expr(
+                emr_outbox::Column::LastError,
+                Expr::value(Some(format!(
+                    "superseded: the entry became {} before this was delivered",
+                    event.status.as_str()
+                ))),
+            )
+            .filter(emr_outbox::Column::ObservationId.eq(event.observation))
+            .filter(emr_outbox::Column::Destination.is_in(destinations))
+            .filter(emr_outbox::Column::State.is_in([state::PENDING, state::DEAD]))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// New observation rows, their chart events, and per observation the indexes of the readings it holds.
@@ -332,6 +373,7 @@ fn chart(device: &device::Model, association: &association::Model, readings: &[R
             site: device.site.clone(),
             ward: device.ward.clone(),
             breach,
+            status_change: false,
         });
         members.push((id, indexes));
     }
@@ -636,17 +678,45 @@ impl Clinical {
         })
     }
 
-    async fn upsert_patient(&self, txn: &impl ConnectionTrait, key: &PatientKey) -> Result<patient::Model> {
+    /// The patient a request names, created if new. The display name an EMR's ADT feed sends is authoritative and
+    /// replaces the stored one; a clinician's request may only fill in a name that is missing (a typo on one ward
+    /// must not rename the patient in every later PID-5 and subject.display). Every change is audited, without
+    /// the name.
+    async fn upsert_patient(
+        &self,
+        txn: &impl ConnectionTrait,
+        key: &PatientKey,
+        source: Source,
+        scope: &str,
+        audit: &Context,
+    ) -> Result<patient::Model> {
         if let Some(existing) = patient::Entity::find()
             .filter(patient::Column::Authority.eq(&key.authority))
             .filter(patient::Column::Identifier.eq(&key.identifier))
             .one(txn)
             .await?
         {
-            if key.display_name.is_some() && existing.display_name != key.display_name {
+            let may_rename = source == Source::Adt || existing.display_name.is_none();
+            if key.display_name.is_some() && existing.display_name != key.display_name && may_rename {
+                let id = existing.id;
+                let had_name = existing.display_name.is_some();
                 let mut update: patient::ActiveModel = existing.into();
                 update.display_name = Set(key.display_name.clone());
-                return Ok(patient::Entity::update(update).exec(txn).await?);
+                let saved = patient::Entity::update(update).exec(txn).await?;
+                audit
+                    .record(
+                        txn,
+                        "patient.update",
+                        format!("patient/{id}"),
+                        scope.to_owned(),
+                        format!(
+                            "display name {} ({})",
+                            if had_name { "changed" } else { "set" },
+                            source.as_str()
+                        ),
+                    )
+                    .await?;
+                return Ok(saved);
             }
             return Ok(existing);
         }
@@ -701,9 +771,17 @@ impl Clinical {
             .all(txn)
             .await?;
         if let Some(clash) = existing.iter().find(|a| period_of(a).overlaps(&period)) {
+            let how = if clash.starts_at > now() {
+                format!(
+                    "it is planned: cancel it first (medfleet patients dissociate {} --cancel-planned)",
+                    device.id
+                )
+            } else {
+                "end that association first (medfleet patients dissociate)".to_owned()
+            };
             return Err(Error::FailedPrecondition(format!(
-                "device {} is already associated with a patient from {}{}; end that association first \
-                 (medfleet patients dissociate) or choose a period that does not overlap it",
+                "device {} is already associated with a patient from {}{}; {how} or choose a period that does not \
+                 overlap it",
                 device.id,
                 clash.starts_at.to_rfc3339(),
                 clash
@@ -712,7 +790,8 @@ impl Clinical {
                     .unwrap_or_default(),
             )));
         }
-        let patient = self.upsert_patient(txn, key).await?;
+        let scope = device_scope(device.site.as_deref(), device.ward.as_deref());
+        let patient = self.upsert_patient(txn, key, source, &scope, audit).await?;
         let model = association::ActiveModel {
             id: Set(Uuid::new_v4()),
             device_id: Set(device.id),
@@ -770,7 +849,7 @@ impl Clinical {
                 txn,
                 "association.create",
                 format!("device/{}", device.id),
-                device_scope(device.site.as_deref(), device.ward.as_deref()),
+                scope,
                 format!(
                     "patient {} ({}) from {}{}; {charted} stored readings charted retroactively",
                     patient.id,
@@ -790,30 +869,125 @@ impl Clinical {
         })
     }
 
-    /// Ends the device's association that is open at `at`.
-    pub async fn dissociate(&self, device: Uuid, at: DateTime<Utc>, audit: &Context) -> Result<AssociationView> {
+    /// Ends the device's association that is open at `at`, or (with `cancel_planned`) cancels the one planned to
+    /// start after `at`.
+    pub async fn dissociate(
+        &self,
+        device: Uuid,
+        at: DateTime<Utc>,
+        cancel_planned: bool,
+        audit: &Context,
+    ) -> Result<AssociationView> {
         let txn = begin_write(&self.db).await?;
         let device = lock_device(&txn, device).await?;
-        let open = association::Entity::find()
+        let view = if cancel_planned {
+            self.cancel_planned_locked(&txn, &device, at, audit).await?
+        } else {
+            let open = association::Entity::find()
+                .filter(association::Column::DeviceId.eq(device.id))
+                .filter(association::Column::StartsAt.lt(at))
+                .filter(
+                    association::Column::EndsAt
+                        .is_null()
+                        .or(association::Column::EndsAt.gt(at)),
+                )
+                .one(&txn)
+                .await?;
+            let Some(open) = open else {
+                return Err(Error::FailedPrecondition(self.nothing_open(&txn, &device, at).await?));
+            };
+            self.end_locked(&txn, &device, open, at, audit).await?
+        };
+        txn.commit().await?;
+        Ok(view)
+    }
+
+    /// Why nothing can be ended at `at`, and what to do about a planned association if there is one.
+    async fn nothing_open(
+        &self,
+        txn: &impl ConnectionTrait,
+        device: &device::Model,
+        at: DateTime<Utc>,
+    ) -> Result<String> {
+        let planned = association::Entity::find()
             .filter(association::Column::DeviceId.eq(device.id))
-            .filter(association::Column::StartsAt.lt(at))
-            .filter(
-                association::Column::EndsAt
-                    .is_null()
-                    .or(association::Column::EndsAt.gt(at)),
-            )
-            .one(&txn)
+            .filter(association::Column::StartsAt.gte(at))
+            .order_by_asc(association::Column::StartsAt)
+            .one(txn)
+            .await?;
+        Ok(match planned {
+            Some(planned) => format!(
+                "device {} has no association open at {}, but one is planned from {}; cancel it with \
+                 `medfleet patients dissociate {} --cancel-planned`",
+                device.id,
+                at.to_rfc3339(),
+                planned.starts_at.to_rfc3339(),
+                device.id
+            ),
+            None => format!("device {} has no association open at {}", device.id, at.to_rfc3339()),
+        })
+    }
+
+    /// Removes the device's earliest association that starts after `at`. It never covered a reading (none may
+    /// be charted to it), so nothing in the chart changes; the audit trail keeps who planned and who cancelled.
+    async fn cancel_planned_locked(
+        &self,
+        txn: &impl ConnectionTrait,
+        device: &device::Model,
+        at: DateTime<Utc>,
+        audit: &Context,
+    ) -> Result<AssociationView> {
+        let planned = association::Entity::find()
+            .filter(association::Column::DeviceId.eq(device.id))
+            .filter(association::Column::StartsAt.gt(at))
+            .order_by_asc(association::Column::StartsAt)
+            .one(txn)
             .await?
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!(
-                    "device {} has no association open at {}",
+                    "device {} has no association planned to start after {}; to end one that is open, leave out \
+                     --cancel-planned",
                     device.id,
                     at.to_rfc3339()
                 ))
             })?;
-        let view = self.end_locked(&txn, &device, open, at, audit).await?;
-        txn.commit().await?;
-        Ok(view)
+        let charted = observation::Entity::find()
+            .filter(observation::Column::AssociationId.eq(planned.id))
+            .count(txn)
+            .await?;
+        if charted > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "the association from {} already holds {charted} chart entries; end it instead (leave out \
+                 --cancel-planned)",
+                planned.starts_at.to_rfc3339()
+            )));
+        }
+        let patient = patient::Entity::find_by_id(planned.patient_id)
+            .one(txn)
+            .await?
+            .ok_or_else(|| Error::Internal("an association refers to a missing patient".into()))?;
+        association::Entity::delete_by_id(planned.id).exec(txn).await?;
+        audit
+            .record(
+                txn,
+                "association.cancel",
+                format!("device/{}", device.id),
+                device_scope(device.site.as_deref(), device.ward.as_deref()),
+                format!(
+                    "planned association {} of patient {} from {} cancelled",
+                    planned.id,
+                    patient.id,
+                    planned.starts_at.to_rfc3339()
+                ),
+            )
+            .await?;
+        let mut cancelled = planned;
+        cancelled.ended_by = Some(audit.actor.clone());
+        Ok(AssociationView {
+            association: cancelled,
+            patient,
+            charted_retroactively: 0,
+        })
     }
 
     async fn end_locked(
@@ -921,23 +1095,42 @@ impl Clinical {
     }
 
     /// An ADT event: admit/transfer bind the bed's devices to the patient; discharge (and transfer, for the old
-    /// bed) end the patient's open associations.
+    /// bed) end the patient's open associations. Only devices inside `scopes` (where the caller holds
+    /// `association:update`) change: the patient's associations elsewhere are left alone and counted. A bed whose
+    /// device is bound to another patient is refused, never silently re-charted.
     pub async fn adt(
         &self,
         kind: AdtKind,
         key: &PatientKey,
         bed: Option<(String, String, String)>,
         at: DateTime<Utc>,
+        scopes: &Visibility,
         audit: &Context,
-    ) -> Result<(Vec<AssociationView>, Vec<AssociationView>)> {
+    ) -> Result<AdtOutcome> {
+        if let Some((site, ward, _)) = bed.as_ref().filter(|_| kind != AdtKind::Discharge)
+            && !scopes.sees_ward(site, ward)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "you lack permission association:update on {}/{}, where this event puts the patient; ask an \
+                 administrator for a role that grants it (medfleet access grant)",
+                printable(site),
+                printable(ward)
+            )));
+        }
         let txn = begin_write(&self.db).await?;
-        let mut ended = Vec::new();
-        let mut started = Vec::new();
-        let patient = patient::Entity::find()
+        let mut outcome = AdtOutcome::default();
+        let mut patient = patient::Entity::find()
             .filter(patient::Column::Authority.eq(&key.authority))
             .filter(patient::Column::Identifier.eq(&key.identifier))
             .one(&txn)
             .await?;
+        // The ADT feed is the authority for a known patient's name, whether or not this event binds a device.
+        if patient.is_some() && key.display_name.is_some() {
+            let scope = bed
+                .as_ref()
+                .map_or_else(|| "*".to_owned(), |(site, ward, _)| format!("{site}/{ward}"));
+            patient = Some(self.upsert_patient(&txn, key, Source::Adt, &scope, audit).await?);
+        }
         let bed_devices: Vec<device::Model> = match &bed {
             Some((site, ward, bed)) if kind != AdtKind::Discharge => {
                 device::Entity::find()
@@ -976,13 +1169,18 @@ impl Clinical {
             locked.insert(id, lock_device(&txn, id).await?);
         }
         for (device_id, open) in to_end {
-            if let Some(device) = locked.get(&device_id) {
-                ended.push(self.end_locked(&txn, device, open, at, audit).await?);
+            let Some(device) = locked.get(&device_id) else { continue };
+            // Scoped by where the device stands now, under its lock: another ward's monitor keeps charting.
+            if !scopes.sees_place(device.site.as_deref(), device.ward.as_deref()) {
+                outcome.left_out_of_scope += 1;
+                continue;
             }
+            outcome
+                .ended
+                .push(self.end_locked(&txn, device, open, at, audit).await?);
         }
         for device in &bed_devices {
             let Some(device) = locked.get(&device.id) else { continue };
-            // Whoever the bed's device was bound to before (another patient) is no longer in this bed.
             let current = association::Entity::find()
                 .filter(association::Column::DeviceId.eq(device.id))
                 .filter(
@@ -996,16 +1194,17 @@ impl Clinical {
                 if patient.as_ref().is_some_and(|p| p.id == current.patient_id) {
                     continue;
                 }
-                if current.starts_at < at {
-                    ended.push(self.end_locked(&txn, device, current, at, audit).await?);
-                } else {
-                    return Err(Error::FailedPrecondition(format!(
-                        "device {} has an association starting after this event; resolve it first",
-                        device.id
-                    )));
-                }
+                // Charting a monitor to the next patient while the EMR still has the previous one in the bed
+                // would mix two charts; the EMR resolves it (a discharge or transfer of that patient first).
+                return Err(Error::FailedPrecondition(format!(
+                    "device {} at this bed is associated with another patient from {}; send the discharge or \
+                     transfer of that patient first (or end it: medfleet patients dissociate {})",
+                    device.id,
+                    current.starts_at.to_rfc3339(),
+                    device.id
+                )));
             }
-            started.push(
+            outcome.started.push(
                 self.associate_locked(
                     &txn,
                     device,
@@ -1018,10 +1217,10 @@ impl Clinical {
             );
         }
         txn.commit().await?;
-        if started.iter().any(|s| s.charted_retroactively > 0) {
+        if outcome.started.iter().any(|s| s.charted_retroactively > 0) {
             self.events.emit(Event::Outbox);
         }
-        Ok((started, ended))
+        Ok(outcome)
     }
 
     /// Sets the status of chart entries (validation or retraction) and queues the change for every destination
@@ -1088,6 +1287,7 @@ impl Clinical {
                     site: saved.site.clone(),
                     ward: saved.ward.clone(),
                     breach: false,
+                    status_change: true,
                 }],
                 Some(&delivered_to),
             )
@@ -1150,6 +1350,15 @@ impl Clinical {
             .map(|p| (p.id, p))
             .collect())
     }
+}
+
+/// What an ADT event changed.
+#[derive(Debug, Default)]
+pub struct AdtOutcome {
+    pub started: Vec<AssociationView>,
+    pub ended: Vec<AssociationView>,
+    /// The patient's open associations on devices outside the caller's scopes, left as they were.
+    pub left_out_of_scope: u32,
 }
 
 /// ADT event kinds.

@@ -194,9 +194,13 @@ impl PatientService for ClinicalApi {
         let r = request.into_inner();
         let device = convert::device_id("device_id", &r.device_id).map_err(Error::from)?;
         let at = optional_time("at", r.at.as_ref())?.unwrap_or_else(now);
-        let view = self.clinical.dissociate(device, at, &audit).await?;
-        tracing::info!(%device, association = %view.association.id, "device dissociated");
-        Ok(Response::new(association_to_wire(&view)))
+        let view = self.clinical.dissociate(device, at, r.cancel_planned, &audit).await?;
+        tracing::info!(%device, association = %view.association.id, cancelled = r.cancel_planned, "device dissociated");
+        let mut reply = association_to_wire(&view);
+        if r.cancel_planned {
+            reply.status = "cancelled".to_owned();
+        }
+        Ok(Response::new(reply))
     }
 
     #[instrument(skip_all)]
@@ -226,6 +230,7 @@ impl PatientService for ClinicalApi {
     #[instrument(skip_all)]
     async fn record_adt_event(&self, request: Request<v1::AdtEvent>) -> Reply<v1::AdtEventResult> {
         let audit = audit_context(&request);
+        let scopes = visibility(&request);
         let r = request.into_inner();
         let mut v = Violations::new();
         let kind = match v1::AdtEventType::try_from(r.r#type) {
@@ -253,11 +258,18 @@ impl PatientService for ClinicalApi {
         if !v.is_empty() {
             return Err(Error::from(v).into());
         }
-        let (started, ended) = self.clinical.adt(kind, &key, bed, at, &audit).await?;
-        tracing::info!(event = ?kind, started = started.len(), ended = ended.len(), "ADT event applied");
+        let outcome = self.clinical.adt(kind, &key, bed, at, &scopes, &audit).await?;
+        tracing::info!(
+            event = ?kind,
+            started = outcome.started.len(),
+            ended = outcome.ended.len(),
+            left_out_of_scope = outcome.left_out_of_scope,
+            "ADT event applied"
+        );
         Ok(Response::new(v1::AdtEventResult {
-            started: started.iter().map(association_to_wire).collect(),
-            ended: ended.iter().map(association_to_wire).collect(),
+            started: outcome.started.iter().map(association_to_wire).collect(),
+            ended: outcome.ended.iter().map(association_to_wire).collect(),
+            left_out_of_scope: outcome.left_out_of_scope,
         }))
     }
 }

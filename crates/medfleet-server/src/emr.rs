@@ -486,6 +486,13 @@ impl Emr {
                 .filter(emr_outbox::Column::Destination.eq(destination.name.as_str()))
                 .filter(emr_outbox::Column::State.eq(state::PENDING))
                 .filter(emr_outbox::Column::NextAttemptAt.lte(now()))
+                // Head of line per entry: a row waits while an older row of the same entry is pending (backing
+                // off), so the receiver sees an entry's statuses in the order they happened.
+                .filter(Expr::cust(
+                    "NOT EXISTS (SELECT 1 FROM emr_outbox AS older WHERE older.destination = emr_outbox.destination \
+                     AND older.observation_id = emr_outbox.observation_id AND older.state = 'pending' \
+                     AND older.id < emr_outbox.id)",
+                ))
                 .order_by_asc(emr_outbox::Column::Id)
                 .limit(limit)
                 .all(&self.db)
@@ -588,6 +595,8 @@ impl Emr {
                             ),
                         )
                         .filter(emr_outbox::Column::Id.eq(row.id))
+                        // Superseded while in flight: it stays superseded (never sent again).
+                        .filter(emr_outbox::Column::State.eq(state::PENDING))
                         .exec(&self.db)
                         .await?;
                 }
@@ -683,6 +692,7 @@ impl Emr {
                 site: median.site.clone(),
                 ward: median.ward.clone(),
                 breach: true,
+                status_change: false,
             });
         }
         let only: BTreeSet<String> = [name.to_owned()].into();

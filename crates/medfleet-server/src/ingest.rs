@@ -135,24 +135,29 @@ pub fn serve(ingest: Ingest, device: Uuid, mut inbound: Streaming<v1::ReadingBat
     let (tx, rx) = mpsc::channel::<Result<v1::ReadingAck, Status>>(IN_FLIGHT_PER_STREAM);
     tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(IN_FLIGHT_PER_STREAM));
-        loop {
+        let ended = loop {
             let message = match inbound.message().await {
                 Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::debug!(%device, %status, "reading stream ended by the device");
-                    break;
-                }
+                Ok(None) => break None,
+                Err(status) => break unreadable(device, &status),
             };
             let batch = match to_batch(device, &message) {
                 Ok(batch) => batch,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
+                Err(rejection) => {
+                    // The device learns what was wrong with this batch and may go on with the next.
+                    let refused = v1::ReadingAck {
+                        sequence: message.sequence,
+                        batch_rejection: Some(rejection),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(refused)).await.is_err() {
+                        break None;
+                    }
+                    continue;
                 }
             };
             let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
+                break None;
             };
             let (ingest, tx) = (ingest.clone(), tx.clone());
             tokio::spawn(async move {
@@ -161,25 +166,66 @@ pub fn serve(ingest: Ingest, device: Uuid, mut inbound: Streaming<v1::ReadingBat
                 let _ = tx.send(answer).await;
                 drop(permit);
             });
+        };
+        if let Some(status) = ended {
+            // Acks of the batches still committing go out first, so the device drops what is durable and resends
+            // only the rest; then the stream ends with the reason instead of a silent OK.
+            let in_flight = u32::try_from(IN_FLIGHT_PER_STREAM).unwrap_or(u32::MAX);
+            let _ = permits.acquire_many(in_flight).await;
+            let _ = tx.send(Err(status)).await;
         }
         // The stream closes once every batch still in flight has been answered (each task holds a sender).
     });
     Box::pin(ReceiverStream::new(rx))
 }
 
-fn to_batch(device: Uuid, message: &v1::ReadingBatch) -> Result<Batch, Status> {
+/// The status to end the stream with when a message could not be read: none when the device went away (nothing
+/// to tell it), otherwise what was wrong and what to do.
+fn unreadable(device: Uuid, status: &Status) -> Option<Status> {
+    match status.code() {
+        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            tracing::debug!(%device, %status, "reading stream ended by the device");
+            None
+        }
+        // tonic's decoder reports a message over the limit as OUT_OF_RANGE.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            tracing::warn!(%device, "a reading batch over the message size limit ended its stream");
+            Some(Status::resource_exhausted(format!(
+                "a reading batch was larger than the server takes ({}); send at most {MAX_ITEMS} items per batch \
+                 and resend the unacknowledged batches",
+                status.message()
+            )))
+        }
+        _ => {
+            tracing::warn!(%device, code = ?status.code(), "an unreadable reading batch ended its stream");
+            Some(Status::invalid_argument(format!(
+                "a message on the reading stream could not be read as a ReadingBatch ({}); check the client's \
+                 medfleet.v1 protocol version",
+                status.message()
+            )))
+        }
+    }
+}
+
+fn to_batch(device: Uuid, message: &v1::ReadingBatch) -> Result<Batch, v1::BatchRejection> {
     if message.sequence == 0 || i64::try_from(message.sequence).is_err() {
-        return Err(Status::invalid_argument(format!(
-            "batch sequence {} is out of range: sequences start at 1 and stay below 2^63",
-            message.sequence
-        )));
+        return Err(v1::BatchRejection {
+            code: "sequence_out_of_range".into(),
+            reason: format!(
+                "batch sequence {} is out of range: sequences start at 1 and stay below 2^63",
+                message.sequence
+            ),
+        });
     }
     if message.items.len() > MAX_ITEMS {
-        return Err(Status::invalid_argument(format!(
-            "batch {} has {} items; send at most {MAX_ITEMS} per batch",
-            message.sequence,
-            message.items.len()
-        )));
+        return Err(v1::BatchRejection {
+            code: "too_many_items".into(),
+            reason: format!(
+                "batch {} has {} items; send at most {MAX_ITEMS} per batch",
+                message.sequence,
+                message.items.len()
+            ),
+        });
     }
     let items = message.items.iter().map(convert::reading_input).collect();
     Ok(Batch {
@@ -204,5 +250,6 @@ fn ack(sequence: u64, outcome: Outcome) -> v1::ReadingAck {
             .collect(),
         duplicate: outcome.duplicate,
         next_sequence: outcome.next_sequence.unwrap_or(0),
+        batch_rejection: None,
     }
 }

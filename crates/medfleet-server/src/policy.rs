@@ -283,11 +283,9 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     (
         "/medfleet.v1.PatientService/RecordAdtEvent",
-        permission(
-            "association",
-            "update",
-            Target::Ward(|b| decode::<v1::AdtEvent>(b).map(|r| (r.site, r.ward))),
-        ),
+        // The effects are scoped, not just the check: the handler changes only devices inside the caller's
+        // association:update scopes, and refuses a bed outside them.
+        permission("association", "update", Target::List),
     ),
     (
         "/medfleet.v1.ObservationService/ListObservations",

@@ -10,7 +10,7 @@ use medfleet_core::registry::{
     Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
     WardUpdate,
 };
-use sea_orm::sea_query::Query;
+use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
     IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::db::begin_write;
-use crate::entity::{device, device_presence, device_tag, site, ward};
+use crate::entity::{association, device, device_presence, device_tag, site, ward};
 use crate::error::{Error, Result};
 use crate::policy::Visibility;
 
@@ -459,6 +459,7 @@ impl Registry {
             .filter(|(_, changed)| *changed)
             .map(|(field, _)| *field)
             .collect();
+        let moved_from = (current.site.clone(), current.ward.clone(), current.bed.clone());
         let mut model = current.into_active_model();
         if let Some(location) = &update.location {
             if let Some(location) = location {
@@ -476,22 +477,53 @@ impl Registry {
                 .await?;
             insert_tags(&txn, id, &tags.clone().into_inner()).await?;
         }
-        model.updated_at = Set(now());
+        let at = now();
+        model.updated_at = Set(at);
         let model = model.update(&txn).await?;
+        let moved = moved_from != (model.site.clone(), model.ward.clone(), model.bed.clone());
+        let ended = if moved {
+            end_bed_bound(&txn, id, at, &audit.actor).await?
+        } else {
+            0
+        };
         let tags = load_tags(&txn, &[id]).await?.remove(&id).unwrap_or_default();
         let to = crate::audit::device_scope(model.site.as_deref(), model.ward.as_deref());
         // Both ends of a move, so an auditor watching either ward sees it (scopes only: beds and tags stay out).
-        let detail = if from == to {
+        let mut detail = if from == to {
             changed.join(",")
         } else {
             format!("{}; moved {from} -> {to}", changed.join(","))
         };
+        if ended > 0 {
+            detail.push_str(&format!("; ended {ended} bed-bound (ADT) association(s)"));
+            tracing::info!(device = %id, ended, "a moved device no longer charts to the patient of its old bed");
+        }
         audit
             .record(&txn, "device.update", format!("device/{id}"), to, detail)
             .await?;
         txn.commit().await?;
         device_from(model, tags)
     }
+}
+
+/// Ends the device's open ADT associations: the EMR bound the patient to the bed, not to this device, so a device
+/// that leaves the bed stops charting to them. (A clinician's association binds the device itself, e.g. a
+/// transport monitor travelling with its patient, and survives a move.) Returns how many ended.
+async fn end_bed_bound(txn: &impl ConnectionTrait, device: Uuid, at: DateTime<Utc>, actor: &str) -> Result<u64> {
+    let ended = association::Entity::update_many()
+        .col_expr(association::Column::EndsAt, Expr::value(Some(at)))
+        .col_expr(association::Column::EndedBy, Expr::value(Some(actor.to_owned())))
+        .filter(association::Column::DeviceId.eq(device))
+        .filter(association::Column::Source.eq("adt"))
+        .filter(association::Column::StartsAt.lt(at))
+        .filter(
+            association::Column::EndsAt
+                .is_null()
+                .or(association::Column::EndsAt.gt(at)),
+        )
+        .exec(txn)
+        .await?;
+    Ok(ended.rows_affected)
 }
 
 /// Inserts one device (and its tags) inside the caller's transaction after checking its location and uniqueness.

@@ -19,13 +19,13 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 /// Bounds a broken run; never a synchronisation point.
-const GUARD: Duration = Duration::from_mins(1);
+pub(crate) const GUARD: Duration = Duration::from_mins(1);
 
-fn ts(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
+pub(crate) fn ts(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
     Some(medfleet_proto::convert::timestamp(at))
 }
 
-fn item(code: &str, value: f64, unit: &str, at: DateTime<Utc>) -> v1::ReadingItem {
+pub(crate) fn item(code: &str, value: f64, unit: &str, at: DateTime<Utc>) -> v1::ReadingItem {
     v1::ReadingItem {
         code: code.into(),
         value,
@@ -36,7 +36,7 @@ fn item(code: &str, value: f64, unit: &str, at: DateTime<Utc>) -> v1::ReadingIte
 }
 
 /// A full set of vitals at one instant: five chart entries (HR, SpO2, the NIBP panel, temperature, RR).
-fn vitals(at: DateTime<Utc>) -> Vec<v1::ReadingItem> {
+pub(crate) fn vitals(at: DateTime<Utc>) -> Vec<v1::ReadingItem> {
     vec![
         item("147842", 72.0, "/min", at),
         item("150456", 97.0, "%", at),
@@ -48,7 +48,7 @@ fn vitals(at: DateTime<Utc>) -> Vec<v1::ReadingItem> {
     ]
 }
 
-fn patient(identifier: &str) -> Option<v1::PatientIdentifier> {
+pub(crate) fn patient(identifier: &str) -> Option<v1::PatientIdentifier> {
     Some(v1::PatientIdentifier {
         identifier: identifier.into(),
         authority: "HOSP".into(),
@@ -57,13 +57,13 @@ fn patient(identifier: &str) -> Option<v1::PatientIdentifier> {
 }
 
 /// A device's reading stream, driven by the test as the device (its own certificate).
-struct Publisher {
-    tx: mpsc::Sender<v1::ReadingBatch>,
-    acks: tonic::Streaming<v1::ReadingAck>,
+pub(crate) struct Publisher {
+    pub(crate) tx: mpsc::Sender<v1::ReadingBatch>,
+    pub(crate) acks: tonic::Streaming<v1::ReadingAck>,
 }
 
 impl Publisher {
-    async fn open(channel: Channel) -> Self {
+    pub(crate) async fn open(channel: Channel) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let acks = DeviceServiceClient::new(channel)
             .publish_readings(ReceiverStream::new(rx))
@@ -73,7 +73,7 @@ impl Publisher {
         Self { tx, acks }
     }
 
-    async fn send(&mut self, sequence: u64, items: Vec<v1::ReadingItem>) -> v1::ReadingAck {
+    pub(crate) async fn send(&mut self, sequence: u64, items: Vec<v1::ReadingItem>) -> v1::ReadingAck {
         self.tx.send(v1::ReadingBatch { sequence, items }).await.unwrap();
         tokio::time::timeout(GUARD, self.acks.message())
             .await
@@ -83,7 +83,7 @@ impl Publisher {
     }
 }
 
-async fn observations(api: &mut ObservationServiceClient<Channel>, mrn: &str) -> Vec<v1::Observation> {
+pub(crate) async fn observations(api: &mut ObservationServiceClient<Channel>, mrn: &str) -> Vec<v1::Observation> {
     api.list_observations(v1::ListObservationsRequest {
         patient: patient(mrn),
         page_size: 500,
@@ -95,7 +95,7 @@ async fn observations(api: &mut ObservationServiceClient<Channel>, mrn: &str) ->
     .observations
 }
 
-async fn setup(server: &TestServer) -> String {
+pub(crate) async fn setup(server: &TestServer) -> String {
     let mut admin = server.admin().await;
     admin
         .create_site(v1::CreateSiteRequest {
@@ -139,7 +139,7 @@ async fn setup(server: &TestServer) -> String {
         .id
 }
 
-async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp: &MllpReceiver) {
+pub(crate) async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp: &MllpReceiver) {
     let mut emr = EmrServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
     for destination in [
         v1::EmrDestination {
@@ -852,7 +852,7 @@ both_backends!(
     charting_interval_sends_medians_and_breaches
 );
 
-fn cli(server: &TestServer, args: &[&str]) -> (bool, String, String) {
+pub(crate) fn cli(server: &TestServer, args: &[&str]) -> (bool, String, String) {
     let output = std::process::Command::new(medfleet_e2e::binary("medfleet"))
         .args(["--server", &server.url(), "--credentials"])
         .arg(server.data_dir().admin_bundle())

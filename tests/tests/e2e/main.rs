@@ -19,4 +19,5 @@ mod identity;
 mod matrix;
 mod operations;
 mod registry;
+mod safety;
 mod security;

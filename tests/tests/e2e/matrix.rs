@@ -437,12 +437,22 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         ("PatientService", "Dissociate") => v1::DissociateRequest {
             device_id: device.clone(),
             at: None,
+            cancel_planned: false,
         }
         .encode_to_vec(),
+        // A valid admit into a bed no device stands at: authorised, it binds nothing. The bed's ward is checked
+        // against the caller's scopes by the handler, so this is the case that tells scopes apart.
         ("PatientService", "RecordAdtEvent") => v1::AdtEvent {
+            r#type: v1::AdtEventType::Admit.into(),
+            patient: Some(v1::PatientIdentifier {
+                identifier: "MRN-MATRIX".into(),
+                authority: "HOSP".into(),
+                display_name: String::new(),
+            }),
             site: site.into(),
             ward: "icu".into(),
-            ..Default::default()
+            bed: "9".into(),
+            occurred_at: None,
         }
         .encode_to_vec(),
         ("PatientService", "ListAssociations") => v1::ListAssociationsRequest {

@@ -1,0 +1,491 @@
+//! Clinical safety of the chart under the mistakes and partial views real hospitals produce: ADT events scoped to
+//! the caller's wards, beds that are occupied, devices that move, names from the wrong source, start times typed
+//! wrong, and receivers that come back after an outage while an entry's status changed twice.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use medfleet_core::identity::Identity;
+use medfleet_e2e::receivers::{FhirReceiver, MllpReceiver};
+use medfleet_e2e::{Backend, TestServer, both_backends};
+use medfleet_proto::v1::{
+    self, access_service_client::AccessServiceClient, audit_service_client::AuditServiceClient,
+    observation_service_client::ObservationServiceClient, patient_service_client::PatientServiceClient,
+    registry_service_client::RegistryServiceClient,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::clinical::{Publisher, cli, destinations, item, observations, patient, setup, ts};
+
+fn location(site: &str, ward: &str, bed: &str) -> Option<v1::Location> {
+    Some(v1::Location {
+        site: site.into(),
+        ward: ward.into(),
+        bed: bed.into(),
+    })
+}
+
+/// OBX-11 of a message's measurement (its last OBX: the ones before are the MDS/VMD/CHAN containers, status X).
+fn result_status(message: &str) -> String {
+    message
+        .split('\r')
+        .filter(|s| s.starts_with("OBX|"))
+        .last()
+        .and_then(|s| s.split('|').nth(11))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `setup`'s ICU monitor (stmarys/icu/1) plus an ED ward with beds 1 and 2 and a monitor at ed/1.
+async fn icu_and_ed(server: &TestServer) -> (String, String) {
+    let icu = setup(server).await;
+    let mut admin = server.admin().await;
+    admin
+        .create_ward(v1::CreateWardRequest {
+            ward: Some(v1::Ward {
+                site: "stmarys".into(),
+                name: "ed".into(),
+                display_name: "Emergency".into(),
+                beds: vec!["1".into(), "2".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let ed = admin
+        .register_device(v1::RegisterDeviceRequest {
+            serial_number: "MON-ED-1".into(),
+            manufacturer: "Philips".into(),
+            model: "MX450".into(),
+            device_class: v1::DeviceClass::PatientMonitor.into(),
+            eui64: "00-09-FB-FF-FE-12-34-57".into(),
+            location: location("stmarys", "ed", "1"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    (icu, ed)
+}
+
+async fn as_principal(server: &TestServer, identity: &Identity) -> Channel {
+    server.channel(&server.issue(identity)).await.unwrap()
+}
+
+async fn grant(server: &TestServer, principal: &str, role: &str, scope: &str) {
+    AccessServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
+        .grant(v1::GrantRequest {
+            grant: Some(v1::RoleGrant {
+                principal: principal.into(),
+                role: role.into(),
+                scope: scope.into(),
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+fn adt(kind: v1::AdtEventType, mrn: &str, name: &str, bed: Option<(&str, &str)>) -> v1::AdtEvent {
+    let mut who = patient(mrn);
+    if let Some(who) = who.as_mut() {
+        name.clone_into(&mut who.display_name);
+    }
+    let (ward, bed) = bed.unwrap_or_default();
+    v1::AdtEvent {
+        r#type: kind.into(),
+        patient: who,
+        site: if ward.is_empty() {
+            String::new()
+        } else {
+            "stmarys".into()
+        },
+        ward: ward.into(),
+        bed: bed.into(),
+        occurred_at: ts(Utc::now() - chrono::Duration::minutes(1)),
+    }
+}
+
+async fn statuses(patients: &mut PatientServiceClient<Channel>, device: &str) -> Vec<(String, String)> {
+    patients
+        .list_associations(v1::ListAssociationsRequest {
+            device_id: device.into(),
+            patient: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .associations
+        .into_iter()
+        .map(|a| (a.patient.unwrap_or_default().identifier, a.status))
+        .collect()
+}
+
+/// An ED clinician's ADT events change nothing outside the ED: a DISCHARGE leaves the patient's ICU monitor
+/// charting (and says how many it left alone), an admit into an ICU bed is refused. A bed whose monitor is bound
+/// to another patient is refused, not silently re-charted; a monitor that leaves its bed stops charting to the
+/// bed's patient. Names: the EMR's ADT feed renames, a clinician's associate call does not.
+async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (icu, ed) = icu_and_ed(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut patients = PatientServiceClient::new(admin.clone());
+    patients
+        .associate(v1::AssociateRequest {
+            device_id: icu.clone(),
+            patient: patient("MRN-X"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+
+    grant(&server, "medfleet://user/edna", "clinician", "stmarys/ed").await;
+    let mut edna = PatientServiceClient::new(as_principal(&server, &Identity::User("edna".into())).await);
+    let discharged = edna
+        .record_adt_event(adt(v1::AdtEventType::Discharge, "MRN-X", "", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(discharged.ended.len(), 0, "{discharged:?}");
+    assert_eq!(discharged.left_out_of_scope, 1);
+    assert_eq!(
+        statuses(&mut patients, &icu).await,
+        vec![("MRN-X".to_owned(), "active".to_owned())]
+    );
+    let refused = edna
+        .record_adt_event(adt(v1::AdtEventType::Admit, "MRN-X", "", Some(("icu", "1"))))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("stmarys/icu"), "{}", refused.message());
+
+    // The ICU monitor still charts to the patient.
+    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(icu.parse().unwrap())).await).await;
+    let ack = publisher
+        .send(
+            1,
+            vec![item("147842", 70.0, "/min", Utc::now() - chrono::Duration::seconds(5))],
+        )
+        .await;
+    assert_eq!(ack.accepted, 1);
+    let mut chart = ObservationServiceClient::new(admin.clone());
+    assert_eq!(observations(&mut chart, "MRN-X").await.len(), 1);
+
+    // Inside her ward she acts: admit into ED bed 1 binds its monitor. The display name she sends is kept for a
+    // new patient.
+    let admitted = edna
+        .record_adt_event(adt(v1::AdtEventType::Admit, "MRN-Y", "Roe^Ann", Some(("ed", "1"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(admitted.started.len(), 1);
+    assert_eq!(admitted.started[0].device_id, ed);
+    // Another patient into the occupied bed: refused, the first patient's association stands.
+    let occupied = patients
+        .record_adt_event(adt(v1::AdtEventType::Admit, "MRN-Z", "", Some(("ed", "1"))))
+        .await
+        .unwrap_err();
+    assert_eq!(occupied.code(), Code::FailedPrecondition, "{occupied:?}");
+    assert!(occupied.message().contains("another patient"), "{}", occupied.message());
+    assert_eq!(
+        statuses(&mut patients, &ed).await,
+        vec![("MRN-Y".to_owned(), "active".to_owned())]
+    );
+
+    // A clinician's associate call does not rename an existing patient; the EMR's ADT feed does.
+    patients
+        .associate(v1::AssociateRequest {
+            device_id: icu.clone(),
+            patient: Some(v1::PatientIdentifier {
+                identifier: "MRN-Y".into(),
+                authority: "HOSP".into(),
+                display_name: "Wrong^Name".into(),
+            }),
+            // Before the ICU association: a closed period in the past.
+            from: ts(Utc::now() - chrono::Duration::hours(3)),
+            until: ts(Utc::now() - chrono::Duration::hours(2)),
+        })
+        .await
+        .unwrap();
+    let name_of = |rows: Vec<v1::Association>| {
+        rows.into_iter()
+            .find(|a| a.patient.as_ref().is_some_and(|p| p.identifier == "MRN-Y"))
+            .and_then(|a| a.patient)
+            .map(|p| p.display_name)
+    };
+    let listed = || v1::ListAssociationsRequest {
+        device_id: String::new(),
+        patient: patient("MRN-Y"),
+    };
+    let rows = patients
+        .list_associations(listed())
+        .await
+        .unwrap()
+        .into_inner()
+        .associations;
+    assert_eq!(name_of(rows).as_deref(), Some("Roe^Ann"));
+    grant(&server, "medfleet://service/epic", "emr_system", "*").await;
+    let mut epic = PatientServiceClient::new(as_principal(&server, &Identity::Service("epic".into())).await);
+    epic.record_adt_event(adt(v1::AdtEventType::Admit, "MRN-Y", "Roe^Anne", Some(("ed", "1"))))
+        .await
+        .unwrap();
+    let rows = patients
+        .list_associations(listed())
+        .await
+        .unwrap()
+        .into_inner()
+        .associations;
+    assert_eq!(name_of(rows).as_deref(), Some("Roe^Anne"));
+    let renames = AuditServiceClient::new(admin.clone())
+        .list_audit_events(v1::ListAuditEventsRequest {
+            action: "patient.update".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(renames.len(), 1, "{renames:?}");
+    assert_eq!(renames[0].actor, "medfleet://service/epic");
+    assert!(
+        !renames[0].detail.contains("Roe"),
+        "no name in the audit trail: {}",
+        renames[0].detail
+    );
+
+    // The ED monitor moves to bed 2: the ADT association of bed 1 ends with the move.
+    RegistryServiceClient::new(admin.clone())
+        .update_device(v1::UpdateDeviceRequest {
+            device: Some(v1::Device {
+                id: ed.clone(),
+                location: location("stmarys", "ed", "2"),
+                tags: HashMap::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["location".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses(&mut patients, &ed).await,
+        vec![("MRN-Y".to_owned(), "ended".to_owned())]
+    );
+    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(ed.parse().unwrap())).await).await;
+    let ack = publisher.send(1, vec![item("147842", 88.0, "/min", Utc::now())]).await;
+    assert_eq!(ack.accepted, 1);
+    assert!(
+        observations(&mut chart, "MRN-Y").await.is_empty(),
+        "a moved monitor does not chart to the patient of its old bed"
+    );
+}
+
+both_backends!(
+    adt_events_act_only_inside_the_callers_scopes,
+    adt_events_act_only_inside_the_callers_scopes
+);
+
+/// A start time typed into the future can be cancelled (and the error says how), after which an open-ended
+/// association is possible.
+async fn a_planned_association_can_be_cancelled(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let (ok, out, err) = cli(
+        &server,
+        &[
+            "patients",
+            "associate",
+            &device,
+            "MRN-T",
+            "--authority",
+            "HOSP",
+            "--from",
+            "2031-01-01T00:00:00Z",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&server, &["patients", "dissociate", &device]);
+    assert!(!ok);
+    assert!(err.contains("--cancel-planned"), "the error says how: {err}");
+    let (ok, _, err) = cli(
+        &server,
+        &["patients", "associate", &device, "MRN-T", "--authority", "HOSP"],
+    );
+    assert!(!ok);
+    assert!(err.contains("--cancel-planned"), "the error says how: {err}");
+    let (ok, out, err) = cli(
+        &server,
+        &["patients", "dissociate", &device, "--cancel-planned", "-o", "json"],
+    );
+    assert!(ok, "{out}{err}");
+    let cancelled: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cancelled["status"], "cancelled", "{out}");
+    let (ok, out, err) = cli(
+        &server,
+        &["patients", "associate", &device, "MRN-T", "--authority", "HOSP"],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(
+        &server,
+        &["audit", "list", "--action", "association.cancel", "-o", "json"],
+    );
+    assert!(ok);
+    assert!(out.contains("association.cancel"), "{out}");
+}
+
+both_backends!(
+    a_planned_association_can_be_cancelled,
+    a_planned_association_can_be_cancelled
+);
+
+/// Receivers down while an entry is validated and then retracted: when they are back, each ends with the entry
+/// entered-in-error, and the older status is never sent after the newer one (superseded instead).
+async fn status_changes_of_one_entry_arrive_in_order(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fhir = FhirReceiver::start(dir.path()).await;
+    let mllp = MllpReceiver::start().await;
+    destinations(&server, &fhir, &mllp).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-O"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(device.parse().unwrap())).await).await;
+    let ack = publisher
+        .send(
+            1,
+            vec![item("147842", 75.0, "/min", Utc::now() - chrono::Duration::seconds(3))],
+        )
+        .await;
+    assert_eq!(ack.accepted, 1);
+    fhir.wait("the entry created", |log| log.created.len() == 1).await;
+    mllp.wait("the entry sent", |log| log.by_control_id.len() == 1).await;
+    let mut chart = ObservationServiceClient::new(admin.clone());
+    let id = observations(&mut chart, "MRN-O").await[0].id.clone();
+
+    // Both receivers refuse the next attempt (FHIR 503, HL7 AE): the validation backs off.
+    fhir.log.lock().unwrap().fail_next = 1;
+    mllp.log.lock().unwrap().reject_next = 1;
+    let set = |status: &str| v1::SetObservationStatusRequest {
+        observation_ids: vec![id.clone()],
+        status: status.into(),
+    };
+    chart.set_observation_status(set("final")).await.unwrap();
+    fhir.wait("the validation refused", |log| log.fail_next == 0).await;
+    mllp.wait("the validation refused", |log| log.reject_next == 0).await;
+    chart.set_observation_status(set("entered-in-error")).await.unwrap();
+
+    fhir.wait("the retraction", |log| {
+        log.status.values().next().map(String::as_str) == Some("entered-in-error")
+    })
+    .await;
+    mllp.wait("the retraction", |log| {
+        log.messages.last().is_some_and(|m| result_status(m) == "W")
+    })
+    .await;
+    // Nothing older is left to send after it: the validation was superseded, not retried.
+    let mut emr = medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin);
+    for destination in ["fhir", "hl7"] {
+        let deliveries = emr
+            .list_deliveries(v1::ListDeliveriesRequest {
+                destination: destination.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries;
+        let of = |status: &str| {
+            deliveries
+                .iter()
+                .filter(|d| d.observation_id == id && d.status == status)
+                .map(|d| d.state.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of("final"), vec!["superseded"], "{destination}: {deliveries:?}");
+        assert_eq!(of("preliminary"), vec!["delivered"], "{destination}: {deliveries:?}");
+    }
+    assert_eq!(
+        fhir.log.lock().unwrap().status.values().next().map(String::as_str),
+        Some("entered-in-error")
+    );
+    let last = mllp.log.lock().unwrap().messages.last().cloned().unwrap_or_default();
+    assert_eq!(result_status(&last), "W");
+}
+
+both_backends!(
+    status_changes_of_one_entry_arrive_in_order,
+    status_changes_of_one_entry_arrive_in_order
+);
+
+/// A batch refused whole is answered in its ack and the stream goes on; a message the server cannot take at all
+/// ends the stream with a status that says so, after the acks of the batches committed before it.
+async fn bad_batches_are_answered_not_swallowed(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let channel = as_principal(&server, &Identity::Device(device.parse().unwrap())).await;
+    let mut publisher = Publisher::open(channel).await;
+    let at = Utc::now() - chrono::Duration::seconds(2);
+    let refused = publisher.send(0, vec![item("147842", 70.0, "/min", at)]).await;
+    assert_eq!(
+        refused.batch_rejection.as_ref().map(|r| r.code.as_str()),
+        Some("sequence_out_of_range")
+    );
+    let too_many: Vec<v1::ReadingItem> = (0..1_001).map(|_| item("147842", 70.0, "/min", at)).collect();
+    let refused = publisher.send(1, too_many).await;
+    assert_eq!(
+        refused.batch_rejection.as_ref().map(|r| r.code.as_str()),
+        Some("too_many_items")
+    );
+    // The stream is still open: the next batch is stored.
+    let ack = publisher.send(1, vec![item("147842", 71.0, "/min", at)]).await;
+    assert_eq!((ack.sequence, ack.accepted, ack.batch_rejection), (1, 1, None));
+
+    // A valid batch, then one over the message size limit without waiting: the first is acked, then the stream
+    // ends with RESOURCE_EXHAUSTED (never a silent OK).
+    publisher
+        .tx
+        .send(v1::ReadingBatch {
+            sequence: 2,
+            items: vec![item("147842", 72.0, "/min", at)],
+        })
+        .await
+        .unwrap();
+    let mut huge = item("147842", 73.0, "/min", at);
+    huge.unit = "x".repeat(5 << 20);
+    publisher
+        .tx
+        .send(v1::ReadingBatch {
+            sequence: 3,
+            items: vec![huge],
+        })
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(crate::clinical::GUARD, publisher.acks.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.sequence, first.accepted), (2, 1));
+    let ended = tokio::time::timeout(crate::clinical::GUARD, publisher.acks.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("items per batch"), "{}", ended.message());
+}
+
+both_backends!(
+    bad_batches_are_answered_not_swallowed,
+    bad_batches_are_answered_not_swallowed
+);
