@@ -534,8 +534,12 @@ impl FeedService for ClinicalApi {
         let visibility = visibility(&request);
         let r = request.into_inner();
         check_slug(&r.subscription).map_err(|e| Error::from(Violations::single("subscription", e)))?;
-        let subscription = self.emr.subscription(&r.subscription, &r.destination, &owner).await?;
-        let destination = self.emr.destination(&subscription.destination).await?;
+        // Access first, then any effect: a refused caller creates nothing and learns nothing of the cursors.
+        let existing = self.emr.find_subscription(&r.subscription, &owner).await?;
+        let destination = self
+            .emr
+            .subscription_target(existing.as_ref(), &r.subscription, &r.destination)
+            .await?;
         // A subscriber sees chart entries only from places its grants cover: the destination's filter must lie
         // inside them (no filter means the whole fleet).
         let sites: BTreeSet<String> = serde_json::from_str(&destination.sites).unwrap_or_default();
@@ -556,6 +560,14 @@ impl FeedService for ClinicalApi {
                 destination.name
             )));
         }
+        let subscription = match existing {
+            Some(existing) => existing,
+            None => {
+                self.emr
+                    .create_subscription(&r.subscription, &destination.name, &owner)
+                    .await?
+            }
+        };
         tracing::info!(subscription = %subscription.name, cursor = subscription.cursor, "feed subscription resumed");
         let (tx, rx) = mpsc::channel(usize::try_from(FEED_PAGE).unwrap_or(500));
         let emr = self.emr.clone();

@@ -707,29 +707,37 @@ impl Emr {
         Ok(())
     }
 
-    /// Gets or creates a durable feed subscription. Only its owner may use it.
-    pub async fn subscription(&self, name: &str, destination: &str, owner: &str) -> Result<feed_subscription::Model> {
-        if let Some(existing) = feed_subscription::Entity::find_by_id(name.to_owned())
-            .one(&self.db)
-            .await?
-        {
-            if existing.owner != owner {
-                return Err(Error::NotFound(format!("feed subscription '{name}' does not exist")));
-            }
+    /// The owner's subscription of this name, if it exists. Names are per owner: another principal's
+    /// subscription of the same name is a different one, never visible here.
+    pub async fn find_subscription(&self, name: &str, owner: &str) -> Result<Option<feed_subscription::Model>> {
+        Ok(
+            feed_subscription::Entity::find_by_id((owner.to_owned(), name.to_owned()))
+                .one(&self.db)
+                .await?,
+        )
+    }
+
+    /// The feed destination a subscription follows (or would follow, if `destination` names it for a new one).
+    /// Nothing is created here: the caller checks access to the destination first.
+    pub async fn subscription_target(
+        &self,
+        existing: Option<&feed_subscription::Model>,
+        name: &str,
+        destination: &str,
+    ) -> Result<emr_destination::Model> {
+        if let Some(existing) = existing {
             if !destination.is_empty() && existing.destination != destination {
                 return Err(Error::FailedPrecondition(format!(
                     "subscription '{name}' follows destination '{}', not '{destination}'",
                     existing.destination
                 )));
             }
-            return Ok(existing);
+            return self.destination(&existing.destination).await;
         }
         if destination.is_empty() {
-            return Err(Violations::single(
-                "destination",
-                "name the feed destination to create the subscription (it did not exist)",
-            )
-            .into());
+            return Err(Error::NotFound(format!(
+                "you have no feed subscription '{name}'; name the feed destination to create it"
+            )));
         }
         let target = self.destination(destination).await?;
         if target.kind != DestinationKind::Feed.as_str() {
@@ -738,6 +746,17 @@ impl Emr {
                 target.kind
             )));
         }
+        Ok(target)
+    }
+
+    /// Creates the owner's subscription to a feed destination the caller was allowed to follow (or returns the
+    /// one a concurrent call created).
+    pub async fn create_subscription(
+        &self,
+        name: &str,
+        destination: &str,
+        owner: &str,
+    ) -> Result<feed_subscription::Model> {
         let at = now();
         let model = feed_subscription::ActiveModel {
             name: Set(name.to_owned()),
@@ -748,10 +767,10 @@ impl Emr {
             updated_at: Set(at),
         };
         feed_subscription::Entity::insert(model)
+            .on_conflict_do_nothing()
             .exec_without_returning(&self.db)
             .await?;
-        feed_subscription::Entity::find_by_id(name.to_owned())
-            .one(&self.db)
+        self.find_subscription(name, owner)
             .await?
             .ok_or_else(|| Error::Internal("a created subscription vanished".into()))
     }
@@ -769,7 +788,10 @@ impl Emr {
 
     /// Moves a subscription's cursor forward (never back) to an event that exists.
     pub async fn acknowledge(&self, name: &str, owner: &str, cursor: i64) -> Result<i64> {
-        let subscription = self.subscription(name, "", owner).await?;
+        let subscription = self
+            .find_subscription(name, owner)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("feed subscription '{name}' does not exist")))?;
         let exists = emr_outbox::Entity::find()
             .filter(emr_outbox::Column::Destination.eq(subscription.destination.as_str()))
             .filter(emr_outbox::Column::Id.eq(cursor))
@@ -788,14 +810,12 @@ impl Emr {
         feed_subscription::Entity::update_many()
             .col_expr(feed_subscription::Column::Cursor, Expr::value(cursor))
             .col_expr(feed_subscription::Column::UpdatedAt, Expr::value(now()))
+            .filter(feed_subscription::Column::Owner.eq(owner))
             .filter(feed_subscription::Column::Name.eq(name))
             .filter(feed_subscription::Column::Cursor.lt(cursor))
             .exec(&self.db)
             .await?;
-        Ok(feed_subscription::Entity::find_by_id(name.to_owned())
-            .one(&self.db)
-            .await?
-            .map_or(cursor, |s| s.cursor))
+        Ok(self.find_subscription(name, owner).await?.map_or(cursor, |s| s.cursor))
     }
 }
 

@@ -96,6 +96,18 @@ impl CredentialService for IdentityApi {
     #[instrument(skip_all)]
     async fn renew(&self, request: Request<v1::RenewRequest>) -> Result<Response<v1::CertificateResponse>, Status> {
         let caller = caller(&request)?;
+        // The connection is cut at notAfter, but a call already on its way must not slip through either: renewal
+        // proves possession of a *valid* credential.
+        if caller
+            .certificate
+            .as_ref()
+            .is_some_and(|(_, not_after)| *not_after <= std::time::SystemTime::now())
+        {
+            return Err(Status::unauthenticated(
+                "the certificate used for this call has expired; an expired certificate cannot be renewed: \
+                 enroll again with a new token (devices) or ask an administrator for new credentials",
+            ));
+        }
         let key = csr("csr_der", &request.get_ref().csr_der)?;
         let current = caller.certificate.as_ref().map(|(serial, _)| serial.as_str());
         let issued = self

@@ -160,6 +160,8 @@ pub async fn run(
     record_bootstrap_admin(&dir, &ca, &credentials).await;
     let access = access::Access::load(db.clone()).await.map_err(ServeError::Access)?;
     access.spawn_poller(background.clone());
+    let refusals = rpc::Refusals::new(db.clone(), rpc::REFUSAL_WINDOW);
+    refusals.spawn_flusher(background.clone());
     let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
     let events = events::Events::new(db.get_database_backend());
     events.spawn_listener(&db, background.clone());
@@ -285,7 +287,7 @@ pub async fn run(
         }
     };
     let serve = Server::builder()
-        .layer(RpcLayer::new(metrics.clone(), access.clone(), db.clone()))
+        .layer(RpcLayer::new(metrics.clone(), access.clone(), db.clone(), refusals))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -3,10 +3,10 @@
 //! The decision follows [`crate::policy::RULES`]: authentication first (who is calling, from the connection's
 //! certificate), then, for role-governed methods, the casbin decision on the target's scope, resolved from the
 //! request message before the handler runs. Handlers never check who is calling; they read the [`Caller`] (and,
-//! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every refusal this layer
-//! makes of a caller that presented a certificate is written to the audit trail (anonymous refusals are logged and
-//! counted only, so nobody can fill the trail without credentials); refusals made by handlers on the merits of a
-//! request (a bad token, a revoked certificate) are logged by those handlers.
+//! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every PERMISSION_DENIED
+//! answered to a caller that presented a certificate, whether this layer or a handler decided it, reaches the audit
+//! trail through [`Refusals`], coalesced per (principal, method) and window (anonymous refusals are logged and
+//! counted only, so nobody can fill the trail without credentials).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -115,6 +115,7 @@ pub struct RpcLayer {
     metrics: Metrics,
     access: Arc<Access>,
     db: DatabaseConnection,
+    refusals: Refusals,
 }
 
 impl std::fmt::Debug for RpcLayer {
@@ -124,8 +125,13 @@ impl std::fmt::Debug for RpcLayer {
 }
 
 impl RpcLayer {
-    pub fn new(metrics: Metrics, access: Arc<Access>, db: DatabaseConnection) -> Self {
-        Self { metrics, access, db }
+    pub fn new(metrics: Metrics, access: Arc<Access>, db: DatabaseConnection, refusals: Refusals) -> Self {
+        Self {
+            metrics,
+            access,
+            db,
+            refusals,
+        }
     }
 }
 
@@ -173,6 +179,25 @@ fn grpc_code<B>(response: &Response<B>) -> i32 {
         .unwrap_or(0)
 }
 
+/// `grpc-message` is percent-encoded on the wire (gRPC over HTTP/2); the audit trail stores the text.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The metric label of a method: exact methods by name, standard services by prefix, anything else "unknown", so
 /// callers cannot grow the metric's cardinality with made-up method names.
 fn rule_label(path: &str) -> String {
@@ -187,36 +212,164 @@ fn rule_label(path: &str) -> String {
     }
 }
 
-/// Records a refusal. Best effort: the refusal itself never depends on the audit write.
-async fn audit_refusal(
-    db: &DatabaseConnection,
-    actor: &str,
-    path: &str,
-    scope: &str,
-    request_id: &str,
-    status: &Status,
-) {
-    let event = audit::Event {
-        actor: actor.to_owned(),
-        action: path.to_owned(),
-        target: path.to_owned(),
-        scope: scope.chars().take(200).collect(),
-        outcome: Outcome::Denied,
-        request_id: request_id.to_owned(),
-        // Bounded and printable: a caller controls part of the message.
-        detail: format!("{:?}: {}", status.code(), status.message())
-            .chars()
-            .take(500)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect(),
-    };
-    let written = async {
-        let txn = crate::db::begin_write(db).await?;
-        audit::append(&txn, &event).await?;
-        txn.commit().await
-    };
-    if let Err(error) = written.await {
-        tracing::error!(%error, "could not record a refusal in the audit trail");
+/// How long refusals of one (principal, method) are counted into one audit row after the first is written.
+pub const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_mins(1);
+/// (principal, method) pairs counted at once; beyond that refusals are logged and counted in metrics only, so a
+/// flood of distinct callers cannot grow memory without bound.
+const MAX_OPEN_REFUSALS: usize = 10_000;
+
+/// The one path by which refusals of certificate holders reach the audit trail, whether the RPC layer or a
+/// handler decided them. The first refusal of a (principal, method) is written before the caller is answered;
+/// repeats within [`REFUSAL_WINDOW`] are counted and written as one row when the window closes. A device
+/// looping forbidden calls therefore costs at most two audit rows a minute, and never holds SQLite's write lock
+/// against ingest call after call.
+#[derive(Clone)]
+pub struct Refusals {
+    db: DatabaseConnection,
+    window: std::time::Duration,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), Repeats>>>,
+}
+
+impl std::fmt::Debug for Refusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refusals").finish_non_exhaustive()
+    }
+}
+
+/// Refusals counted since the first one of a window was written.
+#[derive(Debug)]
+struct Repeats {
+    opened: Instant,
+    count: u64,
+    scope: String,
+    request_id: String,
+    status: String,
+}
+
+/// Bounded and printable: a caller controls part of a status message.
+fn bounded_detail(text: &str) -> String {
+    text.chars()
+        .take(500)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+impl Refusals {
+    pub fn new(db: DatabaseConnection, window: std::time::Duration) -> Self {
+        Self {
+            db,
+            window,
+            open: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Repeats>> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a refusal of `actor` (an identity URI, or "certificate <serial>" for a certificate without a
+    /// usable identity). `serial` is the certificate's, kept as a detail so a refusal can be tied to the exact
+    /// credential. Best effort: the refusal itself never depends on the audit write.
+    pub async fn record(
+        &self,
+        actor: &str,
+        serial: Option<&str>,
+        path: &str,
+        scope: &str,
+        request_id: &str,
+        status: &Status,
+    ) {
+        let status_text = format!("{:?}: {}", status.code(), status.message());
+        let detail = match serial {
+            Some(serial) => format!("{status_text} (certificate {serial})"),
+            None => status_text.clone(),
+        };
+        {
+            let mut open = self.lock();
+            let key = (actor.to_owned(), path.to_owned());
+            if let Some(repeats) = open.get_mut(&key) {
+                repeats.count += 1;
+                scope.clone_into(&mut repeats.scope);
+                request_id.clone_into(&mut repeats.request_id);
+                repeats.status = status_text;
+                return;
+            }
+            if open.len() >= MAX_OPEN_REFUSALS {
+                tracing::warn!("too many distinct refused callers to audit each; this refusal is only logged");
+                return;
+            }
+            open.insert(
+                key,
+                Repeats {
+                    opened: Instant::now(),
+                    count: 0,
+                    scope: String::new(),
+                    request_id: String::new(),
+                    status: String::new(),
+                },
+            );
+        }
+        self.write(actor, path, scope, request_id, &detail).await;
+    }
+
+    async fn write(&self, actor: &str, path: &str, scope: &str, request_id: &str, detail: &str) {
+        let event = audit::Event {
+            actor: actor.chars().take(200).collect(),
+            action: path.to_owned(),
+            target: path.to_owned(),
+            scope: scope.chars().take(200).collect(),
+            outcome: Outcome::Denied,
+            request_id: request_id.to_owned(),
+            detail: bounded_detail(detail),
+        };
+        let written = async {
+            let txn = crate::db::begin_write(&self.db).await?;
+            audit::append(&txn, &event).await?;
+            txn.commit().await
+        };
+        if let Err(error) = written.await {
+            tracing::error!(%error, "could not record a refusal in the audit trail");
+        }
+    }
+
+    /// Writes the count of every window that has closed (all of them when `all`), and forgets those windows.
+    async fn flush(&self, all: bool) {
+        let closed: Vec<((String, String), Repeats)> = {
+            let mut open = self.lock();
+            let keys: Vec<(String, String)> = open
+                .iter()
+                .filter(|(_, r)| all || r.opened.elapsed() >= self.window)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| open.remove(&k).map(|r| (k, r)))
+                .collect()
+        };
+        for ((actor, path), repeats) in closed.into_iter().filter(|(_, r)| r.count > 0) {
+            let detail = format!(
+                "{} more refusal(s) within {} s of the first; last: {}",
+                repeats.count,
+                self.window.as_secs(),
+                repeats.status
+            );
+            self.write(&actor, &path, &repeats.scope, &repeats.request_id, &detail)
+                .await;
+        }
+    }
+
+    /// Closes windows as they expire until `stop`, then writes what is still counted.
+    pub fn spawn_flusher(&self, stop: tokio_util::sync::CancellationToken) {
+        let refusals = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval((refusals.window / 4).max(std::time::Duration::from_millis(50)));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => refusals.flush(false).await,
+                }
+            }
+            refusals.flush(true).await;
+        });
     }
 }
 
@@ -259,6 +412,7 @@ where
         };
         let peer = request.extensions().get::<PeerInfo>();
         let certificate = peer.and_then(|p| p.certificate.clone());
+        let refused_actor = peer_actor(peer);
         let authenticated = authenticate(peer, &path);
         let layer = self.layer.clone();
         // The clone that was polled ready is the one that must serve the call.
@@ -269,14 +423,22 @@ where
             async move {
                 let span = tracing::Span::current();
                 let identified = certificate.is_some();
+                let serial = certificate.as_ref().map(|(serial, _)| serial.clone());
                 let refuse = |status: Status, actor: String, scope: String| {
-                    let (db, path, request_id, span) =
-                        (layer.db.clone(), path.clone(), request_id.clone(), span.clone());
+                    let (refusals, path, request_id, span, serial) = (
+                        layer.refusals.clone(),
+                        path.clone(),
+                        request_id.clone(),
+                        span.clone(),
+                        serial.clone(),
+                    );
                     let finish = finish.clone();
                     async move {
                         tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
                         if status.code() != tonic::Code::Unimplemented && identified {
-                            audit_refusal(&db, &actor, &path, &scope, &request_id, &status).await;
+                            refusals
+                                .record(&actor, serial.as_deref(), &path, &scope, &request_id, &status)
+                                .await;
                         }
                         finish(status.into_http(), &span)
                     }
@@ -284,8 +446,7 @@ where
                 let identity = match authenticated {
                     Ok(identity) => identity,
                     Err(status) => {
-                        let actor = peer_actor(certificate.as_ref());
-                        return Ok(refuse(status, actor, String::new()).await);
+                        return Ok(refuse(status, refused_actor, String::new()).await);
                     }
                 };
                 let mut request = request;
@@ -332,6 +493,21 @@ where
                     }
                 }
                 let response = inner.call(request).await?;
+                // A handler's refusal (decided on stored rows: a feed outside the caller's scopes, a session for
+                // another device) takes the same path to the audit trail as the layer's own.
+                if grpc_code(&response) == tonic::Code::PermissionDenied as i32 && identified {
+                    let message = response
+                        .headers()
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .map(percent_decode)
+                        .unwrap_or_default();
+                    let status = Status::permission_denied(message);
+                    layer
+                        .refusals
+                        .record(&refused_actor, serial.as_deref(), &path, "", &request_id, &status)
+                        .await;
+                }
                 Ok(finish(response, &span))
             }
             .instrument(span),
@@ -339,9 +515,19 @@ where
     }
 }
 
-/// How a refused caller is named in the audit trail: its certificate serial when it presented one.
-fn peer_actor(certificate: Option<&(String, std::time::SystemTime)>) -> String {
-    certificate.map_or_else(|| "anonymous".to_owned(), |(serial, _)| format!("certificate {serial}"))
+/// How a refused caller is named in the audit trail: its identity URI when its certificate carries one (so
+/// `audit list --actor medfleet://device/<id>` finds it), else its certificate serial.
+fn peer_actor(peer: Option<&PeerInfo>) -> String {
+    match peer {
+        Some(PeerInfo {
+            identity: Ok(identity), ..
+        }) => identity.to_string(),
+        Some(PeerInfo {
+            certificate: Some((serial, _)),
+            ..
+        }) => format!("certificate {serial}"),
+        _ => "anonymous".to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -439,8 +439,10 @@ impl DeviceService for DeviceApi {
         };
         if hello.device_id != id.to_string() {
             tracing::warn!(device = %id, claimed = %printable(&hello.device_id), "session refused: claimed another device");
+            // The RPC layer writes this refusal to the audit trail; the words say what it was.
             return Err(Status::permission_denied(format!(
-                "this certificate belongs to device {id}; it cannot open a session for another device"
+                "impersonation refused: this certificate belongs to device {id}; it cannot open a session for \
+                 another device"
             )));
         }
         self.registry.mark_active(id, &audit).await?;

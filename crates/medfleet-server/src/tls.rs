@@ -2,6 +2,7 @@
 //! the revocation set), the caller's identity is extracted once per connection, and a connection can be closed the
 //! moment its certificate is revoked.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -80,12 +81,14 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// One accepted TLS connection. Its I/O fails, and so it closes, as soon as its certificate is revoked.
+/// One accepted TLS connection. Its I/O fails, and so it closes, as soon as its certificate is revoked or
+/// reaches its notAfter: the handshake checked validity once, the connection may live for days.
 #[derive(Debug)]
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
     revoked: Option<RevocationWatch>,
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl TlsConnection {
@@ -100,8 +103,26 @@ impl TlsConnection {
                 "the client certificate was revoked",
             ));
         }
+        let expired = self
+            .expires
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+        if expired {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client certificate expired",
+            ));
+        }
         Ok(())
     }
+}
+
+/// A timer that fires at the certificate's notAfter (at once if that has passed).
+fn expiry_timer(not_after: std::time::SystemTime) -> Pin<Box<tokio::time::Sleep>> {
+    let left = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Box::pin(tokio::time::sleep(left))
 }
 
 impl Connected for TlsConnection {
@@ -199,13 +220,21 @@ pub fn incoming(
                         let revoked = certificate
                             .as_ref()
                             .map(|(serial, _)| revocations.watch(serial.clone()));
+                        let expires = certificate.as_ref().map(|(_, not_after)| expiry_timer(*not_after));
                         metrics.record_handshake("ok");
                         let peer = PeerInfo {
                             remote_addr,
                             identity,
                             certificate,
                         };
-                        let _ = tx.send(Ok(TlsConnection { stream, peer, revoked })).await;
+                        let _ = tx
+                            .send(Ok(TlsConnection {
+                                stream,
+                                peer,
+                                revoked,
+                                expires,
+                            }))
+                            .await;
                     }
                     Ok(Err(error)) => {
                         metrics.record_handshake("failed");

@@ -489,3 +489,134 @@ both_backends!(
     bad_batches_are_answered_not_swallowed,
     bad_batches_are_answered_not_swallowed
 );
+
+/// Refusals reach the audit trail through one path, named by identity and coalesced: a device looping forbidden
+/// calls writes one row per window (its serial a detail) while another device's readings keep being acked; a
+/// handler's refusal (a feed outside the caller's scopes, a session for another device) is audited too; a refused
+/// Subscribe creates nothing, and subscription names are per principal.
+async fn refusals_are_audited_once_per_window_by_identity(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (icu, ed) = icu_and_ed(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let looping = as_principal(&server, &Identity::Device(ed.parse().unwrap())).await;
+    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(icu.parse().unwrap())).await).await;
+    let forbidden = async {
+        let mut registry = RegistryServiceClient::new(looping.clone());
+        for _ in 0..200 {
+            let refused = registry
+                .list_devices(v1::ListDevicesRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied);
+        }
+    };
+    let publishing = async {
+        for sequence in 1..=20 {
+            let ack = publisher
+                .send(
+                    sequence,
+                    vec![item("147842", 70.0, "/min", Utc::now() - chrono::Duration::seconds(1))],
+                )
+                .await;
+            assert_eq!(ack.accepted, 1);
+        }
+    };
+    tokio::join!(forbidden, publishing);
+    let mut audit = AuditServiceClient::new(admin.clone());
+    let actor = format!("medfleet://device/{ed}");
+    let rows = |action: &str| v1::ListAuditEventsRequest {
+        actor: actor.clone(),
+        action: action.into(),
+        page_size: 500,
+        ..Default::default()
+    };
+    let listed = audit
+        .list_audit_events(rows("/medfleet.v1.RegistryService/ListDevices"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(listed.len(), 1, "one row for the window, not one per call: {listed:?}");
+    assert_eq!(listed[0].outcome, "denied");
+    assert!(listed[0].detail.contains("certificate "), "{}", listed[0].detail);
+
+    // A session that claims another device: refused by the handler, audited as impersonation.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(v1::SessionRequest {
+        message: Some(v1::session_request::Message::Hello(v1::Hello {
+            device_id: icu.clone(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let refused = medfleet_proto::v1::device_service_client::DeviceServiceClient::new(looping)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let listed = audit
+        .list_audit_events(rows("/medfleet.v1.DeviceService/Session"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].detail.contains("impersonation"), "{}", listed[0].detail);
+
+    // A ward-scoped integration may not follow a fleet-wide feed: refused, audited, and nothing created.
+    let mut emr = medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone());
+    emr.create_destination(v1::EmrDestination {
+        name: "all-feed".into(),
+        kind: v1::EmrDestinationKind::Feed.into(),
+        enabled: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    grant(&server, "medfleet://service/ward-bridge", "emr_system", "stmarys/ed").await;
+    let ward_bridge = as_principal(&server, &Identity::Service("ward-bridge".into())).await;
+    let mut feed = medfleet_proto::v1::feed_service_client::FeedServiceClient::new(ward_bridge);
+    let subscribe = |name: &str| v1::SubscribeRequest {
+        subscription: name.into(),
+        destination: "all-feed".into(),
+    };
+    let refused = feed.subscribe(subscribe("shared")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let unknown = feed
+        .acknowledge(v1::AcknowledgeRequest {
+            subscription: "shared".into(),
+            cursor: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unknown.code(),
+        Code::NotFound,
+        "a refused Subscribe leaves nothing behind: {unknown:?}"
+    );
+    let listed = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            actor: "medfleet://service/ward-bridge".into(),
+            action: "/medfleet.v1.FeedService/Subscribe".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // Names are per principal: two fleet-wide integrations both use "shared", each with its own cursor.
+    for service in ["epic", "cerner"] {
+        grant(&server, &format!("medfleet://service/{service}"), "emr_system", "*").await;
+        let channel = as_principal(&server, &Identity::Service(service.into())).await;
+        let mut feed = medfleet_proto::v1::feed_service_client::FeedServiceClient::new(channel);
+        feed.subscribe(subscribe("shared")).await.unwrap();
+    }
+}
+
+both_backends!(
+    refusals_are_audited_once_per_window_by_identity,
+    refusals_are_audited_once_per_window_by_identity
+);

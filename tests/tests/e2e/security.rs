@@ -228,3 +228,41 @@ async fn identities(backend: Backend) {
     api.list_sites(v1::ListSitesRequest::default()).await.unwrap();
 }
 both_backends!(identity_rules, identities);
+
+/// A connection whose client certificate expires is closed at notAfter (the handshake checked validity once),
+/// the way a revoked one is cut: a long-lived stream does not outlive its credential.
+async fn connections_close_when_the_certificate_expires(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let not_after = SystemTime::now() + Duration::from_secs(3);
+    let bundle = server
+        .ca()
+        .issue_client_for_window(
+            &Identity::User("shortlived".into()),
+            SystemTime::now() - Duration::from_mins(1),
+            not_after,
+        )
+        .unwrap();
+    let channel = server.channel(&bundle).await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // The watch never ends by itself while the server serves: only the cut ends it.
+    let ended = tokio::time::timeout(Duration::from_mins(1), watch.message())
+        .await
+        .expect("the stream of an expired certificate was not closed");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    assert!(
+        SystemTime::now() + Duration::from_secs(1) >= not_after,
+        "closed at expiry (notAfter has second precision), not before"
+    );
+}
+
+both_backends!(
+    connections_close_when_the_certificate_expires,
+    connections_close_when_the_certificate_expires
+);
