@@ -49,7 +49,7 @@ async fn rebuild(manager: &SchemaManager<'_>, owner_in_key: bool) -> Result<(), 
     }
     key.col(FeedSubscriptions::Name);
     table.primary_key(&mut key);
-    manager.create_table(table.to_owned()).await?;
+    manager.create_table(table).await?;
     let db = manager.get_connection();
     db.execute_unprepared(&format!(
         "INSERT INTO feed_subscriptions_rebuilt ({COLUMNS}) SELECT {COLUMNS} FROM feed_subscriptions"

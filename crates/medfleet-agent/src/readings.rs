@@ -401,7 +401,12 @@ mod tests {
         let seeded: Vec<u64> = (0..100).map(|i| buffer.append(vitals(i, at)).unwrap()).collect();
         let measuring = {
             let buffer = buffer.clone();
-            std::thread::spawn(move || (0..100).map(|i| buffer.append(vitals(i, at)).unwrap()).count())
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    buffer.append(vitals(i, at)).unwrap();
+                }
+                100
+            })
         };
         let renumbering = {
             let buffer = buffer.clone();

@@ -231,6 +231,8 @@ pub struct Access {
     version: AtomicI64,
     /// One rebuild at a time: a slow rebuild of an older version must not overwrite a newer one.
     reloading: tokio::sync::Mutex<()>,
+    /// The version each rebuild installed: long-lived streams re-check their caller's access on every change.
+    changed: tokio::sync::watch::Sender<i64>,
 }
 
 impl std::fmt::Debug for Access {
@@ -268,6 +270,7 @@ impl Access {
             enforcer: ArcSwap::from_pointee(enforcer),
             version: AtomicI64::new(version),
             reloading: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::watch::Sender::new(version),
         }))
     }
 
@@ -282,7 +285,13 @@ impl Access {
         let enforcer = build(&self.db).await?;
         self.enforcer.store(Arc::new(enforcer));
         self.version.store(version, Ordering::Release);
+        self.changed.send_replace(version);
         Ok(true)
+    }
+
+    /// Notified after every policy rebuild on this replica.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.changed.subscribe()
     }
 
     pub fn spawn_poller(self: &Arc<Self>, stop: CancellationToken) {

@@ -21,7 +21,7 @@ use crate::presence;
 use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::error::Error;
 use crate::identity_api::caller;
-use crate::policy::{Visibility, visibility};
+use crate::policy::{Visibility, access_withdrawn, visibility};
 use crate::rpc::audit_context;
 use crate::store::Registry;
 
@@ -33,14 +33,21 @@ pub struct RegistryApi {
     registry: Registry,
     credentials: Credentials,
     events: Arc<Events>,
+    access: Arc<crate::access::Access>,
 }
 
 impl RegistryApi {
-    pub fn new(registry: Registry, credentials: Credentials, events: Arc<Events>) -> Self {
+    pub fn new(
+        registry: Registry,
+        credentials: Credentials,
+        events: Arc<Events>,
+        access: Arc<crate::access::Access>,
+    ) -> Self {
         Self {
             registry,
             credentials,
             events,
+            access,
         }
     }
 
@@ -345,13 +352,15 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn watch_devices(&self, request: Request<v1::WatchDevicesRequest>) -> Reply<Self::WatchDevicesStream> {
         let visibility = visibility(&request);
+        let subject = crate::identity_api::caller(&request)?.identity.to_string();
         let r = request.into_inner();
         let filter = DeviceFilter::parse(&r.site, &r.ward, "", None, &[]).map_err(Error::from)?;
         // Subscribed before the initial listing, so no change between the two is missed.
         let mut events = self.events.subscribe();
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let api = self.clone();
-        tokio::spawn(async move {
+        let (access, granted, denied) = (self.access.clone(), visibility.clone(), tx.clone());
+        let watching = async move {
             let send_all = |api: RegistryApi, tx: mpsc::Sender<Result<v1::DeviceEvent, Status>>| {
                 let (filter, visibility) = (filter.clone(), visibility.clone());
                 async move {
@@ -422,6 +431,14 @@ impl RegistryService for RegistryApi {
                     if tx.send(Ok(v1::DeviceEvent { device: Some(device) })).await.is_err() {
                         return;
                     }
+                }
+            }
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                () = watching => {}
+                status = access_withdrawn(&access, &subject, "device", "read", |now| now.covers(&granted)) => {
+                    let _ = denied.send(Err(status)).await;
                 }
             }
         });

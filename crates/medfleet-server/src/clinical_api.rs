@@ -30,7 +30,7 @@ use crate::emr::{Emr, NewDestination, Settings, event_id, settings_of};
 use crate::entity::{device, emr_destination, emr_outbox, observation, patient};
 use crate::error::{Error, Result};
 use crate::identity_api::caller;
-use crate::policy::{Visibility, visibility};
+use crate::policy::{Visibility, access_withdrawn, visibility};
 use crate::rpc::audit_context;
 use crate::store::now;
 
@@ -45,11 +45,27 @@ const FEED_PAGE: u64 = 500;
 pub struct ClinicalApi {
     clinical: Clinical,
     emr: Arc<Emr>,
+    access: Arc<crate::access::Access>,
+}
+
+/// Whether `visibility` covers every place a destination's filter lets through (no filter: the whole fleet).
+fn covers_destination(visibility: &Visibility, destination: &emr_destination::Model) -> bool {
+    let sites: BTreeSet<String> = serde_json::from_str(&destination.sites).unwrap_or_default();
+    let wards: BTreeSet<String> = serde_json::from_str(&destination.wards).unwrap_or_default();
+    if sites.is_empty() && wards.is_empty() {
+        *visibility == Visibility::All
+    } else {
+        sites.iter().all(|s| visibility.sees_site(s))
+            && wards.iter().all(|w| {
+                w.split_once('/')
+                    .is_some_and(|(site, ward)| visibility.sees_ward(site, ward))
+            })
+    }
 }
 
 impl ClinicalApi {
-    pub fn new(clinical: Clinical, emr: Arc<Emr>) -> Self {
-        Self { clinical, emr }
+    pub fn new(clinical: Clinical, emr: Arc<Emr>, access: Arc<crate::access::Access>) -> Self {
+        Self { clinical, emr, access }
     }
 
     /// What a listing is about: a device the caller may see, or a patient (at least one of them).
@@ -198,7 +214,7 @@ impl PatientService for ClinicalApi {
         tracing::info!(%device, association = %view.association.id, cancelled = r.cancel_planned, "device dissociated");
         let mut reply = association_to_wire(&view);
         if r.cancel_planned {
-            reply.status = "cancelled".to_owned();
+            "cancelled".clone_into(&mut reply.status);
         }
         Ok(Response::new(reply))
     }
@@ -542,17 +558,7 @@ impl FeedService for ClinicalApi {
             .await?;
         // A subscriber sees chart entries only from places its grants cover: the destination's filter must lie
         // inside them (no filter means the whole fleet).
-        let sites: BTreeSet<String> = serde_json::from_str(&destination.sites).unwrap_or_default();
-        let wards: BTreeSet<String> = serde_json::from_str(&destination.wards).unwrap_or_default();
-        let covered = if sites.is_empty() && wards.is_empty() {
-            visibility == Visibility::All
-        } else {
-            sites.iter().all(|s| visibility.sees_site(s))
-                && wards.iter().all(|w| {
-                    w.split_once('/')
-                        .is_some_and(|(site, ward)| visibility.sees_ward(site, ward))
-                })
-        };
+        let covered = covers_destination(&visibility, &destination);
         if !covered {
             return Err(Status::permission_denied(format!(
                 "feed '{}' carries chart entries from places your grants do not cover; ask for feed:subscribe on \
@@ -570,9 +576,15 @@ impl FeedService for ClinicalApi {
         };
         tracing::info!(subscription = %subscription.name, cursor = subscription.cursor, "feed subscription resumed");
         let (tx, rx) = mpsc::channel(usize::try_from(FEED_PAGE).unwrap_or(500));
-        let emr = self.emr.clone();
+        let (emr, access) = (self.emr.clone(), self.access.clone());
         tokio::spawn(async move {
-            if let Err(status) = follow_feed(emr, subscription.destination, subscription.cursor, &tx).await {
+            let outcome = tokio::select! {
+                followed = follow_feed(emr, subscription.destination, subscription.cursor, &tx) => followed,
+                withdrawn = access_withdrawn(&access, &owner, "feed", "subscribe", |now| {
+                    covers_destination(now, &destination)
+                }) => Err(withdrawn),
+            };
+            if let Err(status) = outcome {
                 let _ = tx.send(Err(status)).await;
             }
         });

@@ -222,11 +222,11 @@ pub async fn run(
     let enrollment = EnrollmentServiceServer::new(identity_api.clone());
     let credential_service = CredentialServiceServer::new(identity_api);
     let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone(), hub.clone(), ingest));
-    let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials, events.clone()));
+    let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials, events.clone(), access.clone()));
     let config_service = ConfigServiceServer::new(config_api::ConfigApi::new(configs));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
     let audit_service = AuditServiceServer::new(audit_api::AuditApi::new(db.clone()));
-    let clinical_api = clinical_api::ClinicalApi::new(clinical, emr);
+    let clinical_api = clinical_api::ClinicalApi::new(clinical, emr, access.clone());
     let patient_service = PatientServiceServer::new(clinical_api.clone());
     let observation_service = ObservationServiceServer::new(clinical_api.clone());
     let emr_service = EmrServiceServer::new(clinical_api.clone());

@@ -409,11 +409,47 @@ pub fn visibility<T>(request: &tonic::Request<T>) -> Visibility {
 }
 
 impl Visibility {
+    /// Whether everything `other` shows is visible here too.
+    pub fn covers(&self, other: &Visibility) -> bool {
+        match (self, other) {
+            (Self::All, _) => true,
+            (Self::Scopes { .. }, Self::All) => false,
+            (Self::Scopes { .. }, Self::Scopes { sites, wards }) => {
+                sites.iter().all(|s| self.sees_site(s)) && wards.iter().all(|(s, w)| self.sees_ward(s, w))
+            }
+        }
+    }
+
     /// Whether a resource at this place (none: in storage, fleet-wide) is visible.
     pub fn sees_place(&self, site: Option<&str>, ward: Option<&str>) -> bool {
         match (site, ward) {
             (Some(site), Some(ward)) => self.sees_ward(site, ward),
             _ => *self == Self::All,
+        }
+    }
+}
+
+/// Resolves, with the PERMISSION_DENIED to end a long-lived stream with, once a policy change leaves `subject`
+/// without what `still` requires of its `object:action` visibility. A stream (a PHI feed, a device watch) checked
+/// at open would otherwise go on for days after its caller's role was revoked.
+pub async fn access_withdrawn(
+    access: &Access,
+    subject: &str,
+    object: &str,
+    action: &str,
+    still: impl Fn(&Visibility) -> bool,
+) -> Status {
+    let mut changes = access.changes();
+    loop {
+        if changes.changed().await.is_err() {
+            // No more rebuilds on this replica (shutting down): nothing will ever withdraw access.
+            return std::future::pending().await;
+        }
+        if !still(&access.visibility(subject, object, action)) {
+            return Status::permission_denied(format!(
+                "{subject}'s permission {object}:{action} was withdrawn while this stream was open; it is closed \
+                 (ask an administrator if you still need it)"
+            ));
         }
     }
 }

@@ -495,7 +495,7 @@ impl Registry {
             format!("{}; moved {from} -> {to}", changed.join(","))
         };
         if ended > 0 {
-            detail.push_str(&format!("; ended {ended} bed-bound (ADT) association(s)"));
+            detail = format!("{detail}; ended {ended} bed-bound (ADT) association(s)");
             tracing::info!(device = %id, ended, "a moved device no longer charts to the patient of its old bed");
         }
         audit

@@ -30,8 +30,7 @@ fn location(site: &str, ward: &str, bed: &str) -> Option<v1::Location> {
 fn result_status(message: &str) -> String {
     message
         .split('\r')
-        .filter(|s| s.starts_with("OBX|"))
-        .last()
+        .rfind(|s| s.starts_with("OBX|"))
         .and_then(|s| s.split('|').nth(11))
         .unwrap_or_default()
         .to_owned()
@@ -619,4 +618,73 @@ async fn refusals_are_audited_once_per_window_by_identity(backend: Backend) {
 both_backends!(
     refusals_are_audited_once_per_window_by_identity,
     refusals_are_audited_once_per_window_by_identity
+);
+
+/// Revoking a role ends the streams it opened: a PHI feed and a device watch end with PERMISSION_DENIED instead of
+/// running on for days.
+async fn revoking_a_role_ends_its_open_streams(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "all-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            enabled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    grant(&server, "medfleet://service/epic", "emr_system", "*").await;
+    let epic = as_principal(&server, &Identity::Service("epic".into())).await;
+    let mut feed = medfleet_proto::v1::feed_service_client::FeedServiceClient::new(epic.clone())
+        .subscribe(v1::SubscribeRequest {
+            subscription: "main".into(),
+            destination: "all-feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = RegistryServiceClient::new(epic)
+        .watch_devices(v1::WatchDevicesRequest {
+            initial: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The initial listing arrives: the watch is live.
+    assert!(watch.message().await.unwrap().is_some());
+    AccessServiceClient::new(admin)
+        .revoke(v1::GrantRequest {
+            grant: Some(v1::RoleGrant {
+                principal: "medfleet://service/epic".into(),
+                role: "emr_system".into(),
+                scope: "*".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(crate::clinical::GUARD, feed.message())
+        .await
+        .expect("the feed outlived the revocation")
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    let ended = tokio::time::timeout(crate::clinical::GUARD, async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => {}
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch outlived the revocation")
+    .unwrap_err();
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+}
+
+both_backends!(
+    revoking_a_role_ends_its_open_streams,
+    revoking_a_role_ends_its_open_streams
 );
