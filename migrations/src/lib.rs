@@ -12,6 +12,7 @@ mod m20261125_000004_config;
 mod m20261125_000005_emr;
 mod m20261201_000006_outbox_order;
 mod m20261201_000007_feed_subscription_owner;
+mod m20261201_000008_destination_admin;
 mod seed;
 
 #[derive(Debug)]
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000005_emr::Migration),
             Box::new(m20261201_000006_outbox_order::Migration),
             Box::new(m20261201_000007_feed_subscription_owner::Migration),
+            Box::new(m20261201_000008_destination_admin::Migration),
         ]
     }
 }

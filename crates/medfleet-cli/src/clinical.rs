@@ -149,6 +149,10 @@ pub(crate) enum EmrCommand {
         /// Create it disabled.
         #[arg(long)]
         disabled: bool,
+        /// MLLP without TLS (no --ca): chart entries cross the network in clear. For a receiver on an isolated
+        /// integration network only; the audit trail records it.
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
     /// The destinations.
     #[command(after_help = "Example:\n  medfleet emr list -o json")]
@@ -505,7 +509,7 @@ impl From<v1::EmrDestination> for DestinationView {
             sites: d.sites,
             wards: d.wards,
             interval_seconds: d.interval_seconds,
-            enabled: d.enabled,
+            enabled: d.enabled.unwrap_or(true),
             created_by: d.created_by,
         }
     }
@@ -551,6 +555,7 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
             disabled,
             client_cert,
             client_key,
+            insecure_plaintext,
         } => {
             let created = api
                 .create_destination(v1::EmrDestination {
@@ -569,7 +574,8 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
                     ca_pem: read_file("ca", ca.as_ref())?,
                     receiving_application: receiving_application.clone(),
                     receiving_facility: receiving_facility.clone(),
-                    enabled: !disabled,
+                    enabled: Some(!disabled),
+                    insecure_plaintext: *insecure_plaintext,
                     client_certificate_pem: read_file("client-cert", client_cert.as_ref())?,
                     client_key_pem: read_file("client-key", client_key.as_ref())?,
                     ..Default::default()

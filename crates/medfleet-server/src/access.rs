@@ -560,8 +560,25 @@ pub const OBJECTS: &[&str] = &[
     "credential",
     "access",
     "audit",
+    "config",
+    "config_schema",
+    "patient",
+    "association",
+    "observation",
+    "emr_destination",
+    "feed",
 ];
-pub const ACTIONS: &[&str] = &["*", "read", "create", "update", "revoke", "decommission"];
+pub const ACTIONS: &[&str] = &[
+    "*",
+    "read",
+    "create",
+    "update",
+    "revoke",
+    "decommission",
+    "validate",
+    "subscribe",
+    "retry",
+];
 
 fn p_values(p: &Permission) -> [String; 3] {
     [p.role.clone(), p.object.clone(), p.action.clone()]

@@ -419,11 +419,12 @@ fn destination_to_wire(model: &emr_destination::Model) -> Result<v1::EmrDestinat
         ca_pem: settings.ca_pem.unwrap_or_default(),
         receiving_application: settings.receiving_application,
         receiving_facility: settings.receiving_facility,
-        enabled: model.enabled,
+        enabled: Some(model.enabled),
         created_at: Some(convert::timestamp(model.created_at)),
         created_by: model.created_by.clone(),
         client_certificate_pem: settings.client_certificate_pem.unwrap_or_default(),
         client_key_pem: String::new(),
+        insecure_plaintext: settings.insecure_plaintext,
     })
 }
 
@@ -469,8 +470,9 @@ impl EmrService for ClinicalApi {
                 receiving_facility: r.receiving_facility,
                 client_certificate_pem: non_empty(r.client_certificate_pem),
                 client_key_pem: non_empty(r.client_key_pem),
+                insecure_plaintext: r.insecure_plaintext,
             },
-            enabled: r.enabled,
+            enabled: r.enabled.unwrap_or(true),
         };
         let stored = self.emr.create_destination(new, &audit).await?;
         tracing::info!(destination = %stored.name, kind = %stored.kind, "EMR destination created");

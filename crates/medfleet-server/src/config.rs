@@ -58,6 +58,7 @@ pub struct FileConfig {
     pub config_reconcile_interval: Option<String>,
     pub reading_future_tolerance: Option<String>,
     pub emr_retry_max: Option<String>,
+    pub emr_allowed_hosts: Option<Vec<String>>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -111,6 +112,10 @@ pub struct Overrides {
     /// How long an EMR delivery is retried (with exponential backoff) before it is dead-lettered, e.g. "24h".
     #[arg(long, env = "MEDFLEET_EMR_RETRY_MAX")]
     pub emr_retry_max: Option<String>,
+    /// Hosts EMR destinations may point at (repeat or comma-separate; "*.example.org" matches subdomains). Empty:
+    /// any host an admin names.
+    #[arg(long = "emr-allowed-host", env = "MEDFLEET_EMR_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub emr_allowed_hosts: Vec<String>,
 }
 
 /// The validated configuration a server runs with.
@@ -135,6 +140,8 @@ pub struct Config {
     pub config_reconcile_interval: Duration,
     pub reading_future_tolerance: Duration,
     pub emr_retry_max: Duration,
+    /// Hosts EMR destinations may point at; empty: any.
+    pub emr_allowed_hosts: Vec<String>,
 }
 
 /// The host name (from the environment or /etc/hostname) and a random suffix: unique even for two replicas on
@@ -222,6 +229,11 @@ impl Config {
                 "30s",
             )?,
             emr_retry_max: duration("emr_retry_max", o.emr_retry_max.or(file.emr_retry_max), "24h")?,
+            emr_allowed_hosts: if o.emr_allowed_hosts.is_empty() {
+                file.emr_allowed_hosts.unwrap_or_default()
+            } else {
+                o.emr_allowed_hosts
+            },
             data_dir,
             database_url,
             server_names,
@@ -406,6 +418,7 @@ mod tests {
             "config_reconcile_interval",
             "reading_future_tolerance",
             "emr_retry_max",
+            "emr_allowed_hosts",
         ] {
             assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }

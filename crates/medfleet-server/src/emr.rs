@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use http_body_util::{BodyExt as _, Full};
 use medfleet_core::clinical::chart::{ChartEntry, ChartStatus, DeviceRef, PatientRef, PointOfCare};
 use medfleet_core::clinical::{fhir, hl7};
-use medfleet_core::validation::{Violations, check_slug};
+use medfleet_core::validation::{Violations, check_slug, printable};
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
@@ -72,6 +72,9 @@ pub struct Settings {
     pub client_certificate_pem: Option<String>,
     #[serde(default)]
     pub client_key_pem: Option<String>,
+    /// MLLP without TLS, explicitly accepted by the admin who created the destination.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -131,6 +134,13 @@ impl NewDestination {
                 if split_host_port(&self.settings.endpoint).is_none() {
                     v.push("endpoint", "an MLLP endpoint is HOST:PORT");
                 }
+                if self.settings.ca_pem.is_none() && !self.settings.insecure_plaintext {
+                    v.push(
+                        "ca_pem",
+                        "MLLP without TLS sends PHI in clear: give the receiver's CA (ca_pem) for MLLP over TLS, or \
+                         set insecure_plaintext for a receiver on an isolated network",
+                    );
+                }
             }
         }
         if let Some(pem) = &self.settings.ca_pem
@@ -157,6 +167,32 @@ impl NewDestination {
         }
         if v.is_empty() { Ok(()) } else { Err(v.into()) }
     }
+
+    /// The host the destination's endpoint names (none for a feed).
+    fn host(&self) -> Option<String> {
+        match self.kind {
+            DestinationKind::Feed => None,
+            DestinationKind::Fhir => self
+                .settings
+                .endpoint
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())),
+            DestinationKind::Mllp => split_host_port(&self.settings.endpoint).map(|(h, _)| h.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// Whether `host` is on the allow-list (an empty list allows any host): exact names, or `*.suffix` for subdomains.
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    allowed.is_empty()
+        || allowed.iter().any(|pattern| {
+            let pattern = pattern.to_ascii_lowercase();
+            match pattern.strip_prefix("*.") {
+                Some(suffix) => host.ends_with(&format!(".{suffix}")),
+                None => host == pattern,
+            }
+        })
 }
 
 fn is_loopback_http(uri: &http::Uri) -> bool {
@@ -184,6 +220,7 @@ pub struct Emr {
     metrics: Metrics,
     replica: String,
     retry_max: chrono::Duration,
+    allowed_hosts: Vec<String>,
     running: Mutex<HashSet<String>>,
 }
 
@@ -194,6 +231,7 @@ impl Emr {
         metrics: Metrics,
         replica: String,
         retry_max: Duration,
+        allowed_hosts: Vec<String>,
     ) -> Arc<Self> {
         Arc::new(Self {
             db,
@@ -201,6 +239,7 @@ impl Emr {
             metrics,
             replica,
             retry_max: chrono::Duration::from_std(retry_max).unwrap_or(chrono::Duration::hours(24)),
+            allowed_hosts,
             running: Mutex::new(HashSet::new()),
         })
     }
@@ -211,6 +250,19 @@ impl Emr {
 
     pub async fn create_destination(&self, new: NewDestination, audit: &Context) -> Result<emr_destination::Model> {
         new.check()?;
+        if let Some(host) = new.host()
+            && !host_allowed(&self.allowed_hosts, &host)
+        {
+            return Err(Violations::single(
+                "endpoint",
+                format!(
+                    "host '{}' is not among the EMR hosts this server allows (emr_allowed_hosts in medfleetd's \
+                     configuration); ask the medfleetd operator to add it",
+                    printable(&host)
+                ),
+            )
+            .into());
+        }
         let txn = crate::db::begin_write(&self.db).await?;
         if emr_destination::Entity::find_by_id(new.name.clone())
             .one(&txn)
@@ -244,7 +296,16 @@ impl Emr {
                 "emr_destination.create",
                 format!("emr_destination/{}", new.name),
                 "*",
-                format!("{} {}", new.kind.as_str(), new.settings.endpoint),
+                format!(
+                    "{} {}{}",
+                    new.kind.as_str(),
+                    printable(&new.settings.endpoint),
+                    if new.settings.insecure_plaintext && new.settings.ca_pem.is_none() {
+                        "; INSECURE PLAINTEXT (no TLS) accepted by the creator"
+                    } else {
+                        ""
+                    }
+                ),
             )
             .await?;
         txn.commit().await?;

@@ -185,6 +185,7 @@ pub async fn run(
         metrics.clone(),
         config.replica_name.clone(),
         config.emr_retry_max,
+        config.emr_allowed_hosts.clone(),
     );
     emr.spawn_relays(background.clone());
     let ready = Arc::new(AtomicBool::new(false));

@@ -455,7 +455,7 @@ async fn emr_latency(backend: Backend, devices: usize, interval: Duration, secon
         .create_destination(v1::EmrDestination {
             name: "bench-feed".into(),
             kind: v1::EmrDestinationKind::Feed.into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         })
         .await

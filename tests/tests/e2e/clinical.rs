@@ -145,7 +145,7 @@ pub(crate) async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp:
         v1::EmrDestination {
             name: "emr-feed".into(),
             kind: v1::EmrDestinationKind::Feed.into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         },
         v1::EmrDestination {
@@ -153,17 +153,18 @@ pub(crate) async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp:
             kind: v1::EmrDestinationKind::Fhir.into(),
             endpoint: fhir.base_url(),
             bearer_token: "secret-token".into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         },
         v1::EmrDestination {
             name: "hl7".into(),
             kind: v1::EmrDestinationKind::Mllp.into(),
             endpoint: mllp.addr.to_string(),
+            insecure_plaintext: true,
             receiving_application: "EMR".into(),
             receiving_facility: "HOSP".into(),
             sites: vec!["stmarys".into()],
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         },
     ] {
@@ -175,7 +176,7 @@ pub(crate) async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp:
             name: "bad".into(),
             kind: v1::EmrDestinationKind::Fhir.into(),
             endpoint: "http://emr.example.org/fhir".into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         })
         .await
@@ -589,20 +590,21 @@ async fn acked_readings_survive_a_server_kill(backend: Backend) {
             name: "fhir".into(),
             kind: v1::EmrDestinationKind::Fhir.into(),
             endpoint: fhir.base_url(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         },
         v1::EmrDestination {
             name: "hl7".into(),
             kind: v1::EmrDestinationKind::Mllp.into(),
             endpoint: mllp.addr.to_string(),
-            enabled: true,
+            insecure_plaintext: true,
+            enabled: Some(true),
             ..Default::default()
         },
         v1::EmrDestination {
             name: "emr-feed".into(),
             kind: v1::EmrDestinationKind::Feed.into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         },
     ] {
@@ -771,7 +773,7 @@ async fn charting_interval_sends_medians_and_breaches(backend: Backend) {
             name: "ward-chart".into(),
             kind: v1::EmrDestinationKind::Feed.into(),
             interval_seconds: 60,
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         })
         .await
@@ -883,6 +885,7 @@ async fn dead_letters_are_visible_and_retried(backend: Backend) {
             "mllp",
             "--endpoint",
             &endpoint,
+            "--insecure-plaintext",
             "--site",
             "stmarys",
         ],
@@ -1122,7 +1125,7 @@ async fn one_relay_per_destination_across_replicas() {
             name: "fhir".into(),
             kind: v1::EmrDestinationKind::Fhir.into(),
             endpoint: fhir.base_url(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         })
         .await
@@ -1171,7 +1174,7 @@ async fn fhir_over_mutual_tls_with_bearer(backend: Backend) {
             ca_pem: pki.ca_pem.clone(),
             client_certificate_pem: pki.client_cert_pem.clone(),
             client_key_pem: pki.client_key_pem.clone(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         })
         .await

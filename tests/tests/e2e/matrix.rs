@@ -131,7 +131,8 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("PatientService", "ListAssociations") => Listing("patient", "read"),
         ("ObservationService", "ListObservations") => Listing("observation", "read"),
         ("ObservationService", "SetObservationStatus") => Listing("observation", "validate"),
-        ("EmrService", "CreateDestination" | "RetryDeliveries") => Global("emr_destination", "update"),
+        ("EmrService", "CreateDestination") => Global("emr_destination", "update"),
+        ("EmrService", "RetryDeliveries") => Global("emr_destination", "retry"),
         ("EmrService", "ListDestinations" | "ListDeliveries") => Global("emr_destination", "read"),
         ("FeedService", _) => Listing("feed", "subscribe"),
         _ => return None,
@@ -149,7 +150,8 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                 ("site" | "ward", "read" | "create" | "update")
                     | ("device", "read" | "create" | "update" | "revoke" | "decommission")
                     | ("enrollment", "create")
-                    | ("config" | "emr_destination", "read" | "update")
+                    | ("config", "read" | "update")
+                    | ("emr_destination", "read" | "retry")
             )
         }
         "biomed" => {

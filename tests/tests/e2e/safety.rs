@@ -568,7 +568,7 @@ async fn refusals_are_audited_once_per_window_by_identity(backend: Backend) {
     emr.create_destination(v1::EmrDestination {
         name: "all-feed".into(),
         kind: v1::EmrDestinationKind::Feed.into(),
-        enabled: true,
+        enabled: Some(true),
         ..Default::default()
     })
     .await
@@ -630,7 +630,7 @@ async fn revoking_a_role_ends_its_open_streams(backend: Backend) {
         .create_destination(v1::EmrDestination {
             name: "all-feed".into(),
             kind: v1::EmrDestinationKind::Feed.into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         })
         .await
@@ -687,4 +687,99 @@ async fn revoking_a_role_ends_its_open_streams(backend: Backend) {
 both_backends!(
     revoking_a_role_ends_its_open_streams,
     revoking_a_role_ends_its_open_streams
+);
+
+/// Where chart entries may go is an admin's decision, within the hosts the server allows; MLLP in clear needs an
+/// explicit flag that the audit trail records.
+async fn destinations_are_admin_only_and_pinned_to_allowed_hosts(backend: Backend) {
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let mut config = storage.config();
+    config.emr_allowed_hosts = vec!["127.0.0.1".into(), "*.hospital.example".into()];
+    let server = TestServer::start_on(config).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut emr = medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone());
+    let mllp = |insecure: bool| v1::EmrDestination {
+        name: "hl7".into(),
+        kind: v1::EmrDestinationKind::Mllp.into(),
+        endpoint: "127.0.0.1:2575".into(),
+        insecure_plaintext: insecure,
+        ..Default::default()
+    };
+    let refused = emr.create_destination(mllp(false)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("insecure_plaintext"),
+        "{}",
+        refused.message()
+    );
+    let created = emr.create_destination(mllp(true)).await.unwrap().into_inner();
+    assert_eq!(created.enabled, Some(true), "enabled unless said otherwise");
+    assert!(created.insecure_plaintext);
+    let outside = emr
+        .create_destination(v1::EmrDestination {
+            name: "elsewhere".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: "https://collector.attacker.example/fhir".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(outside.code(), Code::InvalidArgument);
+    assert!(outside.message().contains("emr_allowed_hosts"), "{}", outside.message());
+    emr.create_destination(v1::EmrDestination {
+        name: "epic".into(),
+        kind: v1::EmrDestinationKind::Fhir.into(),
+        endpoint: "https://fhir.hospital.example/R4".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let trail = AuditServiceClient::new(admin)
+        .list_audit_events(v1::ListAuditEventsRequest {
+            action: "emr_destination.create".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        trail.iter().any(|e| e.detail.contains("INSECURE PLAINTEXT")),
+        "{trail:?}"
+    );
+
+    // An IT provisioner reads destinations and retries deliveries, but creates none.
+    grant(&server, "medfleet://user/ivan", "it_provisioner", "*").await;
+    let mut ivan = medfleet_proto::v1::emr_service_client::EmrServiceClient::new(
+        as_principal(&server, &Identity::User("ivan".into())).await,
+    );
+    let refused = ivan
+        .create_destination(v1::EmrDestination {
+            name: "mine".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    ivan.retry_deliveries(v1::RetryDeliveriesRequest {
+        destination: "hl7".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ivan.list_destinations(v1::ListDestinationsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .destinations
+            .len(),
+        2
+    );
+}
+
+both_backends!(
+    destinations_are_admin_only_and_pinned_to_allowed_hosts,
+    destinations_are_admin_only_and_pinned_to_allowed_hosts
 );
