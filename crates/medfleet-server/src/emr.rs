@@ -52,6 +52,9 @@ const MLLP_BATCH: u64 = 100;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest pause between retries of a failing delivery.
 const MAX_BACKOFF: Duration = Duration::from_mins(5);
+/// The most of a receiver's reply (FHIR response body, MLLP ACK) medfleetd reads; an ACK or an OperationOutcome is
+/// a few KiB, a transaction-response for 50 entries some tens.
+const MAX_REPLY: usize = 1 << 20;
 /// How much of a receiver's answer is kept as the error of a failed delivery.
 const ERROR_EXCERPT: usize = 300;
 
@@ -1057,12 +1060,16 @@ async fn post_bundle(settings: &Settings, bundle: &serde_json::Value) -> Result<
         .map_err(|_| Failure::retry("the FHIR server did not answer in time"))?
         .map_err(|e| Failure::retry(format!("the FHIR request failed: {e}")))?;
     let status = response.status();
-    let body = tokio::time::timeout(IO_TIMEOUT, response.into_body().collect())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .map(http_body_util::Collected::to_bytes)
-        .unwrap_or_default();
+    // Only the status and an OperationOutcome's codes are used: a receiver cannot make medfleetd buffer more.
+    let body = tokio::time::timeout(
+        IO_TIMEOUT,
+        http_body_util::Limited::new(response.into_body(), MAX_REPLY).collect(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(http_body_util::Collected::to_bytes)
+    .unwrap_or_default();
     if status.is_success() {
         return Ok(());
     }
@@ -1150,6 +1157,11 @@ async fn send_mllp(
             let read = io.read(&mut chunk).await?;
             if read == 0 {
                 return Ok(None);
+            }
+            if buffer.len() + read > MAX_REPLY {
+                return Err(std::io::Error::other(format!(
+                    "the receiver sent more than {MAX_REPLY} bytes without a complete ACK"
+                )));
             }
             buffer.extend_from_slice(&chunk[..read]);
         }

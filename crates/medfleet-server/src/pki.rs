@@ -377,18 +377,22 @@ impl CertificateAuthority {
     }
 
     /// A DER CRL of the given revoked serials (hex), signed by the CA.
-    pub fn crl(&self, number: u64, revoked: &[(String, SystemTime)]) -> Result<Vec<u8>, PkiError> {
+    pub fn crl(
+        &self,
+        number: u64,
+        revoked: &[(String, SystemTime, medfleet_core::identity::RevocationReason)],
+    ) -> Result<Vec<u8>, PkiError> {
         let now = SystemTime::now();
         let revoked_certs = revoked
             .iter()
-            .filter_map(|(hex, at)| {
+            .filter_map(|(hex, at, reason)| {
                 let bytes: Vec<u8> = (0..hex.len() / 2)
                     .map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
                     .collect::<Option<_>>()?;
                 Some(rcgen::RevokedCertParams {
                     serial_number: SerialNumber::from_slice(&bytes),
                     revocation_time: OffsetDateTime::from(*at),
-                    reason_code: None,
+                    reason_code: crl_reason(*reason),
                     invalidity_date: None,
                 })
             })
@@ -402,6 +406,18 @@ impl CertificateAuthority {
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
         Ok(params.signed_by(&self.issuer)?.der().to_vec())
+    }
+}
+
+/// The RFC 5280 reason code a CRL entry carries (none for "unspecified", as the RFC recommends).
+fn crl_reason(reason: medfleet_core::identity::RevocationReason) -> Option<rcgen::RevocationReason> {
+    use medfleet_core::identity::RevocationReason as Reason;
+    match reason {
+        Reason::Unspecified => None,
+        Reason::KeyCompromise => Some(rcgen::RevocationReason::KeyCompromise),
+        Reason::AffiliationChanged => Some(rcgen::RevocationReason::AffiliationChanged),
+        Reason::Superseded => Some(rcgen::RevocationReason::Superseded),
+        Reason::CessationOfOperation => Some(rcgen::RevocationReason::CessationOfOperation),
     }
 }
 

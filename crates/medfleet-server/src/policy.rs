@@ -560,7 +560,7 @@ pub async fn decide(
         }
         Target::Import => {
             let request = decode::<v1::ImportDevicesRequest>(body).unwrap_or_default();
-            let scopes: BTreeSet<String> = request
+            let mut scopes: BTreeSet<String> = request
                 .devices
                 .iter()
                 .map(|d| {
@@ -569,6 +569,10 @@ pub async fn decide(
                         .map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward))
                 })
                 .collect();
+            // An import naming no device (or not decoding) is judged fleet-wide, never waved through.
+            if scopes.is_empty() {
+                scopes.insert("*".to_owned());
+            }
             for scope in &scopes {
                 require(scope, object, action)?;
                 if request.issue_tokens {

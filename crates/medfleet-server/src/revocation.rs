@@ -22,6 +22,8 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use sea_orm::{ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use medfleet_core::identity::RevocationReason;
+
 use crate::entity::revocation;
 use crate::pki::{CertificateAuthority, serial_of};
 
@@ -36,8 +38,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Debug, Default)]
 struct RevokedSet {
     last_seq: i64,
-    /// serial → (revoked at, certificate expiry)
-    serials: HashMap<String, (SystemTime, SystemTime)>,
+    /// serial → (revoked at, certificate expiry, reason)
+    serials: HashMap<String, (SystemTime, SystemTime, RevocationReason)>,
 }
 
 /// A signed CRL: the log position it covers, when it was signed, and its DER.
@@ -49,6 +51,8 @@ pub struct Revocations {
     live: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
     next_connection: AtomicU64,
     crl_cache: Mutex<Option<SignedCrl>>,
+    /// The last CRL number this replica issued.
+    crl_number: AtomicU64,
 }
 
 impl Revocations {
@@ -80,17 +84,22 @@ impl Revocations {
             for entry in &entries {
                 set.last_seq = set.last_seq.max(entry.seq);
                 let not_after = SystemTime::from(entry.not_after);
+                // A reason this build does not know (a newer replica's) is still a revocation.
+                let reason = entry.reason.parse().unwrap_or(RevocationReason::Unspecified);
                 if not_after > now
                     && set
                         .serials
-                        .insert(entry.serial.clone(), (SystemTime::from(entry.revoked_at), not_after))
+                        .insert(
+                            entry.serial.clone(),
+                            (SystemTime::from(entry.revoked_at), not_after, reason),
+                        )
                         .is_none()
                 {
                     fresh.push(entry.serial.clone());
                 }
             }
             // An expired certificate is refused by the verifier anyway; keep the set (and the CRL) small.
-            set.serials.retain(|_, (_, not_after)| *not_after > now);
+            set.serials.retain(|_, (_, not_after, _)| *not_after > now);
         }
         if !fresh.is_empty() {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -143,7 +152,11 @@ impl Revocations {
     pub fn crl(&self, ca: &CertificateAuthority) -> Result<Arc<Vec<u8>>, crate::pki::PkiError> {
         let (seq, revoked) = {
             let set = self.set.read().unwrap_or_else(PoisonError::into_inner);
-            let revoked: Vec<(String, SystemTime)> = set.serials.iter().map(|(s, (at, _))| (s.clone(), *at)).collect();
+            let revoked: Vec<(String, SystemTime, RevocationReason)> = set
+                .serials
+                .iter()
+                .map(|(s, (at, _, reason))| (s.clone(), *at, *reason))
+                .collect();
             (set.last_seq, revoked)
         };
         let mut cache = self.crl_cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -153,9 +166,12 @@ impl Revocations {
         {
             return Ok(Arc::clone(der));
         }
-        // CRL numbers must increase with every CRL issued, also when only the validity window moves.
-        let number = u64::try_from(seq).unwrap_or(0) * 1_000_000
-            + u64::try_from(Utc::now().timestamp() % 1_000_000).unwrap_or(0);
+        // CRL numbers must increase with every CRL issued (RFC 5280 5.2.3), also when only the validity window
+        // moves. Milliseconds since the epoch do across restarts and, with synchronised clocks, across replicas;
+        // the last number this replica issued guards against its own clock stepping back.
+        let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
+        let number = now_ms.max(self.crl_number.load(Ordering::Acquire) + 1);
+        self.crl_number.store(number, Ordering::Release);
         let der = Arc::new(ca.crl(number, &revoked)?);
         *cache = Some((seq, std::time::Instant::now(), Arc::clone(&der)));
         Ok(der)
@@ -291,4 +307,51 @@ pub async fn log_revocations(
     .exec(txn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use x509_parser::prelude::FromDer as _;
+    use x509_parser::revocation_list::CertificateRevocationList;
+
+    use super::*;
+
+    fn number_and_reasons(der: &[u8]) -> (Vec<u8>, Vec<Option<x509_parser::x509::ReasonCode>>) {
+        let (_, crl) = CertificateRevocationList::from_der(der).unwrap();
+        let number = crl.crl_number().map(|n| n.to_bytes_be()).unwrap_or_default();
+        let reasons = crl
+            .iter_revoked_certificates()
+            .map(|r| r.reason_code().map(|(_, c)| c))
+            .collect();
+        (number, reasons)
+    }
+
+    /// Every CRL this replica signs has a higher number than the last (RFC 5280 5.2.3), and its entries carry their
+    /// revocation reason.
+    #[test]
+    fn crl_numbers_increase_and_entries_carry_reasons() {
+        let (ca, _) = CertificateAuthority::generate("test").unwrap();
+        let revocations = Revocations::new();
+        {
+            let mut set = revocations.set.write().unwrap();
+            let later = SystemTime::now() + Duration::from_hours(1);
+            set.serials.insert(
+                "0a0b".into(),
+                (SystemTime::now(), later, RevocationReason::KeyCompromise),
+            );
+            set.last_seq = 1;
+        }
+        let mut last = Vec::new();
+        for _ in 0..3 {
+            // A changed set forces a new signature each time.
+            revocations.set.write().unwrap().last_seq += 1;
+            let (number, reasons) = number_and_reasons(&revocations.crl(&ca).unwrap());
+            assert!(
+                (number.len(), number.as_slice()) > (last.len(), last.as_slice()),
+                "{number:?} after {last:?}"
+            );
+            assert_eq!(reasons, vec![Some(x509_parser::x509::ReasonCode::KeyCompromise)]);
+            last = number;
+        }
+    }
 }

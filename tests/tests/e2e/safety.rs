@@ -783,3 +783,22 @@ both_backends!(
     destinations_are_admin_only_and_pinned_to_allowed_hosts,
     destinations_are_admin_only_and_pinned_to_allowed_hosts
 );
+
+/// An import naming no device is judged fleet-wide by the RPC layer, never handed to the handler unchecked.
+async fn an_empty_import_is_judged_fleet_wide(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    setup(&server).await;
+    grant(&server, "medfleet://user/ivan", "it_provisioner", "stmarys").await;
+    let mut ivan = RegistryServiceClient::new(as_principal(&server, &Identity::User("ivan".into())).await);
+    let refused = ivan
+        .import_devices(v1::ImportDevicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("scope *"), "{}", refused.message());
+}
+
+both_backends!(
+    an_empty_import_is_judged_fleet_wide,
+    an_empty_import_is_judged_fleet_wide
+);
