@@ -160,6 +160,143 @@ pub async fn append(txn: &impl ConnectionTrait, event: &Event) -> Result<(), sea
     Ok(())
 }
 
+/// Keys a coalescer counts at once; beyond that, events are logged only, so a flood of distinct keys
+/// cannot grow memory without bound.
+const MAX_COALESCED: usize = 20_000;
+
+/// Audit rows for events that repeat by the hundred: refusals of a looping client, reads of a patient's data by a
+/// feed. The first event of an (actor, action, target) is written at once; repeats within the window are counted
+/// and written as one row when it closes. The trail still says who did what to which target, and when it began;
+/// a busy client costs at most two rows per key and window instead of one per call.
+#[derive(Clone)]
+pub struct Coalescer {
+    db: sea_orm::DatabaseConnection,
+    window: std::time::Duration,
+    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String, String), Repeats>>>,
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Repeats {
+    opened: std::time::Instant,
+    count: u64,
+    last: Event,
+}
+
+impl Coalescer {
+    pub fn new(db: sea_orm::DatabaseConnection, window: std::time::Duration) -> Self {
+        Self {
+            db,
+            window,
+            open: std::sync::Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String, String), Repeats>> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records events: the first of each key in one transaction now, repeats counted. Best effort: what is being
+    /// recorded never depends on the audit write (a failure is logged).
+    pub async fn record(&self, events: Vec<Event>) {
+        let first: Vec<Event> = {
+            let mut open = self.lock();
+            let mut first = Vec::new();
+            for event in events {
+                let key = (event.actor.clone(), event.action.clone(), event.target.clone());
+                if let Some(repeats) = open.get_mut(&key) {
+                    repeats.count += 1;
+                    repeats.last = event;
+                    continue;
+                }
+                if open.len() >= MAX_COALESCED {
+                    tracing::warn!(action = %event.action, "too many distinct audit keys to coalesce; event logged only");
+                    continue;
+                }
+                open.insert(
+                    key,
+                    Repeats {
+                        opened: std::time::Instant::now(),
+                        count: 0,
+                        last: event.clone(),
+                    },
+                );
+                first.push(event);
+            }
+            first
+        };
+        self.write(&first).await;
+    }
+
+    async fn write(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let written = async {
+            let txn = crate::db::begin_write(&self.db).await?;
+            for event in events {
+                append(&txn, event).await?;
+            }
+            txn.commit().await
+        };
+        if let Err(error) = written.await {
+            tracing::error!(%error, events = events.len(), "could not write to the audit trail");
+        }
+    }
+
+    /// Writes the count of every window that has closed (all of them when `all`) and forgets those windows.
+    async fn flush(&self, all: bool) {
+        let summaries: Vec<Event> = {
+            let mut open = self.lock();
+            let closed: Vec<(String, String, String)> = open
+                .iter()
+                .filter(|(_, r)| all || r.opened.elapsed() >= self.window)
+                .map(|(k, _)| k.clone())
+                .collect();
+            closed
+                .into_iter()
+                .filter_map(|k| open.remove(&k))
+                .filter(|r| r.count > 0)
+                .map(|r| Event {
+                    detail: format!(
+                        "{} more within {} s of the first; last: {}",
+                        r.count,
+                        self.window.as_secs(),
+                        r.last.detail
+                    )
+                    .chars()
+                    .take(500)
+                    .collect(),
+                    ..r.last
+                })
+                .collect()
+        };
+        self.write(&summaries).await;
+    }
+
+    /// Closes windows as they expire until `stop`, then writes what is still counted.
+    pub fn spawn_flusher(&self, stop: tokio_util::sync::CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval((this.window / 4).max(std::time::Duration::from_millis(50)));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => this.flush(false).await,
+                }
+            }
+            this.flush(true).await;
+        });
+    }
+}
+
 fn event_of(row: &audit_log::Model) -> Option<Event> {
     let outcome = match row.outcome.as_str() {
         "allowed" => Outcome::Allowed,

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
 
+use crate::audit::{Coalescer, Event, Outcome, device_scope};
 use crate::clinical::{AdtKind, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement};
 use crate::emr::{Emr, NewDestination, Settings, event_id, settings_of};
 use crate::entity::{device, emr_destination, emr_outbox, observation, patient};
@@ -46,6 +47,23 @@ pub struct ClinicalApi {
     clinical: Clinical,
     emr: Arc<Emr>,
     access: Arc<crate::access::Access>,
+    reads: Coalescer,
+}
+
+/// How long reads of one patient's data by one principal (per kind of read) are counted into one audit row.
+pub const PHI_READ_WINDOW: Duration = Duration::from_mins(5);
+
+/// An audit event for `actor` reading patient `patient`'s data (named by internal id, never the MRN).
+fn phi_read(actor: &str, request_id: &str, kind: &str, patient: Uuid, scope: String, detail: String) -> Event {
+    Event {
+        actor: actor.to_owned(),
+        action: format!("phi.read.{kind}"),
+        target: format!("patient/{patient}"),
+        scope,
+        outcome: Outcome::Allowed,
+        request_id: request_id.to_owned(),
+        detail,
+    }
 }
 
 /// Whether `visibility` covers every place a destination's filter lets through (no filter: the whole fleet).
@@ -64,8 +82,13 @@ fn covers_destination(visibility: &Visibility, destination: &emr_destination::Mo
 }
 
 impl ClinicalApi {
-    pub fn new(clinical: Clinical, emr: Arc<Emr>, access: Arc<crate::access::Access>) -> Self {
-        Self { clinical, emr, access }
+    pub fn new(clinical: Clinical, emr: Arc<Emr>, access: Arc<crate::access::Access>, reads: Coalescer) -> Self {
+        Self {
+            clinical,
+            emr,
+            access,
+            reads,
+        }
     }
 
     /// What a listing is about: a device the caller may see, or a patient (at least one of them).
@@ -225,6 +248,7 @@ impl PatientService for ClinicalApi {
         request: Request<v1::ListAssociationsRequest>,
     ) -> Reply<v1::ListAssociationsResponse> {
         let visibility = visibility(&request);
+        let audit = audit_context(&request);
         let r = request.into_inner();
         let (device, patient) = self.subject(&r.device_id, r.patient.as_ref(), &visibility).await?;
         let views = self.clinical.list_associations(device, patient.as_ref()).await?;
@@ -234,6 +258,27 @@ impl PatientService for ClinicalApi {
         for id in ids {
             seen.insert(id, self.visible_device(id, &visibility).await.is_ok());
         }
+        let read: BTreeSet<Uuid> = views
+            .iter()
+            .filter(|v| seen.get(&v.association.device_id).copied().unwrap_or(false))
+            .map(|v| v.patient.id)
+            .collect();
+        self.reads
+            .record(
+                read.into_iter()
+                    .map(|patient| {
+                        phi_read(
+                            &audit.actor,
+                            &audit.request_id,
+                            "associations",
+                            patient,
+                            "*".into(),
+                            String::new(),
+                        )
+                    })
+                    .collect(),
+            )
+            .await;
         Ok(Response::new(v1::ListAssociationsResponse {
             associations: views
                 .iter()
@@ -298,6 +343,7 @@ impl ObservationService for ClinicalApi {
         request: Request<v1::ListObservationsRequest>,
     ) -> Reply<v1::ListObservationsResponse> {
         let visibility = visibility(&request);
+        let audit = audit_context(&request);
         let r = request.into_inner();
         let (device, patient_key) = self.subject(&r.device_id, r.patient.as_ref(), &visibility).await?;
         let patient = match &patient_key {
@@ -337,11 +383,17 @@ impl ObservationService for ClinicalApi {
             None
         };
         let patients = self.clinical.patients(rows.iter().map(|o| o.patient_id)).await?;
-        let observations = rows
+        let shown: Vec<&observation::Model> = rows
             .iter()
             .filter(|o| visibility.sees_place(o.site.as_deref(), o.ward.as_deref()))
+            .collect();
+        let observations = shown
+            .iter()
             .map(|o| observation_to_wire(o, patients.get(&o.patient_id)))
             .collect::<Result<Vec<_>>>()?;
+        self.reads
+            .record(read_events(&audit.actor, &audit.request_id, "observations", &shown))
+            .await;
         Ok(Response::new(v1::ListObservationsResponse {
             observations,
             next_page_token: next.unwrap_or_default(),
@@ -548,6 +600,7 @@ impl FeedService for ClinicalApi {
 
     #[instrument(skip_all)]
     async fn subscribe(&self, request: Request<v1::SubscribeRequest>) -> Reply<Self::SubscribeStream> {
+        let audit = audit_context(&request);
         let owner = caller(&request)?.identity.to_string();
         let visibility = visibility(&request);
         let r = request.into_inner();
@@ -571,17 +624,35 @@ impl FeedService for ClinicalApi {
         let subscription = match existing {
             Some(existing) => existing,
             None => {
-                self.emr
+                let created = self
+                    .emr
                     .create_subscription(&r.subscription, &destination.name, &owner)
-                    .await?
+                    .await?;
+                self.reads
+                    .record(vec![Event {
+                        actor: owner.clone(),
+                        action: "feed_subscription.create".into(),
+                        target: format!("feed_subscription/{}", created.name),
+                        scope: "*".into(),
+                        outcome: Outcome::Allowed,
+                        request_id: audit.request_id.clone(),
+                        detail: format!("follows {}", created.destination),
+                    }])
+                    .await;
+                created
             }
         };
         tracing::info!(subscription = %subscription.name, cursor = subscription.cursor, "feed subscription resumed");
         let (tx, rx) = mpsc::channel(usize::try_from(FEED_PAGE).unwrap_or(500));
         let (emr, access) = (self.emr.clone(), self.access.clone());
+        let reader = Reader {
+            reads: self.reads.clone(),
+            actor: owner.clone(),
+            request_id: audit.request_id.clone(),
+        };
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                followed = follow_feed(emr, subscription.destination, subscription.cursor, &tx) => followed,
+                followed = follow_feed(emr, subscription.destination, subscription.cursor, &tx, &reader) => followed,
                 withdrawn = access_withdrawn(&access, &owner, "feed", "subscribe", |now| {
                     covers_destination(now, &destination)
                 }) => Err(withdrawn),
@@ -596,10 +667,22 @@ impl FeedService for ClinicalApi {
     #[instrument(skip_all)]
     async fn acknowledge(&self, request: Request<v1::AcknowledgeRequest>) -> Reply<v1::AcknowledgeResponse> {
         let owner = caller(&request)?.identity.to_string();
+        let request_id = audit_context(&request).request_id;
         let r = request.into_inner();
         let cursor = i64::try_from(r.cursor)
             .map_err(|_| Error::from(Violations::single("cursor", "is not a cursor this feed issued")))?;
         let stored = self.emr.acknowledge(&r.subscription, &owner, cursor).await?;
+        self.reads
+            .record(vec![Event {
+                actor: owner.clone(),
+                action: "feed.acknowledge".into(),
+                target: format!("feed_subscription/{}", r.subscription),
+                scope: "*".into(),
+                outcome: Outcome::Allowed,
+                request_id,
+                detail: format!("cursor {stored}"),
+            }])
+            .await;
         Ok(Response::new(v1::AcknowledgeResponse {
             cursor: u64::try_from(stored).unwrap_or(0),
         }))
@@ -613,12 +696,24 @@ async fn follow_feed(
     destination: String,
     mut cursor: i64,
     tx: &mpsc::Sender<std::result::Result<v1::FeedEvent, Status>>,
+    reader: &Reader,
 ) -> std::result::Result<(), Status> {
     let mut events = emr.events().subscribe();
     loop {
         let rows = emr.feed_page(&destination, cursor, FEED_PAGE).await?;
         if !rows.is_empty() {
             let entries = emr.entries(&rows).await?;
+            // Audited before it is sent: a disclosure the trail does not know of must not happen.
+            let disclosed = emr.observations_of(&rows).await?;
+            reader
+                .reads
+                .record(read_events(
+                    &reader.actor,
+                    &reader.request_id,
+                    "feed",
+                    &disclosed.iter().collect::<Vec<_>>(),
+                ))
+                .await;
             for row in &rows {
                 let Some(entry) = entries.get(&row.id) else { continue };
                 let event = v1::FeedEvent {
@@ -645,6 +740,37 @@ async fn follow_feed(
             }
         }
     }
+}
+
+/// Who reads a feed, for its audit rows.
+struct Reader {
+    reads: Coalescer,
+    actor: String,
+    request_id: String,
+}
+
+/// One PHI-read event per patient among `shown`, scoped where the entries were charted.
+fn read_events(actor: &str, request_id: &str, kind: &str, shown: &[&observation::Model]) -> Vec<Event> {
+    let mut per_patient: HashMap<Uuid, (String, usize)> = HashMap::new();
+    for o in shown {
+        let entry = per_patient
+            .entry(o.patient_id)
+            .or_insert_with(|| (device_scope(o.site.as_deref(), o.ward.as_deref()), 0));
+        entry.1 += 1;
+    }
+    per_patient
+        .into_iter()
+        .map(|(patient, (scope, entries))| {
+            phi_read(
+                actor,
+                request_id,
+                kind,
+                patient,
+                scope,
+                format!("{entries} chart entries"),
+            )
+        })
+        .collect()
 }
 
 /// A chart entry as the feed carries it (status: the one of this event).

@@ -839,6 +839,15 @@ impl Emr {
             .ok_or_else(|| Error::Internal("a created subscription vanished".into()))
     }
 
+    /// The chart entries (observation rows) that outbox rows carry.
+    pub async fn observations_of(&self, rows: &[emr_outbox::Model]) -> Result<Vec<observation::Model>> {
+        let ids: BTreeSet<Uuid> = rows.iter().map(|r| r.observation_id).collect();
+        Ok(observation::Entity::find()
+            .filter(observation::Column::Id.is_in(ids))
+            .all(&self.db)
+            .await?)
+    }
+
     /// Feed events of a destination after `cursor`, oldest first.
     pub async fn feed_page(&self, destination: &str, cursor: i64, limit: u64) -> Result<Vec<emr_outbox::Model>> {
         Ok(emr_outbox::Entity::find()

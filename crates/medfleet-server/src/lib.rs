@@ -162,6 +162,9 @@ pub async fn run(
     access.spawn_poller(background.clone());
     let refusals = rpc::Refusals::new(db.clone(), rpc::REFUSAL_WINDOW);
     refusals.spawn_flusher(background.clone());
+    // HIPAA 164.312(b): reads of patient data are audited like writes, coalesced per reader and patient.
+    let phi_reads = audit::Coalescer::new(db.clone(), clinical_api::PHI_READ_WINDOW);
+    phi_reads.spawn_flusher(background.clone());
     let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
     let events = events::Events::new(db.get_database_backend());
     events.spawn_listener(&db, background.clone());
@@ -227,7 +230,7 @@ pub async fn run(
     let config_service = ConfigServiceServer::new(config_api::ConfigApi::new(configs));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
     let audit_service = AuditServiceServer::new(audit_api::AuditApi::new(db.clone()));
-    let clinical_api = clinical_api::ClinicalApi::new(clinical, emr, access.clone());
+    let clinical_api = clinical_api::ClinicalApi::new(clinical, emr, access.clone(), phi_reads);
     let patient_service = PatientServiceServer::new(clinical_api.clone());
     let observation_service = ObservationServiceServer::new(clinical_api.clone());
     let emr_service = EmrServiceServer::new(clinical_api.clone());

@@ -214,62 +214,20 @@ fn rule_label(path: &str) -> String {
 
 /// How long refusals of one (principal, method) are counted into one audit row after the first is written.
 pub const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_mins(1);
-/// (principal, method) pairs counted at once; beyond that refusals are logged and counted in metrics only, so a
-/// flood of distinct callers cannot grow memory without bound.
-const MAX_OPEN_REFUSALS: usize = 10_000;
-
 /// The one path by which refusals of certificate holders reach the audit trail, whether the RPC layer or a
-/// handler decided them. The first refusal of a (principal, method) is written before the caller is answered;
-/// repeats within [`REFUSAL_WINDOW`] are counted and written as one row when the window closes. A device
-/// looping forbidden calls therefore costs at most two audit rows a minute, and never holds SQLite's write lock
-/// against ingest call after call.
-#[derive(Clone)]
-pub struct Refusals {
-    db: DatabaseConnection,
-    window: std::time::Duration,
-    open: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), Repeats>>>,
-}
-
-impl std::fmt::Debug for Refusals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Refusals").finish_non_exhaustive()
-    }
-}
-
-/// Refusals counted since the first one of a window was written.
-#[derive(Debug)]
-struct Repeats {
-    opened: Instant,
-    count: u64,
-    scope: String,
-    request_id: String,
-    status: String,
-}
-
-/// Bounded and printable: a caller controls part of a status message.
-fn bounded_detail(text: &str) -> String {
-    text.chars()
-        .take(500)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
+/// handler decided them, coalesced per (principal, method) and [`REFUSAL_WINDOW`]: a device looping forbidden
+/// calls costs at most two audit rows a minute and never holds SQLite's write lock against ingest call after call.
+#[derive(Debug, Clone)]
+pub struct Refusals(audit::Coalescer);
 
 impl Refusals {
     pub fn new(db: DatabaseConnection, window: std::time::Duration) -> Self {
-        Self {
-            db,
-            window,
-            open: Arc::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Repeats>> {
-        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        Self(audit::Coalescer::new(db, window))
     }
 
     /// Records a refusal of `actor` (an identity URI, or "certificate <serial>" for a certificate without a
     /// usable identity). `serial` is the certificate's, kept as a detail so a refusal can be tied to the exact
-    /// credential. Best effort: the refusal itself never depends on the audit write.
+    /// credential.
     pub async fn record(
         &self,
         actor: &str,
@@ -282,37 +240,8 @@ impl Refusals {
         let status_text = format!("{:?}: {}", status.code(), status.message());
         let detail = match serial {
             Some(serial) => format!("{status_text} (certificate {serial})"),
-            None => status_text.clone(),
+            None => status_text,
         };
-        {
-            let mut open = self.lock();
-            let key = (actor.to_owned(), path.to_owned());
-            if let Some(repeats) = open.get_mut(&key) {
-                repeats.count += 1;
-                scope.clone_into(&mut repeats.scope);
-                request_id.clone_into(&mut repeats.request_id);
-                repeats.status = status_text;
-                return;
-            }
-            if open.len() >= MAX_OPEN_REFUSALS {
-                tracing::warn!("too many distinct refused callers to audit each; this refusal is only logged");
-                return;
-            }
-            open.insert(
-                key,
-                Repeats {
-                    opened: Instant::now(),
-                    count: 0,
-                    scope: String::new(),
-                    request_id: String::new(),
-                    status: String::new(),
-                },
-            );
-        }
-        self.write(actor, path, scope, request_id, &detail).await;
-    }
-
-    async fn write(&self, actor: &str, path: &str, scope: &str, request_id: &str, detail: &str) {
         let event = audit::Event {
             actor: actor.chars().take(200).collect(),
             action: path.to_owned(),
@@ -320,56 +249,18 @@ impl Refusals {
             scope: scope.chars().take(200).collect(),
             outcome: Outcome::Denied,
             request_id: request_id.to_owned(),
-            detail: bounded_detail(detail),
+            // Bounded and printable: a caller controls part of the message.
+            detail: detail
+                .chars()
+                .take(500)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
         };
-        let written = async {
-            let txn = crate::db::begin_write(&self.db).await?;
-            audit::append(&txn, &event).await?;
-            txn.commit().await
-        };
-        if let Err(error) = written.await {
-            tracing::error!(%error, "could not record a refusal in the audit trail");
-        }
+        self.0.record(vec![event]).await;
     }
 
-    /// Writes the count of every window that has closed (all of them when `all`), and forgets those windows.
-    async fn flush(&self, all: bool) {
-        let closed: Vec<((String, String), Repeats)> = {
-            let mut open = self.lock();
-            let keys: Vec<(String, String)> = open
-                .iter()
-                .filter(|(_, r)| all || r.opened.elapsed() >= self.window)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| open.remove(&k).map(|r| (k, r)))
-                .collect()
-        };
-        for ((actor, path), repeats) in closed.into_iter().filter(|(_, r)| r.count > 0) {
-            let detail = format!(
-                "{} more refusal(s) within {} s of the first; last: {}",
-                repeats.count,
-                self.window.as_secs(),
-                repeats.status
-            );
-            self.write(&actor, &path, &repeats.scope, &repeats.request_id, &detail)
-                .await;
-        }
-    }
-
-    /// Closes windows as they expire until `stop`, then writes what is still counted.
     pub fn spawn_flusher(&self, stop: tokio_util::sync::CancellationToken) {
-        let refusals = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval((refusals.window / 4).max(std::time::Duration::from_millis(50)));
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => refusals.flush(false).await,
-                }
-            }
-            refusals.flush(true).await;
-        });
+        self.0.spawn_flusher(stop);
     }
 }
 

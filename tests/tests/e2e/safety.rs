@@ -802,3 +802,92 @@ both_backends!(
     an_empty_import_is_judged_fleet_wide,
     an_empty_import_is_judged_fleet_wide
 );
+
+/// Reads of a patient's data are audited like writes (who read which patient, by internal id, never the MRN),
+/// coalesced so repeated listings and a busy feed do not write a row per call or per event.
+async fn reads_of_patient_data_are_audited(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "all-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-R"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(device.parse().unwrap())).await).await;
+    for sequence in 1..=3 {
+        let at = Utc::now() - chrono::Duration::seconds(10 - i64::try_from(sequence).unwrap());
+        assert_eq!(
+            publisher
+                .send(sequence, vec![item("147842", 70.0, "/min", at)])
+                .await
+                .accepted,
+            1
+        );
+    }
+    grant(&server, "medfleet://user/carla", "clinician", "stmarys/icu").await;
+    let carla = as_principal(&server, &Identity::User("carla".into())).await;
+    let mut chart = ObservationServiceClient::new(carla);
+    for _ in 0..5 {
+        assert_eq!(observations(&mut chart, "MRN-R").await.len(), 3);
+    }
+    grant(&server, "medfleet://service/epic", "emr_system", "*").await;
+    let epic = as_principal(&server, &Identity::Service("epic".into())).await;
+    let mut feed = medfleet_proto::v1::feed_service_client::FeedServiceClient::new(epic)
+        .subscribe(v1::SubscribeRequest {
+            subscription: "main".into(),
+            destination: "all-feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        feed.message().await.unwrap().unwrap();
+    }
+    let mut audit = AuditServiceClient::new(admin);
+    let rows = |actor: &str, action: &str| v1::ListAuditEventsRequest {
+        actor: actor.into(),
+        action: action.into(),
+        ..Default::default()
+    };
+    let read = audit
+        .list_audit_events(rows("medfleet://user/carla", "phi.read.observations"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(read.len(), 1, "five listings within the window, one row: {read:?}");
+    assert!(read[0].target.starts_with("patient/"), "{read:?}");
+    assert_eq!(read[0].scope, "stmarys/icu");
+    let fed = audit
+        .list_audit_events(rows("medfleet://service/epic", "phi.read.feed"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(fed.len(), 1, "{fed:?}");
+    assert_eq!(fed[0].target, read[0].target, "the same patient, by internal id");
+    let created = audit
+        .list_audit_events(rows("medfleet://service/epic", "feed_subscription.create"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(created.len(), 1);
+    let everything = format!("{read:?}{fed:?}{created:?}");
+    assert!(!everything.contains("MRN-R"), "no MRN in the audit trail");
+}
+
+both_backends!(reads_of_patient_data_are_audited, reads_of_patient_data_are_audited);
