@@ -71,14 +71,7 @@ impl FailureLimiter {
 
     /// IPv6 clients hold whole /64s: limit per /64, or rotating addresses would evade the limit.
     fn key(address: IpAddr) -> IpAddr {
-        match address {
-            IpAddr::V6(v6) => {
-                let mut octets = v6.octets();
-                octets[8..].fill(0);
-                IpAddr::from(octets)
-            }
-            v4 @ IpAddr::V4(_) => v4,
-        }
+        crate::tls::client_key(address)
     }
 
     /// Whether `address` may make another attempt.

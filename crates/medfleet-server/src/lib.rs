@@ -1,6 +1,29 @@
 //! medfleetd, the medfleet control plane: gRPC over mutual TLS, the certificate authority, storage on SQLite or
 //! PostgreSQL, and telemetry. [`run`] serves one replica; any number of replicas may share one PostgreSQL.
 
+/// Network resource limits beside the connection limits in [`tls`] (values and reasons in ARCHITECTURE.md).
+pub mod limits {
+    use std::time::Duration;
+
+    /// HTTP/2 streams one connection may have open: a device needs two (session, readings), the CLI a handful;
+    /// an integration multiplexing feeds and listings stays far below.
+    pub const STREAMS_PER_CONNECTION: u32 = 64;
+    /// Ping an idle connection this often, and drop it if the ping is not answered in time: a monitor whose
+    /// network went away stops holding a session (and its presence) within a minute.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+    /// Connections are recycled after this long so long-lived device sessions spread over replicas again after
+    /// a scale-out (the agent reconnects at once); the grace lets in-flight calls finish.
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_hours(6);
+    pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_mins(5);
+    /// A unary call (and the opening of a stream) is answered within this or fails with DEADLINE_EXCEEDED.
+    pub const UNARY_TIMEOUT: Duration = Duration::from_mins(1);
+    /// Largest Enroll request (token + CSR).
+    pub const ENROLL_MESSAGE: usize = 64 * 1024;
+    /// Largest message on device streams (a reading batch, a session message).
+    pub const DEVICE_MESSAGE: usize = 4 * 1024 * 1024;
+}
+
 pub mod access;
 pub mod access_api;
 pub mod api;
@@ -223,9 +246,13 @@ pub async fn run(
         .build_v1alpha()?;
     let registry = Registry::new(db.clone());
     let identity_api = IdentityApi::new(credentials.clone());
-    let enrollment = EnrollmentServiceServer::new(identity_api.clone());
+    // A CSR and a token are a few KiB: nothing larger reaches the one unauthenticated method.
+    let enrollment =
+        EnrollmentServiceServer::new(identity_api.clone()).max_decoding_message_size(limits::ENROLL_MESSAGE);
     let credential_service = CredentialServiceServer::new(identity_api);
-    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone(), hub.clone(), ingest));
+    // A reading batch of ingest::MAX_ITEMS items is well under this; larger ends the stream with RESOURCE_EXHAUSTED.
+    let device_service = DeviceServiceServer::new(DeviceApi::new(registry.clone(), hub.clone(), ingest))
+        .max_decoding_message_size(limits::DEVICE_MESSAGE);
     let registry = RegistryServiceServer::new(RegistryApi::new(registry, credentials, events.clone(), access.clone()));
     let config_service = ConfigServiceServer::new(config_api::ConfigApi::new(configs));
     let access_service = AccessServiceServer::new(access_api::AccessApi::new(db.clone(), access.clone()));
@@ -291,6 +318,12 @@ pub async fn run(
         }
     };
     let serve = Server::builder()
+        .max_concurrent_streams(limits::STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(limits::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(limits::KEEPALIVE_TIMEOUT))
+        .max_connection_age(limits::MAX_CONNECTION_AGE)
+        .max_connection_age_grace(limits::MAX_CONNECTION_AGE_GRACE)
+        .timeout(limits::UNARY_TIMEOUT)
         .layer(RpcLayer::new(metrics.clone(), access.clone(), db.clone(), refusals))
         .add_service(health_service)
         .add_service(reflection)

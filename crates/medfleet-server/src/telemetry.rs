@@ -108,6 +108,8 @@ struct Inner {
     rpc_requests: Counter<u64>,
     rpc_duration: Histogram<f64>,
     tls_handshakes: Counter<u64>,
+    connections_refused: Counter<u64>,
+    connection_limits: opentelemetry::metrics::Gauge<u64>,
     device_sessions: opentelemetry::metrics::Gauge<u64>,
     config_pushes: Counter<u64>,
     config_reports: Counter<u64>,
@@ -159,6 +161,14 @@ impl Metrics {
                 .u64_counter("medfleet_tls_handshakes")
                 .with_description("TLS handshakes by outcome (ok, failed, timeout)")
                 .build(),
+            connections_refused: meter
+                .u64_counter("medfleet_connections_refused")
+                .with_description("connections closed by a limit (total, anonymous_total, anonymous_per_address)")
+                .build(),
+            connection_limits: meter
+                .u64_gauge("medfleet_connection_limit")
+                .with_description("configured connection limits by kind")
+                .build(),
             device_sessions: meter
                 .u64_gauge("medfleet_device_sessions")
                 .with_description("device sessions open on this replica")
@@ -205,6 +215,22 @@ impl Metrics {
 
     pub fn record_handshake(&self, outcome: &'static str) {
         self.inner.tls_handshakes.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn record_connection_refused(&self, limit: &'static str) {
+        self.inner.connections_refused.add(1, &[KeyValue::new("limit", limit)]);
+    }
+
+    pub fn set_connection_limits(&self, total: usize, anonymous: usize, anonymous_per_address: usize) {
+        for (kind, value) in [
+            ("total", total),
+            ("anonymous_total", anonymous),
+            ("anonymous_per_address", anonymous_per_address),
+        ] {
+            self.inner
+                .connection_limits
+                .record(u64::try_from(value).unwrap_or(u64::MAX), &[KeyValue::new("kind", kind)]);
+        }
     }
 
     pub fn set_device_sessions(&self, open: usize) {

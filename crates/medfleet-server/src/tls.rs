@@ -30,6 +30,77 @@ use crate::telemetry::Metrics;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many handshakes run at once; further connections wait in the kernel backlog.
 const MAX_CONCURRENT_HANDSHAKES: usize = 512;
+/// Open connections per replica, of any kind. Measured: 10,000 device sessions; twice that leaves room for
+/// operators and integrations while bounding memory (≈ 100 KiB per idle TLS + HTTP/2 connection).
+pub const MAX_CONNECTIONS: usize = 20_000;
+/// Open connections without a client certificate (enrollment only), per replica and per client address (an IPv6
+/// /64 counts as one). A ward enrolling its monitors behind one NAT address does so a few at a time.
+pub const MAX_ANONYMOUS_CONNECTIONS: usize = 1_024;
+pub const MAX_ANONYMOUS_PER_ADDRESS: usize = 8;
+/// An anonymous connection lives this long at most: enough for an Enroll, too little to hoard connections.
+pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The client a connection counts against: its address, with an IPv6 /64 as one client (whole /64s are handed
+/// to one host, so per-address limits on IPv6 would be evaded by rotating addresses).
+pub fn client_key(address: std::net::IpAddr) -> std::net::IpAddr {
+    match address {
+        std::net::IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            std::net::IpAddr::from(octets)
+        }
+        v4 @ std::net::IpAddr::V4(_) => v4,
+    }
+}
+
+/// Counts anonymous connections per client; a slot is given back when its connection closes.
+#[derive(Debug, Default)]
+struct Anonymous {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One anonymous connection's slot.
+#[derive(Debug)]
+struct AnonymousSlot {
+    anonymous: Arc<Anonymous>,
+    client: std::net::IpAddr,
+}
+
+impl Anonymous {
+    /// A slot for one more anonymous connection from `address`, or the limit that refuses it.
+    fn admit(self: &Arc<Self>, address: std::net::IpAddr) -> Result<AnonymousSlot, &'static str> {
+        let client = client_key(address);
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if open.values().sum::<usize>() >= MAX_ANONYMOUS_CONNECTIONS {
+            return Err("anonymous_total");
+        }
+        let count = open.entry(client).or_default();
+        if *count >= MAX_ANONYMOUS_PER_ADDRESS {
+            return Err("anonymous_per_address");
+        }
+        *count += 1;
+        Ok(AnonymousSlot {
+            anonymous: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+impl Drop for AnonymousSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .anonymous
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -89,6 +160,8 @@ pub struct TlsConnection {
     peer: PeerInfo,
     revoked: Option<RevocationWatch>,
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Held for the connection's life: its place under the connection limits.
+    _slot: (tokio::sync::OwnedSemaphorePermit, Option<AnonymousSlot>),
 }
 
 impl TlsConnection {
@@ -110,7 +183,7 @@ impl TlsConnection {
         if expired {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "the client certificate expired",
+                "the client certificate expired (or an anonymous connection reached its lifetime)",
             ));
         }
         Ok(())
@@ -188,6 +261,9 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let anonymous = Arc::new(Anonymous::default());
+    metrics.set_connection_limits(MAX_CONNECTIONS, MAX_ANONYMOUS_CONNECTIONS, MAX_ANONYMOUS_PER_ADDRESS);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -203,11 +279,22 @@ pub fn incoming(
                     continue;
                 }
             };
+            // Over capacity the connection is closed at once: cheaper than a handshake, and the client retries.
+            let Ok(connection) = connections.clone().try_acquire_owned() else {
+                metrics.record_connection_refused("total");
+                drop(tcp);
+                continue;
+            };
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (tx, acceptor, metrics, revocations) =
-                (tx.clone(), acceptor.clone(), metrics.clone(), revocations.clone());
+            let (tx, acceptor, metrics, revocations, anonymous) = (
+                tx.clone(),
+                acceptor.clone(),
+                metrics.clone(),
+                revocations.clone(),
+                anonymous.clone(),
+            );
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ = tcp.set_nodelay(true);
@@ -220,7 +307,17 @@ pub fn incoming(
                         let revoked = certificate
                             .as_ref()
                             .map(|(serial, _)| revocations.watch(serial.clone()));
-                        let expires = certificate.as_ref().map(|(_, not_after)| expiry_timer(*not_after));
+                        let (expires, slot) = match &certificate {
+                            Some((_, not_after)) => (expiry_timer(*not_after), None),
+                            None => match anonymous.admit(remote_addr.ip()) {
+                                Ok(slot) => (Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)), Some(slot)),
+                                Err(limit) => {
+                                    metrics.record_connection_refused(limit);
+                                    tracing::info!(%remote_addr, limit, "anonymous connection refused: over its limit");
+                                    return;
+                                }
+                            },
+                        };
                         metrics.record_handshake("ok");
                         let peer = PeerInfo {
                             remote_addr,
@@ -232,7 +329,8 @@ pub fn incoming(
                                 stream,
                                 peer,
                                 revoked,
-                                expires,
+                                expires: Some(expires),
+                                _slot: (connection, slot),
                             }))
                             .await;
                     }

@@ -266,3 +266,78 @@ both_backends!(
     connections_close_when_the_certificate_expires,
     connections_close_when_the_certificate_expires
 );
+
+/// Connections without a client certificate are capped per client address: past the cap they are closed at
+/// once, while a device's readings keep being acknowledged; the limits and the refusals show in /metrics.
+async fn anonymous_connections_past_the_cap_are_shed(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    server.wait_ready().await;
+    let admin = server.admin_bundle();
+    let anonymous_tls = || tls_with(None, &admin.ca_pem);
+    // Hold the admitted ones open (as stalled enrollments would) while opening more.
+    let mut held = Vec::new();
+    let (mut served, mut shed) = (0, 0);
+    for _ in 0..medfleet_server::tls::MAX_ANONYMOUS_PER_ADDRESS + 4 {
+        let Ok(channel) = server.endpoint(anonymous_tls()).unwrap().connect().await else {
+            shed += 1;
+            continue;
+        };
+        match HealthClient::new(channel.clone())
+            .check(HealthCheckRequest::default())
+            .await
+        {
+            // Served (and refused by the access rules: health needs an identity) means admitted.
+            Err(status) if status.code() == Code::Unauthenticated => {
+                served += 1;
+                held.push(channel);
+            }
+            Ok(_) => panic!("an anonymous health check was answered"),
+            Err(_) => shed += 1,
+        }
+    }
+    assert_eq!(
+        served,
+        medfleet_server::tls::MAX_ANONYMOUS_PER_ADDRESS,
+        "{served} admitted, {shed} shed"
+    );
+    assert_eq!(shed, 4);
+    // A device with a certificate is not affected: its readings are acknowledged.
+    let device = crate::clinical::setup(&server).await;
+    let channel = server
+        .channel(&server.issue(&Identity::Device(device.parse().unwrap())))
+        .await
+        .unwrap();
+    let mut publisher = crate::clinical::Publisher::open(channel).await;
+    for sequence in 1..=5 {
+        let at = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let ack = publisher
+            .send(sequence, vec![crate::clinical::item("147842", 70.0, "/min", at)])
+            .await;
+        assert_eq!(ack.accepted, 1);
+    }
+    let (_, metrics) = http_get(server.http_addr, "/metrics").await;
+    assert!(
+        // At least the four shed (a client's own reconnect attempts count again).
+        metrics
+            .lines()
+            .any(|l| l.starts_with("medfleet_connections_refused_total")
+                && l.contains("anonymous_per_address")
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n >= 4)),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("medfleet_connection_limit") && l.contains("kind=\"anonymous_per_address\"")),
+        "{metrics}"
+    );
+    drop(held);
+}
+
+both_backends!(
+    anonymous_connections_past_the_cap_are_shed,
+    anonymous_connections_past_the_cap_are_shed
+);
