@@ -430,6 +430,9 @@ pub struct DeviceFields<'a> {
     pub model: &'a str,
     /// `None` when the class was not given or not recognised.
     pub class: Option<DeviceClass>,
+    /// The number a front end received for the class when it was not one this build knows (then `class` is
+    /// `None`): the violation says "unknown value N" instead of claiming that no class was given.
+    pub unknown_class: Option<i32>,
     pub eui64: &'a str,
     pub location: Option<(&'a str, &'a str, &'a str)>,
 }
@@ -443,8 +446,13 @@ impl NewDevice {
         v.check("serial_number", check_serial(fields.serial_number));
         v.check("manufacturer", check_text(fields.manufacturer, MAX_MANUFACTURER));
         v.check("model", check_text(fields.model, MAX_MODEL));
-        if fields.class.is_none() {
-            v.push("device_class", "is required; choose the device's class");
+        match (fields.class, fields.unknown_class) {
+            (Some(_), _) => {}
+            (None, Some(number)) => v.push(
+                "device_class",
+                format!("unknown value {number}; choose one of the device classes this server knows"),
+            ),
+            (None, None) => v.push("device_class", "is required; choose the device's class"),
         }
         let eui64 = if fields.eui64.is_empty() {
             Some(None)
@@ -584,6 +592,7 @@ mod tests {
             manufacturer: "Philips",
             model: "IntelliVue MX450",
             class: Some(DeviceClass::PatientMonitor),
+            unknown_class: None,
             eui64: "",
             location: None,
         }
@@ -620,6 +629,7 @@ mod tests {
             manufacturer: " Philips",
             model: "",
             class: None,
+            unknown_class: None,
             eui64: "nope",
             location: Some(("StMarys", "", "bed 1")),
         };
@@ -639,6 +649,21 @@ mod tests {
                 "tags[Bad Key]"
             ]
         );
+    }
+
+    #[test]
+    fn unknown_class_is_not_reported_as_missing() {
+        let mut f = fields();
+        f.class = None;
+        f.unknown_class = Some(42);
+        let err = NewDevice::parse(&f, &BTreeMap::new()).unwrap_err();
+        let descriptions: Vec<_> = err.iter().map(|v| (v.field.as_str(), v.description.as_str())).collect();
+        assert_eq!(descriptions.len(), 1);
+        assert_eq!(descriptions[0].0, "device_class");
+        assert!(descriptions[0].1.starts_with("unknown value 42"), "{descriptions:?}");
+        f.unknown_class = None;
+        let err = NewDevice::parse(&f, &BTreeMap::new()).unwrap_err();
+        assert!(err.iter().any(|v| v.description.starts_with("is required")));
     }
 
     #[test]
@@ -721,7 +746,7 @@ mod tests {
         #[test]
         fn validation_never_panics(serial in ".{0,80}", manufacturer in ".{0,120}", eui in ".{0,30}", key in ".{0,10}") {
             let tags: BTreeMap<String, String> = [(key, String::new())].into();
-            let f = DeviceFields { serial_number: &serial, manufacturer: &manufacturer, model: "M", class: Some(DeviceClass::Other), eui64: &eui, location: None };
+            let f = DeviceFields { serial_number: &serial, manufacturer: &manufacturer, model: "M", class: Some(DeviceClass::Other), unknown_class: None, eui64: &eui, location: None };
             let _ = NewDevice::parse(&f, &tags);
         }
     }

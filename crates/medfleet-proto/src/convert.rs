@@ -171,6 +171,11 @@ pub fn new_device(request: &v1::RegisterDeviceRequest) -> Result<NewDevice, Viol
         manufacturer: &request.manufacturer,
         model: &request.model,
         class: device_class_from_wire(request.device_class),
+        // A number this build does not know is a different mistake from leaving the class out (UNSPECIFIED, 0):
+        // a newer client, or a typo in a raw request, and the message should say which.
+        unknown_class: v1::DeviceClass::try_from(request.device_class)
+            .is_err()
+            .then_some(request.device_class),
         eui64: &request.eui64,
         location: request
             .location
@@ -432,8 +437,10 @@ pub fn principal(kind: i32, name: &str) -> Result<Identity, Violations> {
     })
 }
 
-/// A reading item as the domain validates it. Strings are cut to what any valid value can be, so an oversized
-/// field costs nothing downstream; a missing observation time stays missing (the item is then refused).
+/// A reading item as the domain validates it. Code and unit are passed on whole: cutting them here would
+/// silently chart a truncated field, so the domain refuses an oversized one for this item alone
+/// (`field_too_long` in the ack) and the rest of the batch is kept. A missing observation time stays missing
+/// (the item is then refused too).
 pub fn reading_input(item: &v1::ReadingItem) -> medfleet_core::clinical::reading::ReadingInput {
     let quality = item
         .quality
@@ -448,9 +455,9 @@ pub fn reading_input(item: &v1::ReadingItem) -> medfleet_core::clinical::reading
             q
         });
     medfleet_core::clinical::reading::ReadingInput {
-        code: item.code.chars().take(64).collect(),
+        code: item.code.clone(),
         value: item.value,
-        unit: item.unit.chars().take(32).collect(),
+        unit: item.unit.clone(),
         observed_at: item.observed_at.as_ref().and_then(datetime),
         quality,
     }
@@ -478,6 +485,61 @@ mod tests {
             );
         }
         assert!(device_state_from_wire(42).is_err());
+    }
+
+    #[test]
+    fn unknown_device_class_is_not_called_missing() {
+        let mut request = v1::RegisterDeviceRequest {
+            serial_number: "SN-1".into(),
+            manufacturer: "Acme".into(),
+            model: "M".into(),
+            device_class: 99,
+            ..Default::default()
+        };
+        let err = new_device(&request).unwrap_err();
+        let class: Vec<_> = err.iter().filter(|v| v.field == "device_class").collect();
+        assert_eq!(class.len(), 1);
+        assert!(class[0].description.starts_with("unknown value 99"), "{err}");
+        assert!(!class[0].description.contains("is required"), "{err}");
+        request.device_class = v1::DeviceClass::Unspecified.into();
+        let err = new_device(&request).unwrap_err();
+        assert!(
+            err.iter()
+                .any(|v| v.field == "device_class" && v.description.starts_with("is required"))
+        );
+        request.device_class = v1::DeviceClass::PatientMonitor.into();
+        assert!(new_device(&request).is_ok());
+    }
+
+    #[test]
+    fn oversized_code_and_unit_reach_validation_whole() {
+        use medfleet_core::clinical::reading::{MAX_CODE_CHARS, validate};
+        let now = Utc::now();
+        let item = |code: String, unit: &str| v1::ReadingItem {
+            code,
+            value: 70.0,
+            unit: unit.into(),
+            observed_at: Some(timestamp(now)),
+            quality: Vec::new(),
+        };
+        // Cut to 64 characters this would have been a valid heart rate.
+        let long = item(format!("147842{}", " ".repeat(MAX_CODE_CHARS)), "/min");
+        let input = reading_input(&long);
+        assert_eq!(input.code.chars().count(), MAX_CODE_CHARS + 6);
+        let rejection = validate(&input, now, chrono::Duration::seconds(30)).unwrap_err();
+        assert_eq!(rejection.code(), "field_too_long");
+        let long_unit = item("147842".into(), &format!("/min{}", " ".repeat(40)));
+        let rejection = validate(&reading_input(&long_unit), now, chrono::Duration::seconds(30)).unwrap_err();
+        assert_eq!(rejection.code(), "field_too_long");
+        // The other items of a batch are untouched by one oversized item.
+        assert!(
+            validate(
+                &reading_input(&item("147842".into(), "/min")),
+                now,
+                chrono::Duration::seconds(30)
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::alarm::AlarmLimits;
 use super::codes::Vital;
 use super::reading::Reading;
 
@@ -122,6 +123,10 @@ pub struct ChartEntry {
     pub questionable: bool,
     /// Who validated it, when status is final.
     pub validated_by: Option<String>,
+    /// The alarm limits that applied to this entry (the device's configured ones, or
+    /// [`AlarmLimits::default`]): HL7 OBX-7 shows them and OBX-8 flags a value outside them, so what the EMR
+    /// sees agrees with the breach decision medfleet made.
+    pub alarm_limits: AlarmLimits,
 }
 
 /// Groups the accepted readings of one batch into measurements: the NIBP parts with the same observation time

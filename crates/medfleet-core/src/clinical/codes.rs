@@ -189,6 +189,26 @@ impl Vital {
         })
     }
 
+    /// The vital's stable snake_case name in device configuration (`alarm.<name>.low`). Configuration written
+    /// by people outlives this enum's Rust names, so these strings never change once released.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Vital::HeartRate => "heart_rate",
+            Vital::PulseRate => "pulse_rate",
+            Vital::SpO2 => "spo2",
+            Vital::NibpSystolic => "nibp_systolic",
+            Vital::NibpDiastolic => "nibp_diastolic",
+            Vital::NibpMean => "nibp_mean",
+            Vital::BodyTemperature => "body_temperature",
+            Vital::RespiratoryRate => "respiratory_rate",
+        }
+    }
+
+    /// The vital a configuration name (see [`Vital::config_name`]) stands for.
+    pub fn from_config_name(name: &str) -> Option<Vital> {
+        Vital::ALL.into_iter().find(|vital| vital.config_name() == name)
+    }
+
     /// True for the members of the NIBP panel.
     pub fn is_blood_pressure(self) -> bool {
         matches!(self, Vital::NibpSystolic | Vital::NibpDiastolic | Vital::NibpMean)
@@ -259,6 +279,16 @@ mod tests {
             assert!(vital.accepts_unit(&info.mdc_unit_code.to_string()));
             assert!(vital.accepts_unit(info.mdc_unit_refid));
         }
+    }
+
+    #[test]
+    fn config_names_are_unique_and_round_trip() {
+        let names: std::collections::BTreeSet<_> = Vital::ALL.iter().map(|v| v.config_name()).collect();
+        assert_eq!(names.len(), Vital::ALL.len());
+        for vital in Vital::ALL {
+            assert_eq!(Vital::from_config_name(vital.config_name()), Some(vital));
+        }
+        assert_eq!(Vital::from_config_name("HeartRate"), None);
     }
 
     #[test]

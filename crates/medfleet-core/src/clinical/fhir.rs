@@ -176,6 +176,7 @@ pub fn transaction_bundle(entries: &[ChartEntry]) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use super::super::alarm::AlarmLimits;
     use super::super::chart::PointOfCare;
     use super::*;
     use chrono::DateTime;
@@ -206,7 +207,24 @@ mod tests {
             status,
             questionable: false,
             validated_by: None,
+            alarm_limits: AlarmLimits::default(),
         }
+    }
+
+    #[test]
+    fn alarm_limits_do_not_change_the_observation() {
+        // Alarm limits are device settings, not the reference range FHIR's referenceRange means; the FHIR
+        // output stays what it was whatever limits applied.
+        let adult = entry(
+            Measurement::Single {
+                vital: Vital::HeartRate,
+                value: 90.0,
+            },
+            ChartStatus::Preliminary,
+        );
+        let mut neonatal = adult.clone();
+        neonatal.alarm_limits.set(Vital::HeartRate, 100.0, 180.0).unwrap();
+        assert_eq!(observation(&neonatal), observation(&adult));
     }
 
     #[test]

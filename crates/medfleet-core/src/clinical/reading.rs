@@ -1,10 +1,24 @@
 //! Validation of one reading item as a device sends it: the code and unit are normalised to a [`Vital`], the
 //! value is checked against IEEE 11073 special values and a plausible range, the observation time against the
-//! clock. Each refusal carries a reason a biomedical engineer can act on; nothing refused is ever charted.
+//! clock (neither too far ahead nor too old). Each refusal carries a reason a biomedical engineer can act on;
+//! nothing refused is ever charted.
 
 use chrono::{DateTime, Duration, Utc};
 
+use super::alarm::AlarmLimits;
 use super::codes::{Vital, parse_mdc_code};
+
+/// The longest code (in characters) an item may carry: every form medfleet understands (a decimal MDC code, a
+/// REFID, an MDIL pair) is far shorter, so a longer one is refused rather than cut to something that might parse.
+pub const MAX_CODE_CHARS: usize = 64;
+/// The longest unit (in characters) an item may carry, for the same reason.
+pub const MAX_UNIT_CHARS: usize = 32;
+
+/// How old an observation may be when it arrives, unless the caller says otherwise. A device buffers readings
+/// while it cannot reach medfleet (store and forward); 30 days covers any outage or a device shelved with a
+/// full buffer, while a time older than that is a device clock that was never set (1970, or garbage such as
+/// years before 4713 BC that the database cannot even store and that would fail the whole group commit).
+pub const DEFAULT_MAX_AGE: Duration = Duration::days(30);
 
 /// IEEE 11073-20601 FLOAT-Type special values (mantissa with exponent 0). A device that sends one means "no
 /// number", and medfleet must never chart it as one.
@@ -81,6 +95,22 @@ pub enum ReadingRejection {
         ahead_secs: i64,
         tolerance_secs: i64,
     },
+    #[error(
+        "observation time {observed_at} is {age_secs} s old, older than the {max_age_secs} s medfleet accepts; \
+         check the device clock"
+    )]
+    TooOld {
+        observed_at: DateTime<Utc>,
+        age_secs: i64,
+        max_age_secs: i64,
+    },
+    #[error("{field} is {chars} characters long; at most {max} are accepted")]
+    FieldTooLong {
+        /// `code` or `unit`.
+        field: &'static str,
+        chars: usize,
+        max: usize,
+    },
     #[error("the item has no observation time; the patient association is resolved at that time")]
     MissingTime,
     #[error("the device marked the value invalid or unavailable")]
@@ -99,6 +129,8 @@ impl ReadingRejection {
             ReadingRejection::NotFinite { .. } => "not_finite",
             ReadingRejection::Implausible { .. } => "implausible",
             ReadingRejection::FromTheFuture { .. } => "future_time",
+            ReadingRejection::TooOld { .. } => "too_old",
+            ReadingRejection::FieldTooLong { .. } => "field_too_long",
             ReadingRejection::MissingTime => "missing_time",
             ReadingRejection::MarkedInvalid => "marked_invalid",
             ReadingRejection::TestData => "test_data",
@@ -123,12 +155,33 @@ fn special_value_name(value: f64) -> Option<&'static str> {
     Some(name)
 }
 
-/// Validates one item against the clock `now`, accepting observation times up to `future_tolerance` ahead.
+/// Validates one item against the clock `now`, accepting observation times up to `future_tolerance` ahead and
+/// up to [`DEFAULT_MAX_AGE`] old.
 pub fn validate(
     input: &ReadingInput,
     now: DateTime<Utc>,
     future_tolerance: Duration,
 ) -> Result<Reading, ReadingRejection> {
+    validate_with_max_age(input, now, future_tolerance, DEFAULT_MAX_AGE)
+}
+
+/// [`validate`] with the oldest acceptable observation time `now - max_age` chosen by the caller.
+pub fn validate_with_max_age(
+    input: &ReadingInput,
+    now: DateTime<Utc>,
+    future_tolerance: Duration,
+    max_age: Duration,
+) -> Result<Reading, ReadingRejection> {
+    // Checked first: an oversized field is refused as such, not as whatever a cut-down copy would parse to.
+    for (field, text, max) in [
+        ("code", &input.code, MAX_CODE_CHARS),
+        ("unit", &input.unit, MAX_UNIT_CHARS),
+    ] {
+        let chars = text.chars().count();
+        if chars > max {
+            return Err(ReadingRejection::FieldTooLong { field, chars, max });
+        }
+    }
     let vital = parse_mdc_code(&input.code)
         .and_then(Vital::from_mdc)
         .ok_or_else(|| ReadingRejection::UnknownCode(input.code.chars().take(64).collect()))?;
@@ -177,6 +230,16 @@ pub fn validate(
             tolerance_secs: future_tolerance.num_seconds(),
         });
     }
+    // Per item, here, because the database refuses some of these times outright and one such row would fail the
+    // commit of every batch grouped with it.
+    let age = now - observed_at;
+    if age > max_age {
+        return Err(ReadingRejection::TooOld {
+            observed_at,
+            age_secs: age.num_seconds(),
+            max_age_secs: max_age.num_seconds(),
+        });
+    }
     Ok(Reading {
         vital,
         value: input.value,
@@ -185,25 +248,17 @@ pub fn validate(
     })
 }
 
-/// Default alarm limits: a value outside them is a threshold breach, charted at once whatever a destination's
-/// charting interval. Conservative adult limits; a ward can chart more often through its destination interval.
+/// Whether `value` breaches the default adult alarm limits ([`AlarmLimits::ADULT`]). A device whose
+/// configuration sets limits (neonatal, paediatric) needs [`AlarmLimits::from_config`] and
+/// [`AlarmLimits::breaches`] instead; this stays for callers that have no configuration at hand.
 pub fn breaches_threshold(vital: Vital, value: f64) -> bool {
-    let (low, high) = alarm_limits(vital);
-    !(low..=high).contains(&value)
+    AlarmLimits::ADULT.breaches(vital, value)
 }
 
-/// The default alarm limits (inclusive) behind [`breaches_threshold`]; HL7 OBX-7 reports them as the reference
-/// range, so OBX-8's abnormal flag agrees with it.
+/// The default adult alarm limits (inclusive) behind [`breaches_threshold`]; see [`AlarmLimits::get`] for a
+/// device's own.
 pub fn alarm_limits(vital: Vital) -> (f64, f64) {
-    match vital {
-        Vital::HeartRate | Vital::PulseRate => (40.0, 140.0),
-        Vital::SpO2 => (90.0, 100.0),
-        Vital::NibpSystolic => (80.0, 180.0),
-        Vital::NibpDiastolic => (40.0, 110.0),
-        Vital::NibpMean => (60.0, 130.0),
-        Vital::BodyTemperature => (35.0, 38.5),
-        Vital::RespiratoryRate => (8.0, 30.0),
-    }
+    AlarmLimits::ADULT.get(vital)
 }
 
 #[cfg(test)]
@@ -277,6 +332,96 @@ mod tests {
         let mut close = input("150456", 97.0, "%");
         close.observed_at = Some(now() + Duration::seconds(10));
         assert!(check(&close).is_ok());
+    }
+
+    #[test]
+    fn implausibly_old_times_are_refused_per_item() {
+        let mut old = input("150456", 97.0, "%");
+        old.observed_at = DateTime::from_timestamp(0, 0);
+        let rejection = check(&old).unwrap_err();
+        assert_eq!(rejection.code(), "too_old");
+        assert!(rejection.to_string().contains("check the device clock"), "{rejection}");
+        // Before 4713 BC: what PostgreSQL cannot store at all.
+        old.observed_at = chrono::NaiveDate::from_ymd_opt(-5000, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc());
+        assert_eq!(check(&old).unwrap_err().code(), "too_old");
+        // Inside the default window: a device that was offline for a week.
+        old.observed_at = Some(now() - Duration::days(7));
+        assert!(check(&old).is_ok());
+        old.observed_at = Some(now() - DEFAULT_MAX_AGE);
+        assert!(check(&old).is_ok(), "the bound itself is accepted");
+        old.observed_at = Some(now() - DEFAULT_MAX_AGE - Duration::seconds(1));
+        assert_eq!(check(&old).unwrap_err().code(), "too_old");
+        // The caller can choose the window.
+        old.observed_at = Some(now() - Duration::hours(2));
+        let rejection = validate_with_max_age(&old, now(), Duration::seconds(30), Duration::hours(1)).unwrap_err();
+        assert_eq!(
+            rejection,
+            ReadingRejection::TooOld {
+                observed_at: now() - Duration::hours(2),
+                age_secs: 7_200,
+                max_age_secs: 3_600
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_code_or_unit_is_refused_not_cut() {
+        // A code that would parse once cut to 64 characters must not be charted as that code.
+        let padded = format!("147842{}", " ".repeat(MAX_CODE_CHARS));
+        let rejection = check(&input(&padded, 70.0, "/min")).unwrap_err();
+        assert_eq!(rejection.code(), "field_too_long");
+        assert_eq!(
+            rejection,
+            ReadingRejection::FieldTooLong {
+                field: "code",
+                chars: 70,
+                max: MAX_CODE_CHARS
+            }
+        );
+        let unit = format!("/min{}", " ".repeat(MAX_UNIT_CHARS));
+        let rejection = check(&input("147842", 70.0, &unit)).unwrap_err();
+        assert!(matches!(
+            rejection,
+            ReadingRejection::FieldTooLong { field: "unit", .. }
+        ));
+        assert!(
+            !rejection.to_string().contains("/min"),
+            "the text does not echo the field"
+        );
+        // Exactly at the limit is fine (and then judged on its content).
+        let at_limit = format!("147842{}", " ".repeat(MAX_CODE_CHARS - 6));
+        assert!(check(&input(&at_limit, 70.0, "/min")).is_ok());
+        // Characters, not bytes.
+        let wide = "é".repeat(MAX_UNIT_CHARS);
+        assert_eq!(check(&input("147842", 70.0, &wide)).unwrap_err().code(), "wrong_unit");
+    }
+
+    #[test]
+    fn rejection_codes_are_stable() {
+        let codes = [
+            ReadingRejection::TooOld {
+                observed_at: now(),
+                age_secs: 1,
+                max_age_secs: 0,
+            }
+            .code(),
+            ReadingRejection::FieldTooLong {
+                field: "code",
+                chars: 65,
+                max: 64,
+            }
+            .code(),
+        ];
+        assert_eq!(codes, ["too_old", "field_too_long"]);
+    }
+
+    #[test]
+    fn default_threshold_helpers_keep_the_adult_table() {
+        assert_eq!(alarm_limits(Vital::HeartRate), (40.0, 140.0));
+        assert!(!breaches_threshold(Vital::HeartRate, 90.0));
+        assert!(breaches_threshold(Vital::SpO2, 85.0));
     }
 
     #[test]
