@@ -13,6 +13,7 @@ mod m20261125_000005_emr;
 mod m20261201_000006_outbox_order;
 mod m20261201_000007_feed_subscription_owner;
 mod m20261201_000008_destination_admin;
+mod m20261201_000009_observation_alarm_limits;
 mod seed;
 
 #[derive(Debug)]
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000006_outbox_order::Migration),
             Box::new(m20261201_000007_feed_subscription_owner::Migration),
             Box::new(m20261201_000008_destination_admin::Migration),
+            Box::new(m20261201_000009_observation_alarm_limits::Migration),
         ]
     }
 }

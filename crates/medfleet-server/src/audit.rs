@@ -172,8 +172,11 @@ const MAX_COALESCED: usize = 20_000;
 pub struct Coalescer {
     db: sea_orm::DatabaseConnection,
     window: std::time::Duration,
-    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String, String), Repeats>>>,
+    open: std::sync::Arc<std::sync::Mutex<OpenWindows>>,
 }
+
+/// Counting windows by (actor, action, target).
+type OpenWindows = std::collections::HashMap<(String, String, String), Repeats>;
 
 impl std::fmt::Debug for Coalescer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,7 +202,7 @@ impl Coalescer {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String, String), Repeats>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenWindows> {
         self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

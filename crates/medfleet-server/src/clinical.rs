@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use medfleet_core::clinical::alarm::{AlarmLimitProblem, AlarmLimits};
 use medfleet_core::clinical::association::{Period, check_patient_identifier};
 use medfleet_core::clinical::chart::{ChartStatus, Measurement, group_measurements};
 use medfleet_core::clinical::codes::Vital;
@@ -338,7 +339,34 @@ type Charted = (Vec<observation::ActiveModel>, Vec<Pending>, Vec<(Uuid, Vec<usiz
 
 /// Creates the chart entries for readings of one device covered by one association. Returns, per measurement,
 /// the new observation id and the indexes (into `readings`) of the readings it holds.
-fn chart(device: &device::Model, association: &association::Model, readings: &[Reading]) -> Charted {
+/// The applied limits of a measurement's vitals, stored with the entry (the shape of the `alarm` configuration).
+fn encode_limits(limits: &AlarmLimits, measurement: &Measurement) -> String {
+    let mut map = serde_json::Map::new();
+    for (vital, _) in measurement.values() {
+        let (low, high) = limits.get(vital);
+        map.insert(
+            vital.config_name().to_owned(),
+            serde_json::json!({"low": low, "high": high}),
+        );
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+/// The limits stored with an entry; the adult defaults for entries charted before limits were stored.
+pub(crate) fn decode_limits(stored: Option<&str>) -> AlarmLimits {
+    stored
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .map_or_else(AlarmLimits::default, |value| {
+            AlarmLimits::from_config(&serde_json::json!({ medfleet_core::clinical::alarm::CONFIG_KEY: value })).0
+        })
+}
+
+fn chart(
+    device: &device::Model,
+    association: &association::Model,
+    readings: &[Reading],
+    limits: &AlarmLimits,
+) -> Charted {
     let at = now();
     let mut rows = Vec::new();
     let mut pending = Vec::new();
@@ -362,11 +390,12 @@ fn chart(device: &device::Model, association: &association::Model, readings: &[R
             bed: Set(device.bed.clone()),
             created_at: Set(at),
             updated_at: Set(at),
+            alarm_limits: Set(Some(encode_limits(limits, &measurement))),
         });
         let breach = measurement
             .values()
             .iter()
-            .any(|(vital, value)| medfleet_core::clinical::reading::breaches_threshold(*vital, *value));
+            .any(|(vital, value)| limits.breaches(*vital, *value));
         pending.push(Pending {
             observation: id,
             status: ChartStatus::Preliminary,
@@ -480,6 +509,78 @@ pub struct Clinical {
     db: DatabaseConnection,
     events: Arc<Events>,
     future_tolerance: chrono::Duration,
+    alarms: AlarmCache,
+}
+
+/// Each device's alarm limits, from its resolved configuration (`alarm.*`), kept until a configuration layer
+/// changes or a device moves (the events' configuration generation moves, on any replica): resolving layers per
+/// batch would cost the ingest path a query per device.
+#[derive(Clone, Default)]
+struct AlarmCache {
+    inner: Arc<std::sync::Mutex<AlarmState>>,
+}
+
+#[derive(Default)]
+struct AlarmState {
+    generation: u64,
+    layers: Option<Arc<medfleet_core::config::LayerSet>>,
+    devices: HashMap<Uuid, AlarmLimits>,
+}
+
+impl std::fmt::Debug for AlarmCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlarmCache").finish_non_exhaustive()
+    }
+}
+
+impl AlarmCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AlarmState> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn limits_for(
+        &self,
+        conn: &impl ConnectionTrait,
+        events: &Events,
+        device: &device::Model,
+    ) -> Result<AlarmLimits> {
+        let generation = events.config_generation();
+        let layers = {
+            let mut cache = self.lock();
+            if cache.generation != generation {
+                *cache = AlarmState {
+                    generation,
+                    ..AlarmState::default()
+                };
+            }
+            if let Some(limits) = cache.devices.get(&device.id) {
+                return Ok(*limits);
+            }
+            cache.layers.clone()
+        };
+        let layers = if let Some(layers) = layers {
+            layers
+        } else {
+            let loaded = Arc::new(crate::configs::load_layers(conn).await?);
+            let mut cache = self.lock();
+            if cache.generation == generation {
+                cache.layers = Some(Arc::clone(&loaded));
+            }
+            loaded
+        };
+        let desired = layers.desired(&crate::configs::placement_of(device));
+        let (limits, problems) = AlarmLimits::from_config(&desired.resolved.document);
+        if !problems.is_empty() {
+            let paths: Vec<&str> = problems.iter().map(AlarmLimitProblem::path).collect();
+            tracing::warn!(device = %device.id, ?paths, "alarm limits in the device's configuration are invalid; the defaults apply for them");
+        }
+        let mut cache = self.lock();
+        // Kept only if nothing changed while resolving (else the next batch resolves again).
+        if cache.generation == generation {
+            cache.devices.insert(device.id, limits);
+        }
+        Ok(limits)
+    }
 }
 
 impl Clinical {
@@ -488,6 +589,7 @@ impl Clinical {
             db,
             events,
             future_tolerance: chrono::Duration::from_std(future_tolerance).unwrap_or(chrono::Duration::seconds(30)),
+            alarms: AlarmCache::default(),
         }
     }
 
@@ -618,7 +720,8 @@ impl Clinical {
                 continue;
             }
             let subset: Vec<Reading> = covered.iter().map(|i| readings[*i]).collect();
-            let (rows, events, members) = chart(device, association, &subset);
+            let limits = self.alarms.limits_for(txn, &self.events, device).await?;
+            let (rows, events, members) = chart(device, association, &subset, &limits);
             insert_observations(txn, rows).await?;
             pending.extend(events);
             for (observation, indexes) in members {
@@ -831,7 +934,8 @@ impl Clinical {
                 })
                 .collect();
             let readings: Vec<Reading> = pairs.iter().map(|(_, r)| *r).collect();
-            let (rows, pending, members) = chart(device, &association, &readings);
+            let limits = self.alarms.limits_for(txn, &self.events, device).await?;
+            let (rows, pending, members) = chart(device, &association, &readings, &limits);
             insert_observations(txn, rows).await?;
             for (observation, indexes) in members {
                 let ids: Vec<i64> = indexes.iter().map(|i| pairs[*i].0).collect();

@@ -621,26 +621,25 @@ impl FeedService for ClinicalApi {
                 destination.name
             )));
         }
-        let subscription = match existing {
-            Some(existing) => existing,
-            None => {
-                let created = self
-                    .emr
-                    .create_subscription(&r.subscription, &destination.name, &owner)
-                    .await?;
-                self.reads
-                    .record(vec![Event {
-                        actor: owner.clone(),
-                        action: "feed_subscription.create".into(),
-                        target: format!("feed_subscription/{}", created.name),
-                        scope: "*".into(),
-                        outcome: Outcome::Allowed,
-                        request_id: audit.request_id.clone(),
-                        detail: format!("follows {}", created.destination),
-                    }])
-                    .await;
-                created
-            }
+        let subscription = if let Some(existing) = existing {
+            existing
+        } else {
+            let created = self
+                .emr
+                .create_subscription(&r.subscription, &destination.name, &owner)
+                .await?;
+            self.reads
+                .record(vec![Event {
+                    actor: owner.clone(),
+                    action: "feed_subscription.create".into(),
+                    target: format!("feed_subscription/{}", created.name),
+                    scope: "*".into(),
+                    outcome: Outcome::Allowed,
+                    request_id: audit.request_id.clone(),
+                    detail: format!("follows {}", created.destination),
+                }])
+                .await;
+            created
         };
         tracing::info!(subscription = %subscription.name, cursor = subscription.cursor, "feed subscription resumed");
         let (tx, rx) = mpsc::channel(usize::try_from(FEED_PAGE).unwrap_or(500));

@@ -134,7 +134,7 @@ fn version_from(m: config_version::Model) -> Result<Version> {
     })
 }
 
-fn placement_of(m: &device::Model) -> Placement {
+pub(crate) fn placement_of(m: &device::Model) -> Placement {
     Placement {
         device: m.id,
         model: m.model.clone(),

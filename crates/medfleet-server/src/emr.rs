@@ -940,6 +940,7 @@ fn chart_entry(
         } else {
             None
         },
+        alarm_limits: crate::clinical::decode_limits(observation.alarm_limits.as_deref()),
     })
 }
 

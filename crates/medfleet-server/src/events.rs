@@ -67,6 +67,9 @@ pub struct Events {
     instance: Uuid,
     local: broadcast::Sender<Event>,
     postgres: bool,
+    /// Bumped before every `Config` or `Resync` is delivered here: caches of what configuration implies compare
+    /// it synchronously instead of racing a subscriber task.
+    config_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Events {
@@ -76,7 +79,13 @@ impl Events {
             instance: Uuid::new_v4(),
             local,
             postgres: backend == DbBackend::Postgres,
+            config_generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Changes whenever configuration may have changed (a layer, a device's place), on this replica or another.
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A subscriber that lags by more than the channel holds sees `RecvError::Lagged` and must resync.
@@ -111,6 +120,9 @@ impl Events {
 
     /// Delivers `event` to this replica's subscribers.
     pub fn emit(&self, event: Event) {
+        if matches!(event, Event::Config | Event::Resync) {
+            self.config_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         // No subscribers is fine: nobody needs waking.
         let _ = self.local.send(event);
     }

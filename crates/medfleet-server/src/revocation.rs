@@ -316,9 +316,13 @@ mod tests {
 
     use super::*;
 
+    fn num_bigint_be(n: &x509_parser::num_bigint::BigUint) -> Vec<u8> {
+        n.to_bytes_be()
+    }
+
     fn number_and_reasons(der: &[u8]) -> (Vec<u8>, Vec<Option<x509_parser::x509::ReasonCode>>) {
         let (_, crl) = CertificateRevocationList::from_der(der).unwrap();
-        let number = crl.crl_number().map(|n| n.to_bytes_be()).unwrap_or_default();
+        let number = crl.crl_number().map(num_bigint_be).unwrap_or_default();
         let reasons = crl
             .iter_revoked_certificates()
             .map(|r| r.reason_code().map(|(_, c)| c))

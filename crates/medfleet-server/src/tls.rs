@@ -38,7 +38,7 @@ pub const MAX_CONNECTIONS: usize = 20_000;
 pub const MAX_ANONYMOUS_CONNECTIONS: usize = 1_024;
 pub const MAX_ANONYMOUS_PER_ADDRESS: usize = 8;
 /// An anonymous connection lives this long at most: enough for an Enroll, too little to hoard connections.
-pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(60);
+pub const ANONYMOUS_LIFETIME: Duration = Duration::from_mins(1);
 
 /// The client a connection counts against: its address, with an IPv6 /64 as one client (whole /64s are handed
 /// to one host, so per-address limits on IPv6 would be evaded by rotating addresses).

@@ -891,3 +891,109 @@ async fn reads_of_patient_data_are_audited(backend: Backend) {
 }
 
 both_backends!(reads_of_patient_data_are_audited, reads_of_patient_data_are_audited);
+
+/// Alarm limits come from the device's resolved configuration: on a neonatal ward a heart rate of 90 is a breach
+/// (charted at once through an interval destination, flagged L with OBX-7 showing the limits applied); the adult
+/// defaults apply where nothing is configured.
+async fn alarm_limits_come_from_the_device_configuration(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let mllp = MllpReceiver::start().await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "hl7".into(),
+            kind: v1::EmrDestinationKind::Mllp.into(),
+            endpoint: mllp.addr.to_string(),
+            interval_seconds: 3600,
+            insecure_plaintext: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-N"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(device.parse().unwrap())).await).await;
+    let at = |s: i64| Utc::now() - chrono::Duration::seconds(s);
+    // Adult defaults: 90/min is normal, 150/min a breach.
+    assert_eq!(
+        publisher
+            .send(1, vec![item("147842", 90.0, "/min", at(30))])
+            .await
+            .accepted,
+        1
+    );
+    assert_eq!(
+        publisher
+            .send(2, vec![item("147842", 150.0, "/min", at(29))])
+            .await
+            .accepted,
+        1
+    );
+    mllp.wait("the adult breach", |log| log.by_control_id.len() == 1).await;
+    let last = mllp.log.lock().unwrap().messages.last().cloned().unwrap_or_default();
+    let obx = last
+        .split('\r')
+        .rfind(|s| s.starts_with("OBX|"))
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(obx.split('|').nth(5), Some("150"), "{obx}");
+    assert_eq!(obx.split('|').nth(7), Some("40-140"), "{obx}");
+
+    // The neonatal ward's configuration: 100-180/min.
+    medfleet_proto::v1::config_service_client::ConfigServiceClient::new(admin)
+        .set_config(v1::SetConfigRequest {
+            layer: Some(v1::ConfigLayer {
+                kind: v1::ConfigLayerKind::Ward.into(),
+                key: "stmarys/icu".into(),
+            }),
+            document_json: r#"{"alarm": {"heart_rate": {"low": 100, "high": 180}}}"#.into(),
+            comment: "neonatal limits".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        publisher
+            .send(3, vec![item("147842", 150.0, "/min", at(20))])
+            .await
+            .accepted,
+        1
+    );
+    assert_eq!(
+        publisher
+            .send(4, vec![item("147842", 90.0, "/min", at(19))])
+            .await
+            .accepted,
+        1
+    );
+    mllp.wait("the neonatal breach", |log| log.by_control_id.len() == 2)
+        .await;
+    let log = mllp.log.lock().unwrap();
+    assert_eq!(log.by_control_id.len(), 2, "150/min is no breach on this ward");
+    let last = log.messages.last().cloned().unwrap_or_default();
+    let obx = last
+        .split('\r')
+        .rfind(|s| s.starts_with("OBX|"))
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(obx.split('|').nth(5), Some("90"), "{obx}");
+    assert_eq!(obx.split('|').nth(7), Some("100-180"), "{obx}");
+    assert!(
+        obx.split('|')
+            .nth(8)
+            .is_some_and(|f| f.split('~').any(|flag| flag == "L")),
+        "{obx}"
+    );
+}
+
+both_backends!(
+    alarm_limits_come_from_the_device_configuration,
+    alarm_limits_come_from_the_device_configuration
+);

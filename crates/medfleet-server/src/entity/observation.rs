@@ -22,6 +22,8 @@ pub struct Model {
     pub bed: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// JSON `{vital: {low, high}}` of the limits that applied when it was charted (none: the adult defaults).
+    pub alarm_limits: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
