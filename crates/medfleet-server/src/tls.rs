@@ -34,9 +34,10 @@ const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 /// operators and integrations while bounding memory (≈ 100 KiB per idle TLS + HTTP/2 connection).
 pub const MAX_CONNECTIONS: usize = 20_000;
 /// Open connections without a client certificate (enrollment only), per replica and per client address (an IPv6
-/// /64 counts as one). A ward enrolling its monitors behind one NAT address does so a few at a time.
+/// /64 counts as one). A ward enrolling its monitors in bulk behind one NAT address (`medfleet-agent simulate` and
+/// bulk provisioning tools run 32 enrollments at once) stays under the per-address cap.
 pub const MAX_ANONYMOUS_CONNECTIONS: usize = 1_024;
-pub const MAX_ANONYMOUS_PER_ADDRESS: usize = 8;
+pub const MAX_ANONYMOUS_PER_ADDRESS: usize = 64;
 /// An anonymous connection lives this long at most: enough for an Enroll, too little to hoard connections.
 pub const ANONYMOUS_LIFETIME: Duration = Duration::from_mins(1);
 
