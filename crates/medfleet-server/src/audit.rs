@@ -160,8 +160,8 @@ pub async fn append(txn: &impl ConnectionTrait, event: &Event) -> Result<(), sea
     Ok(())
 }
 
-/// Keys a coalescer counts at once; beyond that, events are logged only, so a flood of distinct keys
-/// cannot grow memory without bound.
+/// Keys a coalescer counts at once, so a flood of distinct keys cannot grow memory without bound; beyond it,
+/// events are written one by one (never dropped).
 const MAX_COALESCED: usize = 20_000;
 
 /// Audit rows for events that repeat by the hundred: refusals of a looping client, reads of a patient's data by a
@@ -206,9 +206,9 @@ impl Coalescer {
         self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records events: the first of each key in one transaction now, repeats counted. Best effort: what is being
-    /// recorded never depends on the audit write (a failure is logged).
-    pub async fn record(&self, events: Vec<Event>) {
+    /// Records events: the first of each key in one transaction now, repeats counted. Returns whether the trail
+    /// holds them (or their count); a caller about to disclose data stops when it does not.
+    pub async fn record(&self, events: Vec<Event>) -> bool {
         let first: Vec<Event> = {
             let mut open = self.lock();
             let mut first = Vec::new();
@@ -220,7 +220,8 @@ impl Coalescer {
                     continue;
                 }
                 if open.len() >= MAX_COALESCED {
-                    tracing::warn!(action = %event.action, "too many distinct audit keys to coalesce; event logged only");
+                    // Fail closed: past the bound events are written one by one, never dropped.
+                    first.push(event);
                     continue;
                 }
                 open.insert(
@@ -235,12 +236,12 @@ impl Coalescer {
             }
             first
         };
-        self.write(&first).await;
+        self.write(&first).await
     }
 
-    async fn write(&self, events: &[Event]) {
+    async fn write(&self, events: &[Event]) -> bool {
         if events.is_empty() {
-            return;
+            return true;
         }
         let written = async {
             let txn = crate::db::begin_write(&self.db).await?;
@@ -249,8 +250,12 @@ impl Coalescer {
             }
             txn.commit().await
         };
-        if let Err(error) = written.await {
-            tracing::error!(%error, events = events.len(), "could not write to the audit trail");
+        match written.await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, events = events.len(), "could not write to the audit trail");
+                false
+            }
         }
     }
 

@@ -77,14 +77,18 @@ impl PatientKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Clinician,
-    Adt,
+    /// An ADT event. `from_emr`: sent by an integration (service identity), whose patient names are
+    /// authoritative; an ADT event a person sends (testing a feed from the CLI) only fills in missing names.
+    Adt {
+        from_emr: bool,
+    },
 }
 
 impl Source {
     fn as_str(self) -> &'static str {
         match self {
             Source::Clinician => "clinician",
-            Source::Adt => "adt",
+            Source::Adt { .. } => "adt",
         }
     }
 }
@@ -799,7 +803,7 @@ impl Clinical {
             .one(txn)
             .await?
         {
-            let may_rename = source == Source::Adt || existing.display_name.is_none();
+            let may_rename = source == Source::Adt { from_emr: true } || existing.display_name.is_none();
             if key.display_name.is_some() && existing.display_name != key.display_name && may_rename {
                 let id = existing.id;
                 let had_name = existing.display_name.is_some();
@@ -1204,13 +1208,13 @@ impl Clinical {
     /// device is bound to another patient is refused, never silently re-charted.
     pub async fn adt(
         &self,
-        kind: AdtKind,
-        key: &PatientKey,
-        bed: Option<(String, String, String)>,
-        at: DateTime<Utc>,
+        event: AdtRequest,
         scopes: &Visibility,
+        source: Source,
         audit: &Context,
     ) -> Result<AdtOutcome> {
+        let AdtRequest { kind, key, bed, at } = event;
+        let key = &key;
         if let Some((site, ward, _)) = bed.as_ref().filter(|_| kind != AdtKind::Discharge)
             && !scopes.sees_ward(site, ward)
         {
@@ -1228,12 +1232,13 @@ impl Clinical {
             .filter(patient::Column::Identifier.eq(&key.identifier))
             .one(&txn)
             .await?;
-        // The ADT feed is the authority for a known patient's name, whether or not this event binds a device.
-        if patient.is_some() && key.display_name.is_some() {
+        // The EMR's ADT feed is the authority for a known patient's name when it places the patient in a bed the
+        // caller's scopes cover (checked above); a discharge renames nobody.
+        if patient.is_some() && key.display_name.is_some() && kind != AdtKind::Discharge {
             let scope = bed
                 .as_ref()
                 .map_or_else(|| "*".to_owned(), |(site, ward, _)| format!("{site}/{ward}"));
-            patient = Some(self.upsert_patient(&txn, key, Source::Adt, &scope, audit).await?);
+            patient = Some(self.upsert_patient(&txn, key, source, &scope, audit).await?);
         }
         let bed_devices: Vec<device::Model> = match &bed {
             Some((site, ward, bed)) if kind != AdtKind::Discharge => {
@@ -1314,7 +1319,7 @@ impl Clinical {
                     device,
                     key,
                     Period::new(at, None).map_err(Error::FailedPrecondition)?,
-                    Source::Adt,
+                    source,
                     audit,
                 )
                 .await?,
@@ -1454,6 +1459,15 @@ impl Clinical {
             .map(|p| (p.id, p))
             .collect())
     }
+}
+
+/// An ADT event as the EMR sends it: what happened to which patient, into which bed (admit, transfer), when.
+#[derive(Debug)]
+pub struct AdtRequest {
+    pub kind: AdtKind,
+    pub key: PatientKey,
+    pub bed: Option<(String, String, String)>,
+    pub at: DateTime<Utc>,
 }
 
 /// What an ADT event changed.

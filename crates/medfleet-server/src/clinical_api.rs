@@ -26,7 +26,9 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::audit::{Coalescer, Event, Outcome, device_scope};
-use crate::clinical::{AdtKind, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement};
+use crate::clinical::{
+    AdtKind, AdtRequest, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement,
+};
 use crate::emr::{Emr, NewDestination, Settings, event_id, settings_of};
 use crate::entity::{device, emr_destination, emr_outbox, observation, patient};
 use crate::error::{Error, Result};
@@ -263,7 +265,8 @@ impl PatientService for ClinicalApi {
             .filter(|v| seen.get(&v.association.device_id).copied().unwrap_or(false))
             .map(|v| v.patient.id)
             .collect();
-        self.reads
+        let audited = self
+            .reads
             .record(
                 read.into_iter()
                     .map(|patient| {
@@ -279,6 +282,9 @@ impl PatientService for ClinicalApi {
                     .collect(),
             )
             .await;
+        if !audited {
+            return Err(unaudited().into());
+        }
         Ok(Response::new(v1::ListAssociationsResponse {
             associations: views
                 .iter()
@@ -292,6 +298,10 @@ impl PatientService for ClinicalApi {
     async fn record_adt_event(&self, request: Request<v1::AdtEvent>) -> Reply<v1::AdtEventResult> {
         let audit = audit_context(&request);
         let scopes = visibility(&request);
+        let from_emr = matches!(
+            caller(&request)?.identity,
+            medfleet_core::identity::Identity::Service(_)
+        );
         let r = request.into_inner();
         let mut v = Violations::new();
         let kind = match v1::AdtEventType::try_from(r.r#type) {
@@ -319,7 +329,11 @@ impl PatientService for ClinicalApi {
         if !v.is_empty() {
             return Err(Error::from(v).into());
         }
-        let outcome = self.clinical.adt(kind, &key, bed, at, &scopes, &audit).await?;
+        let source = Source::Adt { from_emr };
+        let outcome = self
+            .clinical
+            .adt(AdtRequest { kind, key, bed, at }, &scopes, source, &audit)
+            .await?;
         tracing::info!(
             event = ?kind,
             started = outcome.started.len(),
@@ -391,9 +405,13 @@ impl ObservationService for ClinicalApi {
             .iter()
             .map(|o| observation_to_wire(o, patients.get(&o.patient_id)))
             .collect::<Result<Vec<_>>>()?;
-        self.reads
+        if !self
+            .reads
             .record(read_events(&audit.actor, &audit.request_id, "observations", &shown))
-            .await;
+            .await
+        {
+            return Err(unaudited().into());
+        }
         Ok(Response::new(v1::ListObservationsResponse {
             observations,
             next_page_token: next.unwrap_or_default(),
@@ -704,7 +722,7 @@ async fn follow_feed(
             let entries = emr.entries(&rows).await?;
             // Audited before it is sent: a disclosure the trail does not know of must not happen.
             let disclosed = emr.observations_of(&rows).await?;
-            reader
+            let audited = reader
                 .reads
                 .record(read_events(
                     &reader.actor,
@@ -713,6 +731,12 @@ async fn follow_feed(
                     &disclosed.iter().collect::<Vec<_>>(),
                 ))
                 .await;
+            if !audited {
+                return Err(Status::unavailable(
+                    "the audit trail cannot record this disclosure now; the feed resumes from your cursor when you \
+                     reconnect",
+                ));
+            }
             for row in &rows {
                 let Some(entry) = entries.get(&row.id) else { continue };
                 let event = v1::FeedEvent {
@@ -739,6 +763,11 @@ async fn follow_feed(
             }
         }
     }
+}
+
+/// A read of patient data the audit trail cannot record is not served (HIPAA: reads are audited like writes).
+fn unaudited() -> Error {
+    Error::Unavailable("the audit trail cannot record this read of patient data now; try again shortly".into())
 }
 
 /// Who reads a feed, for its audit rows.

@@ -23,6 +23,9 @@ pub enum Error {
     PermissionDenied(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A dependency the request needs (the audit trail) is failing; retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// Stored data that violates an invariant (a bug or manual tampering), never caused by the caller.
@@ -50,6 +53,7 @@ impl From<Error> for Status {
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::Unavailable(m) => Status::unavailable(m),
             Error::Database(e) => database_status(&e),
             Error::Internal(m) => internal(&m),
         }

@@ -510,6 +510,14 @@ impl Registry {
 /// that leaves the bed stops charting to them. (A clinician's association binds the device itself, e.g. a
 /// transport monitor travelling with its patient, and survives a move.) Returns how many ended.
 async fn end_bed_bound(txn: &impl ConnectionTrait, device: Uuid, at: DateTime<Utc>, actor: &str) -> Result<u64> {
+    // Planned ones (starting after the move) are cancelled: they bound the old bed, and nothing is charted to them.
+    let planned = association::Entity::delete_many()
+        .filter(association::Column::DeviceId.eq(device))
+        .filter(association::Column::Source.eq("adt"))
+        .filter(association::Column::StartsAt.gte(at))
+        .exec(txn)
+        .await?
+        .rows_affected;
     let ended = association::Entity::update_many()
         .col_expr(association::Column::EndsAt, Expr::value(Some(at)))
         .col_expr(association::Column::EndedBy, Expr::value(Some(actor.to_owned())))
@@ -523,7 +531,7 @@ async fn end_bed_bound(txn: &impl ConnectionTrait, device: Uuid, at: DateTime<Ut
         )
         .exec(txn)
         .await?;
-    Ok(ended.rows_affected)
+    Ok(ended.rows_affected + planned)
 }
 
 /// Inserts one device (and its tags) inside the caller's transaction after checking its location and uniqueness.

@@ -237,6 +237,17 @@ async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
         .into_inner()
         .associations;
     assert_eq!(name_of(rows).as_deref(), Some("Roe^Anne"));
+    // A person's ADT event (a clinician testing the feed) does not rename; only the EMR's integration does.
+    edna.record_adt_event(adt(v1::AdtEventType::Admit, "MRN-Y", "Evil^Name", Some(("ed", "1"))))
+        .await
+        .unwrap();
+    let rows = patients
+        .list_associations(listed())
+        .await
+        .unwrap()
+        .into_inner()
+        .associations;
+    assert_eq!(name_of(rows).as_deref(), Some("Roe^Anne"));
     let renames = AuditServiceClient::new(admin.clone())
         .list_audit_events(v1::ListAuditEventsRequest {
             action: "patient.update".into(),
