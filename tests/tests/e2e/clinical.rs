@@ -370,9 +370,15 @@ async fn readings_chart_to_the_right_patient(backend: Backend) {
             .is_some_and(|q| q.starts_with("identifier="))
     }));
 
-    // The HL7 receiver: one accepted message per chart event (6 + 1 preliminary, 1 final), parsed independently.
-    mllp.wait("every chart event at the HL7 receiver", |log| {
-        log.by_control_id.values().sum::<usize>() > expected.len()
+    // The HL7 receiver: every chart entry in its current state, parsed independently. The BP panel's preliminary
+    // message is sent only if it went out before the validation; otherwise the final one supersedes it.
+    mllp.wait("every chart entry at the HL7 receiver", |log| {
+        let finals = log.messages.iter().any(|m| {
+            m.split('\r')
+                .rfind(|s| s.starts_with("OBX|"))
+                .is_some_and(|obx| obx.split('|').nth(11) == Some("F"))
+        });
+        log.by_control_id.values().sum::<usize>() >= expected.len() && finals
     })
     .await;
     let messages: Vec<String> = mllp.log.lock().unwrap().messages.clone();
