@@ -993,12 +993,7 @@ impl Clinical {
         } else {
             let open = association::Entity::find()
                 .filter(association::Column::DeviceId.eq(device.id))
-                .filter(association::Column::StartsAt.lt(at))
-                .filter(
-                    association::Column::EndsAt
-                        .is_null()
-                        .or(association::Column::EndsAt.gt(at)),
-                )
+                .filter(association::open_at(at))
                 .one(&txn)
                 .await?;
             let Some(open) = open else {
@@ -1124,12 +1119,7 @@ impl Clinical {
             .col_expr(association::Column::EndsAt, Expr::value(Some(at)))
             .col_expr(association::Column::EndedBy, Expr::value(Some(audit.actor.clone())))
             .filter(association::Column::Id.eq(open.id))
-            .filter(association::Column::StartsAt.lt(at))
-            .filter(
-                association::Column::EndsAt
-                    .is_null()
-                    .or(association::Column::EndsAt.gt(at)),
-            )
+            .filter(association::open_at(at))
             .exec(txn)
             .await?;
         if updated.rows_affected != 1 {
@@ -1257,12 +1247,7 @@ impl Clinical {
         if let Some(patient) = &patient {
             for open in association::Entity::find()
                 .filter(association::Column::PatientId.eq(patient.id))
-                .filter(association::Column::StartsAt.lt(at))
-                .filter(
-                    association::Column::EndsAt
-                        .is_null()
-                        .or(association::Column::EndsAt.gt(at)),
-                )
+                .filter(association::open_at(at))
                 .all(&txn)
                 .await?
             {

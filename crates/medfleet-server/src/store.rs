@@ -10,7 +10,7 @@ use medfleet_core::registry::{
     Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
     WardUpdate,
 };
-use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
     IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
@@ -523,12 +523,7 @@ async fn end_bed_bound(txn: &impl ConnectionTrait, device: Uuid, at: DateTime<Ut
         .col_expr(association::Column::EndedBy, Expr::value(Some(actor.to_owned())))
         .filter(association::Column::DeviceId.eq(device))
         .filter(association::Column::Source.eq("adt"))
-        .filter(association::Column::StartsAt.lt(at))
-        .filter(
-            association::Column::EndsAt
-                .is_null()
-                .or(association::Column::EndsAt.gt(at)),
-        )
+        .filter(association::open_at(at))
         .exec(txn)
         .await?;
     Ok(ended.rows_affected + planned)

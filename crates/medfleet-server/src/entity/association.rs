@@ -19,3 +19,11 @@ pub struct Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+/// Associations open at `at`: started before it and not ended by then (periods are half-open).
+pub fn open_at(at: DateTimeUtc) -> sea_orm::Condition {
+    use sea_orm::sea_query::ExprTrait as _;
+    sea_orm::Condition::all()
+        .add(Column::StartsAt.lt(at))
+        .add(Column::EndsAt.is_null().or(Column::EndsAt.gt(at)))
+}
