@@ -69,6 +69,18 @@ async fn icu_and_ed(server: &TestServer) -> (String, String) {
     (icu, ed)
 }
 
+/// A feed destination with no filter ("all-feed"): fleet-wide chart entries.
+async fn fleet_feed(admin: &Channel) {
+    medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "all-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 async fn as_principal(server: &TestServer, identity: &Identity) -> Channel {
     server.channel(&server.issue(identity)).await.unwrap()
 }
@@ -575,15 +587,7 @@ async fn refusals_are_audited_once_per_window_by_identity(backend: Backend) {
     assert!(listed[0].detail.contains("impersonation"), "{}", listed[0].detail);
 
     // A ward-scoped integration may not follow a fleet-wide feed: refused, audited, and nothing created.
-    let mut emr = medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone());
-    emr.create_destination(v1::EmrDestination {
-        name: "all-feed".into(),
-        kind: v1::EmrDestinationKind::Feed.into(),
-        enabled: Some(true),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fleet_feed(&admin).await;
     grant(&server, "medfleet://service/ward-bridge", "emr_system", "stmarys/ed").await;
     let ward_bridge = as_principal(&server, &Identity::Service("ward-bridge".into())).await;
     let mut feed = medfleet_proto::v1::feed_service_client::FeedServiceClient::new(ward_bridge);
@@ -637,15 +641,7 @@ async fn revoking_a_role_ends_its_open_streams(backend: Backend) {
     let server = TestServer::start(backend).await;
     setup(&server).await;
     let admin = server.channel(&server.admin_bundle()).await.unwrap();
-    medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone())
-        .create_destination(v1::EmrDestination {
-            name: "all-feed".into(),
-            kind: v1::EmrDestinationKind::Feed.into(),
-            enabled: Some(true),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fleet_feed(&admin).await;
     grant(&server, "medfleet://service/epic", "emr_system", "*").await;
     let epic = as_principal(&server, &Identity::Service("epic".into())).await;
     let mut feed = medfleet_proto::v1::feed_service_client::FeedServiceClient::new(epic.clone())
@@ -820,14 +816,7 @@ async fn reads_of_patient_data_are_audited(backend: Backend) {
     let server = TestServer::start(backend).await;
     let device = setup(&server).await;
     let admin = server.channel(&server.admin_bundle()).await.unwrap();
-    medfleet_proto::v1::emr_service_client::EmrServiceClient::new(admin.clone())
-        .create_destination(v1::EmrDestination {
-            name: "all-feed".into(),
-            kind: v1::EmrDestinationKind::Feed.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fleet_feed(&admin).await;
     PatientServiceClient::new(admin.clone())
         .associate(v1::AssociateRequest {
             device_id: device.clone(),
