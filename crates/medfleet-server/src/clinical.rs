@@ -343,6 +343,20 @@ type Charted = (Vec<observation::ActiveModel>, Vec<Pending>, Vec<(Uuid, Vec<usiz
 
 /// Creates the chart entries for readings of one device covered by one association. Returns, per measurement,
 /// the new observation id and the indexes (into `readings`) of the readings it holds.
+/// The device's earliest association that is not open yet at `at` (it starts then or later).
+async fn planned_after(
+    txn: &impl ConnectionTrait,
+    device: Uuid,
+    at: DateTime<Utc>,
+) -> Result<Option<association::Model>> {
+    Ok(association::Entity::find()
+        .filter(association::Column::DeviceId.eq(device))
+        .filter(association::Column::StartsAt.gte(at))
+        .order_by_asc(association::Column::StartsAt)
+        .one(txn)
+        .await?)
+}
+
 /// The applied limits of a measurement's vitals, stored with the entry (the shape of the `alarm` configuration).
 fn encode_limits(limits: &AlarmLimits, measurement: &Measurement) -> String {
     let mut map = serde_json::Map::new();
@@ -1012,13 +1026,7 @@ impl Clinical {
         device: &device::Model,
         at: DateTime<Utc>,
     ) -> Result<String> {
-        let planned = association::Entity::find()
-            .filter(association::Column::DeviceId.eq(device.id))
-            .filter(association::Column::StartsAt.gte(at))
-            .order_by_asc(association::Column::StartsAt)
-            .one(txn)
-            .await?;
-        Ok(match planned {
+        Ok(match planned_after(txn, device.id, at).await? {
             Some(planned) => format!(
                 "device {} has no association open at {}, but one is planned from {}; cancel it with \
                  `medfleet patients dissociate {} --cancel-planned`",
@@ -1040,20 +1048,14 @@ impl Clinical {
         at: DateTime<Utc>,
         audit: &Context,
     ) -> Result<AssociationView> {
-        let planned = association::Entity::find()
-            .filter(association::Column::DeviceId.eq(device.id))
-            .filter(association::Column::StartsAt.gt(at))
-            .order_by_asc(association::Column::StartsAt)
-            .one(txn)
-            .await?
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "device {} has no association planned to start after {}; to end one that is open, leave out \
+        let planned = planned_after(txn, device.id, at).await?.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "device {} has no association planned to start after {}; to end one that is open, leave out \
                      --cancel-planned",
-                    device.id,
-                    at.to_rfc3339()
-                ))
-            })?;
+                device.id,
+                at.to_rfc3339()
+            ))
+        })?;
         let charted = observation::Entity::find()
             .filter(observation::Column::AssociationId.eq(planned.id))
             .count(txn)

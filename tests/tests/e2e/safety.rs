@@ -81,6 +81,11 @@ async fn fleet_feed(admin: &Channel) {
         .unwrap();
 }
 
+/// The reading stream of a registered device, over its own certificate.
+async fn publisher_for(server: &TestServer, device: &str) -> Publisher {
+    Publisher::open(as_principal(server, &Identity::Device(device.parse().unwrap())).await).await
+}
+
 async fn as_principal(server: &TestServer, identity: &Identity) -> Channel {
     server.channel(&server.issue(identity)).await.unwrap()
 }
@@ -173,7 +178,7 @@ async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
     assert!(refused.message().contains("stmarys/icu"), "{}", refused.message());
 
     // The ICU monitor still charts to the patient.
-    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(icu.parse().unwrap())).await).await;
+    let mut publisher = publisher_for(&server, &icu).await;
     let ack = publisher
         .send(
             1,
@@ -296,7 +301,7 @@ async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
         statuses(&mut patients, &ed).await,
         vec![("MRN-Y".to_owned(), "ended".to_owned())]
     );
-    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(ed.parse().unwrap())).await).await;
+    let mut publisher = publisher_for(&server, &ed).await;
     let ack = publisher.send(1, vec![item("147842", 88.0, "/min", Utc::now())]).await;
     assert_eq!(ack.accepted, 1);
     assert!(
@@ -382,7 +387,7 @@ async fn status_changes_of_one_entry_arrive_in_order(backend: Backend) {
         })
         .await
         .unwrap();
-    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(device.parse().unwrap())).await).await;
+    let mut publisher = publisher_for(&server, &device).await;
     let ack = publisher
         .send(
             1,
@@ -521,7 +526,7 @@ async fn refusals_are_audited_once_per_window_by_identity(backend: Backend) {
     let (icu, ed) = icu_and_ed(&server).await;
     let admin = server.channel(&server.admin_bundle()).await.unwrap();
     let looping = as_principal(&server, &Identity::Device(ed.parse().unwrap())).await;
-    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(icu.parse().unwrap())).await).await;
+    let mut publisher = publisher_for(&server, &icu).await;
     let forbidden = async {
         let mut registry = RegistryServiceClient::new(looping.clone());
         for _ in 0..200 {
@@ -826,7 +831,7 @@ async fn reads_of_patient_data_are_audited(backend: Backend) {
         })
         .await
         .unwrap();
-    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(device.parse().unwrap())).await).await;
+    let mut publisher = publisher_for(&server, &device).await;
     for sequence in 1..=3 {
         let at = Utc::now() - chrono::Duration::seconds(10 - i64::try_from(sequence).unwrap());
         assert_eq!(
@@ -920,7 +925,7 @@ async fn alarm_limits_come_from_the_device_configuration(backend: Backend) {
         })
         .await
         .unwrap();
-    let mut publisher = Publisher::open(as_principal(&server, &Identity::Device(device.parse().unwrap())).await).await;
+    let mut publisher = publisher_for(&server, &device).await;
     let at = |s: i64| Utc::now() - chrono::Duration::seconds(s);
     // Adult defaults: 90/min is normal, 150/min a breach.
     assert_eq!(
