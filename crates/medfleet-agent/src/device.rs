@@ -66,9 +66,18 @@ pub(crate) async fn run(
     let stop = stop.child_token();
     let state = dir.load()?;
     let server = options.server.clone().unwrap_or_else(|| state.server.clone());
-    let readings = match &options.vitals {
-        Some(vitals) => Some(start_readings(dir, &server, vitals, options.quiet, &stop)?),
-        None => None,
+    // Batches buffered by an earlier run (before a restart or a re-enrollment) are delivered even when this run
+    // measures nothing.
+    let readings = if options.vitals.is_some() || !crate::readings::Buffer::open(dir)?.pending()?.is_empty() {
+        Some(start_readings(
+            dir,
+            &server,
+            options.vitals.as_ref(),
+            options.quiet,
+            &stop,
+        )?)
+    } else {
+        None
     };
     let result = sessions(dir, &server, &state.device_id, options, &stop, status.as_ref()).await;
     stop.cancel();
@@ -78,26 +87,30 @@ pub(crate) async fn run(
     result
 }
 
-/// Starts measuring into the buffer and publishing from it; the returned task ends after `stop`.
+/// Starts publishing from the buffer (and measuring into it, with `vitals`); the returned task ends after `stop`.
 fn start_readings(
     dir: &StateDir,
     server: &str,
-    vitals: &crate::readings::VitalsOptions,
+    vitals: Option<&crate::readings::VitalsOptions>,
     quiet: bool,
     stop: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let buffer = crate::readings::Buffer::open(dir)?;
     let (new, receiver) = mpsc::unbounded_channel();
-    let measuring = tokio::spawn(crate::readings::measure(
-        buffer.clone(),
-        vitals.clone(),
-        new,
-        stop.clone(),
-    ));
+    let measuring = vitals.map(|vitals| {
+        tokio::spawn(crate::readings::measure(
+            buffer.clone(),
+            vitals.clone(),
+            new,
+            stop.clone(),
+        ))
+    });
     let (dir, server, stop) = (dir.clone(), server.to_owned(), stop.clone());
     Ok(tokio::spawn(async move {
         let published = crate::readings::publish(&dir, &server, &buffer, receiver, quiet, &stop).await;
-        measuring.await??;
+        if let Some(measuring) = measuring {
+            measuring.await??;
+        }
         published
     }))
 }

@@ -41,8 +41,10 @@ struct Cli {
 enum Command {
     /// Generate this device's key, enroll with a one-time token and store the certificate.
     #[command(
-        after_help = "Example:\n  medfleet-agent enroll --server https://medfleet.hospital.example:7443 --ca ca.crt \\\n    \
-                            --token mft_… --state-dir /var/lib/medfleet-agent"
+        after_help = "Examples:\n  medfleet-agent enroll --server https://medfleet.hospital.example:7443 --ca ca.crt \\\n    \
+                            --token mft_… --state-dir /var/lib/medfleet-agent\n  \
+                            medfleet-agent enroll --reenroll --server https://medfleet.hospital.example:7443 --ca ca.crt \\\n    \
+                            --token mft_… --state-dir /var/lib/medfleet-agent   # token from enroll-token --replace"
     )]
     Enroll {
         /// medfleetd address.
@@ -60,6 +62,11 @@ enum Command {
         /// The device id this token is expected to be for (refused if it is for another device).
         #[arg(long)]
         device_id: Option<String>,
+        /// Enroll the device this state directory already belongs to again (after `medfleet devices
+        /// enroll-token --replace`), keeping its buffered readings and applied configuration: a running agent
+        /// picks the new certificate up on its next connection and delivers what it buffered.
+        #[arg(long)]
+        reenroll: bool,
     },
     /// Hold the session with medfleetd, renew the certificate in the background, reconnect after failures.
     #[command(
@@ -178,7 +185,15 @@ fn main() -> ExitCode {
                 token,
                 state_dir,
                 device_id,
-            } => enroll(&server, &ca, &token, &StateDir::new(state_dir), device_id).await,
+                reenroll,
+            } => {
+                let dir = StateDir::new(state_dir);
+                if reenroll {
+                    reenroll_device(&server, &ca, &token, &dir, device_id).await
+                } else {
+                    enroll(&server, &ca, &token, &dir, device_id).await
+                }
+            }
             Command::Run {
                 state_dir,
                 server,
@@ -258,7 +273,8 @@ async fn enroll(
 ) -> anyhow::Result<()> {
     if dir.identity().exists() {
         bail!(
-            "{} already holds an identity; use another --state-dir or remove it to enroll again",
+            "{} already holds a device identity; to enroll that device again keeping its buffered readings, add \
+             --reenroll; to enroll a different device, use another --state-dir",
             dir.root().display()
         );
     }
@@ -266,6 +282,64 @@ async fn enroll(
         std::fs::read_to_string(ca).with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
     let device_id = enroll_with(server, &ca_pem, token, dir, expected_device_id).await?;
     println!("enrolled as device {device_id}");
+    Ok(())
+}
+
+/// Enrolls the state directory's own device again with a token issued with `--replace`. The buffer and the
+/// applied configuration stay; the identity file is replaced atomically, so a running agent uses either the old
+/// or the new certificate, and the device id cannot change under its buffered batches.
+async fn reenroll_device(
+    server: &str,
+    ca: &std::path::Path,
+    token: &str,
+    dir: &StateDir,
+    expected_device_id: Option<String>,
+) -> anyhow::Result<()> {
+    let state = dir.load().with_context(|| {
+        format!(
+            "--reenroll needs a state directory that was enrolled before; {} is not (drop --reenroll to enroll it \
+             for the first time)",
+            dir.root().display()
+        )
+    })?;
+    if let Some(expected) = &expected_device_id
+        && expected != &state.device_id
+    {
+        bail!(
+            "{} belongs to device {}, not {expected}; its buffered readings cannot move to another device",
+            dir.root().display(),
+            state.device_id
+        );
+    }
+    let ca_pem =
+        std::fs::read_to_string(ca).with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+    // Writable before the one-time token is spent; the stored device id stays valid throughout.
+    dir.save(&state)
+        .with_context(|| format!("cannot write to the state directory {}", dir.root().display()))?;
+    let (key_pem, csr_der) = new_key_and_csr()?;
+    let channel = connect_anonymous(server, &ca_pem).await?;
+    let response = EnrollmentServiceClient::new(channel)
+        .enroll(v1::EnrollRequest {
+            token: token.to_owned(),
+            csr_der,
+            // The server refuses a token issued for another device, so batches stay with their device.
+            expected_device_id: state.device_id.clone(),
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("enrollment refused: {}", status.message()))?
+        .into_inner();
+    let bundle = Bundle::parse(&format!("{key_pem}{}", response.certificate_chain_pem))
+        .map_err(|e| anyhow::anyhow!("the server's answer is not a usable certificate: {e}"))?;
+    write_private(&dir.identity(), &bundle.to_pem())?;
+    dir.save(&AgentState {
+        server: server.to_owned(),
+        device_id: state.device_id.clone(),
+    })?;
+    let buffered = readings::Buffer::open(dir)?.pending()?.len();
+    println!(
+        "re-enrolled device {} (certificate {}); {buffered} buffered batches will be delivered under it",
+        state.device_id, response.serial
+    );
     Ok(())
 }
 

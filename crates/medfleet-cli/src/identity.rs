@@ -219,12 +219,19 @@ struct TokenView {
     expire_time: String,
 }
 
-pub(crate) async fn enroll_token(channel: Channel, device: &str, ttl: Duration, out: Format) -> anyhow::Result<()> {
+pub(crate) async fn enroll_token(
+    channel: Channel,
+    device: &str,
+    ttl: Duration,
+    replace: bool,
+    out: Format,
+) -> anyhow::Result<()> {
     let mut api = v1::registry_service_client::RegistryServiceClient::new(channel);
     let token = api
         .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
             device_id: device.to_owned(),
             ttl: Some(duration_to_wire(ttl)),
+            replace,
         })
         .await?
         .into_inner();
@@ -242,6 +249,13 @@ pub(crate) async fn enroll_token(channel: Channel, device: &str, ttl: Duration, 
          medfleet-agent enroll --server URL --ca ca.crt --token TOKEN --state-dir DIR",
         view.device_id, view.expire_time
     );
+    if replace {
+        eprintln!(
+            "when it is used, the device's current certificate is revoked and the device is cut off; to keep its \
+             buffered readings, re-enroll its own agent keeping its state directory:\n  \
+             medfleet-agent enroll --reenroll --server URL --ca ca.crt --token TOKEN --state-dir DIR"
+        );
+    }
     Ok(())
 }
 

@@ -192,12 +192,22 @@ enum DeviceCommand {
     #[command(after_help = "Example:\n  medfleet devices show 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f")]
     Show { id: String },
     /// Issue a one-time enrollment token for a device (replaces any unused one).
-    #[command(after_help = "Example:\n  medfleet devices enroll-token 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --ttl 24h")]
+    #[command(
+        after_help = "Examples:\n  medfleet devices enroll-token 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --ttl 24h\n  \
+        medfleet devices enroll-token 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f --replace   # a replaced unit or a reset\n\n\
+        A device that is already enrolled gets a token only with --replace: enrolling with it revokes the \
+        certificate the device runs on at once and cuts it off. Its buffered readings are delivered only if its own \
+        agent re-enrolls keeping its state directory (medfleet-agent enroll --reenroll)."
+    )]
     EnrollToken {
         id: String,
         /// How long the token stays valid (5m to 30days).
         #[arg(long, value_parser = identity::parse_duration, default_value = "24h")]
         ttl: std::time::Duration,
+        /// The device is enrolled and is to be enrolled again: its current certificate is revoked when the token
+        /// is used.
+        #[arg(long)]
+        replace: bool,
     },
     /// Register many devices from a CSV file, optionally issuing their enrollment tokens.
     #[command(
@@ -515,7 +525,9 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
             let channel = channel(cli).await?;
             let mut api = RegistryServiceClient::new(channel.clone());
             match command {
-                DeviceCommand::EnrollToken { id, ttl } => identity::enroll_token(channel, id, *ttl, out).await,
+                DeviceCommand::EnrollToken { id, ttl, replace } => {
+                    identity::enroll_token(channel, id, *ttl, *replace, out).await
+                }
                 DeviceCommand::Import(args) => identity::import(channel, args, out).await,
                 DeviceCommand::Revoke { id, reason } => identity::revoke_device(channel, id, Some(*reason), out).await,
                 DeviceCommand::Decommission { id } => identity::revoke_device(channel, id, None, out).await,

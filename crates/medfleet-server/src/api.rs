@@ -252,7 +252,7 @@ impl RegistryService for RegistryApi {
         let (id, ttl) = v.finish(|| id.zip(ttl)).map_err(Error::from)?;
         let token = self
             .credentials
-            .issue_enrollment_token(id, ttl, &caller.identity, &audit_context(&request))
+            .issue_enrollment_token(id, ttl, r.replace, &caller.identity, &audit_context(&request))
             .await?;
         tracing::info!(device = %id, expires = %token.expires_at, "enrollment token issued");
         Ok(Response::new(v1::EnrollmentToken {

@@ -16,13 +16,13 @@ use ring::rand::SecureRandom as _;
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
-    IntoActiveModel as _, QueryFilter as _, QuerySelect as _,
+    IntoActiveModel as _, PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
 };
 use uuid::Uuid;
 
 use crate::audit::{Context, device_scope};
 use crate::db::begin_write;
-use crate::entity::{certificate, device, enrollment_token, principal};
+use crate::entity::{association, certificate, device, enrollment_token, principal};
 use crate::error::{Error, Result};
 use crate::pki::{CertificateAuthority, IssuedCertificate, RequestedKey, SubjectDetails};
 use crate::revocation::{Revocations, log_revocations};
@@ -160,6 +160,53 @@ pub(crate) async fn insert_token(
     Ok(NewToken { token, expires_at })
 }
 
+/// The newest unexpired, unrevoked certificate of `identity`.
+async fn live_certificate(txn: &impl ConnectionTrait, identity: &Identity) -> Result<Option<certificate::Model>> {
+    Ok(certificate::Entity::find()
+        .filter(certificate::Column::Identity.eq(identity.to_string()))
+        .filter(certificate::Column::RevokedAt.is_null())
+        .filter(certificate::Column::NotAfter.gt(now()))
+        .order_by_desc(certificate::Column::NotAfter)
+        .one(txn)
+        .await?)
+}
+
+/// What using a new token would do to an enrolled device, in words an operator can weigh before `--replace`.
+async fn enrolled_consequence(
+    txn: &impl ConnectionTrait,
+    device_id: Uuid,
+    current: &certificate::Model,
+) -> Result<String> {
+    let online = crate::presence::current_sessions(txn, &[device_id])
+        .await?
+        .contains_key(&device_id);
+    let charting = association::Entity::find()
+        .filter(association::Column::DeviceId.eq(device_id))
+        .filter(association::open_at(now()))
+        .count(txn)
+        .await?
+        > 0;
+    let mut state = vec![format!(
+        "holds certificate {} valid until {}",
+        current.serial,
+        current.not_after.to_rfc3339()
+    )];
+    if online {
+        state.push("is online now".to_owned());
+    }
+    if charting {
+        state.push("is charting to a patient".to_owned());
+    }
+    Ok(format!(
+        "device {device_id} is enrolled: it {}. Enrolling with a new token revokes that certificate at once and cuts \
+         the device off{}; readings it has buffered reach the chart only if its own agent re-enrolls keeping its \
+         state directory (medfleet-agent enroll --reenroll). If that is what you mean (a replaced unit, a reset), \
+         issue the token with --replace",
+        state.join(", "),
+        if online { " mid-session" } else { "" },
+    ))
+}
+
 async fn record_certificate(txn: &impl ConnectionTrait, identity: &Identity, issued: &IssuedCertificate) -> Result<()> {
     certificate::ActiveModel {
         serial: Set(issued.serial.clone()),
@@ -227,10 +274,13 @@ impl Credentials {
         &self.ca
     }
 
+    /// A one-time token for `device_id`. An enrolled device (one with a valid certificate) gets one only with
+    /// `replace`, because enrolling with it revokes the certificate the live device runs on.
     pub async fn issue_enrollment_token(
         &self,
         device_id: Uuid,
         ttl: Duration,
+        replace: bool,
         by: &Identity,
         audit: &Context,
     ) -> Result<NewToken> {
@@ -243,14 +293,26 @@ impl Credentials {
                 "device {device_id} is decommissioned; it cannot be enrolled again"
             )));
         }
+        let live = live_certificate(&txn, &Identity::Device(device_id)).await?;
+        if let Some(current) = &live
+            && !replace
+        {
+            return Err(Error::FailedPrecondition(
+                enrolled_consequence(&txn, device_id, current).await?,
+            ));
+        }
         let token = insert_token(&txn, device_id, ttl, by).await?;
+        let replaces = live
+            .as_ref()
+            .map(|c| format!("; replaces certificate {} when used", c.serial))
+            .unwrap_or_default();
         audit
             .record(
                 &txn,
                 "enrollment.token.issue",
                 format!("device/{device_id}"),
                 device_scope(device.site.as_deref(), device.ward.as_deref()),
-                format!("expires {}", token.expires_at.to_rfc3339()),
+                format!("expires {}{replaces}", token.expires_at.to_rfc3339()),
             )
             .await?;
         txn.commit().await?;

@@ -182,6 +182,7 @@ async fn scopes(backend: Backend) {
         .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
             device_id: ed.id.clone(),
             ttl: None,
+            replace: false,
         })
         .await;
     assert!(token.is_ok(), "it_provisioner issues tokens in its site: {token:?}");

@@ -493,6 +493,7 @@ async fn enrolled(server: &TestServer, ward: &str) -> (String, Channel) {
         .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
             device_id: id.clone(),
             ttl: None,
+            replace: false,
         })
         .await
         .unwrap()
@@ -756,6 +757,7 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
         .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
             device_id: device.clone(),
             ttl: None,
+            replace: false,
         })
         .await
         .unwrap()

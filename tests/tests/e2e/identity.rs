@@ -39,6 +39,7 @@ async fn token(api: &mut Api, device: &v1::Device) -> String {
     api.issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
         device_id: device.id.clone(),
         ttl: None,
+        replace: false,
     })
     .await
     .unwrap()
@@ -216,6 +217,7 @@ async fn enrollment_rejections(backend: Backend) {
         .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
             device_id: c.id.clone(),
             ttl: None,
+            replace: false,
         })
         .await
         .unwrap_err();
@@ -224,6 +226,7 @@ async fn enrollment_rejections(backend: Backend) {
         .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
             device_id: b.id.clone(),
             ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+            replace: false,
         })
         .await
         .unwrap_err();

@@ -397,6 +397,7 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         ("RegistryService", "IssueEnrollmentToken") => v1::IssueEnrollmentTokenRequest {
             device_id: device.clone(),
             ttl: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            replace: false,
         }
         .encode_to_vec(),
         ("AccessService", "Grant" | "Revoke") => v1::GrantRequest {

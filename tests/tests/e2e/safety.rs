@@ -13,6 +13,7 @@ use medfleet_proto::v1::{
     observation_service_client::ObservationServiceClient, patient_service_client::PatientServiceClient,
     registry_service_client::RegistryServiceClient,
 };
+use sea_orm::ConnectionTrait as _;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -1001,4 +1002,182 @@ async fn alarm_limits_come_from_the_device_configuration(backend: Backend) {
 both_backends!(
     alarm_limits_come_from_the_device_configuration,
     alarm_limits_come_from_the_device_configuration
+);
+
+fn agent(args: &[&str], state: &std::path::Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"));
+    command.args(args).arg("--state-dir").arg(state);
+    command
+}
+
+fn token_of(stdout: &str) -> String {
+    let view: serde_json::Value = serde_json::from_str(stdout).unwrap();
+    view["token"].as_str().unwrap().to_owned()
+}
+
+/// A token for an enrolled, online, charting monitor needs `--replace` and says what it would cut; the monitor's
+/// own agent re-enrolled with it keeps its state directory and delivers what it buffered under the new certificate.
+async fn reenrolling_a_live_device_needs_replace_and_keeps_its_buffer(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let ca = server.data_dir().ca_cert();
+    let state = tempfile::tempdir().unwrap();
+    let (ok, first, err) = cli(&server, &["devices", "enroll-token", &device, "-o", "json"]);
+    assert!(ok, "a device never enrolled needs no --replace: {err}");
+    let enrolled = agent(
+        &["enroll", "--server", &server.url(), "--token", &token_of(&first)],
+        state.path(),
+    )
+    .arg("--ca")
+    .arg(&ca)
+    .output()
+    .await
+    .unwrap();
+    assert!(enrolled.status.success(), "{enrolled:?}");
+    PatientServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-RE"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let online = crate::binaries::Process::spawn(agent(&["run", "--heartbeat", "1s"], state.path()));
+    online.wait_for("session established", 1).await;
+
+    let refused = std::process::Command::new(medfleet_e2e::binary("medfleet"))
+        .args(["--server", &server.url(), "--credentials"])
+        .arg(server.data_dir().admin_bundle())
+        .args(["devices", "enroll-token", &device])
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(5), "{message}");
+    for says in [
+        "is enrolled",
+        "is online now",
+        "is charting to a patient",
+        "--replace",
+        "--reenroll",
+    ] {
+        assert!(message.contains(says), "the refusal does not say '{says}': {message}");
+    }
+    assert!(!message.contains("MRN-RE"), "{message}");
+    let (status, _) = online.terminate().await;
+    assert!(status.success());
+
+    // Cut off from medfleetd, the monitor keeps measuring into its buffer.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let offline = crate::binaries::Process::spawn(agent(
+        &[
+            "run",
+            "--server",
+            &format!("https://{closed}"),
+            "--vitals-interval",
+            "20ms",
+            "--vitals-count",
+            "5",
+        ],
+        state.path(),
+    ));
+    offline.wait_for("measurements finished", 1).await;
+    let (status, _) = offline.terminate().await;
+    assert!(status.success());
+    let buffered = |dir: &std::path::Path| {
+        std::fs::read_dir(dir.join("outbox"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("batch-"))
+            .count()
+    };
+    assert_eq!(buffered(state.path()), 5);
+
+    let (ok, replaced, err) = cli(
+        &server,
+        &["devices", "enroll-token", &device, "--replace", "-o", "json"],
+    );
+    assert!(ok, "{err}");
+    let token = token_of(&replaced);
+    let plain = agent(&["enroll", "--server", &server.url(), "--token", &token], state.path())
+        .arg("--ca")
+        .arg(&ca)
+        .output()
+        .await
+        .unwrap();
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("--reenroll"),
+        "{plain:?}"
+    );
+    let again = agent(
+        &["enroll", "--reenroll", "--server", &server.url(), "--token", &token],
+        state.path(),
+    )
+    .arg("--ca")
+    .arg(&ca)
+    .output()
+    .await
+    .unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("5 buffered batches"),
+        "{again:?}"
+    );
+
+    // Under its new certificate the monitor delivers the five buffered batches, charted to its patient.
+    let back = crate::binaries::Process::spawn(agent(&["run", "--heartbeat", "1s"], state.path()));
+    back.wait_for("readings acknowledged", 5).await;
+    let (status, logs) = back.terminate().await;
+    assert!(status.success(), "{logs}");
+    assert_eq!(buffered(state.path()), 0, "{logs}");
+    let mut read = ObservationServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
+    let charted = observations(&mut read, "MRN-RE").await;
+    assert_eq!(
+        charted.len(),
+        5 * 5,
+        "every buffered measurement reaches the chart once"
+    );
+
+    let db = server.db().await;
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT revocation_reason FROM certificates WHERE identity = 'medfleet://device/{device}' \
+                 ORDER BY issued_at"
+            ),
+        ))
+        .await
+        .unwrap();
+    let reasons: Vec<Option<String>> = rows
+        .iter()
+        .map(|r| r.try_get_by_index::<Option<String>>(0).unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [Some("superseded".to_owned()), None],
+        "the old certificate is retired"
+    );
+    let issued = AuditServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
+        .list_audit_events(v1::ListAuditEventsRequest {
+            action: "enrollment.token.issue".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        issued.iter().any(|e| e.detail.contains("replaces certificate")),
+        "{issued:?}"
+    );
+}
+
+both_backends!(
+    reenrolling_a_live_device_needs_replace_and_keeps_its_buffer,
+    reenrolling_a_live_device_needs_replace_and_keeps_its_buffer
 );
