@@ -231,6 +231,7 @@ struct AssociationView {
     source: String,
     created_by: String,
     charted_retroactively: u64,
+    charting_backlog: u64,
     status: String,
     ended_by: String,
 }
@@ -248,6 +249,7 @@ impl From<v1::Association> for AssociationView {
             source: a.source,
             created_by: a.created_by,
             charted_retroactively: a.charted_retroactively,
+            charting_backlog: a.charting_backlog,
             status: a.status,
             ended_by: a.ended_by,
         }
@@ -313,6 +315,13 @@ pub(crate) async fn patients(channel: Channel, command: &PatientCommand, out: Fo
                 },
                 view.charted_retroactively
             );
+            if view.charting_backlog > 0 {
+                println!(
+                    "{} more stored readings are being charted in the background (audited as \
+                     association.chart.complete when done)",
+                    view.charting_backlog
+                );
+            }
             Ok(())
         }
         PatientCommand::Dissociate {

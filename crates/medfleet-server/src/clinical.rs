@@ -22,8 +22,8 @@ use medfleet_core::clinical::reading::{Reading, ReadingInput, validate};
 use medfleet_core::validation::{Violations, printable};
 use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _,
-    PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend,
+    EntityTrait as _, IntoActiveModel as _, PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -36,10 +36,19 @@ use crate::events::{Event, Events};
 use crate::policy::Visibility;
 use crate::store::{lock_device, now};
 
+mod backlog;
+
 /// Arbitrary but fixed key of the advisory lock that orders outbox inserts by commit on PostgreSQL.
 const OUTBOX_LOCK_KEY: i64 = 0x6d65_6466_6c74_0005;
-/// PostgreSQL allows 65,535 bind parameters per statement; the widest row here has 11 columns.
-const INSERT_CHUNK: usize = 4_000;
+/// Bind parameters one multi-row INSERT may use: SQLite's limit (32,766 since 3.32; PostgreSQL allows 65,535).
+const MAX_BIND_PARAMETERS: usize = 32_766;
+
+/// Rows of `T` per multi-row INSERT, from the columns each row binds, so no table's statement passes the limit
+/// whatever columns it grows.
+fn insert_chunk<T: sea_orm::EntityTrait>() -> usize {
+    use sea_orm::Iterable as _;
+    (MAX_BIND_PARAMETERS / T::Column::iter().count().max(1)).max(1)
+}
 
 /// A patient as a request names them (validated).
 #[derive(Clone, PartialEq, Eq)]
@@ -99,6 +108,8 @@ pub struct AssociationView {
     pub association: association::Model,
     pub patient: patient::Model,
     pub charted_retroactively: u64,
+    /// Stored readings of its period left to the background charting when it was made.
+    pub charting_backlog: u64,
 }
 
 /// The kinds of EMR destination.
@@ -295,7 +306,7 @@ pub(crate) async fn enqueue(
     let count = rows.len() as u64;
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
-        let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
+        let chunk: Vec<_> = rows.by_ref().take(insert_chunk::<emr_outbox::Entity>()).collect();
         emr_outbox::Entity::insert_many(chunk)
             .exec_without_returning(txn)
             .await?;
@@ -430,7 +441,7 @@ fn chart(
 async fn insert_observations(txn: &impl ConnectionTrait, rows: Vec<observation::ActiveModel>) -> Result<()> {
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
-        let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
+        let chunk: Vec<_> = rows.by_ref().take(insert_chunk::<observation::Entity>()).collect();
         observation::Entity::insert_many(chunk)
             .exec_without_returning(txn)
             .await?;
@@ -528,6 +539,7 @@ pub struct Clinical {
     events: Arc<Events>,
     future_tolerance: chrono::Duration,
     alarms: AlarmCache,
+    backlog_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Each device's alarm limits, from its resolved configuration (`alarm.*`), kept until a configuration layer
@@ -608,6 +620,7 @@ impl Clinical {
             events,
             future_tolerance: chrono::Duration::from_std(future_tolerance).unwrap_or(chrono::Duration::seconds(30)),
             alarms: AlarmCache::default(),
+            backlog_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -699,7 +712,7 @@ impl Clinical {
                 .collect();
             let mut rows = rows.into_iter().peekable();
             while rows.peek().is_some() {
-                let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
+                let chunk: Vec<_> = rows.by_ref().take(insert_chunk::<reading::Entity>()).collect();
                 reading::Entity::insert_many(chunk).exec_without_returning(&txn).await?;
             }
             outcomes.push(outcome);
@@ -875,6 +888,9 @@ impl Clinical {
         if view.charted_retroactively > 0 {
             self.events.emit(Event::Outbox);
         }
+        if view.charting_backlog > 0 {
+            self.wake_backlog();
+        }
         Ok(view)
     }
 
@@ -923,49 +939,23 @@ impl Clinical {
             created_by: Set(audit.actor.clone()),
             created_at: Set(now()),
             ended_by: Set(None),
+            charting_backlog: Set(false),
         };
-        let association = association::Entity::insert(model).exec_with_returning(txn).await?;
-        // Readings stored while nobody was associated and inside the new period are charted now.
-        let mut query = reading::Entity::find()
-            .filter(reading::Column::DeviceId.eq(device.id))
-            .filter(reading::Column::ObservationId.is_null())
-            .filter(reading::Column::ObservedAt.gte(period.start));
-        if let Some(end) = period.end {
-            query = query.filter(reading::Column::ObservedAt.lt(end));
+        let mut association = association::Entity::insert(model).exec_with_returning(txn).await?;
+        // Readings stored while nobody was associated and inside the new period are charted now, up to one chunk;
+        // the rest in the background (backlog.rs), so no transaction holds the device lock for a month of readings.
+        let stored = self.chart_stored(txn, device, &association).await?;
+        let charted = stored.charted;
+        if stored.remaining > 0 {
+            let mut model = association.into_active_model();
+            model.charting_backlog = Set(true);
+            association = model.update(txn).await?;
         }
-        let stored = query.order_by_asc(reading::Column::ObservedAt).all(txn).await?;
-        let mut charted = 0u64;
-        if !stored.is_empty() {
-            // (row id, reading) pairs: the grouping's indexes must point at the rows they came from.
-            let pairs: Vec<(i64, Reading)> = stored
-                .iter()
-                .filter_map(|row| {
-                    Some((
-                        row.id,
-                        Reading {
-                            vital: vital_from_refid(&row.code)?,
-                            value: row.value,
-                            observed_at: row.observed_at,
-                            questionable: row.questionable,
-                        },
-                    ))
-                })
-                .collect();
-            let readings: Vec<Reading> = pairs.iter().map(|(_, r)| *r).collect();
-            let limits = self.alarms.limits_for(txn, &self.events, device).await?;
-            let (rows, pending, members) = chart(device, &association, &readings, &limits);
-            insert_observations(txn, rows).await?;
-            for (observation, indexes) in members {
-                let ids: Vec<i64> = indexes.iter().map(|i| pairs[*i].0).collect();
-                reading::Entity::update_many()
-                    .col_expr(reading::Column::ObservationId, Expr::value(observation))
-                    .filter(reading::Column::Id.is_in(ids))
-                    .exec(txn)
-                    .await?;
-            }
-            charted = pairs.len() as u64;
-            enqueue(txn, &self.events, &routes(txn).await?, &pending, None).await?;
-        }
+        let backlog = if stored.remaining > 0 {
+            format!("; {} more being charted in the background", stored.remaining)
+        } else {
+            String::new()
+        };
         audit
             .record(
                 txn,
@@ -973,7 +963,7 @@ impl Clinical {
                 format!("device/{}", device.id),
                 scope,
                 format!(
-                    "patient {} ({}) from {}{}; {charted} stored readings charted retroactively",
+                    "patient {} ({}) from {}{}; {charted} stored readings charted retroactively{backlog}",
                     patient.id,
                     source.as_str(),
                     period.start.to_rfc3339(),
@@ -988,6 +978,7 @@ impl Clinical {
             association,
             patient,
             charted_retroactively: charted,
+            charting_backlog: stored.remaining,
         })
     }
 
@@ -1092,6 +1083,7 @@ impl Clinical {
             association: cancelled,
             patient,
             charted_retroactively: 0,
+            charting_backlog: 0,
         })
     }
 
@@ -1151,6 +1143,7 @@ impl Clinical {
             association: ended,
             patient,
             charted_retroactively: 0,
+            charting_backlog: 0,
         })
     }
 
@@ -1189,6 +1182,7 @@ impl Clinical {
                     association,
                     patient,
                     charted_retroactively: 0,
+                    charting_backlog: 0,
                 })
             })
             .collect()
@@ -1315,6 +1309,9 @@ impl Clinical {
         txn.commit().await?;
         if outcome.started.iter().any(|s| s.charted_retroactively > 0) {
             self.events.emit(Event::Outbox);
+        }
+        if outcome.started.iter().any(|s| s.charting_backlog > 0) {
+            self.wake_backlog();
         }
         Ok(outcome)
     }

@@ -170,6 +170,7 @@ fn association_to_wire(view: &AssociationView) -> v1::Association {
         source: a.source.clone(),
         created_by: a.created_by.clone(),
         charted_retroactively: view.charted_retroactively,
+        charting_backlog: view.charting_backlog,
         status: status.to_owned(),
         ended_by: a.ended_by.clone().unwrap_or_default(),
     }

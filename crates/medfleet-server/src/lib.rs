@@ -204,6 +204,7 @@ pub async fn run(
     hub.spawn(background.clone());
     let configs = configs::Configs::new(db.clone(), events.clone());
     let clinical = clinical::Clinical::new(db.clone(), events.clone(), config.reading_future_tolerance);
+    clinical.spawn_backlog(background.clone());
     let ingest = ingest::Ingest::spawn(clinical.clone(), metrics.clone(), background.clone());
     let emr = emr::Emr::new(
         db.clone(),

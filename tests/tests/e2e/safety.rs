@@ -1181,3 +1181,116 @@ both_backends!(
     reenrolling_a_live_device_needs_replace_and_keeps_its_buffer,
     reenrolling_a_live_device_needs_replace_and_keeps_its_buffer
 );
+
+/// Backdating an association over a long stretch of stored readings charts them in bounded transactions: the
+/// first chunk at once, the rest in the background, every reading in its period exactly once and nothing outside.
+async fn retroactive_charting_runs_in_chunks_exactly_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let device = setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    fleet_feed(&admin).await;
+    let mut feed = v1::feed_service_client::FeedServiceClient::new(admin.clone())
+        .subscribe(v1::SubscribeRequest {
+            subscription: "chunks".into(),
+            destination: "all-feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let start = Utc::now() - chrono::Duration::hours(3);
+    let mut publisher = publisher_for(&server, &device).await;
+    // Ten readings before the period, then 3,000 inside it, one a second.
+    let before: Vec<_> = (1..=10)
+        .map(|s| item("147842", 70.0, "/min", start - chrono::Duration::seconds(s)))
+        .collect();
+    assert_eq!(publisher.send(1, before).await.accepted, 10);
+    for batch in 0..3i64 {
+        let items: Vec<_> = (0..1000i64)
+            .map(|i| {
+                item(
+                    "147842",
+                    72.0,
+                    "/min",
+                    start + chrono::Duration::seconds(batch * 1000 + i),
+                )
+            })
+            .collect();
+        let sequence = u64::try_from(batch).unwrap() + 2;
+        assert_eq!(publisher.send(sequence, items).await.accepted, 1000);
+    }
+    let made = PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-CHUNK"),
+            from: ts(start),
+            until: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        made.charted_retroactively, 2000,
+        "one chunk in the association's own transaction"
+    );
+    assert_eq!(made.charting_backlog, 1000);
+
+    let mut entries = std::collections::HashSet::new();
+    while entries.len() < 3000 {
+        let event = tokio::time::timeout(crate::clinical::GUARD, feed.message())
+            .await
+            .expect("the backlog stopped")
+            .unwrap()
+            .unwrap();
+        assert!(
+            entries.insert(event.event_id.clone()),
+            "charted twice: {}",
+            event.event_id
+        );
+    }
+    let db = server.db().await;
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get_by_index::<i64>(0)
+                .unwrap()
+        }
+    };
+    let complete = AuditServiceClient::new(admin.clone())
+        .list_audit_events(v1::ListAuditEventsRequest {
+            action: "association.chart.complete".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    assert!(
+        complete[0].detail.contains("3000 readings charted in all"),
+        "{complete:?}"
+    );
+    assert!(!complete[0].detail.contains("MRN-CHUNK"));
+    assert_eq!(count("SELECT COUNT(*) FROM observations").await, 3000);
+    assert_eq!(
+        count("SELECT COUNT(DISTINCT observation_id) FROM readings WHERE observation_id IS NOT NULL").await,
+        3000
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM readings WHERE observation_id IS NULL").await,
+        10,
+        "readings before the period stay uncharted"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM associations WHERE charting_backlog").await,
+        0
+    );
+}
+
+both_backends!(
+    retroactive_charting_runs_in_chunks_exactly_once,
+    retroactive_charting_runs_in_chunks_exactly_once
+);

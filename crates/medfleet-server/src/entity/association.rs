@@ -13,6 +13,8 @@ pub struct Model {
     pub created_by: String,
     pub created_at: DateTimeUtc,
     pub ended_by: Option<String>,
+    /// Stored readings of its period are still being charted in the background, one bounded transaction at a time.
+    pub charting_backlog: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
