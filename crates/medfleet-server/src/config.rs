@@ -59,6 +59,9 @@ pub struct FileConfig {
     pub reading_future_tolerance: Option<String>,
     pub emr_retry_max: Option<String>,
     pub emr_allowed_hosts: Option<Vec<String>>,
+    pub retention_delivered_outbox: Option<String>,
+    pub retention_clinical: Option<String>,
+    pub retention_interval: Option<String>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -116,6 +119,14 @@ pub struct Overrides {
     /// any host an admin names.
     #[arg(long = "emr-allowed-host", env = "MEDFLEET_EMR_ALLOWED_HOSTS", value_delimiter = ',')]
     pub emr_allowed_hosts: Vec<String>,
+    /// Purge finished EMR deliveries (and feed events every subscriber acknowledged) older than this, e.g.
+    /// "30days". Unset: kept.
+    #[arg(long, env = "MEDFLEET_RETENTION_DELIVERED_OUTBOX")]
+    pub retention_delivered_outbox: Option<String>,
+    /// Purge delivered chart entries and readings observed longer ago than this, e.g. "365days" (needs
+    /// retention_delivered_outbox, at most this long). Unset: kept.
+    #[arg(long, env = "MEDFLEET_RETENTION_CLINICAL")]
+    pub retention_clinical: Option<String>,
 }
 
 /// The validated configuration a server runs with.
@@ -142,6 +153,8 @@ pub struct Config {
     pub emr_retry_max: Duration,
     /// Hosts EMR destinations may point at; empty: any.
     pub emr_allowed_hosts: Vec<String>,
+    /// What is purged when (nothing by default).
+    pub retention: crate::retention::Policy,
 }
 
 /// The host name (from the environment or /etc/hostname) and a random suffix: unique even for two replicas on
@@ -234,6 +247,14 @@ impl Config {
             } else {
                 o.emr_allowed_hosts
             },
+            retention: crate::retention::Policy {
+                delivered_outbox: optional_duration(
+                    "retention_delivered_outbox",
+                    o.retention_delivered_outbox.or(file.retention_delivered_outbox),
+                )?,
+                clinical: optional_duration("retention_clinical", o.retention_clinical.or(file.retention_clinical))?,
+                interval: duration("retention_interval", file.retention_interval, "1h")?,
+            },
             data_dir,
             database_url,
             server_names,
@@ -283,6 +304,35 @@ impl Config {
             return invalid("emr_retry_max must be between 1 second and 30 days".into());
         }
         let day = Duration::from_hours(24);
+        let retention = &self.retention;
+        if retention
+            .delivered_outbox
+            .is_some_and(|keep| keep < Duration::from_hours(1))
+        {
+            return invalid("retention_delivered_outbox must be at least 1 hour (or unset: kept)".into());
+        }
+        if let Some(clinical) = retention.clinical {
+            if clinical < day {
+                return invalid("retention_clinical must be at least 1 day (or unset: kept)".into());
+            }
+            // Chart entries go only after their delivery rows: without that purge they would never qualify.
+            match retention.delivered_outbox {
+                None => {
+                    return invalid(
+                        "retention_clinical needs retention_delivered_outbox (at most as long): chart entries are \
+                         purged only after their delivery rows"
+                            .into(),
+                    );
+                }
+                Some(outbox) if outbox > clinical => {
+                    return invalid("retention_delivered_outbox must not be longer than retention_clinical".into());
+                }
+                Some(_) => {}
+            }
+        }
+        if !(Duration::from_mins(1)..=day).contains(&retention.interval) {
+            return invalid("retention_interval must be between 1 minute and 24 hours".into());
+        }
         if self.server_cert_lifetime < Duration::from_hours(1) || self.server_cert_lifetime > 397 * day {
             return invalid("server_cert_lifetime must be between 1 hour and 397 days".into());
         }
@@ -338,6 +388,14 @@ fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration,
     })
 }
 
+/// An optional duration: unset or empty means "not configured".
+fn optional_duration(key: &str, value: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    match value.filter(|v| !v.trim().is_empty()) {
+        Some(text) => duration(key, Some(text), "").map(Some),
+        None => Ok(None),
+    }
+}
+
 fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -371,6 +429,28 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert!(c.database_url.starts_with("sqlite://medfleet-data/medfleet.db"));
         assert!(!c.is_postgres());
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_checked_as_a_whole() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert!(!c.retention.enabled());
+        let resolve = |text: &str| Config::resolve(file(&format!("version = 1\n{text}")), with_file());
+        let both = resolve("retention_delivered_outbox = \"30days\"\nretention_clinical = \"365days\"\n").unwrap();
+        assert_eq!(both.retention.clinical, Some(Duration::from_hours(365 * 24)));
+        assert_eq!(both.retention.interval, Duration::from_hours(1));
+        for (text, says) in [
+            ("retention_clinical = \"365days\"", "needs retention_delivered_outbox"),
+            (
+                "retention_delivered_outbox = \"400days\"\nretention_clinical = \"365days\"",
+                "must not be longer",
+            ),
+            ("retention_delivered_outbox = \"5m\"", "at least 1 hour"),
+            ("retention_delivered_outbox = \"soon\"", "not a duration"),
+        ] {
+            let error = resolve(text).unwrap_err().to_string();
+            assert!(error.contains(says), "{text}: {error}");
+        }
     }
 
     #[test]

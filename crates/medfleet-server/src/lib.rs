@@ -46,6 +46,7 @@ pub mod ingest;
 pub mod pki;
 pub mod policy;
 pub mod presence;
+pub mod retention;
 pub mod revocation;
 pub mod rpc;
 pub mod session;
@@ -215,6 +216,7 @@ pub async fn run(
         config.emr_allowed_hosts.clone(),
     );
     emr.spawn_relays(background.clone());
+    retention::Retention::new(db.clone(), config.retention, metrics.clone()).spawn(background.clone());
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -116,6 +116,7 @@ struct Inner {
     readings: Counter<u64>,
     ingest_commit: Histogram<f64>,
     deliveries: Counter<u64>,
+    purged: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -194,6 +195,10 @@ impl Metrics {
             deliveries: meter
                 .u64_counter("medfleet_emr_deliveries")
                 .with_description("EMR delivery attempts by destination kind and outcome (delivered, retry, dead)")
+                .build(),
+            purged: meter
+                .u64_counter("medfleet_retention_purged")
+                .with_description("rows removed by the retention policy by kind (delivery, observation, reading)")
                 .build(),
             registry,
             provider,
@@ -277,6 +282,12 @@ impl Metrics {
         self.inner
             .deliveries
             .add(count, &[KeyValue::new("kind", kind), KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn record_purged(&self, kind: &'static str, count: u64) {
+        if count > 0 {
+            self.inner.purged.add(count, &[KeyValue::new("kind", kind)]);
+        }
     }
 
     /// Prometheus text exposition of every instrument.

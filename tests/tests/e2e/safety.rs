@@ -1294,3 +1294,142 @@ both_backends!(
     retroactive_charting_runs_in_chunks_exactly_once,
     retroactive_charting_runs_in_chunks_exactly_once
 );
+
+/// With a retention policy, what reached every destination goes after its period — deliveries first, then the
+/// chart entries no delivery row refers to, with their readings, then old uncharted readings — while an entry still
+/// waiting for a receiver stays with its readings. Each purge is audited without a patient in it.
+async fn retention_purges_only_what_was_delivered(backend: Backend) {
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let mut config = storage.config();
+    // Shorter than a deployment may configure (the settings insist on hours and days); the rule is the same.
+    config.retention = medfleet_server::retention::Policy {
+        delivered_outbox: Some(std::time::Duration::from_secs(1)),
+        clinical: Some(std::time::Duration::from_secs(2)),
+        interval: std::time::Duration::from_millis(200),
+    };
+    let server = TestServer::start_on(config).await;
+    let (icu, ed) = icu_and_ed(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let fhir = FhirReceiver::start(files.path()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut emr = v1::emr_service_client::EmrServiceClient::new(admin.clone());
+    for destination in [
+        v1::EmrDestination {
+            name: "fhir".into(),
+            kind: v1::EmrDestinationKind::Fhir.into(),
+            endpoint: fhir.base_url(),
+            ..Default::default()
+        },
+        // ED's HL7 receiver is down: its entries wait.
+        v1::EmrDestination {
+            name: "ed-hl7".into(),
+            kind: v1::EmrDestinationKind::Mllp.into(),
+            endpoint: closed.to_string(),
+            insecure_plaintext: true,
+            wards: vec!["stmarys/ed".into()],
+            ..Default::default()
+        },
+    ] {
+        emr.create_destination(destination).await.unwrap();
+    }
+    let mut icu_publisher = publisher_for(&server, &icu).await;
+    // Stored while nobody was associated, long ago: uncharted, and past retention.
+    let old = Utc::now() - chrono::Duration::hours(2);
+    assert_eq!(
+        icu_publisher
+            .send(1, vec![item("147842", 70.0, "/min", old)])
+            .await
+            .accepted,
+        1
+    );
+    let mut patients = PatientServiceClient::new(admin.clone());
+    for (device, mrn) in [(&icu, "MRN-KEEP-A"), (&ed, "MRN-KEEP-B")] {
+        patients
+            .associate(v1::AssociateRequest {
+                device_id: device.clone(),
+                patient: patient(mrn),
+                from: ts(Utc::now() - chrono::Duration::hours(1)),
+                until: None,
+            })
+            .await
+            .unwrap();
+    }
+    let at = Utc::now() - chrono::Duration::minutes(1);
+    assert_eq!(icu_publisher.send(2, crate::clinical::vitals(at)).await.accepted, 7);
+    let mut ed_publisher = publisher_for(&server, &ed).await;
+    assert_eq!(ed_publisher.send(1, crate::clinical::vitals(at)).await.accepted, 7);
+    fhir.wait("both monitors' entries at the FHIR server", |log| {
+        log.created.len() == 10
+    })
+    .await;
+
+    let db = server.db().await;
+    let count = |sql: String| {
+        let db = db.clone();
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get_by_index::<i64>(0)
+                .unwrap()
+        }
+    };
+    let purged = async {
+        loop {
+            if count("SELECT COUNT(*) FROM observations".into()).await == 5
+                && count("SELECT COUNT(*) FROM readings".into()).await == 7
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(crate::clinical::GUARD, purged).await.is_ok(),
+        "the retention policy did not purge the delivered entries"
+    );
+    let mut read = ObservationServiceClient::new(admin.clone());
+    assert_eq!(
+        observations(&mut read, "MRN-KEEP-B").await.len(),
+        5,
+        "the entries still waiting for ED's HL7 receiver stay"
+    );
+    assert!(observations(&mut read, "MRN-KEEP-A").await.is_empty());
+    assert_eq!(
+        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'pending'".into()).await,
+        5,
+        "undelivered rows are never purged"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'delivered'".into()).await,
+        0
+    );
+    let purges = AuditServiceClient::new(admin.clone())
+        .list_audit_events(v1::ListAuditEventsRequest {
+            action: "retention.purge".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    for target in ["emr_outbox", "observations", "readings"] {
+        assert!(
+            purges.iter().any(|e| e.target == target),
+            "no purge of {target} audited: {purges:?}"
+        );
+    }
+    assert!(purges.iter().all(|e| !e.detail.contains("MRN-KEEP")), "{purges:?}");
+    let (_, metrics) = medfleet_e2e::http_get(server.http_addr, "/metrics").await;
+    assert!(metrics.contains("medfleet_retention_purged"), "{metrics}");
+}
+
+both_backends!(
+    retention_purges_only_what_was_delivered,
+    retention_purges_only_what_was_delivered
+);

@@ -1,0 +1,300 @@
+//! Retention: medfleetd forgets clinical data only when the hospital's policy says so, and never what has not
+//! reached the chart. Off by default (the EMR is the legal record; medfleet is a relay with a working copy): a
+//! hospital that wants bounded storage sets `retention_delivered_outbox` and `retention_clinical`.
+//!
+//! What goes, oldest first, in bounded transactions (each [`CHUNK`] rows, audited in the same transaction with
+//! counts and the cutoff, never a patient):
+//! - delivery rows that are finished — delivered, or superseded by a newer status of the same entry — and feed
+//!   events every subscription of their feed has acknowledged, older than `retention_delivered_outbox`. Pending and
+//!   dead-lettered rows stay: an admin must see and retry what never arrived.
+//! - chart entries observed before `retention_clinical` that no delivery row refers to any more (so everything
+//!   queued for them was delivered and its row purged first), with their readings; then uncharted readings older
+//!   than that. `retention_clinical` must therefore be at least `retention_delivered_outbox`.
+//!
+//! One replica purges at a time (a transaction-scoped PostgreSQL advisory lock tried, not waited for; SQLite's
+//! writes are serial), so the trail records each purge once.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::audit::Context;
+use crate::clinical::state;
+use crate::entity::{emr_outbox, observation, reading};
+use crate::error::{Error, Result};
+use crate::store::now;
+use crate::telemetry::Metrics;
+
+/// Arbitrary but fixed key of the advisory lock one purging replica holds on PostgreSQL.
+const RETENTION_LOCK_KEY: i64 = 0x6d65_6466_6c74_0010;
+/// Rows deleted per transaction: short enough not to stall ingest behind SQLite's write lock.
+pub const CHUNK: u64 = 5_000;
+
+/// How long what is kept (none: kept until an operator removes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub delivered_outbox: Option<Duration>,
+    pub clinical: Option<Duration>,
+    pub interval: Duration,
+}
+
+impl Policy {
+    pub fn enabled(&self) -> bool {
+        self.delivered_outbox.is_some() || self.clinical.is_some()
+    }
+}
+
+/// What one pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub deliveries: u64,
+    pub observations: u64,
+    pub readings: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Retention {
+    db: DatabaseConnection,
+    policy: Policy,
+    metrics: Metrics,
+}
+
+fn cutoff(keep: Duration) -> Result<DateTime<Utc>> {
+    let keep = chrono::Duration::from_std(keep).map_err(|e| Error::Internal(format!("retention period: {e}")))?;
+    Ok(now() - keep)
+}
+
+impl Retention {
+    pub fn new(db: DatabaseConnection, policy: Policy, metrics: Metrics) -> Self {
+        Self { db, policy, metrics }
+    }
+
+    /// Purges every `policy.interval` until `stop`; does nothing when no retention is configured.
+    pub fn spawn(self, stop: CancellationToken) {
+        if !self.policy.enabled() {
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                match self.run_once(&stop).await {
+                    Ok(purged) if purged != Purged::default() => {
+                        tracing::info!(
+                            deliveries = purged.deliveries,
+                            observations = purged.observations,
+                            readings = purged.readings,
+                            "retention purge"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "retention purge failed; it is tried again next interval"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(self.policy.interval) => {}
+                }
+            }
+        });
+    }
+
+    /// One pass of every configured purge.
+    pub async fn run_once(&self, stop: &CancellationToken) -> Result<Purged> {
+        let mut purged = Purged::default();
+        if let Some(keep) = self.policy.delivered_outbox {
+            let before = cutoff(keep)?;
+            while !stop.is_cancelled() {
+                let Some(n) = self.purge_deliveries(before).await? else {
+                    break;
+                };
+                purged.deliveries += n;
+                if n < CHUNK {
+                    break;
+                }
+            }
+        }
+        if let Some(keep) = self.policy.clinical {
+            let before = cutoff(keep)?;
+            while !stop.is_cancelled() {
+                let Some((entries, readings)) = self.purge_observations(before).await? else {
+                    break;
+                };
+                purged.observations += entries;
+                purged.readings += readings;
+                if entries < CHUNK {
+                    break;
+                }
+            }
+            while !stop.is_cancelled() {
+                let Some(n) = self.purge_uncharted(before).await? else {
+                    break;
+                };
+                purged.readings += n;
+                if n < CHUNK {
+                    break;
+                }
+            }
+        }
+        self.metrics.record_purged("delivery", purged.deliveries);
+        self.metrics.record_purged("observation", purged.observations);
+        self.metrics.record_purged("reading", purged.readings);
+        Ok(purged)
+    }
+
+    /// A write transaction holding the purge lock, or none when another replica is purging.
+    async fn begin(&self) -> Result<Option<sea_orm::DatabaseTransaction>> {
+        let txn = crate::db::begin_write(&self.db).await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            let row = txn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_try_advisory_xact_lock({RETENTION_LOCK_KEY})"),
+                ))
+                .await?;
+            let locked = row.map(|r| r.try_get_by_index::<bool>(0)).transpose()?.unwrap_or(false);
+            if !locked {
+                return Ok(None);
+            }
+        }
+        Ok(Some(txn))
+    }
+
+    async fn purge_deliveries(&self, before: DateTime<Utc>) -> Result<Option<u64>> {
+        let Some(txn) = self.begin().await? else {
+            return Ok(None);
+        };
+        let finished = sea_orm::Condition::any()
+            .add(emr_outbox::Column::State.is_in([state::DELIVERED, state::SUPERSEDED]))
+            .add(
+                sea_orm::Condition::all()
+                    .add(emr_outbox::Column::State.eq(state::FEED))
+                    // A feed event is gone for good once purged: only when every subscription of its feed has
+                    // acknowledged it.
+                    .add(Expr::cust(
+                        "NOT EXISTS (SELECT 1 FROM feed_subscriptions AS s WHERE s.destination = \
+                         emr_outbox.destination AND s.cursor < emr_outbox.id)",
+                    )),
+            );
+        let ids: Vec<i64> = emr_outbox::Entity::find()
+            .select_only()
+            .column(emr_outbox::Column::Id)
+            .filter(emr_outbox::Column::CreatedAt.lt(before))
+            .filter(finished)
+            .order_by_asc(emr_outbox::Column::Id)
+            .limit(CHUNK)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Some(0));
+        }
+        let n = ids.len() as u64;
+        emr_outbox::Entity::delete_many()
+            .filter(emr_outbox::Column::Id.is_in(ids))
+            .exec(&txn)
+            .await?;
+        Context::system("retention")
+            .record(
+                &txn,
+                "retention.purge",
+                "emr_outbox",
+                "*",
+                format!("{n} finished deliveries created before {} purged", before.to_rfc3339()),
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(Some(n))
+    }
+
+    async fn purge_observations(&self, before: DateTime<Utc>) -> Result<Option<(u64, u64)>> {
+        let Some(txn) = self.begin().await? else {
+            return Ok(None);
+        };
+        let ids: Vec<Uuid> = observation::Entity::find()
+            .select_only()
+            .column(observation::Column::Id)
+            .filter(observation::Column::ObservedAt.lt(before))
+            // Nothing of it still queued, dead-lettered or unacknowledged by a feed: its delivery rows are gone.
+            .filter(Expr::cust(
+                "NOT EXISTS (SELECT 1 FROM emr_outbox AS o WHERE o.observation_id = observations.id)",
+            ))
+            .order_by_asc(observation::Column::ObservedAt)
+            .limit(CHUNK)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Some((0, 0)));
+        }
+        let readings = reading::Entity::delete_many()
+            .filter(reading::Column::ObservationId.is_in(ids.iter().copied()))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        let n = ids.len() as u64;
+        observation::Entity::delete_many()
+            .filter(observation::Column::Id.is_in(ids))
+            .exec(&txn)
+            .await?;
+        Context::system("retention")
+            .record(
+                &txn,
+                "retention.purge",
+                "observations",
+                "*",
+                format!(
+                    "{n} delivered chart entries and their {readings} readings observed before {} purged",
+                    before.to_rfc3339()
+                ),
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(Some((n, readings)))
+    }
+
+    async fn purge_uncharted(&self, before: DateTime<Utc>) -> Result<Option<u64>> {
+        let Some(txn) = self.begin().await? else {
+            return Ok(None);
+        };
+        // Oldest ids first: ids follow arrival, so the scan starts where the old rows are.
+        let ids: Vec<i64> = reading::Entity::find()
+            .select_only()
+            .column(reading::Column::Id)
+            .filter(reading::Column::ObservationId.is_null())
+            .filter(reading::Column::ObservedAt.lt(before))
+            // A backdated association is still charting its device's stored readings: they are not left over.
+            .filter(Expr::cust(
+                "NOT EXISTS (SELECT 1 FROM associations AS a WHERE a.device_id = readings.device_id \
+                 AND a.charting_backlog)",
+            ))
+            .order_by_asc(reading::Column::Id)
+            .limit(CHUNK)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Some(0));
+        }
+        let n = ids.len() as u64;
+        reading::Entity::delete_many()
+            .filter(reading::Column::Id.is_in(ids))
+            .exec(&txn)
+            .await?;
+        Context::system("retention")
+            .record(
+                &txn,
+                "retention.purge",
+                "readings",
+                "*",
+                format!("{n} uncharted readings observed before {} purged", before.to_rfc3339()),
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(Some(n))
+    }
+}
