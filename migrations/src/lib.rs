@@ -15,6 +15,7 @@ mod m20261201_000007_feed_subscription_owner;
 mod m20261201_000008_destination_admin;
 mod m20261201_000009_observation_alarm_limits;
 mod m20261202_000010_association_backlog;
+mod m20261202_000011_device_placements;
 mod seed;
 
 #[derive(Debug)]
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000008_destination_admin::Migration),
             Box::new(m20261201_000009_observation_alarm_limits::Migration),
             Box::new(m20261202_000010_association_backlog::Migration),
+            Box::new(m20261202_000011_device_placements::Migration),
         ]
     }
 }

@@ -30,7 +30,9 @@ use uuid::Uuid;
 
 use crate::audit::{Context, device_scope};
 use crate::db::begin_write;
-use crate::entity::{association, device, emr_destination, emr_outbox, observation, patient, reading, reading_batch};
+use crate::entity::{
+    association, device, device_placement, emr_destination, emr_outbox, observation, patient, reading, reading_batch,
+};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
 use crate::policy::Visibility;
@@ -390,8 +392,74 @@ pub(crate) fn decode_limits(stored: Option<&str>) -> AlarmLimits {
         })
 }
 
+/// Where a device stood, as a chart entry records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub(crate) site: Option<String>,
+    pub(crate) ward: Option<String>,
+    pub(crate) bed: Option<String>,
+}
+
+/// Where a device stood over a span of observation times: its current place since `placed_at`, and the earlier
+/// places that span reaches back into.
+pub(crate) struct Placements {
+    current: Place,
+    since: DateTime<Utc>,
+    /// Closed periods, oldest first.
+    earlier: Vec<device_placement::Model>,
+}
+
+impl Placements {
+    /// The places of `device` from `from` on; history is read only when `from` precedes its current placement
+    /// (a buffered upload after a move), so live ingest pays nothing for it.
+    pub(crate) async fn load(conn: &impl ConnectionTrait, device: &device::Model, from: DateTime<Utc>) -> Result<Self> {
+        let since = device.placed_at.unwrap_or(device.created_at);
+        let earlier = if from < since {
+            device_placement::Entity::find()
+                .filter(device_placement::Column::DeviceId.eq(device.id))
+                .filter(device_placement::Column::EndsAt.gt(from))
+                .order_by_asc(device_placement::Column::StartsAt)
+                .all(conn)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            current: Place {
+                site: device.site.clone(),
+                ward: device.ward.clone(),
+                bed: device.bed.clone(),
+            },
+            since,
+            earlier,
+        })
+    }
+
+    /// The place at `at`. Before the first recorded place (a clock set wrong before registration) the first
+    /// place is the best answer there is.
+    pub(crate) fn at(&self, at: DateTime<Utc>) -> Place {
+        if at >= self.since {
+            return self.current.clone();
+        }
+        let period = self
+            .earlier
+            .iter()
+            .find(|p| p.starts_at <= at && at < p.ends_at)
+            .or_else(|| self.earlier.first().filter(|first| at < first.starts_at));
+        period.map_or_else(
+            || self.current.clone(),
+            |p| Place {
+                site: p.site.clone(),
+                ward: p.ward.clone(),
+                bed: p.bed.clone(),
+            },
+        )
+    }
+}
+
 fn chart(
     device: &device::Model,
+    placements: &Placements,
     association: &association::Model,
     readings: &[Reading],
     limits: &AlarmLimits,
@@ -402,6 +470,8 @@ fn chart(
     let mut members = Vec::new();
     for (measurement, observed_at, questionable, indexes) in group_measurements(readings) {
         let id = Uuid::new_v4();
+        // Where the device stood when it measured: PV1-3, the FHIR location, routing and visibility follow it.
+        let place = placements.at(observed_at);
         rows.push(observation::ActiveModel {
             id: Set(id),
             patient_id: Set(association.patient_id),
@@ -414,9 +484,9 @@ fn chart(
             status: Set(ChartStatus::Preliminary.as_str().to_owned()),
             validated_by: Set(None),
             validated_at: Set(None),
-            site: Set(device.site.clone()),
-            ward: Set(device.ward.clone()),
-            bed: Set(device.bed.clone()),
+            site: Set(place.site.clone()),
+            ward: Set(place.ward.clone()),
+            bed: Set(place.bed),
             created_at: Set(at),
             updated_at: Set(at),
             alarm_limits: Set(Some(encode_limits(limits, &measurement))),
@@ -428,8 +498,8 @@ fn chart(
         pending.push(Pending {
             observation: id,
             status: ChartStatus::Preliminary,
-            site: device.site.clone(),
-            ward: device.ward.clone(),
+            site: place.site,
+            ward: place.ward,
             breach,
             status_change: false,
         });
@@ -741,6 +811,10 @@ impl Clinical {
             return Ok(chart_of);
         };
         let associations = associations_between(txn, device.id, from, to).await?;
+        if associations.is_empty() {
+            return Ok(chart_of);
+        }
+        let placements = Placements::load(txn, device, from).await?;
         for association in &associations {
             let period = period_of(association);
             // Periods never overlap; should stored data ever break that, a reading still charts only once.
@@ -752,7 +826,7 @@ impl Clinical {
             }
             let subset: Vec<Reading> = covered.iter().map(|i| readings[*i]).collect();
             let limits = self.alarms.limits_for(txn, &self.events, device).await?;
-            let (rows, events, members) = chart(device, association, &subset, &limits);
+            let (rows, events, members) = chart(device, &placements, association, &subset, &limits);
             insert_observations(txn, rows).await?;
             pending.extend(events);
             for (observation, indexes) in members {
@@ -1469,4 +1543,53 @@ pub enum AdtKind {
     Admit,
     Transfer,
     Discharge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(ward: &str) -> Place {
+        Place {
+            site: Some("stmarys".into()),
+            ward: Some(ward.into()),
+            bed: None,
+        }
+    }
+
+    fn period(ward: &str, from: i64, until: i64) -> device_placement::Model {
+        device_placement::Model {
+            id: Uuid::new_v4(),
+            device_id: Uuid::nil(),
+            site: Some("stmarys".into()),
+            ward: Some(ward.into()),
+            bed: None,
+            starts_at: DateTime::from_timestamp(from, 0).unwrap_or_default(),
+            ends_at: DateTime::from_timestamp(until, 0).unwrap_or_default(),
+            ended_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn the_place_at_a_time_is_the_period_that_covers_it() {
+        let t = |s: i64| DateTime::from_timestamp(s, 0).unwrap_or_default();
+        let placements = Placements {
+            current: place("ed"),
+            since: t(300),
+            earlier: vec![period("icu", 100, 200), period("or", 200, 300)],
+        };
+        assert_eq!(placements.at(t(150)), place("icu"));
+        // Periods are half-open: the moment of a move belongs to the new place.
+        assert_eq!(placements.at(t(200)), place("or"));
+        assert_eq!(placements.at(t(300)), place("ed"));
+        assert_eq!(placements.at(t(10_000)), place("ed"));
+        // Before anything was recorded: the first place.
+        assert_eq!(placements.at(t(5)), place("icu"));
+        let never_moved = Placements {
+            current: place("ed"),
+            since: t(300),
+            earlier: Vec::new(),
+        };
+        assert_eq!(never_moved.at(t(5)), place("ed"));
+    }
 }

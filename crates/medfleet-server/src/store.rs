@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::db::begin_write;
-use crate::entity::{association, device, device_presence, device_tag, site, ward};
+use crate::entity::{association, device, device_placement, device_presence, device_tag, site, ward};
 use crate::error::{Error, Result};
 use crate::policy::Visibility;
 
@@ -460,6 +460,7 @@ impl Registry {
             .map(|(field, _)| *field)
             .collect();
         let moved_from = (current.site.clone(), current.ward.clone(), current.bed.clone());
+        let placed_since = current.placed_at.unwrap_or(current.created_at);
         let mut model = current.into_active_model();
         if let Some(location) = &update.location {
             if let Some(location) = location {
@@ -479,8 +480,28 @@ impl Registry {
         }
         let at = now();
         model.updated_at = Set(at);
+        let moved = update.location.as_ref().is_some_and(|location| {
+            let (site, ward, bed) = location_columns(location.as_ref());
+            moved_from != (site, ward, bed)
+        });
+        if moved {
+            // The place it leaves becomes history, so readings it observed there chart there whenever they arrive.
+            let (site, ward, bed) = moved_from;
+            device_placement::ActiveModel {
+                id: Set(Uuid::new_v4()),
+                device_id: Set(id),
+                site: Set(site),
+                ward: Set(ward),
+                bed: Set(bed),
+                starts_at: Set(placed_since),
+                ends_at: Set(at),
+                ended_by: Set(audit.actor.clone()),
+            }
+            .insert(&txn)
+            .await?;
+            model.placed_at = Set(Some(at));
+        }
         let model = model.update(&txn).await?;
-        let moved = moved_from != (model.site.clone(), model.ward.clone(), model.bed.clone());
         let ended = if moved {
             end_bed_bound(&txn, id, at, &audit.actor).await?
         } else {
@@ -574,6 +595,7 @@ async fn insert_device(txn: &impl ConnectionTrait, new: NewDevice) -> Result<Dev
         state: Set(DeviceState::Registered.as_str().to_owned()),
         created_at: Set(at),
         updated_at: Set(at),
+        placed_at: Set(Some(at)),
     }
     .insert(txn)
     .await?;

@@ -1433,3 +1433,115 @@ both_backends!(
     retention_purges_only_what_was_delivered,
     retention_purges_only_what_was_delivered
 );
+
+/// A monitor that measured in ICU and uploads after a move to ED charts those readings to ICU — PV1-3, routing and
+/// visibility — and what it measures after the move to ED.
+async fn readings_chart_where_the_device_stood_when_it_measured(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (icu, _) = icu_and_ed(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mllp = MllpReceiver::start().await;
+    let mut emr = v1::emr_service_client::EmrServiceClient::new(admin.clone());
+    for destination in [
+        v1::EmrDestination {
+            name: "icu-hl7".into(),
+            kind: v1::EmrDestinationKind::Mllp.into(),
+            endpoint: mllp.addr.to_string(),
+            insecure_plaintext: true,
+            wards: vec!["stmarys/icu".into()],
+            ..Default::default()
+        },
+        v1::EmrDestination {
+            name: "ed-feed".into(),
+            kind: v1::EmrDestinationKind::Feed.into(),
+            wards: vec!["stmarys/ed".into()],
+            ..Default::default()
+        },
+    ] {
+        emr.create_destination(destination).await.unwrap();
+    }
+    PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: icu.clone(),
+            patient: patient("MRN-MOVE"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    // Measured in ICU bed 1 (buffered: the upload comes after the move).
+    let in_icu = Utc::now();
+    RegistryServiceClient::new(admin.clone())
+        .update_device(v1::UpdateDeviceRequest {
+            device: Some(v1::Device {
+                id: icu.clone(),
+                location: location("stmarys", "ed", "2"),
+                tags: HashMap::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["location".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let in_ed = Utc::now();
+    let mut publisher = publisher_for(&server, &icu).await;
+    let ack = publisher
+        .send(
+            1,
+            vec![
+                item("147842", 80.0, "/min", in_icu),
+                item("147842", 90.0, "/min", in_ed),
+            ],
+        )
+        .await;
+    assert_eq!(ack.accepted, 2);
+
+    mllp.wait("the ICU entry at ICU's receiver", |log| !log.messages.is_empty())
+        .await;
+    let mut feed = v1::feed_service_client::FeedServiceClient::new(admin.clone())
+        .subscribe(v1::SubscribeRequest {
+            subscription: "ed".into(),
+            destination: "ed-feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ed_event = tokio::time::timeout(crate::clinical::GUARD, feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ed_entry = ed_event.observation.unwrap_or_default();
+    assert_eq!(
+        ed_entry.components[0].value, 90.0,
+        "only the reading measured in ED goes to ED's feed"
+    );
+    assert_eq!((ed_entry.ward.as_str(), ed_entry.bed.as_str()), ("ed", "2"));
+    let messages = mllp.log.lock().unwrap().messages.clone();
+    assert_eq!(
+        messages.len(),
+        1,
+        "only the reading measured in ICU goes to ICU's receiver"
+    );
+    let pv1 = messages[0]
+        .split('\r')
+        .find(|s| s.starts_with("PV1|"))
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(pv1.split('|').nth(3), Some("icu^^1^stmarys"), "{pv1}");
+    assert!(messages[0].contains("|80|"), "{}", messages[0]);
+
+    // An ICU nurse sees the ICU-era entry, not the ED one.
+    grant(&server, "medfleet://user/ivy", "clinician", "stmarys/icu").await;
+    let mut ivy = ObservationServiceClient::new(as_principal(&server, &Identity::User("ivy".into())).await);
+    let seen = observations(&mut ivy, "MRN-MOVE").await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].components[0].value, 80.0);
+}
+
+both_backends!(
+    readings_chart_where_the_device_stood_when_it_measured,
+    readings_chart_where_the_device_stood_when_it_measured
+);

@@ -23,7 +23,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Clinical, chart, enqueue, insert_observations, routes, vital_from_refid};
+use super::{Clinical, Placements, chart, enqueue, insert_observations, routes, vital_from_refid};
 use crate::audit::{Context, device_scope};
 use crate::db::begin_write;
 use crate::entity::{association, device, observation, reading};
@@ -113,7 +113,13 @@ impl Clinical {
             .collect();
         let readings: Vec<Reading> = pairs.iter().map(|(_, r)| *r).collect();
         let limits = self.alarms.limits_for(txn, &self.events, device).await?;
-        let (rows, pending, members) = chart(device, association, &readings, &limits);
+        let from = readings
+            .iter()
+            .map(|r| r.observed_at)
+            .min()
+            .unwrap_or(association.starts_at);
+        let placements = Placements::load(txn, device, from).await?;
+        let (rows, pending, members) = chart(device, &placements, association, &readings, &limits);
         insert_observations(txn, rows).await?;
         for (observation, indexes) in members {
             let ids: Vec<i64> = indexes.iter().map(|i| pairs[*i].0).collect();

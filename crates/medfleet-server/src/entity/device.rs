@@ -16,6 +16,9 @@ pub struct Model {
     pub state: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// Since when it stands where it stands (its earlier places are in `device_placements`); `None` only for
+    /// rows older than placement history, which count from `created_at`.
+    pub placed_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -8,6 +8,7 @@ pub mod config_layer;
 pub mod config_schema;
 pub mod config_version;
 pub mod device;
+pub mod device_placement;
 pub mod device_presence;
 pub mod device_tag;
 pub mod emr_destination;
