@@ -49,6 +49,7 @@ pub mod presence;
 pub mod retention;
 pub mod revocation;
 pub mod rpc;
+pub mod server_cert;
 pub mod session;
 pub mod store;
 pub mod telemetry;
@@ -162,7 +163,8 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let dir = DataDir::new(&config.data_dir);
     let ca = Arc::new(dir.load_ca()?);
-    let (chain_pem, key_pem) = dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
+    let server_credentials = dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
+    let server_certificate = tls::ServerCertificate::new(&server_credentials)?;
 
     db::migrate(&config.database_url).await?;
     let db = db::connect(&config.database_url, config.database_max_connections).await?;
@@ -170,7 +172,7 @@ pub async fn run(
     revocations.refresh(&db).await?;
     let background = tokio_util::sync::CancellationToken::new();
     revocations.spawn_poller(db.clone(), background.clone());
-    let tls_config = tls::server_config(ca.cert_der(), &chain_pem, &key_pem, revocations.clone())?;
+    let tls_config = tls::server_config(ca.cert_der(), server_certificate.clone(), revocations.clone())?;
     let credentials = Credentials::new(
         db.clone(),
         ca.clone(),
@@ -190,6 +192,15 @@ pub async fn run(
     let phi_reads = audit::Coalescer::new(db.clone(), clinical_api::PHI_READ_WINDOW);
     phi_reads.spawn_flusher(background.clone());
     let metrics = Metrics::new(config.otlp_endpoint.as_deref())?;
+    server_cert::Renewer {
+        dir: dir.clone(),
+        ca: ca.clone(),
+        names: config.server_names.clone(),
+        lifetime: config.server_cert_lifetime,
+        certificate: server_certificate,
+        metrics: metrics.clone(),
+    }
+    .spawn(&server_credentials, background.clone());
     let events = events::Events::new(db.get_database_backend());
     events.spawn_listener(&db, background.clone());
     let hub = session::Hub::new(

@@ -534,38 +534,172 @@ impl DataDir {
         CertificateAuthority::from_pem(&cert_pem, &key_pem)
     }
 
-    /// The server's certificate chain and key, re-issued from the CA when it has less than a third of its
-    /// lifetime left or when the configured names changed. Returns (chain PEM, key PEM).
+    /// Held while the server certificate and key are read or replaced, so that replicas sharing this directory
+    /// never pair one replica's key with another's certificate (each file is replaced atomically, the pair is
+    /// not). The lock is released when the file is closed.
+    fn lock_server_files(&self) -> Result<fs::File, PkiError> {
+        let path = self.root.join("tls/server.lock");
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.lock().map_err(io_err(&path))?;
+        Ok(file)
+    }
+
+    /// The server's certificate chain and key for start-up: the stored pair while it is not due for renewal
+    /// ([`server_renewal_at`]) and names the configured names, otherwise a new pair from the CA.
     pub fn server_credentials(
         &self,
         ca: &CertificateAuthority,
         names: &[String],
         lifetime: Duration,
-    ) -> Result<(String, String), PkiError> {
-        let cert_path = self.server_cert();
-        let current = read(&cert_path).ok();
-        let fresh_enough = current
-            .as_deref()
-            .and_then(|pem| server_cert_summary(pem).ok())
-            .is_some_and(|(not_after, cert_names)| {
-                let mut wanted: Vec<String> = names.to_vec();
-                wanted.sort();
-                not_after > SystemTime::now() + lifetime / 3 && cert_names == wanted
-            });
-        if let (true, Some(cert_pem)) = (fresh_enough, current) {
-            let key_pem = read_private(&self.server_key())?;
-            return Ok((format!("{cert_pem}{}", ca.cert_pem()), key_pem));
+    ) -> Result<ServerCredentials, PkiError> {
+        let _lock = self.lock_server_files()?;
+        if let Some(stored) = self.stored_server_credentials(ca, names, lifetime, SystemTime::now())? {
+            return Ok(stored);
         }
-        tracing::info!(path = %cert_path.display(), "issuing a new server certificate");
+        tracing::info!(path = %self.server_cert().display(), "issuing a new server certificate");
+        self.issue_server_credentials(ca, names, lifetime)
+    }
+
+    /// A successor for the server certificate `serving` (serial), which is due for renewal on a running replica.
+    /// When another replica sharing this directory has already stored one that is not due, that one is adopted,
+    /// so replicas on one directory converge on one certificate instead of overwriting each other's.
+    pub fn renew_server_credentials(
+        &self,
+        ca: &CertificateAuthority,
+        names: &[String],
+        lifetime: Duration,
+        serving: &str,
+    ) -> Result<(ServerCredentials, Renewal), PkiError> {
+        let _lock = self.lock_server_files()?;
+        if let Some(stored) = self.stored_server_credentials(ca, names, lifetime, SystemTime::now())?
+            && stored.serial != serving
+        {
+            return Ok((stored, Renewal::Adopted));
+        }
+        Ok((self.issue_server_credentials(ca, names, lifetime)?, Renewal::Issued))
+    }
+
+    /// The stored pair, if it can be served until its renewal: a readable certificate for exactly `names`, not
+    /// due at `now`, with the key that belongs to it. An unreadable certificate or a key that is not its own (one
+    /// of the two files replaced without the other) is replaced rather than served; an insecure key file is still
+    /// refused.
+    fn stored_server_credentials(
+        &self,
+        ca: &CertificateAuthority,
+        names: &[String],
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Option<ServerCredentials>, PkiError> {
+        let Ok(cert_pem) = read(&self.server_cert()) else {
+            return Ok(None);
+        };
+        let Ok(summary) = server_cert_summary(&cert_pem) else {
+            return Ok(None);
+        };
+        let mut wanted: Vec<String> = names.to_vec();
+        wanted.sort();
+        if summary.names != wanted || now >= server_renewal_at(summary.not_after, lifetime) {
+            return Ok(None);
+        }
+        let key_pem = read_private(&self.server_key())?;
+        let key_matches =
+            KeyPair::from_pem(&key_pem).is_ok_and(|key| key.public_key_raw() == summary.public_key.as_slice());
+        if !key_matches {
+            tracing::warn!(path = %self.server_key().display(), "the server key does not belong to the server certificate; replacing both");
+            return Ok(None);
+        }
+        Ok(Some(ServerCredentials {
+            chain_pem: format!("{cert_pem}{}", ca.cert_pem()),
+            key_pem,
+            serial: summary.serial,
+            not_after: summary.not_after,
+        }))
+    }
+
+    /// Issues a server certificate and stores it, key first: a crash between the two writes leaves the old
+    /// certificate, which is due (that is why it was being replaced), so the next start replaces the pair again.
+    fn issue_server_credentials(
+        &self,
+        ca: &CertificateAuthority,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<ServerCredentials, PkiError> {
+        let cert_path = self.server_cert();
         let server = ca.issue_server(names, lifetime)?;
+        let summary = server_cert_summary(&server.cert_pem).map_err(|reason| PkiError::InvalidCertificate {
+            path: cert_path.clone(),
+            reason,
+        })?;
         write_private(&self.server_key(), &server.key_pem)?;
         write_public(&cert_path, &server.cert_pem)?;
-        Ok((format!("{}{}", server.cert_pem, ca.cert_pem()), server.key_pem))
+        Ok(ServerCredentials {
+            chain_pem: format!("{}{}", server.cert_pem, ca.cert_pem()),
+            key_pem: server.key_pem,
+            serial: summary.serial,
+            not_after: summary.not_after,
+        })
     }
 }
 
-/// Expiry and sorted DNS/IP names of a PEM server certificate.
-fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
+/// The server certificate and key a replica serves, as stored in its data directory.
+#[derive(Clone)]
+pub struct ServerCredentials {
+    /// The server certificate followed by the CA certificate.
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// Lower-case hex, as [`serial_of`] reads it.
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for ServerCredentials {
+    // Never print the private key, even in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCredentials")
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a running replica's next server certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Newly issued from the CA and stored.
+    Issued,
+    /// Stored by another replica sharing the data directory, which renewed first.
+    Adopted,
+}
+
+/// When a server certificate expiring at `not_after` is replaced: once less than a third of the configured
+/// `lifetime` is left, which for a certificate issued with that lifetime is two thirds into its life. Start-up
+/// and the running replica apply this one rule, so a restart keeps exactly the certificates a running replica
+/// would keep.
+pub fn server_renewal_at(not_after: SystemTime, lifetime: Duration) -> SystemTime {
+    not_after.checked_sub(lifetime / 3).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// What start-up and renewal read from a stored server certificate.
+#[derive(Debug)]
+struct ServerCertSummary {
+    not_after: SystemTime,
+    /// DNS names and IP addresses, sorted.
+    names: Vec<String>,
+    serial: String,
+    /// The subject public key (for EC keys, the encoded point), to match against the stored private key.
+    public_key: Vec<u8>,
+}
+
+fn server_cert_summary(pem: &str) -> Result<ServerCertSummary, String> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| e.to_string())?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
     let not_after = u64::try_from(cert.validity().not_after.timestamp()).map_err(|e| e.to_string())?;
@@ -585,7 +719,12 @@ fn server_cert_summary(pem: &str) -> Result<(SystemTime, Vec<String>), String> {
         })
         .unwrap_or_default();
     names.sort();
-    Ok((SystemTime::UNIX_EPOCH + Duration::from_secs(not_after), names))
+    Ok(ServerCertSummary {
+        not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(not_after),
+        names,
+        serial: serial_of(&der)?,
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
+    })
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
@@ -691,12 +830,82 @@ mod tests {
         let hour = Duration::from_hours(1);
         dir.init("admin", &["localhost".into()], hour, hour).unwrap();
         let ca = dir.load_ca().unwrap();
-        let (first, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
-        let (same, _) = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
-        assert_eq!(first, same);
-        let (renamed, _) = dir
+        let first = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
+        let same = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
+        assert_eq!(first.chain_pem, same.chain_pem);
+        assert_eq!(first.serial, same.serial);
+        let renamed = dir
             .server_credentials(&ca, &["localhost".into(), "medfleet.example".into()], hour)
             .unwrap();
-        assert_ne!(first, renamed);
+        assert_ne!(first.chain_pem, renamed.chain_pem);
+        assert!(!format!("{renamed:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn server_renewal_is_due_two_thirds_into_the_life() {
+        let lifetime = Duration::from_hours(90 * 24);
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_hours(500_000);
+        let not_after = issued + lifetime;
+        assert_eq!(
+            server_renewal_at(not_after, lifetime),
+            issued + Duration::from_hours(60 * 24)
+        );
+        // A certificate issued with a shorter lifetime than now configured is due at once, as at start-up
+        // before: less than a third of the configured lifetime is left.
+        let short = issued + Duration::from_hours(20 * 24);
+        assert!(server_renewal_at(short, lifetime) < issued);
+        // Seconds-long lifetimes (tests) follow the same rule.
+        let six = Duration::from_secs(6);
+        assert_eq!(server_renewal_at(issued + six, six), issued + Duration::from_secs(4));
+        // Never a panic, however early the notAfter.
+        assert!(server_renewal_at(SystemTime::UNIX_EPOCH + Duration::from_secs(1), lifetime) <= SystemTime::UNIX_EPOCH);
+    }
+
+    #[test]
+    fn stored_server_cert_is_kept_until_its_renewal_and_replaced_after() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let hour = Duration::from_hours(1);
+        let names = vec!["localhost".to_owned()];
+        dir.init("admin", &names, hour, hour).unwrap();
+        let ca = dir.load_ca().unwrap();
+        let stored = dir.server_credentials(&ca, &names, hour).unwrap();
+        let due = server_renewal_at(stored.not_after, hour);
+        let before = dir
+            .stored_server_credentials(&ca, &names, hour, due - Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(before.map(|c| c.serial), Some(stored.serial.clone()));
+        assert!(dir.stored_server_credentials(&ca, &names, hour, due).unwrap().is_none());
+
+        // A renewal stores its pair, which start-up then serves (a restart keeps the renewed certificate).
+        let (renewed, how) = dir.renew_server_credentials(&ca, &names, hour, &stored.serial).unwrap();
+        assert_eq!(how, Renewal::Issued);
+        assert_ne!(renewed.serial, stored.serial);
+        assert!(renewed.not_after >= stored.not_after);
+        let restarted = dir.server_credentials(&ca, &names, hour).unwrap();
+        assert_eq!(restarted.serial, renewed.serial);
+        assert_eq!(restarted.key_pem, renewed.key_pem);
+        // Another replica on this directory still serving the old certificate adopts the renewed one.
+        let (adopted, how) = dir.renew_server_credentials(&ca, &names, hour, &stored.serial).unwrap();
+        assert_eq!(
+            (how, adopted.serial.as_str()),
+            (Renewal::Adopted, renewed.serial.as_str())
+        );
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_stored_server_cert_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let hour = Duration::from_hours(1);
+        let names = vec!["localhost".to_owned()];
+        dir.init("admin", &names, hour, hour).unwrap();
+        let ca = dir.load_ca().unwrap();
+        let stored = dir.server_credentials(&ca, &names, hour).unwrap();
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        write_private(&dir.server_key(), &other.serialize_pem()).unwrap();
+        let replaced = dir.server_credentials(&ca, &names, hour).unwrap();
+        assert_ne!(replaced.serial, stored.serial);
+        assert_eq!(read_private(&dir.server_key()).unwrap(), replaced.key_pem);
     }
 }

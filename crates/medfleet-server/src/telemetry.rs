@@ -110,6 +110,8 @@ struct Inner {
     tls_handshakes: Counter<u64>,
     connections_refused: Counter<u64>,
     connection_limits: opentelemetry::metrics::Gauge<u64>,
+    server_certificate_expiry: opentelemetry::metrics::Gauge<u64>,
+    server_certificate_renewals: Counter<u64>,
     device_sessions: opentelemetry::metrics::Gauge<u64>,
     config_pushes: Counter<u64>,
     config_reports: Counter<u64>,
@@ -169,6 +171,17 @@ impl Metrics {
             connection_limits: meter
                 .u64_gauge("medfleet_connection_limit")
                 .with_description("configured connection limits by kind")
+                .build(),
+            server_certificate_expiry: meter
+                .u64_gauge("medfleet_server_certificate_expiry")
+                .with_description(
+                    "notAfter of the server certificate new handshakes get, in seconds since the Unix epoch",
+                )
+                .with_unit("s")
+                .build(),
+            server_certificate_renewals: meter
+                .u64_counter("medfleet_server_certificate_renewals")
+                .with_description("live server certificate renewals by outcome (issued, adopted, failed)")
                 .build(),
             device_sessions: meter
                 .u64_gauge("medfleet_device_sessions")
@@ -236,6 +249,19 @@ impl Metrics {
                 .connection_limits
                 .record(u64::try_from(value).unwrap_or(u64::MAX), &[KeyValue::new("kind", kind)]);
         }
+    }
+
+    pub fn set_server_certificate_expiry(&self, not_after: std::time::SystemTime) {
+        let seconds = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.inner.server_certificate_expiry.record(seconds, &[]);
+    }
+
+    pub fn record_server_certificate_renewal(&self, outcome: &'static str) {
+        self.inner
+            .server_certificate_renewals
+            .add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     pub fn set_device_sessions(&self, open: usize) {

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use medfleet_core::identity::Identity;
 use rustls::RootCertStore;
-use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::pki::{identity_of, not_after_of, serial_of};
+use crate::pki::{ServerCredentials, identity_of, not_after_of, serial_of};
 use crate::revocation::{RevocationAwareVerifier, RevocationWatch, Revocations};
 use crate::telemetry::Metrics;
 
@@ -123,13 +125,61 @@ pub struct PeerInfo {
     pub certificate: Option<(String, std::time::SystemTime)>,
 }
 
-/// Server TLS settings: TLS 1.3 only, ALPN h2, client certificates from medfleet's CA verified against the
-/// revocation set. A connection without a certificate is accepted at the TLS layer only so that devices can
-/// reach `Enroll`; the RPC layer refuses it everything else.
+/// The server certificate that new handshakes present. Renewal swaps it in place: connections already open keep
+/// the session they negotiated, and the listener never restarts.
+pub struct ServerCertificate {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl std::fmt::Debug for ServerCertificate {
+    // The certified key holds the private key: print nothing of it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertificate").finish_non_exhaustive()
+    }
+}
+
+impl ServerCertificate {
+    pub fn new(credentials: &ServerCredentials) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: ArcSwap::new(certified_key(credentials)?),
+        }))
+    }
+
+    /// The certificate and key the next handshake presents.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+
+    /// From the next handshake on, present `key` (made by [`certified_key`], so it is known to be usable).
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        self.current.store(key);
+    }
+}
+
+impl ResolvesServerCert for ServerCertificate {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Parses a server chain and key for serving, refusing a key that does not belong to the certificate (what
+/// rustls' single-certificate configuration checked).
+pub fn certified_key(credentials: &ServerCredentials) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(credentials.chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(credentials.key_pem.as_bytes())?;
+    Ok(Arc::new(CertifiedKey::from_der(
+        chain,
+        key,
+        &rustls::crypto::ring::default_provider(),
+    )?))
+}
+
+/// Server TLS settings: TLS 1.3 only, ALPN h2, the current server certificate of `certificate`, client
+/// certificates from medfleet's CA verified against the revocation set. A connection without a certificate is
+/// accepted at the TLS layer only so that devices can reach `Enroll`; the RPC layer refuses it everything else.
 pub fn server_config(
     ca: &CertificateDer<'static>,
-    chain_pem: &str,
-    key_pem: &str,
+    certificate: Arc<ServerCertificate>,
     revocations: Arc<Revocations>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -139,12 +189,10 @@ pub fn server_config(
         .allow_unauthenticated()
         .build()?;
     let verifier = Arc::new(RevocationAwareVerifier::new(webpki, revocations));
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![b"h2".to_vec()];
     // No session resumption: a resumed session would skip the verifier, letting a revoked or expired certificate
     // back in. Every connection performs a full handshake.

@@ -1,13 +1,14 @@
 //! Who may connect and call what: mTLS refusals (no certificate, foreign CA, expired, not yet valid, TLS 1.2),
-//! certificates without a medfleet identity, and non-operator identities on operator RPCs.
+//! certificates without a medfleet identity, and non-operator identities on operator RPCs; and the server's own
+//! certificate, renewed on a running replica.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use medfleet_core::identity::Identity;
-use medfleet_e2e::{Backend, TestServer, both_backends, http_get};
+use medfleet_e2e::{Backend, Storage, TestServer, both_backends, http_get};
 use medfleet_proto::v1::{self, registry_service_client::RegistryServiceClient};
-use medfleet_server::pki::{CertificateAuthority, CredentialBundle};
+use medfleet_server::pki::{CertificateAuthority, CredentialBundle, not_after_of, serial_of};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::Code;
@@ -340,4 +341,168 @@ async fn anonymous_connections_past_the_cap_are_shed(backend: Backend) {
 both_backends!(
     anonymous_connections_past_the_cap_are_shed,
     anonymous_connections_past_the_cap_are_shed
+);
+
+/// The server certificate one handshake presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Presented {
+    serial: String,
+    not_after: SystemTime,
+}
+
+impl Presented {
+    fn of(cert: &[u8]) -> Self {
+        Self {
+            serial: serial_of(cert).unwrap(),
+            not_after: not_after_of(cert).unwrap(),
+        }
+    }
+}
+
+/// A TLS 1.3 client as the CLI is one: trusts only the medfleet CA, expects the name `localhost`, presents
+/// `bundle`, speaks h2.
+fn tls_client(bundle: &CredentialBundle) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(bundle.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(bundle.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A verified handshake with `addr` (a certificate that does not chain to the CA, is expired or does not name
+/// `localhost` fails it), and the server certificate it presented.
+async fn handshake(
+    addr: std::net::SocketAddr,
+    client: &tokio_rustls::TlsConnector,
+) -> std::io::Result<(tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Presented)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = client.connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
+    let leaf = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).unwrap();
+    let presented = Presented::of(leaf);
+    Ok((tls, presented))
+}
+
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// A replica whose server certificate lives seconds replaces it while running, two thirds into its life: new
+/// handshakes get a new, valid certificate with a later notAfter, a connection opened before keeps working on its
+/// old session, the data directory holds the new pair (what a restart serves), and /metrics exports its expiry.
+async fn server_certificate_is_renewed_while_serving(backend: Backend) {
+    let storage = Storage::new(backend).await;
+    let mut config = storage.config();
+    // Below what configuration files accept (1 h): the test sets the field directly, as it sets other values.
+    let lifetime = Duration::from_secs(9);
+    config.server_cert_lifetime = lifetime;
+    let server = TestServer::start_on(config).await;
+    let admin = server.admin_bundle();
+    let client = tls_client(&admin);
+
+    // A channel over one connection whose handshakes are recorded: it must not need a new one.
+    let handshakes = Arc::new(Mutex::new(Vec::<Presented>::new()));
+    let connector = {
+        let (addr, client, handshakes) = (server.grpc_addr, client.clone(), handshakes.clone());
+        tower::service_fn(move |_: http::Uri| {
+            let (client, handshakes) = (client.clone(), handshakes.clone());
+            async move {
+                let (tls, presented) = handshake(addr, &client).await?;
+                handshakes.lock().unwrap().push(presented);
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })
+    };
+    // TLS is done by the connector, so tonic sees plain http.
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let reply = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
+    assert_eq!(reply.status(), ServingStatus::Serving);
+    let before = handshakes.lock().unwrap()[0].clone();
+
+    // New connections until one presents another certificate.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let renewed = loop {
+        let (_, presented) = handshake(server.grpc_addr, &client)
+            .await
+            .expect("a handshake failed: the certificate presented did not verify");
+        if presented.serial != before.serial {
+            break presented;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server certificate {} (lifetime {lifetime:?}) was not replaced within a minute",
+            before.serial
+        );
+        // Pacing between attempts; the loop ends on what the handshake shows.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        renewed.not_after > before.not_after,
+        "the new certificate expires later: {renewed:?} after {before:?}"
+    );
+
+    // The connection opened before the swap still serves calls, without a new handshake.
+    let reply = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
+    assert_eq!(reply.status(), ServingStatus::Serving);
+    assert_eq!(*handshakes.lock().unwrap(), vec![before.clone()]);
+
+    // The data directory holds the new pair. (The replica renews again every six seconds: a later certificate is
+    // as good, the old one is not.)
+    let dir = server.data_dir();
+    let cert_pem = std::fs::read_to_string(dir.server_cert()).unwrap();
+    let key_pem = std::fs::read_to_string(dir.server_key()).unwrap();
+    let stored_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let stored = Presented::of(&stored_der);
+    assert!(
+        stored == renewed || (stored.serial != before.serial && stored.not_after > renewed.not_after),
+        "stored {stored:?}, presented {renewed:?}, replaced {before:?}"
+    );
+    let (_, parsed) = x509_parser::parse_x509_certificate(&stored_der).unwrap();
+    let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    assert_eq!(
+        parsed.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "the stored key belongs to the stored certificate"
+    );
+
+    // Operators can alert on the expiry of the certificate in use.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = http_get(server.http_addr, "/metrics").await;
+        let expiry = metric(&metrics, "medfleet_server_certificate_expiry_seconds");
+        let renewals = metrics
+            .lines()
+            .find(|l| l.starts_with("medfleet_server_certificate_renewals_total") && l.contains("outcome=\"issued\""));
+        if expiry.is_some_and(|e| e >= unix_seconds(renewed.not_after)) && renewals.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no renewed expiry in /metrics:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await.unwrap();
+}
+
+both_backends!(
+    server_certificate_is_renewed_while_serving,
+    server_certificate_is_renewed_while_serving
 );
