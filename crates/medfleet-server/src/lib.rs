@@ -171,6 +171,8 @@ pub async fn run(
     let revocations = Revocations::new();
     revocations.refresh(&db).await?;
     let background = tokio_util::sync::CancellationToken::new();
+    // An early return (a bind or start-up error after some tasks started) must stop them too, not leak them.
+    let _stop_background = background.clone().drop_guard();
     revocations.spawn_poller(db.clone(), background.clone());
     let tls_config = tls::server_config(ca.cert_der(), server_certificate.clone(), revocations.clone())?;
     let credentials = Credentials::new(
