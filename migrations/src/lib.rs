@@ -14,6 +14,7 @@ mod m20261201_000006_outbox_order;
 mod m20261201_000007_feed_subscription_owner;
 mod m20261201_000008_destination_admin;
 mod m20261201_000009_observation_alarm_limits;
+mod m20261202_000012_destination_lifecycle;
 mod seed;
 
 #[derive(Debug)]
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000007_feed_subscription_owner::Migration),
             Box::new(m20261201_000008_destination_admin::Migration),
             Box::new(m20261201_000009_observation_alarm_limits::Migration),
+            Box::new(m20261202_000012_destination_lifecycle::Migration),
         ]
     }
 }

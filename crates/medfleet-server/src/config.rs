@@ -59,6 +59,7 @@ pub struct FileConfig {
     pub reading_future_tolerance: Option<String>,
     pub emr_retry_max: Option<String>,
     pub emr_allowed_hosts: Option<Vec<String>>,
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -116,6 +117,9 @@ pub struct Overrides {
     /// any host an admin names.
     #[arg(long = "emr-allowed-host", env = "MEDFLEET_EMR_ALLOWED_HOSTS", value_delimiter = ',')]
     pub emr_allowed_hosts: Vec<String>,
+    /// The keyring that seals destination secrets and the CA key (default: secrets.key in the data dir).
+    #[arg(long, env = "MEDFLEET_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// The validated configuration a server runs with.
@@ -142,6 +146,8 @@ pub struct Config {
     pub emr_retry_max: Duration,
     /// Hosts EMR destinations may point at; empty: any.
     pub emr_allowed_hosts: Vec<String>,
+    /// The key-encryption keyring (current key first) that seals destination secrets and the CA key.
+    pub secrets_key_file: PathBuf,
 }
 
 /// The host name (from the environment or /etc/hostname) and a random suffix: unique even for two replicas on
@@ -191,7 +197,12 @@ impl Config {
         } else {
             o.server_names
         };
+        let secrets_key_file = o
+            .secrets_key_file
+            .or(file.secrets_key_file)
+            .unwrap_or_else(|| data_dir.join("secrets.key"));
         let config = Self {
+            secrets_key_file,
             listen: o.listen.or(file.listen).unwrap_or(parse_default(DEFAULT_LISTEN)),
             http_listen: o
                 .http_listen
@@ -419,6 +430,7 @@ mod tests {
             "reading_future_tolerance",
             "emr_retry_max",
             "emr_allowed_hosts",
+            "secrets_key_file",
         ] {
             assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }

@@ -381,7 +381,7 @@ async fn daemon_and_cli(backend: Backend) {
     );
 
     // A CA key that other users can read stops the server before it serves anything.
-    let ca_key = data_dir.join("ca/ca.key");
+    let ca_key = data_dir.join("ca/ca.key.enc");
     std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let refused = Command::new(binary("medfleetd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
@@ -410,7 +410,7 @@ async fn init_creates_credentials_once() {
     };
     let first = run("alice").await.unwrap();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    for private in ["ca/ca.key", "tls/server.key", "admin.pem"] {
+    for private in ["ca/ca.key.enc", "secrets.key", "tls/server.key", "admin.pem"] {
         let mode = std::fs::metadata(data.join(private)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{private}");
     }
