@@ -12,7 +12,7 @@ use medfleet_core::validation::{Violations, check_slug, printable};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection, DbBackend, EntityTrait as _,
-    PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+    PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
 };
 use serde::{Deserialize, Serialize};
 
@@ -325,7 +325,14 @@ pub async fn reseal(db: &DatabaseConnection, secrets: &Secrets, ca_key: Option<&
         };
         after.clone_from(&last.name);
         for row in &rows {
-            let mut settings = stored_settings(row)?;
+            // One corrupt row must not keep every other destination (and the server) from starting.
+            let mut settings = match stored_settings(row) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    tracing::error!(destination = %row.name, %error, "EMR destination settings are unreadable; left as they are");
+                    continue;
+                }
+            };
             let mut changed = false;
             for (field, value) in settings.secrets_mut() {
                 let Some(stored) = value.as_mut() else { continue };
@@ -396,7 +403,7 @@ pub async fn reseal(db: &DatabaseConnection, secrets: &Secrets, ca_key: Option<&
             ca_key.map(|c| format!("; CA key {c}")).unwrap_or_default(),
         );
         tracing::info!(detail = %detail, "secrets at rest re-encrypted under the current key");
-        let txn = db.begin().await?;
+        let txn = crate::db::begin_write(db).await?;
         Context::system("secrets")
             .record(&txn, "secrets.reseal", "secrets", "*", detail)
             .await?;
