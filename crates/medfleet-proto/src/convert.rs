@@ -425,13 +425,10 @@ pub fn destination_update(
         }
     };
     let enabled = if has("enabled") {
-        match destination.enabled {
-            Some(enabled) => Some(enabled),
-            None => {
-                v.push("destination.enabled", "is in the update mask, so say true or false");
-                None
-            }
+        if destination.enabled.is_none() {
+            v.push("destination.enabled", "is in the update mask, so say true or false");
         }
+        destination.enabled
     } else {
         None
     };

@@ -611,7 +611,7 @@ impl Emr {
         };
         match &update.client_identity {
             None => {
-                settings.client_key_pem = keep_sealed(&self.secrets, name, CLIENT_KEY, stored.client_key_pem.clone())?
+                settings.client_key_pem = keep_sealed(&self.secrets, name, CLIENT_KEY, stored.client_key_pem.clone())?;
             }
             Some(identity) => {
                 settings.client_certificate_pem = identity.as_ref().map(|i| i.certificate_pem.clone());

@@ -140,7 +140,9 @@ pub struct Secrets {
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secrets").field("keys", &self.keyring).finish()
+        f.debug_struct("Secrets")
+            .field("keys", &self.keyring)
+            .finish_non_exhaustive()
     }
 }
 

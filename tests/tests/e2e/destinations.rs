@@ -146,7 +146,7 @@ async fn secrets_are_sealed_and_keys_rotate(backend: Backend) {
         .into_inner();
     let first_kid = server.keyring().current().id().to_owned();
     assert!(created.bearer_token.is_empty() && created.bearer_token_set && !created.client_key_set);
-    assert_eq!(created.secret_key_ids, [first_kid.clone()]);
+    assert_eq!(created.secret_key_ids, [first_kid.as_str()]);
 
     // (a) The row holds an envelope, not the token; the receiver still gets `Authorization: Bearer tok-1`.
     let settings = stored_settings(&server, "fhir").await;
@@ -222,7 +222,7 @@ async fn secrets_are_sealed_and_keys_rotate(backend: Backend) {
 
     // The old key retired (nothing uses it); the server starts and delivers without it.
     let retirement = medfleet_server::retire_unused_keys(&config).await.unwrap();
-    assert_eq!(retirement.retired, [first_kid.clone()]);
+    assert_eq!(retirement.retired, [first_kid.as_str()]);
     assert!(retirement.still_used.is_empty() && !retirement.plaintext);
     let server = TestServer::start_on(config.clone()).await;
     assert_eq!(server.keyring().ids(), [second_kid.as_str()]);
