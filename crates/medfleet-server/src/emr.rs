@@ -1,6 +1,6 @@
-//! EMR delivery (destinations themselves are [`crate::destinations`]): the outbox relays that send chart events to FHIR R4 servers (transaction
-//! Bundles with conditional create) and HL7 v2 receivers (ORU^R01 over MLLP, waiting for the ACK), and the feed
-//! that EMR systems subscribe to over gRPC with a cursor stored here.
+//! EMR delivery (the destinations themselves are [`crate::destinations`]): the outbox relays that send chart events
+//! to FHIR R4 servers (transaction Bundles with conditional create) and HL7 v2 receivers (ORU^R01 over MLLP, waiting
+//! for the ACK), and the feed that EMR systems subscribe to over gRPC with a cursor stored here.
 //!
 //! Exactly one replica relays a destination at a time: it holds a lease on the destination's row, renewed before
 //! every round and taken over by another replica only once it has expired. Receivers must still be idempotent
@@ -248,10 +248,13 @@ impl Emr {
             }
             // A destination whose secrets this replica cannot open is never sent to (not even without them): it
             // is left to a replica whose keyring has the key, or marked for the admin when none relays it.
-            if let Err(error) = open_settings(&destination, &self.secrets) {
-                self.mark_unrelayable(&destination, &error).await;
-                continue;
-            }
+            let settings = match open_settings(&destination, &self.secrets) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    self.mark_unrelayable(&destination, &error).await;
+                    continue;
+                }
+            };
             if !self.claim(&destination.name).await? {
                 continue;
             }
@@ -259,7 +262,7 @@ impl Emr {
             let (emr, stop) = (self.clone(), stop.clone());
             tokio::spawn(async move {
                 let name = destination.name.clone();
-                if let Err(error) = emr.round(destination, &stop).await {
+                if let Err(error) = emr.round(destination, settings, &stop).await {
                     tracing::warn!(destination = %name, %error, "delivery round failed; retrying at the next tick");
                 }
                 emr.lock_running().remove(&name);
@@ -334,10 +337,14 @@ impl Emr {
     /// Delivers what is due for one destination, batch after batch, while this replica holds the lease. The
     /// destination is re-read before every batch, so an update (a new endpoint or token), a disable or a delete
     /// applies from the next batch on, without a restart.
-    async fn round(&self, mut destination: emr_destination::Model, stop: &CancellationToken) -> Result<()> {
+    async fn round(
+        &self,
+        mut destination: emr_destination::Model,
+        mut settings: Settings,
+        stop: &CancellationToken,
+    ) -> Result<()> {
         let kind = DestinationKind::parse(&destination.kind)
             .ok_or_else(|| Error::Internal(format!("destination '{}' has unknown kind", destination.name)))?;
-        let mut settings = open_settings(&destination, &self.secrets)?;
         if destination.relay_error.is_some() {
             emr_destination::Entity::update_many()
                 .col_expr(emr_destination::Column::RelayError, Expr::value(Option::<String>::None))
