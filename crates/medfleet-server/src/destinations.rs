@@ -194,6 +194,11 @@ fn aad(destination: &str, field: &str) -> String {
 }
 
 impl Settings {
+    /// The stored JSON of settings whose secrets are already sealed.
+    fn to_json(&self) -> Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::Internal(format!("cannot store destination settings: {e}")))
+    }
+
     fn secrets_mut(&mut self) -> [(&'static str, &mut Option<String>); 2] {
         [
             (BEARER_TOKEN, &mut self.bearer_token),
@@ -216,7 +221,7 @@ pub fn seal_settings(name: &str, settings: &Settings, secrets: &Secrets) -> Resu
             *value = Some(seal(secrets, name, field, &plain)?);
         }
     }
-    serde_json::to_string(&stored).map_err(|e| Error::Internal(format!("cannot store destination settings: {e}")))
+    stored.to_json()
 }
 
 fn seal(secrets: &Secrets, name: &str, field: &str, plain: &str) -> Result<String> {
@@ -363,8 +368,7 @@ pub async fn reseal(db: &DatabaseConnection, secrets: &Secrets, ca_key: Option<&
                 }
             }
             if changed {
-                let stored = serde_json::to_string(&settings)
-                    .map_err(|e| Error::Internal(format!("cannot store destination settings: {e}")))?;
+                let stored = settings.to_json()?;
                 emr_destination::Entity::update_many()
                     .col_expr(emr_destination::Column::Settings, Expr::value(stored))
                     .filter(emr_destination::Column::Name.eq(row.name.as_str()))
@@ -625,8 +629,7 @@ impl Emr {
         let json = |set: &BTreeSet<String>| serde_json::to_string(set).unwrap_or_else(|_| "[]".into());
         let reenabled = definition.enabled && !current.enabled;
         let mut model: emr_destination::ActiveModel = current.into();
-        model.settings = Set(serde_json::to_string(&settings)
-            .map_err(|e| Error::Internal(format!("cannot store destination settings: {e}")))?);
+        model.settings = Set(settings.to_json()?);
         model.sites = Set(json(&definition.sites));
         model.wards = Set(json(&definition.wards));
         model.interval_secs = Set(i64::from(definition.interval_secs));
