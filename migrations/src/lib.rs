@@ -16,6 +16,7 @@ mod m20261201_000008_destination_admin;
 mod m20261201_000009_observation_alarm_limits;
 mod m20261202_000010_association_backlog;
 mod m20261202_000011_device_placements;
+mod m20261202_000012_destination_lifecycle;
 mod seed;
 
 #[derive(Debug)]
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000009_observation_alarm_limits::Migration),
             Box::new(m20261202_000010_association_backlog::Migration),
             Box::new(m20261202_000011_device_placements::Migration),
+            Box::new(m20261202_000012_destination_lifecycle::Migration),
         ]
     }
 }

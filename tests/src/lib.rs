@@ -224,8 +224,20 @@ impl TestServer {
         DataDir::new(&self.config.data_dir)
     }
 
+    /// The secrets keyring this server seals with (its `secrets_key_file`).
+    pub fn keyring(&self) -> medfleet_core::secrets::Keyring {
+        medfleet_server::secrets::load(&self.config.secrets_key_file).expect("load the secrets keyring")
+    }
+
     pub fn ca(&self) -> CertificateAuthority {
-        self.data_dir().load_ca().expect("load CA")
+        self.data_dir().load_ca(&self.keyring()).expect("load CA")
+    }
+
+    /// The CA's private key (PEM), opened from its sealed file (for tests that sign with it directly).
+    pub fn ca_key_pem(&self) -> String {
+        let sealed = std::fs::read_to_string(self.data_dir().ca_key_sealed()).expect("read the sealed CA key");
+        let pem = medfleet_core::secrets::open(&self.keyring(), "ca.key", sealed.trim()).expect("open the CA key");
+        String::from_utf8(pem).expect("PEM")
     }
 
     /// Credentials for `identity` from this server's CA, valid for an hour.

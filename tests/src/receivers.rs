@@ -25,6 +25,8 @@ pub struct FhirLog {
     pub bundles: usize,
     /// Requests still to answer with 503 (to exercise retries).
     pub fail_next: usize,
+    /// The Authorization header of every request, in arrival order ("" when there was none).
+    pub authorizations: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct FhirReceiver {
     pub log: Arc<Mutex<FhirLog>>,
     pub dir: PathBuf,
     pub changed: Arc<tokio::sync::Notify>,
+    /// The bearer token every request must carry (401 otherwise); none: any request is taken.
+    bearer: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Clone)]
@@ -192,32 +196,42 @@ impl FhirReceiver {
             dir: dir.to_owned(),
             changed: changed.clone(),
         };
+        let bearer = Arc::new(Mutex::new(tls.as_ref().map(|(_, token)| token.clone())));
+        let (required, seen, notify) = (bearer.clone(), log.clone(), changed.clone());
         let app = axum::Router::new()
             .route("/fhir", axum::routing::post(transaction))
-            .with_state(state);
+            .with_state(state)
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    let presented = request
+                        .headers()
+                        .get(axum::http::header::AUTHORIZATION)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    seen.lock().unwrap().authorizations.push(presented.clone());
+                    let authorised = required
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .is_none_or(|token| presented == format!("Bearer {token}"));
+                    let notify = notify.clone();
+                    async move {
+                        if authorised {
+                            next.run(request).await
+                        } else {
+                            notify.notify_waiters();
+                            axum::response::IntoResponse::into_response(StatusCode::UNAUTHORIZED)
+                        }
+                    }
+                },
+            ));
         match tls {
             None => {
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, app).await;
                 });
             }
-            Some((acceptor, bearer)) => {
-                let expected = format!("Bearer {bearer}");
-                let app = app.layer(axum::middleware::from_fn(
-                    move |request: axum::extract::Request, next: axum::middleware::Next| {
-                        let authorised = request
-                            .headers()
-                            .get(axum::http::header::AUTHORIZATION)
-                            .is_some_and(|v| v.as_bytes() == expected.as_bytes());
-                        async move {
-                            if authorised {
-                                next.run(request).await
-                            } else {
-                                axum::response::IntoResponse::into_response(StatusCode::UNAUTHORIZED)
-                            }
-                        }
-                    },
-                ));
+            Some((acceptor, _)) => {
                 tokio::spawn(async move {
                     while let Ok((socket, _)) = listener.accept().await {
                         let (acceptor, app) = (acceptor.clone(), app.clone());
@@ -240,7 +254,13 @@ impl FhirReceiver {
             log,
             dir: dir.to_owned(),
             changed,
+            bearer,
         }
+    }
+
+    /// From now on, requests must carry this bearer token (none: any request is taken).
+    pub fn require_bearer(&self, token: Option<&str>) {
+        *self.bearer.lock().unwrap() = token.map(str::to_owned);
     }
 
     /// The https base URL (as a TLS receiver's certificate names it).

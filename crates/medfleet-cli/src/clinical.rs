@@ -154,9 +154,34 @@ pub(crate) enum EmrCommand {
         #[arg(long)]
         insecure_plaintext: bool,
     },
-    /// The destinations.
+    /// The destinations (secrets are never shown: only whether one is set and the key that seals it).
     #[command(after_help = "Example:\n  medfleet emr list -o json")]
     List,
+    /// Change a destination: only the options given change, the rest keeps its value. Rotates a secret, repoints,
+    /// narrows or widens its filter. Relays apply it from their next batch; the audit trail records what changed.
+    #[command(
+        after_help = "Examples:\n  medfleet emr update epic-fhir --bearer-token-file new-token.txt      # rotate the token\n  \
+                            medfleet emr update epic-fhir --client-cert new.pem --client-key new.key\n  \
+                            medfleet emr update icu-hl7 --endpoint hl7b.hospital.example:2575 --ward stmarys/icu -o json\n  \
+                            medfleet emr update lab-hl7 --endpoint 10.0.5.9:2575 --insecure-plaintext  # MLLP in clear: say so again"
+    )]
+    Update(UpdateArgs),
+    /// Stop delivering to a destination (pending deliveries wait; chart entries made meanwhile are not queued).
+    #[command(after_help = "Example:\n  medfleet emr disable epic-fhir")]
+    Disable { name: String },
+    /// Resume delivering to a destination: what was pending when it was disabled is sent.
+    #[command(after_help = "Example:\n  medfleet emr enable epic-fhir -o json")]
+    Enable { name: String },
+    /// Delete a destination and its delivery records; its pending deliveries are discarded, never sent. Refused
+    /// while feed subscriptions follow it, unless --force (which deletes them too).
+    #[command(
+        after_help = "Examples:\n  medfleet emr delete old-fhir\n  medfleet emr delete epic-feed --force -o json"
+    )]
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
     /// Deliveries, newest first; --failed shows the dead-lettered ones.
     #[command(after_help = "Examples:\n  medfleet emr deliveries --failed\n  \
                             medfleet emr deliveries --destination epic-fhir --limit 20 -o json")]
@@ -177,6 +202,125 @@ pub(crate) enum EmrCommand {
         #[arg(long = "id")]
         ids: Vec<u64>,
     },
+}
+
+/// `medfleet emr update`: each option given becomes one path of the update mask.
+// Each flag is an independent command-line switch, not state that an enum would model better.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Debug, clap::Args)]
+pub(crate) struct UpdateArgs {
+    name: String,
+    /// FHIR: base URL. MLLP: HOST:PORT.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Replace the site filter (repeatable).
+    #[arg(long = "site", conflicts_with = "everywhere")]
+    sites: Vec<String>,
+    /// Replace the ward filter, SITE/WARD (repeatable).
+    #[arg(long = "ward", conflicts_with = "everywhere")]
+    wards: Vec<String>,
+    /// Remove both filters: chart entries from everywhere.
+    #[arg(long)]
+    everywhere: bool,
+    /// Median per interval, e.g. 15m; 0s for every reading.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<std::time::Duration>,
+    /// A file holding the new FHIR bearer token (kept out of shell history).
+    #[arg(long, conflicts_with = "remove_bearer_token")]
+    bearer_token_file: Option<PathBuf>,
+    #[arg(long)]
+    remove_bearer_token: bool,
+    /// New PEM CA of the receiver's TLS certificate.
+    #[arg(long, conflicts_with = "remove_ca")]
+    ca: Option<PathBuf>,
+    /// Remove the CA (MLLP then sends in clear and needs --insecure-plaintext).
+    #[arg(long)]
+    remove_ca: bool,
+    /// Mutual TLS: a new client certificate chain (PEM), with its key.
+    #[arg(long, requires = "client_key", conflicts_with = "remove_client_cert")]
+    client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Stop presenting a client certificate.
+    #[arg(long)]
+    remove_client_cert: bool,
+    #[arg(long)]
+    receiving_application: Option<String>,
+    #[arg(long)]
+    receiving_facility: Option<String>,
+    /// MLLP without TLS: accept again that chart entries cross the network in clear (needed with a new endpoint).
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl UpdateArgs {
+    /// The request: the destination with the new values, and the mask naming them.
+    fn request(&self) -> anyhow::Result<v1::UpdateDestinationRequest> {
+        let mut paths: Vec<&str> = Vec::new();
+        let mut d = v1::EmrDestination {
+            name: self.name.clone(),
+            ..Default::default()
+        };
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.clone_into(&mut d.endpoint);
+            paths.push("endpoint");
+        }
+        if !self.sites.is_empty() || self.everywhere {
+            d.sites.clone_from(&self.sites);
+            paths.push("sites");
+        }
+        if !self.wards.is_empty() || self.everywhere {
+            d.wards.clone_from(&self.wards);
+            paths.push("wards");
+        }
+        if let Some(interval) = self.interval {
+            d.interval_seconds = u32::try_from(interval.as_secs()).unwrap_or(u32::MAX);
+            paths.push("interval_seconds");
+        }
+        if self.bearer_token_file.is_some() || self.remove_bearer_token {
+            d.bearer_token = read_file("bearer-token-file", self.bearer_token_file.as_ref())?;
+            if self.bearer_token_file.is_some() && d.bearer_token.is_empty() {
+                return Err(
+                    UsageError("--bearer-token-file is empty; use --remove-bearer-token to remove it".into()).into(),
+                );
+            }
+            paths.push("bearer_token");
+        }
+        if self.ca.is_some() || self.remove_ca {
+            d.ca_pem = read_file("ca", self.ca.as_ref())?;
+            paths.push("ca_pem");
+        }
+        if self.client_cert.is_some() || self.remove_client_cert {
+            d.client_certificate_pem = read_file("client-cert", self.client_cert.as_ref())?;
+            d.client_key_pem = read_file("client-key", self.client_key.as_ref())?;
+            paths.extend(["client_certificate_pem", "client_key_pem"]);
+        }
+        if let Some(application) = &self.receiving_application {
+            application.clone_into(&mut d.receiving_application);
+            paths.push("receiving_application");
+        }
+        if let Some(facility) = &self.receiving_facility {
+            facility.clone_into(&mut d.receiving_facility);
+            paths.push("receiving_facility");
+        }
+        if self.insecure_plaintext {
+            d.insecure_plaintext = true;
+            paths.push("insecure_plaintext");
+        }
+        if paths.is_empty() {
+            return Err(UsageError("name at least one thing to change (see --help)".into()).into());
+        }
+        Ok(update_request(d, &paths))
+    }
+}
+
+fn update_request(destination: v1::EmrDestination, paths: &[&str]) -> v1::UpdateDestinationRequest {
+    v1::UpdateDestinationRequest {
+        destination: Some(destination),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        }),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -501,6 +645,12 @@ struct DestinationView {
     interval_seconds: u32,
     enabled: bool,
     created_by: String,
+    bearer_token: &'static str,
+    client_key: &'static str,
+    /// The keyring keys sealing its secrets.
+    secret_key_ids: Vec<String>,
+    /// Why no replica delivers to it now; empty when fine.
+    relay_error: String,
 }
 
 impl From<v1::EmrDestination> for DestinationView {
@@ -520,6 +670,10 @@ impl From<v1::EmrDestination> for DestinationView {
             interval_seconds: d.interval_seconds,
             enabled: d.enabled.unwrap_or(true),
             created_by: d.created_by,
+            bearer_token: if d.bearer_token_set { "set" } else { "not set" },
+            client_key: if d.client_key_set { "set" } else { "not set" },
+            secret_key_ids: d.secret_key_ids,
+            relay_error: d.relay_error,
         }
     }
 }
@@ -535,6 +689,16 @@ struct DeliveryView {
     last_error: String,
     created_at: String,
     next_attempt_at: String,
+}
+
+/// "token set, key not set (k20261202-ab12)": whether each secret is stored, and the keys that seal them.
+fn secrets_column(d: &DestinationView) -> String {
+    let keys = if d.secret_key_ids.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", d.secret_key_ids.join(", "))
+    };
+    format!("token {}, key {}{keys}", d.bearer_token, d.client_key)
 }
 
 fn read_file(flag: &str, path: Option<&PathBuf>) -> anyhow::Result<String> {
@@ -610,7 +774,9 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
             if out == Format::Json {
                 return output::json(&rows);
             }
-            let mut table = output::table(&["NAME", "KIND", "ENDPOINT", "FILTER", "INTERVAL", "ENABLED"]);
+            let mut table = output::table(&[
+                "NAME", "KIND", "ENDPOINT", "FILTER", "INTERVAL", "ENABLED", "SECRETS", "STATUS",
+            ]);
             for d in &rows {
                 let filter = [d.sites.clone(), d.wards.clone()].concat().join(", ");
                 table.add_row(vec![
@@ -624,9 +790,71 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
                         format!("{} s", d.interval_seconds)
                     },
                     d.enabled.to_string(),
+                    secrets_column(d),
+                    if d.relay_error.is_empty() {
+                        "ok".into()
+                    } else {
+                        d.relay_error.clone()
+                    },
                 ]);
             }
             println!("{table}");
+            Ok(())
+        }
+        EmrCommand::Update(args) => {
+            let updated = api.update_destination(args.request()?).await?.into_inner();
+            let view = DestinationView::from(updated);
+            if out == Format::Json {
+                return output::json(&view);
+            }
+            println!("EMR destination {} updated", view.name);
+            Ok(())
+        }
+        EmrCommand::Disable { name } | EmrCommand::Enable { name } => {
+            let enable = matches!(command, EmrCommand::Enable { .. });
+            let request = update_request(
+                v1::EmrDestination {
+                    name: name.clone(),
+                    enabled: Some(enable),
+                    ..Default::default()
+                },
+                &["enabled"],
+            );
+            let view = DestinationView::from(api.update_destination(request).await?.into_inner());
+            if out == Format::Json {
+                return output::json(&view);
+            }
+            if enable {
+                println!("EMR destination {name} enabled: pending deliveries are sent now");
+            } else {
+                println!("EMR destination {name} disabled: nothing is sent to it until `medfleet emr enable {name}`");
+            }
+            Ok(())
+        }
+        EmrCommand::Delete { name, force } => {
+            let deleted = api
+                .delete_destination(v1::DeleteDestinationRequest {
+                    name: name.clone(),
+                    force: *force,
+                })
+                .await?
+                .into_inner();
+            if out == Format::Json {
+                return output::json(&serde_json::json!({
+                    "name": name,
+                    "deleted_subscriptions": deleted.deleted_subscriptions,
+                    "discarded_deliveries": deleted.discarded_deliveries,
+                }));
+            }
+            println!(
+                "EMR destination {name} deleted; {} pending deliveries discarded{}",
+                deleted.discarded_deliveries,
+                if deleted.deleted_subscriptions.is_empty() {
+                    String::new()
+                } else {
+                    format!("; subscriptions deleted: {}", deleted.deleted_subscriptions.join(", "))
+                }
+            );
             Ok(())
         }
         EmrCommand::Deliveries {

@@ -9,4 +9,5 @@ pub mod identity;
 pub mod paging;
 pub mod presence;
 pub mod registry;
+pub mod secrets;
 pub mod validation;

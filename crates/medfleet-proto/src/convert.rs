@@ -365,6 +365,89 @@ pub fn device_update(request: &v1::UpdateDeviceRequest) -> Result<(Uuid, DeviceU
     v.finish(|| Some((id, update)))
 }
 
+/// The fields `UpdateDestination` may change (wire names, as in the update mask).
+pub const DESTINATION_UPDATE_FIELDS: &[&str] = &[
+    "endpoint",
+    "sites",
+    "wards",
+    "interval_seconds",
+    "bearer_token",
+    "ca_pem",
+    "receiving_application",
+    "receiving_facility",
+    "client_certificate_pem",
+    "client_key_pem",
+    "insecure_plaintext",
+    "enabled",
+];
+
+/// The destination an update names and what it changes. Only the masked fields are read; an empty secret or CA
+/// removes it; the client certificate and its key change together. Whether the result is a valid destination is
+/// the server's check, made on the whole definition exactly as on creation.
+pub fn destination_update(
+    request: &v1::UpdateDestinationRequest,
+) -> Result<(String, medfleet_core::clinical::destination::DestinationUpdate), Violations> {
+    use medfleet_core::clinical::destination::{ClientIdentity, DestinationUpdate};
+    let destination = request
+        .destination
+        .as_ref()
+        .ok_or_else(|| Violations::single("destination", "is required: its name and the fields to change"))?;
+    let name = slug("destination.name", &destination.name)?;
+    let paths = mask_paths(request.update_mask.as_ref(), DESTINATION_UPDATE_FIELDS)?;
+    let has = |field: &str| paths.iter().any(|p| p == field);
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let mut v = Violations::new();
+    let client_identity = match (has("client_certificate_pem"), has("client_key_pem")) {
+        (false, false) => None,
+        (true, true) => match (
+            non_empty(&destination.client_certificate_pem),
+            non_empty(&destination.client_key_pem),
+        ) {
+            (None, None) => Some(None),
+            (Some(certificate_pem), Some(key_pem)) => Some(Some(ClientIdentity {
+                certificate_pem,
+                key_pem,
+            })),
+            _ => {
+                v.push(
+                    "destination.client_key_pem",
+                    "give both the client certificate chain and its key, or neither to remove mutual TLS",
+                );
+                None
+            }
+        },
+        _ => {
+            v.push(
+                "update_mask",
+                "client_certificate_pem and client_key_pem change together: name both",
+            );
+            None
+        }
+    };
+    let enabled = if has("enabled") {
+        if destination.enabled.is_none() {
+            v.push("destination.enabled", "is in the update mask, so say true or false");
+        }
+        destination.enabled
+    } else {
+        None
+    };
+    let update = DestinationUpdate {
+        endpoint: has("endpoint").then(|| destination.endpoint.clone()),
+        sites: has("sites").then(|| destination.sites.iter().cloned().collect()),
+        wards: has("wards").then(|| destination.wards.iter().cloned().collect()),
+        interval_secs: has("interval_seconds").then_some(destination.interval_seconds),
+        bearer_token: has("bearer_token").then(|| non_empty(&destination.bearer_token)),
+        ca_pem: has("ca_pem").then(|| non_empty(&destination.ca_pem)),
+        receiving_application: has("receiving_application").then(|| destination.receiving_application.clone()),
+        receiving_facility: has("receiving_facility").then(|| destination.receiving_facility.clone()),
+        client_identity,
+        insecure_plaintext: has("insecure_plaintext").then_some(destination.insecure_plaintext),
+        enabled,
+    };
+    v.finish(|| Some((name, update)))
+}
+
 /// An optional duration field with a default and bounds.
 pub fn duration(
     field: &str,
@@ -540,6 +623,55 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn destination_update_reads_only_the_mask() {
+        let request = |paths: &[&str], destination: v1::EmrDestination| v1::UpdateDestinationRequest {
+            destination: Some(destination),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            }),
+        };
+        let full = v1::EmrDestination {
+            name: "epic".into(),
+            endpoint: "https://emr.example/fhir".into(),
+            bearer_token: "t2".into(),
+            enabled: Some(false),
+            ..Default::default()
+        };
+        let (name, update) = destination_update(&request(&["bearer_token"], full.clone())).unwrap();
+        assert_eq!(name, "epic");
+        assert_eq!(update.bearer_token, Some(Some("t2".into())));
+        assert!(update.endpoint.is_none() && update.enabled.is_none());
+        let (_, toggle) = destination_update(&request(&["enabled"], full.clone())).unwrap();
+        assert!(toggle.only_enabled() && toggle.enabled == Some(false));
+        let (_, removal) = destination_update(&request(
+            &["bearer_token", "ca_pem"],
+            v1::EmrDestination {
+                name: "epic".into(),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+        assert_eq!((removal.bearer_token, removal.ca_pem), (Some(None), Some(None)));
+        for (paths, field) in [
+            (&["client_key_pem"][..], "update_mask"),
+            (&["name"][..], "update_mask"),
+            (&[][..], "update_mask"),
+        ] {
+            let err = destination_update(&request(paths, full.clone())).unwrap_err();
+            assert!(err.iter().any(|v| v.field == field), "{paths:?}: {err}");
+        }
+        let unset = destination_update(&request(
+            &["enabled"],
+            v1::EmrDestination {
+                name: "epic".into(),
+                ..Default::default()
+            },
+        ))
+        .unwrap_err();
+        assert!(unset.iter().any(|v| v.field == "destination.enabled"), "{unset}");
     }
 
     #[test]

@@ -29,7 +29,8 @@ use crate::audit::{Coalescer, Event, Outcome, device_scope};
 use crate::clinical::{
     AdtKind, AdtRequest, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement,
 };
-use crate::emr::{Emr, NewDestination, Settings, event_id, settings_of};
+use crate::destinations::{NewDestination, Settings, secret_key_ids, stored_settings};
+use crate::emr::{Emr, event_id};
 use crate::entity::{device, emr_destination, emr_outbox, observation, patient};
 use crate::error::{Error, Result};
 use crate::identity_api::caller;
@@ -470,8 +471,13 @@ impl ObservationService for ClinicalApi {
     }
 }
 
+/// A destination as the API shows it: never a secret, only whether one is set and which keys seal them.
 fn destination_to_wire(model: &emr_destination::Model) -> Result<v1::EmrDestination> {
-    let settings = settings_of(model)?;
+    let settings = stored_settings(model)?;
+    let secret_key_ids: BTreeSet<String> = secret_key_ids(&settings)
+        .into_iter()
+        .map(|kid| kid.unwrap_or_else(|| "plaintext".to_owned()))
+        .collect();
     let list = |text: &str| -> Vec<String> { serde_json::from_str(text).unwrap_or_default() };
     let kind = match DestinationKind::parse(&model.kind) {
         Some(DestinationKind::Feed) => v1::EmrDestinationKind::Feed,
@@ -496,6 +502,10 @@ fn destination_to_wire(model: &emr_destination::Model) -> Result<v1::EmrDestinat
         client_certificate_pem: settings.client_certificate_pem.unwrap_or_default(),
         client_key_pem: String::new(),
         insecure_plaintext: settings.insecure_plaintext,
+        bearer_token_set: settings.bearer_token.is_some(),
+        client_key_set: settings.client_key_pem.is_some(),
+        secret_key_ids: secret_key_ids.into_iter().collect(),
+        relay_error: model.relay_error.clone().unwrap_or_default(),
     })
 }
 
@@ -561,6 +571,31 @@ impl EmrService for ClinicalApi {
                 .iter()
                 .map(destination_to_wire)
                 .collect::<Result<Vec<_>>>()?,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn update_destination(&self, request: Request<v1::UpdateDestinationRequest>) -> Reply<v1::EmrDestination> {
+        let audit = audit_context(&request);
+        let (name, update) = convert::destination_update(request.get_ref()).map_err(Error::from)?;
+        let stored = self.emr.update_destination(&name, &update, &audit).await?;
+        tracing::info!(destination = %stored.name, fields = ?update.fields(), "EMR destination updated");
+        Ok(Response::new(destination_to_wire(&stored)?))
+    }
+
+    #[instrument(skip_all)]
+    async fn delete_destination(
+        &self,
+        request: Request<v1::DeleteDestinationRequest>,
+    ) -> Reply<v1::DeleteDestinationResponse> {
+        let audit = audit_context(&request);
+        let r = request.into_inner();
+        let name = convert::slug("name", &r.name).map_err(Error::from)?;
+        let deleted = self.emr.delete_destination(&name, r.force, &audit).await?;
+        tracing::info!(destination = %name, discarded = deleted.discarded, subscriptions = deleted.subscriptions.len(), "EMR destination deleted");
+        Ok(Response::new(v1::DeleteDestinationResponse {
+            deleted_subscriptions: deleted.subscriptions,
+            discarded_deliveries: deleted.discarded,
         }))
     }
 
@@ -752,6 +787,12 @@ async fn follow_feed(
                 cursor = row.id;
             }
             continue;
+        }
+        // A deleted destination ends its feeds (rather than leaving them idle forever).
+        if let Err(Error::NotFound(message)) = emr.destination(&destination).await {
+            return Err(Status::not_found(format!(
+                "{message}: it was deleted; this feed has ended"
+            )));
         }
         tokio::select! {
             () = tx.closed() => return Ok(()),

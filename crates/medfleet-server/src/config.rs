@@ -62,6 +62,7 @@ pub struct FileConfig {
     pub retention_delivered_outbox: Option<String>,
     pub retention_clinical: Option<String>,
     pub retention_interval: Option<String>,
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// The flag and environment layer (clap resolves flag over environment).
@@ -127,6 +128,9 @@ pub struct Overrides {
     /// retention_delivered_outbox, at most this long). Unset: kept.
     #[arg(long, env = "MEDFLEET_RETENTION_CLINICAL")]
     pub retention_clinical: Option<String>,
+    /// The keyring that seals destination secrets and the CA key (default: secrets.key in the data dir).
+    #[arg(long, env = "MEDFLEET_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// The validated configuration a server runs with.
@@ -155,6 +159,8 @@ pub struct Config {
     pub emr_allowed_hosts: Vec<String>,
     /// What is purged when (nothing by default).
     pub retention: crate::retention::Policy,
+    /// The key-encryption keyring (current key first) that seals destination secrets and the CA key.
+    pub secrets_key_file: PathBuf,
 }
 
 /// The host name (from the environment or /etc/hostname) and a random suffix: unique even for two replicas on
@@ -204,7 +210,12 @@ impl Config {
         } else {
             o.server_names
         };
+        let secrets_key_file = o
+            .secrets_key_file
+            .or(file.secrets_key_file)
+            .unwrap_or_else(|| data_dir.join("secrets.key"));
         let config = Self {
+            secrets_key_file,
             listen: o.listen.or(file.listen).unwrap_or(parse_default(DEFAULT_LISTEN)),
             http_listen: o
                 .http_listen
@@ -499,6 +510,7 @@ mod tests {
             "reading_future_tolerance",
             "emr_retry_max",
             "emr_allowed_hosts",
+            "secrets_key_file",
         ] {
             assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }

@@ -1,6 +1,6 @@
-//! EMR destinations and delivery: the outbox relays that send chart events to FHIR R4 servers (transaction
-//! Bundles with conditional create) and HL7 v2 receivers (ORU^R01 over MLLP, waiting for the ACK), and the feed
-//! that EMR systems subscribe to over gRPC with a cursor stored here.
+//! EMR delivery (the destinations themselves are [`crate::destinations`]): the outbox relays that send chart events
+//! to FHIR R4 servers (transaction Bundles with conditional create) and HL7 v2 receivers (ORU^R01 over MLLP, waiting
+//! for the ACK), and the feed that EMR systems subscribe to over gRPC with a cursor stored here.
 //!
 //! Exactly one replica relays a destination at a time: it holds a lease on the destination's row, renewed before
 //! every round and taken over by another replica only once it has expired. Receivers must still be idempotent
@@ -16,13 +16,12 @@ use chrono::{DateTime, Utc};
 use http_body_util::{BodyExt as _, Full};
 use medfleet_core::clinical::chart::{ChartEntry, ChartStatus, DeviceRef, PatientRef, PointOfCare};
 use medfleet_core::clinical::{fhir, hl7};
-use medfleet_core::validation::{Violations, check_slug, printable};
+use medfleet_core::validation::Violations;
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
     QuerySelect as _,
 };
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -30,9 +29,11 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::clinical::{DestinationKind, decode_measurement, state};
+use crate::destinations::{Settings, open_settings, split_host_port};
 use crate::entity::{device, emr_destination, emr_outbox, feed_subscription, observation, patient};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
+use crate::secrets::Secrets;
 use crate::store::now;
 use crate::telemetry::Metrics;
 
@@ -58,172 +59,16 @@ const MAX_REPLY: usize = 1 << 20;
 /// How much of a receiver's answer is kept as the error of a failed delivery.
 const ERROR_EXCERPT: usize = 300;
 
-/// Connection settings of a destination, stored as JSON. The bearer token never leaves the server.
-#[derive(Clone, Default, Serialize, Deserialize)]
-pub struct Settings {
-    pub endpoint: String,
-    #[serde(default)]
-    pub bearer_token: Option<String>,
-    #[serde(default)]
-    pub ca_pem: Option<String>,
-    #[serde(default)]
-    pub receiving_application: String,
-    #[serde(default)]
-    pub receiving_facility: String,
-    /// Mutual TLS towards the receiver: medfleet's client certificate chain and key (PEM).
-    #[serde(default)]
-    pub client_certificate_pem: Option<String>,
-    #[serde(default)]
-    pub client_key_pem: Option<String>,
-    /// MLLP without TLS, explicitly accepted by the admin who created the destination.
-    #[serde(default)]
-    pub insecure_plaintext: bool,
-}
-
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A destination as an admin defines it.
-#[derive(Debug, Clone)]
-pub struct NewDestination {
-    pub name: String,
-    pub kind: DestinationKind,
-    pub sites: BTreeSet<String>,
-    pub wards: BTreeSet<String>,
-    pub interval_secs: u32,
-    pub settings: Settings,
-    pub enabled: bool,
-}
-
-impl NewDestination {
-    /// Checks the fields that do not need stored state; every problem is reported at once.
-    pub fn check(&self) -> Result<()> {
-        let mut v = Violations::new();
-        v.check("name", check_slug(&self.name));
-        for site in &self.sites {
-            v.check("sites", check_slug(site));
-        }
-        for ward in &self.wards {
-            match ward.split_once('/') {
-                Some((site, name)) if check_slug(site).is_ok() && check_slug(name).is_ok() => {}
-                _ => v.push("wards", format!("'{ward}' is not a ward; write it as SITE/WARD")),
-            }
-        }
-        if self.interval_secs > 24 * 3600 {
-            v.push("interval_seconds", "the charting interval must be at most 24 hours");
-        }
-        match self.kind {
-            DestinationKind::Feed => {
-                if !self.settings.endpoint.is_empty() {
-                    v.push(
-                        "endpoint",
-                        "a feed destination has no endpoint: EMR systems subscribe to it",
-                    );
-                }
-            }
-            DestinationKind::Fhir => match self.settings.endpoint.parse::<http::Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("https") || is_loopback_http(&uri) => {}
-                _ => v.push(
-                    "endpoint",
-                    "a FHIR endpoint is the server's base URL: https://host[:port]/path (http:// only on loopback)",
-                ),
-            },
-            DestinationKind::Mllp => {
-                if split_host_port(&self.settings.endpoint).is_none() {
-                    v.push("endpoint", "an MLLP endpoint is HOST:PORT");
-                }
-                if self.settings.ca_pem.is_none() && !self.settings.insecure_plaintext {
-                    v.push(
-                        "ca_pem",
-                        "MLLP without TLS sends PHI in clear: give the receiver's CA (ca_pem) for MLLP over TLS, or \
-                         set insecure_plaintext for a receiver on an isolated network",
-                    );
-                }
-            }
-        }
-        if let Some(pem) = &self.settings.ca_pem
-            && rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
-                .collect::<Result<Vec<rustls_pki_types::CertificateDer<'_>>, _>>()
-                .map_or(true, |certs| certs.is_empty())
-        {
-            v.push("ca_pem", "the CA must be one or more PEM certificates");
-        }
-        match (&self.settings.client_certificate_pem, &self.settings.client_key_pem) {
-            (None, None) => {}
-            (Some(certs), Some(key)) => {
-                if client_identity(certs, key).is_err() {
-                    v.push(
-                        "client_certificate_pem",
-                        "the client certificate chain and key must be PEM, the key PKCS#8, SEC1 or PKCS#1",
-                    );
-                }
-            }
-            _ => v.push(
-                "client_key_pem",
-                "mutual TLS needs both the client certificate chain and its key",
-            ),
-        }
-        if v.is_empty() { Ok(()) } else { Err(v.into()) }
-    }
-
-    /// The host the destination's endpoint names (none for a feed).
-    fn host(&self) -> Option<String> {
-        match self.kind {
-            DestinationKind::Feed => None,
-            DestinationKind::Fhir => self
-                .settings
-                .endpoint
-                .parse::<http::Uri>()
-                .ok()
-                .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())),
-            DestinationKind::Mllp => split_host_port(&self.settings.endpoint).map(|(h, _)| h.to_ascii_lowercase()),
-        }
-    }
-}
-
-/// Whether `host` is on the allow-list (an empty list allows any host): exact names, or `*.suffix` for subdomains.
-fn host_allowed(allowed: &[String], host: &str) -> bool {
-    allowed.is_empty()
-        || allowed.iter().any(|pattern| {
-            let pattern = pattern.to_ascii_lowercase();
-            match pattern.strip_prefix("*.") {
-                Some(suffix) => host.ends_with(&format!(".{suffix}")),
-                None => host == pattern,
-            }
-        })
-}
-
-fn is_loopback_http(uri: &http::Uri) -> bool {
-    uri.scheme_str() == Some("http")
-        && uri
-            .host()
-            .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
-}
-
-fn split_host_port(endpoint: &str) -> Option<(String, u16)> {
-    let (host, port) = endpoint.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    (!host.is_empty()).then(|| (host.trim_matches(['[', ']']).to_owned(), port))
-}
-
-pub fn settings_of(model: &emr_destination::Model) -> Result<Settings> {
-    serde_json::from_str(&model.settings)
-        .map_err(|e| Error::Internal(format!("destination '{}' settings are corrupt: {e}", model.name)))
-}
-
 #[derive(Debug)]
 pub struct Emr {
-    db: DatabaseConnection,
-    events: Arc<Events>,
+    pub(crate) db: DatabaseConnection,
+    pub(crate) events: Arc<Events>,
     metrics: Metrics,
     replica: String,
     retry_max: chrono::Duration,
-    allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
+    /// Seals destination secrets when they are stored, opens them when a relay sends.
+    pub(crate) secrets: Arc<Secrets>,
     running: Mutex<HashSet<String>>,
 }
 
@@ -235,6 +80,7 @@ impl Emr {
         replica: String,
         retry_max: Duration,
         allowed_hosts: Vec<String>,
+        secrets: Arc<Secrets>,
     ) -> Arc<Self> {
         Arc::new(Self {
             db,
@@ -243,90 +89,13 @@ impl Emr {
             replica,
             retry_max: chrono::Duration::from_std(retry_max).unwrap_or(chrono::Duration::hours(24)),
             allowed_hosts,
+            secrets,
             running: Mutex::new(HashSet::new()),
         })
     }
 
     pub fn events(&self) -> &Arc<Events> {
         &self.events
-    }
-
-    pub async fn create_destination(&self, new: NewDestination, audit: &Context) -> Result<emr_destination::Model> {
-        new.check()?;
-        if let Some(host) = new.host()
-            && !host_allowed(&self.allowed_hosts, &host)
-        {
-            return Err(Violations::single(
-                "endpoint",
-                format!(
-                    "host '{}' is not among the EMR hosts this server allows (emr_allowed_hosts in medfleetd's \
-                     configuration); ask the medfleetd operator to add it",
-                    printable(&host)
-                ),
-            )
-            .into());
-        }
-        let txn = crate::db::begin_write(&self.db).await?;
-        if emr_destination::Entity::find_by_id(new.name.clone())
-            .one(&txn)
-            .await?
-            .is_some()
-        {
-            return Err(Error::AlreadyExists(format!(
-                "EMR destination '{}' already exists",
-                new.name
-            )));
-        }
-        let json = |set: &BTreeSet<String>| serde_json::to_string(set).unwrap_or_else(|_| "[]".into());
-        let model = emr_destination::ActiveModel {
-            name: Set(new.name.clone()),
-            kind: Set(new.kind.as_str().to_owned()),
-            settings: Set(serde_json::to_string(&new.settings).unwrap_or_default()),
-            sites: Set(json(&new.sites)),
-            wards: Set(json(&new.wards)),
-            interval_secs: Set(i64::from(new.interval_secs)),
-            enabled: Set(new.enabled),
-            created_by: Set(audit.actor.clone()),
-            created_at: Set(now()),
-            relay_owner: Set(None),
-            relay_lease_until: Set(None),
-            charted_until: Set(None),
-        };
-        let stored = emr_destination::Entity::insert(model).exec_with_returning(&txn).await?;
-        audit
-            .record(
-                &txn,
-                "emr_destination.create",
-                format!("emr_destination/{}", new.name),
-                "*",
-                format!(
-                    "{} {}{}",
-                    new.kind.as_str(),
-                    printable(&new.settings.endpoint),
-                    if new.settings.insecure_plaintext && new.settings.ca_pem.is_none() {
-                        "; INSECURE PLAINTEXT (no TLS) accepted by the creator"
-                    } else {
-                        ""
-                    }
-                ),
-            )
-            .await?;
-        txn.commit().await?;
-        Ok(stored)
-    }
-
-    pub async fn destinations(&self) -> Result<Vec<emr_destination::Model>> {
-        Ok(emr_destination::Entity::find()
-            .order_by_asc(emr_destination::Column::Name)
-            .all(&self.db)
-            .await?)
-    }
-
-    pub async fn destination(&self, name: &str) -> Result<emr_destination::Model> {
-        emr_destination::Entity::find_by_id(name.to_owned())
-            .one(&self.db)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("EMR destination '{name}' does not exist")))
     }
 
     /// Deliveries newest first, after the keyset `before` (an outbox id).
@@ -477,6 +246,15 @@ impl Emr {
             if self.lock_running().contains(&destination.name) {
                 continue;
             }
+            // A destination whose secrets this replica cannot open is never sent to (not even without them): it
+            // is left to a replica whose keyring has the key, or marked for the admin when none relays it.
+            let settings = match open_settings(&destination, &self.secrets) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    self.mark_unrelayable(&destination, &error).await;
+                    continue;
+                }
+            };
             if !self.claim(&destination.name).await? {
                 continue;
             }
@@ -484,7 +262,7 @@ impl Emr {
             let (emr, stop) = (self.clone(), stop.clone());
             tokio::spawn(async move {
                 let name = destination.name.clone();
-                if let Err(error) = emr.round(destination, &stop).await {
+                if let Err(error) = emr.round(destination, settings, &stop).await {
                     tracing::warn!(destination = %name, %error, "delivery round failed; retrying at the next tick");
                 }
                 emr.lock_running().remove(&name);
@@ -495,6 +273,31 @@ impl Emr {
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records (once per new reason) why this replica cannot relay a destination, unless another replica holds
+    /// its lease (and so can open its secrets). The reason says which key is missing and what to do.
+    async fn mark_unrelayable(&self, destination: &emr_destination::Model, error: &Error) {
+        let at = now();
+        let held_elsewhere = destination.relay_owner.as_deref().is_some_and(|o| o != self.replica)
+            && destination.relay_lease_until.is_some_and(|until| until > at);
+        if held_elsewhere {
+            tracing::debug!(destination = %destination.name, %error, "cannot open this destination's secrets; another replica relays it");
+            return;
+        }
+        let reason = format!("replica {}: {error}", self.replica);
+        if destination.relay_error.as_deref() == Some(reason.as_str()) {
+            return;
+        }
+        tracing::error!(destination = %destination.name, %error, "EMR destination cannot be relayed: nothing is sent to it until this is fixed");
+        let marked = emr_destination::Entity::update_many()
+            .col_expr(emr_destination::Column::RelayError, Expr::value(Some(reason)))
+            .filter(emr_destination::Column::Name.eq(destination.name.as_str()))
+            .exec(&self.db)
+            .await;
+        if let Err(error) = marked {
+            tracing::warn!(destination = %destination.name, %error, "could not record the relay error");
+        }
     }
 
     /// Takes or renews the lease on a destination; false if another replica holds it.
@@ -531,16 +334,41 @@ impl Emr {
         }
     }
 
-    /// Delivers what is due for one destination, batch after batch, while this replica holds the lease.
-    async fn round(&self, destination: emr_destination::Model, stop: &CancellationToken) -> Result<()> {
+    /// Delivers what is due for one destination, batch after batch, while this replica holds the lease. The
+    /// destination is re-read before every batch, so an update (a new endpoint or token), a disable or a delete
+    /// applies from the next batch on, without a restart.
+    async fn round(
+        &self,
+        mut destination: emr_destination::Model,
+        mut settings: Settings,
+        stop: &CancellationToken,
+    ) -> Result<()> {
         let kind = DestinationKind::parse(&destination.kind)
             .ok_or_else(|| Error::Internal(format!("destination '{}' has unknown kind", destination.name)))?;
-        let settings = settings_of(&destination)?;
+        if destination.relay_error.is_some() {
+            emr_destination::Entity::update_many()
+                .col_expr(emr_destination::Column::RelayError, Expr::value(Option::<String>::None))
+                .filter(emr_destination::Column::Name.eq(destination.name.as_str()))
+                .exec(&self.db)
+                .await?;
+        }
         let mut mllp: Option<Box<dyn Io>> = None;
         loop {
             if stop.is_cancelled() || !self.claim(&destination.name).await? {
                 return Ok(());
             }
+            let Some(current) = emr_destination::Entity::find_by_id(destination.name.clone())
+                .one(&self.db)
+                .await?
+                .filter(|d| d.enabled)
+            else {
+                return Ok(());
+            };
+            if current.settings != destination.settings {
+                settings = open_settings(&current, &self.secrets)?;
+                mllp = None;
+            }
+            destination = current;
             let limit = if kind == DestinationKind::Fhir {
                 FHIR_BATCH
             } else {
@@ -971,7 +799,7 @@ type ClientIdentity = (
     rustls_pki_types::PrivateKeyDer<'static>,
 );
 
-fn client_identity(certs: &str, key: &str) -> std::result::Result<ClientIdentity, String> {
+pub(crate) fn client_identity(certs: &str, key: &str) -> std::result::Result<ClientIdentity, String> {
     use rustls_pki_types::pem::PemObject as _;
     let chain = rustls_pki_types::CertificateDer::pem_slice_iter(certs.as_bytes())
         .collect::<std::result::Result<Vec<_>, _>>()

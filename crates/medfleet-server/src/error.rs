@@ -26,6 +26,9 @@ pub enum Error {
     /// A dependency the request needs (the audit trail) is failing; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// A destination's stored secret does not open with this replica's keyring.
+    #[error(transparent)]
+    Unreadable(#[from] crate::destinations::Unreadable),
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// Stored data that violates an invariant (a bug or manual tampering), never caused by the caller.
@@ -50,6 +53,7 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::AlreadyExists(m) => Status::already_exists(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::Unreadable(e) => Status::failed_precondition(e.to_string()),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),

@@ -36,6 +36,7 @@ pub mod config_api;
 pub mod configs;
 pub mod credentials;
 pub mod db;
+pub mod destinations;
 pub mod emr;
 pub mod entity;
 pub mod error;
@@ -49,6 +50,7 @@ pub mod presence;
 pub mod retention;
 pub mod revocation;
 pub mod rpc;
+pub mod secrets;
 pub mod server_cert;
 pub mod session;
 pub mod store;
@@ -80,6 +82,7 @@ use crate::identity_api::IdentityApi;
 use crate::pki::{DataDir, InitOutcome, IssuedCertificate, PkiError};
 use crate::revocation::Revocations;
 use crate::rpc::RpcLayer;
+use crate::secrets::{Secrets, SecretsError};
 use crate::session::DeviceApi;
 use crate::store::Registry;
 use crate::telemetry::{Metrics, TelemetryError};
@@ -89,6 +92,10 @@ use crate::tls::TlsError;
 pub enum ServeError {
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("re-encrypting stored secrets: {0}")]
+    Reseal(error::Error),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("database: {0}")]
@@ -121,19 +128,49 @@ impl Listeners {
     }
 }
 
-/// Creates the data directory (CA, server certificate, first admin) if it holds no CA yet.
-pub fn ensure_initialised(config: &Config, admin: &str) -> Result<Option<InitOutcome>, PkiError> {
+/// Creates the data directory (secrets keyring, CA, server certificate, first admin) if it holds no CA yet.
+pub fn ensure_initialised(config: &Config, admin: &str) -> Result<Option<InitOutcome>, SecretsError> {
     let dir = DataDir::new(&config.data_dir);
     if dir.is_initialised() {
         return Ok(None);
     }
-    dir.init(
+    let secrets = Secrets::new(secrets::open_or_create(&config.secrets_key_file, &dir)?);
+    Ok(Some(dir.init(
         admin,
         &config.server_names,
         config.server_cert_lifetime,
         config.operator_cert_lifetime,
-    )
-    .map(Some)
+        &secrets,
+    )?))
+}
+
+/// What `medfleetd rotate-secrets-key --retire-unused` found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Retirement {
+    pub retired: Vec<String>,
+    /// Old keys something still uses (re-encrypted at the next start of a replica with the current key first).
+    pub still_used: Vec<String>,
+    /// Destination secrets still in clear (an older medfleetd's; sealed at the next start).
+    pub plaintext: bool,
+}
+
+/// Removes from the keyring every old key that no stored secret uses: not the CA key in this data directory, not
+/// any destination secret in the database. The current key always stays.
+pub async fn retire_unused_keys(config: &Config) -> Result<Retirement, ServeError> {
+    let dir = DataDir::new(&config.data_dir);
+    let keyring = secrets::load(&config.secrets_key_file)?;
+    db::migrate(&config.database_url).await?;
+    let db = db::connect(&config.database_url, 1).await?;
+    let (mut in_use, plaintext) = destinations::key_ids_in_use(&db).await.map_err(ServeError::Reseal)?;
+    db.close().await?;
+    in_use.extend(dir.ca_key_kid()?);
+    let retired = secrets::retire_unused(&config.secrets_key_file, &in_use)?;
+    let current = keyring.current().id();
+    Ok(Retirement {
+        retired,
+        still_used: in_use.into_iter().filter(|kid| kid != current).collect(),
+        plaintext,
+    })
 }
 
 /// Records the first admin's certificate so it can be revoked like any other. Best effort: a missing or unreadable
@@ -162,12 +199,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let dir = DataDir::new(&config.data_dir);
-    let ca = Arc::new(dir.load_ca()?);
+    let secrets = Arc::new(Secrets::new(secrets::open_or_create(&config.secrets_key_file, &dir)?));
+    let ca_key = dir.protect_ca_key(&secrets)?.map(|change| {
+        let text = match change {
+            pki::CaKeyChange::Sealed { kid } => format!("sealed from plaintext under key {kid}"),
+            pki::CaKeyChange::Resealed { from, kid } => format!("re-encrypted from key {from} to {kid}"),
+        };
+        tracing::info!(path = %dir.ca_key_sealed().display(), change = %text, "CA key at rest");
+        text
+    });
+    let ca = Arc::new(dir.load_ca(secrets.keyring())?);
     let server_credentials = dir.server_credentials(&ca, &config.server_names, config.server_cert_lifetime)?;
     let server_certificate = tls::ServerCertificate::new(&server_credentials)?;
 
     db::migrate(&config.database_url).await?;
     let db = db::connect(&config.database_url, config.database_max_connections).await?;
+    destinations::reseal(&db, &secrets, ca_key.as_deref())
+        .await
+        .map_err(ServeError::Reseal)?;
     let revocations = Revocations::new();
     revocations.refresh(&db).await?;
     let background = tokio_util::sync::CancellationToken::new();
@@ -227,6 +276,7 @@ pub async fn run(
         config.replica_name.clone(),
         config.emr_retry_max,
         config.emr_allowed_hosts.clone(),
+        secrets.clone(),
     );
     emr.spawn_relays(background.clone());
     retention::Retention::new(db.clone(), config.retention, metrics.clone()).spawn(background.clone());

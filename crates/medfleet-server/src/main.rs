@@ -38,6 +38,19 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Add a new current key to the secrets keyring (old keys stay, for decryption), or retire old keys no stored
+    /// secret uses any more.
+    #[command(after_help = "Rotation:\n  \
+        medfleetd rotate-secrets-key --config /etc/medfleet/medfleetd.toml     # 1. new current key, old kept\n  \
+        # 2. give every replica the same key file and restart them: each re-encrypts at start\n  \
+        medfleetd rotate-secrets-key --config /etc/medfleet/medfleetd.toml --retire-unused   # 3. drop old keys")]
+    RotateSecretsKey {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Instead of adding a key, remove the old keys nothing sealed uses (checks the database and the CA key).
+        #[arg(long)]
+        retire_unused: bool,
+    },
     /// Apply pending database migrations and exit.
     #[command(after_help = "Example:\n  medfleetd migrate --database-url postgres://medfleet@db/medfleet")]
     Migrate {
@@ -81,6 +94,46 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             print_credentials_hint(&config, &outcome);
             Ok(())
         }
+        Command::RotateSecretsKey {
+            overrides,
+            retire_unused,
+        } => {
+            let config = Config::load(overrides)?;
+            let path = &config.secrets_key_file;
+            if retire_unused {
+                let outcome = medfleet_server::retire_unused_keys(&config).await?;
+                if outcome.retired.is_empty() {
+                    eprintln!("medfleetd: no old key retired from {}", path.display());
+                } else {
+                    eprintln!(
+                        "medfleetd: retired {} from {}",
+                        outcome.retired.join(", "),
+                        path.display()
+                    );
+                }
+                if !outcome.still_used.is_empty() {
+                    eprintln!(
+                        "  still used: {} (restart every replica with the current key first, then run this again)",
+                        outcome.still_used.join(", ")
+                    );
+                }
+                if outcome.plaintext {
+                    eprintln!("  some destination secrets are still in clear: a replica's restart seals them");
+                }
+                return Ok(());
+            }
+            let keyring =
+                medfleet_server::secrets::rotate(path).with_context(|| format!("rotating {}", path.display()))?;
+            eprintln!(
+                "medfleetd: {} now begins with the new key {} (kept for decryption: {}).\n  Next: give every replica \
+                 this file and restart them (each re-encrypts what it stores at start), then run\n  medfleetd \
+                 rotate-secrets-key --retire-unused to remove the old keys once nothing uses them.",
+                path.display(),
+                keyring.current().id(),
+                keyring.ids()[1..].join(", ")
+            );
+            Ok(())
+        }
         Command::Migrate { overrides } => {
             let config = Config::load(overrides)?;
             let _guard = telemetry::init_tracing(config.log_format, &config.log_level, None)?;
@@ -109,10 +162,13 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
 fn print_credentials_hint(config: &Config, outcome: &medfleet_server::pki::InitOutcome) {
     let dir = DataDir::new(&config.data_dir);
     eprintln!(
-        "medfleetd: initialised {}\n  CA certificate:          {}\n  admin credentials (0600): {}\n  \
-         use them with: medfleet --credentials {} sites list",
+        "medfleetd: initialised {}\n  CA certificate:          {}\n  CA key (sealed):         {}\n  \
+         secrets keyring (0600):  {}  (back it up apart from the database and this directory)\n  \
+         admin credentials (0600): {}\n  use them with: medfleet --credentials {} sites list",
         dir.root().display(),
         outcome.ca_cert.display(),
+        outcome.ca_key.display(),
+        config.secrets_key_file.display(),
         outcome.admin_bundle.display(),
         outcome.admin_bundle.display(),
     );

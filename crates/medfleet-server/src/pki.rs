@@ -44,6 +44,31 @@ pub enum PkiError {
     NotInitialised(PathBuf),
     #[error("{path}: not a usable certificate: {reason}")]
     InvalidCertificate { path: PathBuf, reason: String },
+    #[error("{path}: the sealed CA key does not open: {source}")]
+    CaKeySealed {
+        path: PathBuf,
+        #[source]
+        source: medfleet_core::secrets::EnvelopeError,
+    },
+    #[error(
+        "{plain} and {sealed} both exist and hold different keys; keep the one that signed ca.crt and remove the \
+         other by hand"
+    )]
+    CaKeyConflict { plain: PathBuf, sealed: PathBuf },
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// The associated data the CA key's envelope is sealed for: it opens only as the CA key.
+const CA_KEY_AAD: &str = "ca.key";
+
+/// What [`DataDir::protect_ca_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaKeyChange {
+    /// A plaintext `ca.key` (from an older medfleetd) was sealed and removed.
+    Sealed { kid: String },
+    /// The sealed key was re-encrypted under the current key (it used `from`).
+    Resealed { from: String, kid: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -454,6 +479,8 @@ pub struct DataDir {
 pub struct InitOutcome {
     pub admin_bundle: PathBuf,
     pub ca_cert: PathBuf,
+    /// The sealed CA key; the keyring that opens it is the configured `secrets_key_file`.
+    pub ca_key: PathBuf,
 }
 
 impl DataDir {
@@ -467,8 +494,17 @@ impl DataDir {
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca/ca.crt")
     }
+    /// Where older versions kept the CA key in clear; migrated to [`Self::ca_key_sealed`] at start.
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca/ca.key")
+    }
+    /// The CA key (PEM), sealed with the secrets keyring.
+    pub fn ca_key_sealed(&self) -> PathBuf {
+        self.root.join("ca/ca.key.enc")
+    }
+    /// Where the secrets keyring lives unless `secrets_key_file` says otherwise.
+    pub fn default_secrets_key_file(&self) -> PathBuf {
+        self.root.join("secrets.key")
     }
     pub fn server_cert(&self) -> PathBuf {
         self.root.join("tls/server.crt")
@@ -500,6 +536,7 @@ impl DataDir {
         server_names: &[String],
         server_lifetime: Duration,
         admin_lifetime: Duration,
+        secrets: &crate::secrets::Secrets,
     ) -> Result<InitOutcome, PkiError> {
         if self.is_initialised() {
             return Err(PkiError::AlreadyInitialised(self.root.clone()));
@@ -509,8 +546,9 @@ impl DataDir {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
         }
         let (ca, ca_key_pem) = CertificateAuthority::generate("medfleet")?;
-        // Key first: a crash between the two writes leaves no CA certificate, so init can simply be re-run.
-        write_private(&self.ca_key(), &ca_key_pem)?;
+        // Key first: a crash between the two writes leaves no CA certificate, so init can simply be re-run. The
+        // key is written only sealed: it never touches the disk in clear.
+        write_private(&self.ca_key_sealed(), &seal_ca_key(secrets, &ca_key_pem)?)?;
         let server = ca.issue_server(server_names, server_lifetime)?;
         write_private(&self.server_key(), &server.key_pem)?;
         write_public(&self.server_cert(), &server.cert_pem)?;
@@ -521,15 +559,22 @@ impl DataDir {
         Ok(InitOutcome {
             admin_bundle: self.admin_bundle(),
             ca_cert: self.ca_cert(),
+            ca_key: self.ca_key_sealed(),
         })
     }
 
-    /// Loads the CA, refusing a private key that other users could read.
-    pub fn load_ca(&self) -> Result<CertificateAuthority, PkiError> {
+    /// Loads the CA, refusing a private key file that other users could read. The key is the sealed one, or the
+    /// plaintext `ca.key` of an older version that [`Self::protect_ca_key`] has not migrated yet.
+    pub fn load_ca(&self, keyring: &medfleet_core::secrets::Keyring) -> Result<CertificateAuthority, PkiError> {
         if !self.is_initialised() {
             return Err(PkiError::NotInitialised(self.root.clone()));
         }
-        let key_pem = read_private(&self.ca_key())?;
+        let sealed = self.ca_key_sealed();
+        let key_pem = if sealed.exists() {
+            open_ca_key(keyring, &sealed, &read_private(&sealed)?)?
+        } else {
+            read_private(&self.ca_key())?
+        };
         let cert_pem = read(&self.ca_cert())?;
         CertificateAuthority::from_pem(&cert_pem, &key_pem)
     }
@@ -551,6 +596,54 @@ impl DataDir {
             .map_err(io_err(&path))?;
         file.lock().map_err(io_err(&path))?;
         Ok(file)
+    }
+
+    /// The key id the CA key is sealed with (none while it is still in clear).
+    pub fn ca_key_kid(&self) -> Result<Option<String>, PkiError> {
+        let sealed = self.ca_key_sealed();
+        if !sealed.exists() {
+            return Ok(None);
+        }
+        Ok(medfleet_core::secrets::key_id_of(read_private(&sealed)?.trim()).map(str::to_owned))
+    }
+
+    /// Keeps the CA key sealed under the current key: seals a plaintext `ca.key` left by an older version (the
+    /// sealed file is written and synced, checked to open to the same key, and only then is the plaintext
+    /// removed), and re-encrypts a key sealed under an older key of the keyring.
+    pub fn protect_ca_key(&self, secrets: &crate::secrets::Secrets) -> Result<Option<CaKeyChange>, PkiError> {
+        let (plain, sealed) = (self.ca_key(), self.ca_key_sealed());
+        let current = secrets.current_kid().to_owned();
+        if plain.exists() {
+            let key_pem = read_private(&plain)?;
+            if sealed.exists() {
+                // A crash between writing the sealed key and removing the plaintext: finish only if they agree.
+                let opened = open_ca_key(secrets.keyring(), &sealed, &read_private(&sealed)?)?;
+                if opened != key_pem {
+                    return Err(PkiError::CaKeyConflict { plain, sealed });
+                }
+            } else {
+                write_private(&sealed, &seal_ca_key(secrets, &key_pem)?)?;
+                let opened = open_ca_key(secrets.keyring(), &sealed, &read(&sealed)?)?;
+                if opened != key_pem {
+                    return Err(PkiError::CaKeyConflict { plain, sealed });
+                }
+            }
+            fs::remove_file(&plain).map_err(io_err(&plain))?;
+            sync_dir(&plain)?;
+            return Ok(Some(CaKeyChange::Sealed { kid: current }));
+        }
+        let Some(kid) = self.ca_key_kid()? else {
+            return Ok(None);
+        };
+        if kid == current {
+            return Ok(None);
+        }
+        let key_pem = open_ca_key(secrets.keyring(), &sealed, &read_private(&sealed)?)?;
+        write_private(&sealed, &seal_ca_key(secrets, &key_pem)?)?;
+        Ok(Some(CaKeyChange::Resealed {
+            from: kid,
+            kid: current,
+        }))
     }
 
     /// The server's certificate chain and key for start-up: the stored pair while it is not due for renewal
@@ -735,6 +828,28 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
+fn seal_ca_key(secrets: &crate::secrets::Secrets, key_pem: &str) -> Result<String, PkiError> {
+    secrets
+        .seal(CA_KEY_AAD, key_pem.as_bytes())
+        .map(|sealed| format!("{sealed}\n"))
+        .map_err(|_| PkiError::Random)
+}
+
+fn open_ca_key(keyring: &medfleet_core::secrets::Keyring, path: &Path, text: &str) -> Result<String, PkiError> {
+    medfleet_core::secrets::open(keyring, CA_KEY_AAD, text.trim())
+        .and_then(|pem| String::from_utf8(pem).map_err(|_| medfleet_core::secrets::EnvelopeError::Malformed))
+        .map_err(|source| PkiError::CaKeySealed {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Makes a rename or removal in `path`'s directory durable.
+fn sync_dir(path: &Path) -> Result<(), PkiError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
 fn read(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(io_err(path))
 }
@@ -768,7 +883,9 @@ fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> 
         .map_err(io_err(&tmp))?;
     file.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
     file.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    // The rename itself must survive a crash too (a key written then lost would be worse than none).
+    sync_dir(path)
 }
 
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
@@ -801,35 +918,90 @@ mod tests {
         assert!(identity_of(&der).unwrap_err().contains("no medfleet://"));
     }
 
+    fn secrets(dir: &Path) -> crate::secrets::Secrets {
+        crate::secrets::Secrets::new(crate::secrets::create(&dir.join("secrets.key")).unwrap())
+    }
+
     #[test]
     fn init_writes_private_files_0600_and_refuses_twice() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path().join("data"));
+        let secrets = secrets(tmp.path());
         let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         let hour = Duration::from_hours(1);
-        dir.init("admin", &names, hour, hour).unwrap();
-        for path in [dir.ca_key(), dir.server_key(), dir.admin_bundle()] {
+        dir.init("admin", &names, hour, hour, &secrets).unwrap();
+        for path in [dir.ca_key_sealed(), dir.server_key(), dir.admin_bundle()] {
             let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", path.display());
         }
+        assert!(!dir.ca_key().exists(), "the CA key is never written in clear");
         assert!(matches!(
-            dir.init("admin", &names, hour, hour),
+            dir.init("admin", &names, hour, hour, &secrets),
             Err(PkiError::AlreadyInitialised(_))
         ));
-        dir.load_ca().unwrap();
-        fs::set_permissions(dir.ca_key(), fs::Permissions::from_mode(0o644)).unwrap();
-        let err = dir.load_ca().unwrap_err();
+        dir.load_ca(secrets.keyring()).unwrap();
+        fs::set_permissions(dir.ca_key_sealed(), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = dir.load_ca(secrets.keyring()).unwrap_err();
         assert!(matches!(err, PkiError::InsecureKey { .. }), "{err}");
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    /// A plaintext CA key of an older version is sealed and removed; after a rotation it is re-encrypted; with
+    /// the wrong keyring it does not open, and says so.
+    #[test]
+    fn ca_key_is_sealed_migrated_and_resealed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        let first = secrets(tmp.path());
+        let hour = Duration::from_hours(1);
+        dir.init("admin", &["localhost".into()], hour, hour, &first).unwrap();
+        let cert = dir.load_ca(first.keyring()).unwrap().cert_pem().to_owned();
+        // Back to how an older version left it: the key in clear, nothing sealed.
+        let key_pem = open_ca_key(
+            first.keyring(),
+            &dir.ca_key_sealed(),
+            &read(&dir.ca_key_sealed()).unwrap(),
+        )
+        .unwrap();
+        write_private(&dir.ca_key(), &key_pem).unwrap();
+        fs::remove_file(dir.ca_key_sealed()).unwrap();
+        assert_eq!(
+            dir.protect_ca_key(&first).unwrap(),
+            Some(CaKeyChange::Sealed {
+                kid: first.current_kid().to_owned()
+            })
+        );
+        assert!(!dir.ca_key().exists());
+        let sealed = read(&dir.ca_key_sealed()).unwrap();
+        assert!(
+            !sealed.contains("PRIVATE KEY") && sealed.starts_with("enc:v1:"),
+            "{sealed}"
+        );
+        assert_eq!(dir.protect_ca_key(&first).unwrap(), None);
+
+        let path = tmp.path().join("secrets.key");
+        let rotated = crate::secrets::Secrets::new(crate::secrets::rotate(&path).unwrap());
+        assert_eq!(
+            dir.protect_ca_key(&rotated).unwrap(),
+            Some(CaKeyChange::Resealed {
+                from: first.current_kid().to_owned(),
+                kid: rotated.current_kid().to_owned()
+            })
+        );
+        assert_eq!(dir.ca_key_kid().unwrap().as_deref(), Some(rotated.current_kid()));
+        assert_eq!(dir.load_ca(rotated.keyring()).unwrap().cert_pem(), cert);
+        let err = dir.load_ca(first.keyring()).unwrap_err();
+        assert!(err.to_string().contains("is not in the secrets keyring"), "{err}");
     }
 
     #[test]
     fn server_cert_reissued_when_names_change() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
+        let dir = DataDir::new(tmp.path().join("data"));
+        let secrets = secrets(tmp.path());
         let hour = Duration::from_hours(1);
-        dir.init("admin", &["localhost".into()], hour, hour).unwrap();
-        let ca = dir.load_ca().unwrap();
+        dir.init("admin", &["localhost".into()], hour, hour, &secrets).unwrap();
+        let ca = dir.load_ca(secrets.keyring()).unwrap();
         let first = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
         let same = dir.server_credentials(&ca, &["localhost".into()], hour).unwrap();
         assert_eq!(first.chain_pem, same.chain_pem);
@@ -867,8 +1039,9 @@ mod tests {
         let dir = DataDir::new(tmp.path());
         let hour = Duration::from_hours(1);
         let names = vec!["localhost".to_owned()];
-        dir.init("admin", &names, hour, hour).unwrap();
-        let ca = dir.load_ca().unwrap();
+        let secrets = secrets(tmp.path());
+        dir.init("admin", &names, hour, hour, &secrets).unwrap();
+        let ca = dir.load_ca(secrets.keyring()).unwrap();
         let stored = dir.server_credentials(&ca, &names, hour).unwrap();
         let due = server_renewal_at(stored.not_after, hour);
         let before = dir
@@ -899,8 +1072,9 @@ mod tests {
         let dir = DataDir::new(tmp.path());
         let hour = Duration::from_hours(1);
         let names = vec!["localhost".to_owned()];
-        dir.init("admin", &names, hour, hour).unwrap();
-        let ca = dir.load_ca().unwrap();
+        let secrets = secrets(tmp.path());
+        dir.init("admin", &names, hour, hour, &secrets).unwrap();
+        let ca = dir.load_ca(secrets.keyring()).unwrap();
         let stored = dir.server_credentials(&ca, &names, hour).unwrap();
         let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         write_private(&dir.server_key(), &other.serialize_pem()).unwrap();

@@ -300,6 +300,16 @@ pub const RULES: &[(&str, Rule)] = &[
         permission("emr_destination", "update", Target::Global),
     ),
     (
+        // Repointing, re-keying, disabling or deleting where chart entries go is as much an admin decision as
+        // creating a destination.
+        "/medfleet.v1.EmrService/UpdateDestination",
+        permission("emr_destination", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.EmrService/DeleteDestination",
+        permission("emr_destination", "update", Target::Global),
+    ),
+    (
         "/medfleet.v1.EmrService/ListDestinations",
         permission("emr_destination", "read", Target::Global),
     ),

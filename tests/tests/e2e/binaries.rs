@@ -381,7 +381,7 @@ async fn daemon_and_cli(backend: Backend) {
     );
 
     // A CA key that other users can read stops the server before it serves anything.
-    let ca_key = data_dir.join("ca/ca.key");
+    let ca_key = data_dir.join("ca/ca.key.enc");
     std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let refused = Command::new(binary("medfleetd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
@@ -410,7 +410,7 @@ async fn init_creates_credentials_once() {
     };
     let first = run("alice").await.unwrap();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    for private in ["ca/ca.key", "tls/server.key", "admin.pem"] {
+    for private in ["ca/ca.key.enc", "secrets.key", "tls/server.key", "admin.pem"] {
         let mode = std::fs::metadata(data.join(private)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{private}");
     }
@@ -435,6 +435,75 @@ async fn init_creates_credentials_once() {
         .unwrap();
     assert!(!bad_name.status.success());
     assert!(!dir.path().join("other").exists(), "a refused init left files behind");
+}
+
+/// `medfleetd rotate-secrets-key`: a new first key with the old one kept; `--retire-unused` keeps a key something
+/// is still sealed with (here the CA key, until a start re-encrypts it) and drops it once nothing is; a sealed CA
+/// key without its keyring stops the server with the key id to restore.
+#[tokio::test]
+async fn secrets_key_rotation_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let medfleetd = |args: &[&str]| {
+        let mut command = Command::new(binary("medfleetd"));
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .env_remove("MEDFLEET_CONFIG");
+        command.output()
+    };
+    let init = medfleetd(&["init"]).await.unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(String::from_utf8_lossy(&init.stderr).contains("secrets keyring (0600)"));
+    let keys = || medfleet_server::secrets::load(&data.join("secrets.key")).unwrap();
+    let first = keys().current().id().to_owned();
+
+    let rotated = medfleetd(&["rotate-secrets-key"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&rotated.stderr);
+    assert!(rotated.status.success(), "{stderr}");
+    let second = keys().current().id().to_owned();
+    assert_eq!(keys().ids(), [second.as_str(), first.as_str()]);
+    assert!(
+        stderr.contains(&second) && stderr.contains("--retire-unused"),
+        "{stderr}"
+    );
+
+    // The CA key is still sealed under the first key: it stays.
+    let kept = medfleetd(&["rotate-secrets-key", "--retire-unused"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&kept.stderr);
+    assert!(kept.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no old key retired") && stderr.contains(&format!("still used: {first}")),
+        "{stderr}"
+    );
+    assert_eq!(keys().ids().len(), 2);
+
+    // A start re-encrypts it (the step `serve` runs first); then the first key can go.
+    let keyring = medfleet_server::secrets::Secrets::new(keys());
+    medfleet_server::pki::DataDir::new(&data)
+        .protect_ca_key(&keyring)
+        .unwrap();
+    let retired = medfleetd(&["rotate-secrets-key", "--retire-unused"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&retired.stderr);
+    assert!(
+        retired.status.success() && stderr.contains(&format!("retired {first}")),
+        "{stderr}"
+    );
+    assert_eq!(keys().ids(), [second.as_str()]);
+
+    // Without its keyring, a sealed CA key stops the server and says which key to restore.
+    std::fs::remove_file(data.join("secrets.key")).unwrap();
+    let refused = medfleetd(&["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("does not exist") && stderr.contains(&second),
+        "{stderr}"
+    );
+    assert!(!data.join("secrets.key").exists(), "a new keyring was made up");
 }
 
 /// A minimal OTLP/gRPC collector that records what medfleetd exports.

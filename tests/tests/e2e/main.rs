@@ -15,6 +15,7 @@ mod audit;
 mod binaries;
 mod clinical;
 mod config;
+mod destinations;
 mod identity;
 mod matrix;
 mod operations;

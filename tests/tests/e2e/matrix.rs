@@ -131,7 +131,9 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("PatientService", "ListAssociations") => Listing("patient", "read"),
         ("ObservationService", "ListObservations") => Listing("observation", "read"),
         ("ObservationService", "SetObservationStatus") => Listing("observation", "validate"),
-        ("EmrService", "CreateDestination") => Global("emr_destination", "update"),
+        ("EmrService", "CreateDestination" | "UpdateDestination" | "DeleteDestination") => {
+            Global("emr_destination", "update")
+        }
         ("EmrService", "RetryDeliveries") => Global("emr_destination", "retry"),
         ("EmrService", "ListDestinations" | "ListDeliveries") => Global("emr_destination", "read"),
         ("FeedService", _) => Listing("feed", "subscribe"),

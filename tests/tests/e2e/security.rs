@@ -152,7 +152,7 @@ async fn identities(backend: Backend) {
     let server = TestServer::start(backend).await;
 
     // A certificate from our CA that names no medfleet identity: authenticated TLS, but no principal.
-    let ca_key = std::fs::read_to_string(server.data_dir().ca_key()).unwrap();
+    let ca_key = server.ca_key_pem();
     let issuer =
         rcgen::Issuer::from_ca_cert_pem(server.ca().cert_pem(), rcgen::KeyPair::from_pem(&ca_key).unwrap()).unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -7,6 +7,7 @@ pub mod alarm;
 pub mod association;
 pub mod chart;
 pub mod codes;
+pub mod destination;
 pub mod fhir;
 pub mod hl7;
 pub mod reading;

@@ -6,7 +6,8 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub name: String,
     pub kind: String,
-    /// JSON: endpoint, bearer token, CA PEM, receiving application and facility.
+    /// JSON: endpoint, CA PEM, receiving application and facility, and the secrets (bearer token, client key)
+    /// as envelopes sealed with the secrets keyring (`destinations::seal_settings`).
     pub settings: String,
     /// JSON arrays of site names and "site/ward" names; both empty means everywhere.
     pub sites: String,
@@ -20,6 +21,8 @@ pub struct Model {
     pub relay_lease_until: Option<DateTimeUtc>,
     /// With a charting interval: windows (of observation time) before this are charted.
     pub charted_until: Option<DateTimeUtc>,
+    /// Why the relay cannot deliver to this destination (a secret that does not open), until it can again.
+    pub relay_error: Option<String>,
 }
 
 // Settings hold a bearer token: never print them.

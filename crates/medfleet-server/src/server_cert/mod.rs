@@ -157,8 +157,10 @@ mod tests {
         let dir = DataDir::new(tmp.path());
         let lifetime = Duration::from_secs(3);
         let names = vec!["localhost".to_owned()];
-        dir.init("admin", &names, lifetime, Duration::from_hours(1)).unwrap();
-        let ca = Arc::new(dir.load_ca().unwrap());
+        let secrets = crate::secrets::Secrets::new(crate::secrets::create(&tmp.path().join("secrets.key")).unwrap());
+        dir.init("admin", &names, lifetime, Duration::from_hours(1), &secrets)
+            .unwrap();
+        let ca = Arc::new(dir.load_ca(secrets.keyring()).unwrap());
         let serving = dir.server_credentials(&ca, &names, lifetime).unwrap();
         let certificate = ServerCertificate::new(&serving).unwrap();
         let metrics = Metrics::new(None).unwrap();
