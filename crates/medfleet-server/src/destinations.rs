@@ -146,17 +146,44 @@ impl NewDestination {
 
     /// The host the destination's endpoint names (none for a feed).
     pub(crate) fn host(&self) -> Option<String> {
-        match self.kind {
-            DestinationKind::Feed => None,
-            DestinationKind::Fhir => self
-                .settings
-                .endpoint
-                .parse::<http::Uri>()
-                .ok()
-                .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())),
-            DestinationKind::Mllp => split_host_port(&self.settings.endpoint).map(|(h, _)| h.to_ascii_lowercase()),
-        }
+        endpoint_host(self.kind, &self.settings.endpoint)
     }
+}
+
+/// The host an endpoint of `kind` connects to (lower case), if it names one.
+fn endpoint_host(kind: DestinationKind, endpoint: &str) -> Option<String> {
+    match kind {
+        DestinationKind::Feed => None,
+        DestinationKind::Fhir => endpoint
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())),
+        DestinationKind::Mllp => split_host_port(endpoint).map(|(h, _)| h.to_ascii_lowercase()),
+    }
+}
+
+/// The server's rules for where PHI may go, checked again before every round of sending and not only when a
+/// destination is written: a destination created before an allow-list was configured (or narrowed), or a plaintext
+/// MLLP row from before `insecure_plaintext` existed, is held, not relayed.
+pub(crate) fn send_refusal(kind: DestinationKind, settings: &Settings, allowed_hosts: &[String]) -> Option<String> {
+    if let Some(host) = endpoint_host(kind, &settings.endpoint)
+        && !host_allowed(allowed_hosts, &host)
+    {
+        return Some(format!(
+            "host '{}' is not among the EMR hosts this server allows (emr_allowed_hosts); nothing is sent to it. \
+             Point the destination at an allowed host (medfleet emr update) or ask the medfleetd operator to allow it",
+            printable(&host)
+        ));
+    }
+    if kind == DestinationKind::Mllp && settings.ca_pem.is_none() && !settings.insecure_plaintext {
+        return Some(
+            "MLLP without TLS and without insecure_plaintext: nothing is sent in clear. Give the receiver's CA \
+             (medfleet emr update NAME --ca FILE) or, for a receiver on an isolated network, set \
+             --insecure-plaintext"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// Whether `host` is on the allow-list (an empty list allows any host): exact names, or `*.suffix` for subdomains.

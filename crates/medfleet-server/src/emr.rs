@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::clinical::{DestinationKind, decode_measurement, state};
-use crate::destinations::{Settings, open_settings, split_host_port};
+use crate::destinations::{Settings, open_settings, send_refusal, split_host_port};
 use crate::entity::{device, emr_destination, emr_outbox, feed_subscription, observation, patient};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
@@ -248,7 +248,7 @@ impl Emr {
             }
             // A destination whose secrets this replica cannot open is never sent to (not even without them): it
             // is left to a replica whose keyring has the key, or marked for the admin when none relays it.
-            let settings = match open_settings(&destination, &self.secrets) {
+            let settings = match self.relayable(&destination) {
                 Ok(settings) => settings,
                 Err(error) => {
                     self.mark_unrelayable(&destination, &error).await;
@@ -273,6 +273,17 @@ impl Emr {
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The destination's settings with its secrets opened, if the server's rules let it be sent to.
+    fn relayable(&self, destination: &emr_destination::Model) -> Result<Settings> {
+        let settings = open_settings(destination, &self.secrets)?;
+        let kind = DestinationKind::parse(&destination.kind)
+            .ok_or_else(|| Error::Internal(format!("destination '{}' has unknown kind", destination.name)))?;
+        match send_refusal(kind, &settings, &self.allowed_hosts) {
+            Some(reason) => Err(Error::FailedPrecondition(reason)),
+            None => Ok(settings),
+        }
     }
 
     /// Records (once per new reason) why this replica cannot relay a destination, unless another replica holds
@@ -365,7 +376,13 @@ impl Emr {
                 return Ok(());
             };
             if current.settings != destination.settings {
-                settings = open_settings(&current, &self.secrets)?;
+                settings = match self.relayable(&current) {
+                    Ok(settings) => settings,
+                    Err(error) => {
+                        self.mark_unrelayable(&current, &error).await;
+                        return Ok(());
+                    }
+                };
                 mllp = None;
             }
             destination = current;

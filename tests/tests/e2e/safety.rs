@@ -1545,3 +1545,83 @@ both_backends!(
     readings_chart_where_the_device_stood_when_it_measured,
     readings_chart_where_the_device_stood_when_it_measured
 );
+
+/// The allow-list binds what is already configured too: a destination created before its host was disallowed is
+/// held at the next start (nothing sent, the reason shown to admins), and relays again once it is allowed.
+async fn a_destination_outside_the_allow_list_is_held(backend: Backend) {
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let server = TestServer::start_on(storage.config()).await;
+    let device = setup(&server).await;
+    let mllp = MllpReceiver::start().await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    v1::emr_service_client::EmrServiceClient::new(admin.clone())
+        .create_destination(v1::EmrDestination {
+            name: "hl7".into(),
+            kind: v1::EmrDestinationKind::Mllp.into(),
+            endpoint: mllp.addr.to_string(),
+            insecure_plaintext: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    PatientServiceClient::new(admin)
+        .associate(v1::AssociateRequest {
+            device_id: device.clone(),
+            patient: patient("MRN-HELD"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+
+    let mut narrowed = storage.config();
+    narrowed.emr_allowed_hosts = vec!["*.hospital.example".into()];
+    let held = TestServer::start_on(narrowed).await;
+    let mut emr = v1::emr_service_client::EmrServiceClient::new(held.channel(&held.admin_bundle()).await.unwrap());
+    let mut publisher = publisher_for(&held, &device).await;
+    assert_eq!(
+        publisher
+            .send(1, vec![item("147842", 70.0, "/min", Utc::now())])
+            .await
+            .accepted,
+        1
+    );
+    let marked = async {
+        loop {
+            let listed = emr
+                .list_destinations(v1::ListDestinationsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .destinations;
+            if let Some(reason) = listed.iter().map(|d| d.relay_error.clone()).find(|r| !r.is_empty()) {
+                return reason;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let reason = tokio::time::timeout(crate::clinical::GUARD, marked)
+        .await
+        .expect("the disallowed destination was not marked");
+    assert!(reason.contains("emr_allowed_hosts"), "{reason}");
+    assert!(
+        mllp.log.lock().unwrap().messages.is_empty(),
+        "PHI went to a disallowed host"
+    );
+    drop((publisher, emr));
+    held.stop().await.unwrap();
+
+    let mut allowed = storage.config();
+    allowed.emr_allowed_hosts = vec!["127.0.0.1".into()];
+    let _relaying = TestServer::start_on(allowed).await;
+    mllp.wait("the held entry after the host is allowed", |log| {
+        log.messages.len() == 1
+    })
+    .await;
+}
+
+both_backends!(
+    a_destination_outside_the_allow_list_is_held,
+    a_destination_outside_the_allow_list_is_held
+);
