@@ -262,6 +262,11 @@ async fn current_version(db: &DatabaseConnection) -> Result<i64, sea_orm::DbErr>
 }
 
 impl Access {
+    /// The database the policy lives in (streams closed by a policy change audit there).
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
     pub async fn load(db: DatabaseConnection) -> Result<Arc<Self>, AccessError> {
         let version = current_version(&db).await?;
         let enforcer = build(&db).await?;

@@ -456,6 +456,27 @@ pub async fn access_withdrawn(
             return std::future::pending().await;
         }
         if !still(&access.visibility(subject, object, action)) {
+            // A refusal like any other: the trail shows when a revoked reader stopped reading. At most once per
+            // open stream, and only after an administrator's policy change.
+            let event = crate::audit::Event {
+                actor: subject.to_owned(),
+                action: format!("{object}.{action}"),
+                target: "stream".to_owned(),
+                scope: "*".to_owned(),
+                outcome: crate::audit::Outcome::Denied,
+                request_id: String::new(),
+                detail: format!("open stream closed: permission {object}:{action} withdrawn"),
+            };
+            let recorded = match crate::db::begin_write(access.db()).await {
+                Ok(txn) => match crate::audit::append(&txn, &event).await {
+                    Ok(()) => txn.commit().await,
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            };
+            if let Err(error) = recorded {
+                tracing::warn!(%error, "could not audit a stream closed by a policy change");
+            }
             return Status::permission_denied(format!(
                 "{subject}'s permission {object}:{action} was withdrawn while this stream was open; it is closed \
                  (ask an administrator if you still need it)"

@@ -668,7 +668,7 @@ async fn revoking_a_role_ends_its_open_streams(backend: Backend) {
         .into_inner();
     // The initial listing arrives: the watch is live.
     assert!(watch.message().await.unwrap().is_some());
-    AccessServiceClient::new(admin)
+    AccessServiceClient::new(admin.clone())
         .revoke(v1::GrantRequest {
             grant: Some(v1::RoleGrant {
                 principal: "medfleet://service/epic".into(),
@@ -695,6 +695,25 @@ async fn revoking_a_role_ends_its_open_streams(backend: Backend) {
     .expect("the watch outlived the revocation")
     .unwrap_err();
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    // Both closings are in the trail as refusals of the integration.
+    let closed = AuditServiceClient::new(admin)
+        .list_audit_events(v1::ListAuditEventsRequest {
+            actor: "medfleet://service/epic".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let closed: Vec<_> = closed
+        .iter()
+        .filter(|e| e.outcome == "denied" && e.detail.contains("open stream closed"))
+        .map(|e| e.action.as_str())
+        .collect();
+    assert!(
+        closed.contains(&"feed.subscribe") && closed.contains(&"device.read"),
+        "{closed:?}"
+    );
 }
 
 both_backends!(
