@@ -416,3 +416,14 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The single number a `SELECT COUNT(*) …` (or any one-integer query) answers, straight from the database.
+pub async fn count_rows(db: &DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait as _;
+    db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .expect("count query")
+        .expect("a count row")
+        .try_get_by_index::<i64>(0)
+        .expect("an integer count")
+}

@@ -716,18 +716,7 @@ async fn acked_readings_survive_a_server_kill(backend: Backend) {
 
     // Storage: every reading once; every chart entry once.
     let db = sea_orm::Database::connect(&storage.database_url).await.unwrap();
-    let count = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            use sea_orm::ConnectionTrait as _;
-            let row = db
-                .query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
-                .await
-                .unwrap()
-                .unwrap();
-            row.try_get_by_index::<i64>(0).unwrap()
-        }
-    };
+    let count = |sql: &'static str| medfleet_e2e::count_rows(&db, sql);
     let readings = DEVICES * usize::try_from(BATCHES).unwrap() * 7;
     let stored = count("SELECT COUNT(*) FROM readings").await;
     let distinct = count(

@@ -124,6 +124,19 @@ fn adt(kind: v1::AdtEventType, mrn: &str, name: &str, bed: Option<(&str, &str)>)
     }
 }
 
+/// The audit entries of one action, newest first.
+async fn audit_events(channel: &Channel, action: &str) -> Vec<v1::AuditEvent> {
+    AuditServiceClient::new(channel.clone())
+        .list_audit_events(v1::ListAuditEventsRequest {
+            action: action.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
 async fn statuses(patients: &mut PatientServiceClient<Channel>, device: &str) -> Vec<(String, String)> {
     patients
         .list_associations(v1::ListAssociationsRequest {
@@ -266,15 +279,7 @@ async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
         .into_inner()
         .associations;
     assert_eq!(name_of(rows).as_deref(), Some("Roe^Anne"));
-    let renames = AuditServiceClient::new(admin.clone())
-        .list_audit_events(v1::ListAuditEventsRequest {
-            action: "patient.update".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let renames = audit_events(&admin, "patient.update").await;
     assert_eq!(renames.len(), 1, "{renames:?}");
     assert_eq!(renames[0].actor, "medfleet://service/epic");
     assert!(
@@ -766,15 +771,7 @@ async fn destinations_are_admin_only_and_pinned_to_allowed_hosts(backend: Backen
     })
     .await
     .unwrap();
-    let trail = AuditServiceClient::new(admin)
-        .list_audit_events(v1::ListAuditEventsRequest {
-            action: "emr_destination.create".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let trail = audit_events(&admin, "emr_destination.create").await;
     assert!(
         trail.iter().any(|e| e.detail.contains("INSECURE PLAINTEXT")),
         "{trail:?}"
@@ -1181,15 +1178,11 @@ async fn reenrolling_a_live_device_needs_replace_and_keeps_its_buffer(backend: B
         [Some("superseded".to_owned()), None],
         "the old certificate is retired"
     );
-    let issued = AuditServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap())
-        .list_audit_events(v1::ListAuditEventsRequest {
-            action: "enrollment.token.issue".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let issued = audit_events(
+        &server.channel(&server.admin_bundle()).await.unwrap(),
+        "enrollment.token.issue",
+    )
+    .await;
     assert!(
         issued.iter().any(|e| e.detail.contains("replaces certificate")),
         "{issued:?}"
@@ -1267,26 +1260,8 @@ async fn retroactive_charting_runs_in_chunks_exactly_once(backend: Backend) {
         );
     }
     let db = server.db().await;
-    let count = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
-                .await
-                .unwrap()
-                .unwrap()
-                .try_get_by_index::<i64>(0)
-                .unwrap()
-        }
-    };
-    let complete = AuditServiceClient::new(admin.clone())
-        .list_audit_events(v1::ListAuditEventsRequest {
-            action: "association.chart.complete".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let count = |sql: &'static str| medfleet_e2e::count_rows(&db, sql);
+    let complete = audit_events(&admin, "association.chart.complete").await;
     assert_eq!(complete.len(), 1, "{complete:?}");
     assert!(
         complete[0].detail.contains("3000 readings charted in all"),
@@ -1387,21 +1362,11 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
     .await;
 
     let db = server.db().await;
-    let count = |sql: String| {
-        let db = db.clone();
-        async move {
-            db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
-                .await
-                .unwrap()
-                .unwrap()
-                .try_get_by_index::<i64>(0)
-                .unwrap()
-        }
-    };
+    let count = |sql: &'static str| medfleet_e2e::count_rows(&db, sql);
     let purged = async {
         loop {
-            if count("SELECT COUNT(*) FROM observations".into()).await == 5
-                && count("SELECT COUNT(*) FROM readings".into()).await == 7
+            if count("SELECT COUNT(*) FROM observations").await == 5
+                && count("SELECT COUNT(*) FROM readings").await == 7
             {
                 return;
             }
@@ -1420,23 +1385,15 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
     );
     assert!(observations(&mut read, "MRN-KEEP-A").await.is_empty());
     assert_eq!(
-        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'pending'".into()).await,
+        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'pending'").await,
         5,
         "undelivered rows are never purged"
     );
     assert_eq!(
-        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'delivered'".into()).await,
+        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'delivered'").await,
         0
     );
-    let purges = AuditServiceClient::new(admin.clone())
-        .list_audit_events(v1::ListAuditEventsRequest {
-            action: "retention.purge".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let purges = audit_events(&admin, "retention.purge").await;
     for target in ["emr_outbox", "observations", "readings"] {
         assert!(
             purges.iter().any(|e| e.target == target),

@@ -190,25 +190,10 @@ impl Retention {
             .into_tuple()
             .all(&txn)
             .await?;
-        if ids.is_empty() {
-            return Ok(Some(0));
-        }
         let n = ids.len() as u64;
-        emr_outbox::Entity::delete_many()
-            .filter(emr_outbox::Column::Id.is_in(ids))
-            .exec(&txn)
-            .await?;
-        Context::system("retention")
-            .record(
-                &txn,
-                "retention.purge",
-                "emr_outbox",
-                "*",
-                format!("{n} finished deliveries created before {} purged", before.to_rfc3339()),
-            )
-            .await?;
-        txn.commit().await?;
-        Ok(Some(n))
+        let delete = emr_outbox::Entity::delete_many().filter(emr_outbox::Column::Id.is_in(ids));
+        let detail = format!("{n} finished deliveries created before {} purged", before.to_rfc3339());
+        finish(txn, n, delete, "emr_outbox", detail).await
     }
 
     async fn purge_observations(&self, before: DateTime<Utc>) -> Result<Option<(u64, u64)>> {
@@ -237,24 +222,14 @@ impl Retention {
             .await?
             .rows_affected;
         let n = ids.len() as u64;
-        observation::Entity::delete_many()
-            .filter(observation::Column::Id.is_in(ids))
-            .exec(&txn)
-            .await?;
-        Context::system("retention")
-            .record(
-                &txn,
-                "retention.purge",
-                "observations",
-                "*",
-                format!(
-                    "{n} delivered chart entries and their {readings} readings observed before {} purged",
-                    before.to_rfc3339()
-                ),
-            )
-            .await?;
-        txn.commit().await?;
-        Ok(Some((n, readings)))
+        let delete = observation::Entity::delete_many().filter(observation::Column::Id.is_in(ids));
+        let detail = format!(
+            "{n} delivered chart entries and their {readings} readings observed before {} purged",
+            before.to_rfc3339()
+        );
+        Ok(finish(txn, n, delete, "observations", detail)
+            .await?
+            .map(|n| (n, readings)))
     }
 
     async fn purge_uncharted(&self, before: DateTime<Utc>) -> Result<Option<u64>> {
@@ -277,24 +252,28 @@ impl Retention {
             .into_tuple()
             .all(&txn)
             .await?;
-        if ids.is_empty() {
-            return Ok(Some(0));
-        }
         let n = ids.len() as u64;
-        reading::Entity::delete_many()
-            .filter(reading::Column::Id.is_in(ids))
-            .exec(&txn)
-            .await?;
-        Context::system("retention")
-            .record(
-                &txn,
-                "retention.purge",
-                "readings",
-                "*",
-                format!("{n} uncharted readings observed before {} purged", before.to_rfc3339()),
-            )
-            .await?;
-        txn.commit().await?;
-        Ok(Some(n))
+        let delete = reading::Entity::delete_many().filter(reading::Column::Id.is_in(ids));
+        let detail = format!("{n} uncharted readings observed before {} purged", before.to_rfc3339());
+        finish(txn, n, delete, "readings", detail).await
     }
+}
+
+/// Deletes one chunk and audits it in the same transaction; nothing to delete commits nothing.
+async fn finish<E: sea_orm::EntityTrait>(
+    txn: sea_orm::DatabaseTransaction,
+    n: u64,
+    delete: sea_orm::DeleteMany<E>,
+    target: &str,
+    detail: String,
+) -> Result<Option<u64>> {
+    if n == 0 {
+        return Ok(Some(0));
+    }
+    delete.exec(&txn).await?;
+    Context::system("retention")
+        .record(&txn, "retention.purge", target, "*", detail)
+        .await?;
+    txn.commit().await?;
+    Ok(Some(n))
 }
