@@ -120,12 +120,12 @@ pub struct Overrides {
     /// any host an admin names.
     #[arg(long = "emr-allowed-host", env = "MEDFLEET_EMR_ALLOWED_HOSTS", value_delimiter = ',')]
     pub emr_allowed_hosts: Vec<String>,
-    /// Purge finished EMR deliveries (and feed events every subscriber acknowledged) older than this, e.g.
-    /// "30days". Unset: kept.
+    /// Purge delivery history (statuses superseded or re-sent since; the newest row of each entry and destination
+    /// stays with the entry) older than this, e.g. "30days". Unset: kept.
     #[arg(long, env = "MEDFLEET_RETENTION_DELIVERED_OUTBOX")]
     pub retention_delivered_outbox: Option<String>,
-    /// Purge delivered chart entries and readings observed longer ago than this, e.g. "365days" (needs
-    /// retention_delivered_outbox, at most this long). Unset: kept.
+    /// Purge delivered chart entries (with their delivery records) and readings observed longer ago than this,
+    /// e.g. "365days". Unset: kept.
     #[arg(long, env = "MEDFLEET_RETENTION_CLINICAL")]
     pub retention_clinical: Option<String>,
     /// The keyring that seals destination secrets and the CA key (default: secrets.key in the data dir).
@@ -326,20 +326,6 @@ impl Config {
             if clinical < day {
                 return invalid("retention_clinical must be at least 1 day (or unset: kept)".into());
             }
-            // Chart entries go only after their delivery rows: without that purge they would never qualify.
-            match retention.delivered_outbox {
-                None => {
-                    return invalid(
-                        "retention_clinical needs retention_delivered_outbox (at most as long): chart entries are \
-                         purged only after their delivery rows"
-                            .into(),
-                    );
-                }
-                Some(outbox) if outbox > clinical => {
-                    return invalid("retention_delivered_outbox must not be longer than retention_clinical".into());
-                }
-                Some(_) => {}
-            }
         }
         if !(Duration::from_mins(1)..=day).contains(&retention.interval) {
             return invalid("retention_interval must be between 1 minute and 24 hours".into());
@@ -450,12 +436,12 @@ mod tests {
         let both = resolve("retention_delivered_outbox = \"30days\"\nretention_clinical = \"365days\"\n").unwrap();
         assert_eq!(both.retention.clinical, Some(Duration::from_hours(365 * 24)));
         assert_eq!(both.retention.interval, Duration::from_hours(1));
+        assert!(
+            resolve("retention_clinical = \"365days\"").is_ok(),
+            "each purge stands alone"
+        );
         for (text, says) in [
-            ("retention_clinical = \"365days\"", "needs retention_delivered_outbox"),
-            (
-                "retention_delivered_outbox = \"400days\"\nretention_clinical = \"365days\"",
-                "must not be longer",
-            ),
+            ("retention_clinical = \"12h\"", "at least 1 day"),
             ("retention_delivered_outbox = \"5m\"", "at least 1 hour"),
             ("retention_delivered_outbox = \"soon\"", "not a duration"),
         ] {

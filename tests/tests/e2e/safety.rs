@@ -1360,6 +1360,19 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
         log.created.len() == 10
     })
     .await;
+    // One ED entry is validated: its preliminary delivery becomes history, the final is its newest row.
+    let mut read = ObservationServiceClient::new(admin.clone());
+    let validated = observations(&mut read, "MRN-KEEP-B").await[0].id.clone();
+    let set = |status: &str| v1::SetObservationStatusRequest {
+        observation_ids: vec![validated.clone()],
+        status: status.into(),
+    };
+    read.set_observation_status(set("final")).await.unwrap();
+    let key = format!("urn:uuid:{validated}");
+    fhir.wait("the validation", |log| {
+        log.status.get(&key).is_some_and(|s| s == "final")
+    })
+    .await;
 
     let db = server.db().await;
     let count = |sql: &'static str| medfleet_e2e::count_rows(&db, sql);
@@ -1367,6 +1380,7 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
         loop {
             if count("SELECT COUNT(*) FROM observations").await == 5
                 && count("SELECT COUNT(*) FROM readings").await == 7
+                && count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'delivered'").await == 5
             {
                 return;
             }
@@ -1377,7 +1391,6 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
         tokio::time::timeout(crate::clinical::GUARD, purged).await.is_ok(),
         "the retention policy did not purge the delivered entries"
     );
-    let mut read = ObservationServiceClient::new(admin.clone());
     assert_eq!(
         observations(&mut read, "MRN-KEEP-B").await.len(),
         5,
@@ -1390,9 +1403,16 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
         "undelivered rows are never purged"
     );
     assert_eq!(
-        count("SELECT COUNT(*) FROM emr_outbox WHERE state = 'delivered'").await,
-        0
+        count("SELECT COUNT(*) FROM emr_outbox").await,
+        10,
+        "each kept entry keeps its newest row per destination, and nothing else"
     );
+    // Where a kept entry went is still known: its retraction reaches the FHIR server.
+    read.set_observation_status(set("entered-in-error")).await.unwrap();
+    fhir.wait("the retraction after the purge", |log| {
+        log.status.get(&key).is_some_and(|s| s == "entered-in-error")
+    })
+    .await;
     let purges = audit_events(&admin, "retention.purge").await;
     for target in ["emr_outbox", "observations", "readings"] {
         assert!(

@@ -4,12 +4,14 @@
 //!
 //! What goes, oldest first, in bounded transactions (each [`CHUNK`] rows, audited in the same transaction with
 //! counts and the cutoff, never a patient):
-//! - delivery rows that are finished — delivered, or superseded by a newer status of the same entry — and feed
-//!   events every subscription of their feed has acknowledged, older than `retention_delivered_outbox`. Pending and
-//!   dead-lettered rows stay: an admin must see and retry what never arrived.
-//! - chart entries observed before `retention_clinical` that no delivery row refers to any more (so everything
-//!   queued for them was delivered and its row purged first), with their readings; then uncharted readings older
-//!   than that. `retention_clinical` must therefore be at least `retention_delivered_outbox`.
+//! - after `retention_delivered_outbox`: delivery history — rows that are done with (delivered, superseded, or a
+//!   feed event every subscription of its feed acknowledged) and that a newer row of the same (destination, entry)
+//!   follows. The newest row of each pair stays with its entry: it is what says where the entry went, so a later
+//!   validation or retraction still reaches every receiver that has it.
+//! - after `retention_clinical`: chart entries observed before the cutoff whose every delivery row is done with
+//!   (none pending, dead-lettered, or unacknowledged by a feed — nor a feed nobody subscribed to yet), with those
+//!   rows and their readings; then uncharted readings that old that no backdated association is still charting.
+//!   Pending and dead-lettered deliveries are never purged: an admin must see and retry what never arrived.
 //!
 //! One replica purges at a time (a transaction-scoped PostgreSQL advisory lock tried, not waited for; SQLite's
 //! writes are serial), so the trail records each purge once.
@@ -168,23 +170,17 @@ impl Retention {
         let Some(txn) = self.begin().await? else {
             return Ok(None);
         };
-        let finished = sea_orm::Condition::any()
-            .add(emr_outbox::Column::State.is_in([state::DELIVERED, state::SUPERSEDED]))
-            .add(
-                sea_orm::Condition::all()
-                    .add(emr_outbox::Column::State.eq(state::FEED))
-                    // A feed event is gone for good once purged: only when every subscription of its feed has
-                    // acknowledged it.
-                    .add(Expr::cust(
-                        "NOT EXISTS (SELECT 1 FROM feed_subscriptions AS s WHERE s.destination = \
-                         emr_outbox.destination AND s.cursor < emr_outbox.id)",
-                    )),
-            );
         let ids: Vec<i64> = emr_outbox::Entity::find()
             .select_only()
             .column(emr_outbox::Column::Id)
             .filter(emr_outbox::Column::CreatedAt.lt(before))
-            .filter(finished)
+            .filter(Expr::cust(finished("emr_outbox")))
+            // Only history: the newest row of each (destination, entry) stays with the entry, because it is what
+            // says where the entry went, and a later validation or retraction must follow it there.
+            .filter(Expr::cust(
+                "EXISTS (SELECT 1 FROM emr_outbox AS newer WHERE newer.destination = emr_outbox.destination \
+                 AND newer.observation_id = emr_outbox.observation_id AND newer.id > emr_outbox.id)",
+            ))
             .order_by_asc(emr_outbox::Column::Id)
             .limit(CHUNK)
             .into_tuple()
@@ -192,7 +188,12 @@ impl Retention {
             .await?;
         let n = ids.len() as u64;
         let delete = emr_outbox::Entity::delete_many().filter(emr_outbox::Column::Id.is_in(ids));
-        let detail = format!("{n} finished deliveries created before {} purged", before.to_rfc3339());
+        let detail = |n| {
+            format!(
+                "{n} superseded or repeated deliveries created before {} purged",
+                before.to_rfc3339()
+            )
+        };
         finish(txn, n, delete, "emr_outbox", detail).await
     }
 
@@ -204,18 +205,26 @@ impl Retention {
             .select_only()
             .column(observation::Column::Id)
             .filter(observation::Column::ObservedAt.lt(before))
-            // Nothing of it still queued, dead-lettered or unacknowledged by a feed: its delivery rows are gone.
-            .filter(Expr::cust(
-                "NOT EXISTS (SELECT 1 FROM emr_outbox AS o WHERE o.observation_id = observations.id)",
-            ))
+            // Nothing of it still queued, dead-lettered or unacknowledged by a feed.
+            .filter(Expr::cust(format!(
+                "NOT EXISTS (SELECT 1 FROM emr_outbox AS o WHERE o.observation_id = observations.id AND NOT {})",
+                finished("o")
+            )))
             .order_by_asc(observation::Column::ObservedAt)
             .limit(CHUNK)
+            // Held until commit: a status change on another replica (which locks the entry) waits and then finds
+            // it gone, instead of queueing a delivery for an entry being deleted.
+            .lock_exclusive()
             .into_tuple()
             .all(&txn)
             .await?;
         if ids.is_empty() {
             return Ok(Some((0, 0)));
         }
+        emr_outbox::Entity::delete_many()
+            .filter(emr_outbox::Column::ObservationId.is_in(ids.iter().copied()))
+            .exec(&txn)
+            .await?;
         let readings = reading::Entity::delete_many()
             .filter(reading::Column::ObservationId.is_in(ids.iter().copied()))
             .exec(&txn)
@@ -223,10 +232,13 @@ impl Retention {
             .rows_affected;
         let n = ids.len() as u64;
         let delete = observation::Entity::delete_many().filter(observation::Column::Id.is_in(ids));
-        let detail = format!(
-            "{n} delivered chart entries and their {readings} readings observed before {} purged",
-            before.to_rfc3339()
-        );
+        let detail = |n| {
+            format!(
+                "{n} delivered chart entries, their delivery records and their {readings} readings observed before \
+                 {} purged",
+                before.to_rfc3339()
+            )
+        };
         Ok(finish(txn, n, delete, "observations", detail)
             .await?
             .map(|n| (n, readings)))
@@ -242,22 +254,42 @@ impl Retention {
             .column(reading::Column::Id)
             .filter(reading::Column::ObservationId.is_null())
             .filter(reading::Column::ObservedAt.lt(before))
-            // A backdated association is still charting its device's stored readings: they are not left over.
-            .filter(Expr::cust(
-                "NOT EXISTS (SELECT 1 FROM associations AS a WHERE a.device_id = readings.device_id \
-                 AND a.charting_backlog)",
-            ))
+            .filter(Expr::cust(UNCHARTED_LEFT_OVER))
             .order_by_asc(reading::Column::Id)
             .limit(CHUNK)
             .into_tuple()
             .all(&txn)
             .await?;
         let n = ids.len() as u64;
-        let delete = reading::Entity::delete_many().filter(reading::Column::Id.is_in(ids));
-        let detail = format!("{n} uncharted readings observed before {} purged", before.to_rfc3339());
+        // The conditions again in the delete: a backdated association on another replica may have charted (or
+        // marked for charting) some of them since the select.
+        let delete = reading::Entity::delete_many()
+            .filter(reading::Column::Id.is_in(ids))
+            .filter(reading::Column::ObservationId.is_null())
+            .filter(Expr::cust(UNCHARTED_LEFT_OVER));
+        let detail = |n| format!("{n} uncharted readings observed before {} purged", before.to_rfc3339());
         finish(txn, n, delete, "readings", detail).await
     }
 }
+
+/// A delivery row that is done with: delivered, superseded by a newer status, or a feed event that has at least
+/// one subscription and that every subscription of its feed acknowledged (a feed nobody follows yet keeps its
+/// events for the first subscriber).
+fn finished(row: &str) -> String {
+    format!(
+        "({row}.state IN ('{delivered}', '{superseded}') OR ({row}.state = '{feed}' \
+         AND EXISTS (SELECT 1 FROM feed_subscriptions AS s WHERE s.destination = {row}.destination) \
+         AND NOT EXISTS (SELECT 1 FROM feed_subscriptions AS s WHERE s.destination = {row}.destination \
+         AND s.cursor < {row}.id)))",
+        delivered = state::DELIVERED,
+        superseded = state::SUPERSEDED,
+        feed = state::FEED,
+    )
+}
+
+/// An uncharted reading nobody will chart: no backdated association of its device is still charting.
+const UNCHARTED_LEFT_OVER: &str =
+    "NOT EXISTS (SELECT 1 FROM associations AS a WHERE a.device_id = readings.device_id AND a.charting_backlog)";
 
 /// Deletes one chunk and audits it in the same transaction; nothing to delete commits nothing.
 async fn finish<E: sea_orm::EntityTrait>(
@@ -265,15 +297,18 @@ async fn finish<E: sea_orm::EntityTrait>(
     n: u64,
     delete: sea_orm::DeleteMany<E>,
     target: &str,
-    detail: String,
+    detail: impl FnOnce(u64) -> String,
 ) -> Result<Option<u64>> {
     if n == 0 {
         return Ok(Some(0));
     }
-    delete.exec(&txn).await?;
+    let deleted = delete.exec(&txn).await?.rows_affected;
+    if deleted == 0 {
+        return Ok(Some(0));
+    }
     Context::system("retention")
-        .record(&txn, "retention.purge", target, "*", detail)
+        .record(&txn, "retention.purge", target, "*", detail(deleted))
         .await?;
     txn.commit().await?;
-    Ok(Some(n))
+    Ok(Some(deleted))
 }
