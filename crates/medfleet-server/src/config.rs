@@ -322,10 +322,8 @@ impl Config {
         {
             return invalid("retention_delivered_outbox must be at least 1 hour (or unset: kept)".into());
         }
-        if let Some(clinical) = retention.clinical {
-            if clinical < day {
-                return invalid("retention_clinical must be at least 1 day (or unset: kept)".into());
-            }
+        if retention.clinical.is_some_and(|keep| keep < day) {
+            return invalid("retention_clinical must be at least 1 day (or unset: kept)".into());
         }
         if !(Duration::from_mins(1)..=day).contains(&retention.interval) {
             return invalid("retention_interval must be between 1 minute and 24 hours".into());
