@@ -1621,3 +1621,65 @@ both_backends!(
     a_destination_outside_the_allow_list_is_held,
     a_destination_outside_the_allow_list_is_held
 );
+
+/// A backdated association never reaches across a move: what the monitor measured in its previous bed is some
+/// other patient's (or nobody's) and stays uncharted.
+async fn a_backdated_association_does_not_chart_across_a_move(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (icu, _) = icu_and_ed(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut publisher = publisher_for(&server, &icu).await;
+    assert_eq!(
+        publisher
+            .send(1, vec![item("147842", 80.0, "/min", Utc::now())])
+            .await
+            .accepted,
+        1
+    );
+    RegistryServiceClient::new(admin.clone())
+        .update_device(v1::UpdateDeviceRequest {
+            device: Some(v1::Device {
+                id: icu.clone(),
+                location: location("stmarys", "ed", "2"),
+                tags: HashMap::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["location".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        publisher
+            .send(2, vec![item("147842", 90.0, "/min", Utc::now())])
+            .await
+            .accepted,
+        1
+    );
+    let made = PatientServiceClient::new(admin.clone())
+        .associate(v1::AssociateRequest {
+            device_id: icu.clone(),
+            patient: patient("MRN-LATE"),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(made.charted_retroactively, 1, "only the reading measured in ED bed 2");
+    let db = server.db().await;
+    assert_eq!(
+        medfleet_e2e::count_rows(&db, "SELECT COUNT(*) FROM readings WHERE observation_id IS NULL").await,
+        1
+    );
+    let mut read = ObservationServiceClient::new(admin);
+    let charted = observations(&mut read, "MRN-LATE").await;
+    assert_eq!(charted.len(), 1);
+    assert_eq!(charted[0].components[0].value, 90.0);
+}
+
+both_backends!(
+    a_backdated_association_does_not_chart_across_a_move,
+    a_backdated_association_does_not_chart_across_a_move
+);

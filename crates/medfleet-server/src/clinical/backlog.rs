@@ -46,19 +46,30 @@ pub(crate) struct StoredCharting {
     pub(crate) remaining: u64,
 }
 
-/// Uncharted readings of `device` inside `association`'s period.
-fn uncharted(device: Uuid, association: &association::Model) -> Select<reading::Entity> {
+/// Uncharted readings of `device` inside `association`'s period, measured where the device stands now. What it
+/// measured at an earlier place (another bed, another ward) is some other patient's, or nobody's: a backdated
+/// association — a late ADT transfer, a clinician's correction — never reaches across a move.
+fn uncharted(device: &device::Model, association: &association::Model) -> Select<reading::Entity> {
     let codes: Vec<&str> = Vital::ALL.iter().map(|v| v.info().mdc_refid).collect();
     let mut query = reading::Entity::find()
-        .filter(reading::Column::DeviceId.eq(device))
+        .filter(reading::Column::DeviceId.eq(device.id))
         .filter(reading::Column::ObservationId.is_null())
         // Only codes that chart: anything else would stay uncharted and keep a backlog alive forever.
         .filter(reading::Column::Code.is_in(codes))
         .filter(reading::Column::ObservedAt.gte(association.starts_at));
+    if let Some(moved) = moved_at(device) {
+        query = query.filter(reading::Column::ObservedAt.gte(moved));
+    }
     if let Some(end) = association.ends_at {
         query = query.filter(reading::Column::ObservedAt.lt(end));
     }
     query
+}
+
+/// When the device last moved; none for one that never did (where it was registered is the only place its
+/// readings can be from).
+fn moved_at(device: &device::Model) -> Option<DateTime<Utc>> {
+    device.placed_at.filter(|placed| *placed > device.created_at)
 }
 
 impl Clinical {
@@ -70,7 +81,7 @@ impl Clinical {
         device: &device::Model,
         association: &association::Model,
     ) -> Result<StoredCharting> {
-        let cutoff: Option<DateTime<Utc>> = uncharted(device.id, association)
+        let cutoff: Option<DateTime<Utc>> = uncharted(device, association)
             .select_only()
             .column(reading::Column::ObservedAt)
             .order_by_asc(reading::Column::ObservedAt)
@@ -79,14 +90,14 @@ impl Clinical {
             .into_tuple()
             .one(txn)
             .await?;
-        let mut query = uncharted(device.id, association);
+        let mut query = uncharted(device, association);
         if let Some(cutoff) = cutoff {
             query = query.filter(reading::Column::ObservedAt.lte(cutoff));
         }
         let stored = query.order_by_asc(reading::Column::ObservedAt).all(txn).await?;
         let remaining = match cutoff {
             Some(cutoff) => {
-                uncharted(device.id, association)
+                uncharted(device, association)
                     .filter(reading::Column::ObservedAt.gt(cutoff))
                     .count(txn)
                     .await?
