@@ -1292,14 +1292,6 @@ impl Clinical {
             .filter(patient::Column::Identifier.eq(&key.identifier))
             .one(&txn)
             .await?;
-        // The EMR's ADT feed is the authority for a known patient's name when it places the patient in a bed the
-        // caller's scopes cover (checked above); a discharge renames nobody.
-        if patient.is_some() && key.display_name.is_some() && kind != AdtKind::Discharge {
-            let scope = bed
-                .as_ref()
-                .map_or_else(|| "*".to_owned(), |(site, ward, _)| format!("{site}/{ward}"));
-            patient = Some(self.upsert_patient(&txn, key, source, &scope, audit).await?);
-        }
         let bed_devices: Vec<device::Model> = match &bed {
             Some((site, ward, bed)) if kind != AdtKind::Discharge => {
                 device::Entity::find()
@@ -1312,28 +1304,53 @@ impl Clinical {
             }
             _ => Vec::new(),
         };
-        // The patient's open associations on devices that are not at the new bed end now.
-        let mut to_end: BTreeMap<Uuid, association::Model> = BTreeMap::new();
+        // The patient's open associations; those on devices that are not at the new bed end now.
+        let mut open: BTreeMap<Uuid, association::Model> = BTreeMap::new();
         if let Some(patient) = &patient {
-            for open in association::Entity::find()
+            for association in association::Entity::find()
                 .filter(association::Column::PatientId.eq(patient.id))
                 .filter(association::open_at(at))
                 .all(&txn)
                 .await?
             {
-                if !bed_devices.iter().any(|d| d.id == open.device_id) {
-                    to_end.insert(open.device_id, open);
-                }
+                open.insert(association.device_id, association);
             }
         }
-        let mut lock_order: BTreeSet<Uuid> = to_end.keys().copied().collect();
+        let mut lock_order: BTreeSet<Uuid> = open.keys().copied().collect();
         lock_order.extend(bed_devices.iter().map(|d| d.id));
         let mut locked = HashMap::new();
         for id in lock_order {
             locked.insert(id, lock_device(&txn, id).await?);
         }
-        for (device_id, open) in to_end {
+        // Where each device stands is read again under its lock: a move committed on another replica since the
+        // lookup takes the device away from this bed.
+        let at_bed = |device: &device::Model| match (&bed, kind) {
+            (Some((site, ward, bed)), AdtKind::Admit | AdtKind::Transfer) => {
+                device.site.as_deref() == Some(site.as_str())
+                    && device.ward.as_deref() == Some(ward.as_str())
+                    && device.bed.as_deref() == Some(bed.as_str())
+            }
+            _ => false,
+        };
+        let placed: Vec<&device::Model> = bed_devices
+            .iter()
+            .filter_map(|d| locked.get(&d.id))
+            .filter(|d| at_bed(d))
+            .collect();
+        // The EMR's ADT feed is the authority for a known patient's name when it places the patient on a device
+        // at a bed the caller's scopes cover (checked above); an event that places them nowhere, or a discharge,
+        // renames nobody.
+        if patient.is_some() && key.display_name.is_some() && !placed.is_empty() {
+            let scope = bed
+                .as_ref()
+                .map_or_else(|| "*".to_owned(), |(site, ward, _)| format!("{site}/{ward}"));
+            patient = Some(self.upsert_patient(&txn, key, source, &scope, audit).await?);
+        }
+        for (device_id, open) in open {
             let Some(device) = locked.get(&device_id) else { continue };
+            if at_bed(device) {
+                continue;
+            }
             // Scoped by where the device stands now, under its lock: another ward's monitor keeps charting.
             if !scopes.sees_place(device.site.as_deref(), device.ward.as_deref()) {
                 outcome.left_out_of_scope += 1;
@@ -1343,8 +1360,7 @@ impl Clinical {
                 .ended
                 .push(self.end_locked(&txn, device, open, at, audit).await?);
         }
-        for device in &bed_devices {
-            let Some(device) = locked.get(&device.id) else { continue };
+        for device in placed {
             let current = association::Entity::find()
                 .filter(association::Column::DeviceId.eq(device.id))
                 .filter(

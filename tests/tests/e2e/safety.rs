@@ -1683,3 +1683,52 @@ both_backends!(
     a_backdated_association_does_not_chart_across_a_move,
     a_backdated_association_does_not_chart_across_a_move
 );
+
+/// An ADT event renames a patient only where it places them on a device inside the sender's scopes: an event for
+/// an empty bed renames nobody (a ward-scoped integration cannot rewrite a name every EMR receives).
+async fn an_adt_event_that_places_nobody_renames_nobody(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let icu = setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut patients = PatientServiceClient::new(admin.clone());
+    patients
+        .associate(v1::AssociateRequest {
+            device_id: icu.clone(),
+            patient: Some(v1::PatientIdentifier {
+                identifier: "MRN-N".into(),
+                authority: "HOSP".into(),
+                display_name: "Doe^Jane".into(),
+            }),
+            from: ts(Utc::now() - chrono::Duration::hours(1)),
+            until: None,
+        })
+        .await
+        .unwrap();
+    grant(&server, "medfleet://service/icu-bridge", "emr_system", "stmarys/icu").await;
+    let mut bridge = PatientServiceClient::new(as_principal(&server, &Identity::Service("icu-bridge".into())).await);
+    // Bed 2 holds no device.
+    bridge
+        .record_adt_event(adt(v1::AdtEventType::Admit, "MRN-N", "Forged^Name", Some(("icu", "2"))))
+        .await
+        .unwrap();
+    let listed = patients
+        .list_associations(v1::ListAssociationsRequest {
+            device_id: icu.clone(),
+            patient: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .associations;
+    assert!(
+        listed
+            .iter()
+            .all(|a| a.patient.as_ref().is_some_and(|p| p.display_name == "Doe^Jane")),
+        "{listed:?}"
+    );
+}
+
+both_backends!(
+    an_adt_event_that_places_nobody_renames_nobody,
+    an_adt_event_that_places_nobody_renames_nobody
+);
