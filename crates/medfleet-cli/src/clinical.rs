@@ -52,7 +52,8 @@ pub(crate) enum PatientCommand {
         device: String,
         #[arg(long)]
         at: Option<String>,
-        /// Cancel the association planned to start after --at (default now) instead of ending the open one.
+        /// Cancel the association planned to start after --at (default now; only one that has not started yet)
+        /// instead of ending the open one.
         #[arg(long)]
         cancel_planned: bool,
     },

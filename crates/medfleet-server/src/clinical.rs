@@ -365,6 +365,9 @@ async fn planned_after(
     Ok(association::Entity::find()
         .filter(association::Column::DeviceId.eq(device))
         .filter(association::Column::StartsAt.gte(at))
+        // Planned means not started yet, whatever `at` the caller named: a past `at` must not reach an
+        // association that is open or over.
+        .filter(association::Column::StartsAt.gt(now()))
         .order_by_asc(association::Column::StartsAt)
         .one(txn)
         .await?)

@@ -319,6 +319,8 @@ impl Emr {
             .col_expr(emr_destination::Column::RelayOwner, Expr::value(self.replica.clone()))
             .col_expr(emr_destination::Column::RelayLeaseUntil, Expr::value(until))
             .filter(emr_destination::Column::Name.eq(name))
+            // A disabled destination is not renewed: the relay stops before its next message, not its next batch.
+            .filter(emr_destination::Column::Enabled.eq(true))
             .filter(
                 emr_destination::Column::RelayOwner
                     .is_null()

@@ -200,6 +200,15 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let dir = DataDir::new(&config.data_dir);
     let secrets = Arc::new(Secrets::new(secrets::open_or_create(&config.secrets_key_file, &dir)?));
+    if config.secrets_key_file.starts_with(dir.root()) {
+        // The default suits a first start, not production: a copy of the data directory (a backup, a stolen
+        // volume) would carry the key beside the sealed CA key it opens.
+        tracing::warn!(
+            path = %config.secrets_key_file.display(),
+            "the secrets keyring is inside the data directory; keep it apart (secrets_key_file: a systemd \
+             credential, a Kubernetes Secret, another mount) so a copy of the data directory cannot open the CA key"
+        );
+    }
     let ca_key = dir.protect_ca_key(&secrets)?.map(|change| {
         let text = match change {
             pki::CaKeyChange::Sealed { kid } => format!("sealed from plaintext under key {kid}"),

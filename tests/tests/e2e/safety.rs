@@ -361,6 +361,20 @@ async fn a_planned_association_can_be_cancelled(backend: Backend) {
         &["patients", "associate", &device, "MRN-T", "--authority", "HOSP"],
     );
     assert!(ok, "{out}{err}");
+    // With a past --at there is still nothing planned: the open association is not cancelled.
+    let (ok, _, err) = cli(
+        &server,
+        &[
+            "patients",
+            "dissociate",
+            &device,
+            "--cancel-planned",
+            "--at",
+            "2020-01-01T00:00:00Z",
+        ],
+    );
+    assert!(!ok, "an open association was cancelled as planned");
+    assert!(!err.is_empty());
     let (ok, out, _) = cli(
         &server,
         &["audit", "list", "--action", "association.cancel", "-o", "json"],
