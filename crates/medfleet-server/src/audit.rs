@@ -191,6 +191,9 @@ struct Repeats {
     opened: std::time::Instant,
     count: u64,
     last: Event,
+    /// The window's first event is in the trail. Until it is, a repeat is no repeat: it is written itself, so
+    /// nothing is ever served on the strength of a row that failed to commit.
+    durable: bool,
 }
 
 impl Coalescer {
@@ -209,14 +212,19 @@ impl Coalescer {
     /// Records events: the first of each key in one transaction now, repeats counted. Returns whether the trail
     /// holds them (or their count); a caller about to disclose data stops when it does not.
     pub async fn record(&self, events: Vec<Event>) -> bool {
-        let first: Vec<Event> = {
+        let (first, opened) = {
             let mut open = self.lock();
             let mut first = Vec::new();
+            let mut opened = Vec::new();
             for event in events {
                 let key = (event.actor.clone(), event.action.clone(), event.target.clone());
                 if let Some(repeats) = open.get_mut(&key) {
-                    repeats.count += 1;
-                    repeats.last = event;
+                    if repeats.durable {
+                        repeats.count += 1;
+                        repeats.last = event;
+                    } else {
+                        first.push(event);
+                    }
                     continue;
                 }
                 if open.len() >= MAX_COALESCED {
@@ -225,18 +233,32 @@ impl Coalescer {
                     continue;
                 }
                 open.insert(
-                    key,
+                    key.clone(),
                     Repeats {
                         opened: std::time::Instant::now(),
                         count: 0,
                         last: event.clone(),
+                        durable: false,
                     },
                 );
+                opened.push(key);
                 first.push(event);
             }
-            first
+            (first, opened)
         };
-        self.write(&first).await
+        let written = self.write(&first).await;
+        let mut open = self.lock();
+        for key in opened {
+            if written {
+                if let Some(repeats) = open.get_mut(&key) {
+                    repeats.durable = true;
+                }
+            } else {
+                // The next read of the same kind writes its own row again (and is refused if that fails too).
+                open.remove(&key);
+            }
+        }
+        written
     }
 
     async fn write(&self, events: &[Event]) -> bool {
@@ -261,32 +283,42 @@ impl Coalescer {
 
     /// Writes the count of every window that has closed (all of them when `all`) and forgets those windows.
     async fn flush(&self, all: bool) {
-        let summaries: Vec<Event> = {
+        let closed: Vec<((String, String, String), Repeats)> = {
             let mut open = self.lock();
-            let closed: Vec<(String, String, String)> = open
+            let keys: Vec<(String, String, String)> = open
                 .iter()
-                .filter(|(_, r)| all || r.opened.elapsed() >= self.window)
+                .filter(|(_, r)| r.durable && (all || r.opened.elapsed() >= self.window))
                 .map(|(k, _)| k.clone())
                 .collect();
-            closed
-                .into_iter()
-                .filter_map(|k| open.remove(&k))
-                .filter(|r| r.count > 0)
-                .map(|r| Event {
-                    detail: format!(
-                        "{} more within {} s of the first; last: {}",
-                        r.count,
-                        self.window.as_secs(),
-                        r.last.detail
-                    )
-                    .chars()
-                    .take(500)
-                    .collect(),
-                    ..r.last
-                })
+            keys.into_iter()
+                .filter_map(|k| open.remove(&k).map(|r| (k, r)))
+                .filter(|(_, r)| r.count > 0)
                 .collect()
         };
-        self.write(&summaries).await;
+        let summaries: Vec<Event> = closed
+            .iter()
+            .map(|(_, r)| Event {
+                detail: format!(
+                    "{} more within {} s of the first; last: {}",
+                    r.count,
+                    self.window.as_secs(),
+                    r.last.detail
+                )
+                .chars()
+                .take(500)
+                .collect(),
+                ..r.last.clone()
+            })
+            .collect();
+        if !self.write(&summaries).await {
+            // Not lost: the counts go back and the next flush tries again.
+            let mut open = self.lock();
+            for (key, repeats) in closed {
+                open.entry(key)
+                    .and_modify(|current| current.count += repeats.count)
+                    .or_insert(repeats);
+            }
+        }
     }
 
     /// Closes windows as they expire until `stop`, then writes what is still counted.
@@ -390,6 +422,20 @@ mod tests {
             request_id: "r1".into(),
             detail: detail.into(),
         }
+    }
+
+    /// A read whose audit row failed to commit is refused, and so is its retry: a repeat counts only against a
+    /// window whose first row is in the trail.
+    #[tokio::test]
+    async fn a_failed_first_row_is_never_counted_as_recorded() {
+        // No schema: every write fails.
+        let db = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
+        let coalescer = Coalescer::new(db, std::time::Duration::from_mins(5));
+        assert!(!coalescer.record(vec![event("read")]).await);
+        assert!(
+            !coalescer.record(vec![event("read again")]).await,
+            "the retry was served unrecorded"
+        );
     }
 
     #[test]
