@@ -705,7 +705,12 @@ impl FeedService for ClinicalApi {
         };
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                followed = follow_feed(emr, subscription.destination, subscription.cursor, &tx, &reader) => followed,
+                followed = follow_feed(emr, subscription.destination, subscription.cursor, &tx, &reader, |now| {
+                    // The feed as it is now (an admin may have widened its filter or recreated it under the same
+                    // name), against what the subscriber holds now.
+                    now.created_at == destination.created_at
+                        && covers_destination(&access.visibility(&owner, "feed", "subscribe"), now)
+                }) => followed,
                 withdrawn = access_withdrawn(&access, &owner, "feed", "subscribe", |now| {
                     covers_destination(now, &destination)
                 }) => Err(withdrawn),
@@ -750,9 +755,27 @@ async fn follow_feed(
     mut cursor: i64,
     tx: &mpsc::Sender<std::result::Result<v1::FeedEvent, Status>>,
     reader: &Reader,
+    still_covered: impl Fn(&emr_destination::Model) -> bool,
 ) -> std::result::Result<(), Status> {
     let mut events = emr.events().subscribe();
     loop {
+        // Before every page: a deleted destination ends its feeds (rather than leaving them idle forever), and
+        // one whose filter now reaches past the subscriber's grants stops disclosing.
+        match emr.destination(&destination).await {
+            Err(Error::NotFound(message)) => {
+                return Err(Status::not_found(format!(
+                    "{message}: it was deleted; this feed has ended"
+                )));
+            }
+            Err(error) => return Err(error.into()),
+            Ok(current) if !still_covered(&current) => {
+                return Err(Status::permission_denied(format!(
+                    "feed '{destination}' changed while this stream was open and now carries chart entries from \
+                     places your grants do not cover (or it was recreated); subscribe again to have it checked"
+                )));
+            }
+            Ok(_) => {}
+        }
         let rows = emr.feed_page(&destination, cursor, FEED_PAGE).await?;
         if !rows.is_empty() {
             let entries = emr.entries(&rows).await?;
@@ -787,12 +810,6 @@ async fn follow_feed(
                 cursor = row.id;
             }
             continue;
-        }
-        // A deleted destination ends its feeds (rather than leaving them idle forever).
-        if let Err(Error::NotFound(message)) = emr.destination(&destination).await {
-            return Err(Status::not_found(format!(
-                "{message}: it was deleted; this feed has ended"
-            )));
         }
         tokio::select! {
             () = tx.closed() => return Ok(()),

@@ -1746,3 +1746,52 @@ both_backends!(
     an_adt_event_that_places_nobody_renames_nobody,
     an_adt_event_that_places_nobody_renames_nobody
 );
+
+/// An open feed follows its destination as it is now: widened past the subscriber's grants by an admin, it stops
+/// disclosing and ends with PERMISSION_DENIED instead of streaming every ward until the connection is recycled.
+async fn a_feed_widened_past_the_subscribers_grants_ends(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    setup(&server).await;
+    let admin = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut emr = v1::emr_service_client::EmrServiceClient::new(admin.clone());
+    emr.create_destination(v1::EmrDestination {
+        name: "icu".into(),
+        kind: v1::EmrDestinationKind::Feed.into(),
+        wards: vec!["stmarys/icu".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    grant(&server, "medfleet://service/icu-emr", "emr_system", "stmarys/icu").await;
+    let mut feed = v1::feed_service_client::FeedServiceClient::new(
+        as_principal(&server, &Identity::Service("icu-emr".into())).await,
+    )
+    .subscribe(v1::SubscribeRequest {
+        subscription: "icu".into(),
+        destination: "icu".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    emr.update_destination(v1::UpdateDestinationRequest {
+        destination: Some(v1::EmrDestination {
+            name: "icu".into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["wards".into()],
+        }),
+    })
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(crate::clinical::GUARD, feed.message())
+        .await
+        .expect("the widened feed kept streaming")
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+}
+
+both_backends!(
+    a_feed_widened_past_the_subscribers_grants_ends,
+    a_feed_widened_past_the_subscribers_grants_ends
+);
