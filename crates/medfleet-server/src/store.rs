@@ -503,7 +503,7 @@ impl Registry {
         }
         let model = model.update(&txn).await?;
         let ended = if moved {
-            end_bed_bound(&txn, id, at, &audit.actor).await?
+            end_bed_bound(&txn, id, at, audit, &from).await?
         } else {
             0
         };
@@ -530,24 +530,62 @@ impl Registry {
 /// Ends the device's open ADT associations: the EMR bound the patient to the bed, not to this device, so a device
 /// that leaves the bed stops charting to them. (A clinician's association binds the device itself, e.g. a
 /// transport monitor travelling with its patient, and survives a move.) Returns how many ended.
-async fn end_bed_bound(txn: &impl ConnectionTrait, device: Uuid, at: DateTime<Utc>, actor: &str) -> Result<u64> {
+async fn end_bed_bound(
+    txn: &impl ConnectionTrait,
+    device: Uuid,
+    at: DateTime<Utc>,
+    audit: &Context,
+    scope: &str,
+) -> Result<u64> {
     // Planned ones (starting after the move) are cancelled: they bound the old bed, and nothing is charted to them.
-    let planned = association::Entity::delete_many()
+    let planned = association::Entity::find()
         .filter(association::Column::DeviceId.eq(device))
         .filter(association::Column::Source.eq("adt"))
         .filter(association::Column::StartsAt.gte(at))
-        .exec(txn)
-        .await?
-        .rows_affected;
-    let ended = association::Entity::update_many()
-        .col_expr(association::Column::EndsAt, Expr::value(Some(at)))
-        .col_expr(association::Column::EndedBy, Expr::value(Some(actor.to_owned())))
+        .all(txn)
+        .await?;
+    let open = association::Entity::find()
         .filter(association::Column::DeviceId.eq(device))
         .filter(association::Column::Source.eq("adt"))
         .filter(association::open_at(at))
+        .all(txn)
+        .await?;
+    // Each one in the trail like any other end or cancellation, by the patient's internal id.
+    for (rows, action, how) in [
+        (
+            &planned,
+            "association.cancel",
+            "cancelled: the device moved away from the bed it was planned for",
+        ),
+        (
+            &open,
+            "association.end",
+            "ended: the device moved away from the patient's bed",
+        ),
+    ] {
+        for a in rows {
+            audit
+                .record(
+                    txn,
+                    action,
+                    format!("device/{device}"),
+                    scope,
+                    format!("association {} of patient {} {how}", a.id, a.patient_id),
+                )
+                .await?;
+        }
+    }
+    association::Entity::delete_many()
+        .filter(association::Column::Id.is_in(planned.iter().map(|a| a.id)))
         .exec(txn)
         .await?;
-    Ok(ended.rows_affected + planned)
+    association::Entity::update_many()
+        .col_expr(association::Column::EndsAt, Expr::value(Some(at)))
+        .col_expr(association::Column::EndedBy, Expr::value(Some(audit.actor.clone())))
+        .filter(association::Column::Id.is_in(open.iter().map(|a| a.id)))
+        .exec(txn)
+        .await?;
+    Ok((planned.len() + open.len()) as u64)
 }
 
 /// Inserts one device (and its tags) inside the caller's transaction after checking its location and uniqueness.

@@ -307,6 +307,12 @@ async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
         statuses(&mut patients, &ed).await,
         vec![("MRN-Y".to_owned(), "ended".to_owned())]
     );
+    let ends = audit_events(&admin, "association.end").await;
+    assert!(
+        ends.iter()
+            .any(|e| e.detail.contains("moved away") && !e.detail.contains("MRN-Y")),
+        "the move's end of the association is audited: {ends:?}"
+    );
     let mut publisher = publisher_for(&server, &ed).await;
     let ack = publisher.send(1, vec![item("147842", 88.0, "/min", Utc::now())]).await;
     assert_eq!(ack.accepted, 1);
