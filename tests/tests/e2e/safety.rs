@@ -124,6 +124,24 @@ fn adt(kind: v1::AdtEventType, mrn: &str, name: &str, bed: Option<(&str, &str)>)
     }
 }
 
+/// Moves a device to a bed of St Mary's, as biomed would.
+async fn move_device(admin: &Channel, device: &str, (ward, bed): (&str, &str)) {
+    RegistryServiceClient::new(admin.clone())
+        .update_device(v1::UpdateDeviceRequest {
+            device: Some(v1::Device {
+                id: device.to_owned(),
+                location: location("stmarys", ward, bed),
+                tags: HashMap::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["location".into()],
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 /// The audit entries of one action, newest first.
 async fn audit_events(channel: &Channel, action: &str) -> Vec<v1::AuditEvent> {
     AuditServiceClient::new(channel.clone())
@@ -289,20 +307,7 @@ async fn adt_events_act_only_inside_the_callers_scopes(backend: Backend) {
     );
 
     // The ED monitor moves to bed 2: the ADT association of bed 1 ends with the move.
-    RegistryServiceClient::new(admin.clone())
-        .update_device(v1::UpdateDeviceRequest {
-            device: Some(v1::Device {
-                id: ed.clone(),
-                location: location("stmarys", "ed", "2"),
-                tags: HashMap::new(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["location".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    move_device(&admin, &ed, ("ed", "2")).await;
     assert_eq!(
         statuses(&mut patients, &ed).await,
         vec![("MRN-Y".to_owned(), "ended".to_owned())]
@@ -1487,20 +1492,7 @@ async fn readings_chart_where_the_device_stood_when_it_measured(backend: Backend
         .unwrap();
     // Measured in ICU bed 1 (buffered: the upload comes after the move).
     let in_icu = Utc::now();
-    RegistryServiceClient::new(admin.clone())
-        .update_device(v1::UpdateDeviceRequest {
-            device: Some(v1::Device {
-                id: icu.clone(),
-                location: location("stmarys", "ed", "2"),
-                tags: HashMap::new(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["location".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    move_device(&admin, &icu, ("ed", "2")).await;
     let in_ed = Utc::now();
     let mut publisher = publisher_for(&server, &icu).await;
     let ack = publisher
@@ -1656,20 +1648,7 @@ async fn a_backdated_association_does_not_chart_across_a_move(backend: Backend) 
             .accepted,
         1
     );
-    RegistryServiceClient::new(admin.clone())
-        .update_device(v1::UpdateDeviceRequest {
-            device: Some(v1::Device {
-                id: icu.clone(),
-                location: location("stmarys", "ed", "2"),
-                tags: HashMap::new(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["location".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    move_device(&admin, &icu, ("ed", "2")).await;
     assert_eq!(
         publisher
             .send(2, vec![item("147842", 90.0, "/min", Utc::now())])
