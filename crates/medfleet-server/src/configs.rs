@@ -197,6 +197,16 @@ impl Configs {
             )
             .into());
         }
+        // Alarm limits are clinical safety, whatever a model's schema says: a layer whose limits medfleet would
+        // ignore (and chart against the defaults) is refused, by JSON pointer.
+        let problems = medfleet_core::clinical::alarm::layer_problems(&document);
+        if !problems.is_empty() {
+            let mut violations = Violations::new();
+            for problem in problems.iter().take(MAX_VIOLATIONS) {
+                violations.push(&format!("/{}", problem.path().replace('.', "/")), problem.to_string());
+            }
+            return Err(violations.into());
+        }
         let txn = begin_write(&self.db).await?;
         if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
             txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({CONFIG_LOCK_KEY})"))

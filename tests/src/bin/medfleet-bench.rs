@@ -291,7 +291,7 @@ async fn config_fanout(backend: Backend, devices: usize, runs: usize) -> (Stats,
     });
     let document = |run: usize| {
         format!(
-            r#"{{"alarm": {{"hr_high": {}, "spo2_low": 90}}, "sampling_hz": 1}}"#,
+            r#"{{"limits": {{"hr_high": {}, "spo2_low": 90}}, "sampling_hz": 1}}"#,
             120 + run
         )
     };

@@ -164,7 +164,7 @@ async fn push_reaches_every_connected_device(backend: Backend) {
     let fleet = set(
         &mut api,
         layer(v1::ConfigLayerKind::Fleet, ""),
-        r#"{"alarm": {"hr_high": 120, "hr_low": 40}, "sampling_hz": 1}"#,
+        r#"{"limits": {"hr_high": 120, "hr_low": 40}, "sampling_hz": 1}"#,
     )
     .await
     .unwrap();
@@ -176,7 +176,7 @@ async fn push_reaches_every_connected_device(backend: Backend) {
     .await;
     assert!(first.iter().all(|r| r.reported_version == fleet.version));
 
-    let change = set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 140}}"#)
+    let change = set(&mut api, ward("stmarys/icu"), r#"{"limits": {"hr_high": 140}}"#)
         .await
         .unwrap();
     let rows = converge(&server, |rows| {
@@ -193,7 +193,7 @@ async fn push_reaches_every_connected_device(backend: Backend) {
     )
     .await;
     // Every device wrote the merged document to its own state directory.
-    let expected = serde_json::json!({"alarm": {"hr_high": 140, "hr_low": 40}, "sampling_hz": 1});
+    let expected = serde_json::json!({"limits": {"hr_high": 140, "hr_low": 40}, "sampling_hz": 1});
     let mut dirs = 0;
     for entry in std::fs::read_dir(state.path()).unwrap() {
         assert_eq!(applied_document(&entry.unwrap().path()), expected);
@@ -256,7 +256,7 @@ async fn invalid_changes_change_nothing(backend: Backend) {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "type": "object",
         "properties": {
-            "alarm": {"type": "object", "properties": {"hr_high": {"type": "integer", "minimum": 60, "maximum": 200}}},
+            "limits": {"type": "object", "properties": {"hr_high": {"type": "integer", "minimum": 60, "maximum": 200}}},
             "sampling_hz": {"type": "integer", "enum": [1, 2, 4]}
         }
     }"#;
@@ -270,7 +270,7 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     set(
         &mut api,
         layer(v1::ConfigLayerKind::Fleet, ""),
-        r#"{"alarm": {"hr_high": 120}}"#,
+        r#"{"limits": {"hr_high": 120}}"#,
     )
     .await
     .unwrap();
@@ -285,18 +285,18 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     let audit_before = server.snapshot().await;
 
     // Not JSON; not an object; violating the schema at the ward, at the device, and for the model's base.
-    let not_json = set(&mut api, ward("stmarys/icu"), "{\"alarm\": ").await.unwrap_err();
+    let not_json = set(&mut api, ward("stmarys/icu"), "{\"limits\": ").await.unwrap_err();
     assert_eq!(not_json.code(), Code::InvalidArgument);
     assert_eq!(violations(&not_json)[0].0, "document_json");
     let not_object = set(&mut api, ward("stmarys/icu"), "[1, 2]").await.unwrap_err();
     assert_eq!(not_object.code(), Code::InvalidArgument);
-    let too_high = set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 250}}"#)
+    let too_high = set(&mut api, ward("stmarys/icu"), r#"{"limits": {"hr_high": 250}}"#)
         .await
         .unwrap_err();
     assert_eq!(too_high.code(), Code::InvalidArgument, "{too_high:?}");
     let found = violations(&too_high);
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0].0, "/alarm/hr_high");
+    assert_eq!(found[0].0, "/limits/hr_high");
     assert!(found[0].1.contains("250") && found[0].1.contains(&device), "{found:?}");
     let device_override = set(
         &mut api,
@@ -309,14 +309,14 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     let base = set(
         &mut api,
         layer(v1::ConfigLayerKind::Model, "MX450"),
-        r#"{"alarm": {"hr_high": "high"}}"#,
+        r#"{"limits": {"hr_high": "high"}}"#,
     )
     .await
     .unwrap_err();
     assert!(
         violations(&base)
             .iter()
-            .any(|(p, d)| p == "/alarm/hr_high" && d.contains("base")),
+            .any(|(p, d)| p == "/limits/hr_high" && d.contains("base")),
         "{:?}",
         violations(&base)
     );
@@ -326,13 +326,13 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     let stricter = api
         .set_config_schema(v1::SetConfigSchemaRequest {
             model: "MX450".into(),
-            schema_json: r#"{"properties": {"alarm": {"properties": {"hr_high": {"maximum": 100}}}}}"#.into(),
+            schema_json: r#"{"properties": {"limits": {"properties": {"hr_high": {"maximum": 100}}}}}"#.into(),
             comment: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(stricter.code(), Code::InvalidArgument);
-    assert_eq!(violations(&stricter)[0].0, "/alarm/hr_high");
+    assert_eq!(violations(&stricter)[0].0, "/limits/hr_high");
     let draft7 = api
         .set_config_schema(v1::SetConfigSchemaRequest {
             model: "MX450".into(),
@@ -362,7 +362,7 @@ async fn invalid_changes_change_nothing(backend: Backend) {
     );
     assert_eq!(server.snapshot().await, audit_before);
     // A valid change at the same place goes through.
-    set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 150}}"#)
+    set(&mut api, ward("stmarys/icu"), r#"{"limits": {"hr_high": 150}}"#)
         .await
         .unwrap();
 }
@@ -373,12 +373,13 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
     setup(&server).await;
     let device = register(&server, "icu", "MX450").await;
     let mut api = configs(&server).await;
-    let original = r#"{"alarm": {"hr_high": 130, "spo2_low": 90}, "display": {"brightness": 0.8}, "tags": ["a", "b"]}"#;
+    let original =
+        r#"{"limits": {"hr_high": 130, "spo2_low": 90}, "display": {"brightness": 0.8}, "tags": ["a", "b"]}"#;
     let first = set(&mut api, ward("stmarys/icu"), original).await.unwrap();
     let second = set(
         &mut api,
         ward("stmarys/icu"),
-        r#"{"alarm": {"hr_high": 150, "spo2_low": null}}"#,
+        r#"{"limits": {"hr_high": 150, "spo2_low": null}}"#,
     )
     .await
     .unwrap();
@@ -400,7 +401,7 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
         .changes;
     let pointers: HashSet<&str> = changes.iter().map(|c| c.pointer.as_str()).collect();
     assert!(
-        pointers.contains("/alarm/hr_high") && pointers.contains("/display"),
+        pointers.contains("/limits/hr_high") && pointers.contains("/display"),
         "{changes:?}"
     );
 
@@ -445,7 +446,7 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
         .into_inner();
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&resolved.document_json).unwrap(),
-        serde_json::json!({"alarm": {"hr_high": 130, "spo2_low": 90}, "display": {"brightness": 0.8},
+        serde_json::json!({"limits": {"hr_high": 130, "spo2_low": 90}, "display": {"brightness": 0.8},
                            "tags": ["a", "b"], "bed_label": "3"})
     );
     assert_eq!(resolved.version, restored.version);
@@ -454,7 +455,7 @@ async fn rollback_restores_the_exact_document(backend: Backend) {
         source("/bed_label").layer,
         layer(v1::ConfigLayerKind::Device, &resolved.device_id)
     );
-    assert_eq!(source("/alarm/hr_high").version, restored.version);
+    assert_eq!(source("/limits/hr_high").version, restored.version);
     // Rolling back to a version that does not exist changes nothing.
     let missing = api
         .rollback_config(v1::RollbackConfigRequest {
@@ -778,7 +779,7 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_owned()
     };
-    let v1_file = write("v1.json", r#"{"alarm": {"spo2_low": 90}}"#);
+    let v1_file = write("v1.json", r#"{"limits": {"spo2_low": 90}}"#);
     let out = cli(
         &server,
         &["config", "set", "--ward", "stmarys/ed", &v1_file, "-m", "first"],
@@ -790,7 +791,7 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     agent.wait_for("configuration applied", 1).await;
     assert_eq!(
         applied_document(state.path()),
-        serde_json::json!({"alarm": {"spo2_low": 90}})
+        serde_json::json!({"limits": {"spo2_low": 90}})
     );
     let online = cli(&server, &["devices", "list", "--online", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&online.stdout).unwrap();
@@ -801,7 +802,7 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     let (status, _) = agent.terminate().await;
     assert!(status.success());
     presence(&mut events, &device, |p| !p.online).await;
-    let v2_file = write("v2.json", r#"{"alarm": {"spo2_low": 88}, "sampling_hz": 2}"#);
+    let v2_file = write("v2.json", r#"{"limits": {"spo2_low": 88}, "sampling_hz": 2}"#);
     let out = cli(
         &server,
         &["config", "set", "--device", &device, &v2_file, "-m", "for this bed"],
@@ -817,7 +818,7 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     agent.wait_for("configuration applied", 1).await;
     assert_eq!(
         applied_document(state.path()),
-        serde_json::json!({"alarm": {"spo2_low": 88}, "sampling_hz": 2})
+        serde_json::json!({"limits": {"spo2_low": 88}, "sampling_hz": 2})
     );
     let explained = cli(&server, &["config", "get", &device, "--explain", "-o", "json"]);
     let explained: serde_json::Value = serde_json::from_slice(&explained.stdout).unwrap();
@@ -875,7 +876,7 @@ async fn push_and_takeover_across_replicas() {
     })
     .await;
     let mut api = configs(&a).await;
-    let change = set(&mut api, ward("stmarys/icu"), r#"{"alarm": {"hr_high": 135}}"#)
+    let change = set(&mut api, ward("stmarys/icu"), r#"{"limits": {"hr_high": 135}}"#)
         .await
         .unwrap();
     converge(&a, |rows| {

@@ -994,16 +994,31 @@ async fn alarm_limits_come_from_the_device_configuration(backend: Backend) {
     assert_eq!(obx.split('|').nth(5), Some("150"), "{obx}");
     assert_eq!(obx.split('|').nth(7), Some("40-140"), "{obx}");
 
+    // Limits medfleet would ignore are refused when written, not replaced by the defaults in silence.
+    let mut configs = medfleet_proto::v1::config_service_client::ConfigServiceClient::new(admin);
+    let ward = |document: &str| v1::SetConfigRequest {
+        layer: Some(v1::ConfigLayer {
+            kind: v1::ConfigLayerKind::Ward.into(),
+            key: "stmarys/icu".into(),
+        }),
+        document_json: document.into(),
+        comment: "neonatal limits".into(),
+    };
+    for (document, pointer) in [
+        (
+            r#"{"alarm": {"heart_rate": {"low": 180, "high": 100}}}"#,
+            "/alarm/heart_rate",
+        ),
+        (r#"{"alarm": {"heartrate": {"low": 100}}}"#, "/alarm/heartrate"),
+        (r#"{"alarm": {"spo2": {"low": 0.9, "high": 1.0}}}"#, "/alarm/spo2"),
+    ] {
+        let refused = configs.set_config(ward(document)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{document}: {refused:?}");
+        assert!(refused.message().contains(pointer), "{document}: {}", refused.message());
+    }
     // The neonatal ward's configuration: 100-180/min.
-    medfleet_proto::v1::config_service_client::ConfigServiceClient::new(admin)
-        .set_config(v1::SetConfigRequest {
-            layer: Some(v1::ConfigLayer {
-                kind: v1::ConfigLayerKind::Ward.into(),
-                key: "stmarys/icu".into(),
-            }),
-            document_json: r#"{"alarm": {"heart_rate": {"low": 100, "high": 180}}}"#.into(),
-            comment: "neonatal limits".into(),
-        })
+    configs
+        .set_config(ward(r#"{"alarm": {"heart_rate": {"low": 100, "high": 180}}}"#))
         .await
         .unwrap();
     assert_eq!(

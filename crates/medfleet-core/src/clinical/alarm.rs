@@ -130,6 +130,81 @@ impl AlarmLimits {
     }
 }
 
+/// What is wrong with the `alarm` part of one configuration layer, for refusing it when it is written (a layer
+/// is checked on its own: a bound it leaves out may come from another layer, so a pair is compared only when the
+/// layer gives both). Beyond what [`AlarmLimits::from_config`] reports: limits outside the vital's plausible
+/// range, and SpO2 limits written as a fraction.
+pub fn layer_problems(layer: &Value) -> Vec<AlarmLimitProblem> {
+    let mut problems = Vec::new();
+    let alarm = match layer.get(CONFIG_KEY) {
+        None | Some(Value::Null) => return problems,
+        Some(Value::Object(alarm)) => alarm,
+        Some(_) => {
+            problems.push(AlarmLimitProblem::NotAnObject {
+                path: CONFIG_KEY.to_owned(),
+            });
+            return problems;
+        }
+    };
+    for (name, entry) in alarm {
+        let path = format!("{CONFIG_KEY}.{name}");
+        let Some(vital) = Vital::from_config_name(name) else {
+            problems.push(AlarmLimitProblem::UnknownVital { path });
+            continue;
+        };
+        let bounds = match entry {
+            Value::Null => continue,
+            Value::Object(bounds) => bounds,
+            _ => {
+                problems.push(AlarmLimitProblem::NotAnObject { path });
+                continue;
+            }
+        };
+        let info = vital.info();
+        let mut given = [None, None];
+        for (key, value) in bounds {
+            let slot = match key.as_str() {
+                "low" => 0,
+                "high" => 1,
+                _ => {
+                    problems.push(AlarmLimitProblem::UnknownBound {
+                        path: format!("{path}.{key}"),
+                    });
+                    continue;
+                }
+            };
+            if value.is_null() {
+                continue;
+            }
+            let Some(number) = value.as_f64().filter(|n| n.is_finite()) else {
+                problems.push(AlarmLimitProblem::NotANumber {
+                    path: format!("{path}.{key}"),
+                });
+                continue;
+            };
+            if number < info.plausible.0 || number > info.plausible.1 {
+                problems.push(AlarmLimitProblem::Implausible {
+                    path: format!("{path}.{key}"),
+                    value: number,
+                    range: info.plausible,
+                    unit: info.ucum,
+                });
+                continue;
+            }
+            given[slot] = Some(number);
+        }
+        if info.ucum == "%" && given.iter().flatten().count() > 0 && given.iter().flatten().all(|n| *n <= 1.0) {
+            problems.push(AlarmLimitProblem::Fraction { path: path.clone() });
+        }
+        if let [Some(low), Some(high)] = given
+            && low > high
+        {
+            problems.push(AlarmLimitProblem::Inverted { path, low, high });
+        }
+    }
+    problems
+}
+
 impl Default for AlarmLimits {
     fn default() -> Self {
         AlarmLimits::ADULT
@@ -182,6 +257,15 @@ pub enum AlarmLimitProblem {
     NotANumber { path: String },
     #[error("{path}: low {low} is above high {high}; the default limits of this vital apply")]
     Inverted { path: String, low: f64, high: f64 },
+    #[error("{path} = {value} is outside what this vital can be ({} to {} {unit})", range.0, range.1)]
+    Implausible {
+        path: String,
+        value: f64,
+        range: (f64, f64),
+        unit: &'static str,
+    },
+    #[error("{path} looks like a fraction; SpO2 limits are in percent (e.g. 90, not 0.9)")]
+    Fraction { path: String },
 }
 
 impl AlarmLimitProblem {
@@ -192,7 +276,9 @@ impl AlarmLimitProblem {
             | AlarmLimitProblem::UnknownVital { path }
             | AlarmLimitProblem::UnknownBound { path }
             | AlarmLimitProblem::NotANumber { path }
-            | AlarmLimitProblem::Inverted { path, .. } => path,
+            | AlarmLimitProblem::Inverted { path, .. }
+            | AlarmLimitProblem::Implausible { path, .. }
+            | AlarmLimitProblem::Fraction { path } => path,
         }
     }
 }
@@ -234,6 +320,40 @@ pub fn alarm_schema() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layer_with_limits_medfleet_would_ignore_is_refused() {
+        let problems = |layer: serde_json::Value| {
+            layer_problems(&layer)
+                .iter()
+                .map(|p| p.path().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert!(problems(serde_json::json!({"alarm": {"heart_rate": {"low": 100, "high": 180}}})).is_empty());
+        // One bound per layer is fine: the other may come from another layer.
+        assert!(problems(serde_json::json!({"alarm": {"heart_rate": {"low": 150}}})).is_empty());
+        assert!(problems(serde_json::json!({"alarm": {"heart_rate": {"low": null}}})).is_empty());
+        assert_eq!(
+            problems(serde_json::json!({"alarm": {"heart_rate": {"low": 180, "high": 100}}})),
+            ["alarm.heart_rate"]
+        );
+        assert_eq!(
+            problems(serde_json::json!({"alarm": {"heart_rate": {"low": "100"}}})),
+            ["alarm.heart_rate.low"]
+        );
+        assert_eq!(
+            problems(serde_json::json!({"alarm": {"heartrate": {"low": 100}}})),
+            ["alarm.heartrate"]
+        );
+        assert_eq!(
+            problems(serde_json::json!({"alarm": {"spo2": {"low": 0.9, "high": 1.0}}})),
+            ["alarm.spo2"]
+        );
+        assert_eq!(
+            problems(serde_json::json!({"alarm": {"heart_rate": {"high": 900}}})),
+            ["alarm.heart_rate.high"]
+        );
+    }
     use crate::config::ConfigSchema;
     use proptest::prelude::*;
 
