@@ -203,7 +203,7 @@ impl Configs {
         if !problems.is_empty() {
             let mut violations = Violations::new();
             for problem in problems.iter().take(MAX_VIOLATIONS) {
-                violations.push(&format!("/{}", problem.path().replace('.', "/")), problem.to_string());
+                violations.push(format!("/{}", problem.path().replace('.', "/")), problem.to_string());
             }
             return Err(violations.into());
         }
