@@ -828,7 +828,10 @@ pub(crate) async fn emr(channel: Channel, command: &EmrCommand, out: Format) -> 
             if enable {
                 println!("EMR destination {name} enabled: pending deliveries are sent now");
             } else {
-                println!("EMR destination {name} disabled: nothing is sent to it until `medfleet emr enable {name}`");
+                println!(
+                    "EMR destination {name} disabled: nothing is sent to it until `medfleet emr enable {name}`; \
+                     deliveries already queued wait, but chart entries made while it is disabled are never sent to it"
+                );
             }
             Ok(())
         }

@@ -191,7 +191,8 @@ impl Emr {
 
     /// Starts the relays of this replica: each tick (or change notification) it claims the destinations whose
     /// lease is free and runs a delivery round for each one it holds.
-    pub fn spawn_relays(self: &Arc<Self>, stop: CancellationToken) {
+    /// The relay loop until `stop`; the handle ends once this replica's leases are released.
+    pub fn spawn_relays(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let emr = self.clone();
         tokio::spawn(async move {
             let mut events = emr.events.subscribe();
@@ -212,7 +213,7 @@ impl Emr {
                 }
             }
             emr.release_leases().await;
-        });
+        })
     }
 
     async fn relay_tick(self: &Arc<Self>, stop: &CancellationToken) -> Result<()> {

@@ -287,7 +287,7 @@ pub async fn run(
         config.emr_allowed_hosts.clone(),
         secrets.clone(),
     );
-    emr.spawn_relays(background.clone());
+    let relays = emr.spawn_relays(background.clone());
     retention::Retention::new(db.clone(), config.retention, metrics.clone()).spawn(background.clone());
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -440,6 +440,14 @@ pub async fn run(
         Ok(Ok(Ok(()))) => {}
     }
     background.cancel();
+    // The relay hands its destination leases back before the pool closes, so another replica (or this one,
+    // restarted) relays at once instead of after the lease runs out.
+    if tokio::time::timeout(std::time::Duration::from_secs(5), relays)
+        .await
+        .is_err()
+    {
+        tracing::warn!("EMR relay leases not released within 5 s; they expire on their own");
+    }
     metrics.shutdown();
     db.close().await?;
     tracing::info!("medfleetd stopped");
