@@ -39,7 +39,8 @@ enum Command {
         overrides: Overrides,
     },
     /// Add a new current key to the secrets keyring (old keys stay, for decryption), or retire old keys no stored
-    /// secret uses any more.
+    /// secret uses any more. Creates the keyring when it does not exist yet (an upgrade from before sealing, a
+    /// keyring kept on a mount the service cannot write).
     #[command(after_help = "Rotation:\n  \
         medfleetd rotate-secrets-key --config /etc/medfleet/medfleetd.toml     # 1. new current key, old kept\n  \
         # 2. give every replica the same key file and restart them: each re-encrypts at start\n  \
@@ -120,6 +121,25 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 if outcome.plaintext {
                     eprintln!("  some destination secrets are still in clear: a replica's restart seals them");
                 }
+                return Ok(());
+            }
+            if !path.exists() {
+                // An install from before sealing (or a keyring moved to a read-only mount): create it here, as
+                // the service user, before the first start that needs it. Refused when the CA key is sealed
+                // already: a new key would not open it (the error names the key to restore).
+                let dir = DataDir::new(&config.data_dir);
+                let keyring = medfleet_server::secrets::open_or_create(path, &dir).with_context(|| {
+                    format!(
+                        "creating {} (run this as the user medfleetd runs as, with write access to that directory)",
+                        path.display()
+                    )
+                })?;
+                eprintln!(
+                    "medfleetd: created {} with key {}; give every replica this file (mode 0600) and keep it apart \
+                     from the database and the data directory's backups",
+                    path.display(),
+                    keyring.current().id()
+                );
                 return Ok(());
             }
             let keyring =

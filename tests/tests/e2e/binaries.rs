@@ -504,6 +504,27 @@ async fn secrets_key_rotation_from_the_command_line() {
         "{stderr}"
     );
     assert!(!data.join("secrets.key").exists(), "a new keyring was made up");
+    let recreate = medfleetd(&["rotate-secrets-key"]).await.unwrap();
+    assert!(
+        !recreate.status.success(),
+        "a new keyring was made up for a sealed CA key"
+    );
+    assert!(String::from_utf8_lossy(&recreate.stderr).contains(&second));
+
+    // An install from before sealing gets its keyring from the command, as the service user, before it starts.
+    let fresh = tempfile::tempdir().unwrap();
+    let keyring = fresh.path().join("keys/secrets.key");
+    let created = Command::new(binary("medfleetd"))
+        .args(["rotate-secrets-key", "--data-dir"])
+        .arg(fresh.path().join("data"))
+        .arg("--secrets-key-file")
+        .arg(&keyring)
+        .env_remove("MEDFLEET_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert_eq!(medfleet_server::secrets::load(&keyring).unwrap().ids().len(), 1);
 }
 
 /// A minimal OTLP/gRPC collector that records what medfleetd exports.
