@@ -1289,6 +1289,19 @@ impl Clinical {
             )));
         }
         let txn = begin_write(&self.db).await?;
+        // A bed medfleet does not know (a label that differs from the EMR's) would bind nothing, silently: the
+        // sender is told which beds the ward has.
+        if let Some((site, ward, bed)) = bed.as_ref().filter(|_| kind != AdtKind::Discharge) {
+            crate::store::check_location(
+                &txn,
+                &medfleet_core::registry::Location {
+                    site: site.clone(),
+                    ward: ward.clone(),
+                    bed: Some(bed.clone()),
+                },
+            )
+            .await?;
+        }
         let mut outcome = AdtOutcome::default();
         let mut patient = patient::Entity::find()
             .filter(patient::Column::Authority.eq(&key.authority))

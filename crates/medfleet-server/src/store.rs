@@ -674,7 +674,7 @@ async fn find_device(conn: &impl ConnectionTrait, id: Uuid) -> Result<device::Mo
 }
 
 /// A location refers to an existing ward and, if it names a bed, one of that ward's beds.
-async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Result<()> {
+pub(crate) async fn check_location(conn: &impl ConnectionTrait, location: &Location) -> Result<()> {
     let ward = ward::Entity::find_by_id((location.site.clone(), location.ward.clone()))
         .one(conn)
         .await?

@@ -1720,6 +1720,13 @@ async fn an_adt_event_that_places_nobody_renames_nobody(backend: Backend) {
         .unwrap();
     grant(&server, "medfleet://service/icu-bridge", "emr_system", "stmarys/icu").await;
     let mut bridge = PatientServiceClient::new(as_principal(&server, &Identity::Service("icu-bridge".into())).await);
+    // A bed medfleet does not know is refused with the ward's beds, not accepted binding nothing.
+    let unknown = bridge
+        .record_adt_event(adt(v1::AdtEventType::Admit, "MRN-N", "Doe^Jane", Some(("icu", "99"))))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::FailedPrecondition, "{unknown:?}");
+    assert!(unknown.message().contains("no bed '99'"), "{}", unknown.message());
     // Bed 2 holds no device.
     bridge
         .record_adt_event(adt(v1::AdtEventType::Admit, "MRN-N", "Forged^Name", Some(("icu", "2"))))
