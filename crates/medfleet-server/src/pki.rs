@@ -922,6 +922,18 @@ mod tests {
         crate::secrets::Secrets::new(crate::secrets::create(&dir.join("secrets.key")).unwrap())
     }
 
+    /// A data directory initialised for `localhost` with hour-long certificates, its CA and its stored server pair.
+    fn initialised(root: &Path) -> (DataDir, CertificateAuthority, Vec<String>, ServerCredentials) {
+        let dir = DataDir::new(root);
+        let hour = Duration::from_hours(1);
+        let names = vec!["localhost".to_owned()];
+        let secrets = secrets(root);
+        dir.init("admin", &names, hour, hour, &secrets).unwrap();
+        let ca = dir.load_ca(secrets.keyring()).unwrap();
+        let stored = dir.server_credentials(&ca, &names, hour).unwrap();
+        (dir, ca, names, stored)
+    }
+
     #[test]
     fn init_writes_private_files_0600_and_refuses_twice() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1036,13 +1048,8 @@ mod tests {
     #[test]
     fn stored_server_cert_is_kept_until_its_renewal_and_replaced_after() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
+        let (dir, ca, names, stored) = initialised(tmp.path());
         let hour = Duration::from_hours(1);
-        let names = vec!["localhost".to_owned()];
-        let secrets = secrets(tmp.path());
-        dir.init("admin", &names, hour, hour, &secrets).unwrap();
-        let ca = dir.load_ca(secrets.keyring()).unwrap();
-        let stored = dir.server_credentials(&ca, &names, hour).unwrap();
         let due = server_renewal_at(stored.not_after, hour);
         let before = dir
             .stored_server_credentials(&ca, &names, hour, due - Duration::from_secs(1))
@@ -1069,13 +1076,8 @@ mod tests {
     #[test]
     fn a_key_that_does_not_match_the_stored_server_cert_is_replaced() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
+        let (dir, ca, names, stored) = initialised(tmp.path());
         let hour = Duration::from_hours(1);
-        let names = vec!["localhost".to_owned()];
-        let secrets = secrets(tmp.path());
-        dir.init("admin", &names, hour, hour, &secrets).unwrap();
-        let ca = dir.load_ca(secrets.keyring()).unwrap();
-        let stored = dir.server_credentials(&ca, &names, hour).unwrap();
         let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         write_private(&dir.server_key(), &other.serialize_pem()).unwrap();
         let replaced = dir.server_credentials(&ca, &names, hour).unwrap();
