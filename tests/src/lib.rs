@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use medfleet_core::identity::Identity;
 use medfleet_proto::v1::registry_service_client::RegistryServiceClient;
-use medfleet_server::config::{Config, FileConfig, Overrides};
-use medfleet_server::pki::{CertificateAuthority, CredentialBundle, DataDir};
+use medfleet_server::identity::pki::{CertificateAuthority, CredentialBundle, DataDir};
+use medfleet_server::settings::{Config, FileConfig, Overrides};
 use medfleet_server::{Listeners, ServeError};
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, EntityTrait as _};
 use tokio::net::TcpListener;
@@ -226,7 +226,7 @@ impl TestServer {
 
     /// The secrets keyring this server seals with (its `secrets_key_file`).
     pub fn keyring(&self) -> medfleet_core::secrets::Keyring {
-        medfleet_server::secrets::load(&self.config.secrets_key_file).expect("load the secrets keyring")
+        medfleet_server::identity::secrets::load(&self.config.secrets_key_file).expect("load the secrets keyring")
     }
 
     pub fn ca(&self) -> CertificateAuthority {
@@ -326,7 +326,7 @@ impl TestServer {
 
     /// Every registry row, for "nothing changed" assertions.
     pub async fn snapshot(&self) -> serde_json::Value {
-        use medfleet_server::entity::{device, device_tag, site, ward};
+        use medfleet_server::persistence::entity::{device, device_tag, site, ward};
         let db = self.db().await;
         let value = serde_json::json!({
             "sites": site::Entity::find().into_json().all(&db).await.unwrap(),

@@ -28,7 +28,7 @@ pub enum Error {
     Unavailable(String),
     /// A destination's stored secret does not open with this replica's keyring.
     #[error(transparent)]
-    Unreadable(#[from] crate::destinations::Unreadable),
+    Unreadable(#[from] crate::emr::destinations::Unreadable),
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// Stored data that violates an invariant (a bug or manual tampering), never caused by the caller.

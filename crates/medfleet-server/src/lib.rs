@@ -1,61 +1,20 @@
 //! medfleetd, the medfleet control plane: gRPC over mutual TLS, the certificate authority, storage on SQLite or
 //! PostgreSQL, and telemetry. [`run`] serves one replica; any number of replicas may share one PostgreSQL.
 
-/// Network resource limits beside the connection limits in [`tls`] (values and reasons in ARCHITECTURE.md).
-pub mod limits {
-    use std::time::Duration;
-
-    /// HTTP/2 streams one connection may have open: a device needs two (session, readings), the CLI a handful;
-    /// an integration multiplexing feeds and listings stays far below.
-    pub const STREAMS_PER_CONNECTION: u32 = 64;
-    /// Ping an idle connection this often, and drop it if the ping is not answered in time: a monitor whose
-    /// network went away stops holding a session (and its presence) within a minute.
-    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-    /// Connections are recycled after this long so long-lived device sessions spread over replicas again after
-    /// a scale-out (the agent reconnects at once); the grace lets in-flight calls finish.
-    pub const MAX_CONNECTION_AGE: Duration = Duration::from_hours(6);
-    pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_mins(5);
-    /// A unary call (and the opening of a stream) is answered within this or fails with DEADLINE_EXCEEDED.
-    pub const UNARY_TIMEOUT: Duration = Duration::from_mins(1);
-    /// Largest Enroll request (token + CSR).
-    pub const ENROLL_MESSAGE: usize = 64 * 1024;
-    /// Largest message on device streams (a reading batch, a session message).
-    pub const DEVICE_MESSAGE: usize = 4 * 1024 * 1024;
-}
-
-pub mod access;
-pub mod access_api;
-pub mod api;
 pub mod audit;
-pub mod audit_api;
+pub mod authz;
 pub mod clinical;
-pub mod clinical_api;
-pub mod config;
-pub mod config_api;
-pub mod configs;
-pub mod credentials;
-pub mod db;
-pub mod destinations;
+pub mod device_config;
+pub mod devices;
 pub mod emr;
-pub mod entity;
 pub mod error;
-pub mod events;
-pub mod http;
-pub mod identity_api;
-pub mod ingest;
-pub mod pki;
-pub mod policy;
-pub mod presence;
+pub mod identity;
+pub mod persistence;
+pub mod registry;
 pub mod retention;
-pub mod revocation;
-pub mod rpc;
-pub mod secrets;
-pub mod server_cert;
-pub mod session;
-pub mod store;
+pub mod settings;
 pub mod telemetry;
-pub mod tls;
+pub mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,18 +34,27 @@ use medfleet_proto::v1::registry_service_server::RegistryServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
-use crate::api::RegistryApi;
-use crate::config::Config;
-use crate::credentials::{Credentials, Lifetimes};
-use crate::identity_api::IdentityApi;
-use crate::pki::{DataDir, InitOutcome, IssuedCertificate, PkiError};
-use crate::revocation::Revocations;
-use crate::rpc::RpcLayer;
-use crate::secrets::{Secrets, SecretsError};
-use crate::session::DeviceApi;
-use crate::store::Registry;
+use crate::audit::grpc as audit_api;
+use crate::authz::{access, grpc as access_api};
+use crate::clinical::grpc as clinical_api;
+use crate::device_config::{grpc as config_api, store as configs};
+use crate::devices::session::DeviceApi;
+use crate::devices::{ingest, session};
+use crate::emr::destinations;
+use crate::identity::credentials::{Credentials, Lifetimes};
+use crate::identity::grpc::IdentityApi;
+use crate::identity::pki::{DataDir, InitOutcome, IssuedCertificate, PkiError};
+use crate::identity::revocation::Revocations;
+use crate::identity::secrets::{Secrets, SecretsError};
+use crate::identity::{pki, secrets};
+use crate::persistence::{db, events};
+use crate::registry::grpc::RegistryApi;
+use crate::registry::store::Registry;
+use crate::settings::Config;
 use crate::telemetry::{Metrics, TelemetryError};
-use crate::tls::TlsError;
+use crate::transport::rpc::RpcLayer;
+use crate::transport::tls::TlsError;
+use crate::transport::{http, limits, rpc, server_cert, tls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use medfleet_server::config::{Config, Overrides};
-use medfleet_server::pki::DataDir;
+use medfleet_server::identity::pki::DataDir;
+use medfleet_server::settings::{Config, Overrides};
 use medfleet_server::{Listeners, ensure_initialised, run, telemetry};
 
 /// The medfleet control plane.
@@ -128,7 +128,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 // the service user, before the first start that needs it. Refused when the CA key is sealed
                 // already: a new key would not open it (the error names the key to restore).
                 let dir = DataDir::new(&config.data_dir);
-                let keyring = medfleet_server::secrets::open_or_create(path, &dir).with_context(|| {
+                let keyring = medfleet_server::identity::secrets::open_or_create(path, &dir).with_context(|| {
                     format!(
                         "creating {} (run this as the user medfleetd runs as, with write access to that directory)",
                         path.display()
@@ -142,8 +142,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let keyring =
-                medfleet_server::secrets::rotate(path).with_context(|| format!("rotating {}", path.display()))?;
+            let keyring = medfleet_server::identity::secrets::rotate(path)
+                .with_context(|| format!("rotating {}", path.display()))?;
             eprintln!(
                 "medfleetd: {} now begins with the new key {} (kept for decryption: {}).\n  Next: give every replica \
                  this file and restart them (each re-encrypts what it stores at start), then run\n  medfleetd \
@@ -157,7 +157,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { overrides } => {
             let config = Config::load(overrides)?;
             let _guard = telemetry::init_tracing(config.log_format, &config.log_level, None)?;
-            medfleet_server::db::migrate(&config.database_url)
+            medfleet_server::persistence::db::migrate(&config.database_url)
                 .await
                 .context("applying migrations")?;
             tracing::info!("database schema is up to date");
@@ -179,7 +179,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn print_credentials_hint(config: &Config, outcome: &medfleet_server::pki::InitOutcome) {
+fn print_credentials_hint(config: &Config, outcome: &medfleet_server::identity::pki::InitOutcome) {
     let dir = DataDir::new(&config.data_dir);
     eprintln!(
         "medfleetd: initialised {}\n  CA certificate:          {}\n  CA key (sealed):         {}\n  \

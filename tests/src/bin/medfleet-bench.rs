@@ -28,7 +28,7 @@ use clap::{Parser, ValueEnum};
 use medfleet_core::identity::Identity;
 use medfleet_e2e::{Backend, TestServer};
 use medfleet_proto::v1;
-use medfleet_server::pki::{SubjectDetails, check_csr};
+use medfleet_server::identity::pki::{SubjectDetails, check_csr};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -107,7 +107,7 @@ fn ms(d: Duration) -> String {
 }
 
 async fn enforce(backend: Backend, users: usize) -> (Stats, Stats, Stats) {
-    use medfleet_server::access::{Access, Grant, insert_grant};
+    use medfleet_server::authz::access::{Access, Grant, insert_grant};
     let server = TestServer::start(backend).await;
     server.wait_ready().await;
     let db = server.db().await;
@@ -128,7 +128,7 @@ async fn enforce(backend: Backend, users: usize) -> (Stats, Stats, Stats) {
             ]
         })
         .collect();
-    let txn = medfleet_server::db::begin_write(&db).await.expect("txn");
+    let txn = medfleet_server::persistence::db::begin_write(&db).await.expect("txn");
     for grant in &grants {
         insert_grant(&txn, grant).await.expect("grant");
     }

@@ -216,8 +216,8 @@ async fn scopes(backend: Backend) {
 
     // Every refusal is in the audit trail.
     let db = server.db().await;
-    let denials = medfleet_server::entity::audit_log::Entity::find()
-        .filter(medfleet_server::entity::audit_log::Column::Outcome.eq("denied"))
+    let denials = medfleet_server::persistence::entity::audit_log::Entity::find()
+        .filter(medfleet_server::persistence::entity::audit_log::Column::Outcome.eq("denied"))
         .all(&db)
         .await
         .unwrap();

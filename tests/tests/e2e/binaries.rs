@@ -418,7 +418,7 @@ async fn init_creates_credentials_once() {
     let der = rustls::pki_types::pem::PemObject::from_pem_slice(bundle.cert_pem.as_bytes()).unwrap();
     let _: &rustls::pki_types::CertificateDer<'_> = &der;
     assert_eq!(
-        medfleet_server::pki::identity_of(&der).unwrap(),
+        medfleet_server::identity::pki::identity_of(&der).unwrap(),
         medfleet_core::identity::Identity::User("alice".into())
     );
 
@@ -456,7 +456,7 @@ async fn secrets_key_rotation_from_the_command_line() {
     let init = medfleetd(&["init"]).await.unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     assert!(String::from_utf8_lossy(&init.stderr).contains("secrets keyring (0600)"));
-    let keys = || medfleet_server::secrets::load(&data.join("secrets.key")).unwrap();
+    let keys = || medfleet_server::identity::secrets::load(&data.join("secrets.key")).unwrap();
     let first = keys().current().id().to_owned();
 
     let rotated = medfleetd(&["rotate-secrets-key"]).await.unwrap();
@@ -480,8 +480,8 @@ async fn secrets_key_rotation_from_the_command_line() {
     assert_eq!(keys().ids().len(), 2);
 
     // A start re-encrypts it (the step `serve` runs first); then the first key can go.
-    let keyring = medfleet_server::secrets::Secrets::new(keys());
-    medfleet_server::pki::DataDir::new(&data)
+    let keyring = medfleet_server::identity::secrets::Secrets::new(keys());
+    medfleet_server::identity::pki::DataDir::new(&data)
         .protect_ca_key(&keyring)
         .unwrap();
     let retired = medfleetd(&["rotate-secrets-key", "--retire-unused"]).await.unwrap();
@@ -524,7 +524,10 @@ async fn secrets_key_rotation_from_the_command_line() {
         .await
         .unwrap();
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    assert_eq!(medfleet_server::secrets::load(&keyring).unwrap().ids().len(), 1);
+    assert_eq!(
+        medfleet_server::identity::secrets::load(&keyring).unwrap().ids().len(),
+        1
+    );
 }
 
 /// A minimal OTLP/gRPC collector that records what medfleetd exports.

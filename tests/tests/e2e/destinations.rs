@@ -186,7 +186,7 @@ async fn secrets_are_sealed_and_keys_rotate(backend: Backend) {
         &format!(r#"{{"endpoint": "{}", "bearer_token": "tok-1"}}"#, fhir.base_url()),
     )
     .await;
-    let rotated = medfleet_server::secrets::rotate(&config.secrets_key_file).unwrap();
+    let rotated = medfleet_server::identity::secrets::rotate(&config.secrets_key_file).unwrap();
     let second_kid = rotated.current().id().to_owned();
     assert_eq!(rotated.ids(), [second_kid.as_str(), first_kid.as_str()]);
 

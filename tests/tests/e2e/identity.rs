@@ -124,7 +124,7 @@ async fn device_state(api: &mut Api, id: &str) -> v1::DeviceState {
 
 /// What enrollment rejections must leave untouched.
 async fn identity_snapshot(server: &TestServer) -> serde_json::Value {
-    use medfleet_server::entity::{certificate, enrollment_token};
+    use medfleet_server::persistence::entity::{certificate, enrollment_token};
     use sea_orm::EntityTrait as _;
     let db = server.db().await;
     let value = serde_json::json!({

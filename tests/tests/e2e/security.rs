@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use medfleet_core::identity::Identity;
 use medfleet_e2e::{Backend, Storage, TestServer, both_backends, http_get};
 use medfleet_proto::v1::{self, registry_service_client::RegistryServiceClient};
-use medfleet_server::pki::{CertificateAuthority, CredentialBundle, not_after_of, serial_of};
+use medfleet_server::identity::pki::{CertificateAuthority, CredentialBundle, not_after_of, serial_of};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::Code;
@@ -85,8 +85,8 @@ async fn mtls_refusals(backend: Backend) {
     {
         use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
         let db = server.db().await;
-        let anonymous_rows = medfleet_server::entity::audit_log::Entity::find()
-            .filter(medfleet_server::entity::audit_log::Column::Actor.eq("anonymous"))
+        let anonymous_rows = medfleet_server::persistence::entity::audit_log::Entity::find()
+            .filter(medfleet_server::persistence::entity::audit_log::Column::Actor.eq("anonymous"))
             .all(&db)
             .await
             .unwrap();
@@ -278,7 +278,7 @@ async fn anonymous_connections_past_the_cap_are_shed(backend: Backend) {
     // Hold the admitted ones open (as stalled enrollments would) while opening more.
     let mut held = Vec::new();
     let (mut served, mut shed) = (0, 0);
-    for _ in 0..medfleet_server::tls::MAX_ANONYMOUS_PER_ADDRESS + 4 {
+    for _ in 0..medfleet_server::transport::tls::MAX_ANONYMOUS_PER_ADDRESS + 4 {
         let Ok(channel) = server.endpoint(anonymous_tls()).unwrap().connect().await else {
             shed += 1;
             continue;
@@ -298,7 +298,7 @@ async fn anonymous_connections_past_the_cap_are_shed(backend: Backend) {
     }
     assert_eq!(
         served,
-        medfleet_server::tls::MAX_ANONYMOUS_PER_ADDRESS,
+        medfleet_server::transport::tls::MAX_ANONYMOUS_PER_ADDRESS,
         "{served} admitted, {shed} shed"
     );
     assert_eq!(shed, 4);

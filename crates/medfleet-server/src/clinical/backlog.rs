@@ -25,11 +25,11 @@ use uuid::Uuid;
 
 use super::{Clinical, Placements, chart, enqueue, insert_observations, routes, vital_from_refid};
 use crate::audit::{Context, device_scope};
-use crate::db::begin_write;
-use crate::entity::{association, device, observation, reading};
 use crate::error::Result;
-use crate::events::Event;
-use crate::store::lock_device;
+use crate::persistence::db::begin_write;
+use crate::persistence::entity::{association, device, observation, reading};
+use crate::persistence::events::Event;
+use crate::registry::store::lock_device;
 
 /// Readings charted per transaction (plus the rest of the last chunk's observation time, so one measurement's
 /// components are never split across two chart entries).

@@ -29,9 +29,9 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::clinical::state;
-use crate::entity::{emr_outbox, observation, reading};
 use crate::error::{Error, Result};
-use crate::store::now;
+use crate::persistence::entity::{emr_outbox, observation, reading};
+use crate::registry::store::now;
 use crate::telemetry::Metrics;
 
 /// Arbitrary but fixed key of the advisory lock one purging replica holds on PostgreSQL.
@@ -150,7 +150,7 @@ impl Retention {
 
     /// A write transaction holding the purge lock, or none when another replica is purging.
     async fn begin(&self) -> Result<Option<sea_orm::DatabaseTransaction>> {
-        let txn = crate::db::begin_write(&self.db).await?;
+        let txn = crate::persistence::db::begin_write(&self.db).await?;
         if txn.get_database_backend() == DbBackend::Postgres {
             let row = txn
                 .query_one_raw(sea_orm::Statement::from_string(

@@ -15,11 +15,11 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::db::begin_write;
-use crate::entity::device_presence;
 use crate::error::Result;
-use crate::events::{Event, Events};
-use crate::store::now;
+use crate::persistence::db::begin_write;
+use crate::persistence::entity::device_presence;
+use crate::persistence::events::{Event, Events};
+use crate::registry::store::now;
 
 /// What a device says when its session opens.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! EMR delivery (the destinations themselves are [`crate::destinations`]): the outbox relays that send chart events
+//! EMR delivery (the destinations themselves are [`crate::emr::destinations`]): the outbox relays that send chart events
 //! to FHIR R4 servers (transaction Bundles with conditional create) and HL7 v2 receivers (ORU^R01 over MLLP, waiting
 //! for the ACK), and the feed that EMR systems subscribe to over gRPC with a cursor stored here.
 //!
@@ -6,6 +6,8 @@
 //! every round and taken over by another replica only once it has expired. Receivers must still be idempotent
 //! (a delivery whose answer was lost is sent again): FHIR entries carry a conditional create on the
 //! observation's identifier, HL7 messages a control id (MSH-10) that stays the same on every resend.
+
+pub mod destinations;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,12 +31,12 @@ use uuid::Uuid;
 
 use crate::audit::Context;
 use crate::clinical::{DestinationKind, decode_measurement, state};
-use crate::destinations::{Settings, open_settings, send_refusal, split_host_port};
-use crate::entity::{device, emr_destination, emr_outbox, feed_subscription, observation, patient};
+use crate::emr::destinations::{Settings, open_settings, send_refusal, split_host_port};
 use crate::error::{Error, Result};
-use crate::events::{Event, Events};
-use crate::secrets::Secrets;
-use crate::store::now;
+use crate::identity::secrets::Secrets;
+use crate::persistence::entity::{device, emr_destination, emr_outbox, feed_subscription, observation, patient};
+use crate::persistence::events::{Event, Events};
+use crate::registry::store::now;
 use crate::telemetry::Metrics;
 
 /// How long a relay's claim on a destination lasts without renewal: longer than one whole exchange
@@ -126,7 +128,7 @@ impl Emr {
     /// Puts dead-lettered deliveries back in the queue.
     pub async fn retry(&self, destination: &str, ids: &[i64], audit: &Context) -> Result<u64> {
         self.destination(destination).await?;
-        let txn = crate::db::begin_write(&self.db).await?;
+        let txn = crate::persistence::db::begin_write(&self.db).await?;
         let mut update = emr_outbox::Entity::update_many()
             .col_expr(emr_outbox::Column::State, Expr::value(state::PENDING))
             .col_expr(emr_outbox::Column::Attempts, Expr::value(0))
@@ -526,7 +528,7 @@ impl Emr {
     /// interval after it ends (grace for readings still in devices' buffers); the destination row is locked for
     /// the run, so replicas never chart a window twice.
     async fn chart_interval(&self, name: &str) -> Result<()> {
-        let txn = crate::db::begin_write(&self.db).await?;
+        let txn = crate::persistence::db::begin_write(&self.db).await?;
         let Some(destination) = emr_destination::Entity::find_by_id(name.to_owned())
             .lock_exclusive()
             .one(&txn)

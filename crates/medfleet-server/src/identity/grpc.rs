@@ -9,11 +9,11 @@ use medfleet_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::credentials::Credentials;
 use crate::error::Error;
-use crate::pki::{CsrError, IssuedCertificate, RequestedKey, check_csr};
-use crate::rpc::Caller;
-use crate::tls::PeerInfo;
+use crate::identity::credentials::Credentials;
+use crate::identity::pki::{CsrError, IssuedCertificate, RequestedKey, check_csr};
+use crate::transport::rpc::Caller;
+use crate::transport::tls::PeerInfo;
 
 /// The authenticated caller; the RPC layer guarantees it for every method that is not anonymous.
 pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
@@ -75,7 +75,13 @@ impl EnrollmentService for IdentityApi {
         let key = csr("csr_der", &r.csr_der)?;
         match self
             .credentials
-            .enroll(source, &r.token, &key, expected, &crate::rpc::audit_context(&request))
+            .enroll(
+                source,
+                &r.token,
+                &key,
+                expected,
+                &crate::transport::rpc::audit_context(&request),
+            )
             .await
         {
             Ok((identity, issued)) => {
@@ -112,7 +118,12 @@ impl CredentialService for IdentityApi {
         let current = caller.certificate.as_ref().map(|(serial, _)| serial.as_str());
         let issued = self
             .credentials
-            .renew(&caller.identity, current, &key, &crate::rpc::audit_context(&request))
+            .renew(
+                &caller.identity,
+                current,
+                &key,
+                &crate::transport::rpc::audit_context(&request),
+            )
             .await?;
         tracing::info!(identity = %caller.identity, serial = %issued.serial, "certificate renewed");
         Ok(Response::new(response(&caller.identity, issued)))
@@ -147,7 +158,7 @@ impl CredentialService for IdentityApi {
                 &key,
                 lifetime,
                 &caller.identity,
-                &crate::rpc::audit_context(&request),
+                &crate::transport::rpc::audit_context(&request),
             )
             .await?;
         tracing::info!(identity = %identity, serial = %issued.serial, by = %caller.identity, "credentials issued");
@@ -169,7 +180,7 @@ impl CredentialService for IdentityApi {
                 &identity,
                 reason,
                 &caller.identity,
-                &crate::rpc::audit_context(&request),
+                &crate::transport::rpc::audit_context(&request),
             )
             .await?;
         tracing::info!(identity = %identity, revoked, reason = reason.as_str(), by = %caller.identity, "credentials revoked");

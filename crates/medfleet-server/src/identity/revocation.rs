@@ -24,8 +24,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use medfleet_core::identity::RevocationReason;
 
-use crate::entity::revocation;
-use crate::pki::{CertificateAuthority, serial_of};
+use crate::identity::pki::{CertificateAuthority, serial_of};
+use crate::persistence::entity::revocation;
 
 /// Arbitrary but fixed key of the advisory lock that orders writers of the revocation log on PostgreSQL.
 const REVOCATION_LOG_LOCK_KEY: i64 = 0x6d65_6466_6c74_0003;
@@ -119,7 +119,7 @@ impl Revocations {
     /// revocations from propagating once it recovers.
     pub fn spawn_poller(self: &Arc<Self>, db: DatabaseConnection, stop: CancellationToken) {
         let this = Arc::clone(self);
-        crate::db::spawn_poller("revocations", POLL_INTERVAL, stop, move || {
+        crate::persistence::db::spawn_poller("revocations", POLL_INTERVAL, stop, move || {
             let (this, db) = (Arc::clone(&this), db.clone());
             async move { this.refresh(&db).await.map(|_| ()) }
         });
@@ -149,7 +149,7 @@ impl Revocations {
     }
 
     /// The DER CRL of every revoked, unexpired certificate, re-signed only when the set changed.
-    pub fn crl(&self, ca: &CertificateAuthority) -> Result<Arc<Vec<u8>>, crate::pki::PkiError> {
+    pub fn crl(&self, ca: &CertificateAuthority) -> Result<Arc<Vec<u8>>, crate::identity::pki::PkiError> {
         let (seq, revoked) = {
             let set = self.set.read().unwrap_or_else(PoisonError::into_inner);
             let revoked: Vec<(String, SystemTime, RevocationReason)> = set
@@ -295,7 +295,7 @@ pub async fn log_revocations(
         txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REVOCATION_LOG_LOCK_KEY})"))
             .await?;
     }
-    let at = crate::store::now();
+    let at = crate::registry::store::now();
     revocation::Entity::insert_many(certs.iter().map(|(serial, not_after)| revocation::ActiveModel {
         seq: NotSet,
         serial: Set(serial.clone()),

@@ -13,8 +13,8 @@ use sea_orm::{DatabaseConnection, EntityTrait as _};
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::access::Access;
-use crate::entity::{config_version, device};
+use crate::authz::access::Access;
+use crate::persistence::entity::{config_version, device};
 use medfleet_core::validation::printable;
 
 /// What the scope of a request is taken from.
@@ -467,7 +467,7 @@ pub async fn access_withdrawn(
                 request_id: String::new(),
                 detail: format!("open stream closed: permission {object}:{action} withdrawn"),
             };
-            let recorded = match crate::db::begin_write(access.db()).await {
+            let recorded = match crate::persistence::db::begin_write(access.db()).await {
                 Ok(txn) => match crate::audit::append(&txn, &event).await {
                     Ok(()) => txn.commit().await,
                     Err(error) => Err(error),
@@ -773,11 +773,11 @@ mod tests {
         for (path, rule) in RULES {
             if let Rule::Permission { object, action, .. } = rule {
                 assert!(
-                    crate::access::OBJECTS.contains(object),
+                    crate::authz::access::OBJECTS.contains(object),
                     "{path}: object {object} is not editable"
                 );
                 assert!(
-                    crate::access::ACTIONS.contains(action),
+                    crate::authz::access::ACTIONS.contains(action),
                     "{path}: action {action} is not editable"
                 );
             }

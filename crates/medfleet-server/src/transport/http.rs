@@ -12,8 +12,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use sea_orm::DatabaseConnection;
 
-use crate::pki::CertificateAuthority;
-use crate::revocation::Revocations;
+use crate::identity::pki::CertificateAuthority;
+use crate::identity::revocation::Revocations;
 use crate::telemetry::Metrics;
 
 #[derive(Clone, Debug)]

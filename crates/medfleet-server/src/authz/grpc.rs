@@ -9,7 +9,7 @@ use sea_orm::DatabaseConnection;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::access::{
+use crate::authz::access::{
     ACTIONS, Access, Grant, OBJECTS, Permission, check_scope, delete_grant, delete_permission, insert_grant,
     insert_permission, known_roles, list_grants, list_permissions,
 };
@@ -117,7 +117,9 @@ impl AccessService for AccessApi {
     #[instrument(skip_all)]
     async fn grant(&self, request: Request<v1::GrantRequest>) -> Result<Response<v1::GrantResponse>, Status> {
         let grant = self.grant_from(request.get_ref().grant.as_ref()).await?;
-        let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
+        let txn = crate::persistence::db::begin_write(&self.db)
+            .await
+            .map_err(Error::from)?;
         let changed = insert_grant(&txn, &grant).await.map_err(Error::from)?;
         let change = (
             "access.grant",
@@ -125,8 +127,12 @@ impl AccessService for AccessApi {
             grant.scope.clone(),
             grant.role.clone(),
         );
-        self.commit(txn, &crate::rpc::audit_context(&request), changed.then_some(change))
-            .await?;
+        self.commit(
+            txn,
+            &crate::transport::rpc::audit_context(&request),
+            changed.then_some(change),
+        )
+        .await?;
         tracing::info!(subject = %grant.subject, role = %grant.role, scope = %grant.scope, changed, "role granted");
         Ok(Response::new(v1::GrantResponse { changed }))
     }
@@ -134,7 +140,9 @@ impl AccessService for AccessApi {
     #[instrument(skip_all)]
     async fn revoke(&self, request: Request<v1::GrantRequest>) -> Result<Response<v1::GrantResponse>, Status> {
         let grant = self.grant_from(request.get_ref().grant.as_ref()).await?;
-        let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
+        let txn = crate::persistence::db::begin_write(&self.db)
+            .await
+            .map_err(Error::from)?;
         if !delete_grant(&txn, &grant).await.map_err(Error::from)? {
             return Err(Error::NotFound(format!(
                 "{} does not hold {} on {}",
@@ -148,7 +156,7 @@ impl AccessService for AccessApi {
             grant.scope.clone(),
             grant.role.clone(),
         );
-        self.commit(txn, &crate::rpc::audit_context(&request), Some(change))
+        self.commit(txn, &crate::transport::rpc::audit_context(&request), Some(change))
             .await?;
         tracing::info!(subject = %grant.subject, role = %grant.role, scope = %grant.scope, "role revoked");
         Ok(Response::new(v1::GrantResponse { changed: true }))
@@ -198,7 +206,9 @@ impl AccessService for AccessApi {
         request: Request<v1::PermissionRequest>,
     ) -> Result<Response<v1::GrantResponse>, Status> {
         let permission = permission_from(request.get_ref().permission.as_ref())?;
-        let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
+        let txn = crate::persistence::db::begin_write(&self.db)
+            .await
+            .map_err(Error::from)?;
         let changed = insert_permission(&txn, &permission).await.map_err(Error::from)?;
         let change = (
             "access.permission.add",
@@ -206,8 +216,12 @@ impl AccessService for AccessApi {
             "*".to_owned(),
             format!("{}:{}", permission.object, permission.action),
         );
-        self.commit(txn, &crate::rpc::audit_context(&request), changed.then_some(change))
-            .await?;
+        self.commit(
+            txn,
+            &crate::transport::rpc::audit_context(&request),
+            changed.then_some(change),
+        )
+        .await?;
         Ok(Response::new(v1::GrantResponse { changed }))
     }
 
@@ -217,7 +231,9 @@ impl AccessService for AccessApi {
         request: Request<v1::PermissionRequest>,
     ) -> Result<Response<v1::GrantResponse>, Status> {
         let permission = permission_from(request.get_ref().permission.as_ref())?;
-        let txn = crate::db::begin_write(&self.db).await.map_err(Error::from)?;
+        let txn = crate::persistence::db::begin_write(&self.db)
+            .await
+            .map_err(Error::from)?;
         if !delete_permission(&txn, &permission).await.map_err(Error::from)? {
             return Err(Error::NotFound(format!(
                 "role {} has no permission {}:{}",
@@ -231,7 +247,7 @@ impl AccessService for AccessApi {
             "*".to_owned(),
             format!("{}:{}", permission.object, permission.action),
         );
-        self.commit(txn, &crate::rpc::audit_context(&request), Some(change))
+        self.commit(txn, &crate::transport::rpc::audit_context(&request), Some(change))
             .await?;
         Ok(Response::new(v1::GrantResponse { changed: true }))
     }

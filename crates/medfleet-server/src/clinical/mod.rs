@@ -29,16 +29,17 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::audit::{Context, device_scope};
-use crate::db::begin_write;
-use crate::entity::{
+use crate::authz::policy::Visibility;
+use crate::error::{Error, Result};
+use crate::persistence::db::begin_write;
+use crate::persistence::entity::{
     association, device, device_placement, emr_destination, emr_outbox, observation, patient, reading, reading_batch,
 };
-use crate::error::{Error, Result};
-use crate::events::{Event, Events};
-use crate::policy::Visibility;
-use crate::store::{lock_device, now};
+use crate::persistence::events::{Event, Events};
+use crate::registry::store::{lock_device, now};
 
 mod backlog;
+pub mod grpc;
 
 /// Arbitrary but fixed key of the advisory lock that orders outbox inserts by commit on PostgreSQL.
 const OUTBOX_LOCK_KEY: i64 = 0x6d65_6466_6c74_0005;
@@ -664,14 +665,14 @@ impl AlarmCache {
         let layers = if let Some(layers) = layers {
             layers
         } else {
-            let loaded = Arc::new(crate::configs::load_layers(conn).await?);
+            let loaded = Arc::new(crate::device_config::store::load_layers(conn).await?);
             let mut cache = self.lock();
             if cache.generation == generation {
                 cache.layers = Some(Arc::clone(&loaded));
             }
             loaded
         };
-        let desired = layers.desired(&crate::configs::placement_of(device));
+        let desired = layers.desired(&crate::device_config::store::placement_of(device));
         let (limits, problems) = AlarmLimits::from_config(&desired.resolved.document);
         if !problems.is_empty() {
             let paths: Vec<&str> = problems.iter().map(AlarmLimitProblem::path).collect();
@@ -1292,7 +1293,7 @@ impl Clinical {
         // A bed medfleet does not know (a label that differs from the EMR's) would bind nothing, silently: the
         // sender is told which beds the ward has.
         if let Some((site, ward, bed)) = bed.as_ref().filter(|_| kind != AdtKind::Discharge) {
-            crate::store::check_location(
+            crate::registry::store::check_location(
                 &txn,
                 &medfleet_core::registry::Location {
                     site: site.clone(),

@@ -10,10 +10,10 @@ use medfleet_proto::v1::{self, config_service_server::ConfigService};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::configs::{Configs, Schema, Version, parse_document};
+use crate::authz::policy::visibility;
+use crate::device_config::store::{Configs, Schema, Version, parse_document};
 use crate::error::Error;
-use crate::policy::visibility;
-use crate::rpc::audit_context;
+use crate::transport::rpc::audit_context;
 
 /// Longest comment kept with a version.
 const MAX_COMMENT: usize = 1000;

@@ -1,6 +1,6 @@
 //! The certificate lifecycle: one-time enrollment tokens, enrollment, renewal, operator/service credentials and
 //! revocation. Every issued certificate is recorded; every revocation is appended to the revocation log that all
-//! replicas follow (see [`crate::revocation`]).
+//! replicas follow (see [`crate::identity::revocation`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,12 +21,12 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::audit::{Context, device_scope};
-use crate::db::begin_write;
-use crate::entity::{association, certificate, device, enrollment_token, principal};
 use crate::error::{Error, Result};
-use crate::pki::{CertificateAuthority, IssuedCertificate, RequestedKey, SubjectDetails};
-use crate::revocation::{Revocations, log_revocations};
-use crate::store::{Registry, lock_device, now};
+use crate::identity::pki::{CertificateAuthority, IssuedCertificate, RequestedKey, SubjectDetails};
+use crate::identity::revocation::{Revocations, log_revocations};
+use crate::persistence::db::begin_write;
+use crate::persistence::entity::{association, certificate, device, enrollment_token, principal};
+use crate::registry::store::{Registry, lock_device, now};
 
 /// Every enrollment token starts with this, so secret scanners and people recognise one.
 pub const TOKEN_PREFIX: &str = "mft_";
@@ -71,7 +71,7 @@ impl FailureLimiter {
 
     /// IPv6 clients hold whole /64s: limit per /64, or rotating addresses would evade the limit.
     fn key(address: IpAddr) -> IpAddr {
-        crate::tls::client_key(address)
+        crate::transport::tls::client_key(address)
     }
 
     /// Whether `address` may make another attempt.
@@ -177,7 +177,7 @@ async fn enrolled_consequence(
     device_id: Uuid,
     current: &certificate::Model,
 ) -> Result<String> {
-    let online = crate::presence::current_sessions(txn, &[device_id])
+    let online = crate::devices::presence::current_sessions(txn, &[device_id])
         .await?
         .contains_key(&device_id);
     let charting = association::Entity::find()
@@ -638,8 +638,8 @@ impl Credentials {
         let revoked = revoke_all(&txn, identity, reason).await?;
         // A revoked principal keeps no roles: a name reused later for someone else starts with none.
         let mut dropped = Vec::new();
-        for grant in crate::access::list_grants(&txn, Some(&identity.to_string())).await? {
-            crate::access::delete_grant(&txn, &grant).await?;
+        for grant in crate::authz::access::list_grants(&txn, Some(&identity.to_string())).await? {
+            crate::authz::access::delete_grant(&txn, &grant).await?;
             dropped.push(format!("{} on {}", grant.role, grant.scope));
         }
         let detail = format!(
@@ -736,9 +736,9 @@ impl Credentials {
             .insert(&txn)
             .await?;
             // The first admin holds the admin role fleet-wide, once: a later revocation of that grant sticks.
-            crate::access::insert_grant(
+            crate::authz::access::insert_grant(
                 &txn,
-                &crate::access::Grant {
+                &crate::authz::access::Grant {
                     subject: identity.to_string(),
                     role: "admin".to_owned(),
                     scope: "*".to_owned(),

@@ -18,7 +18,7 @@ use sea_orm::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::entity::{casbin_rule, policy_version};
+use crate::persistence::entity::{casbin_rule, policy_version};
 
 /// Decisions kept per enforcer (each is a hash and a bool).
 const DECISION_CACHE_CAPACITY: usize = 100_000;
@@ -301,14 +301,14 @@ impl Access {
 
     pub fn spawn_poller(self: &Arc<Self>, stop: CancellationToken) {
         let this = Arc::clone(self);
-        crate::db::spawn_poller("access policy", POLL_INTERVAL, stop, move || {
+        crate::persistence::db::spawn_poller("access policy", POLL_INTERVAL, stop, move || {
             let this = Arc::clone(&this);
             async move { this.refresh().await.map(|_| ()) }
         });
     }
 
     /// Which scopes `subject` may `action` `object` in, from its grants.
-    pub fn visibility(&self, subject: &str, object: &str, action: &str) -> crate::policy::Visibility {
+    pub fn visibility(&self, subject: &str, object: &str, action: &str) -> crate::authz::policy::Visibility {
         use casbin::MgmtApi as _;
         let enforcer = self.enforcer.load();
         let mut sites = std::collections::BTreeSet::new();
@@ -322,7 +322,7 @@ impl Access {
                 continue;
             }
             match scope.split_once('/') {
-                _ if scope == "*" => return crate::policy::Visibility::All,
+                _ if scope == "*" => return crate::authz::policy::Visibility::All,
                 Some((site, ward)) => {
                     wards.insert((site.to_owned(), ward.to_owned()));
                 }
@@ -331,7 +331,7 @@ impl Access {
                 }
             }
         }
-        crate::policy::Visibility::Scopes { sites, wards }
+        crate::authz::policy::Visibility::Scopes { sites, wards }
     }
 
     /// Explains a decision: the grant that allows it, or every grant the subject holds when none does.

@@ -1,6 +1,6 @@
 //! The one tower layer every RPC passes through: request id, caller identity, access decision, span and metrics.
 //!
-//! The decision follows [`crate::policy::RULES`]: authentication first (who is calling, from the connection's
+//! The decision follows [`crate::authz::policy::RULES`]: authentication first (who is calling, from the connection's
 //! certificate), then, for role-governed methods, the casbin decision on the target's scope, resolved from the
 //! request message before the handler runs. Handlers never check who is calling; they read the [`Caller`] (and,
 //! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every PERMISSION_DENIED
@@ -24,11 +24,11 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use crate::access::Access;
 use crate::audit::{self, Outcome};
-use crate::policy::{self, Decision, Rule};
+use crate::authz::access::Access;
+use crate::authz::policy::{self, Decision, Rule};
 use crate::telemetry::Metrics;
-use crate::tls::PeerInfo;
+use crate::transport::tls::PeerInfo;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The largest request message the layer reads to find its target (tonic's own default limit).

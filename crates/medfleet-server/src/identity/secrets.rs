@@ -6,7 +6,7 @@
 //! sealed yet (an upgrade from a version that kept secrets in clear). Once something is sealed, a missing file is
 //! an error that says what to restore: creating a fresh key then would make every sealed secret unreadable.
 //! Rotation prepends a new key (`medfleetd rotate-secrets-key`); each replica re-encrypts at start
-//! ([`crate::destinations::reseal`], [`crate::pki::DataDir::protect_ca_key`]), and old keys are retired once
+//! ([`crate::emr::destinations::reseal`], [`crate::identity::pki::DataDir::protect_ca_key`]), and old keys are retired once
 //! nothing uses them ([`retire_unused`]).
 
 use std::collections::BTreeSet;
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use medfleet_core::secrets::{self as envelope, EnvelopeError, KEY_LEN, Key, Keyring, KeyringError, NONCE_BYTES};
 use ring::rand::{SecureRandom as _, SystemRandom};
 
-use crate::pki::{self, PkiError};
+use crate::identity::pki::{self, PkiError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {

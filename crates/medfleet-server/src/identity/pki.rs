@@ -536,7 +536,7 @@ impl DataDir {
         server_names: &[String],
         server_lifetime: Duration,
         admin_lifetime: Duration,
-        secrets: &crate::secrets::Secrets,
+        secrets: &crate::identity::secrets::Secrets,
     ) -> Result<InitOutcome, PkiError> {
         if self.is_initialised() {
             return Err(PkiError::AlreadyInitialised(self.root.clone()));
@@ -610,7 +610,7 @@ impl DataDir {
     /// Keeps the CA key sealed under the current key: seals a plaintext `ca.key` left by an older version (the
     /// sealed file is written and synced, checked to open to the same key, and only then is the plaintext
     /// removed), and re-encrypts a key sealed under an older key of the keyring.
-    pub fn protect_ca_key(&self, secrets: &crate::secrets::Secrets) -> Result<Option<CaKeyChange>, PkiError> {
+    pub fn protect_ca_key(&self, secrets: &crate::identity::secrets::Secrets) -> Result<Option<CaKeyChange>, PkiError> {
         let (plain, sealed) = (self.ca_key(), self.ca_key_sealed());
         let current = secrets.current_kid().to_owned();
         if plain.exists() {
@@ -828,7 +828,7 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
-fn seal_ca_key(secrets: &crate::secrets::Secrets, key_pem: &str) -> Result<String, PkiError> {
+fn seal_ca_key(secrets: &crate::identity::secrets::Secrets, key_pem: &str) -> Result<String, PkiError> {
     secrets
         .seal(CA_KEY_AAD, key_pem.as_bytes())
         .map(|sealed| format!("{sealed}\n"))
@@ -918,8 +918,8 @@ mod tests {
         assert!(identity_of(&der).unwrap_err().contains("no medfleet://"));
     }
 
-    fn secrets(dir: &Path) -> crate::secrets::Secrets {
-        crate::secrets::Secrets::new(crate::secrets::create(&dir.join("secrets.key")).unwrap())
+    fn secrets(dir: &Path) -> crate::identity::secrets::Secrets {
+        crate::identity::secrets::Secrets::new(crate::identity::secrets::create(&dir.join("secrets.key")).unwrap())
     }
 
     /// A data directory initialised for `localhost` with hour-long certificates, its CA and its stored server pair.
@@ -992,7 +992,7 @@ mod tests {
         assert_eq!(dir.protect_ca_key(&first).unwrap(), None);
 
         let path = tmp.path().join("secrets.key");
-        let rotated = crate::secrets::Secrets::new(crate::secrets::rotate(&path).unwrap());
+        let rotated = crate::identity::secrets::Secrets::new(crate::identity::secrets::rotate(&path).unwrap());
         assert_eq!(
             dir.protect_ca_key(&rotated).unwrap(),
             Some(CaKeyChange::Resealed {

@@ -15,15 +15,15 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::events::{Event, Events};
-use crate::presence;
+use crate::devices::presence;
+use crate::persistence::events::{Event, Events};
 
-use crate::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
+use crate::authz::policy::{Visibility, access_withdrawn, visibility};
 use crate::error::Error;
-use crate::identity_api::caller;
-use crate::policy::{Visibility, access_withdrawn, visibility};
-use crate::rpc::audit_context;
-use crate::store::Registry;
+use crate::identity::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
+use crate::identity::grpc::caller;
+use crate::registry::store::Registry;
+use crate::transport::rpc::audit_context;
 
 /// Most devices one `ImportDevices` call may carry (one transaction).
 pub const MAX_IMPORT: usize = 1000;
@@ -33,7 +33,7 @@ pub struct RegistryApi {
     registry: Registry,
     credentials: Credentials,
     events: Arc<Events>,
-    access: Arc<crate::access::Access>,
+    access: Arc<crate::authz::access::Access>,
 }
 
 impl RegistryApi {
@@ -41,7 +41,7 @@ impl RegistryApi {
         registry: Registry,
         credentials: Credentials,
         events: Arc<Events>,
-        access: Arc<crate::access::Access>,
+        access: Arc<crate::authz::access::Access>,
     ) -> Self {
         Self {
             registry,
@@ -352,7 +352,7 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn watch_devices(&self, request: Request<v1::WatchDevicesRequest>) -> Reply<Self::WatchDevicesStream> {
         let visibility = visibility(&request);
-        let subject = crate::identity_api::caller(&request)?.identity.to_string();
+        let subject = crate::identity::grpc::caller(&request)?.identity.to_string();
         let r = request.into_inner();
         let filter = DeviceFilter::parse(&r.site, &r.ward, "", None, &[]).map_err(Error::from)?;
         // Subscribed before the initial listing, so no change between the two is missed.

@@ -24,8 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::pki::{ServerCredentials, identity_of, not_after_of, serial_of};
-use crate::revocation::{RevocationAwareVerifier, RevocationWatch, Revocations};
+use crate::identity::pki::{ServerCredentials, identity_of, not_after_of, serial_of};
+use crate::identity::revocation::{RevocationAwareVerifier, RevocationWatch, Revocations};
 use crate::telemetry::Metrics;
 
 /// A handshake that takes longer than this is dropped (slowloris protection).

@@ -19,11 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::audit::Context;
 use crate::clinical::{DestinationKind, state};
 use crate::emr::Emr;
-use crate::entity::{emr_destination, emr_outbox, feed_subscription};
 use crate::error::{Error, Result};
-use crate::events::Event;
-use crate::secrets::Secrets;
-use crate::store::now;
+use crate::identity::secrets::Secrets;
+use crate::persistence::entity::{emr_destination, emr_outbox, feed_subscription};
+use crate::persistence::events::Event;
+use crate::registry::store::now;
 
 /// Connection settings of a destination. In memory the secrets are plaintext; stored (as JSON) they are envelopes
 /// ([`seal_settings`]), and they never leave the server.
@@ -339,7 +339,7 @@ pub async fn reseal(db: &DatabaseConnection, secrets: &Secrets, ca_key: Option<&
     let current = secrets.current_kid().to_owned();
     let mut after = String::new();
     loop {
-        let txn = crate::db::begin_write(db).await?;
+        let txn = crate::persistence::db::begin_write(db).await?;
         if db.get_database_backend() == DbBackend::Postgres {
             txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({RESEAL_LOCK_KEY})"))
                 .await?;
@@ -434,7 +434,7 @@ pub async fn reseal(db: &DatabaseConnection, secrets: &Secrets, ca_key: Option<&
             ca_key.map(|c| format!("; CA key {c}")).unwrap_or_default(),
         );
         tracing::info!(detail = %detail, "secrets at rest re-encrypted under the current key");
-        let txn = crate::db::begin_write(db).await?;
+        let txn = crate::persistence::db::begin_write(db).await?;
         Context::system("secrets")
             .record(&txn, "secrets.reseal", "secrets", "*", detail)
             .await?;
@@ -488,7 +488,7 @@ impl Emr {
     pub async fn create_destination(&self, new: NewDestination, audit: &Context) -> Result<emr_destination::Model> {
         new.check()?;
         self.check_host(&new)?;
-        let txn = crate::db::begin_write(&self.db).await?;
+        let txn = crate::persistence::db::begin_write(&self.db).await?;
         if emr_destination::Entity::find_by_id(new.name.clone())
             .one(&txn)
             .await?
@@ -562,7 +562,7 @@ impl Emr {
         update: &DestinationUpdate,
         audit: &Context,
     ) -> Result<emr_destination::Model> {
-        let txn = crate::db::begin_write(&self.db).await?;
+        let txn = crate::persistence::db::begin_write(&self.db).await?;
         let current = emr_destination::Entity::find_by_id(name.to_owned())
             .lock_exclusive()
             .one(&txn)
@@ -689,7 +689,7 @@ impl Emr {
     /// Its queued deliveries are discarded with it, never sent, and its delivery records go too, so a new
     /// destination of the same name starts empty (a retry can never send an old one's dead letters elsewhere).
     pub async fn delete_destination(&self, name: &str, force: bool, audit: &Context) -> Result<Deleted> {
-        let txn = crate::db::begin_write(&self.db).await?;
+        let txn = crate::persistence::db::begin_write(&self.db).await?;
         let current = emr_destination::Entity::find_by_id(name.to_owned())
             .lock_exclusive()
             .one(&txn)

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::pki::{self, CertificateAuthority, DataDir, Renewal, ServerCredentials};
+use crate::identity::pki::{self, CertificateAuthority, DataDir, Renewal, ServerCredentials};
 use crate::telemetry::Metrics;
-use crate::tls::{self, ServerCertificate, TlsError};
+use crate::transport::tls::{self, ServerCertificate, TlsError};
 
 /// The renewal instant is a wall-clock one (notAfter is), but tokio sleeps on the monotonic clock, which stands
 /// still while the host is suspended: a long wait is re-measured against the wall clock at least this often.
@@ -157,7 +157,9 @@ mod tests {
         let dir = DataDir::new(tmp.path());
         let lifetime = Duration::from_secs(3);
         let names = vec!["localhost".to_owned()];
-        let secrets = crate::secrets::Secrets::new(crate::secrets::create(&tmp.path().join("secrets.key")).unwrap());
+        let secrets = crate::identity::secrets::Secrets::new(
+            crate::identity::secrets::create(&tmp.path().join("secrets.key")).unwrap(),
+        );
         dir.init("admin", &names, lifetime, Duration::from_hours(1), &secrets)
             .unwrap();
         let ca = Arc::new(dir.load_ca(secrets.keyring()).unwrap());

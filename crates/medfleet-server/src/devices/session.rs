@@ -30,12 +30,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::configs::{load_layers, load_placements};
+use crate::device_config::store::{load_layers, load_placements};
+use crate::devices::presence::{self, Opening};
 use crate::error::Result;
-use crate::events::{Event, Events};
-use crate::identity_api::caller;
-use crate::presence::{self, Opening};
-use crate::store::Registry;
+use crate::identity::grpc::caller;
+use crate::persistence::events::{Event, Events};
+use crate::registry::store::Registry;
 use crate::telemetry::Metrics;
 
 /// A device must say hello this soon after opening its session.
@@ -379,11 +379,11 @@ fn replaced() -> Status {
 pub struct DeviceApi {
     registry: Registry,
     hub: Arc<Hub>,
-    ingest: crate::ingest::Ingest,
+    ingest: crate::devices::ingest::Ingest,
 }
 
 impl DeviceApi {
-    pub fn new(registry: Registry, hub: Arc<Hub>, ingest: crate::ingest::Ingest) -> Self {
+    pub fn new(registry: Registry, hub: Arc<Hub>, ingest: crate::devices::ingest::Ingest) -> Self {
         Self { registry, hub, ingest }
     }
 }
@@ -393,7 +393,7 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::SessionResponse, Statu
 #[tonic::async_trait]
 impl DeviceService for DeviceApi {
     type SessionStream = SessionStream;
-    type PublishReadingsStream = crate::ingest::AckStream;
+    type PublishReadingsStream = crate::devices::ingest::AckStream;
 
     #[instrument(skip_all)]
     async fn publish_readings(
@@ -406,7 +406,7 @@ impl DeviceService for DeviceApi {
                 "readings come from devices, each with its own certificate",
             ));
         };
-        Ok(Response::new(crate::ingest::serve(
+        Ok(Response::new(crate::devices::ingest::serve(
             self.ingest.clone(),
             id,
             request.into_inner(),
@@ -419,7 +419,7 @@ impl DeviceService for DeviceApi {
         request: Request<Streaming<v1::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let caller = caller(&request)?;
-        let audit = crate::rpc::audit_context(&request);
+        let audit = crate::transport::rpc::audit_context(&request);
         let Identity::Device(id) = caller.identity else {
             return Err(Status::permission_denied("sessions are for devices"));
         };
@@ -472,7 +472,7 @@ impl DeviceService for DeviceApi {
         let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let welcome = v1::SessionResponse {
             message: Some(session_response::Message::Welcome(v1::Welcome {
-                server_time: Some(convert::timestamp(crate::store::now())),
+                server_time: Some(convert::timestamp(crate::registry::store::now())),
                 certificate_not_after: caller
                     .certificate
                     .as_ref()

@@ -5,12 +5,14 @@
 //! transaction-scoped advisory lock; SQLite's write transactions are serial already) so replicas extend one chain.
 //! Entries name principals and resources by opaque ids only: never patient data.
 
+pub mod grpc;
+
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{ActiveModelTrait as _, ConnectionTrait, DbBackend, EntityTrait as _, QueryOrder as _, QuerySelect as _};
 
-use crate::entity::audit_log;
-use crate::store::now;
+use crate::persistence::entity::audit_log;
+use crate::registry::store::now;
 
 /// Arbitrary but fixed key of the advisory lock that serialises audit appends on PostgreSQL.
 const AUDIT_LOCK_KEY: i64 = 0x6d65_6466_6c74_0002;
@@ -266,7 +268,7 @@ impl Coalescer {
             return true;
         }
         let written = async {
-            let txn = crate::db::begin_write(&self.db).await?;
+            let txn = crate::persistence::db::begin_write(&self.db).await?;
             for event in events {
                 append(&txn, event).await?;
             }

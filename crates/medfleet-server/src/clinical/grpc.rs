@@ -26,17 +26,17 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::audit::{Coalescer, Event, Outcome, device_scope};
+use crate::authz::policy::{Visibility, access_withdrawn, visibility};
 use crate::clinical::{
     AdtKind, AdtRequest, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement,
 };
-use crate::destinations::{NewDestination, Settings, secret_key_ids, stored_settings};
+use crate::emr::destinations::{NewDestination, Settings, secret_key_ids, stored_settings};
 use crate::emr::{Emr, event_id};
-use crate::entity::{device, emr_destination, emr_outbox, observation, patient};
 use crate::error::{Error, Result};
-use crate::identity_api::caller;
-use crate::policy::{Visibility, access_withdrawn, visibility};
-use crate::rpc::audit_context;
-use crate::store::now;
+use crate::identity::grpc::caller;
+use crate::persistence::entity::{device, emr_destination, emr_outbox, observation, patient};
+use crate::registry::store::now;
+use crate::transport::rpc::audit_context;
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
@@ -49,7 +49,7 @@ const FEED_PAGE: u64 = 500;
 pub struct ClinicalApi {
     clinical: Clinical,
     emr: Arc<Emr>,
-    access: Arc<crate::access::Access>,
+    access: Arc<crate::authz::access::Access>,
     reads: Coalescer,
 }
 
@@ -85,7 +85,7 @@ fn covers_destination(visibility: &Visibility, destination: &emr_destination::Mo
 }
 
 impl ClinicalApi {
-    pub fn new(clinical: Clinical, emr: Arc<Emr>, access: Arc<crate::access::Access>, reads: Coalescer) -> Self {
+    pub fn new(clinical: Clinical, emr: Arc<Emr>, access: Arc<crate::authz::access::Access>, reads: Coalescer) -> Self {
         Self {
             clinical,
             emr,

@@ -21,12 +21,12 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::audit::Context;
-use crate::db::begin_write;
-use crate::entity::{config_layer, config_schema, config_version, device, device_presence, site, ward};
+use crate::authz::policy::Visibility;
 use crate::error::{Error, Result};
-use crate::events::{Event, Events};
-use crate::policy::Visibility;
-use crate::store::{Page, now};
+use crate::persistence::db::begin_write;
+use crate::persistence::entity::{config_layer, config_schema, config_version, device, device_presence, site, ward};
+use crate::persistence::events::{Event, Events};
+use crate::registry::store::{Page, now};
 
 /// Arbitrary but fixed key of the PostgreSQL advisory lock that serialises configuration changes.
 const CONFIG_LOCK_KEY: i64 = 0x6d65_6466_6c74_0004;
@@ -343,7 +343,7 @@ impl Configs {
             .all(&self.db)
             .await?;
         let versions = rows.into_iter().map(version_from).collect::<Result<Vec<_>>>()?;
-        Ok(crate::store::page(versions, size, |v: &Version| v.version))
+        Ok(crate::registry::store::page(versions, size, |v: &Version| v.version))
     }
 
     pub async fn resolve(&self, id: Uuid) -> Result<Resolution> {
@@ -483,7 +483,7 @@ impl Configs {
                     desired_version: desired.version,
                     desired_digest: desired.digest,
                     online: p.as_ref().is_some_and(|p| p.online),
-                    reported: p.map(crate::presence::reported_of).unwrap_or_default(),
+                    reported: p.map(crate::devices::presence::reported_of).unwrap_or_default(),
                 }
             })
             .collect())

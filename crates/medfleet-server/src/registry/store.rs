@@ -18,10 +18,10 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::audit::Context;
-use crate::db::begin_write;
-use crate::entity::{association, device, device_placement, device_presence, device_tag, site, ward};
+use crate::authz::policy::Visibility;
 use crate::error::{Error, Result};
-use crate::policy::Visibility;
+use crate::persistence::db::begin_write;
+use crate::persistence::entity::{association, device, device_placement, device_presence, device_tag, site, ward};
 
 /// The current time at the precision both backends store (microseconds), so a value returned from a write
 /// equals the value a later read returns.
@@ -279,7 +279,7 @@ impl Registry {
         devices: Vec<NewDevice>,
         tokens: Option<(std::time::Duration, &medfleet_core::identity::Identity)>,
         audit: &Context,
-    ) -> Result<Vec<(Device, Option<crate::credentials::NewToken>)>> {
+    ) -> Result<Vec<(Device, Option<crate::identity::credentials::NewToken>)>> {
         let txn = begin_write(&self.db).await?;
         let mut out = Vec::with_capacity(devices.len());
         for (i, new) in devices.into_iter().enumerate() {
@@ -291,7 +291,7 @@ impl Registry {
                 other => other,
             })?;
             let token = match tokens {
-                Some((ttl, by)) => Some(crate::credentials::insert_token(&txn, device.id, ttl, by).await?),
+                Some((ttl, by)) => Some(crate::identity::credentials::insert_token(&txn, device.id, ttl, by).await?),
                 None => None,
             };
             out.push((device, token));
