@@ -17,7 +17,7 @@ use std::time::Duration;
 use medfleet_core::identity::Identity;
 use medfleet_proto::v1::registry_service_client::RegistryServiceClient;
 use medfleet_server::identity::pki::{CertificateAuthority, CredentialBundle, DataDir};
-use medfleet_server::settings::{Config, FileConfig, Overrides};
+use medfleet_server::settings::{Overrides, Settings, SettingsFile};
 use medfleet_server::{Listeners, ServeError};
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, EntityTrait as _};
 use tokio::net::TcpListener;
@@ -123,7 +123,7 @@ impl Drop for PgDatabase {
 /// One running medfleetd replica.
 #[derive(Debug)]
 pub struct TestServer {
-    pub config: Config,
+    pub config: Settings,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
@@ -158,7 +158,7 @@ impl Storage {
     }
 
     /// A configuration on this storage with ephemeral loopback ports.
-    pub fn config(&self) -> Config {
+    pub fn config(&self) -> Settings {
         let overrides = Overrides {
             data_dir: Some(self.dir.path().join("data")),
             listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -168,7 +168,7 @@ impl Storage {
             shutdown_grace: Some("5s".into()),
             ..Overrides::default()
         };
-        Config::resolve(FileConfig::default(), overrides).expect("test config")
+        Settings::resolve(SettingsFile::default(), overrides).expect("test config")
     }
 }
 
@@ -182,7 +182,7 @@ impl TestServer {
     }
 
     /// Starts a replica with the given configuration (initialising its data dir if needed).
-    pub async fn start_on(config: Config) -> Self {
+    pub async fn start_on(config: Settings) -> Self {
         medfleet_server::ensure_initialised(&config, "admin").expect("init data dir");
         let grpc = TcpListener::bind(config.listen).await.expect("bind grpc");
         let http = TcpListener::bind(config.http_listen).await.expect("bind http");

@@ -28,12 +28,25 @@ pub enum Error {
     Unavailable(String),
     /// A destination's stored secret does not open with this replica's keyring.
     #[error(transparent)]
-    Unreadable(#[from] crate::emr::destinations::Unreadable),
+    Unreadable(#[from] Unreadable),
     #[error("database error: {0}")]
     Database(#[from] DbErr),
     /// Stored data that violates an invariant (a bug or manual tampering), never caused by the caller.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A destination whose secret does not open with this replica's keyring.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the {field} of EMR destination '{destination}' cannot be decrypted, so nothing is sent to it: {source} \
+     (medfleet emr update {destination} sets a new one)"
+)]
+pub struct Unreadable {
+    pub destination: String,
+    pub field: &'static str,
+    #[source]
+    pub source: medfleet_core::secrets::EnvelopeError,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

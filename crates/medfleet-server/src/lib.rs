@@ -50,7 +50,7 @@ use crate::identity::{pki, secrets};
 use crate::persistence::{db, events};
 use crate::registry::grpc::RegistryApi;
 use crate::registry::store::Registry;
-use crate::settings::Config;
+use crate::settings::Settings;
 use crate::telemetry::{Metrics, TelemetryError};
 use crate::transport::rpc::RpcLayer;
 use crate::transport::tls::TlsError;
@@ -62,6 +62,8 @@ pub enum ServeError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    File(#[from] crate::identity::files::FileError),
     #[error("re-encrypting stored secrets: {0}")]
     Reseal(error::Error),
     #[error(transparent)]
@@ -88,7 +90,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+    pub async fn bind(config: &Settings) -> std::io::Result<Self> {
         Ok(Self {
             grpc: TcpListener::bind(config.listen).await?,
             http: TcpListener::bind(config.http_listen).await?,
@@ -97,12 +99,12 @@ impl Listeners {
 }
 
 /// Creates the data directory (secrets keyring, CA, server certificate, first admin) if it holds no CA yet.
-pub fn ensure_initialised(config: &Config, admin: &str) -> Result<Option<InitOutcome>, SecretsError> {
+pub fn ensure_initialised(config: &Settings, admin: &str) -> Result<Option<InitOutcome>, ServeError> {
     let dir = DataDir::new(&config.data_dir);
     if dir.is_initialised() {
         return Ok(None);
     }
-    let secrets = Secrets::new(secrets::open_or_create(&config.secrets_key_file, &dir)?);
+    let secrets = Secrets::new(dir.open_keyring(&config.secrets_key_file)?);
     Ok(Some(dir.init(
         admin,
         &config.server_names,
@@ -124,7 +126,7 @@ pub struct Retirement {
 
 /// Removes from the keyring every old key that no stored secret uses: not the CA key in this data directory, not
 /// any destination secret in the database. The current key always stays.
-pub async fn retire_unused_keys(config: &Config) -> Result<Retirement, ServeError> {
+pub async fn retire_unused_keys(config: &Settings) -> Result<Retirement, ServeError> {
     let dir = DataDir::new(&config.data_dir);
     let keyring = secrets::load(&config.secrets_key_file)?;
     db::migrate(&config.database_url).await?;
@@ -162,12 +164,12 @@ async fn record_bootstrap_admin(dir: &DataDir, ca: &pki::CertificateAuthority, c
 /// Serves until `shutdown` completes, then stops accepting, reports NOT_SERVING, lets open streams drain for
 /// `config.shutdown_grace` and closes the database pool.
 pub async fn run(
-    config: Config,
+    config: Settings,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let dir = DataDir::new(&config.data_dir);
-    let secrets = Arc::new(Secrets::new(secrets::open_or_create(&config.secrets_key_file, &dir)?));
+    let secrets = Arc::new(Secrets::new(dir.open_keyring(&config.secrets_key_file)?));
     if config.secrets_key_file.starts_with(dir.root()) {
         // The default suits a first start, not production: a copy of the data directory (a backup, a stolen
         // volume) would carry the key beside the sealed CA key it opens.

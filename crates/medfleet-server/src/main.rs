@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use medfleet_server::identity::pki::DataDir;
-use medfleet_server::settings::{Config, Overrides};
+use medfleet_server::settings::{Overrides, Settings};
 use medfleet_server::{Listeners, ensure_initialised, run, telemetry};
 
 /// The medfleet control plane.
@@ -85,7 +85,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Init { overrides, admin } => {
             medfleet_core::identity::Identity::check_name(&admin)
                 .map_err(|e| anyhow::anyhow!("--admin {admin}: {e}"))?;
-            let config = Config::load(overrides)?;
+            let config = Settings::load(overrides)?;
             let outcome = ensure_initialised(&config, &admin)?.ok_or_else(|| {
                 anyhow::anyhow!(
                     "{} is already initialised; keep it, or choose another --data-dir",
@@ -99,7 +99,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             overrides,
             retire_unused,
         } => {
-            let config = Config::load(overrides)?;
+            let config = Settings::load(overrides)?;
             let path = &config.secrets_key_file;
             if retire_unused {
                 let outcome = medfleet_server::retire_unused_keys(&config).await?;
@@ -128,7 +128,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 // the service user, before the first start that needs it. Refused when the CA key is sealed
                 // already: a new key would not open it (the error names the key to restore).
                 let dir = DataDir::new(&config.data_dir);
-                let keyring = medfleet_server::identity::secrets::open_or_create(path, &dir).with_context(|| {
+                let keyring = dir.open_keyring(path).with_context(|| {
                     format!(
                         "creating {} (run this as the user medfleetd runs as, with write access to that directory)",
                         path.display()
@@ -155,7 +155,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { overrides } => {
-            let config = Config::load(overrides)?;
+            let config = Settings::load(overrides)?;
             let _guard = telemetry::init_tracing(config.log_format, &config.log_level, None)?;
             medfleet_server::persistence::db::migrate(&config.database_url)
                 .await
@@ -164,7 +164,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { overrides } => {
-            let config = Config::load(overrides)?;
+            let config = Settings::load(overrides)?;
             let _guard =
                 telemetry::init_tracing(config.log_format, &config.log_level, config.otlp_endpoint.as_deref())?;
             if let Some(outcome) = ensure_initialised(&config, "admin")? {
@@ -179,7 +179,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn print_credentials_hint(config: &Config, outcome: &medfleet_server::identity::pki::InitOutcome) {
+fn print_credentials_hint(config: &Settings, outcome: &medfleet_server::identity::pki::InitOutcome) {
     let dir = DataDir::new(&config.data_dir);
     eprintln!(
         "medfleetd: initialised {}\n  CA certificate:          {}\n  CA key (sealed):         {}\n  \

@@ -11,7 +11,7 @@ use serde::Deserialize;
 pub const CONFIG_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum SettingsError {
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -37,7 +37,7 @@ pub enum LogFormat {
 /// The file layer. Every key is optional; unknown keys are errors so a typo cannot silently keep a default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct SettingsFile {
     pub version: Option<u32>,
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
@@ -135,7 +135,7 @@ pub struct Overrides {
 
 /// The validated configuration a server runs with.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct Settings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub http_listen: SocketAddr,
@@ -158,7 +158,7 @@ pub struct Config {
     /// Hosts EMR destinations may point at; empty: any.
     pub emr_allowed_hosts: Vec<String>,
     /// What is purged when (nothing by default).
-    pub retention: crate::retention::Policy,
+    pub retention: RetentionPolicy,
     /// The key-encryption keyring (current key first) that seals destination secrets and the CA key.
     pub secrets_key_file: PathBuf,
 }
@@ -179,19 +179,19 @@ pub const DEFAULT_DATA_DIR: &str = "medfleet-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 
-impl Config {
+impl Settings {
     /// Reads the file named by the overrides (if any) and resolves every layer.
-    pub fn load(overrides: Overrides) -> Result<Self, ConfigError> {
+    pub fn load(overrides: Overrides) -> Result<Self, SettingsError> {
         let file = match &overrides.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => SettingsFile::default(),
         };
         Self::resolve(file, overrides)
     }
 
-    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+    pub fn resolve(file: SettingsFile, o: Overrides) -> Result<Self, SettingsError> {
         if o.config.is_some() && file.version != Some(CONFIG_VERSION) {
-            return Err(ConfigError::Invalid(format!(
+            return Err(SettingsError::Invalid(format!(
                 "the config file must start with `version = {CONFIG_VERSION}` (found {})",
                 file.version.map_or_else(|| "no version".to_owned(), |v| v.to_string())
             )));
@@ -258,7 +258,7 @@ impl Config {
             } else {
                 o.emr_allowed_hosts
             },
-            retention: crate::retention::Policy {
+            retention: RetentionPolicy {
                 delivered_outbox: optional_duration(
                     "retention_delivered_outbox",
                     o.retention_delivered_outbox.or(file.retention_delivered_outbox),
@@ -274,8 +274,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |m: String| Err(SettingsError::Invalid(m));
         let url = &self.database_url;
         if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return invalid(
@@ -359,12 +359,12 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+fn read_file(path: &Path) -> Result<SettingsFile, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
     })
@@ -374,17 +374,17 @@ fn parse_default(addr: &str) -> SocketAddr {
     addr.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
-fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, SettingsError> {
     let text = value.unwrap_or_else(|| default.to_owned());
     humantime::parse_duration(&text).map_err(|e| {
-        ConfigError::Invalid(format!(
+        SettingsError::Invalid(format!(
             "{key} = '{text}' is not a duration like \"30s\" or \"24h\": {e}"
         ))
     })
 }
 
 /// An optional duration: unset or empty means "not configured".
-fn optional_duration(key: &str, value: Option<String>) -> Result<Option<Duration>, ConfigError> {
+fn optional_duration(key: &str, value: Option<String>) -> Result<Option<Duration>, SettingsError> {
     match value.filter(|v| !v.trim().is_empty()) {
         Some(text) => duration(key, Some(text), "").map(Some),
         None => Ok(None),
@@ -407,7 +407,7 @@ fn is_dns_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn file(text: &str) -> FileConfig {
+    fn file(text: &str) -> SettingsFile {
         toml::from_str(text).unwrap()
     }
 
@@ -420,7 +420,7 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_local() {
-        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        let c = Settings::resolve(SettingsFile::default(), Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert!(c.database_url.starts_with("sqlite://medfleet-data/medfleet.db"));
         assert!(!c.is_postgres());
@@ -428,9 +428,9 @@ mod tests {
 
     #[test]
     fn retention_is_off_by_default_and_checked_as_a_whole() {
-        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        let c = Settings::resolve(SettingsFile::default(), Overrides::default()).unwrap();
         assert!(!c.retention.enabled());
-        let resolve = |text: &str| Config::resolve(file(&format!("version = 1\n{text}")), with_file());
+        let resolve = |text: &str| Settings::resolve(file(&format!("version = 1\n{text}")), with_file());
         let both = resolve("retention_delivered_outbox = \"30days\"\nretention_clinical = \"365days\"\n").unwrap();
         assert_eq!(both.retention.clinical, Some(Duration::from_hours(365 * 24)));
         assert_eq!(both.retention.interval, Duration::from_hours(1));
@@ -453,21 +453,21 @@ mod tests {
         let f = file("version = 1\nlisten = \"0.0.0.0:7000\"\nlog_level = \"debug\"\n");
         let mut o = with_file();
         o.listen = Some("127.0.0.1:7001".parse().unwrap());
-        let c = Config::resolve(f, o).unwrap();
+        let c = Settings::resolve(f, o).unwrap();
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.log_level, "debug");
     }
 
     #[test]
     fn file_needs_version() {
-        let err = Config::resolve(file("listen = \"0.0.0.0:7000\""), with_file()).unwrap_err();
+        let err = Settings::resolve(file("listen = \"0.0.0.0:7000\""), with_file()).unwrap_err();
         assert!(err.to_string().contains("version = 1"), "{err}");
     }
 
     #[test]
     fn shipped_example_is_valid_and_complete() {
         let text = include_str!("../../../deploy/medfleetd.toml");
-        let config = Config::resolve(file(text), with_file()).unwrap();
+        let config = Settings::resolve(file(text), with_file()).unwrap();
         assert!(config.is_postgres());
         assert_eq!(config.shutdown_grace, Duration::from_secs(20));
         // Every key the file format knows appears in the example, so operators see every option.
@@ -502,7 +502,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        assert!(toml::from_str::<FileConfig>("version = 1\nlisten_addr = \"x\"").is_err());
+        assert!(toml::from_str::<SettingsFile>("version = 1\nlisten_addr = \"x\"").is_err());
     }
 
     #[test]
@@ -517,8 +517,22 @@ mod tests {
             ("operator_cert_lifetime = \"1s\"", "operator_cert_lifetime"),
             ("device_cert_lifetime = \"4min\"", "device_cert_lifetime"),
         ] {
-            let err = Config::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
+            let err = Settings::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
         }
+    }
+}
+
+/// How long retention keeps what it may purge (none: kept until an operator removes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionPolicy {
+    pub delivered_outbox: Option<Duration>,
+    pub clinical: Option<Duration>,
+    pub interval: Duration,
+}
+
+impl RetentionPolicy {
+    pub fn enabled(&self) -> bool {
+        self.delivered_outbox.is_some() || self.clinical.is_some()
     }
 }

@@ -1336,7 +1336,7 @@ async fn retention_purges_only_what_was_delivered(backend: Backend) {
     let storage = medfleet_e2e::Storage::new(backend).await;
     let mut config = storage.config();
     // Shorter than a deployment may configure (the settings insist on hours and days); the rule is the same.
-    config.retention = medfleet_server::retention::Policy {
+    config.retention = medfleet_server::settings::RetentionPolicy {
         delivered_outbox: Some(std::time::Duration::from_secs(1)),
         clinical: Some(std::time::Duration::from_secs(2)),
         interval: std::time::Duration::from_millis(200),

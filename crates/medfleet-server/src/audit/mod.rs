@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{ActiveModelTrait as _, ConnectionTrait, DbBackend, EntityTrait as _, QueryOrder as _, QuerySelect as _};
 
+use crate::persistence::db::now;
 use crate::persistence::entity::audit_log;
-use crate::registry::store::now;
 
 /// Arbitrary but fixed key of the advisory lock that serialises audit appends on PostgreSQL.
 const AUDIT_LOCK_KEY: i64 = 0x6d65_6466_6c74_0002;

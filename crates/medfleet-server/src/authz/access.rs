@@ -308,7 +308,7 @@ impl Access {
     }
 
     /// Which scopes `subject` may `action` `object` in, from its grants.
-    pub fn visibility(&self, subject: &str, object: &str, action: &str) -> crate::authz::policy::Visibility {
+    pub fn visibility(&self, subject: &str, object: &str, action: &str) -> crate::authz::visibility::Visibility {
         use casbin::MgmtApi as _;
         let enforcer = self.enforcer.load();
         let mut sites = std::collections::BTreeSet::new();
@@ -322,7 +322,7 @@ impl Access {
                 continue;
             }
             match scope.split_once('/') {
-                _ if scope == "*" => return crate::authz::policy::Visibility::All,
+                _ if scope == "*" => return crate::authz::visibility::Visibility::All,
                 Some((site, ward)) => {
                     wards.insert((site.to_owned(), ward.to_owned()));
                 }
@@ -331,7 +331,7 @@ impl Access {
                 }
             }
         }
-        crate::authz::policy::Visibility::Scopes { sites, wards }
+        crate::authz::visibility::Visibility::Scopes { sites, wards }
     }
 
     /// Explains a decision: the grant that allows it, or every grant the subject holds when none does.

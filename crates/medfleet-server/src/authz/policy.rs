@@ -14,6 +14,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::authz::access::Access;
+use crate::authz::visibility::Visibility;
 use crate::persistence::entity::{config_version, device};
 use medfleet_core::validation::printable;
 
@@ -377,34 +378,6 @@ pub fn rule_for(path: &str) -> Option<Rule> {
         .map(|(_, rule)| *rule)
 }
 
-/// What a caller may see in listings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Visibility {
-    All,
-    Scopes {
-        sites: BTreeSet<String>,
-        wards: BTreeSet<(String, String)>,
-    },
-}
-
-impl Visibility {
-    pub fn sees_site(&self, site: &str) -> bool {
-        match self {
-            Self::All => true,
-            Self::Scopes { sites, .. } => sites.contains(site),
-        }
-    }
-
-    pub fn sees_ward(&self, site: &str, ward: &str) -> bool {
-        match self {
-            Self::All => true,
-            Self::Scopes { sites, wards } => {
-                sites.contains(site) || wards.contains(&(site.to_owned(), ward.to_owned()))
-            }
-        }
-    }
-}
-
 /// What the caller of a listing may see, as the RPC layer decided; nothing if it decided nothing (never the case
 /// for a listing, whose rule always yields a visibility).
 pub fn visibility<T>(request: &tonic::Request<T>) -> Visibility {
@@ -416,27 +389,6 @@ pub fn visibility<T>(request: &tonic::Request<T>) -> Visibility {
             sites: BTreeSet::new(),
             wards: BTreeSet::new(),
         })
-}
-
-impl Visibility {
-    /// Whether everything `other` shows is visible here too.
-    pub fn covers(&self, other: &Visibility) -> bool {
-        match (self, other) {
-            (Self::All, _) => true,
-            (Self::Scopes { .. }, Self::All) => false,
-            (Self::Scopes { .. }, Self::Scopes { sites, wards }) => {
-                sites.iter().all(|s| self.sees_site(s)) && wards.iter().all(|(s, w)| self.sees_ward(s, w))
-            }
-        }
-    }
-
-    /// Whether a resource at this place (none: in storage, fleet-wide) is visible.
-    pub fn sees_place(&self, site: Option<&str>, ward: Option<&str>) -> bool {
-        match (site, ward) {
-            (Some(site), Some(ward)) => self.sees_ward(site, ward),
-            _ => *self == Self::All,
-        }
-    }
 }
 
 /// Resolves, with the PERMISSION_DENIED to end a long-lived stream with, once a policy change leaves `subject`

@@ -26,7 +26,8 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::audit::{Coalescer, Event, Outcome, device_scope};
-use crate::authz::policy::{Visibility, access_withdrawn, visibility};
+use crate::authz::policy::{access_withdrawn, visibility};
+use crate::authz::visibility::Visibility;
 use crate::clinical::{
     AdtKind, AdtRequest, AssociationView, Clinical, DestinationKind, PatientKey, Source, decode_measurement,
 };
@@ -34,8 +35,8 @@ use crate::emr::destinations::{NewDestination, Settings, secret_key_ids, stored_
 use crate::emr::{Emr, event_id};
 use crate::error::{Error, Result};
 use crate::identity::grpc::caller;
+use crate::persistence::db::now;
 use crate::persistence::entity::{device, emr_destination, emr_outbox, observation, patient};
-use crate::registry::store::now;
 use crate::transport::rpc::audit_context;
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -74,14 +75,16 @@ fn covers_destination(visibility: &Visibility, destination: &emr_destination::Mo
     let sites: BTreeSet<String> = serde_json::from_str(&destination.sites).unwrap_or_default();
     let wards: BTreeSet<String> = serde_json::from_str(&destination.wards).unwrap_or_default();
     if sites.is_empty() && wards.is_empty() {
-        *visibility == Visibility::All
-    } else {
-        sites.iter().all(|s| visibility.sees_site(s))
-            && wards.iter().all(|w| {
-                w.split_once('/')
-                    .is_some_and(|(site, ward)| visibility.sees_ward(site, ward))
-            })
+        return visibility.covers(&Visibility::All);
     }
+    let Some(wards) = wards
+        .iter()
+        .map(|w| w.split_once('/').map(|(s, w)| (s.to_owned(), w.to_owned())))
+        .collect::<Option<BTreeSet<_>>>()
+    else {
+        return false;
+    };
+    visibility.covers(&Visibility::Scopes { sites, wards })
 }
 
 impl ClinicalApi {

@@ -29,29 +29,21 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::audit::{Context, device_scope};
-use crate::authz::policy::Visibility;
+use crate::authz::visibility::Visibility;
 use crate::error::{Error, Result};
-use crate::persistence::db::begin_write;
+use crate::persistence::db::now;
+use crate::persistence::db::{begin_write, insert_all};
 use crate::persistence::entity::{
     association, device, device_placement, emr_destination, emr_outbox, observation, patient, reading, reading_batch,
 };
 use crate::persistence::events::{Event, Events};
-use crate::registry::store::{lock_device, now};
+use crate::registry::store::lock_device;
 
 mod backlog;
 pub mod grpc;
 
 /// Arbitrary but fixed key of the advisory lock that orders outbox inserts by commit on PostgreSQL.
 const OUTBOX_LOCK_KEY: i64 = 0x6d65_6466_6c74_0005;
-/// Bind parameters one multi-row INSERT may use: SQLite's limit (32,766 since 3.32; PostgreSQL allows 65,535).
-const MAX_BIND_PARAMETERS: usize = 32_766;
-
-/// Rows of `T` per multi-row INSERT, from the columns each row binds, so no table's statement passes the limit
-/// whatever columns it grows.
-fn insert_chunk<T: sea_orm::EntityTrait>() -> usize {
-    use sea_orm::Iterable as _;
-    (MAX_BIND_PARAMETERS / T::Column::iter().count().max(1)).max(1)
-}
 
 /// A patient as a request names them (validated).
 #[derive(Clone, PartialEq, Eq)]
@@ -307,13 +299,7 @@ pub(crate) async fn enqueue(
             .await?;
     }
     let count = rows.len() as u64;
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<_> = rows.by_ref().take(insert_chunk::<emr_outbox::Entity>()).collect();
-        emr_outbox::Entity::insert_many(chunk)
-            .exec_without_returning(txn)
-            .await?;
-    }
+    insert_all::<emr_outbox::Entity>(txn, rows).await?;
     events.announce(txn, &Event::Outbox).await?;
     Ok(count)
 }
@@ -513,14 +499,7 @@ fn chart(
 }
 
 async fn insert_observations(txn: &impl ConnectionTrait, rows: Vec<observation::ActiveModel>) -> Result<()> {
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<_> = rows.by_ref().take(insert_chunk::<observation::Entity>()).collect();
-        observation::Entity::insert_many(chunk)
-            .exec_without_returning(txn)
-            .await?;
-    }
-    Ok(())
+    Ok(insert_all::<observation::Entity>(txn, rows).await?)
 }
 
 /// Associations of a device that overlap `[from, to]`.
@@ -784,11 +763,7 @@ impl Clinical {
                     ..Default::default()
                 })
                 .collect();
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<_> = rows.by_ref().take(insert_chunk::<reading::Entity>()).collect();
-                reading::Entity::insert_many(chunk).exec_without_returning(&txn).await?;
-            }
+            insert_all::<reading::Entity>(&txn, rows).await?;
             outcomes.push(outcome);
         }
         let queued = enqueue(&txn, &self.events, &routes, &pending, None).await?;

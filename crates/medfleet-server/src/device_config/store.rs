@@ -21,12 +21,12 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::audit::Context;
-use crate::authz::policy::Visibility;
+use crate::authz::visibility::Visibility;
 use crate::error::{Error, Result};
 use crate::persistence::db::begin_write;
+use crate::persistence::db::{Page, now};
 use crate::persistence::entity::{config_layer, config_schema, config_version, device, device_presence, site, ward};
 use crate::persistence::events::{Event, Events};
-use crate::registry::store::{Page, now};
 
 /// Arbitrary but fixed key of the PostgreSQL advisory lock that serialises configuration changes.
 const CONFIG_LOCK_KEY: i64 = 0x6d65_6466_6c74_0004;
@@ -343,7 +343,7 @@ impl Configs {
             .all(&self.db)
             .await?;
         let versions = rows.into_iter().map(version_from).collect::<Result<Vec<_>>>()?;
-        Ok(crate::registry::store::page(versions, size, |v: &Version| v.version))
+        Ok(crate::persistence::db::page(versions, size, |v: &Version| v.version))
     }
 
     pub async fn resolve(&self, id: Uuid) -> Result<Resolution> {
@@ -451,10 +451,7 @@ impl Configs {
             .all(&self.db)
             .await?
             .into_iter()
-            .filter(|d| match (&d.site, &d.ward) {
-                (Some(s), Some(w)) => visibility.sees_ward(s, w),
-                _ => *visibility == Visibility::All,
-            })
+            .filter(|d| visibility.sees_place(d.site.as_deref(), d.ward.as_deref()))
             .collect();
         let ids: Vec<Uuid> = devices.iter().map(|d| d.id).collect();
         let mut presence = HashMap::new();

@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::persistence::db::begin_write;
+use crate::persistence::db::now;
 use crate::persistence::entity::device_presence;
 use crate::persistence::events::{Event, Events};
-use crate::registry::store::now;
 
 /// What a device says when its session opens.
 #[derive(Debug, Clone)]

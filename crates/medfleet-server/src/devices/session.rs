@@ -472,7 +472,7 @@ impl DeviceService for DeviceApi {
         let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let welcome = v1::SessionResponse {
             message: Some(session_response::Message::Welcome(v1::Welcome {
-                server_time: Some(convert::timestamp(crate::registry::store::now())),
+                server_time: Some(convert::timestamp(crate::persistence::db::now())),
                 certificate_not_after: caller
                     .certificate
                     .as_ref()

@@ -19,11 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::audit::Context;
 use crate::clinical::{DestinationKind, state};
 use crate::emr::Emr;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unreadable};
 use crate::identity::secrets::Secrets;
+use crate::persistence::db::now;
 use crate::persistence::entity::{emr_destination, emr_outbox, feed_subscription};
 use crate::persistence::events::Event;
-use crate::registry::store::now;
 
 /// Connection settings of a destination. In memory the secrets are plaintext; stored (as JSON) they are envelopes
 /// ([`seal_settings`]), and they never leave the server.
@@ -255,19 +255,6 @@ fn seal(secrets: &Secrets, name: &str, field: &str, plain: &str) -> Result<Strin
     secrets
         .seal(&aad(name, field), plain.as_bytes())
         .map_err(|e| Error::Internal(e.to_string()))
-}
-
-/// A destination whose secret does not open with this replica's keyring.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the {field} of EMR destination '{destination}' cannot be decrypted, so nothing is sent to it: {source} \
-     (medfleet emr update {destination} sets a new one)"
-)]
-pub struct Unreadable {
-    pub destination: String,
-    pub field: &'static str,
-    #[source]
-    pub source: EnvelopeError,
 }
 
 /// The settings with their secrets opened, for a relay about to send. A plaintext secret written by an older

@@ -34,9 +34,9 @@ use crate::clinical::{DestinationKind, decode_measurement, state};
 use crate::emr::destinations::{Settings, open_settings, send_refusal, split_host_port};
 use crate::error::{Error, Result};
 use crate::identity::secrets::Secrets;
+use crate::persistence::db::now;
 use crate::persistence::entity::{device, emr_destination, emr_outbox, feed_subscription, observation, patient};
 use crate::persistence::events::{Event, Events};
-use crate::registry::store::now;
 use crate::telemetry::Metrics;
 
 /// How long a relay's claim on a destination lasts without renewal: longer than one whole exchange

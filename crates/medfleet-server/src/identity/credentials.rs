@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use medfleet_core::identity::{Identity, RevocationReason};
-use medfleet_core::registry::{Device, DeviceState};
+use medfleet_core::registry::{Device, DeviceState, Location, NewDevice};
 use ring::rand::SecureRandom as _;
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
@@ -25,8 +25,9 @@ use crate::error::{Error, Result};
 use crate::identity::pki::{CertificateAuthority, IssuedCertificate, RequestedKey, SubjectDetails};
 use crate::identity::revocation::{Revocations, log_revocations};
 use crate::persistence::db::begin_write;
+use crate::persistence::db::now;
 use crate::persistence::entity::{association, certificate, device, enrollment_token, principal};
-use crate::registry::store::{Registry, lock_device, now};
+use crate::registry::store::{Registry, lock_device};
 
 /// Every enrollment token starts with this, so secret scanners and people recognise one.
 pub const TOKEN_PREFIX: &str = "mft_";
@@ -268,6 +269,50 @@ impl Credentials {
             revocations,
             limiter: Arc::new(FailureLimiter::default()),
         }
+    }
+
+    /// Registers every device, and issues each a token when `tokens` is given, in one transaction: all or none.
+    pub async fn import_devices(
+        &self,
+        devices: Vec<NewDevice>,
+        tokens: Option<(std::time::Duration, &medfleet_core::identity::Identity)>,
+        audit: &Context,
+    ) -> Result<Vec<(Device, Option<NewToken>)>> {
+        let txn = begin_write(&self.db).await?;
+        let mut out = Vec::with_capacity(devices.len());
+        for (i, new) in devices.into_iter().enumerate() {
+            let device = crate::registry::store::insert_device(&txn, new)
+                .await
+                .map_err(|e| match e {
+                    Error::AlreadyExists(m) => Error::AlreadyExists(format!("devices[{i}]: {m}; nothing was imported")),
+                    Error::FailedPrecondition(m) => {
+                        Error::FailedPrecondition(format!("devices[{i}]: {m}; nothing was imported"))
+                    }
+                    other => other,
+                })?;
+            let token = match tokens {
+                Some((ttl, by)) => Some(insert_token(&txn, device.id, ttl, by).await?),
+                None => None,
+            };
+            out.push((device, token));
+        }
+        for (device, token) in &out {
+            audit
+                .record(
+                    &txn,
+                    "device.register",
+                    format!("device/{}", device.id),
+                    device.location.as_ref().map_or_else(|| "*".to_owned(), Location::scope),
+                    if token.is_some() {
+                        "import, enrollment token issued"
+                    } else {
+                        "import"
+                    },
+                )
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(out)
     }
 
     pub fn ca(&self) -> &CertificateAuthority {

@@ -7,6 +7,7 @@
 //! persistence.
 
 pub mod credentials;
+pub mod files;
 pub mod grpc;
 pub mod pki;
 pub mod revocation;

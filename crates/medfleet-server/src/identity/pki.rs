@@ -4,12 +4,15 @@
 //! identity as a `medfleet://` URI SAN; server certificates carry the configured DNS names and IPs.
 
 use std::fs::{self, OpenOptions};
-use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use medfleet_core::identity::{Identity, SCHEME};
+use medfleet_core::secrets::Keyring;
+
+use crate::identity::files::{FileError, read, read_private, sync_dir, write_private, write_public};
+use crate::identity::secrets;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
@@ -34,10 +37,8 @@ pub enum PkiError {
     },
     #[error("certificate operation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error(
-        "{path} is readable by other users (mode {mode:o}); a private key must be mode 0600: run `chmod 600 {path}`"
-    )]
-    InsecureKey { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{0} is already initialised (it holds a CA); use another --data-dir or keep the existing CA")]
     AlreadyInitialised(PathBuf),
     #[error("{0} is not initialised; run `medfleetd init --data-dir {0}` first")]
@@ -598,8 +599,24 @@ impl DataDir {
         Ok(file)
     }
 
+    /// The keyring a replica starts with: the configured file, created only while nothing is sealed under a key yet
+    /// (a new data directory, or the first start after an upgrade from plaintext keys).
+    pub fn open_keyring(&self, path: &Path) -> Result<Keyring, secrets::SecretsError> {
+        if path.exists() {
+            return secrets::load(path);
+        }
+        if let Some(kid) = self.ca_key_kid()? {
+            return Err(secrets::SecretsError::Missing {
+                path: path.to_owned(),
+                sealed: format!("the CA key ({})", self.ca_key_sealed().display()),
+                kid,
+            });
+        }
+        secrets::create(path)
+    }
+
     /// The key id the CA key is sealed with (none while it is still in clear).
-    pub fn ca_key_kid(&self) -> Result<Option<String>, PkiError> {
+    pub fn ca_key_kid(&self) -> Result<Option<String>, FileError> {
         let sealed = self.ca_key_sealed();
         if !sealed.exists() {
             return Ok(None);
@@ -844,58 +861,6 @@ fn open_ca_key(keyring: &medfleet_core::secrets::Keyring, path: &Path, text: &st
         })
 }
 
-/// Makes a rename or removal in `path`'s directory durable.
-fn sync_dir(path: &Path) -> Result<(), PkiError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
-}
-
-fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(io_err(path))
-}
-
-/// Reads a private key file after checking that only its owner can read it.
-pub fn read_private(path: &Path) -> Result<String, PkiError> {
-    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(PkiError::InsecureKey {
-            path: path.to_owned(),
-            mode: mode & 0o777,
-        });
-    }
-    read(path)
-}
-
-/// Writes a file atomically (temp file + rename) with the given mode, so readers never see half a key.
-fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    file.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    // The rename itself must survive a crash too (a key written then lost would be worse than none).
-    sync_dir(path)
-}
-
-pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    write_atomic(path, contents, 0o600)
-}
-
-pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
-    write_atomic(path, contents, 0o644)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -954,7 +919,7 @@ mod tests {
         dir.load_ca(secrets.keyring()).unwrap();
         fs::set_permissions(dir.ca_key_sealed(), fs::Permissions::from_mode(0o644)).unwrap();
         let err = dir.load_ca(secrets.keyring()).unwrap_err();
-        assert!(matches!(err, PkiError::InsecureKey { .. }), "{err}");
+        assert!(matches!(err, PkiError::File(FileError::InsecureKey { .. })), "{err}");
         assert!(err.to_string().contains("chmod 600"));
     }
 

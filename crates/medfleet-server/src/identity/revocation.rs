@@ -295,7 +295,7 @@ pub async fn log_revocations(
         txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REVOCATION_LOG_LOCK_KEY})"))
             .await?;
     }
-    let at = crate::registry::store::now();
+    let at = crate::persistence::db::now();
     revocation::Entity::insert_many(certs.iter().map(|(serial, not_after)| revocation::ActiveModel {
         seq: NotSet,
         serial: Set(serial.clone()),

@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use medfleet_core::secrets::{self as envelope, EnvelopeError, KEY_LEN, Key, Keyring, KeyringError, NONCE_BYTES};
 use ring::rand::{SecureRandom as _, SystemRandom};
 
-use crate::identity::pki::{self, PkiError};
+use crate::identity::files::{self, FileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     #[error(transparent)]
-    File(#[from] PkiError),
+    File(#[from] FileError),
     #[error("secrets key file {path}: {source}")]
     Keyring {
         path: PathBuf,
@@ -40,7 +40,7 @@ pub enum SecretsError {
 
 /// Reads the keyring, refusing a file other users could read (like every private key of medfleetd).
 pub fn load(path: &Path) -> Result<Keyring, SecretsError> {
-    let text = pki::read_private(path)?;
+    let text = files::read_private(path)?;
     Keyring::parse(&text).map_err(|source| SecretsError::Keyring {
         path: path.to_owned(),
         source,
@@ -67,34 +67,18 @@ pub fn create(path: &Path) -> Result<Keyring, SecretsError> {
     }
     let keyring = Keyring::single(new_key(&SystemRandom::new())?);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| FileError::Io {
             path: dir.to_owned(),
             source,
         })?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| PkiError::Io {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| FileError::Io {
             path: dir.to_owned(),
             source,
         })?;
     }
-    pki::write_private(path, &keyring.to_text())?;
+    files::write_private(path, &keyring.to_text())?;
     tracing::info!(path = %path.display(), kid = keyring.current().id(), "created the secrets keyring");
     Ok(keyring)
-}
-
-/// The keyring a replica starts with: the configured file, created only while nothing is sealed under a key yet
-/// (a new data directory, or the first start after an upgrade from plaintext keys).
-pub fn open_or_create(path: &Path, dir: &pki::DataDir) -> Result<Keyring, SecretsError> {
-    if path.exists() {
-        return load(path);
-    }
-    if let Some(kid) = dir.ca_key_kid()? {
-        return Err(SecretsError::Missing {
-            path: path.to_owned(),
-            sealed: format!("the CA key ({})", dir.ca_key_sealed().display()),
-            kid,
-        });
-    }
-    create(path)
 }
 
 /// Prepends a new current key to the keyring file (the old keys stay, for decryption). Returns the new keyring.
@@ -106,7 +90,7 @@ pub fn rotate(path: &Path) -> Result<Keyring, SecretsError> {
             path: path.to_owned(),
             source,
         })?;
-    pki::write_private(path, &rotated.to_text())?;
+    files::write_private(path, &rotated.to_text())?;
     Ok(rotated)
 }
 
@@ -127,7 +111,7 @@ pub fn retire_unused(path: &Path, in_use: &BTreeSet<String>) -> Result<Vec<Strin
         })?;
     }
     if !retired.is_empty() {
-        pki::write_private(path, &keyring.to_text())?;
+        files::write_private(path, &keyring.to_text())?;
     }
     Ok(retired)
 }

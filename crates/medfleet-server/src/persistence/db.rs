@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, SubsecRound as _, Utc};
+
 use medfleet_migrations::{Migrator, MigratorTrait as _};
 use sea_orm::{
     ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait as _,
+    EntityTrait, SqliteTransactionMode, TransactionOptions, TransactionTrait as _,
 };
 
 /// Arbitrary but fixed key of the PostgreSQL advisory lock that serialises migrations across replicas.
@@ -83,4 +85,55 @@ pub fn spawn_poller<F, Fut, E>(
             }
         }
     });
+}
+
+/// The current time at the precision both backends store (microseconds), so a value returned from a write
+/// equals the value a later read returns.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// One page of a keyset-paged listing: the items and the key to continue after, if there is more.
+#[derive(Debug)]
+pub struct Page<T, K> {
+    pub items: Vec<T>,
+    pub next_after: Option<K>,
+}
+
+pub fn page<T, K>(mut items: Vec<T>, size: u64, key: impl Fn(&T) -> K) -> Page<T, K> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if items.len() > size {
+        items.truncate(size);
+        let next_after = items.last().map(key);
+        Page { items, next_after }
+    } else {
+        Page {
+            items,
+            next_after: None,
+        }
+    }
+}
+
+/// Bind parameters one multi-row INSERT may use: SQLite's limit (32,766 since 3.32; PostgreSQL allows 65,535).
+const MAX_BIND_PARAMETERS: usize = 32_766;
+
+/// Rows of `T` per multi-row INSERT, from the columns each row binds, so no table's statement passes the limit
+/// whatever columns it grows.
+fn rows_per_insert<T: sea_orm::EntityTrait>() -> usize {
+    use sea_orm::Iterable as _;
+    (MAX_BIND_PARAMETERS / T::Column::iter().count().max(1)).max(1)
+}
+
+/// Inserts every row in as few multi-row statements as the bind-parameter limit allows.
+pub async fn insert_all<E: EntityTrait>(
+    conn: &impl sea_orm::ConnectionTrait,
+    rows: Vec<E::ActiveModel>,
+) -> Result<(), DbErr> {
+    let per_statement = rows_per_insert::<E>();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<_> = rows.by_ref().take(per_statement).collect();
+        E::insert_many(chunk).exec_without_returning(conn).await?;
+    }
+    Ok(())
 }

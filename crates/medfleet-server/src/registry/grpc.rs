@@ -18,7 +18,8 @@ use uuid::Uuid;
 use crate::devices::presence;
 use crate::persistence::events::{Event, Events};
 
-use crate::authz::policy::{Visibility, access_withdrawn, visibility};
+use crate::authz::policy::{access_withdrawn, visibility};
+use crate::authz::visibility::Visibility;
 use crate::error::Error;
 use crate::identity::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::identity::grpc::caller;
@@ -76,11 +77,11 @@ const WATCH_BATCH: usize = 500;
 fn watched(device: &Device, visibility: &Visibility, site: &str, ward: &str) -> bool {
     match &device.location {
         Some(l) => {
-            visibility.sees_ward(&l.site, &l.ward)
+            visibility.sees_place(Some(&l.site), Some(&l.ward))
                 && (site.is_empty() || l.site == site)
                 && (ward.is_empty() || l.ward == ward)
         }
-        None => *visibility == Visibility::All && site.is_empty(),
+        None => visibility.sees_place(None, None) && site.is_empty(),
     }
 }
 
@@ -289,7 +290,7 @@ impl RegistryService for RegistryApi {
         v.finish(|| Some(())).map_err(Error::from)?;
         let tokens = ttl.map(|ttl| (ttl, &caller.identity));
         let imported = self
-            .registry
+            .credentials
             .import_devices(devices, tokens, &audit_context(&request))
             .await?;
         tracing::info!(count = imported.len(), tokens = r.issue_tokens, "devices imported");

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, SubsecRound as _, Utc};
+use chrono::{DateTime, Utc};
 use medfleet_core::registry::{
     Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
     WardUpdate,
@@ -18,37 +18,11 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::audit::Context;
-use crate::authz::policy::Visibility;
+use crate::authz::visibility::Visibility;
 use crate::error::{Error, Result};
 use crate::persistence::db::begin_write;
+use crate::persistence::db::{Page, now, page};
 use crate::persistence::entity::{association, device, device_placement, device_presence, device_tag, site, ward};
-
-/// The current time at the precision both backends store (microseconds), so a value returned from a write
-/// equals the value a later read returns.
-pub fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
-}
-
-/// One page of a keyset-paged listing: the items and the key to continue after, if there is more.
-#[derive(Debug)]
-pub struct Page<T, K> {
-    pub items: Vec<T>,
-    pub next_after: Option<K>,
-}
-
-pub fn page<T, K>(mut items: Vec<T>, size: u64, key: impl Fn(&T) -> K) -> Page<T, K> {
-    let size = usize::try_from(size).unwrap_or(usize::MAX);
-    if items.len() > size {
-        items.truncate(size);
-        let next_after = items.last().map(key);
-        Page { items, next_after }
-    } else {
-        Page {
-            items,
-            next_after: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -271,48 +245,6 @@ impl Registry {
             .await?;
         txn.commit().await?;
         Ok(device)
-    }
-
-    /// Registers every device, and issues each a token when `tokens` is given, in one transaction: all or none.
-    pub async fn import_devices(
-        &self,
-        devices: Vec<NewDevice>,
-        tokens: Option<(std::time::Duration, &medfleet_core::identity::Identity)>,
-        audit: &Context,
-    ) -> Result<Vec<(Device, Option<crate::identity::credentials::NewToken>)>> {
-        let txn = begin_write(&self.db).await?;
-        let mut out = Vec::with_capacity(devices.len());
-        for (i, new) in devices.into_iter().enumerate() {
-            let device = insert_device(&txn, new).await.map_err(|e| match e {
-                Error::AlreadyExists(m) => Error::AlreadyExists(format!("devices[{i}]: {m}; nothing was imported")),
-                Error::FailedPrecondition(m) => {
-                    Error::FailedPrecondition(format!("devices[{i}]: {m}; nothing was imported"))
-                }
-                other => other,
-            })?;
-            let token = match tokens {
-                Some((ttl, by)) => Some(crate::identity::credentials::insert_token(&txn, device.id, ttl, by).await?),
-                None => None,
-            };
-            out.push((device, token));
-        }
-        for (device, token) in &out {
-            audit
-                .record(
-                    &txn,
-                    "device.register",
-                    format!("device/{}", device.id),
-                    device.location.as_ref().map_or_else(|| "*".to_owned(), Location::scope),
-                    if token.is_some() {
-                        "import, enrollment token issued"
-                    } else {
-                        "import"
-                    },
-                )
-                .await?;
-        }
-        txn.commit().await?;
-        Ok(out)
     }
 
     /// A device opened a session: enrolled becomes active. Refused for a decommissioned device.
@@ -589,7 +521,7 @@ async fn end_bed_bound(
 }
 
 /// Inserts one device (and its tags) inside the caller's transaction after checking its location and uniqueness.
-async fn insert_device(txn: &impl ConnectionTrait, new: NewDevice) -> Result<Device> {
+pub(crate) async fn insert_device(txn: &impl ConnectionTrait, new: NewDevice) -> Result<Device> {
     if let Some(location) = &new.location {
         check_location(txn, location).await?;
     }

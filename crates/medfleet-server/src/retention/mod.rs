@@ -30,28 +30,15 @@ use uuid::Uuid;
 use crate::audit::Context;
 use crate::clinical::state;
 use crate::error::{Error, Result};
+use crate::persistence::db::now;
 use crate::persistence::entity::{emr_outbox, observation, reading};
-use crate::registry::store::now;
+use crate::settings::RetentionPolicy;
 use crate::telemetry::Metrics;
 
 /// Arbitrary but fixed key of the advisory lock one purging replica holds on PostgreSQL.
 const RETENTION_LOCK_KEY: i64 = 0x6d65_6466_6c74_0010;
 /// Rows deleted per transaction: short enough not to stall ingest behind SQLite's write lock.
 pub const CHUNK: u64 = 5_000;
-
-/// How long what is kept (none: kept until an operator removes it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Policy {
-    pub delivered_outbox: Option<Duration>,
-    pub clinical: Option<Duration>,
-    pub interval: Duration,
-}
-
-impl Policy {
-    pub fn enabled(&self) -> bool {
-        self.delivered_outbox.is_some() || self.clinical.is_some()
-    }
-}
 
 /// What one pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,7 +51,7 @@ pub struct Purged {
 #[derive(Debug, Clone)]
 pub struct Retention {
     db: DatabaseConnection,
-    policy: Policy,
+    policy: RetentionPolicy,
     metrics: Metrics,
 }
 
@@ -74,7 +61,7 @@ fn cutoff(keep: Duration) -> Result<DateTime<Utc>> {
 }
 
 impl Retention {
-    pub fn new(db: DatabaseConnection, policy: Policy, metrics: Metrics) -> Self {
+    pub fn new(db: DatabaseConnection, policy: RetentionPolicy, metrics: Metrics) -> Self {
         Self { db, policy, metrics }
     }
 
