@@ -546,6 +546,47 @@ pub fn reading_input(item: &v1::ReadingItem) -> medfleet_core::clinical::reading
     }
 }
 
+/// The components of a measurement with their codes (MDC, LOINC) and UCUM units.
+pub fn components_to_wire(measurement: &medfleet_core::clinical::chart::Measurement) -> Vec<v1::ObservationComponent> {
+    measurement
+        .values()
+        .into_iter()
+        .map(|(vital, value)| {
+            let info = vital.info();
+            v1::ObservationComponent {
+                mdc_code: info.mdc_code,
+                mdc_refid: info.mdc_refid.to_owned(),
+                loinc: info.loinc.to_owned(),
+                value,
+                ucum: info.ucum.to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// A chart entry as the feed carries it (status: the one of this event).
+pub fn entry_to_wire(entry: &medfleet_core::clinical::chart::ChartEntry) -> v1::Observation {
+    let poc = entry.point_of_care.clone().unwrap_or_default();
+    v1::Observation {
+        id: entry.id.to_string(),
+        patient: Some(v1::PatientIdentifier {
+            identifier: entry.patient.identifier.clone(),
+            authority: entry.patient.authority.clone(),
+            display_name: entry.patient.display_name.clone().unwrap_or_default(),
+        }),
+        device_id: entry.device.id.to_string(),
+        kind: entry.measurement.kind().to_owned(),
+        components: components_to_wire(&entry.measurement),
+        observed_at: Some(timestamp(entry.observed_at)),
+        status: entry.status.as_str().to_owned(),
+        questionable: entry.questionable,
+        validated_by: entry.validated_by.clone().unwrap_or_default(),
+        site: poc.site,
+        ward: poc.ward,
+        bed: poc.bed.unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

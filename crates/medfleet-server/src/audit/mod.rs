@@ -6,6 +6,7 @@
 //! Entries name principals and resources by opaque ids only: never patient data.
 
 pub mod grpc;
+pub mod phi;
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};

@@ -8,6 +8,7 @@
 //! observation's identifier, HL7 messages a control id (MSH-10) that stays the same on every resend.
 
 pub mod destinations;
+pub mod grpc;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
