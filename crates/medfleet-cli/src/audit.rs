@@ -74,10 +74,7 @@ pub(crate) async fn run(channel: Channel, command: &AuditCommand, out: Format) -
                     })
                     .await?
                     .into_inner();
-                Ok(Page {
-                    items: page.events,
-                    next_page_token: page.next_page_token,
-                })
+                Ok(Page::new(page.events, page.next_page_token))
             })
             .await?;
             let events: Vec<EventView> = events

@@ -6,10 +6,9 @@ use medfleet_proto::v1::{self, observation_service_client::ObservationServiceCli
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::error::UsageError;
 use crate::output::{self, Format};
 use crate::pager::{self, Page};
-use crate::patients::identifier;
+use crate::patients::subject;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ObservationCommand {
@@ -109,23 +108,18 @@ pub(crate) async fn run(channel: Channel, command: &ObservationCommand, out: For
             authority,
             limit,
         } => {
-            if device.is_none() && p.is_none() {
-                return Err(UsageError("name a device (--device) or a patient (--patient)".into()).into());
-            }
+            let (device_id, patient) = subject(device.as_deref(), p.as_deref(), authority)?;
             let rows = pager::collect(Some(*limit), async |page_size, page_token| {
                 let page = api
                     .list_observations(v1::ListObservationsRequest {
-                        device_id: device.clone().unwrap_or_default(),
-                        patient: p.as_ref().map(|p| identifier(p, authority, None)),
+                        device_id: device_id.clone(),
+                        patient: patient.clone(),
                         page_size,
                         page_token,
                     })
                     .await?
                     .into_inner();
-                Ok(Page {
-                    items: page.observations,
-                    next_page_token: page.next_page_token,
-                })
+                Ok(Page::new(page.observations, page.next_page_token))
             })
             .await?;
             let rows: Vec<ObservationView> = rows.into_iter().map(ObservationView::from).collect();

@@ -6,9 +6,15 @@ use medfleet_core::paging::MAX_PAGE_SIZE;
 /// One answer of a List call, reduced to what paging needs.
 #[derive(Debug)]
 pub(crate) struct Page<T> {
-    pub(crate) items: Vec<T>,
+    items: Vec<T>,
     /// Empty on the last page.
-    pub(crate) next_page_token: String,
+    next_page_token: String,
+}
+
+impl<T> Page<T> {
+    pub(crate) fn new(items: Vec<T>, next_page_token: String) -> Self {
+        Self { items, next_page_token }
+    }
 }
 
 /// Every item of a listing, or about the first `limit`: `fetch(page_size, page_token)` makes one List call. A page

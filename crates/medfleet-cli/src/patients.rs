@@ -66,12 +66,28 @@ pub(crate) enum PatientCommand {
 }
 
 /// A patient as the API names one: the identifier, its assigning authority and, optionally, a display name.
-pub(crate) fn identifier(identifier: &str, authority: &str, name: Option<&str>) -> v1::PatientIdentifier {
+fn identifier(identifier: &str, authority: &str, name: Option<&str>) -> v1::PatientIdentifier {
     v1::PatientIdentifier {
         identifier: identifier.to_owned(),
         authority: authority.to_owned(),
         display_name: name.unwrap_or_default().to_owned(),
     }
+}
+
+/// Whom a listing is about, `--device` or `--patient` (of `authority`): the device id (empty when a patient is
+/// named) and the patient.
+pub(crate) fn subject(
+    device: Option<&str>,
+    patient: Option<&str>,
+    authority: &str,
+) -> anyhow::Result<(String, Option<v1::PatientIdentifier>)> {
+    if device.is_none() && patient.is_none() {
+        return Err(UsageError("name a device (--device) or a patient (--patient)".into()).into());
+    }
+    Ok((
+        device.unwrap_or_default().to_owned(),
+        patient.map(|p| identifier(p, authority, None)),
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -213,14 +229,9 @@ pub(crate) async fn run(channel: Channel, command: &PatientCommand, out: Format)
             patient: p,
             authority,
         } => {
-            if device.is_none() && p.is_none() {
-                return Err(UsageError("name a device (--device) or a patient (--patient)".into()).into());
-            }
+            let (device_id, patient) = subject(device.as_deref(), p.as_deref(), authority)?;
             let rows = api
-                .list_associations(v1::ListAssociationsRequest {
-                    device_id: device.clone().unwrap_or_default(),
-                    patient: p.as_ref().map(|p| identifier(p, authority, None)),
-                })
+                .list_associations(v1::ListAssociationsRequest { device_id, patient })
                 .await?
                 .into_inner()
                 .associations;

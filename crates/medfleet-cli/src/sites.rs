@@ -76,10 +76,7 @@ pub(crate) async fn run(channel: Channel, command: &SiteCommand, out: Format) ->
                     .list_sites(v1::ListSitesRequest { page_size, page_token })
                     .await?
                     .into_inner();
-                Ok(Page {
-                    items: page.sites,
-                    next_page_token: page.next_page_token,
-                })
+                Ok(Page::new(page.sites, page.next_page_token))
             })
             .await?;
             list(out, &all.into_iter().map(SiteView::from).collect::<Vec<_>>())

@@ -98,10 +98,7 @@ pub(crate) async fn run(channel: Channel, command: &WardCommand, out: Format) ->
                     })
                     .await?
                     .into_inner();
-                Ok(Page {
-                    items: page.wards,
-                    next_page_token: page.next_page_token,
-                })
+                Ok(Page::new(page.wards, page.next_page_token))
             })
             .await?;
             list(out, &all.into_iter().map(WardView::from).collect::<Vec<_>>())

@@ -196,6 +196,24 @@ async fn cli_at(server: &str, credentials: &Path, args: &[&str]) -> CliRun {
     }
 }
 
+/// `medfleet devices register` of a Philips MX450 with `serial` and `class`, then `extra`.
+fn register<'a>(serial: &'a str, class: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "devices",
+        "register",
+        "--manufacturer",
+        "Philips",
+        "--model",
+        "MX450",
+        "--serial",
+        serial,
+        "--class",
+        class,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn ok(run: &CliRun) -> serde_json::Value {
     assert_eq!(run.code, 0, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
     serde_json::from_str(&run.stdout).unwrap_or(serde_json::Value::Null)
@@ -236,24 +254,11 @@ async fn daemon_and_cli(backend: Backend) {
     let registered = ok(&cli(
         port,
         &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
+        &register(
             "SN-1",
-            "--class",
             "patient-monitor",
-            "--location",
-            "stmarys/icu/1",
-            "--tag",
-            "asset=A-1",
-            "-o",
-            "json",
-        ],
+            &["--location", "stmarys/icu/1", "--tag", "asset=A-1", "-o", "json"],
+        ),
     )
     .await);
     let id = registered["id"].as_str().unwrap().to_owned();
@@ -289,42 +294,10 @@ async fn daemon_and_cli(backend: Backend) {
     );
 
     // Exit codes scripts rely on, with messages that say what is wrong.
-    let dup = cli(
-        port,
-        &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
-            "SN-1",
-            "--class",
-            "other",
-        ],
-    )
-    .await;
+    let dup = cli(port, &creds, &register("SN-1", "other", &[])).await;
     assert_eq!(dup.code, 5, "{}", dup.stderr);
     assert!(dup.stderr.contains("already registered"), "{}", dup.stderr);
-    let bad = cli(
-        port,
-        &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
-            "bad serial",
-            "--class",
-            "other",
-        ],
-    )
-    .await;
+    let bad = cli(port, &creds, &register("bad serial", "other", &[])).await;
     assert_eq!(bad.code, 3, "{}", bad.stderr);
     assert!(bad.stderr.contains("serial_number:"), "{}", bad.stderr);
     let missing = cli(port, &creds, &["sites", "show", "nowhere"]).await;
@@ -346,20 +319,7 @@ async fn daemon_and_cli(backend: Backend) {
     let no_ward = cli(
         port,
         &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
-            "SN-2",
-            "--class",
-            "patient-monitor",
-            "--location",
-            "stmarys/cardiology",
-        ],
+        &register("SN-2", "patient-monitor", &["--location", "stmarys/cardiology"]),
     )
     .await;
     assert_eq!(no_ward.code, 4, "{}", no_ward.stderr);

@@ -57,6 +57,19 @@ fn print_version(out: Format, v: &VersionView) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A version just made: its view as JSON, or "version N of the LAYER layer" and what it does.
+fn print_made(out: Format, version: v1::ConfigVersion, what: &str) -> anyhow::Result<()> {
+    if out == Format::Json {
+        return output::json(&VersionView::from(version));
+    }
+    println!(
+        "version {} of the {} layer {what}",
+        version.version,
+        layer_text(version.layer.as_ref())
+    );
+    Ok(())
+}
+
 #[derive(Debug, Serialize)]
 struct SourceView {
     pointer: String,
@@ -92,15 +105,7 @@ pub(super) async fn set(
         })
         .await?
         .into_inner();
-    if out == Format::Json {
-        return output::json(&VersionView::from(version));
-    }
-    println!(
-        "version {} of the {} layer stored; connected devices it affects receive it now",
-        version.version,
-        layer_text(version.layer.as_ref())
-    );
-    Ok(())
+    print_made(out, version, "stored; connected devices it affects receive it now")
 }
 
 /// `config get DEVICE`: the document the device resolves to, with --explain the layer each value comes from.
@@ -167,10 +172,7 @@ pub(super) async fn history(api: &mut Configs, layer: &LayerArgs, limit: usize, 
             })
             .await?
             .into_inner();
-        Ok(Page {
-            items: page.versions,
-            next_page_token: page.next_page_token,
-        })
+        Ok(Page::new(page.versions, page.next_page_token))
     })
     .await?;
     let all: Vec<VersionView> = all.into_iter().map(VersionView::from).collect();
@@ -240,15 +242,7 @@ pub(super) async fn rollback(api: &mut Configs, to: u64, comment: Option<&str>, 
         })
         .await?
         .into_inner();
-    if out == Format::Json {
-        return output::json(&VersionView::from(version));
-    }
-    println!(
-        "version {} of the {} layer restores version {to}",
-        version.version,
-        layer_text(version.layer.as_ref())
-    );
-    Ok(())
+    print_made(out, version, &format!("restores version {to}"))
 }
 
 fn kind_text(kind: i32) -> &'static str {

@@ -230,10 +230,7 @@ async fn list(api: &mut Registry, args: &ListArgs, out: Format) -> anyhow::Resul
             })
             .await?
             .into_inner();
-        Ok(Page {
-            items: page.devices,
-            next_page_token: page.next_page_token,
-        })
+        Ok(Page::new(page.devices, page.next_page_token))
     })
     .await?;
     view::print_devices(out, &all.into_iter().map(DeviceView::from).collect::<Vec<_>>())

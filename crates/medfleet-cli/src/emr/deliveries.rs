@@ -38,10 +38,7 @@ pub(super) async fn list(
             })
             .await?
             .into_inner();
-        Ok(Page {
-            items: page.deliveries,
-            next_page_token: page.next_page_token,
-        })
+        Ok(Page::new(page.deliveries, page.next_page_token))
     })
     .await?;
     let rows: Vec<DeliveryView> = rows
