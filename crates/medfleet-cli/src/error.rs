@@ -1,10 +1,11 @@
 //! The failures the CLI finds itself, before or around a call, each standing for one exit code of the contract
 //! (`main::report` maps them, and the server's statuses, to the codes).
 //!
-//! The line between the two: a usage error is fixed by typing the command differently (the option is missing,
-//! contradicts another, has the wrong shape, names a file that cannot be opened); invalid input is fixed by
-//! changing what the command was given to work on (a document that is not JSON, a server address that is not an
-//! https:// URL), the same kind of mistake the server answers with INVALID_ARGUMENT.
+//! The line between the two: a usage error is fixed by typing the command differently (an option is missing,
+//! contradicts another, has a value of the wrong shape — also in a row of `devices import`, whose columns are the
+//! options of `devices register` — or names a file that cannot be opened); invalid input is fixed by changing what
+//! the command was given to work on (a document that is not JSON, a server address that is not an https:// URL),
+//! the kind of mistake the server answers with INVALID_ARGUMENT.
 
 /// A mistake in how the command was called, found after clap parsed it: exit 2, as clap's own.
 #[derive(Debug, thiserror::Error)]

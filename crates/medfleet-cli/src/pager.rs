@@ -17,8 +17,8 @@ impl<T> Page<T> {
     }
 }
 
-/// Every item of a listing, or about the first `limit`: `fetch(page_size, page_token)` makes one List call. A page
-/// asks for no more than is still wanted, so only a server that ignores `page_size` could overshoot the limit.
+/// Every item of a listing, or the first `limit`: `fetch(page_size, page_token)` makes one List call. A page asks
+/// for no more than is still wanted, so only a server that ignored `page_size` could hand out more.
 pub(crate) async fn collect<T>(
     limit: Option<usize>,
     mut fetch: impl AsyncFnMut(i32, String) -> Result<Page<T>, tonic::Status>,
