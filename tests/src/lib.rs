@@ -8,6 +8,7 @@
 
 #![allow(clippy::missing_panics_doc, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fleet;
 pub mod receivers;
 
 use std::net::SocketAddr;

@@ -135,10 +135,7 @@ pub(crate) async fn run(channel: Channel, command: &AccessCommand, out: Format) 
             if out == Format::Json {
                 return output::json(&views);
             }
-            let mut table = comfy_table::Table::new();
-            table
-                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
-                .set_header(vec!["PRINCIPAL", "ROLE", "SCOPE"]);
+            let mut table = output::table(&["PRINCIPAL", "ROLE", "SCOPE"]);
             for g in &views {
                 table.add_row(vec![g.principal.as_str(), g.role.as_str(), g.scope.as_str()]);
             }
@@ -160,10 +157,7 @@ pub(crate) async fn run(channel: Channel, command: &AccessCommand, out: Format) 
             if out == Format::Json {
                 return output::json(&rows);
             }
-            let mut table = comfy_table::Table::new();
-            table
-                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
-                .set_header(vec!["ROLE", "ACTION", "OBJECT"]);
+            let mut table = output::table(&["ROLE", "ACTION", "OBJECT"]);
             for p in &permissions {
                 table.add_row(vec![p.role.as_str(), p.action.as_str(), p.object.as_str()]);
             }

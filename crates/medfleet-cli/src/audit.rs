@@ -1,13 +1,13 @@
 //! `medfleet audit`: read and verify the tamper-evident audit trail.
 
 use clap::Subcommand;
-use medfleet_proto::convert::{datetime, timestamp};
 use medfleet_proto::v1::{self, audit_service_client::AuditServiceClient};
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::UsageError;
-use crate::output::{self, Format};
+use crate::args::time_arg;
+use crate::output::{self, Format, time};
+use crate::pager::{self, Page};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
@@ -61,60 +61,40 @@ pub(crate) async fn run(channel: Channel, command: &AuditCommand, out: Format) -
             since,
             limit,
         } => {
-            let since = since
-                .as_deref()
-                .map(|s| {
-                    chrono::DateTime::parse_from_rfc3339(s)
-                        .map(|t| timestamp(t.with_timezone(&chrono::Utc)))
-                        .map_err(|e| UsageError(format!("--since '{s}' is not an RFC 3339 time: {e}")))
-                })
-                .transpose()?;
-            let mut events = Vec::new();
-            let mut token = String::new();
-            while events.len() < *limit {
+            let since = time_arg("since", since.as_deref())?;
+            let events = pager::collect(Some(*limit), async |page_size, page_token| {
                 let page = api
                     .list_audit_events(v1::ListAuditEventsRequest {
                         actor: actor.clone().unwrap_or_default(),
                         action: action.clone().unwrap_or_default(),
                         scope: scope.clone().unwrap_or_default(),
                         since,
-                        page_size: i32::try_from((*limit - events.len()).min(500)).unwrap_or(500),
-                        page_token: token,
+                        page_size,
+                        page_token,
                     })
                     .await?
                     .into_inner();
-                events.extend(page.events.into_iter().map(|e| {
-                    EventView {
-                        seq: e.seq,
-                        time: e
-                            .time
-                            .as_ref()
-                            .and_then(datetime)
-                            .map(|t| t.to_rfc3339())
-                            .unwrap_or_default(),
-                        actor: e.actor,
-                        action: e.action,
-                        target: e.target,
-                        scope: e.scope,
-                        outcome: e.outcome,
-                        request_id: e.request_id,
-                        detail: e.detail,
-                    }
-                }));
-                token = page.next_page_token;
-                if token.is_empty() {
-                    break;
-                }
-            }
+                Ok(Page::new(page.events, page.next_page_token))
+            })
+            .await?;
+            let events: Vec<EventView> = events
+                .into_iter()
+                .map(|e| EventView {
+                    seq: e.seq,
+                    time: time(e.time.as_ref()),
+                    actor: e.actor,
+                    action: e.action,
+                    target: e.target,
+                    scope: e.scope,
+                    outcome: e.outcome,
+                    request_id: e.request_id,
+                    detail: e.detail,
+                })
+                .collect();
             if out == Format::Json {
                 return output::json(&events);
             }
-            let mut table = comfy_table::Table::new();
-            table
-                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
-                .set_header(vec![
-                    "SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "SCOPE", "OUTCOME", "DETAIL",
-                ]);
+            let mut table = output::table(&["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "SCOPE", "OUTCOME", "DETAIL"]);
             for e in &events {
                 table.add_row(vec![
                     e.seq.to_string(),

@@ -6,6 +6,8 @@ use anyhow::Context as _;
 use medfleet_proto::client::{Bundle, ClientError};
 use tonic::transport::Channel;
 
+use crate::error::InvalidInput;
+
 /// Where `medfleetd init`/`serve` puts the first admin's credentials when run with the default data dir.
 pub(crate) const DEFAULT_CREDENTIALS: &str = "medfleet-data/admin.pem";
 
@@ -31,6 +33,8 @@ pub(crate) async fn connect(server: &str, bundle: &Bundle) -> anyhow::Result<Cha
                 "cannot reach medfleetd at {server}: {reason}; check that it is running and that --server (or \
              MEDFLEET_SERVER) names it as in its certificate"
             ),
+            // A server address that is not an https:// URL with a host: what was given is wrong, not the network.
+            ClientError::Address(message) => InvalidInput(message).into(),
             other => other.into(),
         })
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use medfleet_core::identity::Identity;
-use medfleet_e2e::{Backend, TestServer};
+use medfleet_e2e::{Backend, TestServer, fleet};
 use medfleet_proto::v1;
 use medfleet_server::identity::pki::{SubjectDetails, check_csr};
 
@@ -177,13 +177,7 @@ async fn enroll(backend: Backend, devices: usize) -> (Stats, Stats) {
     for chunk in (0..devices).collect::<Vec<_>>().chunks(1000) {
         let requests = chunk
             .iter()
-            .map(|i| v1::RegisterDeviceRequest {
-                serial_number: format!("BENCH-{i:06}"),
-                manufacturer: "Philips".into(),
-                model: "IntelliVue MX450".into(),
-                device_class: v1::DeviceClass::PatientMonitor.into(),
-                ..Default::default()
-            })
+            .map(|i| fleet::monitor(&format!("BENCH-{i:06}"), "IntelliVue MX450"))
             .collect();
         let imported = api
             .import_devices(v1::ImportDevicesRequest {
@@ -262,27 +256,8 @@ impl Reports {
 async fn config_fanout(backend: Backend, devices: usize, runs: usize) -> (Stats, Stats) {
     let server = TestServer::start(backend).await;
     let mut admin = server.admin().await;
-    admin
-        .create_site(v1::CreateSiteRequest {
-            site: Some(v1::Site {
-                name: "bench".into(),
-                display_name: "Bench".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("site");
-    admin
-        .create_ward(v1::CreateWardRequest {
-            ward: Some(v1::Ward {
-                site: "bench".into(),
-                name: "icu".into(),
-                display_name: "ICU".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("ward");
+    fleet::create_site(&mut admin, "bench", "Bench").await;
+    fleet::create_ward(&mut admin, "bench", "icu", "ICU", &[]).await;
     let channel = server.channel(&server.admin_bundle()).await.expect("admin");
     let mut configs = v1::config_service_client::ConfigServiceClient::new(channel.clone());
     let layer = Some(v1::ConfigLayer {
@@ -388,41 +363,14 @@ struct Readings {
 async fn emr_latency(backend: Backend, devices: usize, interval: Duration, seconds: u64) -> Readings {
     let server = TestServer::start(backend).await;
     let mut admin = server.admin().await;
-    admin
-        .create_site(v1::CreateSiteRequest {
-            site: Some(v1::Site {
-                name: "bench".into(),
-                display_name: "Bench".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("site");
-    admin
-        .create_ward(v1::CreateWardRequest {
-            ward: Some(v1::Ward {
-                site: "bench".into(),
-                name: "icu".into(),
-                display_name: "ICU".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("ward");
+    fleet::create_site(&mut admin, "bench", "Bench").await;
+    fleet::create_ward(&mut admin, "bench", "icu", "ICU", &[]).await;
     let imported = admin
         .import_devices(v1::ImportDevicesRequest {
             devices: (0..devices)
                 .map(|i| v1::RegisterDeviceRequest {
-                    serial_number: format!("BENCH-{i}"),
-                    manufacturer: "Philips".into(),
-                    model: "MX450".into(),
-                    device_class: v1::DeviceClass::PatientMonitor.into(),
-                    location: Some(v1::Location {
-                        site: "bench".into(),
-                        ward: "icu".into(),
-                        bed: String::new(),
-                    }),
-                    ..Default::default()
+                    location: fleet::location("bench", "icu", ""),
+                    ..fleet::monitor(&format!("BENCH-{i}"), "MX450")
                 })
                 .collect(),
             issue_tokens: true,

@@ -175,9 +175,13 @@ struct CliRun {
 }
 
 async fn cli(port: u16, credentials: &Path, args: &[&str]) -> CliRun {
+    cli_at(&format!("https://localhost:{port}"), credentials, args).await
+}
+
+/// The CLI run with `--server` as given, well-formed or not.
+async fn cli_at(server: &str, credentials: &Path, args: &[&str]) -> CliRun {
     let output = Command::new(binary("medfleet"))
-        .arg("--server")
-        .arg(format!("https://localhost:{port}"))
+        .args(["--server", server])
         .arg("--credentials")
         .arg(credentials)
         .args(args)
@@ -190,6 +194,24 @@ async fn cli(port: u16, credentials: &Path, args: &[&str]) -> CliRun {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// `medfleet devices register` of a Philips MX450 with `serial` and `class`, then `extra`.
+fn register<'a>(serial: &'a str, class: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "devices",
+        "register",
+        "--manufacturer",
+        "Philips",
+        "--model",
+        "MX450",
+        "--serial",
+        serial,
+        "--class",
+        class,
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 fn ok(run: &CliRun) -> serde_json::Value {
@@ -232,24 +254,11 @@ async fn daemon_and_cli(backend: Backend) {
     let registered = ok(&cli(
         port,
         &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
+        &register(
             "SN-1",
-            "--class",
             "patient-monitor",
-            "--location",
-            "stmarys/icu/1",
-            "--tag",
-            "asset=A-1",
-            "-o",
-            "json",
-        ],
+            &["--location", "stmarys/icu/1", "--tag", "asset=A-1", "-o", "json"],
+        ),
     )
     .await);
     let id = registered["id"].as_str().unwrap().to_owned();
@@ -285,48 +294,42 @@ async fn daemon_and_cli(backend: Backend) {
     );
 
     // Exit codes scripts rely on, with messages that say what is wrong.
-    let dup = cli(
-        port,
-        &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
-            "SN-1",
-            "--class",
-            "other",
-        ],
-    )
-    .await;
+    let dup = cli(port, &creds, &register("SN-1", "other", &[])).await;
     assert_eq!(dup.code, 5, "{}", dup.stderr);
     assert!(dup.stderr.contains("already registered"), "{}", dup.stderr);
-    let bad = cli(
-        port,
-        &creds,
-        &[
-            "devices",
-            "register",
-            "--manufacturer",
-            "Philips",
-            "--model",
-            "MX450",
-            "--serial",
-            "bad serial",
-            "--class",
-            "other",
-        ],
-    )
-    .await;
+    let bad = cli(port, &creds, &register("bad serial", "other", &[])).await;
     assert_eq!(bad.code, 3, "{}", bad.stderr);
     assert!(bad.stderr.contains("serial_number:"), "{}", bad.stderr);
     let missing = cli(port, &creds, &["sites", "show", "nowhere"]).await;
     assert_eq!(missing.code, 4, "{}", missing.stderr);
     let usage = cli(port, &creds, &["devices", "list", "--ward", "icu"]).await;
     assert_eq!(usage.code, 2, "{}", usage.stderr);
+    // Invalid input is 3 whether the server or the CLI finds it: a document that is not JSON, a server address
+    // without its https:// scheme.
+    let not_json = storage.dir.path().join("not.json");
+    std::fs::write(&not_json, r#"{"limits": "#).unwrap();
+    let bad_json = cli(port, &creds, &["config", "set", "--fleet", not_json.to_str().unwrap()]).await;
+    assert_eq!(bad_json.code, 3, "{}", bad_json.stderr);
+    assert!(bad_json.stderr.contains("is not valid JSON"), "{}", bad_json.stderr);
+    let no_scheme = cli_at(&format!("localhost:{port}"), &creds, &["sites", "list"]).await;
+    assert_eq!(no_scheme.code, 3, "{}", no_scheme.stderr);
+    assert!(no_scheme.stderr.contains("https://"), "{}", no_scheme.stderr);
+    // A ward or bed that does not exist is not found, though medfleetd refuses the placement as a precondition; a
+    // precondition that is a conflict stays one.
+    let no_ward = cli(
+        port,
+        &creds,
+        &register("SN-2", "patient-monitor", &["--location", "stmarys/cardiology"]),
+    )
+    .await;
+    assert_eq!(no_ward.code, 4, "{}", no_ward.stderr);
+    assert!(no_ward.stderr.contains("does not exist"), "{}", no_ward.stderr);
+    let no_bed = cli(port, &creds, &["devices", "update", &id, "--location", "stmarys/icu/9"]).await;
+    assert_eq!(no_bed.code, 4, "{}", no_bed.stderr);
+    assert!(no_bed.stderr.contains("no bed '9'"), "{}", no_bed.stderr);
+    let occupied = cli(port, &creds, &["wards", "update", "stmarys/icu", "--beds", "1"]).await;
+    assert_eq!(occupied.code, 5, "{}", occupied.stderr);
+    assert!(occupied.stderr.contains("hold devices"), "{}", occupied.stderr);
     let bad_class = cli(
         port,
         &creds,
@@ -718,6 +721,17 @@ async fn identity_with_binaries(backend: Backend) {
     let bad = cli(port, &admin, &["devices", "import", bad_csv.to_str().unwrap()]).await;
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     assert!(bad.stderr.contains("line 2"), "{}", bad.stderr);
+    // A row placing a device in a ward that does not exist: the batch is refused, and the ward is not found.
+    let no_ward_csv = work.join("no-ward.csv");
+    std::fs::write(
+        &no_ward_csv,
+        "manufacturer,model,serial_number,device_class,eui64,location,tags\n\
+         Philips,MX450,SN-8,patient-monitor,,stmarys/cardiology,\n",
+    )
+    .unwrap();
+    let no_ward = cli(port, &admin, &["devices", "import", no_ward_csv.to_str().unwrap()]).await;
+    assert_eq!(no_ward.code, 4, "{}", no_ward.stderr);
+    assert!(no_ward.stderr.contains("does not exist"), "{}", no_ward.stderr);
 
     // Operators and integrations.
     let alice = work.join("alice.pem");

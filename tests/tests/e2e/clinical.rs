@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use medfleet_core::identity::Identity;
 use medfleet_e2e::receivers::{FhirReceiver, MllpReceiver, validate};
-use medfleet_e2e::{Backend, TestServer, both_backends};
+use medfleet_e2e::{Backend, TestServer, both_backends, fleet};
 use medfleet_proto::v1::{
     self, device_service_client::DeviceServiceClient, emr_service_client::EmrServiceClient,
     feed_service_client::FeedServiceClient, observation_service_client::ObservationServiceClient,
@@ -95,48 +95,20 @@ pub(crate) async fn observations(api: &mut ObservationServiceClient<Channel>, mr
     .observations
 }
 
+/// St Mary's ICU (beds 1 and 2) with one monitor, MON-1, in bed 1: its id.
 pub(crate) async fn setup(server: &TestServer) -> String {
     let mut admin = server.admin().await;
-    admin
-        .create_site(v1::CreateSiteRequest {
-            site: Some(v1::Site {
-                name: "stmarys".into(),
-                display_name: "St Mary's".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    admin
-        .create_ward(v1::CreateWardRequest {
-            ward: Some(v1::Ward {
-                site: "stmarys".into(),
-                name: "icu".into(),
-                display_name: "ICU".into(),
-                beds: vec!["1".into(), "2".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    admin
-        .register_device(v1::RegisterDeviceRequest {
-            serial_number: "MON-1".into(),
-            manufacturer: "Philips".into(),
-            model: "MX450".into(),
-            device_class: v1::DeviceClass::PatientMonitor.into(),
+    fleet::create_site(&mut admin, "stmarys", "St Mary's").await;
+    fleet::create_ward(&mut admin, "stmarys", "icu", "ICU", &["1", "2"]).await;
+    fleet::register(
+        &mut admin,
+        v1::RegisterDeviceRequest {
             eui64: "00-09-FB-FF-FE-12-34-56".into(),
-            location: Some(v1::Location {
-                site: "stmarys".into(),
-                ward: "icu".into(),
-                bed: "1".into(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id
+            location: fleet::location("stmarys", "icu", "1"),
+            ..fleet::monitor("MON-1", "MX450")
+        },
+    )
+    .await
 }
 
 pub(crate) async fn destinations(server: &TestServer, fhir: &FhirReceiver, mllp: &MllpReceiver) {
@@ -524,41 +496,14 @@ async fn acked_readings_survive_a_server_kill(backend: Backend) {
     let port = first.grpc_port;
     let admin = channel_to(port, &data_dir).await;
     let mut registry = v1::registry_service_client::RegistryServiceClient::new(admin.clone());
-    registry
-        .create_site(v1::CreateSiteRequest {
-            site: Some(v1::Site {
-                name: "stmarys".into(),
-                display_name: "St Mary's".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    registry
-        .create_ward(v1::CreateWardRequest {
-            ward: Some(v1::Ward {
-                site: "stmarys".into(),
-                name: "icu".into(),
-                display_name: "ICU".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    fleet::create_site(&mut registry, "stmarys", "St Mary's").await;
+    fleet::create_ward(&mut registry, "stmarys", "icu", "ICU", &[]).await;
     let imported = registry
         .import_devices(v1::ImportDevicesRequest {
             devices: (0..DEVICES)
                 .map(|i| v1::RegisterDeviceRequest {
-                    serial_number: format!("MON-{i}"),
-                    manufacturer: "Philips".into(),
-                    model: "MX450".into(),
-                    device_class: v1::DeviceClass::PatientMonitor.into(),
-                    location: Some(v1::Location {
-                        site: "stmarys".into(),
-                        ward: "icu".into(),
-                        bed: String::new(),
-                    }),
-                    ..Default::default()
+                    location: fleet::location("stmarys", "icu", ""),
+                    ..fleet::monitor(&format!("MON-{i}"), "MX450")
                 })
                 .collect(),
             issue_tokens: true,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use medfleet_core::identity::Identity;
-use medfleet_e2e::{Backend, Storage, TestServer, binary, both_backends};
+use medfleet_e2e::{Backend, Storage, TestServer, binary, both_backends, fleet};
 use medfleet_proto::v1::{
     self, config_service_client::ConfigServiceClient, device_service_client::DeviceServiceClient,
     registry_service_client::RegistryServiceClient, session_request, session_response,
@@ -23,30 +23,12 @@ use crate::binaries::Process;
 /// Bounds a broken run; never a synchronisation point.
 const GUARD: Duration = Duration::from_secs(90);
 
+/// St Mary's with two wards without beds, icu and ed.
 async fn setup(server: &TestServer) {
     let mut admin = server.admin().await;
-    admin
-        .create_site(v1::CreateSiteRequest {
-            site: Some(v1::Site {
-                name: "stmarys".into(),
-                display_name: "St Mary's".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    fleet::create_site(&mut admin, "stmarys", "St Mary's").await;
     for ward in ["icu", "ed"] {
-        admin
-            .create_ward(v1::CreateWardRequest {
-                ward: Some(v1::Ward {
-                    site: "stmarys".into(),
-                    name: ward.into(),
-                    display_name: ward.into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
+        fleet::create_ward(&mut admin, "stmarys", ward, ward, &[]).await;
     }
 }
 
@@ -205,26 +187,17 @@ async fn push_reaches_every_connected_device(backend: Backend) {
 }
 both_backends!(push_reaches_every_connected_device, push_reaches_every_connected_device);
 
+/// A monitor of `model` with a serial of its own, in the St Mary's ward `ward`: its id.
 async fn register(server: &TestServer, ward: &str, model: &str) -> String {
-    server
-        .admin()
-        .await
-        .register_device(v1::RegisterDeviceRequest {
-            serial_number: format!("SN-{}", uuid::Uuid::new_v4().simple()),
-            manufacturer: "Philips".into(),
-            model: model.into(),
-            device_class: v1::DeviceClass::PatientMonitor.into(),
-            location: Some(v1::Location {
-                site: "stmarys".into(),
-                ward: ward.into(),
-                bed: String::new(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id
+    let serial = format!("SN-{}", uuid::Uuid::new_v4().simple());
+    fleet::register(
+        &mut server.admin().await,
+        v1::RegisterDeviceRequest {
+            location: fleet::location("stmarys", ward, ""),
+            ..fleet::monitor(&serial, model)
+        },
+    )
+    .await
 }
 
 fn violations(status: &tonic::Status) -> Vec<(String, String)> {
@@ -797,6 +770,14 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     let listed: serde_json::Value = serde_json::from_slice(&online.stdout).unwrap();
     assert_eq!(listed[0]["id"], device.as_str(), "{listed}");
     assert_eq!(listed[0]["presence"]["online"], true);
+    // The table names the replica holding the session and the firmware the device reported.
+    let table = cli(&server, &["devices", "list", "--online"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("REPLICA") && table.contains("FIRMWARE"), "{table}");
+    for field in ["replica", "firmware_version"] {
+        let value = listed[0]["presence"][field].as_str().unwrap();
+        assert!(!value.is_empty() && table.contains(value), "{field} {value:?}: {table}");
+    }
 
     // Offline: the change waits for the device.
     let (status, _) = agent.terminate().await;

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use medfleet_e2e::fleet::{self, location};
 use medfleet_e2e::{Backend, TestServer, both_backends};
 use medfleet_proto::v1::{self, registry_service_client::RegistryServiceClient};
 use sea_orm::{ConnectionTrait as _, Statement};
@@ -19,49 +20,15 @@ fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
 }
 
 async fn site(api: &mut Api, name: &str) -> v1::Site {
-    api.create_site(v1::CreateSiteRequest {
-        site: Some(v1::Site {
-            name: name.into(),
-            display_name: format!("{name} hospital"),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    fleet::create_site(api, name, &format!("{name} hospital")).await
 }
 
 async fn ward(api: &mut Api, site: &str, name: &str, beds: &[&str]) -> v1::Ward {
-    api.create_ward(v1::CreateWardRequest {
-        ward: Some(v1::Ward {
-            site: site.into(),
-            name: name.into(),
-            display_name: name.to_uppercase(),
-            beds: beds.iter().map(|b| (*b).to_owned()).collect(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    fleet::create_ward(api, site, name, &name.to_uppercase(), beds).await
 }
 
 fn device_request(serial: &str) -> v1::RegisterDeviceRequest {
-    v1::RegisterDeviceRequest {
-        serial_number: serial.into(),
-        manufacturer: "Philips".into(),
-        model: "IntelliVue MX450".into(),
-        device_class: v1::DeviceClass::PatientMonitor.into(),
-        ..Default::default()
-    }
-}
-
-fn location(site: &str, ward: &str, bed: &str) -> Option<v1::Location> {
-    Some(v1::Location {
-        site: site.into(),
-        ward: ward.into(),
-        bed: bed.into(),
-    })
+    fleet::monitor(serial, "IntelliVue MX450")
 }
 
 /// The fields an INVALID_ARGUMENT status names in its BadRequest detail.
