@@ -33,7 +33,9 @@ pub struct DeviceRef {
     pub serial_number: String,
     pub manufacturer: String,
     pub model: String,
-    /// EUI-64 in `XX-XX-…` form; when absent the mappers use the serial number.
+    /// EUI-64 in `XX-XX-…` form. When absent the mappers identify the device by its medfleet id instead: FHIR as
+    /// `urn:uuid:<id>` under the `urn:ietf:rfc:3986` system, HL7 (OBX-18, OBR-3) as the id's 32 hex digits in
+    /// upper case. The serial number only appears in the FHIR device reference's display text.
     pub eui64: Option<String>,
 }
 
