@@ -286,7 +286,7 @@ fn apply(
         Err(e) => return rejected(format!("the configuration is not JSON: {e}")),
     };
     // The digest proves the document arrived as the server resolved it.
-    if medfleet_core::config::digest(&document) != command.digest {
+    if medfleet_core::device_config::digest(&document) != command.digest {
         return rejected("the configuration does not match its digest".to_owned());
     }
     if let Some(key) = &options.reject_key

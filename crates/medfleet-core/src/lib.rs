@@ -4,7 +4,8 @@
 //! stores them. That keeps every rule unit- and property-testable.
 
 pub mod clinical;
-pub mod config;
+pub mod device_config;
+pub mod digest;
 pub mod identity;
 pub mod paging;
 pub mod presence;

@@ -732,11 +732,7 @@ mod tests {
     proptest! {
         #[test]
         fn eui64_parse_is_idempotent(bytes in any::<[u8; 8]>()) {
-            let hex: String = bytes.iter().fold(String::new(), |mut out, b| {
-                use std::fmt::Write as _;
-                let _ = write!(out, "{b:02x}");
-                out
-            });
+            let hex = crate::digest::hex(&bytes);
             if let Ok(e) = Eui64::parse(&hex) {
                 prop_assert_eq!(Eui64::parse(e.as_str()), Ok(e.clone()));
                 prop_assert_eq!(e.as_str().len(), 23);

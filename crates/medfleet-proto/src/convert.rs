@@ -2,7 +2,7 @@
 //! values become wire messages.
 
 use chrono::{DateTime, Utc};
-use medfleet_core::config::{Layer, LayerKey};
+use medfleet_core::device_config::{Layer, LayerKey};
 use medfleet_core::identity::{Identity, RevocationReason};
 use medfleet_core::presence::{OperationalState, Presence};
 use medfleet_core::registry::{

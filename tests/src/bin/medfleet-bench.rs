@@ -304,7 +304,7 @@ async fn config_fanout(backend: Backend, devices: usize, runs: usize) -> (Stats,
         .kill_on_drop(true)
         .spawn()
         .expect("medfleet-agent simulate (build it: cargo build --release -p medfleet-agent)");
-    let digest_of = |text: &str| medfleet_core::config::digest(&serde_json::from_str(text).expect("json"));
+    let digest_of = |text: &str| medfleet_core::device_config::digest(&serde_json::from_str(text).expect("json"));
     reports.until_all(devices, &digest_of(&document(0))).await;
 
     let mut ours = Stats::default();

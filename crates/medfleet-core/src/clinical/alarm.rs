@@ -354,7 +354,7 @@ mod tests {
             ["alarm.heart_rate.high"]
         );
     }
-    use crate::config::ConfigSchema;
+    use crate::device_config::ConfigSchema;
     use proptest::prelude::*;
 
     #[test]

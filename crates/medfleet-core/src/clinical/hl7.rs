@@ -381,12 +381,12 @@ pub fn format_value(value: f64) -> String {
     }
 }
 
-/// What a receiver answered (MSA-1), with MSA-2 (the control id it acknowledges) and any error text.
+/// What a receiver answered (MSA-1), with MSA-2 (the control id it acknowledges). The receiver's free text
+/// (MSA-3, ERR-8) is not kept: receivers echo patient identifiers in it, and what is not kept cannot be logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acknowledgement {
     pub code: AckCode,
     pub control_id: String,
-    pub text: String,
     /// ERR-3 (HL7 error code), first component: structured, safe to log.
     pub error_code: String,
 }
@@ -423,10 +423,6 @@ pub fn parse_ack(message: &str) -> Result<Acknowledgement, AckError> {
         other => return Err(AckError::UnknownCode(other.chars().take(8).collect())),
     };
     let err = message.split(['\r', '\n']).find(|segment| segment.starts_with("ERR|"));
-    let text = err
-        .map(unescape)
-        .or_else(|| fields.get(3).map(|text| unescape(text)))
-        .unwrap_or_default();
     let error_code = err
         .and_then(|segment| segment.split('|').nth(3))
         .and_then(|field| field.split('^').next())
@@ -435,7 +431,6 @@ pub fn parse_ack(message: &str) -> Result<Acknowledgement, AckError> {
     Ok(Acknowledgement {
         code,
         control_id: unescape(fields.get(2).copied().unwrap_or_default()),
-        text,
         error_code,
     })
 }
@@ -688,7 +683,7 @@ mod tests {
         assert_eq!(ack.control_id, "MF1");
         let ack = parse_ack("MSH|^~\\&|x\rMSA|AE|MF2|bad \\F\\ thing\r").unwrap();
         assert_eq!(ack.code, AckCode::Error);
-        assert_eq!(ack.text, "bad | thing");
+        assert_eq!(ack.control_id, "MF2");
         let ack = parse_ack("MSH|^~\\&|x\rMSA|AR|MF3\rERR|||207^Application internal error^HL70357|E\r").unwrap();
         assert_eq!((ack.code, ack.error_code.as_str()), (AckCode::Reject, "207"));
         assert_eq!(parse_ack("MSH|x\r"), Err(AckError::NoMsa));

@@ -71,12 +71,7 @@ fn canonical(prev_hash: &str, at: DateTime<Utc>, event: &Event) -> Vec<u8> {
 }
 
 fn hash(prev_hash: &str, at: DateTime<Utc>, event: &Event) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, &canonical(prev_hash, at, event));
-    digest.as_ref().iter().fold(String::with_capacity(64), |mut out, b| {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    medfleet_core::digest::sha256_hex(&canonical(prev_hash, at, event))
 }
 
 /// Who is acting, for the entries a request writes.

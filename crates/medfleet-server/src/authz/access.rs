@@ -433,16 +433,6 @@ mod tests {
     }
 }
 
-/// Built-in role names (their permissions are seeded by the migration and editable later).
-pub const ROLES: &[&str] = &[
-    "admin",
-    "it_provisioner",
-    "biomed",
-    "clinician",
-    "emr_system",
-    "auditor",
-];
-
 /// A role grant: `subject` holds `role` within `scope`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {

@@ -515,7 +515,7 @@ pub async fn decide(
             .await
         }
         Target::Device(extract) => {
-            let scope = device_scope(access, db, &subject, extract(body).as_deref()).await?;
+            let scope = stored_device_scope(access, db, &subject, extract(body).as_deref()).await?;
             require(&scope, object, action)?;
             Ok(Decision {
                 visibility: None,
@@ -525,7 +525,7 @@ pub async fn decide(
         Target::DeviceUpdate => {
             let request = decode::<v1::UpdateDeviceRequest>(body).unwrap_or_default();
             let device = request.device.unwrap_or_default();
-            let scope = device_scope(access, db, &subject, Some(&device.id)).await?;
+            let scope = stored_device_scope(access, db, &subject, Some(&device.id)).await?;
             require(&scope, object, action)?;
             let moves = request
                 .update_mask
@@ -656,7 +656,7 @@ async fn layer_scope(
     match v1::ConfigLayerKind::try_from(layer.kind) {
         Ok(v1::ConfigLayerKind::Site) if !layer.key.is_empty() && !layer.key.contains('/') => Ok(layer.key.clone()),
         Ok(v1::ConfigLayerKind::Ward) if layer.key.split('/').count() == 2 => Ok(layer.key.clone()),
-        Ok(v1::ConfigLayerKind::Device) => device_scope(access, db, subject, Some(&layer.key)).await,
+        Ok(v1::ConfigLayerKind::Device) => stored_device_scope(access, db, subject, Some(&layer.key)).await,
         _ => Ok("*".to_owned()),
     }
 }
@@ -664,7 +664,7 @@ async fn layer_scope(
 /// The scope of a stored device. A device the caller may not read is reported as missing, exactly like one that
 /// does not exist, so device ids cannot be probed across scopes. An unparsable id is left to the handler's
 /// validation (scope `*`, so only fleet-wide roles get that far).
-async fn device_scope(
+async fn stored_device_scope(
     access: &Access,
     db: &DatabaseConnection,
     subject: &str,
@@ -685,10 +685,7 @@ async fn device_scope(
             scope: String::new(),
         })?
         .ok_or_else(|| missing(String::new()))?;
-    let scope = match (&row.site, &row.ward) {
-        (Some(site), Some(ward)) => format!("{site}/{ward}"),
-        _ => "*".to_owned(),
-    };
+    let scope = crate::audit::device_scope(row.site.as_deref(), row.ward.as_deref());
     if access.allowing_scope(subject, &scope, "device", "read").is_none() {
         return Err(missing(scope));
     }

@@ -568,15 +568,7 @@ fn batch_digest(items: &[ReadingInput]) -> String {
             u8::from(item.quality.test_data),
         ]);
     }
-    context
-        .finish()
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut out, b| {
-            use std::fmt::Write as _;
-            let _ = write!(out, "{b:02x}");
-            out
-        })
+    medfleet_core::digest::hex(context.finish().as_ref())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -606,7 +598,7 @@ struct AlarmCache {
 #[derive(Default)]
 struct AlarmState {
     generation: u64,
-    layers: Option<Arc<medfleet_core::config::LayerSet>>,
+    layers: Option<Arc<medfleet_core::device_config::LayerSet>>,
     devices: HashMap<Uuid, AlarmLimits>,
 }
 
@@ -681,9 +673,6 @@ impl Clinical {
         &self.db
     }
 
-    pub fn events(&self) -> &Arc<Events> {
-        &self.events
-    }
 
     /// Stores a group of batches (from any devices) in one transaction: dedup by (device, sequence), readings,
     /// chart entries for the associated ones, outbox rows. The outcomes are in the order of `batches`.

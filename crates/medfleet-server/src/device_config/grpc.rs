@@ -1,7 +1,7 @@
 //! `ConfigService`: configuration layers, versions, schemas and drift. Conversion and validation of the request,
 //! then [`Configs`]; the RPC layer has already decided access.
 
-use medfleet_core::config::{Change, LayerKey};
+use medfleet_core::device_config::{Change, LayerKey};
 use medfleet_core::paging::{decode_token, encode_token, page_size};
 use medfleet_core::registry::MAX_MODEL;
 use medfleet_core::validation::{Violations, check_slug, check_text};
@@ -189,7 +189,7 @@ impl ConfigService for ConfigApi {
             .configs
             .version(version_number("to_version", r.to_version)?)
             .await?;
-        let changes = medfleet_core::config::diff(&from.document, &to.document);
+        let changes = medfleet_core::device_config::diff(&from.document, &to.document);
         Ok(Response::new(v1::DiffConfigVersionsResponse {
             changes: changes.into_iter().map(change_to_wire).collect(),
         }))

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use medfleet_core::config::{ConfigSchema, Desired, Layer, LayerKey, LayerSet, Placement};
+use medfleet_core::device_config::{ConfigSchema, Desired, Layer, LayerKey, LayerSet, Placement};
 use medfleet_core::presence::ReportedConfig;
 use medfleet_core::registry::{DeviceState, Location};
 use medfleet_core::validation::Violations;
@@ -523,7 +523,7 @@ async fn check_contexts(
         Scope::Layer(_) => BTreeSet::new(),
     };
     let mut violations = Violations::new();
-    let mut report = |context: String, found: Vec<medfleet_core::config::SchemaViolation>| {
+    let mut report = |context: String, found: Vec<medfleet_core::device_config::SchemaViolation>| {
         for v in found {
             if violations.len() < MAX_VIOLATIONS {
                 let pointer = if v.pointer.is_empty() {

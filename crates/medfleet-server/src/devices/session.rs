@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
-use medfleet_core::config::LayerSet;
+use medfleet_core::device_config::LayerSet;
 use medfleet_core::identity::Identity;
 use medfleet_core::presence::{OperationalState, ReportedConfig};
 use medfleet_core::validation::printable;

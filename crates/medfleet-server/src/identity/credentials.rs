@@ -116,12 +116,7 @@ impl std::fmt::Debug for NewToken {
 }
 
 fn hash_token(token: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    digest.as_ref().iter().fold(String::with_capacity(64), |mut out, b| {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    medfleet_core::digest::sha256_hex(token.as_bytes())
 }
 
 fn generate_token() -> Result<String> {

@@ -223,11 +223,7 @@ fn random_serial() -> (SerialNumber, String) {
     let mut bytes: [u8; 16] = *uuid::Uuid::new_v4().as_bytes();
     // A positive DER integer of fixed length, so its DER content bytes are exactly these bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    let hex = bytes.iter().fold(String::with_capacity(32), |mut out, b| {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{b:02x}");
-        out
-    });
+    let hex = medfleet_core::digest::hex(&bytes);
     (SerialNumber::from_slice(&bytes), hex)
 }
 
@@ -235,11 +231,7 @@ fn random_serial() -> (SerialNumber, String) {
 pub fn serial_of(cert_der: &[u8]) -> Result<String, String> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    Ok(cert.raw_serial().iter().fold(String::new(), |mut out, b| {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{b:02x}");
-        out
-    }))
+    Ok(medfleet_core::digest::hex(cert.raw_serial()))
 }
 
 /// Expiry of a DER certificate.

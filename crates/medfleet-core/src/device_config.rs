@@ -122,12 +122,7 @@ pub struct Desired {
 pub fn digest(document: &Value) -> String {
     // serde_json's Map is a BTreeMap (no preserve_order feature), so serialisation is canonical.
     let bytes = serde_json::to_vec(document).unwrap_or_default();
-    let hash = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    hash.as_ref().iter().fold(String::with_capacity(64), |mut hex, b| {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{b:02x}");
-        hex
-    })
+    crate::digest::sha256_hex(&bytes)
 }
 
 /// The current documents of all stored layers, with the version that last set each: enough to resolve any
