@@ -41,7 +41,7 @@ use crate::authz::grpc::AccessApi;
 use crate::clinical::grpc::ClinicalApi;
 use crate::device_config::grpc::ConfigApi;
 use crate::device_config::store as configs;
-use crate::devices::session::DeviceApi;
+use crate::devices::grpc::DeviceApi;
 use crate::devices::{ingest, session};
 use crate::emr::destinations;
 use crate::emr::grpc::{EmrApi, FeedApi};

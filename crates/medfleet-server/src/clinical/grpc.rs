@@ -23,10 +23,9 @@ use crate::authz::policy::visibility;
 use crate::authz::visibility::Visibility;
 use crate::clinical::{AdtKind, AdtRequest, AssociationView, Clinical, PatientKey, Source, decode_measurement};
 use crate::error::{Error, Result};
-use crate::identity::grpc::caller;
 use crate::persistence::db::now;
 use crate::persistence::entity::{device, observation, patient};
-use crate::transport::rpc::audit_context;
+use crate::transport::rpc::{audit_context, caller};
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 

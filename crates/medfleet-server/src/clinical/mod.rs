@@ -673,7 +673,6 @@ impl Clinical {
         &self.db
     }
 
-
     /// Stores a group of batches (from any devices) in one transaction: dedup by (device, sequence), readings,
     /// chart entries for the associated ones, outbox rows. The outcomes are in the order of `batches`.
     pub async fn ingest(&self, batches: &[Batch]) -> Result<Vec<Outcome>> {

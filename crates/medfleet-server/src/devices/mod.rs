@@ -4,6 +4,7 @@
 //! Invariants: a batch is acked only after the transaction that stores it commits; a replaced session never
 //! overwrites its successor's presence. May call: clinical, device_config, registry, authz, persistence.
 
+pub mod grpc;
 pub mod ingest;
 pub mod presence;
 pub mod session;

@@ -1,4 +1,4 @@
-//! `DeviceService.Session` and the replica's session hub.
+//! The replica's session hub: the device sessions it holds and what they are sent.
 //!
 //! Each replica keeps the sessions it holds in a [`Hub`]. A session opens with a Hello naming the certificate's
 //! own device; the hub records it as the device's current session in the database (so any older session, on this
@@ -17,29 +17,25 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use medfleet_core::device_config::LayerSet;
-use medfleet_core::identity::Identity;
 use medfleet_core::presence::{OperationalState, ReportedConfig};
 use medfleet_core::validation::printable;
 use medfleet_proto::convert;
-use medfleet_proto::v1::{self, device_service_server::DeviceService, session_request, session_response};
+use medfleet_proto::v1::{self, session_request, session_response};
 use sea_orm::DatabaseConnection;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::instrument;
+use tonic::{Status, Streaming};
 use uuid::Uuid;
 
 use crate::device_config::store::{load_layers, load_placements};
 use crate::devices::presence::{self, Opening};
 use crate::error::Result;
-use crate::identity::grpc::caller;
 use crate::persistence::events::{Event, Events};
-use crate::registry::store::Registry;
 use crate::telemetry::Metrics;
 
 /// A device must say hello this soon after opening its session.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commands queued for one device before pushes wait for the next reconcile.
 const OUTBOUND_CAPACITY: usize = 16;
 
@@ -85,6 +81,9 @@ impl Ending {
         self.reason.lock().ok().and_then(|mut slot| slot.take())
     }
 }
+
+/// What a device receives on its session: the hub's messages, then why the session ended.
+pub type SessionStream = Pin<Box<dyn Stream<Item = std::result::Result<v1::SessionResponse, Status>> + Send>>;
 
 type Outbound = mpsc::Sender<Result<v1::SessionResponse, Status>>;
 
@@ -371,82 +370,17 @@ impl Hub {
     }
 }
 
-fn replaced() -> Status {
-    Status::aborted("a newer session of this device was opened; this one is closed")
-}
-
-#[derive(Debug, Clone)]
-pub struct DeviceApi {
-    registry: Registry,
-    hub: Arc<Hub>,
-    ingest: crate::devices::ingest::Ingest,
-}
-
-impl DeviceApi {
-    pub fn new(registry: Registry, hub: Arc<Hub>, ingest: crate::devices::ingest::Ingest) -> Self {
-        Self { registry, hub, ingest }
-    }
-}
-
-type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::SessionResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl DeviceService for DeviceApi {
-    type SessionStream = SessionStream;
-    type PublishReadingsStream = crate::devices::ingest::AckStream;
-
-    #[instrument(skip_all)]
-    async fn publish_readings(
-        &self,
-        request: Request<Streaming<v1::ReadingBatch>>,
-    ) -> Result<Response<Self::PublishReadingsStream>, Status> {
-        let caller = caller(&request)?;
-        let Identity::Device(id) = caller.identity else {
-            return Err(Status::permission_denied(
-                "readings come from devices, each with its own certificate",
-            ));
-        };
-        Ok(Response::new(crate::devices::ingest::serve(
-            self.ingest.clone(),
-            id,
-            request.into_inner(),
-        )))
-    }
-
-    #[instrument(skip_all)]
-    async fn session(
-        &self,
-        request: Request<Streaming<v1::SessionRequest>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
-        let caller = caller(&request)?;
-        let audit = crate::transport::rpc::audit_context(&request);
-        let Identity::Device(id) = caller.identity else {
-            return Err(Status::permission_denied("sessions are for devices"));
-        };
-        let mut inbound = request.into_inner();
-        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Err(_) => {
-                return Err(Status::deadline_exceeded(
-                    "send Hello first, within 30 s of opening the session",
-                ));
-            }
-            Ok(Err(status)) => return Err(status),
-            Ok(Ok(None)) => return Err(Status::cancelled("the session ended before Hello")),
-            Ok(Ok(Some(message))) => message,
-        };
-        let Some(session_request::Message::Hello(hello)) = first.message else {
-            return Err(Status::invalid_argument("the first message of a session must be Hello"));
-        };
-        if hello.device_id != id.to_string() {
-            tracing::warn!(device = %id, claimed = %printable(&hello.device_id), "session refused: claimed another device");
-            // The RPC layer writes this refusal to the audit trail; the words say what it was.
-            return Err(Status::permission_denied(format!(
-                "impersonation refused: this certificate belongs to device {id}; it cannot open a session for \
-                 another device"
-            )));
-        }
-        self.registry.mark_active(id, &audit).await?;
-        let hub = self.hub.clone();
+impl Hub {
+    /// Opens the session a device said Hello on: records it as the device's current session (ending any older
+    /// one, on any replica), welcomes it, pushes the desired configuration if it differs, and follows the rest
+    /// of the stream. The stream returned is what the device receives, ending with the reason the session ended.
+    pub async fn open(
+        self: Arc<Self>,
+        id: Uuid,
+        hello: &v1::Hello,
+        not_after: Option<std::time::SystemTime>,
+        inbound: Streaming<v1::SessionRequest>,
+    ) -> Result<SessionStream> {
         let session = Uuid::new_v4();
         let reported = ReportedConfig {
             version: hello.applied_config_version,
@@ -455,12 +389,12 @@ impl DeviceService for DeviceApi {
         };
         let state = convert::operational_state_from_wire(hello.operational_state);
         presence::open(
-            &hub.db,
-            &hub.events,
+            &self.db,
+            &self.events,
             &Opening {
                 device: id,
                 session,
-                replica: hub.replica.clone(),
+                replica: self.replica.clone(),
                 state,
                 firmware_version: bounded(&hello.firmware_version, 200),
                 reported: reported.clone(),
@@ -473,17 +407,14 @@ impl DeviceService for DeviceApi {
         let welcome = v1::SessionResponse {
             message: Some(session_response::Message::Welcome(v1::Welcome {
                 server_time: Some(convert::timestamp(crate::persistence::db::now())),
-                certificate_not_after: caller
-                    .certificate
-                    .as_ref()
-                    .map(|(_, not_after)| convert::timestamp((*not_after).into())),
-                heartbeat_interval: Some(convert::duration_to_wire(hub.settings.heartbeat_interval())),
+                certificate_not_after: not_after.map(|at| convert::timestamp(at.into())),
+                heartbeat_interval: Some(convert::duration_to_wire(self.settings.heartbeat_interval())),
             })),
         };
         // The channel is empty: the welcome always fits and goes first.
         let _ = tx.try_send(Ok(welcome));
         let ending = Arc::new(Ending::default());
-        hub.register(
+        self.register(
             id,
             Live {
                 session,
@@ -494,10 +425,10 @@ impl DeviceService for DeviceApi {
                 heard: false,
             },
         );
-        if let Err(error) = hub.push(&[id]).await {
+        if let Err(error) = self.push(&[id]).await {
             tracing::warn!(device = %id, %error, "initial configuration push failed; the next reconcile retries");
         }
-        tokio::spawn(follow(hub, id, session, inbound, ending.clone(), tx));
+        tokio::spawn(follow(self, id, session, inbound, ending.clone(), tx));
 
         let closing = ending.clone();
         let end = futures::stream::once(async move {
@@ -506,13 +437,12 @@ impl DeviceService for DeviceApi {
         })
         .filter_map(std::future::ready);
         let outbound = futures::stream::select(ReceiverStream::new(rx), end);
-        Ok(Response::new(Box::pin(outbound)))
+        Ok(Box::pin(outbound))
     }
 }
 
-/// A device-supplied string, cut to what storage holds.
-fn bounded(value: &str, max: usize) -> String {
-    value.chars().take(max).collect()
+fn replaced() -> Status {
+    Status::aborted("a newer session of this device was opened; this one is closed")
 }
 
 /// Reads the device's side of the session until it leaves, falls silent, or the session is ended.
@@ -615,4 +545,9 @@ async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequ
         None => {}
     }
     Ok(())
+}
+
+/// A device-supplied string, cut to what storage holds.
+fn bounded(value: &str, max: usize) -> String {
+    value.chars().take(max).collect()
 }

@@ -27,9 +27,8 @@ use crate::clinical::DestinationKind;
 use crate::emr::destinations::{NewDestination, Settings, secret_key_ids, stored_settings};
 use crate::emr::{Emr, event_id};
 use crate::error::{Error, Result};
-use crate::identity::grpc::caller;
 use crate::persistence::entity::{emr_destination, emr_outbox};
-use crate::transport::rpc::audit_context;
+use crate::transport::rpc::{audit_context, caller};
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 

@@ -12,17 +12,8 @@ use tracing::instrument;
 use crate::error::Error;
 use crate::identity::credentials::Credentials;
 use crate::identity::pki::{CsrError, IssuedCertificate, RequestedKey, check_csr};
-use crate::transport::rpc::Caller;
+use crate::transport::rpc::caller;
 use crate::transport::tls::PeerInfo;
-
-/// The authenticated caller; the RPC layer guarantees it for every method that is not anonymous.
-pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("this method needs a client certificate"))
-}
 
 fn csr(field: &str, der: &[u8]) -> Result<RequestedKey, Error> {
     if der.is_empty() {

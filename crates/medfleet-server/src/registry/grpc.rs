@@ -22,9 +22,8 @@ use crate::authz::policy::{access_withdrawn, visibility};
 use crate::authz::visibility::Visibility;
 use crate::error::Error;
 use crate::identity::credentials::{Credentials, DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
-use crate::identity::grpc::caller;
 use crate::registry::store::Registry;
-use crate::transport::rpc::audit_context;
+use crate::transport::rpc::{audit_context, caller};
 
 /// Most devices one `ImportDevices` call may carry (one transaction).
 pub const MAX_IMPORT: usize = 1000;
@@ -353,7 +352,7 @@ impl RegistryService for RegistryApi {
     #[instrument(skip_all)]
     async fn watch_devices(&self, request: Request<v1::WatchDevicesRequest>) -> Reply<Self::WatchDevicesStream> {
         let visibility = visibility(&request);
-        let subject = crate::identity::grpc::caller(&request)?.identity.to_string();
+        let subject = caller(&request)?.identity.to_string();
         let r = request.into_inner();
         let filter = DeviceFilter::parse(&r.site, &r.ward, "", None, &[]).map_err(Error::from)?;
         // Subscribed before the initial listing, so no change between the two is missed.

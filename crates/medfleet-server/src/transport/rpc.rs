@@ -52,6 +52,15 @@ pub fn audit_context<T>(request: &tonic::Request<T>) -> crate::audit::Context {
     crate::audit::Context::new(actor, request_id)
 }
 
+/// The authenticated caller; the RPC layer guarantees it for every method that is not anonymous.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("this method needs a client certificate"))
+}
+
 /// The authenticated caller of the current request.
 #[derive(Debug, Clone)]
 pub struct Caller {
