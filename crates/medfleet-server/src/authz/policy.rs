@@ -470,71 +470,40 @@ pub async fn decide(
     target: Target,
     body: &[u8],
 ) -> Result<Decision, Refusal> {
-    let subject = identity.to_string();
-    let require = |scope: &str, object: &str, action: &str| -> Result<(), Refusal> {
-        if access.allowing_scope(&subject, scope, object, action).is_some() {
-            return Ok(());
-        }
-        Err(Refusal {
-            status: Status::permission_denied(format!(
-                "{identity} lacks permission {object}:{action} on scope {}; ask an administrator for a role that \
-                 grants it (medfleet access grant)",
-                printable(scope)
-            )),
-            scope: scope.to_owned(),
-        })
+    let judge = Judge {
+        access,
+        identity,
+        subject: identity.to_string(),
+        object,
+        action,
     };
-    // A read of a site or ward outside the caller's scopes is answered as if it did not exist (nothing to probe);
-    // fleet-wide reads (access, audit) are plainly refused.
-    let single = |scope: String, hide: bool| async move {
-        match require(&scope, object, action) {
-            Err(refusal) if hide && action == "read" => Err(Refusal {
-                status: Status::not_found(format!("{object} {} does not exist", printable(&scope))),
-                scope: refusal.scope,
-            }),
-            Err(refusal) => Err(refusal),
-            Ok(()) => Ok(Decision {
-                visibility: None,
-                scope,
-            }),
-        }
-    };
+    let subject = judge.subject.as_str();
     match target {
-        Target::Global => single("*".to_owned(), false).await,
-        Target::Site(extract) => single(extract(body).unwrap_or_default(), true).await,
+        Target::Global => judge.single("*".to_owned(), false),
+        Target::Site(extract) => judge.single(extract(body).unwrap_or_default(), true),
         Target::Ward(extract) => {
             let (site, ward) = extract(body).unwrap_or_default();
-            single(scope_of(&site, &ward), true).await
+            judge.single(scope_of(&site, &ward), true)
         }
         Target::NewDevice => {
             let location = decode::<v1::RegisterDeviceRequest>(body).and_then(|r| r.location);
-            single(
-                location.map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward)),
-                true,
-            )
-            .await
+            judge.single(location_scope(location.as_ref()), true)
         }
         Target::Device(extract) => {
-            let scope = stored_device_scope(access, db, &subject, extract(body).as_deref()).await?;
-            require(&scope, object, action)?;
-            Ok(Decision {
-                visibility: None,
-                scope,
-            })
+            let scope = stored_device_scope(access, db, subject, extract(body).as_deref()).await?;
+            judge.all(BTreeSet::from([scope]), None)
         }
         Target::DeviceUpdate => {
             let request = decode::<v1::UpdateDeviceRequest>(body).unwrap_or_default();
             let device = request.device.unwrap_or_default();
-            let scope = stored_device_scope(access, db, &subject, Some(&device.id)).await?;
-            require(&scope, object, action)?;
-            let moves = request
+            let scope = stored_device_scope(access, db, subject, Some(&device.id)).await?;
+            judge.require(&scope, object, action)?;
+            // A move needs the permission where the device goes as well as where it stands.
+            if request
                 .update_mask
-                .is_some_and(|m| m.paths.iter().any(|p| p == "location"));
-            if moves {
-                let to = device
-                    .location
-                    .map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward));
-                require(&to, object, action)?;
+                .is_some_and(|m| m.paths.iter().any(|p| p == "location"))
+            {
+                judge.require(&location_scope(device.location.as_ref()), object, action)?;
             }
             Ok(Decision {
                 visibility: None,
@@ -543,94 +512,147 @@ pub async fn decide(
         }
         Target::Import => {
             let request = decode::<v1::ImportDevicesRequest>(body).unwrap_or_default();
-            let mut scopes: BTreeSet<String> = request
+            let scopes = request
                 .devices
                 .iter()
-                .map(|d| {
-                    d.location
-                        .as_ref()
-                        .map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward))
-                })
+                .map(|d| location_scope(d.location.as_ref()))
                 .collect();
-            // An import naming no device (or not decoding) is judged fleet-wide, never waved through.
-            if scopes.is_empty() {
-                scopes.insert("*".to_owned());
-            }
-            for scope in &scopes {
-                require(scope, object, action)?;
-                if request.issue_tokens {
-                    require(scope, "enrollment", "create")?;
-                }
-            }
-            Ok(Decision {
-                visibility: None,
-                scope: scopes.into_iter().collect::<Vec<_>>().join(","),
-            })
+            judge.all(scopes, request.issue_tokens.then_some(("enrollment", "create")))
         }
         Target::ConfigLayer(extract) => {
             let scope = match extract(body) {
                 None => "*".to_owned(),
-                Some(layer) => layer_scope(access, db, &subject, &layer).await?,
+                Some(layer) => layer_scope(access, db, subject, &layer).await?,
             };
-            require(&scope, object, action)?;
-            Ok(Decision {
-                visibility: None,
-                scope,
-            })
+            judge.all(BTreeSet::from([scope]), None)
         }
         Target::ConfigVersions(extract) => {
-            let mut scopes = BTreeSet::new();
-            for version in extract(body) {
-                let Ok(number) = i64::try_from(version) else {
-                    continue;
-                };
-                // A version that does not exist is left to the handler (NOT_FOUND) under scope `*`.
-                let row = config_version::Entity::find_by_id(number)
-                    .one(db)
-                    .await
-                    .map_err(|e| Refusal {
-                        status: Status::from(crate::error::Error::from(e)),
-                        scope: String::new(),
-                    })?;
-                let layer = row.map_or_else(v1::ConfigLayer::default, |r| v1::ConfigLayer {
-                    kind: wire_kind(&r.layer_kind),
-                    key: r.layer_key,
-                });
-                scopes.insert(layer_scope(access, db, &subject, &layer).await?);
-            }
-            if scopes.is_empty() {
-                scopes.insert("*".to_owned());
-            }
-            for scope in &scopes {
-                require(scope, object, action)?;
-            }
-            Ok(Decision {
-                visibility: None,
-                scope: scopes.into_iter().collect::<Vec<_>>().join(","),
-            })
+            let scopes = version_scopes(access, db, subject, extract(body)).await?;
+            judge.all(scopes, None)
         }
-        Target::List => {
-            let visibility = access.visibility(&subject, object, action);
-            if visibility
-                == (Visibility::Scopes {
-                    sites: BTreeSet::new(),
-                    wards: BTreeSet::new(),
-                })
-            {
-                return Err(Refusal {
-                    status: Status::permission_denied(format!(
-                        "{identity} lacks permission {object}:{action} on any scope; ask an administrator for a role \
-                         that grants it (medfleet access grant)"
-                    )),
-                    scope: "*".to_owned(),
-                });
-            }
-            Ok(Decision {
-                visibility: Some(visibility),
-                scope: "*".to_owned(),
-            })
+        Target::List => judge.list(),
+    }
+}
+
+/// One caller's request for one permission, judged against scopes.
+struct Judge<'a> {
+    access: &'a Access,
+    identity: &'a Identity,
+    subject: String,
+    object: &'static str,
+    action: &'static str,
+}
+
+impl Judge<'_> {
+    fn require(&self, scope: &str, object: &str, action: &str) -> Result<(), Refusal> {
+        if self
+            .access
+            .allowing_scope(&self.subject, scope, object, action)
+            .is_some()
+        {
+            return Ok(());
+        }
+        Err(Refusal {
+            status: Status::permission_denied(format!(
+                "{} lacks permission {object}:{action} on scope {}; ask an administrator for a role that \
+                 grants it (medfleet access grant)",
+                self.identity,
+                printable(scope)
+            )),
+            scope: scope.to_owned(),
+        })
+    }
+
+    /// A read of a site or ward outside the caller's scopes is answered as if it did not exist (nothing to
+    /// probe); fleet-wide reads (access, audit) are plainly refused.
+    fn single(&self, scope: String, hide: bool) -> Result<Decision, Refusal> {
+        match self.require(&scope, self.object, self.action) {
+            Err(refusal) if hide && self.action == "read" => Err(Refusal {
+                status: Status::not_found(format!("{} {} does not exist", self.object, printable(&scope))),
+                scope: refusal.scope,
+            }),
+            Err(refusal) => Err(refusal),
+            Ok(()) => Ok(Decision {
+                visibility: None,
+                scope,
+            }),
         }
     }
+
+    /// Every scope a request touches must allow the permission (and `also`, when given). A request that names
+    /// no scope (or did not decode) is judged fleet-wide, never waved through.
+    fn all(&self, mut scopes: BTreeSet<String>, also: Option<(&str, &str)>) -> Result<Decision, Refusal> {
+        if scopes.is_empty() {
+            scopes.insert("*".to_owned());
+        }
+        for scope in &scopes {
+            self.require(scope, self.object, self.action)?;
+            if let Some((object, action)) = also {
+                self.require(scope, object, action)?;
+            }
+        }
+        Ok(Decision {
+            visibility: None,
+            scope: scopes.into_iter().collect::<Vec<_>>().join(","),
+        })
+    }
+
+    /// A listing is filtered to what the caller sees; one who sees nothing at all is refused.
+    fn list(&self) -> Result<Decision, Refusal> {
+        let visibility = self.access.visibility(&self.subject, self.object, self.action);
+        if visibility
+            == (Visibility::Scopes {
+                sites: BTreeSet::new(),
+                wards: BTreeSet::new(),
+            })
+        {
+            return Err(Refusal {
+                status: Status::permission_denied(format!(
+                    "{} lacks permission {}:{} on any scope; ask an administrator for a role that grants it \
+                     (medfleet access grant)",
+                    self.identity, self.object, self.action
+                )),
+                scope: "*".to_owned(),
+            });
+        }
+        Ok(Decision {
+            visibility: Some(visibility),
+            scope: "*".to_owned(),
+        })
+    }
+}
+
+fn location_scope(location: Option<&v1::Location>) -> String {
+    location.map_or_else(|| "*".to_owned(), |l| scope_of(&l.site, &l.ward))
+}
+
+/// The scopes of the layers the given configuration versions belong to. A version that does not exist is left
+/// to the handler (NOT_FOUND) under scope `*`.
+async fn version_scopes(
+    access: &Access,
+    db: &DatabaseConnection,
+    subject: &str,
+    versions: Vec<u64>,
+) -> Result<BTreeSet<String>, Refusal> {
+    let mut scopes = BTreeSet::new();
+    for version in versions {
+        let Ok(number) = i64::try_from(version) else {
+            continue;
+        };
+        let row = config_version::Entity::find_by_id(number)
+            .one(db)
+            .await
+            .map_err(|e| Refusal {
+                status: Status::from(crate::error::Error::from(e)),
+                scope: String::new(),
+            })?;
+        let layer = row.map_or_else(v1::ConfigLayer::default, |r| v1::ConfigLayer {
+            kind: wire_kind(&r.layer_kind),
+            key: r.layer_key,
+        });
+        scopes.insert(layer_scope(access, db, subject, &layer).await?);
+    }
+    Ok(scopes)
 }
 
 fn wire_kind(stored: &str) -> i32 {

@@ -129,7 +129,7 @@ impl NewDestination {
         match (&self.settings.client_certificate_pem, &self.settings.client_key_pem) {
             (None, None) => {}
             (Some(certs), Some(key)) => {
-                if crate::emr::client_identity(certs, key).is_err() {
+                if crate::emr::relay::client_identity(certs, key).is_err() {
                     v.push(
                         "client_certificate_pem",
                         "the client certificate chain and key must be PEM, the key PKCS#8, SEC1 or PKCS#1",
