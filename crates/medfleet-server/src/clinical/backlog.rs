@@ -23,7 +23,9 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Clinical, Placements, chart, enqueue, insert_observations, routes, vital_from_refid};
+use super::Clinical;
+use super::chart::{Placements, chart, insert_observations, vital_from_refid};
+use super::outbox::{enqueue, routes};
 use crate::audit::{Context, device_scope};
 use crate::error::Result;
 use crate::persistence::db::begin_write;
