@@ -140,7 +140,7 @@ pub(crate) async fn run(channel: Channel, command: &ObservationCommand, out: For
                 return output::json(&rows);
             }
             println!(
-                "{} chart entries are now {status}; every EMR destination receives the change",
+                "{} chart entries are now {status}; each enabled EMR destination that received them is sent the change",
                 rows.len()
             );
             Ok(())
