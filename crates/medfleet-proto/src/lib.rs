@@ -17,5 +17,13 @@ pub mod v1 {
     tonic::include_proto!("medfleet.v1");
 }
 
+/// `google.rpc.ErrorInfo` reasons medfleetd attaches to statuses whose code alone is ambiguous (domain
+/// `medfleet.example`), so clients can act on them without reading the message.
+pub mod reasons {
+    /// FAILED_PRECONDITION because a location names a ward or bed that does not exist (create it, then retry).
+    pub const PLACE_NOT_FOUND: &str = "PLACE_NOT_FOUND";
+    pub const DOMAIN: &str = "medfleet.example";
+}
+
 /// The encoded `FileDescriptorSet` of every medfleet proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/medfleet_descriptor.bin"));

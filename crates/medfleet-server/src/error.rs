@@ -1,6 +1,9 @@
 //! The server's error type and its one mapping to gRPC status codes.
 
+use std::collections::HashMap;
+
 use medfleet_core::validation::Violations;
+use medfleet_proto::reasons;
 use sea_orm::{DbErr, SqlErr};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
@@ -17,6 +20,10 @@ pub enum Error {
     /// The request is well-formed but the current state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A location names a ward or bed that does not exist: a precondition (create it first), told apart from the
+    /// others by its reason so a client can say "not found".
+    #[error("{0}")]
+    MissingPlace(String),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -66,6 +73,11 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::AlreadyExists(m) => Status::already_exists(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::MissingPlace(m) => Status::with_error_details(
+                Code::FailedPrecondition,
+                m,
+                ErrorDetails::with_error_info(reasons::PLACE_NOT_FOUND, reasons::DOMAIN, HashMap::new()),
+            ),
             Error::Unreadable(e) => Status::failed_precondition(e.to_string()),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),

@@ -349,13 +349,7 @@ async fn renewal_and_revocation(backend: Backend) {
     .unwrap();
     let listed: Vec<String> = crl
         .iter_revoked_certificates()
-        .map(|r| {
-            r.raw_serial().iter().fold(String::new(), |mut out, b| {
-                use std::fmt::Write as _;
-                let _ = write!(out, "{b:02x}");
-                out
-            })
-        })
+        .map(|r| medfleet_core::digest::hex(r.raw_serial()))
         .collect();
     assert!(
         listed.contains(&issued.serial) && listed.contains(&renewed.serial),

@@ -140,7 +140,7 @@ pub(super) async fn run(api: &mut Registry, args: &ImportArgs, out: Format) -> a
                 imported.extend(devices);
             }
             Err(status) => {
-                failure = Some(missing_place(api, status, batch.iter().filter_map(|d| d.location.as_ref())).await);
+                failure = Some(missing_place(status));
                 break;
             }
         }

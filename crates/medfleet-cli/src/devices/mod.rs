@@ -7,7 +7,6 @@ mod import;
 mod view;
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use clap::{Args, Subcommand};
 use medfleet_core::registry::{DeviceClass, DeviceState};
@@ -15,6 +14,7 @@ use medfleet_proto::convert::{device_class_to_wire, device_state_to_wire};
 use medfleet_proto::v1::{self, registry_service_client::RegistryServiceClient};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
 
 use crate::args::{self, location, mask};
 use crate::error::UsageError;
@@ -204,13 +204,13 @@ async fn register(api: &mut Registry, args: &RegisterArgs, out: Format) -> anyho
             model: args.model.clone(),
             device_class: device_class_to_wire(args.class).into(),
             eui64: args.eui64.clone().unwrap_or_default(),
-            location: place.clone(),
+            location: place,
             tags: args.tags.iter().cloned().collect::<HashMap<_, _>>(),
         })
         .await
     {
         Ok(device) => device.into_inner(),
-        Err(status) => return Err(missing_place(api, status, place.iter()).await.into()),
+        Err(status) => return Err(missing_place(status).into()),
     };
     view::print_device(out, &device.into())
 }
@@ -280,7 +280,6 @@ async fn update(api: &mut Registry, args: &UpdateArgs, out: Format) -> anyhow::R
     if paths.is_empty() {
         return Err(UsageError("nothing to change: give --location, --storage, --tag or --clear-tags".into()).into());
     }
-    let place = device.location.clone();
     let device = match api
         .update_device(v1::UpdateDeviceRequest {
             device: Some(device),
@@ -289,50 +288,22 @@ async fn update(api: &mut Registry, args: &UpdateArgs, out: Format) -> anyhow::R
         .await
     {
         Ok(device) => device.into_inner(),
-        Err(status) => return Err(missing_place(api, status, place.iter()).await.into()),
+        Err(status) => return Err(missing_place(status).into()),
     };
     view::print_device(out, &device.into())
 }
 
-/// medfleetd refuses a device placed in a ward or bed that does not exist with FAILED_PRECONDITION (it is created
-/// first, then the call is repeated), but to the operator the place they named is simply not found: exit 4, not the
-/// conflict (5) the code stands for otherwise. The status does not say which precondition failed, so the named wards
-/// are looked up; any other refusal comes back unchanged, and so does this one when no lookup shows a place missing.
-async fn missing_place<'a>(
-    api: &mut Registry,
-    status: tonic::Status,
-    places: impl Iterator<Item = &'a v1::Location>,
-) -> tonic::Status {
-    if status.code() != Code::FailedPrecondition {
-        return status;
+/// medfleetd refuses a device placed in a ward or bed that does not exist with FAILED_PRECONDITION (create it,
+/// then repeat the call) and the reason PLACE_NOT_FOUND; to the operator the place they named is simply not found:
+/// exit 4, not the conflict (5) the code stands for otherwise. Every other refusal comes back unchanged.
+pub(crate) fn missing_place(status: tonic::Status) -> tonic::Status {
+    let place = status.code() == Code::FailedPrecondition
+        && status
+            .get_details_error_info()
+            .is_some_and(|info| info.reason == medfleet_proto::reasons::PLACE_NOT_FOUND);
+    if place {
+        tonic::Status::not_found(status.message())
+    } else {
+        status
     }
-    // Each ward once (an import names the same few again and again): its beds, or None when it does not exist.
-    let mut wards: HashMap<(&str, &str), Option<Vec<String>>> = HashMap::new();
-    for place in places {
-        let beds = match wards.entry((place.site.as_str(), place.ward.as_str())) {
-            Entry::Occupied(known) => known.into_mut(),
-            Entry::Vacant(unknown) => {
-                let lookup = api
-                    .get_ward(v1::GetWardRequest {
-                        site: place.site.clone(),
-                        name: place.ward.clone(),
-                    })
-                    .await;
-                match lookup {
-                    Ok(ward) => unknown.insert(Some(ward.into_inner().beds)),
-                    Err(lookup) if lookup.code() == Code::NotFound => unknown.insert(None),
-                    // Not ours to see (or not answering): it tells nothing about the place.
-                    Err(_) => continue,
-                }
-            }
-        };
-        let missing = match beds {
-            None => true,
-            Some(beds) => !place.bed.is_empty() && !beds.contains(&place.bed),
-        };
-        if missing {
-            return tonic::Status::not_found(status.message());
-        }
-    }
-    status
 }

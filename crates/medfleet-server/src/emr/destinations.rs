@@ -129,7 +129,7 @@ impl NewDestination {
         match (&self.settings.client_certificate_pem, &self.settings.client_key_pem) {
             (None, None) => {}
             (Some(certs), Some(key)) => {
-                if crate::emr::relay::client_identity(certs, key).is_err() {
+                if client_identity(certs, key).is_err() {
                     v.push(
                         "client_certificate_pem",
                         "the client certificate chain and key must be PEM, the key PKCS#8, SEC1 or PKCS#1",
@@ -805,4 +805,21 @@ fn describe(update: &DestinationUpdate, before: &Settings, after: &Settings, kin
         detail.push_str("; INSECURE PLAINTEXT (no TLS) accepted by the updater");
     }
     detail
+}
+
+pub(crate) type ClientIdentity = (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+);
+
+pub(crate) fn client_identity(certs: &str, key: &str) -> std::result::Result<ClientIdentity, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(certs.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if chain.is_empty() {
+        return Err("no certificate".into());
+    }
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    Ok((chain, key))
 }

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt as _, Full};
 use crate::emr::destinations::Settings;
 use crate::error::Result;
 
-use super::relay::{Failure, connect};
+use super::connection::{Failure, connect};
 use super::{ERROR_EXCERPT, IO_TIMEOUT, MAX_REPLY};
 
 /// POSTs a transaction Bundle to the FHIR base URL.

@@ -9,7 +9,7 @@ use crate::emr::destinations::{Settings, split_host_port};
 use crate::error::Result;
 use crate::persistence::db::now;
 
-use super::relay::{Failure, Io, connect};
+use super::connection::{Failure, Io, connect};
 use super::{IO_TIMEOUT, MAX_REPLY};
 
 /// Sends one ORU^R01 and waits for its ACK, over a connection kept open across messages.

@@ -7,6 +7,7 @@
 //! (a delivery whose answer was lost is sent again): FHIR entries carry a conditional create on the
 //! observation's identifier, HL7 messages a control id (MSH-10) that stays the same on every resend.
 
+mod connection;
 pub mod destinations;
 pub mod feed;
 mod fhir;
@@ -35,7 +36,8 @@ use crate::persistence::db::now;
 use crate::persistence::entity::{device, emr_outbox, observation, patient};
 use crate::persistence::events::{Event, Events};
 use crate::telemetry::Metrics;
-use relay::{Io, chart_entry};
+use connection::Io;
+use relay::chart_entry;
 
 /// How long a relay's claim on a destination lasts without renewal: longer than one whole exchange
 /// (`EXCHANGE_TIMEOUT`), since the relay renews it before every send; and short, because a replica that died

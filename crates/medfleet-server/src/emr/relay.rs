@@ -12,8 +12,6 @@ use medfleet_core::clinical::chart::{ChartEntry, ChartStatus, DeviceRef, Patient
 use medfleet_core::clinical::fhir;
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -24,9 +22,10 @@ use crate::persistence::db::now;
 use crate::persistence::entity::{device, emr_destination, emr_outbox, observation, patient};
 use crate::persistence::events::Event;
 
+use super::connection::{Failure, Io};
 use super::fhir::post_bundle;
 use super::mllp::send_mllp;
-use super::{EXCHANGE_TIMEOUT, Emr, FHIR_BATCH, IO_TIMEOUT, LEASE, MAX_BACKOFF, MLLP_BATCH, RELAY_TICK};
+use super::{EXCHANGE_TIMEOUT, Emr, FHIR_BATCH, LEASE, MAX_BACKOFF, MLLP_BATCH, RELAY_TICK};
 
 impl Emr {
     /// Starts the relays of this replica: each tick (or change notification) it claims the destinations whose
@@ -413,91 +412,4 @@ pub(crate) fn chart_entry(
         },
         alarm_limits: crate::clinical::decode_limits(observation.alarm_limits.as_deref()),
     })
-}
-
-/// Why a delivery failed, and whether sending the same thing again could help.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    pub(crate) reason: String,
-    pub(crate) permanent: bool,
-}
-
-impl Failure {
-    pub(crate) fn retry(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            permanent: false,
-        }
-    }
-}
-
-pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-
-pub(crate) type ClientIdentity = (
-    Vec<rustls_pki_types::CertificateDer<'static>>,
-    rustls_pki_types::PrivateKeyDer<'static>,
-);
-
-pub(crate) fn client_identity(certs: &str, key: &str) -> std::result::Result<ClientIdentity, String> {
-    use rustls_pki_types::pem::PemObject as _;
-    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(certs.as_bytes())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    if chain.is_empty() {
-        return Err("no certificate".into());
-    }
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
-    Ok((chain, key))
-}
-
-/// TCP, then TLS if the destination has a CA (FHIR over https always has one), with medfleet's client
-/// certificate when the destination has one.
-pub(crate) async fn connect(host: &str, port: u16, settings: &Settings, tls: bool) -> Result<Box<dyn Io>, Failure> {
-    let ca_pem = settings.ca_pem.as_deref();
-    let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| Failure::retry(format!("connecting to {host}:{port} timed out")))?
-        .map_err(|e| Failure::retry(format!("cannot connect to {host}:{port}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    if !tls {
-        return Ok(Box::new(tcp));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca_pem.unwrap_or_default().as_bytes()) {
-        let cert: rustls_pki_types::CertificateDer<'_> =
-            cert.map_err(|e| Failure::retry(format!("the destination's CA PEM is unreadable: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| Failure::retry(format!("the destination's CA certificate is unusable: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(Failure {
-            reason: "TLS needs the receiver's CA: set ca_pem on the destination".into(),
-            permanent: true,
-        });
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    let config = match (&settings.client_certificate_pem, &settings.client_key_pem) {
-        (Some(certs), Some(key)) => {
-            let (chain, key) = client_identity(certs, key).map_err(|e| Failure {
-                reason: format!("the destination's client certificate is unusable: {e}"),
-                permanent: true,
-            })?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| Failure {
-                reason: format!("the destination's client certificate does not match its key: {e}"),
-                permanent: true,
-            })?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| Failure::retry(format!("'{host}' is not a valid TLS server name: {e}")))?;
-    let stream = tokio::time::timeout(
-        IO_TIMEOUT,
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| Failure::retry(format!("TLS handshake with {host}:{port} timed out")))?
-    .map_err(|e| Failure::retry(format!("TLS handshake with {host}:{port} failed: {e}")))?;
-    Ok(Box::new(stream))
 }

@@ -283,6 +283,7 @@ impl Credentials {
                     Error::FailedPrecondition(m) => {
                         Error::FailedPrecondition(format!("devices[{i}]: {m}; nothing was imported"))
                     }
+                    Error::MissingPlace(m) => Error::MissingPlace(format!("devices[{i}]: {m}; nothing was imported")),
                     other => other,
                 })?;
             let token = match tokens {

@@ -611,7 +611,7 @@ pub(crate) async fn check_location(conn: &impl ConnectionTrait, location: &Locat
         .one(conn)
         .await?
         .ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+            Error::MissingPlace(format!(
                 "ward {} does not exist; create it first (medfleet wards create)",
                 location.scope()
             ))
@@ -624,7 +624,7 @@ pub(crate) async fn check_location(conn: &impl ConnectionTrait, location: &Locat
             } else {
                 beds.join(", ")
             };
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::MissingPlace(format!(
                 "ward {} has no bed '{bed}' (its beds: {known}); add the bed to the ward first",
                 location.scope()
             )));

@@ -53,7 +53,7 @@ pub fn audit_context<T>(request: &tonic::Request<T>) -> crate::audit::Context {
 }
 
 /// The authenticated caller; the RPC layer guarantees it for every method that is not anonymous.
-pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
     request
         .extensions()
         .get::<Caller>()
