@@ -1,6 +1,6 @@
 //! The chart: patients, device–patient associations, ingest of reading batches, canonical observations and the
 //! EMR outbox. Every path that creates chart entries (ingest, a retroactive association, a status change) goes
-//! through [`chart`] and [`enqueue`], so the invariants live in one place:
+//! through `chart::chart` and `outbox::enqueue`, so the invariants live in one place:
 //!
 //! - a reading is charted to the patient whose association covers its observation time, and only once (its
 //!   `observation_id` is set in the transaction that creates the observation, under the device's row lock);
