@@ -6,6 +6,7 @@
 pub mod clinical;
 pub mod device_config;
 pub mod digest;
+pub mod firmware;
 pub mod identity;
 pub mod paging;
 pub mod presence;
