@@ -10,18 +10,15 @@ mod access;
 mod args;
 mod audit;
 mod client;
+mod clinical;
 mod config;
 mod credentials;
 mod devices;
 mod emr;
 mod error;
-mod feed;
-mod observations;
 mod output;
 mod pager;
-mod patients;
-mod sites;
-mod wards;
+mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,10 +64,10 @@ struct Cli {
 enum Command {
     /// Sites: the hospital campuses at the top of the location tree.
     #[command(subcommand)]
-    Sites(sites::SiteCommand),
+    Sites(registry::sites::SiteCommand),
     /// Wards inside a site, and their beds.
     #[command(subcommand)]
-    Wards(wards::WardCommand),
+    Wards(registry::wards::WardCommand),
     /// The device registry, enrollment and revocation.
     #[command(subcommand)]
     Devices(devices::DeviceCommand),
@@ -94,16 +91,16 @@ enum Command {
     Config(config::ConfigCommand),
     /// Device–patient associations (which patient a device's readings chart to).
     #[command(subcommand)]
-    Patients(patients::PatientCommand),
+    Patients(clinical::patients::PatientCommand),
     /// The chart: observations from devices, and their validation.
     #[command(subcommand)]
-    Observations(observations::ObservationCommand),
+    Observations(clinical::observations::ObservationCommand),
     /// EMR destinations (gRPC feed, FHIR R4, HL7 v2 over MLLP) and their deliveries.
     #[command(subcommand)]
     Emr(emr::EmrCommand),
     /// Watch an EMR feed live.
     #[command(subcommand)]
-    Feed(feed::FeedCommand),
+    Feed(emr::feed::FeedCommand),
 }
 
 async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
@@ -115,8 +112,8 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
     let out = cli.output;
     let channel = channel(cli).await?;
     match &cli.command {
-        Command::Sites(command) => sites::run(channel, command, out).await,
-        Command::Wards(command) => wards::run(channel, command, out).await,
+        Command::Sites(command) => registry::sites::run(channel, command, out).await,
+        Command::Wards(command) => registry::wards::run(channel, command, out).await,
         Command::Devices(command) => devices::run(channel, command, out).await,
         Command::Users(command) => credentials::principals::run(channel, v1::PrincipalKind::User, command, out).await,
         Command::Services(command) => {
@@ -129,10 +126,10 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
         Command::Access(command) => access::run(channel, command, out).await,
         Command::Audit(command) => audit::run(channel, command, out).await,
         Command::Config(command) => config::run(channel, command, out).await,
-        Command::Patients(command) => patients::run(channel, command, out).await,
-        Command::Observations(command) => observations::run(channel, command, out).await,
+        Command::Patients(command) => clinical::patients::run(channel, command, out).await,
+        Command::Observations(command) => clinical::observations::run(channel, command, out).await,
         Command::Emr(command) => emr::run(channel, command, out).await,
-        Command::Feed(command) => feed::run(channel, command, out).await,
+        Command::Feed(command) => emr::feed::run(channel, command, out).await,
     }
 }
 

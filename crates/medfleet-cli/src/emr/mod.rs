@@ -1,8 +1,10 @@
 //! `medfleet emr`: EMR destinations — where chart entries go (a gRPC feed, a FHIR R4 server, an HL7 v2 receiver
-//! over MLLP) — defined and changed in `destinations`, and what was delivered to them, or failed, in `deliveries`.
+//! over MLLP) — defined and changed in `destinations`, and what was delivered to them, or failed, in `deliveries`;
+//! `medfleet feed` (`feed`): reading a feed destination as an EMR system does.
 
 mod deliveries;
 mod destinations;
+pub(crate) mod feed;
 
 use clap::Subcommand;
 use medfleet_proto::v1::emr_service_client::EmrServiceClient;

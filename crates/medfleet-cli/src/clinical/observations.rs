@@ -6,9 +6,9 @@ use medfleet_proto::v1::{self, observation_service_client::ObservationServiceCli
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::clinical::patients::subject;
 use crate::output::{self, Format};
 use crate::pager::{self, Page};
-use crate::patients::subject;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ObservationCommand {

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use medfleet_proto::v1::{self, feed_service_client::FeedServiceClient};
 use tonic::transport::Channel;
 
-use crate::observations::ObservationView;
+use crate::clinical::observations::ObservationView;
 use crate::output::Format;
 
 #[derive(Debug, Subcommand)]
