@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use medfleet_core::identity::Identity;
 use medfleet_proto::v1::registry_service_client::RegistryServiceClient;
-use medfleet_server::identity::pki::{CertificateAuthority, CredentialBundle, DataDir};
+use medfleet_server::identity::data_dir::DataDir;
+use medfleet_server::identity::pki::{CertificateAuthority, CredentialBundle};
 use medfleet_server::settings::{Overrides, Settings, SettingsFile};
 use medfleet_server::{Listeners, ServeError};
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, EntityTrait as _};

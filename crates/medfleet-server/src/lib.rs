@@ -46,8 +46,9 @@ use crate::devices::{ingest, session};
 use crate::emr::destinations;
 use crate::emr::grpc::{EmrApi, FeedApi};
 use crate::identity::credentials::{Credentials, Lifetimes};
+use crate::identity::data_dir::{self, DataDir, InitOutcome};
 use crate::identity::grpc::IdentityApi;
-use crate::identity::pki::{self, DataDir, InitOutcome, IssuedCertificate, PkiError};
+use crate::identity::pki::{self, IssuedCertificate, PkiError};
 use crate::identity::revocation::Revocations;
 use crate::identity::secrets::{self, Secrets, SecretsError};
 use crate::persistence::{db, events};
@@ -193,7 +194,7 @@ struct KeyMaterial {
     ca: Arc<pki::CertificateAuthority>,
     /// What start-up did to the CA key at rest, for the audit trail.
     ca_key_change: Option<String>,
-    server_credentials: pki::ServerCredentials,
+    server_credentials: data_dir::ServerCredentials,
     server_certificate: Arc<tls::ServerCertificate>,
 }
 
@@ -212,8 +213,8 @@ impl KeyMaterial {
         }
         let ca_key_change = dir.protect_ca_key(&secrets)?.map(|change| {
             let text = match change {
-                pki::CaKeyChange::Sealed { kid } => format!("sealed from plaintext under key {kid}"),
-                pki::CaKeyChange::Resealed { from, kid } => format!("re-encrypted from key {from} to {kid}"),
+                data_dir::CaKeyChange::Sealed { kid } => format!("sealed from plaintext under key {kid}"),
+                data_dir::CaKeyChange::Resealed { from, kid } => format!("re-encrypted from key {from} to {kid}"),
             };
             tracing::info!(path = %dir.ca_key_sealed().display(), change = %text, "CA key at rest");
             text

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use medfleet_server::identity::pki::DataDir;
+use medfleet_server::identity::data_dir::DataDir;
 use medfleet_server::settings::{Overrides, Settings};
 use medfleet_server::{Listeners, ensure_initialised, run, telemetry};
 
@@ -179,7 +179,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn print_credentials_hint(config: &Settings, outcome: &medfleet_server::identity::pki::InitOutcome) {
+fn print_credentials_hint(config: &Settings, outcome: &medfleet_server::identity::data_dir::InitOutcome) {
     let dir = DataDir::new(&config.data_dir);
     eprintln!(
         "medfleetd: initialised {}\n  CA certificate:          {}\n  CA key (sealed):         {}\n  \

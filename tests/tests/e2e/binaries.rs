@@ -484,7 +484,7 @@ async fn secrets_key_rotation_from_the_command_line() {
 
     // A start re-encrypts it (the step `serve` runs first); then the first key can go.
     let keyring = medfleet_server::identity::secrets::Secrets::new(keys());
-    medfleet_server::identity::pki::DataDir::new(&data)
+    medfleet_server::identity::data_dir::DataDir::new(&data)
         .protect_ca_key(&keyring)
         .unwrap();
     let retired = medfleetd(&["rotate-secrets-key", "--retire-unused"]).await.unwrap();

@@ -1,4 +1,5 @@
-//! Who a caller is: medfleet's certificate authority and data directory ([`pki`]), the keyring that seals secrets
+//! Who a caller is: medfleet's certificate authority and CSR policy ([`pki`]), the data directory holding its key material
+//! ([`data_dir`]), the keyring that seals secrets
 //! at rest ([`secrets`]), enrollment tokens, certificates and revocation ([`credentials`]), the revocation log
 //! every replica follows ([`revocation`]), and `EnrollmentService`/`CredentialService` ([`grpc`]).
 //!
@@ -7,6 +8,7 @@
 //! persistence.
 
 pub mod credentials;
+pub mod data_dir;
 pub mod files;
 pub mod grpc;
 pub mod pki;

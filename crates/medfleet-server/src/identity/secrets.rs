@@ -6,7 +6,7 @@
 //! sealed yet (an upgrade from a version that kept secrets in clear). Once something is sealed, a missing file is
 //! an error that says what to restore: creating a fresh key then would make every sealed secret unreadable.
 //! Rotation prepends a new key (`medfleetd rotate-secrets-key`); each replica re-encrypts at start
-//! ([`crate::emr::destinations::reseal`], [`crate::identity::pki::DataDir::protect_ca_key`]), and old keys are retired once
+//! ([`crate::emr::destinations::reseal`], [`crate::identity::data_dir::DataDir::protect_ca_key`]), and old keys are retired once
 //! nothing uses them ([`retire_unused`]).
 
 use std::collections::BTreeSet;

@@ -1,5 +1,5 @@
 //! Live renewal of the server certificate. A running replica replaces its certificate when it is due by the rule
-//! start-up applies ([`pki::server_renewal_at`]: two thirds into its life), stores the new pair where start-up
+//! start-up applies ([`data_dir::server_renewal_at`]: two thirds into its life), stores the new pair where start-up
 //! reads it, and swaps it into the TLS configuration: new handshakes present the new certificate, connections
 //! already open keep theirs. Nothing goes through the database: a server certificate concerns only the clients of
 //! the replica that presents it, and every replica can issue its own from the CA in its data directory.
@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::pki::{self, CertificateAuthority, DataDir, Renewal, ServerCredentials};
+use crate::identity::data_dir::{self, DataDir, Renewal, ServerCredentials};
+use crate::identity::pki::{self, CertificateAuthority};
 use crate::telemetry::Metrics;
 use crate::transport::tls::{self, ServerCertificate, TlsError};
 
@@ -59,7 +60,7 @@ impl Renewer {
     pub fn spawn(self, serving: &ServerCredentials, stop: CancellationToken) {
         self.metrics.set_server_certificate_expiry(serving.not_after);
         let mut serial = serving.serial.clone();
-        let mut due = pki::server_renewal_at(serving.not_after, self.lifetime);
+        let mut due = data_dir::server_renewal_at(serving.not_after, self.lifetime);
         tokio::spawn(async move {
             let mut failures = 0;
             loop {
@@ -73,7 +74,7 @@ impl Renewer {
                 match self.renew(&serial).await {
                     Ok(renewed) => {
                         failures = 0;
-                        due = pki::server_renewal_at(renewed.not_after, self.lifetime);
+                        due = data_dir::server_renewal_at(renewed.not_after, self.lifetime);
                         serial = renewed.serial;
                     }
                     Err(error) => {

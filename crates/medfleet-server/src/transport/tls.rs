@@ -24,7 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::identity::pki::{ServerCredentials, identity_of, not_after_of, serial_of};
+use crate::identity::data_dir::ServerCredentials;
+use crate::identity::pki::{identity_of, not_after_of, serial_of};
 use crate::identity::revocation::{RevocationAwareVerifier, RevocationWatch, Revocations};
 use crate::telemetry::Metrics;
 
