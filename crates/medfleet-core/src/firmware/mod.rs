@@ -1,10 +1,12 @@
 //! Firmware updates as pure rules: how a rollout is cut into waves and when it advances, halts or completes, and
 //! when one device may install (the clinical-use gate, failing closed) ([`rollout`]); maintenance windows in a
 //! site's local time ([`window`]); whether a signed target may replace what a device runs ([`target`]: same model,
-//! a higher release counter, or a downgrade the targets role signed). The server's scheduler and the agent gather
+//! a higher release counter, or a downgrade the targets role signed); the states of a rollout and of each device's
+//! action, and the only moves between them ([`state`]). The server's scheduler and the agent gather
 //! the facts and apply these answers; TUF verification, storage and the device side come with the rest of the
 //! firmware capability.
 
 pub mod rollout;
+pub mod state;
 pub mod target;
 pub mod window;
