@@ -45,6 +45,13 @@ pub struct Transition {
     pub to: &'static str,
 }
 
+impl Transition {
+    /// `Ok` when the move is allowed, otherwise the refusal naming both states.
+    fn check(allowed: bool, from: &'static str, to: &'static str) -> Result<(), Self> {
+        if allowed { Ok(()) } else { Err(Self { from, to }) }
+    }
+}
+
 impl RolloutState {
     pub const ALL: [Self; 6] = [
         Self::Draft,
@@ -83,15 +90,7 @@ impl RolloutState {
             Running => &[Paused, Halted, Completed, Aborted],
             Completed | Aborted => &[],
         };
-        let allowed = next_states.contains(&next);
-        if allowed {
-            Ok(next)
-        } else {
-            Err(Transition {
-                from: self.as_str(),
-                to: next.as_str(),
-            })
-        }
+        Transition::check(next_states.contains(&next), self.as_str(), next.as_str()).map(|()| next)
     }
 }
 
@@ -179,14 +178,7 @@ impl ActionState {
             _ => false,
         };
         let allowed = !self.is_final() && (next == Failed || forward.contains(&next) || interrupt);
-        if allowed {
-            Ok(next)
-        } else {
-            Err(Transition {
-                from: self.as_str(),
-                to: next.as_str(),
-            })
-        }
+        Transition::check(allowed, self.as_str(), next.as_str()).map(|()| next)
     }
 }
 
