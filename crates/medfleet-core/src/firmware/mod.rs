@@ -3,10 +3,11 @@
 //! site's local time ([`window`]); whether a signed target may replace what a device runs ([`target`]: same model,
 //! a higher release counter, or a downgrade the targets role signed); the states of a rollout and of each device's
 //! action, and the only moves between them ([`state`]). The server's scheduler and the agent gather
-//! the facts and apply these answers; TUF verification, storage and the device side come with the rest of the
-//! firmware capability.
+//! the facts and apply these answers. [`tuf`] signs and verifies the TUF metadata that carries those targets (offline
+//! root/targets keys, online snapshot/timestamp keys), one verification for medfleetd and the agent.
 
 pub mod rollout;
 pub mod state;
 pub mod target;
+pub mod tuf;
 pub mod window;
