@@ -175,6 +175,7 @@ async fn session(
             operational_state: v1::OperationalState::Idle.into(),
             applied_config_version: applied.as_ref().map_or(0, |a| a.version),
             applied_config_digest: applied.as_ref().map(|a| a.digest.clone()).unwrap_or_default(),
+            firmware_release_counter: 0,
         })),
     })
     .await?;
