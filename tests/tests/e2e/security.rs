@@ -480,7 +480,7 @@ async fn server_certificate_is_renewed_while_serving(backend: Backend) {
     let (_, parsed) = x509_parser::parse_x509_certificate(&stored_der).unwrap();
     let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
     assert_eq!(
-        parsed.public_key().subject_public_key.data.as_ref(),
+        &*parsed.public_key().subject_public_key.data,
         key.public_key_raw(),
         "the stored key belongs to the stored certificate"
     );

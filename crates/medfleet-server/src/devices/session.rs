@@ -537,14 +537,13 @@ async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequ
             });
             hub.reported.notify_one();
         }
-        // Firmware reports are taken by the rollout capability (landing with it).
-        Some(session_request::Message::FirmwareReport(_)) => {}
         Some(session_request::Message::Hello(_)) => {
             return Err(crate::error::Error::FailedPrecondition(
                 "Hello was sent twice; ignored".to_owned(),
             ));
         }
-        None => {}
+        // Firmware reports are taken by the rollout capability (landing with it).
+        Some(session_request::Message::FirmwareReport(_)) | None => {}
     }
     Ok(())
 }

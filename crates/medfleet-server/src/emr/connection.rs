@@ -56,7 +56,15 @@ pub(crate) async fn connect(host: &str, port: u16, settings: &Settings, tls: boo
             permanent: true,
         });
     }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    // Named, not the process default: the tree links a second provider (aws-lc-rs, for TUF) and TLS stays on ring.
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Failure {
+                reason: format!("TLS setup failed: {e}"),
+                permanent: true,
+            })?
+            .with_root_certificates(roots);
     let config = match (&settings.client_certificate_pem, &settings.client_key_pem) {
         (Some(certs), Some(key)) => {
             let (chain, key) = client_identity(certs, key).map_err(|e| Failure {
