@@ -17,6 +17,7 @@ mod m20261201_000009_observation_alarm_limits;
 mod m20261202_000010_association_backlog;
 mod m20261202_000011_device_placements;
 mod m20261202_000012_destination_lifecycle;
+mod m20261202_000013_firmware;
 mod seed;
 
 #[derive(Debug)]
@@ -38,6 +39,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000010_association_backlog::Migration),
             Box::new(m20261202_000011_device_placements::Migration),
             Box::new(m20261202_000012_destination_lifecycle::Migration),
+            Box::new(m20261202_000013_firmware::Migration),
         ]
     }
 }

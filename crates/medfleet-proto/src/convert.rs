@@ -587,6 +587,72 @@ pub fn entry_to_wire(entry: &medfleet_core::clinical::chart::ChartEntry) -> v1::
     }
 }
 
+/// A firmware action state on the wire.
+pub fn action_state_to_wire(state: medfleet_core::firmware::state::ActionState) -> v1::ActionState {
+    use medfleet_core::firmware::state::ActionState as S;
+    match state {
+        S::Queued => v1::ActionState::Queued,
+        S::Notified => v1::ActionState::Notified,
+        S::Downloading => v1::ActionState::Downloading,
+        S::Downloaded => v1::ActionState::Downloaded,
+        S::Verifying => v1::ActionState::Verifying,
+        S::Installing => v1::ActionState::Installing,
+        S::Rebooting => v1::ActionState::Rebooting,
+        S::VerifyingHealth => v1::ActionState::VerifyingHealth,
+        S::Succeeded => v1::ActionState::Succeeded,
+        S::Failed => v1::ActionState::Failed,
+        S::Deferred => v1::ActionState::Deferred,
+        S::RolledBack => v1::ActionState::RolledBack,
+        S::Canceled => v1::ActionState::Canceled,
+    }
+}
+
+/// A firmware action state a device reported; `None` for unspecified or unknown values (the report is ignored).
+pub fn action_state_from_wire(value: i32) -> Option<medfleet_core::firmware::state::ActionState> {
+    use medfleet_core::firmware::state::ActionState as S;
+    Some(match v1::ActionState::try_from(value).ok()? {
+        v1::ActionState::Unspecified => return None,
+        v1::ActionState::Queued => S::Queued,
+        v1::ActionState::Notified => S::Notified,
+        v1::ActionState::Downloading => S::Downloading,
+        v1::ActionState::Downloaded => S::Downloaded,
+        v1::ActionState::Verifying => S::Verifying,
+        v1::ActionState::Installing => S::Installing,
+        v1::ActionState::Rebooting => S::Rebooting,
+        v1::ActionState::VerifyingHealth => S::VerifyingHealth,
+        v1::ActionState::Succeeded => S::Succeeded,
+        v1::ActionState::Failed => S::Failed,
+        v1::ActionState::Deferred => S::Deferred,
+        v1::ActionState::RolledBack => S::RolledBack,
+        v1::ActionState::Canceled => S::Canceled,
+    })
+}
+
+pub fn rollout_state_to_wire(state: medfleet_core::firmware::state::RolloutState) -> v1::RolloutState {
+    use medfleet_core::firmware::state::RolloutState as S;
+    match state {
+        S::Draft => v1::RolloutState::Draft,
+        S::Running => v1::RolloutState::Running,
+        S::Paused => v1::RolloutState::Paused,
+        S::Halted => v1::RolloutState::Halted,
+        S::Completed => v1::RolloutState::Completed,
+        S::Aborted => v1::RolloutState::Aborted,
+    }
+}
+
+pub fn rollout_state_from_wire(value: i32) -> Option<medfleet_core::firmware::state::RolloutState> {
+    use medfleet_core::firmware::state::RolloutState as S;
+    Some(match v1::RolloutState::try_from(value).ok()? {
+        v1::RolloutState::Unspecified => return None,
+        v1::RolloutState::Draft => S::Draft,
+        v1::RolloutState::Running => S::Running,
+        v1::RolloutState::Paused => S::Paused,
+        v1::RolloutState::Halted => S::Halted,
+        v1::RolloutState::Completed => S::Completed,
+        v1::RolloutState::Aborted => S::Aborted,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,10 @@ pub enum Error {
     /// others by its reason so a client can say "not found".
     #[error("{0}")]
     MissingPlace(String),
+    /// Signed firmware metadata or an image refused by its verification: a precondition, with the stable reason
+    /// (`untrusted_signature`, `hash_mismatch`, ...) in ErrorInfo so clients and devices can tell them apart.
+    #[error("{message}")]
+    Refused { reason: &'static str, message: String },
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -79,6 +83,11 @@ impl From<Error> for Status {
                 ErrorDetails::with_error_info(reasons::PLACE_NOT_FOUND, reasons::DOMAIN, HashMap::new()),
             ),
             Error::Unreadable(e) => Status::failed_precondition(e.to_string()),
+            Error::Refused { reason, message } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(reason, reasons::DOMAIN, HashMap::new()),
+            ),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),

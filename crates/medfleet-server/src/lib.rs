@@ -8,10 +8,12 @@ pub mod device_config;
 pub mod devices;
 pub mod emr;
 pub mod error;
+pub mod firmware;
 pub mod identity;
 pub mod persistence;
 pub mod registry;
 pub mod retention;
+pub mod rollouts;
 pub mod settings;
 pub mod telemetry;
 pub mod transport;
@@ -25,8 +27,9 @@ use medfleet_proto::v1::{
     config_service_server::ConfigServiceServer, credential_service_server::CredentialServiceServer,
     device_service_server::DeviceServiceServer, emr_service_server::EmrServiceServer,
     enrollment_service_server::EnrollmentServiceServer, feed_service_server::FeedServiceServer,
-    observation_service_server::ObservationServiceServer, patient_service_server::PatientServiceServer,
-    registry_service_server::RegistryServiceServer,
+    firmware_service_server::FirmwareServiceServer, observation_service_server::ObservationServiceServer,
+    patient_service_server::PatientServiceServer, registry_service_server::RegistryServiceServer,
+    rollout_service_server::RolloutServiceServer,
 };
 use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
@@ -167,7 +170,7 @@ async fn record_bootstrap_admin(dir: &DataDir, ca: &pki::CertificateAuthority, c
 
 /// Every gRPC service a replica serves, by name: the health service reports each, and each turns NOT_SERVING
 /// the moment shutdown starts (a test checks the list against the proto, so a new service cannot be left out).
-pub const SERVICES: [&str; 11] = [
+pub const SERVICES: [&str; 13] = [
     v1::registry_service_server::SERVICE_NAME,
     v1::enrollment_service_server::SERVICE_NAME,
     v1::credential_service_server::SERVICE_NAME,
@@ -179,6 +182,8 @@ pub const SERVICES: [&str; 11] = [
     v1::observation_service_server::SERVICE_NAME,
     v1::emr_service_server::SERVICE_NAME,
     v1::feed_service_server::SERVICE_NAME,
+    v1::firmware_service_server::SERVICE_NAME,
+    v1::rollout_service_server::SERVICE_NAME,
 ];
 
 async fn report_health(health: &HealthReporter, status: ServingStatus) {
@@ -260,6 +265,10 @@ struct Replica {
     emr: Arc<emr::Emr>,
     /// The EMR relays; awaited on shutdown so they hand their leases back before the pool closes.
     relays: tokio::task::JoinHandle<()>,
+    artifacts: firmware::artifacts::Artifacts,
+    rollouts: rollouts::store::Rollouts,
+    /// The rollout scheduler; awaited on shutdown so it hands its lease back.
+    scheduler: tokio::task::JoinHandle<()>,
 }
 
 impl Replica {
@@ -328,6 +337,18 @@ impl Replica {
         );
         let relays = emr.spawn_relays(background.clone());
         retention::Retention::new(db.clone(), settings.retention, metrics.clone()).spawn(background.clone());
+        let repository = firmware::repository::Repository::new(db.clone(), keys.secrets.clone());
+        repository.spawn_refresher(background.clone());
+        let artifacts = firmware::artifacts::Artifacts::new(db.clone(), repository);
+        let rollouts = rollouts::store::Rollouts::new(db.clone(), events.clone(), artifacts.clone());
+        let scheduler = rollouts::scheduler::Scheduler::new(
+            db.clone(),
+            events.clone(),
+            metrics.clone(),
+            format!("{} {}", settings.replica_name, uuid::Uuid::new_v4().simple()),
+            settings.rollout_tick,
+        )
+        .spawn(background.clone());
         Ok(Self {
             db,
             metrics,
@@ -343,6 +364,9 @@ impl Replica {
             ingest,
             emr,
             relays,
+            artifacts,
+            rollouts,
+            scheduler,
         })
     }
 
@@ -407,6 +431,17 @@ impl Replica {
                 self.emr.clone(),
                 self.access.clone(),
                 self.phi_reads.clone(),
+            )))
+            // An upload's header carries the signed targets metadata (up to 8 MiB); chunks are 1 MiB.
+            .add_service(
+                FirmwareServiceServer::new(firmware::grpc::FirmwareApi::new(
+                    self.db.clone(),
+                    self.artifacts.clone(),
+                ))
+                .max_decoding_message_size(limits::FIRMWARE_MESSAGE),
+            )
+            .add_service(RolloutServiceServer::new(rollouts::grpc::RolloutApi::new(
+                self.rollouts.clone(),
             )));
         Ok((health, router))
     }
@@ -511,6 +546,12 @@ impl Replica {
             .is_err()
         {
             tracing::warn!("EMR relay leases not released within 5 s; they expire on their own");
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(5), self.scheduler)
+            .await
+            .is_err()
+        {
+            tracing::warn!("rollout scheduler lease not released within 5 s; it expires on its own");
         }
         self.metrics.shutdown();
         self.db.close().await?;

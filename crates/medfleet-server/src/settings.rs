@@ -56,6 +56,7 @@ pub struct SettingsFile {
     pub replica_name: Option<String>,
     pub heartbeat_timeout: Option<String>,
     pub config_reconcile_interval: Option<String>,
+    pub rollout_tick: Option<String>,
     pub reading_future_tolerance: Option<String>,
     pub emr_retry_max: Option<String>,
     pub emr_allowed_hosts: Option<Vec<String>>,
@@ -110,6 +111,9 @@ pub struct Overrides {
     /// How often sessions are reconciled with the database (pushes a lost notification missed), e.g. "30s".
     #[arg(long, env = "MEDFLEET_CONFIG_RECONCILE_INTERVAL")]
     pub config_reconcile_interval: Option<String>,
+    /// How often the rollout scheduler decides (advance, halt, complete) and renews its leader lease, e.g. "1s".
+    #[arg(long, env = "MEDFLEET_ROLLOUT_TICK")]
+    pub rollout_tick: Option<String>,
     /// How far in the future a reading's observation time may be (device clock drift), e.g. "30s".
     #[arg(long, env = "MEDFLEET_READING_FUTURE_TOLERANCE")]
     pub reading_future_tolerance: Option<String>,
@@ -153,6 +157,7 @@ pub struct Settings {
     pub replica_name: String,
     pub heartbeat_timeout: Duration,
     pub config_reconcile_interval: Duration,
+    pub rollout_tick: Duration,
     pub reading_future_tolerance: Duration,
     pub emr_retry_max: Duration,
     /// Hosts EMR destinations may point at; empty: any.
@@ -247,6 +252,7 @@ impl Settings {
                 o.config_reconcile_interval.or(file.config_reconcile_interval),
                 "30s",
             )?,
+            rollout_tick: duration("rollout_tick", o.rollout_tick.or(file.rollout_tick), "1s")?,
             reading_future_tolerance: duration(
                 "reading_future_tolerance",
                 o.reading_future_tolerance.or(file.reading_future_tolerance),

@@ -119,6 +119,11 @@ struct Inner {
     ingest_commit: Histogram<f64>,
     deliveries: Counter<u64>,
     purged: Counter<u64>,
+    firmware_reports: Counter<u64>,
+    firmware_bytes: Counter<u64>,
+    rollout_decisions: Counter<u64>,
+    rollout_devices: opentelemetry::metrics::Gauge<u64>,
+    scheduler_leader: opentelemetry::metrics::Gauge<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -213,6 +218,27 @@ impl Metrics {
                 .u64_counter("medfleet_retention_purged")
                 .with_description("rows removed by the retention policy by kind (delivery, observation, reading)")
                 .build(),
+            firmware_reports: meter
+                .u64_counter("medfleet_firmware_reports")
+                .with_description("firmware action reports from devices by state they reported")
+                .build(),
+            firmware_bytes: meter
+                .u64_counter("medfleet_firmware_bytes_served")
+                .with_description("firmware image bytes sent to devices and operators")
+                .with_unit("By")
+                .build(),
+            rollout_decisions: meter
+                .u64_counter("medfleet_rollout_decisions")
+                .with_description("scheduler decisions by kind (advance, complete, halt, deadline)")
+                .build(),
+            rollout_devices: meter
+                .u64_gauge("medfleet_rollout_devices")
+                .with_description("devices of each unfinished rollout by action state (set by the scheduler leader)")
+                .build(),
+            scheduler_leader: meter
+                .u64_gauge("medfleet_rollout_scheduler_leader")
+                .with_description("1 while this replica holds the rollout scheduler lease")
+                .build(),
             registry,
             provider,
         };
@@ -279,6 +305,35 @@ impl Metrics {
 
     pub fn record_config_push(&self, outcome: &'static str) {
         self.inner.config_pushes.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn record_firmware_report(&self, state: &'static str) {
+        self.inner.firmware_reports.add(1, &[KeyValue::new("state", state)]);
+    }
+
+    pub fn record_firmware_bytes(&self, bytes: u64) {
+        self.inner.firmware_bytes.add(bytes, &[]);
+    }
+
+    pub fn record_rollout_decision(&self, decision: &str) {
+        self.inner
+            .rollout_decisions
+            .add(1, &[KeyValue::new("decision", decision.to_owned())]);
+    }
+
+    /// Labels: the rollout id and the action state; never a device or patient.
+    pub fn set_rollout_devices(&self, rollout: &str, state: &'static str, count: usize) {
+        self.inner.rollout_devices.record(
+            u64::try_from(count).unwrap_or(u64::MAX),
+            &[
+                KeyValue::new("rollout", rollout.to_owned()),
+                KeyValue::new("state", state),
+            ],
+        );
+    }
+
+    pub fn set_scheduler_leader(&self, leading: bool) {
+        self.inner.scheduler_leader.record(u64::from(leading), &[]);
     }
 
     pub fn record_config_report(&self, outcome: &'static str) {

@@ -424,6 +424,30 @@ pub fn root_info(bytes: &[u8]) -> Result<RootInfo, TufError> {
     })
 }
 
+/// Checks that `new` may follow the trusted root `old`, as a device following the chain would: version N+1, signed
+/// by the root threshold of N and of N+1.
+pub fn verify_root_update(old: &[u8], new: &[u8]) -> Result<RootInfo, TufError> {
+    let trusted: Signed<Root> = parse("trusted root metadata", old)?;
+    let next: Signed<Root> = parse("new root metadata", new)?;
+    let info = root_info(new)?;
+    if next.signed.version.get() != trusted.signed.version.get().saturating_add(1) {
+        return Err(refuse(
+            Refusal::Rollback,
+            format!(
+                "the new root is version {}, the trusted one {}: a new root must be exactly one version above",
+                next.signed.version, trusted.signed.version
+            ),
+        ));
+    }
+    trusted.signed.verify_role(&next).map_err(|e| {
+        refuse(
+            Refusal::Signature,
+            format!("not signed by the current root's keys: {e}"),
+        )
+    })?;
+    Ok(info)
+}
+
 /// One firmware image as the targets role signs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedTarget {

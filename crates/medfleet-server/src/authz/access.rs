@@ -562,6 +562,9 @@ pub const OBJECTS: &[&str] = &[
     "observation",
     "emr_destination",
     "feed",
+    "firmware",
+    "firmware_trust",
+    "rollout",
 ];
 pub const ACTIONS: &[&str] = &[
     "*",
@@ -573,6 +576,10 @@ pub const ACTIONS: &[&str] = &[
     "validate",
     "subscribe",
     "retry",
+    "upload",
+    "delete",
+    "control",
+    "approve",
 ];
 
 fn p_values(p: &Permission) -> [String; 3] {

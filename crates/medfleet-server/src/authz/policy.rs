@@ -42,6 +42,17 @@ pub enum Target {
     ConfigLayer(fn(&[u8]) -> Option<v1::ConfigLayer>),
     /// Stored configuration versions named in the request: each version's layer scope must be allowed.
     ConfigVersions(fn(&[u8]) -> Vec<u64>),
+    /// A stored rollout named by id in the request: every place its devices were in must be allowed (a reader
+    /// who may not see one of them is told the rollout does not exist).
+    Rollout(fn(&[u8]) -> Option<String>),
+}
+
+impl Target {
+    /// Whether deciding needs the request message. Those that do not are decided before the body is read, so a
+    /// client-streaming upload is never buffered by the RPC layer.
+    pub fn reads_body(&self) -> bool {
+        !matches!(self, Self::Global | Self::List)
+    }
 }
 
 /// Who may call a method.
@@ -53,6 +64,9 @@ pub enum Rule {
     AnyIdentity,
     /// Devices only; the handler matches the request's claims against the certificate.
     Devices,
+    /// Devices (the handler limits them to what is assigned to them), or users and services holding
+    /// `object:action` fleet-wide.
+    DevicesOrPermission { object: &'static str, action: &'static str },
     /// Users and services holding `object:action` on the target's scope through a role grant.
     Permission {
         object: &'static str,
@@ -362,7 +376,113 @@ pub const RULES: &[(&str, Rule)] = &[
             Target::Device(|b| decode::<v1::DecommissionDeviceRequest>(b).map(|r| r.id)),
         ),
     ),
+    (
+        "/medfleet.v1.FirmwareService/GetOnlineKeys",
+        permission("firmware", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/SetTrustRoot",
+        permission("firmware_trust", "update", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/GetTrustRoot",
+        permission("firmware", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/UploadArtifact",
+        permission("firmware", "upload", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/ListArtifacts",
+        permission("firmware", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/GetArtifact",
+        permission("firmware", "read", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/DeleteArtifact",
+        permission("firmware", "delete", Target::Global),
+    ),
+    (
+        "/medfleet.v1.FirmwareService/GetMetadata",
+        Rule::DevicesOrPermission {
+            object: "firmware",
+            action: "read",
+        },
+    ),
+    (
+        "/medfleet.v1.FirmwareService/ReadArtifact",
+        Rule::DevicesOrPermission {
+            object: "firmware",
+            action: "read",
+        },
+    ),
+    (
+        "/medfleet.v1.RolloutService/CreateRollout",
+        permission("rollout", "create", Target::List),
+    ),
+    (
+        "/medfleet.v1.RolloutService/ListRollouts",
+        permission("rollout", "read", Target::List),
+    ),
+    (
+        "/medfleet.v1.RolloutService/GetRollout",
+        permission(
+            "rollout",
+            "read",
+            Target::Rollout(|b| decode::<v1::GetRolloutRequest>(b).map(|r| r.rollout)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RolloutService/WatchRollout",
+        permission(
+            "rollout",
+            "read",
+            Target::Rollout(|b| decode::<v1::WatchRolloutRequest>(b).map(|r| r.rollout)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RolloutService/StartRollout",
+        permission("rollout", "control", Target::Rollout(command_rollout)),
+    ),
+    (
+        "/medfleet.v1.RolloutService/PauseRollout",
+        permission("rollout", "control", Target::Rollout(command_rollout)),
+    ),
+    (
+        "/medfleet.v1.RolloutService/ResumeRollout",
+        permission("rollout", "control", Target::Rollout(command_rollout)),
+    ),
+    (
+        "/medfleet.v1.RolloutService/AbortRollout",
+        permission("rollout", "control", Target::Rollout(command_rollout)),
+    ),
+    (
+        "/medfleet.v1.RolloutService/RetryFailed",
+        permission("rollout", "control", Target::Rollout(command_rollout)),
+    ),
+    (
+        "/medfleet.v1.RolloutService/ApproveDevice",
+        permission(
+            "rollout",
+            "approve",
+            Target::Device(|b| decode::<v1::ApproveDeviceRequest>(b).map(|r| r.device_id)),
+        ),
+    ),
+    (
+        "/medfleet.v1.RolloutService/RollbackRollout",
+        permission(
+            "rollout",
+            "create",
+            Target::Rollout(|b| decode::<v1::RollbackRolloutRequest>(b).map(|r| r.rollout)),
+        ),
+    ),
 ];
+
+fn command_rollout(body: &[u8]) -> Option<String> {
+    decode::<v1::RolloutCommandRequest>(body).map(|r| r.rollout)
+}
 
 /// The rule for a method path: an exact entry, or a prefix entry of a standard service.
 pub fn rule_for(path: &str) -> Option<Rule> {
@@ -531,7 +651,37 @@ pub async fn decide(
             judge.all(scopes, None)
         }
         Target::List => judge.list(),
+        Target::Rollout(extract) => {
+            let scopes = rollout_scopes(db, extract(body).as_deref()).await?;
+            let decided = judge.all(scopes, None);
+            match decided {
+                Err(refusal) if action == "read" => Err(Refusal {
+                    status: Status::not_found("rollout does not exist (medfleet rollouts list)"),
+                    scope: refusal.scope,
+                }),
+                other => other,
+            }
+        }
     }
+}
+
+/// The places a stored rollout's devices were in. A rollout that does not exist (or an unparsable id) is left to
+/// the handler under scope `*`, so only fleet-wide roles learn that it is missing.
+async fn rollout_scopes(db: &DatabaseConnection, id: Option<&str>) -> Result<BTreeSet<String>, Refusal> {
+    let Some(id) = id.and_then(|id| Uuid::parse_str(id).ok()) else {
+        return Ok(BTreeSet::from(["*".to_owned()]));
+    };
+    let row = crate::persistence::entity::rollout::Entity::find_by_id(id)
+        .one(db)
+        .await
+        .map_err(|e| Refusal {
+            status: Status::from(crate::error::Error::from(e)),
+            scope: String::new(),
+        })?;
+    Ok(row.map_or_else(
+        || BTreeSet::from(["*".to_owned()]),
+        |r| serde_json::from_str::<BTreeSet<String>>(&r.scopes).unwrap_or_else(|_| BTreeSet::from(["*".to_owned()])),
+    ))
 }
 
 /// One caller's request for one permission, judged against scopes.

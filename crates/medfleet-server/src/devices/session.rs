@@ -6,8 +6,9 @@
 //! runs, then follows heartbeats and configuration reports. A session silent for the heartbeat timeout is closed
 //! and the device marked offline; a replica that dies leaves rows that every replica's sweeper marks offline.
 //!
-//! Configuration pushes are driven by change events (local, or PostgreSQL notifications from other replicas)
-//! and by a periodic reconcile that repairs whatever a lost notification missed.
+//! Configuration pushes and firmware commands (asked of `rollouts::dispatch`) are driven by change events (local,
+//! or PostgreSQL notifications from other replicas) and by a periodic reconcile that repairs whatever a lost
+//! notification missed; the device's firmware reports go to `rollouts::dispatch` too.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,7 +33,9 @@ use crate::device_config::store::{load_layers, load_placements};
 use crate::devices::presence::{self, Opening};
 use crate::error::Result;
 use crate::persistence::events::{Event, Events};
+use crate::rollouts::dispatch;
 use crate::telemetry::Metrics;
+use medfleet_core::firmware::state::ActionState;
 
 /// A device must say hello this soon after opening its session.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,6 +100,8 @@ struct Live {
     state: OperationalState,
     /// Heard from since `last_seen` was last written.
     heard: bool,
+    /// The firmware action this session was told about, and whether it was told to install.
+    firmware: Option<dispatch::Sent>,
 }
 
 /// The sessions this replica holds.
@@ -112,6 +117,8 @@ pub struct Hub {
     generation: AtomicU64,
     /// Serialises pushes, so a push computed from older layers can never overtake a newer one.
     pushing: tokio::sync::Mutex<()>,
+    /// Serialises firmware dispatch, so two triggers never send one command twice.
+    dispatching: tokio::sync::Mutex<()>,
     /// Configuration reports waiting to be written; the writer takes whatever has queued (group commit).
     reports: Mutex<Vec<presence::Report>>,
     reported: tokio::sync::Notify,
@@ -143,6 +150,7 @@ impl Hub {
             layers: Mutex::new(None),
             generation: AtomicU64::new(0),
             pushing: tokio::sync::Mutex::new(()),
+            dispatching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -202,6 +210,7 @@ impl Hub {
                             hub.push_all().await
                         }
                         Ok(Event::SessionOpened { device, session }) => hub.superseded(device, session).await,
+                        Ok(Event::Firmware) => hub.dispatch_firmware(None).await,
                         Ok(Event::Presence { .. } | Event::Outbox) => Ok(()),
                         Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => hub.reconcile().await,
                         Err(broadcast::error::RecvError::Closed) => break,
@@ -341,7 +350,40 @@ impl Hub {
             }
         }
         self.invalidate();
-        self.push_all().await
+        self.push_all().await?;
+        self.dispatch_firmware(None).await
+    }
+
+    /// Sends held sessions (all, or `only`) the firmware commands due for them, each once per session.
+    async fn dispatch_firmware(&self, only: Option<&[Uuid]>) -> Result<()> {
+        let _serial = self.dispatching.lock().await;
+        let held: Vec<dispatch::Held> = {
+            let live = lock(&self.live);
+            let held = |(device, l): (&Uuid, &Live)| dispatch::Held {
+                device: *device,
+                state: l.state,
+                sent: l.firmware,
+            };
+            match only {
+                Some(devices) => devices.iter().filter_map(|d| live.get_key_value(d)).map(held).collect(),
+                None => live.iter().map(held).collect(),
+            }
+        };
+        let due = dispatch::due(&self.db, &self.events, &held).await?;
+        let mut live = lock(&self.live);
+        for command in due {
+            let Some(entry) = live.get_mut(&command.device) else {
+                continue;
+            };
+            let message = v1::SessionResponse {
+                message: Some(command.message),
+            };
+            // A full queue retries at the next dispatch: nothing is marked sent.
+            if entry.tx.try_send(Ok(message)).is_ok() {
+                entry.firmware = command.sent;
+            }
+        }
+        Ok(())
     }
 
     /// Makes `live` the device's session here, ending any older one this replica holds.
@@ -423,10 +465,14 @@ impl Hub {
                 sent: (!reported.digest.is_empty()).then(|| reported.digest.clone()),
                 state,
                 heard: false,
+                firmware: None,
             },
         );
         if let Err(error) = self.push(&[id]).await {
             tracing::warn!(device = %id, %error, "initial configuration push failed; the next reconcile retries");
+        }
+        if let Err(error) = self.dispatch_firmware(Some(&[id])).await {
+            tracing::warn!(device = %id, %error, "firmware dispatch failed; the next reconcile retries");
         }
         tokio::spawn(follow(self, id, session, inbound, ending.clone(), tx));
 
@@ -505,6 +551,8 @@ async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequ
                 .unwrap_or(false);
             if changed {
                 presence::set_state(&hub.db, &hub.events, device, session, state).await?;
+                // A device that became free may install what waits for it.
+                hub.dispatch_firmware(Some(&[device])).await?;
             }
         }
         Some(session_request::Message::ConfigReport(report)) => {
@@ -542,8 +590,25 @@ async fn handle(hub: &Hub, device: Uuid, session: Uuid, message: v1::SessionRequ
                 "Hello was sent twice; ignored".to_owned(),
             ));
         }
-        // Firmware reports are taken by the rollout capability (landing with it).
-        Some(session_request::Message::FirmwareReport(_)) | None => {}
+        Some(session_request::Message::FirmwareReport(report)) => {
+            hub.with_live(device, session, |l| l.heard = true);
+            let state = dispatch::report(&hub.db, &hub.events, device, &report).await?;
+            if let Some(state) = state {
+                hub.metrics.record_firmware_report(state.as_str());
+                hub.with_live(device, session, |l| {
+                    if state.is_final() {
+                        l.firmware = None;
+                    } else if state == ActionState::Deferred
+                        && let Some(sent) = l.firmware.as_mut()
+                    {
+                        // The device refused to install (in use by its own account): ask again when it may.
+                        sent.install = false;
+                    }
+                });
+            }
+            hub.dispatch_firmware(Some(&[device])).await?;
+        }
+        None => {}
     }
     Ok(())
 }

@@ -27,6 +27,8 @@ pub enum Event {
     Presence { device: Uuid },
     /// New EMR outbox rows were committed: relays and feed subscribers look for work.
     Outbox,
+    /// A rollout or a device's firmware action changed: sessions look for commands to send, watchers re-read.
+    Firmware,
     /// Notifications may have been missed: re-read everything.
     Resync,
 }
@@ -38,6 +40,7 @@ impl Event {
             Self::SessionOpened { device, session } => format!("session {device} {session}"),
             Self::Presence { device } => format!("presence {device}"),
             Self::Outbox => "outbox".to_owned(),
+            Self::Firmware => "firmware".to_owned(),
             Self::Resync => "resync".to_owned(),
         }
     }
@@ -48,6 +51,7 @@ impl Event {
             ("config", None, None) => Self::Config,
             ("resync", None, None) => Self::Resync,
             ("outbox", None, None) => Self::Outbox,
+            ("firmware", None, None) => Self::Firmware,
             ("presence", Some(device), None) => Self::Presence {
                 device: device.parse().ok()?,
             },
@@ -190,6 +194,7 @@ mod tests {
         for event in [
             Event::Config,
             Event::Resync,
+            Event::Firmware,
             Event::Presence { device },
             Event::SessionOpened {
                 device,

@@ -32,4 +32,6 @@ pub mod limits {
     pub const ENROLL_MESSAGE: usize = 64 * 1024;
     /// Largest message on device streams (a reading batch, a session message).
     pub const DEVICE_MESSAGE: usize = 4 * 1024 * 1024;
+    /// A firmware upload's header (signed targets metadata up to 8 MiB) or one of its 1 MiB chunks.
+    pub const FIRMWARE_MESSAGE: usize = 9 * 1024 * 1024;
 }

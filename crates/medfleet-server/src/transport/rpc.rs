@@ -90,7 +90,7 @@ pub fn authenticate(peer: Option<&PeerInfo>, path: &str) -> Result<Option<Identi
     };
     let refused = match (rule, &identity) {
         (Rule::Devices, Identity::Device(_))
-        | (Rule::AnyIdentity | Rule::Anonymous, _)
+        | (Rule::AnyIdentity | Rule::Anonymous | Rule::DevicesOrPermission { .. }, _)
         | (Rule::Permission { .. }, Identity::User(_) | Identity::Service(_)) => None,
         (Rule::Devices, _) => Some("devices"),
         (Rule::Permission { .. }, Identity::Device(_)) => Some("operators and integrations"),
@@ -350,9 +350,28 @@ where
                     }
                 };
                 let mut request = request;
-                if let (Some(identity), Some(Rule::Permission { object, action, target })) =
-                    (&identity, policy::rule_for(&path))
+                let permission = match (&identity, policy::rule_for(&path)) {
+                    (Some(identity), Some(Rule::Permission { object, action, target })) => {
+                        Some((identity, object, action, target))
+                    }
+                    (
+                        Some(identity @ (Identity::User(_) | Identity::Service(_))),
+                        Some(Rule::DevicesOrPermission { object, action }),
+                    ) => Some((identity, object, action, policy::Target::Global)),
+                    _ => None,
+                };
+                if let Some((identity, object, action, target)) = permission
+                    && !target.reads_body()
                 {
+                    match policy::decide(&layer.access, &layer.db, identity, object, action, target, &[]).await {
+                        Ok(decision) => {
+                            request.extensions_mut().insert::<Decision>(decision);
+                        }
+                        Err(refusal) => {
+                            return Ok(refuse(refusal.status, identity.to_string(), refusal.scope).await);
+                        }
+                    }
+                } else if let Some((identity, object, action, target)) = permission {
                     let (parts, body) = request.into_parts();
                     let Ok(collected) = http_body_util::Limited::new(body, MAX_MESSAGE).collect().await else {
                         let status = Status::resource_exhausted("the request is larger than 4 MiB");

@@ -274,9 +274,15 @@ async fn a_root_rotation_signed_by_both_roots_is_followed() {
     set.roots = vec![root2.clone()];
     let verified = verify(&root1, &set, None, None).await.unwrap();
     assert_eq!(verified.root_version(), 2);
+    assert_eq!(verify_root_update(&root1, &root2).unwrap().version, 2);
+    assert_eq!(verify_root_update(&root2, &root1).unwrap_err().code, Refusal::Rollback);
 
     // A version 2 root signed only by the new key is not followed.
     let forged = sign_root(&rotated, &[&new.root]).await.unwrap();
+    assert_eq!(
+        verify_root_update(&root1, &forged).unwrap_err().code,
+        Refusal::Signature
+    );
     set.roots = vec![forged];
     assert!(verify(&root1, &set, None, None).await.is_err());
 }

@@ -1,0 +1,488 @@
+//! Firmware images: streamed in, verified, stored as content-addressed chunks, streamed out from any offset.
+//!
+//! An upload is checked against the signed targets metadata before the first byte is stored (so a wrong set is
+//! refused at once), hashed while its chunks are written outside any transaction (a slow client must not hold the
+//! database's write lock), and committed in one short transaction with the metadata that publishes it, after the
+//! metadata was checked again against what other uploads committed meanwhile. A refused or broken upload removes
+//! the chunks it added and nothing else.
+
+use std::collections::BTreeSet;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt as _};
+use medfleet_core::digest::hex;
+use medfleet_core::firmware::tuf::{self, Refusal, SignedTarget};
+use medfleet_core::validation::{Violations, check_text};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _,
+};
+use uuid::Uuid;
+
+use crate::audit;
+use crate::error::{Error, Result};
+use crate::firmware::repository::{Prepared, Repository};
+use crate::persistence::db::{self, now};
+use crate::persistence::entity::{firmware_artifact, firmware_artifact_chunk, firmware_chunk, rollout};
+
+/// Bytes per stored chunk (and per message read out).
+pub const CHUNK_SIZE: usize = 1024 * 1024;
+/// The largest image medfleetd takes.
+pub const MAX_IMAGE: u64 = 4 * 1024 * 1024 * 1024;
+/// The largest targets metadata an upload may carry.
+pub const MAX_TARGETS_JSON: usize = 8 * 1024 * 1024;
+const MAX_COMMENT: usize = 1000;
+
+/// What an upload starts with.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub target_name: String,
+    pub targets_json: String,
+    pub length: u64,
+    pub comment: String,
+}
+
+/// A stored artifact and the unfinished rollouts that use it.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    pub row: firmware_artifact::Model,
+    pub downgrade_from: Vec<u64>,
+    pub active_rollouts: Vec<Uuid>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    db: DatabaseConnection,
+    repository: Repository,
+}
+
+fn validate(header: &Header) -> Result<()> {
+    let mut v = Violations::new();
+    if !tuf::valid_target_name(&header.target_name) {
+        v.push(
+            "header.target_name",
+            "use the target name the image was signed under: letters, digits, '.', '-' and '_', at most 128",
+        );
+    }
+    if header.targets_json.is_empty() {
+        v.push(
+            "header.targets_json",
+            "is required: the targets.json `medfleet firmware sign` wrote",
+        );
+    } else if header.targets_json.len() > MAX_TARGETS_JSON {
+        v.push("header.targets_json", "is larger than 8 MiB");
+    }
+    if header.length == 0 || header.length > MAX_IMAGE {
+        v.push("header.length", "must be between 1 byte and 4 GiB");
+    }
+    if !header.comment.is_empty() {
+        v.check("header.comment", check_text(&header.comment, MAX_COMMENT));
+    }
+    v.finish(|| Some(())).map_err(Error::from)
+}
+
+fn refusal(code: Refusal, message: String) -> Error {
+    Error::Refused {
+        reason: code.as_str(),
+        message,
+    }
+}
+
+fn counter(value: u64) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::Internal("release counter out of range".to_owned()))
+}
+
+impl Artifacts {
+    pub fn new(db: DatabaseConnection, repository: Repository) -> Self {
+        Self { db, repository }
+    }
+
+    pub fn repository(&self) -> &Repository {
+        &self.repository
+    }
+
+    /// The rules an image must meet beyond its signature: new name and content, and a release counter above every
+    /// stored image of its model unless the targets role signed it as a downgrade.
+    async fn admissible(conn: &impl ConnectionTrait, target: &SignedTarget) -> Result<()> {
+        if firmware_artifact::Entity::find()
+            .filter(firmware_artifact::Column::TargetName.eq(&target.name))
+            .one(conn)
+            .await?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists(format!(
+                "an image named {} is stored already (medfleet firmware show {})",
+                target.name, target.name
+            )));
+        }
+        if let Some(same) = firmware_artifact::Entity::find()
+            .filter(firmware_artifact::Column::Sha256.eq(&target.sha256))
+            .one(conn)
+            .await?
+        {
+            return Err(Error::AlreadyExists(format!(
+                "this image is stored already as {}",
+                same.target_name
+            )));
+        }
+        let highest = firmware_artifact::Entity::find()
+            .filter(firmware_artifact::Column::HardwareId.eq(&target.meta.hardware_id))
+            .order_by_desc(firmware_artifact::Column::ReleaseCounter)
+            .one(conn)
+            .await?;
+        if let Some(highest) = highest
+            && counter(target.meta.release_counter)? <= highest.release_counter
+            && target.meta.downgrade_from.is_empty()
+        {
+            return Err(refusal(
+                Refusal::NotNewer,
+                format!(
+                    "release counter {} of {} is not above release {} ({}) already stored for model {}; sign it \
+                     with a higher --counter, or as a downgrade (--downgrade-from) if going back is necessary",
+                    target.meta.release_counter,
+                    target.name,
+                    highest.release_counter,
+                    highest.version,
+                    target.meta.hardware_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn check(&self, conn: &impl ConnectionTrait, header: &Header) -> Result<Prepared> {
+        let prepared = self
+            .repository
+            .prepare(conn, &header.targets_json, &header.target_name)
+            .await?;
+        if prepared.target.length != header.length {
+            return Err(refusal(
+                Refusal::TooLarge,
+                format!(
+                    "the upload says {} bytes, the signed target {} is {} bytes: upload the image that was signed",
+                    header.length, prepared.target.name, prepared.target.length
+                ),
+            ));
+        }
+        Self::admissible(conn, &prepared.target).await?;
+        Ok(prepared)
+    }
+
+    /// Stores an image streamed after its header. Nothing is kept unless every check passes.
+    pub async fn upload<S>(&self, ctx: &audit::Context, header: Header, chunks: S) -> Result<Artifact>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        validate(&header)?;
+        let signed = self.check(&self.db, &header).await?.target;
+        let mut written = Vec::new();
+        let outcome = self.receive(&signed, chunks, &mut written).await;
+        let stored = match outcome {
+            Ok(index) => self.commit(ctx, &header, index).await,
+            Err(error) => Err(error),
+        };
+        if stored.is_err() {
+            self.remove_unreferenced(&written).await;
+        }
+        stored
+    }
+
+    /// Writes the chunks, returning their hashes in order; `written` collects the chunks this upload added.
+    async fn receive<S>(&self, signed: &SignedTarget, mut chunks: S, written: &mut Vec<String>) -> Result<Vec<String>>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buffer = BytesMut::with_capacity(CHUNK_SIZE);
+        let mut index = Vec::new();
+        let mut total: u64 = 0;
+        loop {
+            let next = chunks.next().await.transpose()?;
+            if let Some(data) = &next {
+                total = total.saturating_add(data.len() as u64);
+                if total > signed.length {
+                    return Err(refusal(
+                        Refusal::TooLarge,
+                        format!(
+                            "more bytes than the {} the targets role signed for {}: nothing was stored",
+                            signed.length, signed.name
+                        ),
+                    ));
+                }
+                whole.update(data);
+                buffer.extend_from_slice(data);
+            }
+            while buffer.len() >= CHUNK_SIZE || (next.is_none() && !buffer.is_empty()) {
+                let take = buffer.len().min(CHUNK_SIZE);
+                let chunk = buffer.split_to(take).freeze();
+                index.push(self.store_chunk(chunk, written).await?);
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        let sha256 = hex(whole.finish().as_ref());
+        if total != signed.length || sha256 != signed.sha256 {
+            return Err(refusal(
+                Refusal::HashMismatch,
+                format!(
+                    "the image received ({total} bytes, SHA-256 {sha256}) is not the one the targets role signed for \
+                     {} ({} bytes, {}): nothing was stored",
+                    signed.name, signed.length, signed.sha256
+                ),
+            ));
+        }
+        Ok(index)
+    }
+
+    async fn store_chunk(&self, data: Bytes, written: &mut Vec<String>) -> Result<String> {
+        let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
+        let inserted = firmware_chunk::Entity::insert(firmware_chunk::ActiveModel {
+            sha256: Set(sha256.clone()),
+            data: Set(data.to_vec()),
+        })
+        .on_conflict(
+            OnConflict::column(firmware_chunk::Column::Sha256)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        if inserted > 0 {
+            written.push(sha256.clone());
+        }
+        Ok(sha256)
+    }
+
+    async fn commit(&self, ctx: &audit::Context, header: &Header, index: Vec<String>) -> Result<Artifact> {
+        let txn = db::begin_write(&self.db).await?;
+        let prepared = self.check(&txn, header).await?;
+        let targets_version = prepared.targets_version;
+        let target = prepared.store(&txn).await?;
+        let id = Uuid::new_v4();
+        let downgrade = serde_json::to_string(&target.meta.downgrade_from)
+            .map_err(|e| Error::Internal(format!("downgrade list: {e}")))?;
+        firmware_artifact::Entity::insert(firmware_artifact::ActiveModel {
+            id: Set(id),
+            target_name: Set(target.name.clone()),
+            hardware_id: Set(target.meta.hardware_id.clone()),
+            version: Set(target.meta.version.clone()),
+            release_counter: Set(counter(target.meta.release_counter)?),
+            downgrade_from: Set(downgrade),
+            sha256: Set(target.sha256.clone()),
+            length: Set(i64::try_from(target.length).map_err(|_| Error::Internal("length out of range".to_owned()))?),
+            chunk_size: Set(i32::try_from(CHUNK_SIZE).unwrap_or(i32::MAX)),
+            targets_version: Set(counter(targets_version)?),
+            uploaded_at: Set(now()),
+            uploaded_by: Set(ctx.actor.clone()),
+            comment: Set(header.comment.clone()),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        let rows = index
+            .iter()
+            .enumerate()
+            .map(|(idx, sha)| firmware_artifact_chunk::ActiveModel {
+                artifact_id: Set(id),
+                idx: Set(i32::try_from(idx).unwrap_or(i32::MAX)),
+                chunk_sha256: Set(sha.clone()),
+            })
+            .collect();
+        db::insert_all::<firmware_artifact_chunk::Entity>(&txn, rows).await?;
+        ctx.record(
+            &txn,
+            "firmware.artifact.upload",
+            format!("artifact {id}"),
+            "*",
+            format!(
+                "{} model {} version {} release {} sha256 {} ({} bytes){}",
+                target.name,
+                target.meta.hardware_id,
+                target.meta.version,
+                target.meta.release_counter,
+                target.sha256,
+                target.length,
+                if target.meta.downgrade_from.is_empty() {
+                    String::new()
+                } else {
+                    format!(", signed downgrade from releases {:?}", target.meta.downgrade_from)
+                }
+            ),
+        )
+        .await?;
+        txn.commit().await?;
+        tracing::info!(artifact = %id, target = %target.name, model = %target.meta.hardware_id, "firmware image stored");
+        self.get(&id.to_string()).await
+    }
+
+    /// Removes chunks this upload added that no artifact references (a failed or refused upload).
+    async fn remove_unreferenced(&self, written: &[String]) {
+        for sha in written {
+            if let Err(error) = remove_if_unreferenced(&self.db, sha).await {
+                tracing::warn!(%error, "could not remove a chunk of a failed upload; it stays unreferenced");
+            }
+        }
+    }
+
+    async fn find(&self, conn: &impl ConnectionTrait, reference: &str) -> Result<firmware_artifact::Model> {
+        let row = match Uuid::parse_str(reference) {
+            Ok(id) => firmware_artifact::Entity::find_by_id(id).one(conn).await?,
+            Err(_) => {
+                firmware_artifact::Entity::find()
+                    .filter(firmware_artifact::Column::TargetName.eq(reference))
+                    .one(conn)
+                    .await?
+            }
+        };
+        row.ok_or_else(|| {
+            Error::NotFound(format!(
+                "firmware artifact {} does not exist (medfleet firmware list)",
+                medfleet_core::validation::printable(reference)
+            ))
+        })
+    }
+
+    async fn active_rollouts(conn: &impl ConnectionTrait, artifact: Uuid) -> Result<Vec<Uuid>> {
+        Ok(rollout::Entity::find()
+            .filter(rollout::Column::ArtifactId.eq(artifact))
+            .filter(rollout::Column::State.is_not_in(["completed", "aborted"]))
+            .select_only()
+            .column(rollout::Column::Id)
+            .into_tuple::<Uuid>()
+            .all(conn)
+            .await?)
+    }
+
+    async fn describe(&self, row: firmware_artifact::Model) -> Result<Artifact> {
+        let active_rollouts = Self::active_rollouts(&self.db, row.id).await?;
+        let downgrade_from = serde_json::from_str(&row.downgrade_from).unwrap_or_default();
+        Ok(Artifact {
+            row,
+            downgrade_from,
+            active_rollouts,
+        })
+    }
+
+    pub async fn get(&self, reference: &str) -> Result<Artifact> {
+        let row = self.find(&self.db, reference).await?;
+        self.describe(row).await
+    }
+
+    /// Artifacts by target name, after `after`, optionally of one model.
+    pub async fn list(&self, hardware_id: Option<&str>, after: Option<&str>, limit: u64) -> Result<Vec<Artifact>> {
+        let mut query = firmware_artifact::Entity::find().order_by_asc(firmware_artifact::Column::TargetName);
+        if let Some(model) = hardware_id {
+            query = query.filter(firmware_artifact::Column::HardwareId.eq(model));
+        }
+        if let Some(after) = after {
+            query = query.filter(firmware_artifact::Column::TargetName.gt(after));
+        }
+        let rows = query.limit(limit).all(&self.db).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(self.describe(row).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes an artifact no unfinished rollout uses, with its chunks that nothing else shares. Its target stays
+    /// in the signed metadata (only the offline key could remove it); without the bytes no device can fetch it.
+    pub async fn delete(&self, ctx: &audit::Context, reference: &str) -> Result<()> {
+        let txn = db::begin_write(&self.db).await?;
+        let row = self.find(&txn, reference).await?;
+        let active = Self::active_rollouts(&txn, row.id).await?;
+        if !active.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "artifact {} is used by unfinished rollout(s) {}: abort or finish them first",
+                row.target_name,
+                active.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let chunks: BTreeSet<String> = firmware_artifact_chunk::Entity::find()
+            .filter(firmware_artifact_chunk::Column::ArtifactId.eq(row.id))
+            .select_only()
+            .column(firmware_artifact_chunk::Column::ChunkSha256)
+            .into_tuple::<String>()
+            .all(&txn)
+            .await?
+            .into_iter()
+            .collect();
+        firmware_artifact_chunk::Entity::delete_many()
+            .filter(firmware_artifact_chunk::Column::ArtifactId.eq(row.id))
+            .exec(&txn)
+            .await?;
+        firmware_artifact::Entity::delete_by_id(row.id).exec(&txn).await?;
+        for sha in &chunks {
+            remove_if_unreferenced(&txn, sha).await?;
+        }
+        ctx.record(
+            &txn,
+            "firmware.artifact.delete",
+            format!("artifact {}", row.id),
+            "*",
+            format!("{} version {}", row.target_name, row.version),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// The artifact a read names, for the RPC layer's assignment check.
+    pub async fn resolve(&self, reference: &str) -> Result<firmware_artifact::Model> {
+        self.find(&self.db, reference).await
+    }
+
+    /// The image from `offset`: chunk by chunk, each read when the previous one was taken (a slow reader holds no
+    /// more than one chunk in memory).
+    pub fn read(
+        &self,
+        artifact: &firmware_artifact::Model,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<(u64, Bytes)>> + Send + 'static> {
+        let length = u64::try_from(artifact.length).unwrap_or(0);
+        if offset > length {
+            return Err(Violations::single(
+                "offset",
+                format!("is beyond the image's {length} bytes; continue from at most its length"),
+            )
+            .into());
+        }
+        let chunk_size = u64::try_from(artifact.chunk_size).unwrap_or(1).max(1);
+        let db = self.db.clone();
+        let id = artifact.id;
+        let first = offset / chunk_size;
+        let chunks = length.div_ceil(chunk_size);
+        Ok(futures::stream::iter(first..chunks).then(move |idx| {
+            let db = db.clone();
+            async move {
+                let start = idx * chunk_size;
+                let link = firmware_artifact_chunk::Entity::find_by_id((id, i32::try_from(idx).unwrap_or(i32::MAX)))
+                    .one(&db)
+                    .await?
+                    .ok_or_else(|| Error::Internal(format!("artifact {id} lacks chunk {idx}")))?;
+                let chunk = firmware_chunk::Entity::find_by_id(link.chunk_sha256)
+                    .one(&db)
+                    .await?
+                    .ok_or_else(|| Error::Internal(format!("artifact {id}: chunk {idx} is missing")))?;
+                let skip = usize::try_from(offset.saturating_sub(start))
+                    .unwrap_or(0)
+                    .min(chunk.data.len());
+                let data = Bytes::from(chunk.data).slice(skip..);
+                Ok((start + skip as u64, data))
+            }
+        }))
+    }
+}
+
+async fn remove_if_unreferenced(conn: &impl ConnectionTrait, sha: &str) -> Result<()> {
+    let referenced = firmware_artifact_chunk::Entity::find()
+        .filter(firmware_artifact_chunk::Column::ChunkSha256.eq(sha))
+        .one(conn)
+        .await?
+        .is_some();
+    if !referenced {
+        firmware_chunk::Entity::delete_by_id(sha.to_owned()).exec(conn).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! What a connected device is told about its rollout action, and what its reports do.
+//!
+//! The hub of the replica that holds a device's session asks [`due`] for the commands its devices should get
+//! (on connect, on a firmware change event, at every reconcile, after each report) and remembers per session what
+//! it sent, so a command goes once per session. The clinical-use gate and the window are evaluated here, at the
+//! moment an install would be sent, from the database (patient associations) and the session (the state the
+//! device reports), and fail closed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use medfleet_core::firmware::rollout::{DeviceNow, may_install};
+use medfleet_core::firmware::state::{ActionState, RolloutState};
+use medfleet_core::presence::OperationalState;
+use medfleet_core::validation::printable;
+use medfleet_proto::v1::{self, session_response};
+use sea_orm::{
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, Condition, DatabaseConnection, EntityTrait as _,
+    IntoActiveModel as _, QueryFilter as _,
+};
+use uuid::Uuid;
+
+use crate::audit;
+use crate::error::Result;
+use crate::persistence::db::{self, now};
+use crate::persistence::entity::{association, device, firmware_artifact, rollout, rollout_action};
+use crate::persistence::events::{Event, Events};
+use crate::rollouts::store::{action_state, clinical_use_of, in_window};
+
+const IN_LIST: usize = 500;
+
+/// What this session was last sent about an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub action: Uuid,
+    pub install: bool,
+}
+
+/// A device whose session this replica holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    pub device: Uuid,
+    pub state: OperationalState,
+    pub sent: Option<Sent>,
+}
+
+/// A command for one device and what the session has been sent once it goes out.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub device: Uuid,
+    pub message: session_response::Message,
+    pub sent: Option<Sent>,
+}
+
+/// The steps an action takes in order: a report may skip ahead (a device that verified while it downloaded
+/// reports `downloaded` straight after `notified`), never back.
+const PATH: [ActionState; 8] = [
+    ActionState::Notified,
+    ActionState::Downloading,
+    ActionState::Downloaded,
+    ActionState::Verifying,
+    ActionState::Installing,
+    ActionState::Rebooting,
+    ActionState::VerifyingHealth,
+    ActionState::Succeeded,
+];
+
+/// Whether `from` may reach `to` by allowed moves along the path (or directly).
+pub fn reachable(from: ActionState, to: ActionState) -> bool {
+    if from.to(to).is_ok() {
+        return true;
+    }
+    let mut at = from;
+    for step in PATH {
+        if at.to(to).is_ok() {
+            return true;
+        }
+        if let Ok(next) = at.to(step) {
+            at = next;
+        }
+    }
+    at == to
+}
+
+async fn active_actions(db: &DatabaseConnection, devices: &[Uuid]) -> Result<Vec<rollout_action::Model>> {
+    let mut out = Vec::new();
+    for chunk in devices.chunks(IN_LIST) {
+        out.extend(
+            rollout_action::Entity::find()
+                .filter(rollout_action::Column::ActiveDevice.is_in(chunk.iter().copied()))
+                .all(db)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// Devices among `devices` bound to a patient now.
+async fn bound(db: &DatabaseConnection, devices: &[Uuid]) -> Result<HashSet<Uuid>> {
+    let at = now();
+    let mut out = HashSet::new();
+    for chunk in devices.chunks(IN_LIST) {
+        out.extend(
+            association::Entity::find()
+                .filter(association::Column::DeviceId.is_in(chunk.iter().copied()))
+                .filter(association::Column::StartsAt.lte(at))
+                .filter(
+                    Condition::any()
+                        .add(association::Column::EndsAt.is_null())
+                        .add(association::Column::EndsAt.gt(at)),
+                )
+                .all(db)
+                .await?
+                .into_iter()
+                .map(|a| a.device_id),
+        );
+    }
+    Ok(out)
+}
+
+fn update_message(action: &rollout_action::Model, artifact: &firmware_artifact::Model) -> session_response::Message {
+    session_response::Message::FirmwareUpdate(v1::FirmwareUpdate {
+        action_id: action.id.to_string(),
+        artifact_id: artifact.id.to_string(),
+        target_name: artifact.target_name.clone(),
+        sha256: artifact.sha256.clone(),
+        length: u64::try_from(artifact.length).unwrap_or(0),
+        version: artifact.version.clone(),
+        release_counter: u64::try_from(artifact.release_counter).unwrap_or(0),
+    })
+}
+
+/// The commands due for `held` devices. Moves queued actions to notified and deferred ones to their reason as a
+/// side effect (in one transaction, announced).
+pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -> Result<Vec<Due>> {
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let devices: Vec<Uuid> = held.iter().map(|h| h.device).collect();
+    let actions = active_actions(db, &devices).await?;
+    let by_device: HashMap<Uuid, &rollout_action::Model> = actions.iter().map(|a| (a.device_id, a)).collect();
+    let mut out = Vec::new();
+
+    // A session told about an action that is no longer active: cancel it on the device if it was canceled.
+    let stale: Vec<Uuid> = held
+        .iter()
+        .filter_map(|h| {
+            h.sent
+                .filter(|s| by_device.get(&h.device).is_none_or(|a| a.id != s.action))
+        })
+        .map(|s| s.action)
+        .collect();
+    if !stale.is_empty() {
+        let finished = rollout_action::Entity::find()
+            .filter(rollout_action::Column::Id.is_in(stale))
+            .all(db)
+            .await?;
+        for action in finished {
+            if action_state(&action) == ActionState::Canceled {
+                out.push(Due {
+                    device: action.device_id,
+                    message: session_response::Message::FirmwareCancel(v1::FirmwareCancel {
+                        action_id: action.id.to_string(),
+                    }),
+                    sent: None,
+                });
+            }
+        }
+    }
+    if actions.is_empty() {
+        return Ok(out);
+    }
+
+    let rollout_ids: HashSet<Uuid> = actions.iter().map(|a| a.rollout_id).collect();
+    let rollouts: HashMap<Uuid, rollout::Model> = rollout::Entity::find()
+        .filter(rollout::Column::Id.is_in(rollout_ids))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let artifact_ids: HashSet<Uuid> = rollouts.values().map(|r| r.artifact_id).collect();
+    let artifacts: HashMap<Uuid, firmware_artifact::Model> = firmware_artifact::Entity::find()
+        .filter(firmware_artifact::Column::Id.is_in(artifact_ids))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|a| (a.id, a))
+        .collect();
+    let waiting: Vec<Uuid> = actions
+        .iter()
+        .filter(|a| matches!(action_state(a), ActionState::Downloaded | ActionState::Deferred))
+        .map(|a| a.device_id)
+        .collect();
+    let bound = bound(db, &waiting).await?;
+    let at = now();
+
+    let mut notified = Vec::new();
+    let mut deferred = Vec::new();
+    for h in held {
+        let Some(action) = by_device.get(&h.device) else {
+            continue;
+        };
+        let Some(rollout) = rollouts.get(&action.rollout_id) else {
+            continue;
+        };
+        if RolloutState::parse(&rollout.state) != Some(RolloutState::Running) || action.wave > rollout.current_wave {
+            continue;
+        }
+        let Some(artifact) = artifacts.get(&rollout.artifact_id) else {
+            continue;
+        };
+        let told = h.sent.filter(|s| s.action == action.id);
+        let state = action_state(action);
+        match state {
+            ActionState::Queued | ActionState::Notified | ActionState::Downloading | ActionState::Verifying
+                if told.is_none() =>
+            {
+                out.push(Due {
+                    device: h.device,
+                    message: update_message(action, artifact),
+                    sent: Some(Sent {
+                        action: action.id,
+                        install: false,
+                    }),
+                });
+                if state == ActionState::Queued {
+                    notified.push(action.id);
+                }
+            }
+            ActionState::Downloaded | ActionState::Deferred => {
+                let Some(told) = told else {
+                    // A new session: the device confirms what it holds before it is told to install.
+                    out.push(Due {
+                        device: h.device,
+                        message: update_message(action, artifact),
+                        sent: Some(Sent {
+                            action: action.id,
+                            install: false,
+                        }),
+                    });
+                    continue;
+                };
+                if told.install {
+                    continue;
+                }
+                let now_facts = DeviceNow {
+                    bound: bound.contains(&h.device),
+                    state: h.state,
+                    approved: !action.approved_by.is_empty(),
+                    in_window: in_window(rollout, at),
+                };
+                match may_install(now_facts, clinical_use_of(&rollout.clinical_use)) {
+                    Ok(()) => out.push(Due {
+                        device: h.device,
+                        message: session_response::Message::FirmwareInstall(v1::FirmwareInstall {
+                            action_id: action.id.to_string(),
+                        }),
+                        sent: Some(Sent {
+                            action: action.id,
+                            install: true,
+                        }),
+                    }),
+                    Err(deferral) => {
+                        if state != ActionState::Deferred || action.reason != deferral.as_str() {
+                            deferred.push((action.id, deferral.as_str()));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !notified.is_empty() || !deferred.is_empty() {
+        let txn = db::begin_write(db).await?;
+        for chunk in notified.chunks(IN_LIST) {
+            rollout_action::Entity::update_many()
+                .col_expr(
+                    rollout_action::Column::State,
+                    sea_orm::sea_query::Expr::value(ActionState::Notified.as_str()),
+                )
+                .col_expr(rollout_action::Column::UpdatedAt, sea_orm::sea_query::Expr::value(at))
+                .filter(rollout_action::Column::Id.is_in(chunk.iter().copied()))
+                .filter(rollout_action::Column::State.eq(ActionState::Queued.as_str()))
+                .exec(&txn)
+                .await?;
+        }
+        for (id, reason) in &deferred {
+            rollout_action::Entity::update_many()
+                .col_expr(
+                    rollout_action::Column::State,
+                    sea_orm::sea_query::Expr::value(ActionState::Deferred.as_str()),
+                )
+                .col_expr(rollout_action::Column::Reason, sea_orm::sea_query::Expr::value(*reason))
+                .col_expr(rollout_action::Column::UpdatedAt, sea_orm::sea_query::Expr::value(at))
+                .filter(rollout_action::Column::Id.eq(*id))
+                .filter(rollout_action::Column::ActiveDevice.is_not_null())
+                .exec(&txn)
+                .await?;
+        }
+        events.announce(&txn, &Event::Firmware).await?;
+        txn.commit().await?;
+        events.emit(Event::Firmware);
+    }
+    Ok(out)
+}
+
+fn bounded(value: &str, max: usize) -> String {
+    value.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+/// Records a device's report on its own action. A report on another device's action, an unknown state or a move
+/// the state machine does not allow (a replayed or out-of-order report) changes nothing. Returns the new state.
+pub async fn report(
+    db: &DatabaseConnection,
+    events: &Arc<Events>,
+    device: Uuid,
+    report: &v1::FirmwareReport,
+) -> Result<Option<ActionState>> {
+    let Ok(id) = Uuid::parse_str(&report.action_id) else {
+        return Ok(None);
+    };
+    let Some(next) = medfleet_proto::convert::action_state_from_wire(report.state) else {
+        return Ok(None);
+    };
+    let txn = db::begin_write(db).await?;
+    let Some(action) = rollout_action::Entity::find_by_id(id)
+        .filter(rollout_action::Column::DeviceId.eq(device))
+        .one(&txn)
+        .await?
+    else {
+        tracing::warn!(%device, "firmware report for an action that is not this device's; ignored");
+        return Ok(None);
+    };
+    let current = action_state(&action);
+    let bytes = i64::try_from(report.bytes_downloaded).unwrap_or(i64::MAX);
+    if next == current {
+        if next == ActionState::Downloading && bytes != action.bytes_downloaded {
+            let mut active = action.into_active_model();
+            active.bytes_downloaded = Set(bytes);
+            active.updated_at = Set(now());
+            active.update(&txn).await?;
+            txn.commit().await?;
+            events.emit(Event::Firmware);
+        }
+        return Ok(Some(next));
+    }
+    if !reachable(current, next) {
+        tracing::debug!(%device, from = %current, to = %next, "firmware report out of order; ignored");
+        return Ok(None);
+    }
+    let reason = bounded(&report.reason, 64);
+    let detail = bounded(&report.detail, 1000);
+    let rollout_id = action.rollout_id;
+    let mut active = action.into_active_model();
+    active.state = Set(next.as_str().to_owned());
+    active.reason = Set(reason.clone());
+    active.detail = Set(detail.clone());
+    if bytes > 0 {
+        active.bytes_downloaded = Set(bytes);
+    }
+    if next.is_final() {
+        active.active_device = Set(None);
+    }
+    active.updated_at = Set(now());
+    active.update(&txn).await?;
+    let scope = device::Entity::find_by_id(device).one(&txn).await?.map_or_else(
+        || "*".to_owned(),
+        |d| audit::device_scope(d.site.as_deref(), d.ward.as_deref()),
+    );
+    audit::Context::new(format!("medfleet://device/{device}"), "")
+        .record(
+            &txn,
+            &format!("rollout.device.{}", next.as_str()),
+            format!("device {device}"),
+            scope,
+            format!(
+                "rollout {rollout_id}; running {} (release {}){}",
+                printable(&bounded(&report.running_version, 200)),
+                report.running_release_counter,
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {reason}: {}", printable(&detail))
+                }
+            ),
+        )
+        .await?;
+    events.announce(&txn, &Event::Firmware).await?;
+    txn.commit().await?;
+    events.emit(Event::Firmware);
+    if matches!(next, ActionState::Failed | ActionState::RolledBack) {
+        tracing::warn!(%device, rollout = %rollout_id, state = %next, reason = %reason, "firmware update did not succeed");
+    } else {
+        tracing::info!(%device, rollout = %rollout_id, state = %next, "firmware action");
+    }
+    Ok(Some(next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_may_skip_ahead_but_never_go_back() {
+        use ActionState::*;
+        assert!(reachable(Notified, Downloaded));
+        assert!(reachable(Deferred, Installing));
+        assert!(reachable(Downloaded, Installing));
+        assert!(reachable(Installing, RolledBack));
+        assert!(reachable(Downloading, Failed));
+        assert!(!reachable(Succeeded, Downloading));
+        assert!(!reachable(Installing, Downloaded));
+        assert!(!reachable(Installing, Deferred));
+        assert!(!reachable(Canceled, Notified));
+        assert!(!reachable(Failed, Succeeded));
+    }
+}
