@@ -16,6 +16,7 @@ mod binaries;
 mod clinical;
 mod config;
 mod destinations;
+mod firmware;
 mod identity;
 mod matrix;
 mod operations;

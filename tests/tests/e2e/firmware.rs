@@ -1,0 +1,498 @@
+//! Firmware on the real server over real mTLS, both backends: the trust root, uploads refused with nothing stored
+//! (unsigned, under threshold, online key only, altered, longer than signed, not newer, duplicate), published
+//! metadata that verifies with tough from the pinned root, resumable reads limited to a device's own assignment,
+//! and a rollout through its waves to completion with devices that speak the session protocol and verify
+//! everything themselves before they report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use medfleet_core::digest::sha256_hex;
+use medfleet_core::firmware::target::TargetMeta;
+use medfleet_core::firmware::tuf::{self, RoleSpec, RootSpec, SignedTarget, SigningKey};
+use medfleet_e2e::{Backend, TestServer, both_backends, count_rows};
+use medfleet_proto::v1::{
+    self, device_service_client::DeviceServiceClient, firmware_service_client::FirmwareServiceClient,
+    registry_service_client::RegistryServiceClient, rollout_service_client::RolloutServiceClient, session_request,
+    session_response, upload_artifact_request,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
+
+const MODEL: &str = "IntelliVue MX450";
+
+struct Keys {
+    root: SigningKey,
+    targets: Vec<SigningKey>,
+}
+
+/// Offline keys (root, three targets keys, two must sign) and a root naming the server's online keys.
+async fn trust(server: &TestServer, channel: &Channel) -> (Keys, Vec<u8>) {
+    let mut fw = FirmwareServiceClient::new(channel.clone());
+    let online = fw
+        .get_online_keys(v1::GetOnlineKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot: tuf::PublicKey = serde_json::from_str(&online.snapshot_key_json).unwrap();
+    let timestamp: tuf::PublicKey = serde_json::from_str(&online.timestamp_key_json).unwrap();
+    let keys = Keys {
+        root: SigningKey::generate().unwrap().0,
+        targets: (0..3).map(|_| SigningKey::generate().unwrap().0).collect(),
+    };
+    let spec = |snapshot: tuf::PublicKey, timestamp: tuf::PublicKey| RootSpec {
+        version: 1,
+        expires: Utc::now() + chrono::Duration::days(365),
+        root: RoleSpec {
+            keys: vec![keys.root.public()],
+            threshold: 1,
+        },
+        targets: RoleSpec {
+            keys: keys.targets.iter().map(SigningKey::public).collect(),
+            threshold: 2,
+        },
+        snapshot: RoleSpec {
+            keys: vec![snapshot],
+            threshold: 1,
+        },
+        timestamp: RoleSpec {
+            keys: vec![timestamp],
+            threshold: 1,
+        },
+    };
+    // A root that names other online keys would make every device refuse what medfleetd signs.
+    let stranger = SigningKey::generate().unwrap().0.public();
+    let wrong = tuf::sign_root(&spec(stranger.clone(), stranger), &[&keys.root])
+        .await
+        .unwrap();
+    let refused = fw
+        .set_trust_root(v1::SetTrustRootRequest {
+            root_json: String::from_utf8(wrong).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let root = tuf::sign_root(&spec(snapshot, timestamp), &[&keys.root]).await.unwrap();
+    let installed = fw
+        .set_trust_root(v1::SetTrustRootRequest {
+            root_json: String::from_utf8(root.clone()).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((installed.version, installed.targets_threshold), (1, 2));
+    let _ = server;
+    (keys, root)
+}
+
+/// Bytes that do not repeat per chunk (identical chunks would be stored once: storage is content-addressed).
+fn image(size: usize, seed: u8) -> Vec<u8> {
+    (0..size as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+fn target(name: &str, bytes: &[u8], counter: u64) -> SignedTarget {
+    SignedTarget {
+        name: name.to_owned(),
+        sha256: sha256_hex(bytes),
+        length: bytes.len() as u64,
+        meta: TargetMeta {
+            hardware_id: MODEL.into(),
+            version: format!("2.{counter}.0"),
+            release_counter: counter,
+            downgrade_from: vec![],
+        },
+    }
+}
+
+async fn upload(
+    channel: &Channel,
+    name: &str,
+    targets_json: &[u8],
+    bytes: &[u8],
+) -> Result<v1::Artifact, tonic::Status> {
+    let mut messages = vec![v1::UploadArtifactRequest {
+        message: Some(upload_artifact_request::Message::Header(v1::UploadArtifactHeader {
+            target_name: name.to_owned(),
+            targets_json: String::from_utf8(targets_json.to_vec()).unwrap(),
+            length: bytes.len() as u64,
+            comment: "e2e".into(),
+        })),
+    }];
+    for chunk in bytes.chunks(300 * 1024) {
+        messages.push(v1::UploadArtifactRequest {
+            message: Some(upload_artifact_request::Message::Chunk(chunk.to_vec())),
+        });
+    }
+    FirmwareServiceClient::new(channel.clone())
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+async fn stored(server: &TestServer) -> (i64, i64) {
+    let db = server.db().await;
+    (
+        count_rows(&db, "SELECT COUNT(*) FROM firmware_artifacts").await,
+        count_rows(&db, "SELECT COUNT(*) FROM firmware_chunks").await,
+    )
+}
+
+fn in_a_year() -> chrono::DateTime<Utc> {
+    Utc::now() + chrono::Duration::days(365)
+}
+
+async fn uploads_are_verified_before_anything_is_kept(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, root) = trust(&server, &channel).await;
+    let bytes = image(2 * 1024 * 1024 + 17, 1);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+
+    // Below the threshold (one of two), unsigned, by an unknown key: untrusted_signature, nothing stored.
+    let one = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0]])
+        .await
+        .unwrap();
+    let none = tuf::sign_targets(None, &good, in_a_year(), &[]).await.unwrap();
+    let stranger = SigningKey::generate().unwrap().0;
+    let unknown = tuf::sign_targets(None, &good, in_a_year(), &[&stranger, &keys.targets[0]])
+        .await
+        .unwrap();
+    for metadata in [&one, &none, &unknown] {
+        let refused = upload(&channel, &good.name, metadata, &bytes).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(reason(&refused), "untrusted_signature", "{refused:?}");
+    }
+    assert_eq!(stored(&server).await, (0, 0));
+
+    let signed = tuf::countersign(&one, &keys.targets[2]).await.unwrap();
+    // Altered bytes, and more bytes than signed: refused, and the chunks written on the way are gone again.
+    let mut altered = bytes.clone();
+    altered[1_500_000] ^= 0xff;
+    let refused = upload(&channel, &good.name, &signed, &altered).await.unwrap_err();
+    assert_eq!(reason(&refused), "hash_mismatch", "{refused:?}");
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(b"endless data");
+    let refused = upload(&channel, &good.name, &signed, &longer).await.unwrap_err();
+    assert_eq!(reason(&refused), "too_large", "{refused:?}");
+    assert_eq!(stored(&server).await, (0, 0));
+
+    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    assert_eq!(
+        (artifact.sha256.as_str(), artifact.length, artifact.release_counter),
+        (good.sha256.as_str(), bytes.len() as u64, 1)
+    );
+    assert_eq!(stored(&server).await, (1, 3));
+    let refused = upload(&channel, &good.name, &signed, &bytes).await.unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+
+    // The same release counter again (a different image): not newer.
+    let other = image(4096, 2);
+    let same_counter = target("mx450-2.1.1.img", &other, 1);
+    let next = tuf::sign_targets(
+        Some(&signed),
+        &same_counter,
+        in_a_year(),
+        &[&keys.targets[0], &keys.targets[1]],
+    )
+    .await
+    .unwrap();
+    let refused = upload(&channel, &same_counter.name, &next, &other).await.unwrap_err();
+    assert_eq!(reason(&refused), "not_newer", "{refused:?}");
+    // Targets metadata that drops the stored image is refused: devices could no longer verify it.
+    let dropped = tuf::sign_targets(
+        None,
+        &target("mx450-2.2.0.img", &other, 2),
+        in_a_year(),
+        &[&keys.targets[0], &keys.targets[1]],
+    )
+    .await
+    .unwrap();
+    let refused = upload(&channel, "mx450-2.2.0.img", &dropped, &other).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(stored(&server).await, (1, 3));
+
+    // What devices fetch verifies with tough from the pinned root, and the image reads back from any offset.
+    let mut fw = FirmwareServiceClient::new(channel.clone());
+    let published = fw
+        .get_metadata(v1::GetMetadataRequest { known_root_version: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let set = tuf::MetadataSet {
+        roots: published.roots_json.iter().map(|r| r.clone().into_bytes()).collect(),
+        timestamp: published.timestamp_json.into_bytes(),
+        snapshot: published.snapshot_json.into_bytes(),
+        targets: published.targets_json.into_bytes(),
+    };
+    let verified = tuf::verify(&root, &set, None, None).await.unwrap();
+    assert_eq!(verified.target(&good.name).unwrap(), good);
+    let offset = 1_048_576 + 1000;
+    let mut read = fw
+        .read_artifact(v1::ReadArtifactRequest {
+            artifact: artifact.id.clone(),
+            offset,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tail = Vec::new();
+    while let Some(chunk) = read.message().await.unwrap() {
+        assert_eq!(chunk.offset, offset + tail.len() as u64);
+        tail.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(tail, bytes[usize::try_from(offset).unwrap()..]);
+
+    // A device with no rollout of it cannot read it: the image does not exist for it.
+    let mut registry = server.admin().await;
+    let (device, bundle) = enrolled(&server, &mut registry, "SN-FW-0").await;
+    let device_channel = server.channel_for(&bundle).await.unwrap();
+    let refused = FirmwareServiceClient::new(device_channel)
+        .read_artifact(v1::ReadArtifactRequest {
+            artifact: artifact.id.clone(),
+            offset: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{device}: {refused:?}");
+
+    let audit = count_rows(
+        &server.db().await,
+        "SELECT COUNT(*) FROM audit_log WHERE action IN ('firmware.trust_root.set', 'firmware.artifact.upload')",
+    )
+    .await;
+    assert_eq!(audit, 2);
+    server.stop().await.unwrap();
+}
+
+both_backends!(uploads_are_verified, uploads_are_verified_before_anything_is_kept);
+
+async fn enrolled(
+    server: &TestServer,
+    registry: &mut RegistryServiceClient<Channel>,
+    serial: &str,
+) -> (String, medfleet_proto::client::Bundle) {
+    let id = medfleet_e2e::fleet::register(registry, medfleet_e2e::fleet::monitor(serial, MODEL)).await;
+    let token = registry
+        .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
+            device_id: id.clone(),
+            ttl: None,
+            replace: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (bundle, _) = server.enroll(&token, &id).await.unwrap();
+    (id, bundle)
+}
+
+/// A device that follows the firmware protocol and trusts only what it verifies: metadata against its pinned
+/// root, the image through tough's reader, the model and release counter rule. Runs until its session ends.
+async fn device(server_channel: Channel, id: String, root: Vec<u8>, done: mpsc::Sender<(String, String)>) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(v1::SessionRequest {
+        message: Some(session_request::Message::Hello(v1::Hello {
+            device_id: id.clone(),
+            firmware_version: "2.0.0".into(),
+            operational_state: v1::OperationalState::Idle.into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = DeviceServiceClient::new(server_channel.clone())
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = |action: &str, state: v1::ActionState, reason: &str| v1::SessionRequest {
+        message: Some(session_request::Message::FirmwareReport(v1::FirmwareReport {
+            action_id: action.to_owned(),
+            state: state.into(),
+            reason: reason.to_owned(),
+            running_version: "2.0.0".into(),
+            ..Default::default()
+        })),
+    };
+    let mut fw = FirmwareServiceClient::new(server_channel);
+    while let Ok(Some(message)) = inbound.message().await {
+        match message.message {
+            Some(session_response::Message::FirmwareUpdate(update)) => {
+                let published = fw
+                    .get_metadata(v1::GetMetadataRequest { known_root_version: 1 })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut bytes = Vec::new();
+                let mut read = fw
+                    .read_artifact(v1::ReadArtifactRequest {
+                        artifact: update.artifact_id.clone(),
+                        offset: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                while let Some(chunk) = read.message().await.unwrap() {
+                    bytes.extend_from_slice(&chunk.data);
+                }
+                let set = tuf::MetadataSet {
+                    roots: published.roots_json.iter().map(|r| r.clone().into_bytes()).collect(),
+                    timestamp: published.timestamp_json.into_bytes(),
+                    snapshot: published.snapshot_json.into_bytes(),
+                    targets: published.targets_json.into_bytes(),
+                };
+                let source: Arc<dyn tuf::ImageSource> = Arc::new(Held(bytes));
+                let verdict = match tuf::verify(&root, &set, None, Some((update.target_name.clone(), source))).await {
+                    Ok(verified) => verified.check_image(&update.target_name).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                let state = match verdict {
+                    Ok(()) => report(&update.action_id, v1::ActionState::Downloaded, ""),
+                    Err(e) => report(&update.action_id, v1::ActionState::Failed, e.code.as_str()),
+                };
+                tx.send(state).await.unwrap();
+            }
+            Some(session_response::Message::FirmwareInstall(install)) => {
+                for state in [
+                    v1::ActionState::Installing,
+                    v1::ActionState::Rebooting,
+                    v1::ActionState::VerifyingHealth,
+                    v1::ActionState::Succeeded,
+                ] {
+                    tx.send(report(&install.action_id, state, "")).await.unwrap();
+                }
+                let _ = done.send((id.clone(), install.action_id)).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Held(Vec<u8>);
+
+#[tonic::async_trait]
+impl tuf::ImageSource for Held {
+    async fn open(&self) -> Result<tuf::ImageStream, std::io::Error> {
+        Ok(Box::pin(tokio_stream::iter([Ok(bytes::Bytes::from(self.0.clone()))])))
+    }
+}
+
+async fn a_rollout_goes_through_its_waves(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, root) = trust(&server, &channel).await;
+    let bytes = image(300_000, 7);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+
+    let mut registry = server.admin().await;
+    let (done_tx, mut done) = mpsc::channel(16);
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let (id, bundle) = enrolled(&server, &mut registry, &format!("SN-RO-{i}")).await;
+        let device_channel = server.channel_for(&bundle).await.unwrap();
+        tokio::spawn(device(device_channel, id.clone(), root.clone(), done_tx.clone()));
+        devices.push(id);
+    }
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.target_name.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: devices.clone(),
+            })),
+            waves: vec!["25%".into(), "100%".into()],
+            success_threshold: "100%".into(),
+            soak: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
+            min_executed: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.counts.as_ref().map(|c| c.targeted), Some(4));
+    // A device is in at most one unfinished rollout.
+    let refused = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: vec![devices[0].clone()],
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    let mut watch = rollouts
+        .watch_rollout(v1::WatchRolloutRequest {
+            rollout: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut waves_seen = Vec::new();
+    let finished = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(detail) = watch.message().await.unwrap() {
+            let rollout = detail.rollout.unwrap();
+            waves_seen.push(rollout.current_wave);
+            if rollout.state == i32::from(v1::RolloutState::Completed) {
+                return detail.devices;
+            }
+        }
+        panic!("the watch ended before the rollout completed");
+    })
+    .await
+    .expect("the rollout completes");
+    assert!(
+        finished
+            .iter()
+            .all(|d| d.state == i32::from(v1::ActionState::Succeeded)),
+        "{finished:?}"
+    );
+    assert!(waves_seen.contains(&0) && waves_seen.contains(&1), "{waves_seen:?}");
+    let mut installed = Vec::new();
+    while let Ok(one) = done.try_recv() {
+        installed.push(one);
+    }
+    let distinct: std::collections::BTreeSet<&String> = installed.iter().map(|(device, _)| device).collect();
+    assert_eq!(
+        (installed.len(), distinct.len()),
+        (4, 4),
+        "every device told to install exactly once: {installed:?}"
+    );
+    let db = server.db().await;
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT COUNT(*) FROM rollout_actions WHERE active_device IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.device.succeeded'"
+        )
+        .await,
+        4
+    );
+    server.stop().await.unwrap();
+}
+
+both_backends!(rollout_waves_complete, a_rollout_goes_through_its_waves);
