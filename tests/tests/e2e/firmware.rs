@@ -92,7 +92,7 @@ async fn trust(server: &TestServer, channel: &Channel) -> (Keys, Vec<u8>) {
 /// Bytes that do not repeat per chunk (identical chunks would be stored once: storage is content-addressed).
 fn image(size: usize, seed: u8) -> Vec<u8> {
     (0..size as u64)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap_or(0) ^ seed)
         .collect()
 }
 
@@ -446,7 +446,7 @@ async fn a_rollout_goes_through_its_waves(backend: Backend) {
         .unwrap()
         .into_inner();
     let mut waves_seen = Vec::new();
-    let finished = tokio::time::timeout(Duration::from_secs(60), async {
+    let finished = tokio::time::timeout(Duration::from_mins(1), async {
         while let Some(detail) = watch.message().await.unwrap() {
             let rollout = detail.rollout.unwrap();
             waves_seen.push(rollout.current_wave);
