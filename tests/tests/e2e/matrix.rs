@@ -93,10 +93,12 @@ enum Governed {
     Scoped(&'static str, &'static str),
     /// A listing: allowed with the permission (object, action) in any scope; shows only what the scopes cover.
     Listing(&'static str, &'static str),
+    /// Devices (for what is assigned to them), or a role permission on the whole fleet.
+    DevicesOr(&'static str, &'static str),
 }
 
 fn governed(service: &str, method: &str) -> Option<Governed> {
-    use Governed::{Anonymous, AnyIdentity, Devices, Global, Listing, Scoped};
+    use Governed::{Anonymous, AnyIdentity, Devices, DevicesOr, Global, Listing, Scoped};
     Some(match (service, method) {
         ("EnrollmentService", "Enroll") => Anonymous,
         ("CredentialService", "Renew") => AnyIdentity,
@@ -137,6 +139,22 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         ("EmrService", "RetryDeliveries") => Global("emr_destination", "retry"),
         ("EmrService", "ListDestinations" | "ListDeliveries") => Global("emr_destination", "read"),
         ("FeedService", _) => Listing("feed", "subscribe"),
+        ("FirmwareService", "GetOnlineKeys" | "GetTrustRoot" | "ListArtifacts" | "GetArtifact") => {
+            Global("firmware", "read")
+        }
+        ("FirmwareService", "SetTrustRoot") => Global("firmware_trust", "update"),
+        ("FirmwareService", "UploadArtifact") => Global("firmware", "upload"),
+        ("FirmwareService", "DeleteArtifact") => Global("firmware", "delete"),
+        ("FirmwareService", "GetMetadata" | "ReadArtifact") => DevicesOr("firmware", "read"),
+        ("RolloutService", "CreateRollout") => Listing("rollout", "create"),
+        ("RolloutService", "ListRollouts") => Listing("rollout", "read"),
+        // The matrix names no stored rollout: a rollout that does not exist is judged fleet-wide.
+        ("RolloutService", "GetRollout" | "WatchRollout") => Global("rollout", "read"),
+        ("RolloutService", "StartRollout" | "PauseRollout" | "ResumeRollout" | "AbortRollout" | "RetryFailed") => {
+            Global("rollout", "control")
+        }
+        ("RolloutService", "RollbackRollout") => Global("rollout", "create"),
+        ("RolloutService", "ApproveDevice") => Scoped("rollout", "approve"),
         _ => return None,
     })
 }
@@ -154,20 +172,27 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                     | ("enrollment", "create")
                     | ("config", "read" | "update")
                     | ("emr_destination", "read" | "retry")
+                    | ("rollout", "read")
             )
         }
         "biomed" => {
             read_fleet
                 || matches!(
                     (object, action),
-                    ("config", "read" | "update") | ("config_schema", "update")
+                    ("config", "read" | "update")
+                        | ("config_schema", "update")
+                        | ("firmware", "read" | "upload" | "delete")
+                        | ("rollout", "read" | "create" | "control")
                 )
         }
         "clinician" => {
             read_fleet
                 || matches!(
                     (object, action),
-                    ("config" | "patient", "read") | ("association", "update") | ("observation", "read" | "validate")
+                    ("config" | "patient", "read")
+                        | ("association", "update")
+                        | ("observation", "read" | "validate")
+                        | ("rollout", "read" | "approve")
                 )
         }
         "emr_system" => {
@@ -177,7 +202,13 @@ fn role_allows(role: &str, object: &str, action: &str) -> bool {
                     ("patient" | "observation", "read") | ("association", "update") | ("feed", "subscribe")
                 )
         }
-        "auditor" => read_fleet || matches!((object, action), ("audit" | "config" | "observation", "read")),
+        "auditor" => {
+            read_fleet
+                || matches!(
+                    (object, action),
+                    ("audit" | "config" | "observation" | "firmware" | "rollout", "read")
+                )
+        }
         _ => false,
     }
 }
@@ -206,11 +237,13 @@ enum Target {
 
 fn expected(principal: &Principal, governed: Governed, target: Target) -> bool {
     match (governed, principal) {
-        (Governed::Anonymous | Governed::AnyIdentity, _) | (Governed::Devices, Principal::Device) => true,
+        (Governed::Anonymous | Governed::AnyIdentity, _)
+        | (Governed::Devices | Governed::DevicesOr(..), Principal::Device) => true,
         (Governed::Devices, _) | (_, Principal::Device | Principal::Nobody) => false,
-        (Governed::Global(object, action), Principal::Role { role, scope, .. }) => {
-            role_allows(role, object, action) && *scope == "*"
-        }
+        (
+            Governed::Global(object, action) | Governed::DevicesOr(object, action),
+            Principal::Role { role, scope, .. },
+        ) => role_allows(role, object, action) && *scope == "*",
         (Governed::Scoped(object, action), Principal::Role { role, scope, .. }) => {
             role_allows(role, object, action) && (target == Target::In || *scope == "*")
         }
@@ -323,6 +356,12 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         }
         .encode_to_vec(),
         ("RegistryService", "GetDevice") => v1::GetDeviceRequest { id: device.clone() }.encode_to_vec(),
+        ("RolloutService", "ApproveDevice") => v1::ApproveDeviceRequest {
+            rollout: String::new(),
+            device_id: device.clone(),
+            comment: String::new(),
+        }
+        .encode_to_vec(),
         ("ConfigService", "SetConfig") => v1::SetConfigRequest {
             layer: ward_layer(site),
             document_json: "{}".into(),

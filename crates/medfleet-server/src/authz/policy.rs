@@ -652,10 +652,10 @@ pub async fn decide(
         }
         Target::List => judge.list(),
         Target::Rollout(extract) => {
-            let scopes = rollout_scopes(db, extract(body).as_deref()).await?;
+            let (scopes, exists) = rollout_scopes(db, extract(body).as_deref()).await?;
             let decided = judge.all(scopes, None);
             match decided {
-                Err(refusal) if action == "read" => Err(Refusal {
+                Err(refusal) if action == "read" && exists => Err(Refusal {
                     status: Status::not_found("rollout does not exist (medfleet rollouts list)"),
                     scope: refusal.scope,
                 }),
@@ -667,9 +667,10 @@ pub async fn decide(
 
 /// The places a stored rollout's devices were in. A rollout that does not exist (or an unparsable id) is left to
 /// the handler under scope `*`, so only fleet-wide roles learn that it is missing.
-async fn rollout_scopes(db: &DatabaseConnection, id: Option<&str>) -> Result<BTreeSet<String>, Refusal> {
+async fn rollout_scopes(db: &DatabaseConnection, id: Option<&str>) -> Result<(BTreeSet<String>, bool), Refusal> {
+    let fleet = || BTreeSet::from(["*".to_owned()]);
     let Some(id) = id.and_then(|id| Uuid::parse_str(id).ok()) else {
-        return Ok(BTreeSet::from(["*".to_owned()]));
+        return Ok((fleet(), false));
     };
     let row = crate::persistence::entity::rollout::Entity::find_by_id(id)
         .one(db)
@@ -679,8 +680,13 @@ async fn rollout_scopes(db: &DatabaseConnection, id: Option<&str>) -> Result<BTr
             scope: String::new(),
         })?;
     Ok(row.map_or_else(
-        || BTreeSet::from(["*".to_owned()]),
-        |r| serde_json::from_str::<BTreeSet<String>>(&r.scopes).unwrap_or_else(|_| BTreeSet::from(["*".to_owned()])),
+        || (fleet(), false),
+        |r| {
+            (
+                serde_json::from_str::<BTreeSet<String>>(&r.scopes).unwrap_or_else(|_| fleet()),
+                true,
+            )
+        },
     ))
 }
 
