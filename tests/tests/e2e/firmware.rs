@@ -299,6 +299,17 @@ async fn enrolled(
 /// A device that follows the firmware protocol and trusts only what it verifies: metadata against its pinned
 /// root, the image through tough's reader, the model and release counter rule. Runs until its session ends.
 async fn device(server_channel: Channel, id: String, root: Vec<u8>, done: mpsc::Sender<(String, String)>) {
+    device_with(server_channel, id, root, done, 0).await;
+}
+
+/// As [`device`], failing its first `failures` installs (reason install_failed) before it succeeds.
+async fn device_with(
+    server_channel: Channel,
+    id: String,
+    root: Vec<u8>,
+    done: mpsc::Sender<(String, String)>,
+    mut failures: usize,
+) {
     let (tx, rx) = mpsc::channel(16);
     tx.send(v1::SessionRequest {
         message: Some(session_request::Message::Hello(v1::Hello {
@@ -357,6 +368,10 @@ async fn device(server_channel: Channel, id: String, root: Vec<u8>, done: mpsc::
                     Err(e) => Err(e),
                 };
                 let state = match verdict {
+                    Ok(()) if failures > 0 => {
+                        failures -= 1;
+                        report(&update.action_id, v1::ActionState::Failed, "install_failed")
+                    }
                     Ok(()) => report(&update.action_id, v1::ActionState::Downloaded, ""),
                     Err(e) => report(&update.action_id, v1::ActionState::Failed, e.code.as_str()),
                 };
@@ -496,3 +511,161 @@ async fn a_rollout_goes_through_its_waves(backend: Backend) {
 }
 
 both_backends!(rollout_waves_complete, a_rollout_goes_through_its_waves);
+
+async fn wait_for(
+    rollouts: &mut RolloutServiceClient<Channel>,
+    id: &str,
+    what: &str,
+    done: impl Fn(&v1::RolloutDetail) -> bool,
+) -> v1::RolloutDetail {
+    let mut watch = rollouts
+        .watch_rollout(v1::WatchRolloutRequest { rollout: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_mins(1), async {
+        while let Some(detail) = watch.message().await.unwrap() {
+            if done(&detail) {
+                return detail;
+            }
+        }
+        panic!("the watch ended before {what}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn state_of(detail: &v1::RolloutDetail) -> i32 {
+    detail.rollout.as_ref().map_or(0, |r| r.state)
+}
+
+fn device_state<'a>(detail: &'a v1::RolloutDetail, id: &str) -> &'a v1::RolloutDevice {
+    detail.devices.iter().find(|d| d.device_id == id).unwrap()
+}
+
+async fn failures_halt_and_bound_devices_wait(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, root) = trust(&server, &channel).await;
+    let bytes = image(200_000, 9);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    let mut registry = server.admin().await;
+    let mut ids = Vec::new();
+    let mut bundles = Vec::new();
+    for i in 0..4 {
+        let (id, bundle) = enrolled(&server, &mut registry, &format!("SN-HALT-{i}")).await;
+        ids.push(id);
+        bundles.push(bundle);
+    }
+    // The last device charts to a patient: it must not install while bound.
+    let mut patients = v1::patient_service_client::PatientServiceClient::new(channel.clone());
+    patients
+        .associate(v1::AssociateRequest {
+            device_id: ids[3].clone(),
+            patient: Some(v1::PatientIdentifier {
+                identifier: "MRN-FW-1".into(),
+                authority: "HOSP".into(),
+                display_name: "Doe^Jane".into(),
+            }),
+            from: Some(medfleet_proto::convert::timestamp(
+                Utc::now() - chrono::Duration::minutes(1),
+            )),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let (done_tx, mut done) = mpsc::channel(32);
+    for (i, (id, bundle)) in ids.iter().zip(&bundles).enumerate() {
+        let device_channel = server.channel_for(bundle).await.unwrap();
+        let failures = usize::from(i < 2);
+        tokio::spawn(device_with(
+            device_channel,
+            id.clone(),
+            root.clone(),
+            done_tx.clone(),
+            failures,
+        ));
+    }
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: ids.clone(),
+            })),
+            waves: vec!["100%".into()],
+            success_threshold: "100%".into(),
+            halt_threshold: "25%".into(),
+            min_executed: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let halted = wait_for(&mut rollouts, &created.id, "the halt", |d| {
+        state_of(d) == i32::from(v1::RolloutState::Halted)
+    })
+    .await;
+    assert!(!halted.rollout.as_ref().unwrap().reason.is_empty(), "{halted:?}");
+    assert_eq!(device_state(&halted, &ids[0]).reason, "install_failed");
+    assert_ne!(
+        device_state(&halted, &ids[3]).state,
+        i32::from(v1::ActionState::Succeeded)
+    );
+    // Halted stays halted: nothing more is installed until an operator acts.
+    let command = |comment: &str| v1::RolloutCommandRequest {
+        rollout: created.id.clone(),
+        comment: comment.into(),
+    };
+    rollouts.retry_failed(command("fixed the cable")).await.unwrap();
+    rollouts.resume_rollout(command("retrying")).await.unwrap();
+
+    let waiting = wait_for(&mut rollouts, &created.id, "the bound device's deferral", |d| {
+        let bound = device_state(d, &ids[3]);
+        bound.state == i32::from(v1::ActionState::Deferred)
+            && ids[..3]
+                .iter()
+                .all(|id| device_state(d, id).state == i32::from(v1::ActionState::Succeeded))
+    })
+    .await;
+    assert_eq!(device_state(&waiting, &ids[3]).reason, "in_clinical_use");
+    assert_eq!(state_of(&waiting), i32::from(v1::RolloutState::Running));
+
+    patients
+        .dissociate(v1::DissociateRequest {
+            device_id: ids[3].clone(),
+            at: Some(medfleet_proto::convert::timestamp(Utc::now())),
+            cancel_planned: false,
+        })
+        .await
+        .unwrap();
+    let completed = wait_for(&mut rollouts, &created.id, "completion", |d| {
+        state_of(d) == i32::from(v1::RolloutState::Completed)
+    })
+    .await;
+    assert!(
+        completed
+            .devices
+            .iter()
+            .all(|d| d.state == i32::from(v1::ActionState::Succeeded))
+    );
+    let mut installed = Vec::new();
+    while let Ok(one) = done.try_recv() {
+        installed.push(one.0);
+    }
+    installed.sort();
+    assert_eq!(installed.len(), 4, "each device told to install once: {installed:?}");
+    installed.dedup();
+    assert_eq!(installed.len(), 4, "each device told to install once: {installed:?}");
+    server.stop().await.unwrap();
+}
+
+both_backends!(
+    failures_halt_and_bound_devices_wait_then_install,
+    failures_halt_and_bound_devices_wait
+);

@@ -213,8 +213,9 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
         let told = h.sent.filter(|s| s.action == action.id);
         let state = action_state(action);
         match state {
+            // Queued means not yet told, whatever this session heard before (a retried action keeps its id).
             ActionState::Queued | ActionState::Notified | ActionState::Downloading | ActionState::Verifying
-                if told.is_none() =>
+                if told.is_none() || state == ActionState::Queued =>
             {
                 out.push(Due {
                     device: h.device,
