@@ -669,3 +669,114 @@ both_backends!(
     failures_halt_and_bound_devices_wait_then_install,
     failures_halt_and_bound_devices_wait
 );
+
+/// Who holds the scheduler lease now, waiting (bounded) until someone does.
+async fn leader(db: &sea_orm::DatabaseConnection) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        poll.tick().await;
+        if let Some((holder, _)) = medfleet_server::rollouts::scheduler::leader(db).await.unwrap() {
+            return holder;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no replica took the scheduler lease"
+        );
+    }
+}
+
+/// Two replicas on one PostgreSQL: one scheduler leads; when it goes away the other takes over and the rollout
+/// completes with every device told to install exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_scheduler_across_replicas_and_it_hands_over() {
+    if medfleet_e2e::skip_postgres() {
+        return;
+    }
+    let storage = medfleet_e2e::Storage::new(Backend::Postgres).await;
+    let named = |name: &str| {
+        let mut config = storage.config();
+        config.replica_name = name.to_owned();
+        config
+    };
+    let a = TestServer::start_on(named("replica-a")).await;
+    let b = TestServer::start_on(named("replica-b")).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let db = a.db().await;
+    let first = leader(&db).await;
+    let (leading, other) = if first.starts_with("replica-a ") {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let channel = other.channel(&other.admin_bundle()).await.unwrap();
+    let (keys, root) = trust(&other, &channel).await;
+    let bytes = image(100_000, 3);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    let mut registry = other.admin().await;
+    let (done_tx, mut done) = mpsc::channel(32);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let (id, bundle) = enrolled(&other, &mut registry, &format!("SN-REP-{i}")).await;
+        let device_channel = other.channel_for(&bundle).await.unwrap();
+        tokio::spawn(device(device_channel, id.clone(), root.clone(), done_tx.clone()));
+        ids.push(id);
+    }
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: ids,
+            })),
+            waves: vec!["50%".into(), "100%".into()],
+            success_threshold: "100%".into(),
+            draft: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The leader goes away before the rollout starts: only the other replica can move it through its waves.
+    leading.stop().await.unwrap();
+    rollouts
+        .start_rollout(v1::RolloutCommandRequest {
+            rollout: created.id.clone(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+    let completed = wait_for(&mut rollouts, &created.id, "completion on the remaining replica", |d| {
+        state_of(d) == i32::from(v1::RolloutState::Completed)
+    })
+    .await;
+    assert!(
+        completed
+            .devices
+            .iter()
+            .all(|d| d.state == i32::from(v1::ActionState::Succeeded))
+    );
+    assert!(leader(&db).await.starts_with(if first.starts_with("replica-a ") {
+        "replica-b "
+    } else {
+        "replica-a "
+    }));
+    let mut installed = Vec::new();
+    while let Ok(one) = done.try_recv() {
+        installed.push(one.0);
+    }
+    installed.sort();
+    let all = installed.len();
+    installed.dedup();
+    assert_eq!(
+        (all, installed.len()),
+        (4, 4),
+        "each device told to install once: {installed:?}"
+    );
+    other.stop().await.unwrap();
+}
