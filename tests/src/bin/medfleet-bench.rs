@@ -37,6 +37,9 @@ enum Scenario {
     ConfigFanout,
     /// Readings from simulated monitors into the chart and out through a gRPC feed (`--interval`, `--seconds`).
     EmrLatency,
+    /// `--devices` clients download one `--image-mib` signed image at once over gRPC; baseline: the same bytes
+    /// over bare rustls TLS streams in the same run.
+    Firmware,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,6 +68,9 @@ struct Args {
     /// How long the monitors measure (emr-latency).
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Size of the firmware image (firmware).
+    #[arg(long, default_value_t = 64)]
+    image_mib: usize,
 }
 
 #[derive(Debug, Default)]
@@ -577,6 +583,17 @@ async fn main() {
                     result.readings_per_second / result.baseline_per_second,
                 );
             }
+            Scenario::Firmware => {
+                let (ours, baseline) = firmware(backend, args.devices, args.image_mib).await;
+                println!(
+                    "| firmware download | {backend:?} | {} clients × {} MiB at once | - | - | {:.0} MiB/s | - | - | {:.0} MiB/s (bare rustls) | {:.2}x of bare TLS |",
+                    args.devices,
+                    args.image_mib,
+                    ours,
+                    baseline,
+                    ours / baseline,
+                );
+            }
             Scenario::ConfigFanout => {
                 let (ours, baseline) = config_fanout(backend, args.devices, args.runs).await;
                 let ratio = ours.percentile(50.0).as_secs_f64() / baseline.percentile(50.0).as_secs_f64();
@@ -607,4 +624,193 @@ async fn main() {
             }
         }
     }
+}
+
+/// Aggregate MiB/s of `clients` concurrent downloads of one stored image, and of the same bytes over bare TLS.
+async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
+    use medfleet_core::firmware::target::TargetMeta;
+    use medfleet_core::firmware::tuf::{self, RoleSpec, RootSpec, SignedTarget, SigningKey};
+    use v1::firmware_service_client::FirmwareServiceClient;
+
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let mut fw = FirmwareServiceClient::new(channel.clone());
+    let online = fw
+        .get_online_keys(v1::GetOnlineKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let root_key = SigningKey::generate().unwrap().0;
+    let targets_key = SigningKey::generate().unwrap().0;
+    let one = |key: tuf::PublicKey| RoleSpec {
+        keys: vec![key],
+        threshold: 1,
+    };
+    let root = tuf::sign_root(
+        &RootSpec {
+            version: 1,
+            expires: chrono::Utc::now() + chrono::Duration::days(30),
+            root: one(root_key.public()),
+            targets: one(targets_key.public()),
+            snapshot: one(serde_json::from_str(&online.snapshot_key_json).unwrap()),
+            timestamp: one(serde_json::from_str(&online.timestamp_key_json).unwrap()),
+        },
+        &[&root_key],
+    )
+    .await
+    .unwrap();
+    fw.set_trust_root(v1::SetTrustRootRequest {
+        root_json: String::from_utf8(root).unwrap(),
+    })
+    .await
+    .unwrap();
+    let bytes: Vec<u8> = (0..(mib * 1024 * 1024) as u64)
+        .map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap_or(0))
+        .collect();
+    let target = SignedTarget {
+        name: "bench.img".into(),
+        sha256: medfleet_core::digest::sha256_hex(&bytes),
+        length: bytes.len() as u64,
+        meta: TargetMeta {
+            hardware_id: "BENCH".into(),
+            version: "1.0.0".into(),
+            release_counter: 1,
+            downgrade_from: vec![],
+        },
+    };
+    let targets = tuf::sign_targets(
+        None,
+        &target,
+        chrono::Utc::now() + chrono::Duration::days(30),
+        &[&targets_key],
+    )
+    .await
+    .unwrap();
+    let mut messages = vec![v1::UploadArtifactRequest {
+        message: Some(v1::upload_artifact_request::Message::Header(v1::UploadArtifactHeader {
+            target_name: target.name.clone(),
+            targets_json: String::from_utf8(targets).unwrap(),
+            length: bytes.len() as u64,
+            comment: String::new(),
+        })),
+    }];
+    for chunk in bytes.chunks(1024 * 1024) {
+        messages.push(v1::UploadArtifactRequest {
+            message: Some(v1::upload_artifact_request::Message::Chunk(chunk.to_vec())),
+        });
+    }
+    let artifact = fw
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut channels = Vec::new();
+    for _ in 0..clients {
+        channels.push(server.channel(&server.admin_bundle()).await.unwrap());
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for channel in channels {
+        let id = artifact.id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut read = FirmwareServiceClient::new(channel)
+                .read_artifact(v1::ReadArtifactRequest {
+                    artifact: id,
+                    offset: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut total = 0;
+            while let Some(chunk) = read.message().await.unwrap() {
+                total += chunk.data.len();
+            }
+            total
+        }));
+    }
+    let mut received = 0;
+    for task in tasks {
+        received += task.await.unwrap();
+    }
+    let ours = received as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64();
+    assert_eq!(received, clients * bytes.len(), "every client got the whole image");
+    server.stop().await.unwrap();
+    (ours, bare_tls(clients, std::sync::Arc::new(bytes)).await)
+}
+
+/// The same bytes to `clients` connections over TLS 1.3 with nothing else on top.
+async fn bare_tls(clients: usize, bytes: std::sync::Arc<Vec<u8>>) -> f64 {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client_config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let serving = bytes.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let bytes = serving.clone();
+            tokio::spawn(async move {
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                for chunk in bytes.chunks(1024 * 1024) {
+                    tls.write_all(chunk).await.unwrap();
+                }
+                tls.shutdown().await.unwrap();
+            });
+        }
+    });
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let connector = tokio_rustls::TlsConnector::from(client_config.clone());
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            let mut buffer = vec![0; 256 * 1024];
+            let mut total = 0;
+            loop {
+                match tls.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+            total
+        }));
+    }
+    let mut received = 0;
+    for task in tasks {
+        received += task.await.unwrap();
+    }
+    assert_eq!(received, clients * bytes.len(), "every TLS client got the whole image");
+    received as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64()
 }
