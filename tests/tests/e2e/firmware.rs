@@ -403,16 +403,21 @@ impl tuf::ImageSource for Held {
     }
 }
 
-async fn a_rollout_goes_through_its_waves(backend: Backend) {
-    let server = TestServer::start(backend).await;
-    let channel = server.channel(&server.admin_bundle()).await.unwrap();
-    let (keys, root) = trust(&server, &channel).await;
-    let bytes = image(300_000, 7);
+/// A trusted root and one image signed to threshold and uploaded: the pinned root and the artifact.
+async fn published(server: &TestServer, channel: &Channel, size: usize, seed: u8) -> (Vec<u8>, v1::Artifact) {
+    let (keys, root) = trust(server, channel).await;
+    let bytes = image(size, seed);
     let good = target("mx450-2.1.0.img", &bytes, 1);
     let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
         .await
         .unwrap();
-    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    (root, upload(channel, &good.name, &signed, &bytes).await.unwrap())
+}
+
+async fn a_rollout_goes_through_its_waves(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (root, artifact) = published(&server, &channel, 300_000, 7).await;
 
     let mut registry = server.admin().await;
     let (done_tx, mut done) = mpsc::channel(16);
@@ -546,13 +551,7 @@ fn device_state<'a>(detail: &'a v1::RolloutDetail, id: &str) -> &'a v1::RolloutD
 async fn failures_halt_and_bound_devices_wait(backend: Backend) {
     let server = TestServer::start(backend).await;
     let channel = server.channel(&server.admin_bundle()).await.unwrap();
-    let (keys, root) = trust(&server, &channel).await;
-    let bytes = image(200_000, 9);
-    let good = target("mx450-2.1.0.img", &bytes, 1);
-    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
-        .await
-        .unwrap();
-    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    let (root, artifact) = published(&server, &channel, 200_000, 9).await;
     let mut registry = server.admin().await;
     let mut ids = Vec::new();
     let mut bundles = Vec::new();
@@ -711,13 +710,7 @@ async fn one_scheduler_across_replicas_and_it_hands_over() {
         (b, a)
     };
     let channel = other.channel(&other.admin_bundle()).await.unwrap();
-    let (keys, root) = trust(&other, &channel).await;
-    let bytes = image(100_000, 3);
-    let good = target("mx450-2.1.0.img", &bytes, 1);
-    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
-        .await
-        .unwrap();
-    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    let (root, artifact) = published(&other, &channel, 100_000, 3).await;
     let mut registry = other.admin().await;
     let (done_tx, mut done) = mpsc::channel(32);
     let mut ids = Vec::new();
