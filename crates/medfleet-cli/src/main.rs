@@ -33,7 +33,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
-use crate::error::{InvalidInput, UsageError};
+use crate::error::{Hint, InvalidInput, UsageError};
 
 /// Operate a medfleet device fleet.
 #[derive(Debug, Parser)]
@@ -221,6 +221,9 @@ fn report(error: &anyhow::Error) -> u8 {
         _ => (1, None),
     };
     if let Some(hint) = hint {
+        eprintln!("hint: {hint}");
+    }
+    if let Some(hint) = error.downcast_ref::<Hint>() {
         eprintln!("hint: {hint}");
     }
     code

@@ -21,10 +21,13 @@ mod upload;
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use medfleet_core::firmware::tuf::Refusal;
 use medfleet_proto::v1::firmware_service_client::FirmwareServiceClient;
 use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
 
 use crate::client::Server;
+use crate::error::Hint;
 use crate::output::Format;
 
 type Firmware = FirmwareServiceClient<Channel>;
@@ -136,6 +139,38 @@ pub(crate) enum MetadataCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// medfleetd's refusal of metadata or an image, with what to do about it when its reason (ErrorInfo, a TUF refusal
+/// code) says; the status still decides the exit code.
+fn refusal(status: tonic::Status) -> anyhow::Error {
+    let reason = status.get_details_error_info().map(|info| info.reason.to_lowercase());
+    let hint = match reason.as_deref() {
+        Some(r) if r == Refusal::Signature.as_str() => Some(
+            "targets.json is not signed to the threshold of medfleetd's trusted root (or by keys it does not trust): \
+             countersign it (`medfleet firmware countersign`), and compare `medfleet firmware trust show` with \
+             your root.json",
+        ),
+        Some(r) if r == Refusal::Expired.as_str() => {
+            Some("the metadata has expired: sign the release again (`medfleet firmware sign --expires ...`)")
+        }
+        Some(r) if r == Refusal::Rollback.as_str() => Some(
+            "targets.json is older than what medfleetd has: `medfleet firmware metadata pull`, then sign again on top",
+        ),
+        Some(r) if r == Refusal::HashMismatch.as_str() || r == Refusal::TooLarge.as_str() => {
+            Some("the image sent is not the one signed: upload the exact file you signed")
+        }
+        Some(r) if r == Refusal::NotNewer.as_str() => Some(
+            "the release counter must be above every stored release of the model (or sign a downgrade with \
+             --downgrade-from)",
+        ),
+        Some(r) if r == Refusal::UnknownTarget.as_str() => Some("targets.json does not list --name"),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => anyhow::Error::from(status).context(Hint(hint.to_owned())),
+        None => status.into(),
+    }
 }
 
 pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format) -> anyhow::Result<()> {

@@ -435,3 +435,31 @@ async fn pulled_metadata_is_verified_against_the_local_root_before_it_is_written
     assert!(error.downcast_ref::<InvalidInput>().is_some(), "{error}");
     assert_eq!(std::fs::read(pulled.join(TARGETS_FILE)).unwrap(), targets);
 }
+
+#[test]
+fn refusals_keep_their_status_and_gain_a_hint() {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    let status = tonic::Status::with_error_details(
+        tonic::Code::FailedPrecondition,
+        "targets metadata is signed by 1 of 2 keys",
+        ErrorDetails::with_error_info(
+            Refusal::Signature.as_str(),
+            medfleet_proto::reasons::DOMAIN,
+            std::collections::HashMap::<String, String>::new(),
+        ),
+    );
+    let error = super::refusal(status);
+    assert!(
+        error
+            .downcast_ref::<crate::error::Hint>()
+            .unwrap()
+            .0
+            .contains("countersign")
+    );
+    assert_eq!(
+        error.downcast_ref::<tonic::Status>().unwrap().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let plain = super::refusal(tonic::Status::not_found("no such artifact"));
+    assert!(plain.downcast_ref::<crate::error::Hint>().is_none());
+}

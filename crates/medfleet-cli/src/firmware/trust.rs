@@ -7,7 +7,7 @@ use medfleet_proto::v1;
 use serde::Serialize;
 
 use super::{Firmware, files};
-use crate::error::InvalidInput;
+use crate::error::{Hint, InvalidInput};
 use crate::output::{self, Format, time};
 
 #[derive(Debug, Serialize)]
@@ -78,10 +78,18 @@ pub(super) async fn install(api: &mut Firmware, path: &Path, out: Format) -> any
     // Checked here for a clear message; medfleetd checks it again, and the online keys too.
     let info = tuf::root_info(&bytes).map_err(|e| InvalidInput(format!("{}: {e}", path.display())))?;
     let root_json = String::from_utf8(bytes).map_err(|_| InvalidInput(format!("{} is not UTF-8", path.display())))?;
-    let root = api
-        .set_trust_root(v1::SetTrustRootRequest { root_json })
-        .await?
-        .into_inner();
+    let root = match api.set_trust_root(v1::SetTrustRootRequest { root_json }).await {
+        Ok(root) => root.into_inner(),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            return Err(anyhow::Error::from(status).context(Hint(
+                "the root's snapshot and timestamp keys must be exactly medfleetd's online keys (compare \
+                 `medfleet firmware online-keys` with what `keys init` printed), and a new root version must be \
+                 signed by the root keys of the current one too"
+                    .into(),
+            )));
+        }
+        Err(status) => return Err(status.into()),
+    };
     let view = TrustRootView::from(&root);
     if out == Format::Json {
         return output::json(&view);

@@ -152,7 +152,7 @@ pub(super) async fn upload(api: &mut Firmware, args: &UploadArgs, out: Format) -
         }
         Err(e) => return Err(anyhow::anyhow!("the upload was interrupted: {e}")),
     }
-    let artifact = ArtifactView::from(response?.into_inner());
+    let artifact = ArtifactView::from(response.map_err(super::refusal)?.into_inner());
     if out == Format::Json {
         return output::json(&artifact);
     }

@@ -7,6 +7,8 @@
 
 mod control;
 mod create;
+#[cfg(test)]
+mod tests;
 mod view;
 mod watch;
 
