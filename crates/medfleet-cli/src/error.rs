@@ -16,3 +16,9 @@ pub(crate) struct UsageError(pub(crate) String);
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct InvalidInput(pub(crate) String);
+
+/// What to do about a refusal of the server, found from its reason: attached as context to the status, which still
+/// decides the exit code; `main::report` prints it after the server's words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Hint(pub(crate) String);

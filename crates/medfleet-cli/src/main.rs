@@ -12,13 +12,16 @@ mod audit;
 mod client;
 mod clinical;
 mod config;
+mod confirm;
 mod credentials;
 mod devices;
 mod emr;
 mod error;
+mod firmware;
 mod output;
 mod pager;
 mod registry;
+mod rollouts;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +33,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
-use crate::error::{InvalidInput, UsageError};
+use crate::error::{Hint, InvalidInput, UsageError};
 
 /// Operate a medfleet device fleet.
 #[derive(Debug, Parser)]
@@ -101,15 +104,36 @@ enum Command {
     /// Watch an EMR feed live.
     #[command(subcommand)]
     Feed(emr::feed::FeedCommand),
+    /// Firmware: TUF keys and signing (offline), the trusted root, and the signed images medfleetd stores.
+    #[command(subcommand)]
+    Firmware(firmware::FirmwareCommand),
+    /// Staged firmware rollouts: waves, thresholds, maintenance windows, clinical-use rules.
+    #[command(subcommand)]
+    Rollouts(rollouts::RolloutCommand),
+}
+
+impl Cli {
+    fn server(&self) -> client::Server {
+        client::Server {
+            address: self.server.clone(),
+            credentials: client::credentials_path(self.credentials.clone()),
+        }
+    }
 }
 
 async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
-    let bundle = client::load(&client::credentials_path(cli.credentials.clone()))?;
-    client::connect(&cli.server, &bundle).await
+    cli.server().channel().await
 }
 
 async fn execute(cli: &Cli) -> anyhow::Result<()> {
     let out = cli.output;
+    // Firmware connects only for its server commands: keys, signing and countersigning run offline.
+    // Rollouts check a new rollout's flags before connecting.
+    match &cli.command {
+        Command::Firmware(command) => return firmware::run(&cli.server(), command, out).await,
+        Command::Rollouts(command) => return rollouts::run(&cli.server(), command, out).await,
+        _ => {}
+    }
     let channel = channel(cli).await?;
     match &cli.command {
         Command::Sites(command) => registry::sites::run(channel, command, out).await,
@@ -130,6 +154,8 @@ async fn execute(cli: &Cli) -> anyhow::Result<()> {
         Command::Observations(command) => clinical::observations::run(channel, command, out).await,
         Command::Emr(command) => emr::run(channel, command, out).await,
         Command::Feed(command) => emr::feed::run(channel, command, out).await,
+        // Run above.
+        Command::Firmware(_) | Command::Rollouts(_) => Ok(()),
     }
 }
 
@@ -195,6 +221,9 @@ fn report(error: &anyhow::Error) -> u8 {
         _ => (1, None),
     };
     if let Some(hint) = hint {
+        eprintln!("hint: {hint}");
+    }
+    if let Some(hint) = error.downcast_ref::<Hint>() {
         eprintln!("hint: {hint}");
     }
     code

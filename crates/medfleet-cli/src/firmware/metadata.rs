@@ -1,0 +1,175 @@
+//! `medfleet firmware metadata pull`: medfleetd's current TUF metadata written into a metadata directory, so the
+//! next `sign` extends the targets medfleetd has. What is pulled is verified first against the root the directory
+//! already trusts (DIR/root.json, e.g. from `keys init`): a signer extends targets.json by signing every target in
+//! it again, so a targets.json the targets keys did not sign must never get that far.
+
+use std::path::Path;
+
+use medfleet_core::firmware::tuf::{self, MetadataSet};
+use medfleet_proto::v1;
+use serde::Serialize;
+
+use super::{Firmware, ROOT_FILE, TARGETS_FILE, files};
+use crate::error::{InvalidInput, UsageError};
+use crate::output::{self, Format};
+
+#[derive(Debug, Serialize)]
+struct Pulled {
+    dir: String,
+    root_version: Option<u64>,
+    targets_version: Option<u64>,
+    /// The files written.
+    files: Vec<String>,
+    /// Whether the set verified against a root the directory held before (false: first use, trusted as sent).
+    verified_against_local_root: bool,
+}
+
+/// The version a metadata file states, for comparing before replacing.
+fn version_of(bytes: &[u8]) -> Option<u64> {
+    tuf::metadata_version(bytes).ok()
+}
+
+/// Refuses to replace a local file that is newer than, or as new as but different from, what medfleetd has:
+/// that is signing work not uploaded yet.
+fn check_replace(path: &Path, new: &[u8], force: bool) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    let Some(old) = files::read_optional(path)? else {
+        return Ok(());
+    };
+    if old == new {
+        return Ok(());
+    }
+    match (version_of(&old), version_of(new)) {
+        (Some(local), Some(remote)) if local < remote => Ok(()),
+        (local, remote) => Err(UsageError(format!(
+            "{} is version {} but medfleetd has version {}: it holds signing work medfleetd does not have (upload \
+             it first), or pass --force to replace it",
+            path.display(),
+            local.map_or_else(|| "unreadable".to_owned(), |v| v.to_string()),
+            remote.map_or_else(|| "unknown".to_owned(), |v| v.to_string()),
+        ))
+        .into()),
+    }
+}
+
+pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Format) -> anyhow::Result<()> {
+    let local_root = files::read_optional(&dir.join(ROOT_FILE))?;
+    let known = local_root.as_deref().and_then(version_of).unwrap_or(0);
+    let metadata = api
+        .get_metadata(v1::GetMetadataRequest {
+            // Every root version: the newest is written as root.json, the chain verified from the local one.
+            known_root_version: 0,
+        })
+        .await?
+        .into_inner();
+    let roots: Vec<Vec<u8>> = metadata.roots_json.iter().map(|r| r.as_bytes().to_vec()).collect();
+    let Some(latest_root) = roots.last() else {
+        return Err(anyhow::anyhow!(
+            "medfleetd sent no root metadata; install one first with `medfleet firmware trust install`"
+        ));
+    };
+    let (pinned, verified_against_local_root) = match &local_root {
+        Some(root) => (root.clone(), true),
+        None => (roots[0].clone(), false),
+    };
+    let pinned_version = version_of(&pinned).unwrap_or(known);
+    let mut writes: Vec<(&str, Vec<u8>)> = vec![(ROOT_FILE, latest_root.clone())];
+    let mut targets_version = None;
+    if metadata.targets_json.is_empty() {
+        // No image was uploaded yet: there is nothing to extend, the next `sign` writes version 1.
+        tuf::root_info(latest_root).map_err(|e| anyhow::anyhow!("medfleetd's root metadata does not verify: {e}"))?;
+    } else {
+        let set = MetadataSet {
+            roots: roots
+                .iter()
+                .filter(|r| version_of(r).is_some_and(|v| v > pinned_version))
+                .cloned()
+                .collect(),
+            timestamp: metadata.timestamp_json.clone().into_bytes(),
+            snapshot: metadata.snapshot_json.clone().into_bytes(),
+            targets: metadata.targets_json.clone().into_bytes(),
+        };
+        let verified = tuf::verify(&pinned, &set, None, None).await.map_err(|e| {
+            InvalidInput(format!(
+                "medfleetd's metadata does not verify against {}: {e}; nothing was written",
+                if verified_against_local_root {
+                    format!("{}/{ROOT_FILE}", dir.display())
+                } else {
+                    "its own first root".to_owned()
+                }
+            ))
+        })?;
+        targets_version = Some(verified.targets_version());
+        writes.push(("timestamp.json", set.timestamp));
+        writes.push(("snapshot.json", set.snapshot));
+        writes.push((TARGETS_FILE, set.targets));
+    }
+    for (name, bytes) in &writes {
+        check_replace(&dir.join(name), bytes, force)?;
+    }
+    files::create_dir(dir)?;
+    let mut written = Vec::new();
+    for (name, bytes) in &writes {
+        let path = dir.join(name);
+        files::replace_public(&path, bytes)?;
+        written.push(path.display().to_string());
+    }
+    let pulled = Pulled {
+        dir: dir.display().to_string(),
+        root_version: version_of(latest_root),
+        targets_version,
+        files: written,
+        verified_against_local_root,
+    };
+    if out == Format::Json {
+        return output::json(&pulled);
+    }
+    if !verified_against_local_root {
+        eprintln!(
+            "note: {} had no {ROOT_FILE}, so medfleetd's root was trusted as sent; compare its sha256 ({}) with \
+             the root you installed",
+            dir.display(),
+            medfleet_core::digest::sha256_hex(latest_root)
+        );
+    }
+    println!(
+        "wrote {} (root version {}, {})",
+        pulled.files.join(", "),
+        pulled.root_version.unwrap_or_default(),
+        targets_version.map_or_else(
+            || "no targets yet: the next `sign` writes version 1".to_owned(),
+            |v| format!("targets version {v}: the next `sign` writes version {}", v + 1)
+        )
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(version: u64, extra: &str) -> Vec<u8> {
+        format!("{{\"signed\":{{\"version\":{version},\"x\":\"{extra}\"}},\"signatures\":[]}}").into_bytes()
+    }
+
+    #[test]
+    fn local_signing_work_is_not_replaced_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TARGETS_FILE);
+        // Nothing local: fine.
+        check_replace(&path, &targets(4, "a"), false).unwrap();
+        std::fs::write(&path, targets(4, "a")).unwrap();
+        // The same, or newer from the server: fine.
+        check_replace(&path, &targets(4, "a"), false).unwrap();
+        check_replace(&path, &targets(5, "b"), false).unwrap();
+        // Local is newer, or as new but different: refused unless forced.
+        std::fs::write(&path, targets(6, "mine")).unwrap();
+        assert!(check_replace(&path, &targets(5, "b"), false).is_err());
+        std::fs::write(&path, targets(5, "mine")).unwrap();
+        let error = check_replace(&path, &targets(5, "theirs"), false).unwrap_err();
+        assert!(error.to_string().contains("--force"), "{error}");
+        check_replace(&path, &targets(5, "theirs"), true).unwrap();
+    }
+}

@@ -1,0 +1,358 @@
+//! `medfleet firmware sign` and `countersign`, both offline: a release added to the targets metadata of a metadata
+//! directory as its next version and signed with the targets keys at hand, and more signatures added by the other
+//! key holders until the root's targets threshold is reached. Keys are checked against DIR/root.json when it is
+//! there, so a signature the root would not count is refused here rather than by medfleetd.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::Utc;
+use medfleet_core::firmware::target::{self, TargetMeta};
+use medfleet_core::firmware::tuf::{self, RootInfo, SignedTarget, SigningKey, TargetsInfo};
+use serde::Serialize;
+
+use super::{ROOT_FILE, TARGETS_FILE, files};
+use crate::args::parse_duration;
+use crate::error::InvalidInput;
+use crate::output::{self, Format};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct SignArgs {
+    /// The firmware image file.
+    pub(crate) image: PathBuf,
+    /// The TUF target name (letters, digits, '.', '-', '_'), unique for ever.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// The device model (hardware id) the image is for, as devices report it.
+    #[arg(long)]
+    pub(crate) model: String,
+    /// The vendor's version string (shown to people).
+    #[arg(long)]
+    pub(crate) version: String,
+    /// The release counter: above every earlier release of the model (devices refuse anything not newer).
+    #[arg(long)]
+    pub(crate) counter: u64,
+    /// A signed downgrade: the higher release counters this image may replace, e.g. 7,8.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) downgrade_from: Vec<u64>,
+    /// The metadata directory (root.json, targets.json): from `keys init`, or `metadata pull`.
+    #[arg(long)]
+    pub(crate) metadata: PathBuf,
+    /// A targets key (PEM) to sign with; repeat for each key at hand.
+    #[arg(long = "key", required = true)]
+    pub(crate) keys: Vec<PathBuf>,
+    /// How long the targets metadata stays valid; devices refuse every image once it has expired, so sign the
+    /// next release before then.
+    #[arg(long, value_parser = parse_duration, default_value = "90d")]
+    pub(crate) expires: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CountersignArgs {
+    /// The metadata directory holding targets.json.
+    #[arg(long)]
+    pub(crate) metadata: PathBuf,
+    /// Your targets key (PEM); repeatable.
+    #[arg(long = "key", required = true)]
+    pub(crate) keys: Vec<PathBuf>,
+}
+
+/// Where signing stands after `sign` or `countersign`.
+#[derive(Debug, Serialize)]
+pub(crate) struct SignatureStatus {
+    pub(crate) targets_file: String,
+    pub(crate) version: u64,
+    pub(crate) expires: String,
+    /// The target just signed (`sign` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) target: Option<TargetView>,
+    /// Every target the metadata lists (all of them are signed again by each signature).
+    pub(crate) targets: Vec<String>,
+    /// Key ids of the signatures it holds.
+    pub(crate) signed_by: Vec<String>,
+    /// Signatures by keys the root trusts for the targets role, and how many it needs (unknown without root.json).
+    pub(crate) counted: Option<usize>,
+    pub(crate) threshold: Option<u64>,
+    pub(crate) complete: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TargetView {
+    pub(crate) name: String,
+    pub(crate) sha256: String,
+    pub(crate) length: u64,
+    pub(crate) hardware_id: String,
+    pub(crate) version: String,
+    pub(crate) release_counter: u64,
+    pub(crate) downgrade_from: Vec<u64>,
+}
+
+impl From<&SignedTarget> for TargetView {
+    fn from(t: &SignedTarget) -> Self {
+        Self {
+            name: t.name.clone(),
+            sha256: t.sha256.clone(),
+            length: t.length,
+            hardware_id: t.meta.hardware_id.clone(),
+            version: t.meta.version.clone(),
+            release_counter: t.meta.release_counter,
+            downgrade_from: t.meta.downgrade_from.clone(),
+        }
+    }
+}
+
+/// DIR/root.json, if the directory has one (verified to be signed by its own root threshold).
+pub(super) fn local_root(dir: &Path) -> anyhow::Result<Option<RootInfo>> {
+    let path = dir.join(ROOT_FILE);
+    files::read_optional(&path)?
+        .map(|bytes| tuf::root_info(&bytes).map_err(|e| InvalidInput(format!("{}: {e}", path.display())).into()))
+        .transpose()
+}
+
+fn targets_of(path: &Path, bytes: &[u8]) -> anyhow::Result<TargetsInfo> {
+    tuf::targets_info(bytes).map_err(|e| InvalidInput(format!("{}: {e}", path.display())).into())
+}
+
+/// Refuses keys the root does not trust for the targets role: their signatures would never count.
+fn check_keys(root: Option<&RootInfo>, keys: &[SigningKey]) -> anyhow::Result<()> {
+    let Some(root) = root else { return Ok(()) };
+    let trusted = root.role_keys("targets");
+    for key in keys {
+        if !trusted.iter().any(|id| id == key.id()) {
+            return Err(InvalidInput(format!(
+                "--key: key {} is not a targets key of root.json version {} (its targets keys: {}); use a \
+                 targets key, not a root key, and pull the current root with `medfleet firmware metadata pull`",
+                key.id(),
+                root.version,
+                trusted.join(", ")
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn status(path: &Path, info: &TargetsInfo, root: Option<&RootInfo>, target: Option<&SignedTarget>) -> SignatureStatus {
+    let threshold = root.and_then(|r| {
+        r.roles
+            .iter()
+            .find(|(name, _, _)| name == "targets")
+            .map(|(_, _, threshold)| *threshold)
+    });
+    let counted = root.map(|r| {
+        let trusted = r.role_keys("targets");
+        let mut ids: Vec<&String> = info.signed_by.iter().filter(|id| trusted.contains(id)).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    });
+    SignatureStatus {
+        targets_file: path.display().to_string(),
+        version: info.version,
+        expires: info.expires.to_rfc3339(),
+        target: target.map(TargetView::from),
+        targets: info.targets.iter().map(|t| t.name.clone()).collect(),
+        signed_by: info.signed_by.clone(),
+        counted,
+        threshold,
+        complete: counted.zip(threshold).map(|(c, t)| c as u64 >= t),
+    }
+}
+
+/// Maps the fields of the target rule onto the flags that set them.
+fn flag_of(field: &str) -> &'static str {
+    match field {
+        "custom.hardware_id" => "--model",
+        "custom.version" => "--version",
+        "custom.release_counter" => "--counter",
+        "custom.downgrade_from" => "--downgrade-from",
+        _ => "--name",
+    }
+}
+
+/// The target the flags describe (hash and length still to come), checked as devices and medfleetd check it.
+fn check_target(args: &SignArgs, previous: Option<&TargetsInfo>) -> anyhow::Result<TargetMeta> {
+    if !tuf::valid_target_name(&args.name) {
+        return Err(InvalidInput(format!(
+            "--name {:?}: use 1-128 letters, digits, '.', '-' and '_', not starting with '.'",
+            args.name
+        ))
+        .into());
+    }
+    let meta = TargetMeta {
+        hardware_id: args.model.clone(),
+        version: args.version.clone(),
+        release_counter: args.counter,
+        downgrade_from: args.downgrade_from.clone(),
+    };
+    if let Err(violations) = target::validate(&meta) {
+        let problems: Vec<String> = violations
+            .iter()
+            .map(|v| format!("{}: {}", flag_of(&v.field), v.description))
+            .collect();
+        return Err(InvalidInput(problems.join("; ")).into());
+    }
+    let Some(previous) = previous else { return Ok(meta) };
+    if previous.targets.iter().any(|t| t.name == args.name) {
+        return Err(InvalidInput(format!(
+            "--name {}: targets.json version {} signs a target of that name already; a target name is used once \
+             (upload that one with `medfleet firmware upload`, or choose a new --name)",
+            args.name, previous.version
+        ))
+        .into());
+    }
+    let highest = previous
+        .targets
+        .iter()
+        .filter(|t| t.meta.hardware_id == args.model)
+        .map(|t| t.meta.release_counter)
+        .max();
+    if let Some(highest) = highest
+        && args.counter <= highest
+        && args.downgrade_from.is_empty()
+    {
+        return Err(InvalidInput(format!(
+            "--counter {}: targets.json already signs release {highest} of {}; the next release needs --counter {} \
+             or more (or sign a downgrade with --downgrade-from)",
+            args.counter,
+            args.model,
+            highest + 1
+        ))
+        .into());
+    }
+    Ok(meta)
+}
+
+/// Signs `args.image` into DIR/targets.json; `progress` shows a bar while a big image is hashed.
+pub(crate) async fn sign_release(args: &SignArgs, progress: bool) -> anyhow::Result<SignatureStatus> {
+    let expires = Utc::now()
+        + chrono::Duration::from_std(args.expires)
+            .ok()
+            .filter(|d| *d > chrono::Duration::zero())
+            .ok_or_else(|| InvalidInput("--expires: must be a positive duration such as 90d".into()))?;
+    let root = local_root(&args.metadata)?;
+    let keys = files::read_keys(&args.keys)?;
+    check_keys(root.as_ref(), &keys)?;
+    let path = args.metadata.join(TARGETS_FILE);
+    let previous_bytes = files::read_optional(&path)?;
+    let previous = previous_bytes.as_deref().map(|b| targets_of(&path, b)).transpose()?;
+    let meta = check_target(args, previous.as_ref())?;
+
+    let (sha256, length) = files::hash_image(&args.image, progress)?;
+    if length == 0 {
+        return Err(InvalidInput(format!("{} is empty", args.image.display())).into());
+    }
+    let target = SignedTarget {
+        name: args.name.clone(),
+        sha256,
+        length,
+        meta,
+    };
+    let signers: Vec<&SigningKey> = keys.iter().collect();
+    let signed = tuf::sign_targets(previous_bytes.as_deref(), &target, expires, &signers)
+        .await
+        .map_err(|e| InvalidInput(format!("cannot sign: {e}")))?;
+    files::create_dir(&args.metadata)?;
+    files::replace_public(&path, &signed)?;
+    Ok(status(
+        &path,
+        &targets_of(&path, &signed)?,
+        root.as_ref(),
+        Some(&target),
+    ))
+}
+
+/// Adds the signatures of `args.keys` to DIR/targets.json.
+pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Result<SignatureStatus> {
+    let path = args.metadata.join(TARGETS_FILE);
+    let bytes = files::read("--metadata", &path)?;
+    let info = targets_of(&path, &bytes)?;
+    if info.expires <= Utc::now() {
+        return Err(InvalidInput(format!(
+            "{} expired at {}; devices would refuse it: sign the release again with `medfleet firmware sign`",
+            path.display(),
+            info.expires.to_rfc3339()
+        ))
+        .into());
+    }
+    let root = local_root(&args.metadata)?;
+    let keys = files::read_keys(&args.keys)?;
+    check_keys(root.as_ref(), &keys)?;
+    let mut signed = bytes;
+    for key in &keys {
+        if info.signed_by.iter().any(|id| id == key.id()) {
+            eprintln!("note: key {} has signed this version already", key.id());
+        }
+        signed = tuf::countersign(&signed, key)
+            .await
+            .map_err(|e| InvalidInput(format!("cannot countersign {}: {e}", path.display())))?;
+    }
+    files::replace_public(&path, &signed)?;
+    Ok(status(&path, &targets_of(&path, &signed)?, root.as_ref(), None))
+}
+
+fn print_status(dir: &Path, status: &SignatureStatus) {
+    if let Some(t) = &status.target {
+        println!(
+            "Signed {} (model {}, version {}, release {}{}): sha256 {}, {} bytes",
+            t.name,
+            t.hardware_id,
+            t.version,
+            t.release_counter,
+            if t.downgrade_from.is_empty() {
+                String::new()
+            } else {
+                format!(", may replace releases {:?}", t.downgrade_from)
+            },
+            t.sha256,
+            t.length
+        );
+    }
+    println!(
+        "{} is version {} (expires {}) listing {} target(s): {}",
+        status.targets_file,
+        status.version,
+        status.expires,
+        status.targets.len(),
+        status.targets.join(", ")
+    );
+    let dir = dir.display();
+    match (status.counted, status.threshold) {
+        (Some(counted), Some(threshold)) if counted as u64 >= threshold => {
+            println!(
+                "Signatures: {counted} of the {threshold} required. Upload it with:\n  \
+                 medfleet firmware upload IMAGE --metadata {dir} --name {}",
+                status.target.as_ref().map_or("TARGET", |t| t.name.as_str())
+            );
+        }
+        (Some(counted), Some(threshold)) => println!(
+            "Signatures: {counted} of the {threshold} required. {} more targets key holder(s) must run:\n  \
+             medfleet firmware countersign --metadata {dir} --key THEIR-TARGETS-KEY.pem",
+            threshold - counted as u64
+        ),
+        _ => println!(
+            "Signatures: {} ({}); the threshold is unknown without {dir}/{ROOT_FILE}: get it with \
+             `medfleet firmware metadata pull --out {dir}`",
+            status.signed_by.len(),
+            status.signed_by.join(", ")
+        ),
+    }
+}
+
+pub(super) async fn sign(args: &SignArgs, out: Format) -> anyhow::Result<()> {
+    let status = sign_release(args, out == Format::Table).await?;
+    if out == Format::Json {
+        return output::json(&status);
+    }
+    print_status(&args.metadata, &status);
+    Ok(())
+}
+
+pub(super) async fn countersign(args: &CountersignArgs, out: Format) -> anyhow::Result<()> {
+    let status = countersign_release(args).await?;
+    if out == Format::Json {
+        return output::json(&status);
+    }
+    print_status(&args.metadata, &status);
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `medfleet rollouts`: staged rollouts of a stored firmware image to devices. This group owns creating one
+//! (`create`: the devices it targets and its rules, checked here with the same parsers medfleetd uses), what a
+//! rollout is shown as (`view`), following one live (`watch`), and the operator's moves on one — start, pause,
+//! resume, abort, retry the failed devices, approve a device in clinical use, roll back (`control`).
+//!
+//! The images themselves, and their signing, are `medfleet firmware` (crate::firmware).
+
+mod control;
+mod create;
+#[cfg(test)]
+mod tests;
+mod view;
+mod watch;
+
+use clap::Subcommand;
+use medfleet_proto::v1::rollout_service_client::RolloutServiceClient;
+use tonic::transport::Channel;
+
+use crate::client::Server;
+use crate::output::Format;
+
+type Rollouts = RolloutServiceClient<Channel>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StateArg {
+    Draft,
+    Running,
+    Paused,
+    Halted,
+    Completed,
+    Aborted,
+}
+
+/// Why (audited), for the commands that change a rollout.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CommandArgs {
+    /// The rollout id.
+    rollout: String,
+    /// Why (kept in the audit trail).
+    #[arg(short = 'm', long, default_value = "")]
+    comment: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RolloutCommand {
+    /// Roll an image out to the devices a selector or a file names, in waves. Every rule is checked before
+    /// anything is sent; the rollout starts at once unless --draft.
+    #[command(after_help = "Examples:\n  \
+        medfleet rollouts create --artifact mx450-2.4.1.img --select 'model=MX450,site=stmarys' \\\n    \
+        --waves 1%,10%,50%,100% --success 95% --soak 30m --halt-at 5% --min-executed 3 \\\n    \
+        --window 'Mon-Fri 02:00-05:00' --timezone Europe/London --clinical-use defer --deadline 14d\n  \
+        medfleet rollouts create --artifact mx450-2.4.1.img --devices icu-pilot.txt --waves 100% \\\n    \
+        --clinical-use approve --draft -m \"ICU pilot\"\n\n\
+        --select terms (all must match): model=MODEL, site=SITE, ward=SITE/WARD, tag=KEY=VALUE (repeatable).\n\
+        --devices FILE: one device id per line; '#' starts a comment; '-' reads stdin.")]
+    Create(create::CreateArgs),
+    /// Rollouts, newest first.
+    #[command(after_help = "Examples:\n  medfleet rollouts list\n  medfleet rollouts list --state running -o json")]
+    List {
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// A rollout, its waves and every device's state (-o json: all of it).
+    #[command(
+        after_help = "Examples:\n  medfleet rollouts show 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d\n  medfleet rollouts show 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --failed"
+    )]
+    Show {
+        rollout: String,
+        /// Only devices that failed, were rolled back or are deferred.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Follow a rollout live, a progress bar per wave, until it finishes. Exits 0 when it completed, 1 when it
+    /// halted or was aborted; with -o json, one JSON object per update line.
+    #[command(
+        after_help = "Examples:\n  medfleet rollouts watch 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d\n  \
+                            medfleet rollouts watch 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -o json | jq -c '.rollout.counts'"
+    )]
+    Watch { rollout: String },
+    /// Start a draft rollout.
+    #[command(
+        after_help = "Example:\n  medfleet rollouts start 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"CAB approved, change 4711\""
+    )]
+    Start(CommandArgs),
+    /// Pause: nothing new is sent; devices already installing finish.
+    #[command(
+        after_help = "Example:\n  medfleet rollouts pause 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"ICU asked to wait\""
+    )]
+    Pause(CommandArgs),
+    /// Resume a paused or halted rollout.
+    #[command(
+        after_help = "Example:\n  medfleet rollouts resume 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"failures were a network outage\""
+    )]
+    Resume(CommandArgs),
+    /// End a rollout: devices that have not started installing are canceled. Asks first unless --yes.
+    #[command(
+        after_help = "Examples:\n  medfleet rollouts abort 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"boot loop on 2 devices\"\n  \
+                            medfleet rollouts abort 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --yes -o json"
+    )]
+    Abort {
+        #[command(flatten)]
+        args: CommandArgs,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Queue the failed devices of the current and earlier waves again.
+    #[command(after_help = "Example:\n  medfleet rollouts retry-failed 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d")]
+    RetryFailed(CommandArgs),
+    /// As a clinician with scope over its ward: let a device in clinical use install (rollouts with
+    /// --clinical-use approve). An alarming device is never interrupted.
+    #[command(
+        after_help = "Example:\n  medfleet rollouts approve 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --device 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f \
+                            -m \"patient stable, spare monitor at bedside\""
+    )]
+    Approve {
+        rollout: String,
+        #[arg(long)]
+        device: String,
+        #[arg(short = 'm', long, default_value = "")]
+        comment: String,
+    },
+    /// Put the model's previous signed image back on the devices this rollout updated, as a new rollout with the
+    /// same rules (devices take it only as a signed downgrade).
+    #[command(
+        after_help = "Example:\n  medfleet rollouts rollback 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"SpO2 readings drift after update\""
+    )]
+    Rollback(CommandArgs),
+}
+
+pub(crate) async fn run(server: &Server, command: &RolloutCommand, out: Format) -> anyhow::Result<()> {
+    // A new rollout is checked before connecting: a typo is reported even without credentials or a server.
+    if let RolloutCommand::Create(args) = command {
+        let request = args.request()?;
+        let mut api = RolloutServiceClient::new(server.channel().await?);
+        return create::run(&mut api, args, request, out).await;
+    }
+    let mut api = RolloutServiceClient::new(server.channel().await?);
+    match command {
+        // Run above.
+        RolloutCommand::Create(_) => Ok(()),
+        RolloutCommand::List { state, limit } => control::list(&mut api, *state, *limit, out).await,
+        RolloutCommand::Show { rollout, failed } => control::show(&mut api, rollout, *failed, out).await,
+        RolloutCommand::Watch { rollout } => watch::run(&mut api, rollout, out).await,
+        RolloutCommand::Start(args) => control::command(&mut api, control::Move::Start, args, out).await,
+        RolloutCommand::Pause(args) => control::command(&mut api, control::Move::Pause, args, out).await,
+        RolloutCommand::Resume(args) => control::command(&mut api, control::Move::Resume, args, out).await,
+        RolloutCommand::Abort { args, yes } => {
+            crate::confirm::confirm(
+                &format!(
+                    "Abort rollout {}? Devices that have not started installing are canceled; it cannot be resumed",
+                    args.rollout
+                ),
+                *yes,
+            )?;
+            control::command(&mut api, control::Move::Abort, args, out).await
+        }
+        RolloutCommand::RetryFailed(args) => control::command(&mut api, control::Move::RetryFailed, args, out).await,
+        RolloutCommand::Approve {
+            rollout,
+            device,
+            comment,
+        } => control::approve(&mut api, rollout, device, comment, out).await,
+        RolloutCommand::Rollback(args) => control::command(&mut api, control::Move::Rollback, args, out).await,
+    }
+}
