@@ -773,3 +773,181 @@ async fn one_scheduler_across_replicas_and_it_hands_over() {
     );
     other.stop().await.unwrap();
 }
+
+struct Cli {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn medfleet(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> Cli {
+    let output = tokio::process::Command::new(medfleet_e2e::binary("medfleet"))
+        .args(["--server", &server.url()])
+        .arg("--credentials")
+        .arg(server.config.data_dir.join("admin.pem"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("MEDFLEET_SERVER")
+        .output()
+        .await
+        .expect("run medfleet");
+    Cli {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn ok(run: &Cli, what: &str) {
+    assert_eq!(run.code, 0, "{what}: {}\n{}", run.stdout, run.stderr);
+}
+
+/// The biomed walkthrough of the README with the real CLI: online keys, offline keys and root, trust, two-person
+/// signing, upload (refused below threshold with exit code 5 and nothing stored), a rollout to a protocol device.
+async fn the_cli_walkthrough(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let online = medfleet(&server, dir, &["firmware", "online-keys", "-o", "json"]).await;
+    ok(&online, "online-keys");
+    std::fs::write(dir.join("online-keys.json"), &online.stdout).unwrap();
+    ok(
+        &medfleet(
+            &server,
+            dir,
+            &[
+                "firmware",
+                "keys",
+                "init",
+                "--out",
+                "fw",
+                "--online-keys",
+                "online-keys.json",
+                "--targets-keys",
+                "2",
+                "--targets-threshold",
+                "2",
+            ],
+        )
+        .await,
+        "keys init",
+    );
+    ok(
+        &medfleet(&server, dir, &["firmware", "trust", "install", "fw/root.json"]).await,
+        "trust install",
+    );
+    let bytes = image(1_500_000, 5);
+    std::fs::write(dir.join("mx450-2.1.0.img"), &bytes).unwrap();
+    ok(
+        &medfleet(
+            &server,
+            dir,
+            &[
+                "firmware",
+                "sign",
+                "mx450-2.1.0.img",
+                "--name",
+                "mx450-2.1.0.img",
+                "--model",
+                MODEL,
+                "--version",
+                "2.1.0",
+                "--counter",
+                "1",
+                "--metadata",
+                "fw",
+                "--key",
+                "fw/keys/targets-1.pem",
+            ],
+        )
+        .await,
+        "sign",
+    );
+    let upload_args = [
+        "firmware",
+        "upload",
+        "mx450-2.1.0.img",
+        "--metadata",
+        "fw",
+        "--name",
+        "mx450-2.1.0.img",
+        "-o",
+        "json",
+    ];
+    let refused = medfleet(&server, dir, &upload_args).await;
+    assert_eq!(
+        refused.code, 5,
+        "one of two signatures: {}\n{}",
+        refused.stdout, refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("untrusted_signature") || refused.stderr.contains("signature"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(stored(&server).await, (0, 0));
+    ok(
+        &medfleet(
+            &server,
+            dir,
+            &[
+                "firmware",
+                "countersign",
+                "--metadata",
+                "fw",
+                "--key",
+                "fw/keys/targets-2.pem",
+            ],
+        )
+        .await,
+        "countersign",
+    );
+    let uploaded = medfleet(&server, dir, &upload_args).await;
+    ok(&uploaded, "upload");
+    let artifact: serde_json::Value = serde_json::from_str(&uploaded.stdout).unwrap();
+    assert_eq!(artifact["sha256"], sha256_hex(&bytes), "{artifact}");
+
+    let root = std::fs::read(dir.join("fw/root.json")).unwrap();
+    let mut registry = server.admin().await;
+    let (id, bundle) = enrolled(&server, &mut registry, "SN-CLI-0").await;
+    let (done_tx, _done) = mpsc::channel(4);
+    tokio::spawn(device(
+        server.channel_for(&bundle).await.unwrap(),
+        id.clone(),
+        root,
+        done_tx,
+    ));
+    std::fs::write(dir.join("devices.txt"), format!("# the pilot\n{id}\n")).unwrap();
+    let created = medfleet(
+        &server,
+        dir,
+        &[
+            "rollouts",
+            "create",
+            "--artifact",
+            "mx450-2.1.0.img",
+            "--devices",
+            "devices.txt",
+            "--waves",
+            "100%",
+            "--success",
+            "100%",
+            "--soak",
+            "0s",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    ok(&created, "rollouts create");
+    let rollout: serde_json::Value = serde_json::from_str(&created.stdout).unwrap();
+    let rollout_id = rollout["id"].as_str().unwrap().to_owned();
+    let watched = medfleet(&server, dir, &["rollouts", "watch", &rollout_id, "-o", "json"]).await;
+    ok(&watched, "rollouts watch");
+    let shown = medfleet(&server, dir, &["rollouts", "show", &rollout_id, "-o", "json"]).await;
+    ok(&shown, "rollouts show");
+    assert!(shown.stdout.contains(&id), "{}", shown.stdout);
+    server.stop().await.unwrap();
+}
+
+both_backends!(cli_walkthrough, the_cli_walkthrough);

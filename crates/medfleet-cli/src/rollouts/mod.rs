@@ -7,8 +7,6 @@
 
 mod control;
 mod create;
-#[cfg(test)]
-mod tests;
 mod view;
 mod watch;
 
