@@ -55,6 +55,41 @@ pub struct Artifact {
 pub struct Artifacts {
     db: DatabaseConnection,
     repository: Repository,
+    cache: std::sync::Arc<std::sync::Mutex<ChunkCache>>,
+}
+
+/// Chunks read recently, by hash: a wave of devices downloads the same image at once, so each chunk comes from the
+/// database once rather than once per device. Content-addressed, so an entry can never be stale.
+#[derive(Debug, Default)]
+struct ChunkCache {
+    chunks: std::collections::HashMap<String, Bytes>,
+    order: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+/// What the chunk cache holds at most.
+const CACHE_BYTES: usize = 128 * 1024 * 1024;
+
+impl ChunkCache {
+    fn get(&self, sha: &str) -> Option<Bytes> {
+        self.chunks.get(sha).cloned()
+    }
+
+    fn put(&mut self, sha: String, data: Bytes) {
+        if self.chunks.contains_key(&sha) {
+            return;
+        }
+        self.bytes += data.len();
+        self.order.push_back(sha.clone());
+        self.chunks.insert(sha, data);
+        while self.bytes > CACHE_BYTES
+            && let Some(oldest) = self.order.pop_front()
+        {
+            if let Some(gone) = self.chunks.remove(&oldest) {
+                self.bytes -= gone.len();
+            }
+        }
+    }
 }
 
 fn validate(header: &Header) -> Result<()> {
@@ -95,7 +130,11 @@ fn counter(value: u64) -> Result<i64> {
 
 impl Artifacts {
     pub fn new(db: DatabaseConnection, repository: Repository) -> Self {
-        Self { db, repository }
+        Self {
+            db,
+            repository,
+            cache: std::sync::Arc::default(),
+        }
     }
 
     pub fn repository(&self) -> &Repository {
@@ -434,8 +473,8 @@ impl Artifacts {
     }
 
     /// The image from `offset`: chunk by chunk, each read when the previous one was taken (a slow reader holds no
-    /// more than one chunk in memory).
-    pub fn read(
+    /// more than one chunk in memory), from the chunk cache when another reader fetched it recently.
+    pub async fn read(
         &self,
         artifact: &firmware_artifact::Model,
         offset: u64,
@@ -449,29 +488,50 @@ impl Artifacts {
             .into());
         }
         let chunk_size = u64::try_from(artifact.chunk_size).unwrap_or(1).max(1);
-        let db = self.db.clone();
-        let id = artifact.id;
         let first = offset / chunk_size;
-        let chunks = length.div_ceil(chunk_size);
-        Ok(futures::stream::iter(first..chunks).then(move |idx| {
-            let db = db.clone();
-            async move {
-                let start = idx * chunk_size;
-                let link = firmware_artifact_chunk::Entity::find_by_id((id, i32::try_from(idx).unwrap_or(i32::MAX)))
-                    .one(&db)
-                    .await?
-                    .ok_or_else(|| Error::Internal(format!("artifact {id} lacks chunk {idx}")))?;
-                let chunk = firmware_chunk::Entity::find_by_id(link.chunk_sha256)
-                    .one(&db)
-                    .await?
-                    .ok_or_else(|| Error::Internal(format!("artifact {id}: chunk {idx} is missing")))?;
-                let skip = usize::try_from(offset.saturating_sub(start))
-                    .unwrap_or(0)
-                    .min(chunk.data.len());
-                let data = Bytes::from(chunk.data).slice(skip..);
-                Ok((start + skip as u64, data))
-            }
-        }))
+        let links: Vec<String> = firmware_artifact_chunk::Entity::find()
+            .filter(firmware_artifact_chunk::Column::ArtifactId.eq(artifact.id))
+            .filter(firmware_artifact_chunk::Column::Idx.gte(i32::try_from(first).unwrap_or(i32::MAX)))
+            .order_by_asc(firmware_artifact_chunk::Column::Idx)
+            .select_only()
+            .column(firmware_artifact_chunk::Column::ChunkSha256)
+            .into_tuple::<String>()
+            .all(&self.db)
+            .await?;
+        let db = self.db.clone();
+        let cache = self.cache.clone();
+        let id = artifact.id;
+        Ok(
+            futures::stream::iter(links.into_iter().enumerate()).then(move |(n, sha)| {
+                let db = db.clone();
+                let cache = cache.clone();
+                async move {
+                    let start = (first + n as u64) * chunk_size;
+                    let cached = cache
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(&sha);
+                    let data = if let Some(data) = cached {
+                        data
+                    } else {
+                        let chunk = firmware_chunk::Entity::find_by_id(sha.clone())
+                            .one(&db)
+                            .await?
+                            .ok_or_else(|| Error::Internal(format!("artifact {id}: chunk {sha} is missing")))?;
+                        let data = Bytes::from(chunk.data);
+                        cache
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .put(sha, data.clone());
+                        data
+                    };
+                    let skip = usize::try_from(offset.saturating_sub(start))
+                        .unwrap_or(0)
+                        .min(data.len());
+                    Ok((start + skip as u64, data.slice(skip..)))
+                }
+            }),
+        )
     }
 }
 

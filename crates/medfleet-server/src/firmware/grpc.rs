@@ -237,7 +237,7 @@ impl FirmwareService for FirmwareApi {
             // Not this device's update: indistinguishable from an image that does not exist.
             return Err(missing().into());
         }
-        let stream = self.artifacts.read(&artifact, request.offset)?;
+        let stream = self.artifacts.read(&artifact, request.offset).await?;
         let stream = stream.map(|chunk| {
             chunk
                 .map(|(offset, data)| v1::ArtifactChunk {
