@@ -1,6 +1,6 @@
 //! The one tower layer every RPC passes through: request id, caller identity, access decision, span and metrics.
 //!
-//! The decision follows [`crate::authz::policy::RULES`]: authentication first (who is calling, from the connection's
+//! The decision follows [`crate::authz::rules::RULES`]: authentication first (who is calling, from the connection's
 //! certificate), then, for role-governed methods, the casbin decision on the target's scope, resolved from the
 //! request message before the handler runs. Handlers never check who is calling; they read the [`Caller`] (and,
 //! for listings, the [`Decision`]'s visibility) this layer put in the request extensions. Every PERMISSION_DENIED
