@@ -297,6 +297,26 @@ impl Artifacts {
     async fn commit(&self, ctx: &audit::Context, header: &Header, index: Vec<String>) -> Result<Artifact> {
         let txn = db::begin_write(&self.db).await?;
         let prepared = self.check(&txn, header).await?;
+        // A chunk this upload found already stored may have belonged to a concurrent upload that failed and
+        // removed it since: never commit an image with a hole.
+        let distinct: BTreeSet<&String> = index.iter().collect();
+        let mut present = 0;
+        for chunk in distinct.iter().copied().collect::<Vec<_>>().chunks(500) {
+            present += firmware_chunk::Entity::find()
+                .filter(firmware_chunk::Column::Sha256.is_in(chunk.iter().map(|s| (*s).clone())))
+                .select_only()
+                .column(firmware_chunk::Column::Sha256)
+                .into_tuple::<String>()
+                .all(&txn)
+                .await?
+                .len();
+        }
+        if present != distinct.len() {
+            return Err(Error::Unavailable(
+                "part of the image was removed by a concurrent failed upload; nothing was stored, upload again"
+                    .to_owned(),
+            ));
+        }
         let targets_version = prepared.targets_version;
         let target = prepared.store(&txn).await?;
         let id = Uuid::new_v4();
