@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::firmware::{Firmware, FirmwareOptions, Link};
 use crate::state::{self, AppliedConfig, StateDir};
 
 #[derive(Debug, Clone)]
@@ -21,7 +22,8 @@ pub(crate) struct RunOptions {
     /// Used until the server's Welcome says otherwise.
     pub(crate) heartbeat: Duration,
     pub(crate) renew_after: Option<Duration>,
-    pub(crate) firmware_version: String,
+    /// The device's model, trust root, factory version and injected faults.
+    pub(crate) firmware: FirmwareOptions,
     /// Refuse configurations that set this top-level key (simulates a device that cannot take a setting).
     pub(crate) reject_key: Option<String>,
     /// Per-device events at debug level (the simulator reports aggregates instead).
@@ -37,20 +39,12 @@ pub(crate) struct Status {
     pub(crate) applied_version: Option<u64>,
 }
 
-macro_rules! event {
-    ($quiet:expr, $($arg:tt)+) => {
-        if $quiet {
-            tracing::debug!($($arg)+);
-        } else {
-            tracing::info!($($arg)+);
-        }
-    };
-}
-
 /// How a session ended.
 enum SessionEnd {
     /// The certificate was renewed: reconnect at once with the new one.
     Renewed,
+    /// An install asked for a reboot: start again on the slot the device should run.
+    Rebooted,
     /// Asked to stop.
     Stop,
 }
@@ -79,7 +73,18 @@ pub(crate) async fn run(
     } else {
         None
     };
-    let result = sessions(dir, &server, &state.device_id, options, &stop, status.as_ref()).await;
+    let mut firmware = Firmware::open(dir, options.firmware.clone(), &state.device_id, options.quiet)?;
+    firmware.boot()?;
+    let result = sessions(
+        dir,
+        &server,
+        &state.device_id,
+        options,
+        &mut firmware,
+        &stop,
+        status.as_ref(),
+    )
+    .await;
     stop.cancel();
     if let Some(readings) = readings {
         readings.await??;
@@ -120,19 +125,29 @@ async fn sessions(
     server: &str,
     device_id: &str,
     options: &RunOptions,
+    firmware: &mut Firmware,
     stop: &CancellationToken,
     status: Option<&watch::Sender<Status>>,
 ) -> anyhow::Result<()> {
     let state_device = device_id;
     let mut backoff = Duration::from_secs(1);
     loop {
-        let outcome = session(dir, server, state_device, options, stop, status).await;
+        if firmware.reboot_pending() {
+            firmware.boot()?;
+        }
+        let outcome = session(dir, server, state_device, options, firmware, stop, status).await;
+        firmware.disconnected();
         if let Some(status) = status {
             status.send_modify(|s| s.connected = false);
         }
         match outcome {
             Ok(SessionEnd::Stop) => return Ok(()),
             Ok(SessionEnd::Renewed) => backoff = Duration::from_secs(1),
+            Ok(SessionEnd::Rebooted) => {
+                event!(options.quiet, device = %state_device, "restarting onto the firmware slot it should run");
+                firmware.boot()?;
+                backoff = Duration::from_secs(1);
+            }
             Err(error) => {
                 tracing::warn!(device = %state_device, error = %format!("{error:#}"), retry_in = ?backoff, "session failed");
                 tokio::select! {
@@ -150,6 +165,7 @@ async fn session(
     server: &str,
     device_id: &str,
     options: &RunOptions,
+    firmware: &mut Firmware,
     stop: &CancellationToken,
     status: Option<&watch::Sender<Status>>,
 ) -> anyhow::Result<SessionEnd> {
@@ -168,14 +184,16 @@ async fn session(
         () = stop.cancelled() => return Ok(SessionEnd::Stop),
     };
     let (tx, rx) = mpsc::channel(8);
+    let (running_version, running_counter) = firmware.running();
+    let mut operational = dir.operational_state();
     tx.send(v1::SessionRequest {
         message: Some(session_request::Message::Hello(v1::Hello {
             device_id: device_id.to_owned(),
-            firmware_version: options.firmware_version.clone(),
-            operational_state: v1::OperationalState::Idle.into(),
+            firmware_version: running_version,
+            operational_state: operational.into(),
             applied_config_version: applied.as_ref().map_or(0, |a| a.version),
             applied_config_digest: applied.as_ref().map(|a| a.digest.clone()).unwrap_or_default(),
-            firmware_release_counter: 0,
+            firmware_release_counter: running_counter,
         })),
     })
     .await?;
@@ -213,6 +231,19 @@ async fn session(
         .unwrap_or(options.heartbeat);
     let mut heartbeat = tokio::time::interval(beat_every);
     heartbeat.tick().await;
+    let (state_tx, state_rx) = watch::channel(operational);
+    let (reboot_tx, mut reboot_rx) = mpsc::channel(1);
+    let link = Link {
+        tx: tx.clone(),
+        channel: channel.clone(),
+        reboot: reboot_tx,
+        state: state_rx,
+    };
+    firmware.connected(&link);
+    // The device's clinical software may change its state at any moment; a change is reported at once, since it
+    // decides whether an update may install.
+    let mut look = tokio::time::interval(Duration::from_secs(1));
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut renew => {
@@ -222,12 +253,40 @@ async fn session(
             _ = heartbeat.tick() => {
                 let beat = v1::SessionRequest {
                     message: Some(session_request::Message::Heartbeat(v1::Heartbeat {
-                        operational_state: v1::OperationalState::Idle.into(),
+                        operational_state: operational.into(),
                     })),
                 };
                 if tx.send(beat).await.is_err() {
                     bail!("the session closed");
                 }
+            }
+            _ = look.tick() => {
+                let now = dir.operational_state();
+                if now != operational {
+                    operational = now;
+                    state_tx.send_replace(now);
+                    event!(options.quiet, device = %device_id, state = ?now, "operational state changed");
+                    let beat = v1::SessionRequest {
+                        message: Some(session_request::Message::Heartbeat(v1::Heartbeat {
+                            operational_state: now.into(),
+                        })),
+                    };
+                    if tx.send(beat).await.is_err() {
+                        bail!("the session closed");
+                    }
+                }
+            }
+            Some(()) = reboot_rx.recv() => {
+                // The reports queued before the reboot (rebooting, rolled back) must reach the server: close our
+                // side and let the server finish the call instead of dropping it with them in flight.
+                firmware.disconnected();
+                drop(link);
+                drop(tx);
+                let drained = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                });
+                let _ = drained.await;
+                return Ok(SessionEnd::Rebooted);
             }
             message = inbound.message() => match message {
                 Ok(Some(v1::SessionResponse { message: Some(session_response::Message::ApplyConfig(command)) })) => {
@@ -242,6 +301,11 @@ async fn session(
                         bail!("the session closed");
                     }
                 }
+                Ok(Some(v1::SessionResponse { message: Some(command @ (
+                    session_response::Message::FirmwareUpdate(_)
+                    | session_response::Message::FirmwareInstall(_)
+                    | session_response::Message::FirmwareCancel(_)
+                )) })) => firmware.handle(command, &link),
                 Ok(Some(_)) => {}
                 Ok(None) => bail!("the server closed the session"),
                 Err(status) => bail!("the session ended: {} ({:?})", status.message(), status.code()),

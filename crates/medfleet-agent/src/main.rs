@@ -3,7 +3,20 @@
 //! its state directory) and renews its certificate in the background, reconnecting with the new one. `simulate`
 //! runs many such devices in one process.
 
+/// An event at info level for a single device and at debug level in a simulation (`quiet`), where thousands of
+/// devices would drown the summary. Defined before the modules so each of them can use it.
+macro_rules! event {
+    ($quiet:expr, $($arg:tt)+) => {
+        if $quiet {
+            tracing::debug!($($arg)+);
+        } else {
+            tracing::info!($($arg)+);
+        }
+    };
+}
+
 mod device;
+mod firmware;
 mod readings;
 mod simulate;
 mod state;
@@ -84,9 +97,8 @@ enum Command {
         /// Renew this long after connecting instead of at 60% of the certificate's lifetime (demos, tests).
         #[arg(long, value_parser = humantime::parse_duration, hide = true)]
         renew_after: Option<Duration>,
-        /// Firmware version reported in the session hello.
-        #[arg(long, default_value = "0.0.0")]
-        firmware_version: String,
+        #[command(flatten)]
+        firmware: FirmwareArgs,
         /// Refuse configurations that set this top-level key (to exercise rejection reporting).
         #[arg(long)]
         reject_key: Option<String>,
@@ -135,8 +147,12 @@ enum Command {
         /// Interval between heartbeats until the server says otherwise.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         heartbeat: Duration,
-        #[arg(long, default_value = "0.0.0")]
-        firmware_version: String,
+        #[command(flatten)]
+        firmware: FirmwareArgs,
+        /// This share of the devices (0–1) starts in clinical use (written to their `operational-state` file
+        /// unless one is there already); firmware never installs on them while they are.
+        #[arg(long, default_value_t = 0.0, value_parser = share)]
+        in_use_share: f64,
         /// Refuse configurations that set this top-level key (to exercise rejection reporting).
         #[arg(long)]
         reject_key: Option<String>,
@@ -148,6 +164,59 @@ enum Command {
         #[arg(long, requires = "vitals_interval")]
         vitals_count: Option<u64>,
     },
+}
+
+/// The device's firmware identity and the faults to inject into its updates.
+#[derive(Debug, clap::Args)]
+struct FirmwareArgs {
+    /// Version of the factory image, reported until a signed update is installed.
+    #[arg(long, default_value = "0.0.0")]
+    firmware_version: String,
+    /// The TUF root this device pins on first start (the root.json from `medfleet firmware keys init`). Later
+    /// roots replace it only when they verify against it. Without a trusted root the device refuses every update.
+    #[arg(long, value_name = "ROOT.json")]
+    tuf_root: Option<PathBuf>,
+    /// The device model signed firmware must name (simulate: --model).
+    #[arg(long)]
+    hardware_id: Option<String>,
+    /// Fault injection: this share (0–1) of installs fails.
+    #[arg(long, default_value_t = 0.0, value_parser = share, help_heading = "Fault injection")]
+    fault_install_failure: f64,
+    /// Fault injection: this share (0–1) of health checks after an install fails; the device rolls back.
+    #[arg(long, default_value_t = 0.0, value_parser = share, help_heading = "Fault injection")]
+    fault_health_failure: f64,
+    /// Fault injection: download at most this many bytes per second.
+    #[arg(long, value_name = "BYTES", help_heading = "Fault injection")]
+    fault_download_rate: Option<u64>,
+    /// Fault injection: break off each download stream after this many bytes (the device resumes).
+    #[arg(long, value_name = "BYTES", help_heading = "Fault injection")]
+    fault_download_cut: Option<u64>,
+}
+
+impl FirmwareArgs {
+    fn options(self, model: Option<&str>) -> firmware::FirmwareOptions {
+        firmware::FirmwareOptions {
+            tuf_root: self.tuf_root,
+            hardware_id: self
+                .hardware_id
+                .or_else(|| model.map(str::to_owned))
+                .unwrap_or_default(),
+            factory_version: self.firmware_version,
+            faults: firmware::Faults {
+                install_failure: self.fault_install_failure,
+                health_failure: self.fault_health_failure,
+                download_rate: self.fault_download_rate,
+                cut_download_after: self.fault_download_cut,
+            },
+        }
+    }
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{text}' is not a share between 0 and 1 (e.g. 0.2)")),
+    }
 }
 
 fn vitals_options(interval: Option<Duration>, count: Option<u64>) -> Option<readings::VitalsOptions> {
@@ -199,7 +268,7 @@ fn main() -> ExitCode {
                 server,
                 heartbeat,
                 renew_after,
-                firmware_version,
+                firmware,
                 reject_key,
                 vitals_interval,
                 vitals_count,
@@ -208,7 +277,7 @@ fn main() -> ExitCode {
                     server,
                     heartbeat,
                     renew_after,
-                    firmware_version,
+                    firmware: firmware.options(None),
                     reject_key,
                     quiet: false,
                     vitals: vitals_options(vitals_interval, vitals_count),
@@ -226,11 +295,13 @@ fn main() -> ExitCode {
                 ward,
                 concurrency,
                 heartbeat,
-                firmware_version,
+                firmware,
+                in_use_share,
                 reject_key,
                 vitals_interval,
                 vitals_count,
             } => {
+                let firmware = firmware.options(Some(&model));
                 let simulation = simulate::Simulation {
                     server,
                     ca,
@@ -241,11 +312,12 @@ fn main() -> ExitCode {
                     model,
                     ward,
                     concurrency,
+                    in_use_share,
                     options: RunOptions {
                         server: None,
                         heartbeat,
                         renew_after: None,
-                        firmware_version,
+                        firmware,
                         reject_key,
                         quiet: true,
                         vitals: vitals_options(vitals_interval, vitals_count),

@@ -27,7 +27,30 @@ pub(crate) struct Simulation {
     pub(crate) model: String,
     pub(crate) ward: Option<String>,
     pub(crate) concurrency: usize,
+    /// Share of the devices that start in clinical use.
+    pub(crate) in_use_share: f64,
     pub(crate) options: RunOptions,
+}
+
+/// Marks every n-th device in clinical use so that about `share` of them are, unless a device's state file says
+/// otherwise already (a test or an operator may have changed it).
+fn start_in_use(dirs: &[StateDir], share: f64) -> anyhow::Result<()> {
+    if share <= 0.0 {
+        return Ok(());
+    }
+    let mut owed = 0.0;
+    for dir in dirs {
+        owed += share;
+        let path = dir.operational_state_file();
+        if owed >= 1.0 {
+            owed -= 1.0;
+            if !path.exists() {
+                std::fs::write(&path, "in-clinical-use\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Most devices one import call registers (the server's limit).
@@ -46,6 +69,7 @@ pub(crate) async fn simulate(sim: Simulation, stop: CancellationToken) -> anyhow
         enroll_all(&sim, &dirs, &missing, tokens).await?;
     }
 
+    start_in_use(&dirs, sim.in_use_share)?;
     let mut statuses = Vec::with_capacity(sim.devices);
     let mut tasks = tokio::task::JoinSet::new();
     let options = Arc::new(RunOptions {

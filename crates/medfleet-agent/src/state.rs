@@ -50,6 +50,28 @@ impl StateDir {
         self.0.join("config.json")
     }
 
+    /// What the device's clinical software says it is doing (`idle`, `in-clinical-use`, `alarming`,
+    /// `maintenance`); the agent reports it in its heartbeats and refuses to install unless idle or in
+    /// maintenance. No file means idle.
+    pub(crate) fn operational_state_file(&self) -> PathBuf {
+        self.0.join("operational-state")
+    }
+
+    pub(crate) fn operational_state(&self) -> medfleet_proto::v1::OperationalState {
+        use medfleet_proto::v1::OperationalState;
+        match std::fs::read_to_string(self.operational_state_file()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OperationalState::Idle,
+            // Unreadable or unknown: fail closed, as if in use.
+            Err(_) => OperationalState::InClinicalUse,
+            Ok(text) => match text.trim() {
+                "idle" => OperationalState::Idle,
+                "maintenance" => OperationalState::Maintenance,
+                "alarming" => OperationalState::Alarming,
+                _ => OperationalState::InClinicalUse,
+            },
+        }
+    }
+
     pub(crate) fn applied(&self) -> anyhow::Result<Option<AppliedConfig>> {
         let path = self.config();
         match std::fs::read_to_string(&path) {
