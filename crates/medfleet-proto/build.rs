@@ -22,6 +22,9 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Image chunks are served from the server's chunk cache: `Bytes` shares them instead of copying 1 MiB per
+        // chunk per device.
+        .bytes(".medfleet.v1.ArtifactChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -18,6 +18,8 @@ mod m20261202_000010_association_backlog;
 mod m20261202_000011_device_placements;
 mod m20261202_000012_destination_lifecycle;
 mod m20261202_000013_firmware;
+mod m20261202_000014_action_attempt;
+mod m20261202_000015_site_timezone;
 mod seed;
 
 #[derive(Debug)]
@@ -40,6 +42,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000011_device_placements::Migration),
             Box::new(m20261202_000012_destination_lifecycle::Migration),
             Box::new(m20261202_000013_firmware::Migration),
+            Box::new(m20261202_000014_action_attempt::Migration),
+            Box::new(m20261202_000015_site_timezone::Migration),
         ]
     }
 }

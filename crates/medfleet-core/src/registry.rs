@@ -22,6 +22,8 @@ pub const MAX_MODEL: usize = 100;
 pub struct Site {
     pub name: String,
     pub display_name: String,
+    /// The IANA time zone the campus keeps (maintenance windows are read in it).
+    pub timezone: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -30,20 +32,55 @@ pub struct Site {
 pub struct NewSite {
     pub name: String,
     pub display_name: String,
+    pub timezone: String,
+}
+
+/// The time zone of a site that names none.
+pub const DEFAULT_TIMEZONE: &str = "UTC";
+
+/// An IANA region time zone (`Europe/London`, or `UTC`), as chrono-tz knows it.
+pub fn check_timezone(text: &str) -> Result<(), String> {
+    // Region names only: `Etc/GMT+5` is UTC-5 by POSIX's reversed sign, and abbreviations such as `EST` ignore
+    // daylight saving — both would read a maintenance window at the wrong hour.
+    let region = text == "UTC" || (text.contains('/') && !text.starts_with("Etc/"));
+    if region && text.parse::<chrono_tz::Tz>().is_ok() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} is not an IANA region time zone; write one such as Europe/London or America/New_York (or UTC)",
+            printable(text)
+        ))
+    }
 }
 
 impl NewSite {
-    pub fn parse(name: &str, display_name: &str) -> Result<Self, Violations> {
+    /// An empty `timezone` is UTC.
+    pub fn parse(name: &str, display_name: &str, timezone: &str) -> Result<Self, Violations> {
         let mut v = Violations::new();
         v.check("site.name", check_slug(name));
         v.check("site.display_name", check_text(display_name, MAX_DISPLAY_NAME));
+        let timezone = if timezone.is_empty() {
+            DEFAULT_TIMEZONE
+        } else {
+            timezone
+        };
+        v.check("site.timezone", check_timezone(timezone));
         v.finish(|| {
             Some(Self {
                 name: name.to_owned(),
                 display_name: display_name.to_owned(),
+                timezone: timezone.to_owned(),
             })
         })
     }
+}
+
+/// What an update of a site changes (the fields its mask names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteUpdate {
+    pub name: String,
+    pub display_name: Option<String>,
+    pub timezone: Option<String>,
 }
 
 /// A ward inside a site; `<site>/<ward>` is the scope that access rules use.
@@ -585,6 +622,21 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn only_region_time_zones_are_accepted() {
+        for good in [
+            "UTC",
+            "Europe/London",
+            "Asia/Kathmandu",
+            "America/Argentina/Buenos_Aires",
+        ] {
+            assert_eq!(check_timezone(good), Ok(()), "{good}");
+        }
+        for bad in ["", "EST", "Etc/GMT+5", "GMT", "Mars/Olympus", "europe/london"] {
+            assert!(check_timezone(bad).is_err(), "{bad}");
+        }
+    }
 
     fn fields<'a>() -> DeviceFields<'a> {
         DeviceFields {

@@ -7,7 +7,7 @@ use medfleet_core::identity::{Identity, RevocationReason};
 use medfleet_core::presence::{OperationalState, Presence};
 use medfleet_core::registry::{
     Device, DeviceClass, DeviceFields, DeviceFilter, DeviceState, DeviceUpdate, Location, NewDevice, NewSite, NewWard,
-    Site, Tags, Ward, WardUpdate, check_beds,
+    Site, SiteUpdate, Tags, Ward, WardUpdate, check_beds,
 };
 use medfleet_core::validation::{Violations, check_slug, check_text};
 use uuid::Uuid;
@@ -78,6 +78,7 @@ impl From<Site> for v1::Site {
         Self {
             name: site.name,
             display_name: site.display_name,
+            timezone: site.timezone,
             create_time: Some(timestamp(site.created_at)),
             update_time: Some(timestamp(site.updated_at)),
         }
@@ -154,7 +155,7 @@ pub fn new_site(request: &v1::CreateSiteRequest) -> Result<NewSite, Violations> 
         .site
         .as_ref()
         .ok_or_else(|| Violations::single("site", "is required"))?;
-    NewSite::parse(&site.name, &site.display_name)
+    NewSite::parse(&site.name, &site.display_name, &site.timezone)
 }
 
 pub fn new_ward(request: &v1::CreateWardRequest) -> Result<NewWard, Violations> {
@@ -309,18 +310,32 @@ fn mask_paths(mask: Option<&prost_types::FieldMask>, allowed: &[&str]) -> Result
     v.finish(|| Some(paths))
 }
 
-pub fn site_update(request: &v1::UpdateSiteRequest) -> Result<(String, String), Violations> {
+pub fn site_update(request: &v1::UpdateSiteRequest) -> Result<SiteUpdate, Violations> {
     let site = request
         .site
         .as_ref()
         .ok_or_else(|| Violations::single("site", "is required"))?;
     let mut v = Violations::new();
     v.check("site.name", check_slug(&site.name));
-    let paths = mask_paths(request.update_mask.as_ref(), &["display_name"])?;
-    if paths.iter().any(|p| p == "display_name") {
-        v.check("site.display_name", check_text(&site.display_name, 200));
+    let paths = mask_paths(request.update_mask.as_ref(), &["display_name", "timezone"])?;
+    let display_name = paths
+        .iter()
+        .any(|p| p == "display_name")
+        .then(|| site.display_name.clone());
+    if let Some(display_name) = &display_name {
+        v.check("site.display_name", check_text(display_name, 200));
     }
-    v.finish(|| Some((site.name.clone(), site.display_name.clone())))
+    let timezone = paths.iter().any(|p| p == "timezone").then(|| site.timezone.clone());
+    if let Some(timezone) = &timezone {
+        v.check("site.timezone", medfleet_core::registry::check_timezone(timezone));
+    }
+    v.finish(|| {
+        Some(SiteUpdate {
+            name: site.name.clone(),
+            display_name,
+            timezone,
+        })
+    })
 }
 
 pub fn ward_update(request: &v1::UpdateWardRequest) -> Result<(String, String, WardUpdate), Violations> {

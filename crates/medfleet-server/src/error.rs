@@ -37,6 +37,9 @@ pub enum Error {
     /// A dependency the request needs (the audit trail) is failing; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller stopped sending (a stream went idle for longer than the server waits).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A destination's stored secret does not open with this replica's keyring.
     #[error(transparent)]
     Unreadable(#[from] Unreadable),
@@ -92,6 +95,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Unavailable(m) => Status::unavailable(m),
+            Error::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             Error::Database(e) => database_status(&e),
             Error::Internal(m) => internal(&m),
         }

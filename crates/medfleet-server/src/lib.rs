@@ -399,7 +399,6 @@ impl Replica {
             .http2_keepalive_timeout(Some(limits::KEEPALIVE_TIMEOUT))
             .max_connection_age(limits::MAX_CONNECTION_AGE)
             .max_connection_age_grace(limits::MAX_CONNECTION_AGE_GRACE)
-            .timeout(limits::UNARY_TIMEOUT)
             .layer(RpcLayer::new(
                 self.metrics.clone(),
                 self.access.clone(),

@@ -60,7 +60,8 @@ pub(crate) struct CreateArgs {
     /// Install only inside this window, e.g. 'Mon-Fri 02:00-05:00' [default: any time].
     #[arg(long)]
     window: Option<String>,
-    /// The IANA time zone the window is read in, e.g. Europe/London [default: UTC].
+    /// The IANA time zone the window is read in, e.g. Europe/London [default: the time zone of each device's
+    /// site, see `medfleet sites update --timezone`].
     #[arg(long)]
     timezone: Option<String>,
     /// What to do with a device in clinical use.
@@ -303,7 +304,10 @@ pub(super) async fn run(
     out: Format,
 ) -> anyhow::Result<()> {
     if args.window.is_some() && args.timezone.is_none() {
-        eprintln!("note: --window is read in UTC; pass --timezone (e.g. Europe/London) for the site's local time");
+        eprintln!(
+            "note: --window is read in the time zone of each device's site (UTC for a site that has none set: \
+             medfleet sites update SITE --timezone Europe/London)"
+        );
     }
     let rollout = RolloutView::from(api.create_rollout(request).await?.into_inner());
     if out == Format::Json {

@@ -271,7 +271,7 @@ pub(super) fn print_rollout(r: &RolloutView) {
         if r.window.is_empty() {
             "any time".to_owned()
         } else {
-            format!("{} ({})", r.window, or_default(&r.timezone, "UTC"))
+            format!("{} ({})", r.window, or_default(&r.timezone, "each device's site time"))
         },
         r.clinical_use,
         human(r.deadline_seconds),

@@ -211,7 +211,8 @@ impl Hub {
                         }
                         Ok(Event::SessionOpened { device, session }) => hub.superseded(device, session).await,
                         Ok(Event::Firmware) => hub.dispatch_firmware(None).await,
-                        Ok(Event::Presence { .. } | Event::Outbox) => Ok(()),
+                        Ok(Event::FirmwareDevice { device }) => hub.dispatch_firmware(Some(&[device])).await,
+                        Ok(Event::Presence { .. } | Event::Outbox | Event::FirmwareProgress) => Ok(()),
                         Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => hub.reconcile().await,
                         Err(broadcast::error::RecvError::Closed) => break,
                     },

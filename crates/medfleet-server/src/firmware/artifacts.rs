@@ -28,6 +28,9 @@ use crate::persistence::entity::{firmware_artifact, firmware_artifact_chunk, fir
 
 /// Bytes per stored chunk (and per message read out).
 pub const CHUNK_SIZE: usize = 1024 * 1024;
+/// An upload may take as long as the image needs (no overall deadline: a 4 GiB image over a slow link takes
+/// minutes), but one that stops sending is given up after this long and leaves nothing stored.
+pub const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_mins(1);
 /// The largest image medfleetd takes.
 pub const MAX_IMAGE: u64 = 4 * 1024 * 1024 * 1024;
 /// The largest targets metadata an upload may carry.
@@ -65,6 +68,9 @@ struct ChunkCache {
     chunks: std::collections::HashMap<String, Bytes>,
     order: std::collections::VecDeque<String>,
     bytes: usize,
+    /// Chunks being fetched from the database: devices of one wave download in step, and one fetch of a chunk
+    /// serves them all instead of one each.
+    fetching: std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// What the chunk cache holds at most.
@@ -237,7 +243,15 @@ impl Artifacts {
         let mut index = Vec::new();
         let mut total: u64 = 0;
         loop {
-            let next = chunks.next().await.transpose()?;
+            let next = tokio::time::timeout(UPLOAD_IDLE, chunks.next())
+                .await
+                .map_err(|_| {
+                    Error::DeadlineExceeded(format!(
+                        "no image data arrived for {} s after {total} bytes: nothing was stored; upload again",
+                        UPLOAD_IDLE.as_secs()
+                    ))
+                })?
+                .transpose()?;
             if let Some(data) = &next {
                 total = total.saturating_add(data.len() as u64);
                 if total > signed.length {
@@ -527,24 +541,7 @@ impl Artifacts {
                 let cache = cache.clone();
                 async move {
                     let start = (first + n as u64) * chunk_size;
-                    let cached = cache
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get(&sha);
-                    let data = if let Some(data) = cached {
-                        data
-                    } else {
-                        let chunk = firmware_chunk::Entity::find_by_id(sha.clone())
-                            .one(&db)
-                            .await?
-                            .ok_or_else(|| Error::Internal(format!("artifact {id}: chunk {sha} is missing")))?;
-                        let data = Bytes::from(chunk.data);
-                        cache
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .put(sha, data.clone());
-                        data
-                    };
+                    let data = cached_chunk(&db, &cache, id, sha).await?;
                     let skip = usize::try_from(offset.saturating_sub(start))
                         .unwrap_or(0)
                         .min(data.len());
@@ -553,6 +550,45 @@ impl Artifacts {
             }),
         )
     }
+}
+
+/// The cache only ever holds complete chunks: a panicking holder leaves nothing half-written.
+fn lock(cache: &std::sync::Mutex<ChunkCache>) -> std::sync::MutexGuard<'_, ChunkCache> {
+    cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A chunk from the cache, or fetched once from the database however many readers want it at the same time.
+async fn cached_chunk(
+    db: &DatabaseConnection,
+    cache: &std::sync::Mutex<ChunkCache>,
+    artifact: Uuid,
+    sha: String,
+) -> Result<Bytes> {
+    let fetching = {
+        let mut guard = lock(cache);
+        if let Some(data) = guard.get(&sha) {
+            return Ok(data);
+        }
+        guard.fetching.entry(sha.clone()).or_default().clone()
+    };
+    let _turn = fetching.lock().await;
+    if let Some(data) = lock(cache).get(&sha) {
+        return Ok(data);
+    }
+    let fetched = firmware_chunk::Entity::find_by_id(sha.clone()).one(db).await;
+    let mut guard = lock(cache);
+    // Only this fetch's own entry: a reader that came after an eviction may have started a newer one.
+    if guard
+        .fetching
+        .get(&sha)
+        .is_some_and(|current| std::sync::Arc::ptr_eq(current, &fetching))
+    {
+        guard.fetching.remove(&sha);
+    }
+    let chunk = fetched?.ok_or_else(|| Error::Internal(format!("artifact {artifact}: chunk {sha} is missing")))?;
+    let data = Bytes::from(chunk.data);
+    guard.put(sha, data.clone());
+    Ok(data)
 }
 
 async fn remove_if_unreferenced(conn: &impl ConnectionTrait, sha: &str) -> Result<()> {

@@ -139,9 +139,18 @@ impl FirmwareService for FirmwareApi {
     async fn upload_artifact(&self, request: Request<Streaming<v1::UploadArtifactRequest>>) -> Reply<v1::Artifact> {
         let ctx = audit_context(&request);
         let mut stream = request.into_inner();
+        // The upload is exempt from the unary deadline, so its first message is bounded here like every chunk.
+        let first = tokio::time::timeout(crate::firmware::artifacts::UPLOAD_IDLE, stream.message())
+            .await
+            .map_err(|_| {
+                Error::DeadlineExceeded(format!(
+                    "no upload header arrived within {} s; nothing was stored",
+                    crate::firmware::artifacts::UPLOAD_IDLE.as_secs()
+                ))
+            })??;
         let Some(v1::UploadArtifactRequest {
             message: Some(upload_artifact_request::Message::Header(header)),
-        }) = stream.message().await?
+        }) = first
         else {
             return Err(Error::from(Violations::single(
                 "header",
@@ -240,10 +249,7 @@ impl FirmwareService for FirmwareApi {
         let stream = self.artifacts.read(&artifact, request.offset).await?;
         let stream = stream.map(|chunk| {
             chunk
-                .map(|(offset, data)| v1::ArtifactChunk {
-                    offset,
-                    data: data.to_vec(),
-                })
+                .map(|(offset, data)| v1::ArtifactChunk { offset, data })
                 .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))

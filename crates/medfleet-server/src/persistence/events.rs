@@ -27,8 +27,15 @@ pub enum Event {
     Presence { device: Uuid },
     /// New EMR outbox rows were committed: relays and feed subscribers look for work.
     Outbox,
-    /// A rollout or a device's firmware action changed: sessions look for commands to send, watchers re-read.
+    /// A rollout changed (created, a wave advanced, paused, resumed, aborted, retried): every session looks for
+    /// commands to send, the scheduler and watchers re-read.
     Firmware,
+    /// One device's firmware action moved (its own report): only that device's session looks for its next command;
+    /// the scheduler and watchers re-read as for `Firmware`. Keeps a wave of N reporting devices from costing N
+    /// evaluations of every session.
+    FirmwareDevice { device: Uuid },
+    /// Only the bytes a device has downloaded moved: watchers re-read; nothing is decided or sent on it.
+    FirmwareProgress,
     /// Notifications may have been missed: re-read everything.
     Resync,
 }
@@ -41,6 +48,8 @@ impl Event {
             Self::Presence { device } => format!("presence {device}"),
             Self::Outbox => "outbox".to_owned(),
             Self::Firmware => "firmware".to_owned(),
+            Self::FirmwareDevice { device } => format!("firmware-device {device}"),
+            Self::FirmwareProgress => "firmware-progress".to_owned(),
             Self::Resync => "resync".to_owned(),
         }
     }
@@ -52,6 +61,10 @@ impl Event {
             ("resync", None, None) => Self::Resync,
             ("outbox", None, None) => Self::Outbox,
             ("firmware", None, None) => Self::Firmware,
+            ("firmware-progress", None, None) => Self::FirmwareProgress,
+            ("firmware-device", Some(device), None) => Self::FirmwareDevice {
+                device: device.parse().ok()?,
+            },
             ("presence", Some(device), None) => Self::Presence {
                 device: device.parse().ok()?,
             },
@@ -195,6 +208,8 @@ mod tests {
             Event::Config,
             Event::Resync,
             Event::Firmware,
+            Event::FirmwareDevice { device },
+            Event::FirmwareProgress,
             Event::Presence { device },
             Event::SessionOpened {
                 device,
@@ -205,5 +220,6 @@ mod tests {
         }
         assert_eq!(Event::decode("config extra"), None);
         assert_eq!(Event::decode("presence not-a-uuid"), None);
+        assert_eq!(Event::decode("firmware-device"), None);
     }
 }

@@ -135,11 +135,8 @@ impl RegistryService for RegistryApi {
 
     #[instrument(skip_all)]
     async fn update_site(&self, request: Request<v1::UpdateSiteRequest>) -> Reply<v1::Site> {
-        let (name, display_name) = convert::site_update(request.get_ref()).map_err(Error::from)?;
-        let site = self
-            .registry
-            .update_site(&name, display_name, &audit_context(&request))
-            .await?;
+        let update = convert::site_update(request.get_ref()).map_err(Error::from)?;
+        let site = self.registry.update_site(update, &audit_context(&request)).await?;
         tracing::info!(site = %site.name, "site updated");
         Ok(Response::new(site.into()))
     }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use medfleet_core::registry::{
-    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, Tags, Ward,
-    WardUpdate,
+    Device, DeviceFilter, DeviceState, DeviceUpdate, Eui64, Location, NewDevice, NewSite, NewWard, Site, SiteUpdate,
+    Tags, Ward, WardUpdate,
 };
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
@@ -47,6 +47,7 @@ impl Registry {
         let model = site::ActiveModel {
             name: Set(new.name),
             display_name: Set(new.display_name),
+            timezone: Set(new.timezone),
             created_at: Set(at),
             updated_at: Set(at),
         }
@@ -92,10 +93,20 @@ impl Registry {
         }))
     }
 
-    pub async fn update_site(&self, name: &str, display_name: String, audit: &Context) -> Result<Site> {
+    pub async fn update_site(&self, update: SiteUpdate, audit: &Context) -> Result<Site> {
         let txn = begin_write(&self.db).await?;
-        let mut model = find_site(&txn, name).await?.into_active_model();
-        model.display_name = Set(display_name);
+        let mut model = find_site(&txn, &update.name).await?.into_active_model();
+        let mut changed = Vec::new();
+        if let Some(display_name) = update.display_name {
+            model.display_name = Set(display_name);
+            changed.push("display_name".to_owned());
+        }
+        if let Some(timezone) = update.timezone {
+            // Windows of rollouts that name no zone move with it: the old zone is kept in the audit trail.
+            let old = model.timezone.clone().take().unwrap_or_default();
+            changed.push(format!("timezone {old} -> {timezone}"));
+            model.timezone = Set(timezone);
+        }
         model.updated_at = Set(now());
         let model = model.update(&txn).await?;
         audit
@@ -104,7 +115,7 @@ impl Registry {
                 "site.update",
                 format!("site/{}", model.name),
                 model.name.clone(),
-                "display_name",
+                changed.join(", "),
             )
             .await?;
         txn.commit().await?;
@@ -681,6 +692,7 @@ fn site_from(m: site::Model) -> Site {
     Site {
         name: m.name,
         display_name: m.display_name,
+        timezone: m.timezone,
         created_at: m.created_at,
         updated_at: m.updated_at,
     }

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::audit;
 use crate::error::Result;
 use crate::persistence::db::{self, now};
-use crate::persistence::entity::{association, device, firmware_artifact, rollout, rollout_action};
+use crate::persistence::entity::{association, device, firmware_artifact, rollout, rollout_action, site};
 use crate::persistence::events::{Event, Events};
 use crate::rollouts::store::{action_state, clinical_use_of, in_window};
 
@@ -118,6 +118,34 @@ async fn bound(db: &DatabaseConnection, devices: &[Uuid]) -> Result<HashSet<Uuid
     Ok(out)
 }
 
+/// The time zone of each device's site, for devices among `devices` that stand in one.
+async fn site_timezones(db: &DatabaseConnection, devices: &[Uuid]) -> Result<HashMap<Uuid, String>> {
+    let mut sites: HashMap<Uuid, String> = HashMap::new();
+    for chunk in devices.chunks(IN_LIST) {
+        for d in device::Entity::find()
+            .filter(device::Column::Id.is_in(chunk.iter().copied()))
+            .all(db)
+            .await?
+        {
+            if let Some(site) = d.site {
+                sites.insert(d.id, site);
+            }
+        }
+    }
+    let names: HashSet<&String> = sites.values().collect();
+    let zones: HashMap<String, String> = site::Entity::find()
+        .filter(site::Column::Name.is_in(names.into_iter().cloned()))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|s| (s.name, s.timezone))
+        .collect();
+    Ok(sites
+        .into_iter()
+        .filter_map(|(device, site)| zones.get(&site).map(|z| (device, z.clone())))
+        .collect())
+}
+
 fn update_message(action: &rollout_action::Model, artifact: &firmware_artifact::Model) -> session_response::Message {
     session_response::Message::FirmwareUpdate(v1::FirmwareUpdate {
         action_id: action.id.to_string(),
@@ -127,7 +155,12 @@ fn update_message(action: &rollout_action::Model, artifact: &firmware_artifact::
         length: u64::try_from(artifact.length).unwrap_or(0),
         version: artifact.version.clone(),
         release_counter: u64::try_from(artifact.release_counter).unwrap_or(0),
+        attempt: attempt_of(action),
     })
+}
+
+fn attempt_of(action: &rollout_action::Model) -> u32 {
+    u32::try_from(action.attempt).unwrap_or(0)
 }
 
 /// The commands due for `held` devices. Moves queued actions to notified and deferred ones to their reason as a
@@ -193,6 +226,7 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
         .map(|a| a.device_id)
         .collect();
     let bound = bound(db, &waiting).await?;
+    let zones = site_timezones(db, &waiting).await?;
     let at = now();
 
     let mut notified = Vec::new();
@@ -249,13 +283,14 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                     bound: bound.contains(&h.device),
                     state: h.state,
                     approved: !action.approved_by.is_empty(),
-                    in_window: in_window(rollout, at),
+                    in_window: in_window(rollout, zones.get(&h.device).map(String::as_str), at),
                 };
                 match may_install(now_facts, clinical_use_of(&rollout.clinical_use)) {
                     Ok(()) => out.push(Due {
                         device: h.device,
                         message: session_response::Message::FirmwareInstall(v1::FirmwareInstall {
                             action_id: action.id.to_string(),
+                            attempt: attempt_of(action),
                         }),
                         sent: Some(Sent {
                             action: action.id,
@@ -310,8 +345,8 @@ fn bounded(value: &str, max: usize) -> String {
     value.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
-/// Records a device's report on its own action. A report on another device's action, an unknown state or a move
-/// the state machine does not allow (a replayed or out-of-order report) changes nothing. Returns the new state.
+/// Records a device's report on its own action. A report on another device's action or of an earlier attempt, an
+/// unknown state or a move the state machine does not allow (a replayed or out-of-order report) changes nothing. Returns the new state.
 pub async fn report(
     db: &DatabaseConnection,
     events: &Arc<Events>,
@@ -333,6 +368,10 @@ pub async fn report(
         tracing::warn!(%device, "firmware report for an action that is not this device's; ignored");
         return Ok(None);
     };
+    if report.attempt != attempt_of(&action) {
+        tracing::debug!(%device, attempt = report.attempt, current = action.attempt, "firmware report of an earlier attempt; ignored");
+        return Ok(None);
+    }
     let current = action_state(&action);
     let bytes = i64::try_from(report.bytes_downloaded).unwrap_or(i64::MAX);
     if next == current {
@@ -342,7 +381,7 @@ pub async fn report(
             active.updated_at = Set(now());
             active.update(&txn).await?;
             txn.commit().await?;
-            events.emit(Event::Firmware);
+            events.emit(Event::FirmwareProgress);
         }
         return Ok(Some(next));
     }
@@ -350,9 +389,31 @@ pub async fn report(
         tracing::debug!(%device, from = %current, to = %next, "firmware report out of order; ignored");
         return Ok(None);
     }
-    let reason = bounded(&report.reason, 64);
-    let detail = bounded(&report.detail, 1000);
+    let mut next = next;
+    let mut reason = bounded(&report.reason, 64);
+    let mut detail = bounded(&report.detail, 1000);
     let rollout_id = action.rollout_id;
+    if next == ActionState::Succeeded {
+        // Success counts towards a wave only from a device that says it runs the rollout's release; anything else
+        // (a confused or compromised device) is a failure the operators see.
+        let expected = match rollout::Entity::find_by_id(rollout_id).one(&txn).await? {
+            Some(r) => firmware_artifact::Entity::find_by_id(r.artifact_id)
+                .one(&txn)
+                .await?
+                .map(|a| a.release_counter),
+            None => None,
+        };
+        let running = i64::try_from(report.running_release_counter).unwrap_or(-1);
+        if expected != Some(running) {
+            next = ActionState::Failed;
+            "not_running_release".clone_into(&mut reason);
+            detail = format!(
+                "reported success while running release {} ({})",
+                report.running_release_counter,
+                printable(&bounded(&report.running_version, 200))
+            );
+        }
+    }
     let mut active = action.into_active_model();
     active.state = Set(next.as_str().to_owned());
     active.reason = Set(reason.clone());
@@ -387,9 +448,10 @@ pub async fn report(
             ),
         )
         .await?;
-    events.announce(&txn, &Event::Firmware).await?;
+    let event = Event::FirmwareDevice { device };
+    events.announce(&txn, &event).await?;
     txn.commit().await?;
-    events.emit(Event::Firmware);
+    events.emit(event);
     if matches!(next, ActionState::Failed | ActionState::RolledBack) {
         tracing::warn!(%device, rollout = %rollout_id, state = %next, reason = %reason, "firmware update did not succeed");
     } else {

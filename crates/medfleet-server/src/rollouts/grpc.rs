@@ -97,6 +97,7 @@ fn action_to_wire(a: &crate::persistence::entity::rollout_action::Model) -> v1::
         bytes_downloaded: u64::try_from(a.bytes_downloaded).unwrap_or(0),
         update_time: Some(convert::timestamp(a.updated_at)),
         approved_by: a.approved_by.clone(),
+        attempt: u32::try_from(a.attempt).unwrap_or(0),
     }
 }
 
@@ -244,13 +245,17 @@ fn parse_create(request: v1::CreateRolloutRequest) -> Result<NewRollout, Error> 
         }
         Some(request.window.clone())
     };
+    // No time zone: the window is read in each device's site's.
     let timezone = if request.timezone.is_empty() {
-        chrono_tz::UTC
+        None
     } else {
-        request.timezone.parse().unwrap_or_else(|_| {
-            v.push("timezone", "must be an IANA time zone such as Europe/London");
-            chrono_tz::UTC
-        })
+        request.timezone.parse().map_or_else(
+            |_| {
+                v.push("timezone", "must be an IANA time zone such as Europe/London");
+                None
+            },
+            Some,
+        )
     };
     let clinical_use = match v1::ClinicalUsePolicy::try_from(request.clinical_use) {
         Ok(v1::ClinicalUsePolicy::Approve) => ClinicalUse::Approve,
@@ -381,7 +386,16 @@ impl RolloutService for RolloutApi {
                 tokio::select! {
                     () = tx.closed() => return,
                     event = events.recv() => match event {
-                        Ok(Event::Firmware | Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Ok(
+                            Event::Firmware
+                            | Event::FirmwareDevice { .. }
+                            | Event::FirmwareProgress
+                            | Event::Resync,
+                        )
+                        | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // A wave's reports come in bursts: one re-read answers all that are already here.
+                            while events.try_recv().is_ok() {}
+                        }
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Closed) => return,
                     },

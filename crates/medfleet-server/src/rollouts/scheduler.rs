@@ -24,6 +24,9 @@ use crate::persistence::events::{Event, Events};
 use crate::rollouts::store::{action_state, rollout_state, scopes_text};
 use crate::telemetry::Metrics;
 
+/// How long the leader lets reports gather after the first wakes it, before it decides.
+const EVENT_COALESCE: Duration = Duration::from_millis(50);
+
 const LEASE: &str = "rollout-scheduler";
 
 #[derive(Debug, Clone)]
@@ -100,8 +103,17 @@ impl Scheduler {
                     () = stop.cancelled() => break,
                     _ = ticks.tick() => true,
                     // Reports wake the leader early, so a wave advances as soon as it may.
-                    event = events.recv() => if matches!(event, Ok(Event::Firmware)) { false } else { continue },
+                    event = events.recv() => if matches!(event, Ok(Event::Firmware | Event::FirmwareDevice { .. })) {
+                        false
+                    } else {
+                        continue
+                    },
                 };
+                if !ticked {
+                    // A wave's devices report in bursts: one decision answers the burst, not one per report.
+                    tokio::time::sleep(EVENT_COALESCE).await;
+                    while events.try_recv().is_ok() {}
+                }
                 match self.lead().await {
                     Ok(now_leading) => {
                         if now_leading != leading {

@@ -51,7 +51,8 @@ pub struct NewRollout {
     pub soak: Duration,
     /// The window's text (kept as written) and the timezone it is read in.
     pub window: Option<String>,
-    pub timezone: chrono_tz::Tz,
+    /// `None`: each device's site's time zone.
+    pub timezone: Option<chrono_tz::Tz>,
     pub clinical_use: ClinicalUse,
     pub deadline: Option<Duration>,
     pub draft: bool,
@@ -301,6 +302,7 @@ impl Rollouts {
                     from_version: Set(versions.get(&d.id).cloned().unwrap_or_default()),
                     from_release_counter: Set(0),
                     updated_at: Set(at),
+                    attempt: Set(1),
                 });
             }
         }
@@ -321,7 +323,7 @@ impl Rollouts {
             min_executed: Set(i32::try_from(new.min_executed).unwrap_or(i32::MAX)),
             soak_seconds: Set(db_int(new.soak.as_secs())),
             window: Set(new.window.clone().unwrap_or_default()),
-            timezone: Set(new.timezone.name().to_owned()),
+            timezone: Set(new.timezone.map(|z| z.name().to_owned()).unwrap_or_default()),
             clinical_use: Set(clinical_use_str(new.clinical_use).to_owned()),
             deadline_seconds: Set(new.deadline.map_or(0, |d| db_int(d.as_secs()))),
             current_wave: Set(0),
@@ -654,22 +656,29 @@ impl Rollouts {
         };
         let waves: Vec<String> = serde_json::from_str(&detail.rollout.waves).unwrap_or_else(|_| vec!["100%".into()]);
         let parse_share = |text: &str| Share::parse(text).map_err(|e| Error::Internal(format!("stored rollout: {e}")));
-        let new = NewRollout {
-            artifact: back.id.to_string(),
-            targeting: Targeting::Devices(updated),
-            waves: Waves::parse(&waves.join(",")).map_err(|e| Error::Internal(format!("stored rollout: {e}")))?,
-            success: parse_share(&detail.rollout.success_threshold)?,
-            halt_at: parse_share(&detail.rollout.halt_threshold)?,
-            min_executed: u32::try_from(detail.rollout.min_executed).unwrap_or(0),
-            soak: Duration::from_secs(u64::try_from(detail.rollout.soak_seconds).unwrap_or(0)),
-            window: (!detail.rollout.window.is_empty()).then(|| detail.rollout.window.clone()),
-            timezone: detail.rollout.timezone.parse().unwrap_or(chrono_tz::UTC),
-            clinical_use: clinical_use_of(&detail.rollout.clinical_use),
-            deadline: (detail.rollout.deadline_seconds > 0)
-                .then(|| Duration::from_secs(u64::try_from(detail.rollout.deadline_seconds).unwrap_or(0))),
-            draft: false,
-            comment: format!("rollback of {id}{}", note(comment)),
-        };
+        let new =
+            NewRollout {
+                artifact: back.id.to_string(),
+                targeting: Targeting::Devices(updated),
+                waves: Waves::parse(&waves.join(",")).map_err(|e| Error::Internal(format!("stored rollout: {e}")))?,
+                success: parse_share(&detail.rollout.success_threshold)?,
+                halt_at: parse_share(&detail.rollout.halt_threshold)?,
+                min_executed: u32::try_from(detail.rollout.min_executed).unwrap_or(0),
+                soak: Duration::from_secs(u64::try_from(detail.rollout.soak_seconds).unwrap_or(0)),
+                window: (!detail.rollout.window.is_empty()).then(|| detail.rollout.window.clone()),
+                timezone: if detail.rollout.timezone.is_empty() {
+                    None
+                } else {
+                    Some(detail.rollout.timezone.parse().map_err(|_| {
+                        Error::Internal(format!("stored rollout: time zone {:?}", detail.rollout.timezone))
+                    })?)
+                },
+                clinical_use: clinical_use_of(&detail.rollout.clinical_use),
+                deadline: (detail.rollout.deadline_seconds > 0)
+                    .then(|| Duration::from_secs(u64::try_from(detail.rollout.deadline_seconds).unwrap_or(0))),
+                draft: false,
+                comment: format!("rollback of {id}{}", note(comment)),
+            };
         let created = self.create(ctx, visibility, new).await?;
         let mut active = created.rollout.clone().into_active_model();
         active.rollback_of = Set(Some(id));
@@ -748,7 +757,9 @@ async fn retry_failed(
             continue;
         }
         let device = action.device_id;
+        let attempt = action.attempt.saturating_add(1);
         let mut active = action.into_active_model();
+        active.attempt = Set(attempt);
         active.state = Set(ActionState::Queued.as_str().to_owned());
         active.reason = Set(String::new());
         active.detail = Set(String::new());
@@ -800,14 +811,20 @@ pub fn wave_counts(detail: &Detail) -> BTreeMap<i32, Counts> {
     waves.into_iter().map(|(w, a)| (w, counts(a.into_iter()))).collect()
 }
 
-/// Whether the rollout's maintenance window is open at `at` in its timezone. No window: always. A window or zone
-/// that no longer parses (stored by another version): never — an install outside the intended hours is the worse
-/// mistake.
-pub fn in_window(row: &rollout::Model, at: chrono::DateTime<chrono::Utc>) -> bool {
+/// Whether the rollout's maintenance window is open at `at` for a device whose site keeps `site_timezone`: in the
+/// rollout's time zone if it names one, else in the site's (UTC for a device in no site). No window: always. A
+/// window or zone that does not parse (stored by another version): never — an install outside the intended hours
+/// is the worse mistake.
+pub fn in_window(row: &rollout::Model, site_timezone: Option<&str>, at: chrono::DateTime<chrono::Utc>) -> bool {
     if row.window.is_empty() {
         return true;
     }
-    match (Window::parse(&row.window), row.timezone.parse::<chrono_tz::Tz>()) {
+    let zone = if row.timezone.is_empty() {
+        site_timezone.unwrap_or(medfleet_core::registry::DEFAULT_TIMEZONE)
+    } else {
+        row.timezone.as_str()
+    };
+    match (Window::parse(&row.window), zone.parse::<chrono_tz::Tz>()) {
         (Ok(window), Ok(zone)) => window.contains(at.with_timezone(&zone).naive_local()),
         _ => false,
     }

@@ -28,11 +28,14 @@ use crate::audit::{self, Outcome};
 use crate::authz::access::Access;
 use crate::authz::policy::{self, Decision, Rule};
 use crate::telemetry::Metrics;
+use crate::transport::limits;
 use crate::transport::tls::PeerInfo;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The largest request message the layer reads to find its target (tonic's own default limit).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// The one client-streaming call whose answer waits for all the caller sends.
+const UPLOAD_PATH: &str = "/medfleet.v1.FirmwareService/UploadArtifact";
 
 /// The request id of the current request (present on every request, anonymous ones included).
 #[derive(Debug, Clone)]
@@ -315,122 +318,139 @@ where
         let refused_actor = peer_actor(peer);
         let authenticated = authenticate(peer, &path);
         let layer = self.layer.clone();
+        // Every call — reading its body, the access decision and the handler — is answered within the unary
+        // deadline, except an upload, which is answered after its last chunk and bounded by its idle time instead
+        // (its body is never read here: the decision on it needs none).
+        let deadline = (path != UPLOAD_PATH).then_some(limits::UNARY_TIMEOUT);
+        let late = finish.clone();
         // The clone that was polled ready is the one that must serve the call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
 
-        Box::pin(
-            async move {
-                let span = tracing::Span::current();
-                let identified = certificate.is_some();
-                let serial = certificate.as_ref().map(|(serial, _)| serial.clone());
-                let refuse = |status: Status, actor: String, scope: String| {
-                    let (refusals, path, request_id, span, serial) = (
-                        layer.refusals.clone(),
-                        path.clone(),
-                        request_id.clone(),
-                        span.clone(),
-                        serial.clone(),
-                    );
-                    let finish = finish.clone();
-                    async move {
-                        tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
-                        if status.code() != tonic::Code::Unimplemented && identified {
-                            refusals
-                                .record(&actor, serial.as_deref(), &path, &scope, &request_id, &status)
-                                .await;
-                        }
-                        finish(status.into_http(), &span)
+        let work = async move {
+            let span = tracing::Span::current();
+            let identified = certificate.is_some();
+            let serial = certificate.as_ref().map(|(serial, _)| serial.clone());
+            let refuse = |status: Status, actor: String, scope: String| {
+                let (refusals, path, request_id, span, serial) = (
+                    layer.refusals.clone(),
+                    path.clone(),
+                    request_id.clone(),
+                    span.clone(),
+                    serial.clone(),
+                );
+                let finish = finish.clone();
+                async move {
+                    tracing::info!(code = ?status.code(), reason = status.message(), "request refused");
+                    if status.code() != tonic::Code::Unimplemented && identified {
+                        refusals
+                            .record(&actor, serial.as_deref(), &path, &scope, &request_id, &status)
+                            .await;
                     }
-                };
-                let identity = match authenticated {
-                    Ok(identity) => identity,
-                    Err(status) => {
-                        return Ok(refuse(status, refused_actor, String::new()).await);
+                    finish(status.into_http(), &span)
+                }
+            };
+            let identity = match authenticated {
+                Ok(identity) => identity,
+                Err(status) => {
+                    return Ok(refuse(status, refused_actor, String::new()).await);
+                }
+            };
+            let mut request = request;
+            let permission = match (&identity, policy::rule_for(&path)) {
+                (Some(identity), Some(Rule::Permission { object, action, target })) => {
+                    Some((identity, object, action, target))
+                }
+                (
+                    Some(identity @ (Identity::User(_) | Identity::Service(_))),
+                    Some(Rule::DevicesOrPermission { object, action }),
+                ) => Some((identity, object, action, policy::Target::Global)),
+                _ => None,
+            };
+            if let Some((identity, object, action, target)) = permission
+                && !target.reads_body()
+            {
+                match policy::decide(&layer.access, &layer.db, identity, object, action, target, &[]).await {
+                    Ok(decision) => {
+                        request.extensions_mut().insert::<Decision>(decision);
                     }
-                };
-                let mut request = request;
-                let permission = match (&identity, policy::rule_for(&path)) {
-                    (Some(identity), Some(Rule::Permission { object, action, target })) => {
-                        Some((identity, object, action, target))
-                    }
-                    (
-                        Some(identity @ (Identity::User(_) | Identity::Service(_))),
-                        Some(Rule::DevicesOrPermission { object, action }),
-                    ) => Some((identity, object, action, policy::Target::Global)),
-                    _ => None,
-                };
-                if let Some((identity, object, action, target)) = permission
-                    && !target.reads_body()
-                {
-                    match policy::decide(&layer.access, &layer.db, identity, object, action, target, &[]).await {
-                        Ok(decision) => {
-                            request.extensions_mut().insert::<Decision>(decision);
-                        }
-                        Err(refusal) => {
-                            return Ok(refuse(refusal.status, identity.to_string(), refusal.scope).await);
-                        }
-                    }
-                } else if let Some((identity, object, action, target)) = permission {
-                    let (parts, body) = request.into_parts();
-                    let Ok(collected) = http_body_util::Limited::new(body, MAX_MESSAGE).collect().await else {
-                        let status = Status::resource_exhausted("the request is larger than 4 MiB");
-                        return Ok(refuse(status, identity.to_string(), String::new()).await);
-                    };
-                    let bytes: Bytes = collected.to_bytes();
-                    let decided = match message(&bytes) {
-                        Ok(message) => {
-                            policy::decide(&layer.access, &layer.db, identity, object, action, target, message).await
-                        }
-                        Err(status) => Err(policy::Refusal {
-                            status,
-                            scope: String::new(),
-                        }),
-                    };
-                    match decided {
-                        Ok(decision) => {
-                            request = Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
-                            request.extensions_mut().insert::<Decision>(decision);
-                        }
-                        Err(refusal) => {
-                            return Ok(refuse(refusal.status, identity.to_string(), refusal.scope).await);
-                        }
+                    Err(refusal) => {
+                        return Ok(refuse(refusal.status, identity.to_string(), refusal.scope).await);
                     }
                 }
-                request.extensions_mut().insert(RequestId(request_id.clone()));
-                match identity {
-                    Some(identity) => {
-                        span.record("caller", tracing::field::display(&identity));
-                        request.extensions_mut().insert(Caller {
-                            identity,
-                            request_id: request_id.clone(),
-                            certificate,
-                        });
+            } else if let Some((identity, object, action, target)) = permission {
+                let (parts, body) = request.into_parts();
+                let Ok(collected) = http_body_util::Limited::new(body, MAX_MESSAGE).collect().await else {
+                    let status = Status::resource_exhausted("the request is larger than 4 MiB");
+                    return Ok(refuse(status, identity.to_string(), String::new()).await);
+                };
+                let bytes: Bytes = collected.to_bytes();
+                let decided = match message(&bytes) {
+                    Ok(message) => {
+                        policy::decide(&layer.access, &layer.db, identity, object, action, target, message).await
                     }
-                    None => {
-                        span.record("caller", "anonymous");
+                    Err(status) => Err(policy::Refusal {
+                        status,
+                        scope: String::new(),
+                    }),
+                };
+                match decided {
+                    Ok(decision) => {
+                        request = Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+                        request.extensions_mut().insert::<Decision>(decision);
+                    }
+                    Err(refusal) => {
+                        return Ok(refuse(refusal.status, identity.to_string(), refusal.scope).await);
                     }
                 }
-                let response = inner.call(request).await?;
-                // A handler's refusal (decided on stored rows: a feed outside the caller's scopes, a session for
-                // another device) takes the same path to the audit trail as the layer's own.
-                if grpc_code(&response) == tonic::Code::PermissionDenied as i32 && identified {
-                    let message = response
-                        .headers()
-                        .get("grpc-message")
-                        .and_then(|v| v.to_str().ok())
-                        .map(percent_decode)
-                        .unwrap_or_default();
-                    let status = Status::permission_denied(message);
-                    layer
-                        .refusals
-                        .record(&refused_actor, serial.as_deref(), &path, "", &request_id, &status)
-                        .await;
-                }
-                Ok(finish(response, &span))
             }
-            .instrument(span),
-        )
+            request.extensions_mut().insert(RequestId(request_id.clone()));
+            match identity {
+                Some(identity) => {
+                    span.record("caller", tracing::field::display(&identity));
+                    request.extensions_mut().insert(Caller {
+                        identity,
+                        request_id: request_id.clone(),
+                        certificate,
+                    });
+                }
+                None => {
+                    span.record("caller", "anonymous");
+                }
+            }
+            let response = inner.call(request).await?;
+            // A handler's refusal (decided on stored rows: a feed outside the caller's scopes, a session for
+            // another device) takes the same path to the audit trail as the layer's own.
+            if grpc_code(&response) == tonic::Code::PermissionDenied as i32 && identified {
+                let message = response
+                    .headers()
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .map(percent_decode)
+                    .unwrap_or_default();
+                let status = Status::permission_denied(message);
+                layer
+                    .refusals
+                    .record(&refused_actor, serial.as_deref(), &path, "", &request_id, &status)
+                    .await;
+            }
+            Ok(finish(response, &span))
+        }
+        .instrument(span.clone());
+        Box::pin(async move {
+            let Some(deadline) = deadline else {
+                return work.await;
+            };
+            if let Ok(answer) = tokio::time::timeout(deadline, work).await {
+                answer
+            } else {
+                let status = Status::deadline_exceeded(format!(
+                    "not answered within {} s; retry, and tell the operators if it persists",
+                    deadline.as_secs()
+                ));
+                Ok(late(status.into_http(), &span))
+            }
+        })
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Model {
     pub from_version: String,
     pub from_release_counter: i64,
     pub updated_at: DateTimeUtc,
+    /// 1 at first, one more per operator retry: devices tell a retry from a replay by it.
+    pub attempt: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -6,6 +6,7 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub name: String,
     pub display_name: String,
+    pub timezone: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
