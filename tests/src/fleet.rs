@@ -64,3 +64,16 @@ pub async fn register(api: &mut Registry, device: v1::RegisterDeviceRequest) -> 
         .into_inner()
         .id
 }
+
+/// A one-time enrollment token for the device (the server's default lifetime).
+pub async fn enrollment_token(api: &mut Registry, device_id: &str) -> String {
+    api.issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
+        device_id: device_id.to_owned(),
+        ttl: None,
+        replace: false,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("enrollment token for {device_id}: {e:?}"))
+    .into_inner()
+    .token
+}

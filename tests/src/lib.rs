@@ -275,6 +275,22 @@ impl TestServer {
             .timeout(Duration::from_secs(30)))
     }
 
+    /// Enrolls a device with the real `medfleet-agent enroll` (its own key and CSR, the one-time `token`) into a
+    /// new state directory, ready for `medfleet-agent run`.
+    pub async fn enroll_agent(&self, token: &str) -> tempfile::TempDir {
+        let state = tempfile::tempdir().expect("state dir");
+        let enrolled = tokio::process::Command::new(binary("medfleet-agent"))
+            .args(["enroll", "--server", &self.url(), "--ca"])
+            .arg(self.data_dir().ca_cert())
+            .args(["--token", token, "--state-dir"])
+            .arg(state.path())
+            .output()
+            .await
+            .expect("run medfleet-agent enroll");
+        assert!(enrolled.status.success(), "medfleet-agent enroll: {enrolled:?}");
+        state
+    }
+
     /// Enrolls a device with `token` over an anonymous (server-authenticated) channel, as a device would.
     pub async fn enroll(
         &self,

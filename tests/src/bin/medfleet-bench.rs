@@ -19,6 +19,10 @@
 //!   (p50/p99/max), and the durable ingest rate is the readings stored per second of streaming. Baseline: the same
 //!   number of reading rows written by multi-row INSERTs in batches of the same size straight into an equivalent
 //!   table (no validation, charting or outbox) — the database floor.
+//! - `firmware`: K clients download one signed image at once over `ReadArtifact`. Baseline: the same bytes to K
+//!   connections over bare TLS 1.3 (rustls, no HTTP/2, no gRPC, no database).
+//! - `rollout`: N simulated devices (the real agent) take an image in a three-wave rollout: time to complete and
+//!   the CPU seconds medfleetd (in this process) and the devices spent per device update.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
@@ -40,6 +44,9 @@ enum Scenario {
     /// `--devices` clients download one `--image-mib` signed image at once over gRPC; baseline: the same bytes
     /// over bare rustls TLS streams in the same run.
     Firmware,
+    /// `--devices` simulated devices take a `--image-mib` image in a rollout of three waves; time to complete and
+    /// CPU seconds per device update (no baseline: an absolute cost at a stated load).
+    Rollout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -594,6 +601,18 @@ async fn main() {
                     ours / baseline,
                 );
             }
+            Scenario::Rollout => {
+                let run = rollout(backend, args.devices, args.image_mib).await;
+                println!(
+                    "| rollout | {backend:?} | {} simulated devices, {} MiB image, waves 10%/50%/100%, no soak | {:.1} s to complete | - | {:.0} devices/s | - | - | - | server {:.1} ms CPU per device update (devices {:.1} ms) |",
+                    args.devices,
+                    args.image_mib,
+                    run.elapsed.as_secs_f64(),
+                    args.devices as f64 / run.elapsed.as_secs_f64(),
+                    run.server_cpu * 1000.0 / args.devices as f64,
+                    run.devices_cpu * 1000.0 / args.devices as f64,
+                );
+            }
             Scenario::ConfigFanout => {
                 let (ours, baseline) = config_fanout(backend, args.devices, args.runs).await;
                 let ratio = ours.percentile(50.0).as_secs_f64() / baseline.percentile(50.0).as_secs_f64();
@@ -626,13 +645,13 @@ async fn main() {
     }
 }
 
-/// Aggregate MiB/s of `clients` concurrent downloads of one stored image, and of the same bytes over bare TLS.
-async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
+/// A signed image of `mib` MiB for model `model`, uploaded to `server` under a fresh root; the artifact and the
+/// root JSON devices pin.
+async fn published_image(server: &TestServer, model: &str, mib: usize) -> (v1::Artifact, Vec<u8>, Vec<u8>) {
     use medfleet_core::firmware::target::TargetMeta;
     use medfleet_core::firmware::tuf::{self, RoleSpec, RootSpec, SignedTarget, SigningKey};
     use v1::firmware_service_client::FirmwareServiceClient;
 
-    let server = TestServer::start(backend).await;
     let channel = server.channel(&server.admin_bundle()).await.unwrap();
     let mut fw = FirmwareServiceClient::new(channel.clone());
     let online = fw
@@ -660,7 +679,7 @@ async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
     .await
     .unwrap();
     fw.set_trust_root(v1::SetTrustRootRequest {
-        root_json: String::from_utf8(root).unwrap(),
+        root_json: String::from_utf8(root.clone()).unwrap(),
     })
     .await
     .unwrap();
@@ -672,7 +691,7 @@ async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
         sha256: medfleet_core::digest::sha256_hex(&bytes),
         length: bytes.len() as u64,
         meta: TargetMeta {
-            hardware_id: "BENCH".into(),
+            hardware_id: model.into(),
             version: "1.0.0".into(),
             release_counter: 1,
             downgrade_from: vec![],
@@ -704,7 +723,15 @@ async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
         .await
         .unwrap()
         .into_inner();
+    (artifact, bytes, root)
+}
 
+/// Aggregate MiB/s of `clients` concurrent downloads of one stored image, and of the same bytes over bare TLS.
+async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
+    use v1::firmware_service_client::FirmwareServiceClient;
+
+    let server = TestServer::start(backend).await;
+    let (artifact, bytes, _) = published_image(&server, "BENCH", mib).await;
     let mut channels = Vec::new();
     for _ in 0..clients {
         channels.push(server.channel(&server.admin_bundle()).await.unwrap());
@@ -737,6 +764,125 @@ async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
     assert_eq!(received, clients * bytes.len(), "every client got the whole image");
     server.stop().await.unwrap();
     (ours, bare_tls(clients, std::sync::Arc::new(bytes)).await)
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from /proc (`self` for this process).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // USER_HZ, what /proc counts in: 100 on every Linux this runs on (`getconf CLK_TCK`).
+    ticks / 100.0
+}
+
+struct RolloutRun {
+    elapsed: Duration,
+    server_cpu: f64,
+    devices_cpu: f64,
+}
+
+/// `devices` simulated monitors (the real agent, one process) hold sessions; a rollout of a `mib` MiB signed
+/// image in three waves (10%, 50%, 100%; no soak) is timed from creation to completion, with the CPU the server
+/// (this process: the in-process medfleetd and one rollout watcher) and the devices used meanwhile.
+async fn rollout(backend: Backend, devices: usize, mib: usize) -> RolloutRun {
+    use tokio::io::AsyncBufReadExt as _;
+    use v1::rollout_service_client::RolloutServiceClient;
+
+    let server = TestServer::start(backend).await;
+    let (artifact, _, root) = published_image(&server, "BENCH", mib).await;
+    let mut admin = server.admin().await;
+    fleet::create_site(&mut admin, "bench", "Bench").await;
+    fleet::create_ward(&mut admin, "bench", "icu", "ICU", &[]).await;
+    let state = tempfile::tempdir().expect("state dir");
+    let root_file = state.path().join("root.json");
+    std::fs::write(&root_file, root).unwrap();
+    let data = server.data_dir();
+    let mut simulator = tokio::process::Command::new(medfleet_e2e::binary("medfleet-agent"))
+        .args(["simulate", "--server", &server.url(), "--ca"])
+        .arg(data.ca_cert())
+        .arg("--state-dir")
+        .arg(state.path().join("devices"))
+        .args(["--devices", &devices.to_string(), "--admin"])
+        .arg(data.admin_bundle())
+        .args([
+            "--model",
+            "BENCH",
+            "--ward",
+            "bench/icu",
+            "--heartbeat",
+            "5s",
+            "--tuf-root",
+        ])
+        .arg(&root_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("medfleet-agent simulate (build it: cargo build --release -p medfleet-agent)");
+    let pid = simulator.id().expect("simulator pid").to_string();
+    let mut lines = tokio::io::BufReader::new(simulator.stderr.take().unwrap()).lines();
+    let connected = format!("{devices}/{devices} connected");
+    loop {
+        let line = lines.next_line().await.unwrap();
+        let line = line.expect("the simulator stopped before every device connected");
+        if line.contains(&connected) {
+            break;
+        }
+    }
+    // Keep reading, so the simulator never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let mut rollouts = RolloutServiceClient::new(server.channel(&server.admin_bundle()).await.unwrap());
+    let (server_before, devices_before) = (cpu_seconds("self"), cpu_seconds(&pid));
+    let started = Instant::now();
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Selector(v1::DeviceSelector {
+                hardware_id: "BENCH".into(),
+                ..Default::default()
+            })),
+            waves: vec!["10%".into(), "50%".into(), "100%".into()],
+            success_threshold: "100%".into(),
+            soak: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = rollouts
+        .watch_rollout(v1::WatchRolloutRequest {
+            rollout: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(detail) = watch.message().await.unwrap() {
+        let rollout = detail.rollout.unwrap_or_default();
+        if rollout.state == i32::from(v1::RolloutState::Completed) {
+            assert_eq!(
+                rollout.counts.map(|c| c.succeeded as usize),
+                Some(devices),
+                "every device updated"
+            );
+            break;
+        }
+        assert!(
+            rollout.state == i32::from(v1::RolloutState::Running),
+            "the rollout stopped: {rollout:?}"
+        );
+    }
+    let run = RolloutRun {
+        elapsed: started.elapsed(),
+        server_cpu: cpu_seconds("self") - server_before,
+        devices_cpu: cpu_seconds(&pid) - devices_before,
+    };
+    let _ = simulator.kill().await;
+    server.stop().await.unwrap();
+    run
 }
 
 /// The same bytes to `clients` connections over TLS 1.3 with nothing else on top.

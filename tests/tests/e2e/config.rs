@@ -725,27 +725,8 @@ async fn offline_agent_converges_on_reconnect(backend: Backend) {
     let server = TestServer::start(backend).await;
     setup(&server).await;
     let device = register(&server, "ed", "MX450").await;
-    let token = server
-        .admin()
-        .await
-        .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
-            device_id: device.clone(),
-            ttl: None,
-            replace: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let state = tempfile::tempdir().unwrap();
-    let enrolled = std::process::Command::new(binary("medfleet-agent"))
-        .args(["enroll", "--server", &server.url(), "--ca"])
-        .arg(server.data_dir().ca_cert())
-        .args(["--token", &token, "--state-dir"])
-        .arg(state.path())
-        .output()
-        .unwrap();
-    assert!(enrolled.status.success(), "{enrolled:?}");
+    let token = medfleet_e2e::fleet::enrollment_token(&mut server.admin().await, &device).await;
+    let state = server.enroll_agent(&token).await;
     let files = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = files.path().join(name);

@@ -23,15 +23,21 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
-const MODEL: &str = "IntelliVue MX450";
+pub(crate) const MODEL: &str = "IntelliVue MX450";
 
-struct Keys {
-    root: SigningKey,
-    targets: Vec<SigningKey>,
+pub(crate) struct Keys {
+    pub(crate) root: SigningKey,
+    pub(crate) targets: Vec<SigningKey>,
 }
 
 /// Offline keys (root, three targets keys, two must sign) and a root naming the server's online keys.
-async fn trust(server: &TestServer, channel: &Channel) -> (Keys, Vec<u8>) {
+pub(crate) async fn trust(server: &TestServer, channel: &Channel) -> (Keys, Vec<u8>) {
+    let _ = server;
+    trust_on(channel).await
+}
+
+/// As [`trust`], for a server reached only through `channel` (a medfleetd process).
+pub(crate) async fn trust_on(channel: &Channel) -> (Keys, Vec<u8>) {
     let mut fw = FirmwareServiceClient::new(channel.clone());
     let online = fw
         .get_online_keys(v1::GetOnlineKeysRequest {})
@@ -85,18 +91,17 @@ async fn trust(server: &TestServer, channel: &Channel) -> (Keys, Vec<u8>) {
         .unwrap()
         .into_inner();
     assert_eq!((installed.version, installed.targets_threshold), (1, 2));
-    let _ = server;
     (keys, root)
 }
 
 /// Bytes that do not repeat per chunk (identical chunks would be stored once: storage is content-addressed).
-fn image(size: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn image(size: usize, seed: u8) -> Vec<u8> {
     (0..size as u64)
         .map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap_or(0) ^ seed)
         .collect()
 }
 
-fn target(name: &str, bytes: &[u8], counter: u64) -> SignedTarget {
+pub(crate) fn target(name: &str, bytes: &[u8], counter: u64) -> SignedTarget {
     SignedTarget {
         name: name.to_owned(),
         sha256: sha256_hex(bytes),
@@ -110,7 +115,7 @@ fn target(name: &str, bytes: &[u8], counter: u64) -> SignedTarget {
     }
 }
 
-async fn upload(
+pub(crate) async fn upload(
     channel: &Channel,
     name: &str,
     targets_json: &[u8],
@@ -147,7 +152,7 @@ async fn stored(server: &TestServer) -> (i64, i64) {
     )
 }
 
-fn in_a_year() -> chrono::DateTime<Utc> {
+pub(crate) fn in_a_year() -> chrono::DateTime<Utc> {
     Utc::now() + chrono::Duration::days(365)
 }
 
@@ -276,22 +281,13 @@ async fn uploads_are_verified_before_anything_is_kept(backend: Backend) {
 
 both_backends!(uploads_are_verified, uploads_are_verified_before_anything_is_kept);
 
-async fn enrolled(
+pub(crate) async fn enrolled(
     server: &TestServer,
     registry: &mut RegistryServiceClient<Channel>,
     serial: &str,
 ) -> (String, medfleet_proto::client::Bundle) {
     let id = medfleet_e2e::fleet::register(registry, medfleet_e2e::fleet::monitor(serial, MODEL)).await;
-    let token = registry
-        .issue_enrollment_token(v1::IssueEnrollmentTokenRequest {
-            device_id: id.clone(),
-            ttl: None,
-            replace: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = medfleet_e2e::fleet::enrollment_token(registry, &id).await;
     let (bundle, _) = server.enroll(&token, &id).await.unwrap();
     (id, bundle)
 }
@@ -299,16 +295,18 @@ async fn enrolled(
 /// A device that follows the firmware protocol and trusts only what it verifies: metadata against its pinned
 /// root, the image through tough's reader, the model and release counter rule. Runs until its session ends.
 async fn device(server_channel: Channel, id: String, root: Vec<u8>, done: mpsc::Sender<(String, String)>) {
-    device_with(server_channel, id, root, done, 0).await;
+    device_with(server_channel, id, root, done, 0, None).await;
 }
 
-/// As [`device`], failing its first `failures` installs (reason install_failed) before it succeeds.
+/// As [`device`], failing its first `failures` installs (reason install_failed) before it succeeds; with `claims`,
+/// reporting success while it says it runs that release instead of the one it was sent.
 async fn device_with(
     server_channel: Channel,
     id: String,
     root: Vec<u8>,
     done: mpsc::Sender<(String, String)>,
     mut failures: usize,
+    claims: Option<u64>,
 ) {
     let (tx, rx) = mpsc::channel(16);
     tx.send(v1::SessionRequest {
@@ -326,9 +324,10 @@ async fn device_with(
         .await
         .unwrap()
         .into_inner();
-    let report = |action: &str, state: v1::ActionState, reason: &str| v1::SessionRequest {
+    let report = |action: &str, attempt: u32, state: v1::ActionState, reason: &str| v1::SessionRequest {
         message: Some(session_request::Message::FirmwareReport(v1::FirmwareReport {
             action_id: action.to_owned(),
+            attempt,
             state: state.into(),
             reason: reason.to_owned(),
             running_version: "2.0.0".into(),
@@ -336,9 +335,12 @@ async fn device_with(
         })),
     };
     let mut fw = FirmwareServiceClient::new(server_channel);
+    // The release each told update carries: what the device runs once it installed it.
+    let mut releases = std::collections::HashMap::new();
     while let Ok(Some(message)) = inbound.message().await {
         match message.message {
             Some(session_response::Message::FirmwareUpdate(update)) => {
+                releases.insert(update.action_id.clone(), update.release_counter);
                 let published = fw
                     .get_metadata(v1::GetMetadataRequest { known_root_version: 1 })
                     .await
@@ -370,10 +372,20 @@ async fn device_with(
                 let state = match verdict {
                     Ok(()) if failures > 0 => {
                         failures -= 1;
-                        report(&update.action_id, v1::ActionState::Failed, "install_failed")
+                        report(
+                            &update.action_id,
+                            update.attempt,
+                            v1::ActionState::Failed,
+                            "install_failed",
+                        )
                     }
-                    Ok(()) => report(&update.action_id, v1::ActionState::Downloaded, ""),
-                    Err(e) => report(&update.action_id, v1::ActionState::Failed, e.code.as_str()),
+                    Ok(()) => report(&update.action_id, update.attempt, v1::ActionState::Downloaded, ""),
+                    Err(e) => report(
+                        &update.action_id,
+                        update.attempt,
+                        v1::ActionState::Failed,
+                        e.code.as_str(),
+                    ),
                 };
                 tx.send(state).await.unwrap();
             }
@@ -384,7 +396,14 @@ async fn device_with(
                     v1::ActionState::VerifyingHealth,
                     v1::ActionState::Succeeded,
                 ] {
-                    tx.send(report(&install.action_id, state, "")).await.unwrap();
+                    let mut message = report(&install.action_id, install.attempt, state, "");
+                    if let Some(session_request::Message::FirmwareReport(r)) = &mut message.message
+                        && state == v1::ActionState::Succeeded
+                    {
+                        r.running_release_counter =
+                            claims.unwrap_or_else(|| releases.get(&install.action_id).copied().unwrap_or(0));
+                    }
+                    tx.send(message).await.unwrap();
                 }
                 let _ = done.send((id.clone(), install.action_id)).await;
             }
@@ -517,7 +536,50 @@ async fn a_rollout_goes_through_its_waves(backend: Backend) {
 
 both_backends!(rollout_waves_complete, a_rollout_goes_through_its_waves);
 
-async fn wait_for(
+/// A device that reports success while it says it runs another release does not count towards its wave: its action
+/// fails with `not_running_release`.
+async fn a_success_without_the_release_is_a_failure(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (root, artifact) = published(&server, &channel, 100_000, 9).await;
+    let mut registry = server.admin().await;
+    let (id, bundle) = enrolled(&server, &mut registry, "SN-LIAR").await;
+    let (done_tx, _done) = mpsc::channel(4);
+    let device_channel = server.channel_for(&bundle).await.unwrap();
+    tokio::spawn(device_with(device_channel, id.clone(), root, done_tx, 0, Some(0)));
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: vec![id.clone()],
+            })),
+            waves: vec!["100%".into()],
+            success_threshold: "100%".into(),
+            halt_threshold: "100%".into(),
+            min_executed: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let detail = wait_for(&mut rollouts, &created.id, "the claimed success to be judged", |d| {
+        device_state(d, &id).state == i32::from(v1::ActionState::Failed)
+    })
+    .await;
+    let device = device_state(&detail, &id);
+    assert_eq!(device.reason, "not_running_release", "{device:?}");
+    assert!(device.detail.contains("release 0"), "{device:?}");
+    assert_eq!(detail.rollout.and_then(|r| r.counts).map(|c| c.succeeded), Some(0));
+    server.stop().await.unwrap();
+}
+
+both_backends!(
+    a_success_without_the_release_is_a_failure,
+    a_success_without_the_release_is_a_failure
+);
+
+pub(crate) async fn wait_for(
     rollouts: &mut RolloutServiceClient<Channel>,
     id: &str,
     what: &str,
@@ -528,23 +590,25 @@ async fn wait_for(
         .await
         .unwrap()
         .into_inner();
+    let last = std::sync::Mutex::new(None);
     tokio::time::timeout(Duration::from_mins(1), async {
         while let Some(detail) = watch.message().await.unwrap() {
             if done(&detail) {
                 return detail;
             }
+            *last.lock().unwrap() = Some(detail);
         }
         panic!("the watch ended before {what}");
     })
     .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}; last seen: {:#?}", last.lock().unwrap()))
 }
 
 fn state_of(detail: &v1::RolloutDetail) -> i32 {
     detail.rollout.as_ref().map_or(0, |r| r.state)
 }
 
-fn device_state<'a>(detail: &'a v1::RolloutDetail, id: &str) -> &'a v1::RolloutDevice {
+pub(crate) fn device_state<'a>(detail: &'a v1::RolloutDetail, id: &str) -> &'a v1::RolloutDevice {
     detail.devices.iter().find(|d| d.device_id == id).unwrap()
 }
 
@@ -587,6 +651,7 @@ async fn failures_halt_and_bound_devices_wait(backend: Backend) {
             root.clone(),
             done_tx.clone(),
             failures,
+            None,
         ));
     }
     let mut rollouts = RolloutServiceClient::new(channel.clone());

@@ -17,6 +17,7 @@ mod clinical;
 mod config;
 mod destinations;
 mod firmware;
+mod firmware_agent;
 mod identity;
 mod matrix;
 mod operations;
