@@ -596,6 +596,27 @@ pub(crate) async fn wait_for(
             if done(&detail) {
                 return detail;
             }
+            // A halt or an end the caller does not wait for will not change by itself: say so with the devices
+            // that went wrong instead of waiting out the timeout.
+            let settled = [
+                v1::RolloutState::Halted,
+                v1::RolloutState::Completed,
+                v1::RolloutState::Aborted,
+            ]
+            .map(i32::from)
+            .contains(&state_of(&detail));
+            if settled {
+                let wrong: Vec<_> = detail
+                    .devices
+                    .iter()
+                    .filter(|d| !d.reason.is_empty())
+                    .map(|d| (&d.device_id, d.state, &d.reason, &d.detail))
+                    .collect();
+                panic!(
+                    "the rollout settled before {what}: {:#?}\ndevices with a reason: {wrong:#?}",
+                    detail.rollout
+                );
+            }
             *last.lock().unwrap() = Some(detail);
         }
         panic!("the watch ended before {what}");

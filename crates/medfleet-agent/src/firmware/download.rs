@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use medfleet_core::firmware::target::Installed;
 use medfleet_core::firmware::tuf::{self, SignedTarget};
 use medfleet_proto::v1::{self, firmware_service_client::FirmwareServiceClient};
-use tokio::io::AsyncWriteExt as _;
+use std::io::Write as _;
 use tonic::transport::Channel;
 
 use super::slots::{Paths, sync_dir};
@@ -58,6 +58,28 @@ async fn published(channel: Channel, paths: &Paths) -> Result<(Vec<u8>, u64, tuf
     Ok((root, known, set))
 }
 
+/// `tuf::verify` against the device's datastore, one at a time and never cut short: it runs in its own task
+/// holding the datastore lock, so a job aborted when its session breaks leaves no half-written datastore for the
+/// next one.
+async fn verify(
+    paths: &Paths,
+    root: Vec<u8>,
+    set: tuf::MetadataSet,
+    image: Option<(String, Arc<dyn tuf::ImageSource>)>,
+) -> Result<tuf::Verified, Failure> {
+    let guard = paths.datastore_lock().lock_owned().await;
+    let datastore = paths.datastore();
+    std::fs::create_dir_all(&datastore).map_err(|e| file_error("create", &datastore, e))?;
+    let task = tokio::spawn(async move {
+        let _guard = guard;
+        tuf::verify(&root, &set, Some(&datastore), image).await
+    });
+    match task.await {
+        Ok(verified) => verified.map_err(|e| refused(&e)),
+        Err(error) => Err(Failure::Transient(format!("the verification stopped: {error}"))),
+    }
+}
+
 /// Fetches the published metadata, verifies it from the trusted root and checks that `target_name` may replace
 /// what the device runs (its model, a newer release counter or a signed downgrade).
 pub(super) async fn check(
@@ -68,11 +90,7 @@ pub(super) async fn check(
 ) -> Result<SignedTarget, Failure> {
     let (root, known, set) = published(channel, paths).await?;
     let root_path = paths.trusted_root();
-    let datastore = paths.datastore();
-    std::fs::create_dir_all(&datastore).map_err(|e| file_error("create", &datastore, e))?;
-    let verified = tuf::verify(&root, &set, Some(&datastore), None)
-        .await
-        .map_err(|e| refused(&e))?;
+    let verified = verify(paths, root, set.clone(), None).await?;
     // A verified rotation becomes the root trusted from now on.
     if verified.root_version() > known
         && let Some(newer) = set
@@ -110,14 +128,7 @@ pub(super) async fn check_image(
 ) -> Result<(), Failure> {
     let (root, _, set) = published(channel, paths).await?;
     let source: Arc<dyn tuf::ImageSource> = Arc::new(FileSource(image.to_owned()));
-    let verified = tuf::verify(
-        &root,
-        &set,
-        Some(&paths.datastore()),
-        Some((target_name.to_owned(), source)),
-    )
-    .await
-    .map_err(|e| refused(&e))?;
+    let verified = verify(paths, root, set, Some((target_name.to_owned(), source))).await?;
     verified
         .check_image(target_name)
         .await
@@ -163,11 +174,14 @@ pub(super) async fn fetch(
     if offset > 0 {
         tracing::info!(target = %target.name, offset, "resuming the download");
     }
-    let mut file = tokio::fs::OpenOptions::new()
+    let resumed = offset > 0;
+    // Plain blocking writes, on purpose: a job is aborted at an await point when its session breaks, and a
+    // tokio::fs write still in flight then would land after the next job measured where the file ends, splicing
+    // bytes into the wrong place. A write of one chunk to the page cache is short.
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&partial)
-        .await
         .map_err(|e| file_error("open", &partial, e))?;
     progress.downloading(offset).await;
     if offset < target.length {
@@ -187,7 +201,7 @@ pub(super) async fn fetch(
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(status) => {
-                    file.sync_all().await.map_err(|e| file_error("sync", &partial, e))?;
+                    file.sync_all().map_err(|e| file_error("sync", &partial, e))?;
                     return Err(Failure::Transient(format!(
                         "the download broke off: {}",
                         status.message()
@@ -213,12 +227,11 @@ pub(super) async fn fetch(
                 });
             }
             file.write_all(&chunk.data)
-                .await
                 .map_err(|e| file_error("write", &partial, e))?;
             offset += length;
             received += length;
             if faults.cut_download_after.is_some_and(|cut| received >= cut) && offset < target.length {
-                file.sync_all().await.map_err(|e| file_error("sync", &partial, e))?;
+                file.sync_all().map_err(|e| file_error("sync", &partial, e))?;
                 return Err(Failure::Transient(format!(
                     "the download was cut after {received} bytes (fault injection)"
                 )));
@@ -235,7 +248,7 @@ pub(super) async fn fetch(
                 progress.downloading(offset).await;
             }
         }
-        file.sync_all().await.map_err(|e| file_error("sync", &partial, e))?;
+        file.sync_all().map_err(|e| file_error("sync", &partial, e))?;
         if offset < target.length {
             return Err(Failure::Transient(format!(
                 "the download ended after {offset} of {} bytes",
@@ -248,6 +261,12 @@ pub(super) async fn fetch(
         if matches!(failure, Failure::Final { .. }) {
             // What is on disk is not the signed image: start over next time.
             let _ = std::fs::remove_file(&partial);
+            if resumed {
+                // The part kept from before may be what is wrong (a crash mid-write): one whole download decides.
+                return Err(Failure::Transient(
+                    "the resumed image did not verify; downloading it whole".to_owned(),
+                ));
+            }
         }
         return Err(failure);
     }

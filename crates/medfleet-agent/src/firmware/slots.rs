@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use medfleet_core::firmware::state::ActionState;
@@ -165,13 +166,20 @@ impl Slots {
     }
 }
 
-/// Where the firmware state lives in the agent's state directory.
+/// Where the firmware state lives in the agent's state directory, and the lock that keeps one verification at a
+/// time on its TUF datastore.
 #[derive(Debug, Clone)]
-pub(crate) struct Paths(PathBuf);
+pub(crate) struct Paths(PathBuf, Arc<tokio::sync::Mutex<()>>);
 
 impl Paths {
     pub(crate) fn new(state_dir: &Path) -> Self {
-        Self(state_dir.join("firmware"))
+        Self(state_dir.join("firmware"), Arc::default())
+    }
+
+    /// Held by a verification from its start to its end, even when the job that asked for it is canceled: tough
+    /// reads and rewrites the datastore, and a job started after a broken session must not read it half-written.
+    pub(crate) fn datastore_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.1.clone()
     }
 
     pub(crate) fn root(&self) -> &Path {
