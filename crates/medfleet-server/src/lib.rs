@@ -339,7 +339,8 @@ impl Replica {
         retention::Retention::new(db.clone(), settings.retention, metrics.clone()).spawn(background.clone());
         let repository = firmware::repository::Repository::new(db.clone(), keys.secrets.clone());
         repository.spawn_refresher(background.clone());
-        let artifacts = firmware::artifacts::Artifacts::new(db.clone(), repository);
+        let artifacts = firmware::artifacts::Artifacts::new(db.clone(), repository, settings.upload_idle);
+        firmware::artifacts::spawn_sweeper(db.clone(), background.clone());
         let rollouts = rollouts::store::Rollouts::new(db.clone(), events.clone(), artifacts.clone());
         let scheduler = rollouts::scheduler::Scheduler::new(
             db.clone(),

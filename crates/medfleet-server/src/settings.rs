@@ -57,6 +57,7 @@ pub struct SettingsFile {
     pub heartbeat_timeout: Option<String>,
     pub config_reconcile_interval: Option<String>,
     pub rollout_tick: Option<String>,
+    pub upload_idle: Option<String>,
     pub reading_future_tolerance: Option<String>,
     pub emr_retry_max: Option<String>,
     pub emr_allowed_hosts: Option<Vec<String>>,
@@ -114,6 +115,9 @@ pub struct Overrides {
     /// How often the rollout scheduler decides (advance, halt, complete) and renews its leader lease, e.g. "1s".
     #[arg(long, env = "MEDFLEET_ROLLOUT_TICK")]
     pub rollout_tick: Option<String>,
+    /// How long a firmware upload may send nothing before it is given up (nothing stored), e.g. "1m".
+    #[arg(long, env = "MEDFLEET_UPLOAD_IDLE")]
+    pub upload_idle: Option<String>,
     /// How far in the future a reading's observation time may be (device clock drift), e.g. "30s".
     #[arg(long, env = "MEDFLEET_READING_FUTURE_TOLERANCE")]
     pub reading_future_tolerance: Option<String>,
@@ -158,6 +162,7 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     pub config_reconcile_interval: Duration,
     pub rollout_tick: Duration,
+    pub upload_idle: Duration,
     pub reading_future_tolerance: Duration,
     pub emr_retry_max: Duration,
     /// Hosts EMR destinations may point at; empty: any.
@@ -253,6 +258,7 @@ impl Settings {
                 "30s",
             )?,
             rollout_tick: duration("rollout_tick", o.rollout_tick.or(file.rollout_tick), "1s")?,
+            upload_idle: duration("upload_idle", o.upload_idle.or(file.upload_idle), "1m")?,
             reading_future_tolerance: duration(
                 "reading_future_tolerance",
                 o.reading_future_tolerance.or(file.reading_future_tolerance),

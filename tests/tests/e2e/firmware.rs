@@ -1,7 +1,8 @@
 //! Firmware on the real server over real mTLS, both backends: the trust root, uploads refused with nothing stored
 //! (unsigned, under threshold, online key only, altered, longer than signed, not newer, duplicate), published
 //! metadata that verifies with tough from the pinned root, resumable reads limited to a device's own assignment,
-//! and a rollout through its waves to completion with devices that speak the session protocol and verify
+//! uploads abandoned or gone idle leave nothing, re-signed metadata published without a new image, and a rollout
+//! through its waves to completion with devices that speak the session protocol and verify
 //! everything themselves before they report.
 
 use std::sync::Arc;
@@ -280,6 +281,173 @@ async fn uploads_are_verified_before_anything_is_kept(backend: Backend) {
 }
 
 both_backends!(uploads_are_verified, uploads_are_verified_before_anything_is_kept);
+
+/// Polls the count `sql` returns until `want` holds (a condition, not a duration: the guard only bounds a hang).
+async fn rows_become(server: &TestServer, sql: &'static str, want: impl Fn(i64) -> bool, what: &str) {
+    let db = server.db().await;
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while !want(count_rows(&db, sql).await) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "{what}: {} rows", count_rows(&db, sql).await);
+}
+
+/// A client that goes away in the middle of an upload (its stream reset, the handler dropped) leaves no chunk
+/// behind.
+async fn an_abandoned_upload_leaves_nothing(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, _) = trust(&server, &channel).await;
+    let bytes = image(3 * 1024 * 1024, 8);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(32);
+    tx.send(v1::UploadArtifactRequest {
+        message: Some(upload_artifact_request::Message::Header(v1::UploadArtifactHeader {
+            target_name: good.name.clone(),
+            targets_json: String::from_utf8(signed).unwrap(),
+            length: bytes.len() as u64,
+            comment: "abandoned".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    for chunk in bytes[..2 * 1024 * 1024 + 10].chunks(256 * 1024) {
+        tx.send(v1::UploadArtifactRequest {
+            message: Some(upload_artifact_request::Message::Chunk(chunk.to_vec())),
+        })
+        .await
+        .unwrap();
+    }
+    let mut fw = FirmwareServiceClient::new(channel.clone());
+    let call = tokio::spawn(async move { fw.upload_artifact(ReceiverStream::new(rx)).await });
+    rows_become(
+        &server,
+        "SELECT COUNT(*) FROM firmware_chunks",
+        |n| n >= 2,
+        "the first chunks stored",
+    )
+    .await;
+    // The client goes away with the stream still open: the call is dropped, its HTTP/2 stream reset.
+    call.abort();
+    let _ = call.await;
+    drop(tx);
+    rows_become(
+        &server,
+        "SELECT COUNT(*) FROM firmware_chunks",
+        |n| n == 0,
+        "chunks left behind",
+    )
+    .await;
+    assert_eq!(stored(&server).await, (0, 0));
+    server.stop().await.unwrap();
+}
+
+both_backends!(abandoned_upload, an_abandoned_upload_leaves_nothing);
+
+/// What an upload left when its replica died (chunks no artifact references) is swept once it is older than any
+/// upload can take; an artifact's chunks and a recent upload's stay.
+async fn leftovers_of_a_dead_upload_are_swept(backend: Backend) {
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let server = TestServer::start_on(storage.config()).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    published(&server, &channel, 3 * 1024 * 1024, 11).await;
+    server.stop().await.unwrap();
+    let db = sea_orm::Database::connect(&storage.database_url).await.unwrap();
+    for (sha, stored_at) in [
+        ("a", "'2020-01-01 00:00:00+00:00'"),
+        ("b", "NULL"),
+        ("c", "'2999-01-01 00:00:00+00:00'"),
+    ] {
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &db,
+            &format!(
+                "INSERT INTO firmware_chunks (sha256, data, stored_at) VALUES ('{}', '', {stored_at})",
+                sha.repeat(64)
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    drop(db);
+    let server = TestServer::start_on(storage.config()).await;
+    rows_become(
+        &server,
+        "SELECT COUNT(*) FROM firmware_chunks WHERE sha256 LIKE 'aaaa%' OR sha256 LIKE 'bbbb%'",
+        |n| n == 0,
+        "old leftovers swept",
+    )
+    .await;
+    let db = server.db().await;
+    assert_eq!(
+        count_rows(&db, "SELECT COUNT(*) FROM firmware_chunks WHERE sha256 LIKE 'cccc%'").await,
+        1,
+        "a recent upload's chunk stays"
+    );
+    let referenced = count_rows(&db, "SELECT COUNT(DISTINCT chunk_sha256) FROM firmware_artifact_chunks").await;
+    assert!(referenced >= 1);
+    assert_eq!(
+        stored(&server).await,
+        (1, referenced + 1),
+        "the artifact's chunks and the recent one stay"
+    );
+    server.stop().await.unwrap();
+}
+
+both_backends!(dead_upload_swept, leftovers_of_a_dead_upload_are_swept);
+
+/// An upload that stops sending, before its header or in the middle of the image, is given up after
+/// `upload_idle` with DEADLINE_EXCEEDED and nothing stored.
+async fn an_idle_upload_is_given_up(backend: Backend) {
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let mut config = storage.config();
+    config.upload_idle = Duration::from_secs(1);
+    let server = TestServer::start_on(config).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, _) = trust(&server, &channel).await;
+    let bytes = image(2 * 1024 * 1024, 9);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let mut fw = FirmwareServiceClient::new(channel.clone());
+
+    let (silent_tx, silent) = mpsc::channel::<v1::UploadArtifactRequest>(1);
+    let refused = fw.upload_artifact(ReceiverStream::new(silent)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    assert!(refused.message().contains("no upload header"), "{refused:?}");
+    drop(silent_tx);
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::UploadArtifactRequest {
+        message: Some(upload_artifact_request::Message::Header(v1::UploadArtifactHeader {
+            target_name: good.name.clone(),
+            targets_json: String::from_utf8(signed).unwrap(),
+            length: bytes.len() as u64,
+            comment: "stalls".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(v1::UploadArtifactRequest {
+        message: Some(upload_artifact_request::Message::Chunk(bytes[..1_100_000].to_vec())),
+    })
+    .await
+    .unwrap();
+    // The stream stays open (tx is alive) and sends nothing more.
+    let refused = fw.upload_artifact(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    assert!(refused.message().contains("after 1100000 bytes"), "{refused:?}");
+    assert_eq!(stored(&server).await, (0, 0));
+    drop(tx);
+    server.stop().await.unwrap();
+}
+
+both_backends!(idle_upload, an_idle_upload_is_given_up);
 
 pub(crate) async fn enrolled(
     server: &TestServer,
@@ -860,6 +1028,7 @@ async fn one_scheduler_across_replicas_and_it_hands_over() {
     other.stop().await.unwrap();
 }
 
+#[derive(Debug)]
 struct Cli {
     code: i32,
     stdout: String,
@@ -1033,7 +1202,177 @@ async fn the_cli_walkthrough(backend: Backend) {
     let shown = medfleet(&server, dir, &["rollouts", "show", &rollout_id, "-o", "json"]).await;
     ok(&shown, "rollouts show");
     assert!(shown.stdout.contains(&id), "{}", shown.stdout);
+
+    // Months later, no release due: the key holders re-sign what is published and medfleetd publishes it.
+    ok(
+        &medfleet(&server, dir, &["firmware", "metadata", "pull", "--out", "fw"]).await,
+        "metadata pull",
+    );
+    let resign = |key: &'static str| {
+        [
+            "firmware",
+            "resign",
+            "--metadata",
+            "fw",
+            "--key",
+            key,
+            "--expires",
+            "200d",
+        ]
+    };
+    let resigned = medfleet(&server, dir, &resign("fw/keys/targets-1.pem")).await;
+    ok(&resigned, "resign");
+    assert!(
+        resigned.stdout.contains("1 more targets key holder"),
+        "{}",
+        resigned.stdout
+    );
+    let publish = [
+        "firmware",
+        "metadata",
+        "publish",
+        "--metadata",
+        "fw",
+        "--comment",
+        "re-sign",
+        "-o",
+        "json",
+    ];
+    let refused = medfleet(&server, dir, &publish).await;
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert!(refused.stderr.contains("countersign"), "{}", refused.stderr);
+    ok(
+        &medfleet(
+            &server,
+            dir,
+            &[
+                "firmware",
+                "countersign",
+                "--metadata",
+                "fw",
+                "--key",
+                "fw/keys/targets-2.pem",
+            ],
+        )
+        .await,
+        "countersign the re-signed metadata",
+    );
+    let published = medfleet(&server, dir, &publish).await;
+    ok(&published, "metadata publish");
+    let published: serde_json::Value = serde_json::from_str(&published.stdout).unwrap();
+    assert_eq!(published["targets_version"], 2, "{published}");
+    assert_eq!(published["targets"][0], "mx450-2.1.0.img", "{published}");
     server.stop().await.unwrap();
 }
 
 both_backends!(cli_walkthrough, the_cli_walkthrough);
+
+/// Targets metadata re-signed offline with a new expiry and no new image is published once it verifies to the
+/// threshold and lists exactly the stored images; anything else is refused and changes nothing. Devices verify
+/// what is published after it, and the next release signs on top of it.
+async fn stored_images_are_resigned_without_a_new_upload(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, root) = trust(&server, &channel).await;
+    let bytes = image(300_000, 5);
+    let first = target("mx450-2.1.0.img", &bytes, 1);
+    let soon = Utc::now() + chrono::Duration::days(3);
+    let signed = tuf::sign_targets(None, &first, soon, &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    upload(&channel, &first.name, &signed, &bytes).await.unwrap();
+    let mut fw = FirmwareServiceClient::new(channel.clone());
+    let targets_now = async |fw: &mut FirmwareServiceClient<Channel>| {
+        fw.get_metadata(v1::GetMetadataRequest { known_root_version: 1 })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let publish = async |fw: &mut FirmwareServiceClient<Channel>, json: &[u8]| {
+        fw.publish_targets(v1::PublishTargetsRequest {
+            targets_json: String::from_utf8(json.to_vec()).unwrap(),
+            comment: "quarterly re-sign".into(),
+        })
+        .await
+    };
+    let before = targets_now(&mut fw).await;
+
+    let later = Utc::now() + chrono::Duration::days(180);
+    let one = tuf::resign_targets(&signed, later, &[&keys.targets[1]]).await.unwrap();
+    let two = tuf::countersign(&one, &keys.targets[2]).await.unwrap();
+    let adds = tuf::sign_targets(
+        Some(&two),
+        &target("mx450-2.2.0.img", &image(1000, 6), 2),
+        later,
+        &[&keys.targets[0], &keys.targets[1]],
+    )
+    .await
+    .unwrap();
+    let drops = tuf::sign_targets(None, &target("mx450-2.2.0.img", &image(1000, 6), 2), later, &[])
+        .await
+        .unwrap();
+    // Version 2, like the others: what is refused is what it lists.
+    let drops = tuf::resign_targets(&drops, later, &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    for (json, code, why) in [
+        (&one, Code::FailedPrecondition, "untrusted_signature"),
+        (&adds, Code::FailedPrecondition, "unknown_target"),
+        (&drops, Code::FailedPrecondition, "inconsistent_metadata"),
+        (&signed, Code::AlreadyExists, ""),
+    ] {
+        let refused = publish(&mut fw, json).await.unwrap_err();
+        assert_eq!((refused.code(), reason(&refused).as_str()), (code, why), "{refused:?}");
+    }
+    let unchanged = targets_now(&mut fw).await;
+    assert_eq!(
+        (unchanged.targets_json, unchanged.snapshot_json),
+        (before.targets_json.clone(), before.snapshot_json.clone()),
+        "a refused publish changed the metadata"
+    );
+
+    let reply = publish(&mut fw, &two).await.unwrap().into_inner();
+    assert_eq!((reply.targets_version, reply.targets), (2, vec![first.name.clone()]));
+    assert_eq!(reply.expire_time.map(|t| t.seconds), Some(later.timestamp()));
+    let after = targets_now(&mut fw).await;
+    let set = tuf::MetadataSet {
+        roots: after.roots_json.iter().map(|r| r.clone().into_bytes()).collect(),
+        timestamp: after.timestamp_json.into_bytes(),
+        snapshot: after.snapshot_json.into_bytes(),
+        targets: after.targets_json.into_bytes(),
+    };
+    let verified = tuf::verify(&root, &set, None, None).await.unwrap();
+    assert_eq!(verified.targets_version(), 2);
+    assert_eq!(
+        tuf::targets_info(&set.targets).unwrap().expires.timestamp(),
+        later.timestamp()
+    );
+    assert_eq!(verified.target(&first.name).unwrap(), first);
+    // Another version 2 is now a rollback.
+    let stale = tuf::resign_targets(&signed, later, &[&keys.targets[0], &keys.targets[2]])
+        .await
+        .unwrap();
+    let refused = publish(&mut fw, &stale).await.unwrap_err();
+    assert_eq!(reason(&refused), "metadata_rollback", "{refused:?}");
+
+    // The next release is signed on top of the re-signed version.
+    let next_bytes = image(2000, 7);
+    let next = target("mx450-2.2.0.img", &next_bytes, 2);
+    let on_top = tuf::sign_targets(Some(&two), &next, later, &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let artifact = upload(&channel, &next.name, &on_top, &next_bytes).await.unwrap();
+    assert_eq!(artifact.targets_version, 3);
+    let audited = count_rows(
+        &server.db().await,
+        "SELECT COUNT(*) FROM audit_log WHERE action = 'firmware.publish_targets'",
+    )
+    .await;
+    assert_eq!(audited, 1);
+    server.stop().await.unwrap();
+}
+
+both_backends!(
+    resigned_targets_are_published,
+    stored_images_are_resigned_without_a_new_upload
+);

@@ -143,7 +143,7 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
             Global("firmware", "read")
         }
         ("FirmwareService", "SetTrustRoot") => Global("firmware_trust", "update"),
-        ("FirmwareService", "UploadArtifact") => Global("firmware", "upload"),
+        ("FirmwareService", "UploadArtifact" | "PublishTargets") => Global("firmware", "upload"),
         ("FirmwareService", "DeleteArtifact") => Global("firmware", "delete"),
         ("FirmwareService", "GetMetadata" | "ReadArtifact") => DevicesOr("firmware", "read"),
         ("RolloutService", "CreateRollout") => Listing("rollout", "create"),

@@ -1,4 +1,4 @@
-//! `medfleet firmware metadata pull`: medfleetd's current TUF metadata written into a metadata directory, so the
+//! `medfleet firmware metadata pull` and `publish`. Pull: medfleetd's current TUF metadata written into a metadata directory, so the
 //! next `sign` extends the targets medfleetd has. What is pulled is verified first against the root the directory
 //! already trusts (DIR/root.json, e.g. from `keys init`): a signer extends targets.json by signing every target in
 //! it again, so a targets.json the targets keys did not sign must never get that far.
@@ -142,6 +142,49 @@ pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Forma
             || "no targets yet: the next `sign` writes version 1".to_owned(),
             |v| format!("targets version {v}: the next `sign` writes version {}", v + 1)
         )
+    );
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct Published {
+    targets_version: u64,
+    expires: String,
+    targets: Vec<String>,
+}
+
+/// Sends DIR/targets.json (re-signed, no new image) to medfleetd.
+pub(super) async fn publish(api: &mut Firmware, dir: &Path, comment: &str, out: Format) -> anyhow::Result<()> {
+    let path = dir.join(TARGETS_FILE);
+    let bytes = files::read("--metadata", &path)?;
+    let targets_json =
+        String::from_utf8(bytes).map_err(|_| InvalidInput(format!("{} is not UTF-8 JSON", path.display())))?;
+    let reply = api
+        .publish_targets(v1::PublishTargetsRequest {
+            targets_json,
+            comment: comment.to_owned(),
+        })
+        .await
+        .map_err(super::refusal)?
+        .into_inner();
+    let published = Published {
+        targets_version: reply.targets_version,
+        expires: reply
+            .expire_time
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        targets: reply.targets,
+    };
+    if out == Format::Json {
+        return output::json(&published);
+    }
+    println!(
+        "published targets version {} (expires {}) listing {} image(s): {}",
+        published.targets_version,
+        published.expires,
+        published.targets.len(),
+        published.targets.join(", ")
     );
     Ok(())
 }

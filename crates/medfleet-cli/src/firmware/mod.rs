@@ -3,7 +3,7 @@
 //! (`sign`), which never connect and never send a key anywhere — and the commands that talk to medfleetd: its
 //! online snapshot/timestamp keys (`keys`), the trusted root (`trust`), pulling the current metadata to sign the
 //! next release on top of (`metadata`), uploading a signed image (`upload`) and the stored images
-//! (`artifacts`). Private keys are written 0600 and never printed; the local files shared by these commands
+//! (`artifacts`). `resign` (offline) and `metadata publish` keep the metadata valid between releases. Private keys are written 0600 and never printed; the local files shared by these commands
 //! (`files`) are a metadata directory holding `root.json` and `targets.json` as TUF names them.
 //!
 //! Rolling an image out to devices is `medfleet rollouts` (crate::rollouts).
@@ -62,6 +62,15 @@ pub(crate) enum FirmwareCommand {
     /// OFFLINE: add your targets key's signature to DIR/targets.json (k-of-n signing by separate key holders).
     #[command(after_help = "Example:\n  medfleet firmware countersign --metadata ./fw --key /media/bob/targets-2.pem")]
     Countersign(sign::CountersignArgs),
+    /// OFFLINE: sign DIR/targets.json again as its next version with a new expiry and the same images, for when
+    /// no release is due before it expires (devices refuse every image once it has). Then countersign to the
+    /// threshold and `metadata publish`.
+    #[command(after_help = "Example:\n  \
+        medfleet firmware metadata pull --out ./fw\n  \
+        medfleet firmware resign --metadata ./fw --key /media/safe/targets-1.pem --expires 180d\n  \
+        medfleet firmware countersign --metadata ./fw --key /media/bob/targets-2.pem\n  \
+        medfleet firmware metadata publish --metadata ./fw --comment \"quarterly re-sign\"")]
+    Resign(sign::ResignArgs),
     /// The TUF metadata medfleetd serves.
     #[command(subcommand)]
     Metadata(MetadataCommand),
@@ -139,6 +148,18 @@ pub(crate) enum MetadataCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Publish DIR/targets.json that adds no image (from `resign`, countersigned to the threshold); medfleetd
+    /// refuses it, changing nothing, unless it verifies and lists exactly the stored images.
+    #[command(
+        after_help = "Example:\n  medfleet firmware metadata publish --metadata ./fw --comment \"quarterly re-sign\""
+    )]
+    Publish {
+        #[arg(long)]
+        metadata: PathBuf,
+        /// Why (kept in the audit trail).
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
 }
 
 /// medfleetd's refusal of metadata or an image, with what to do about it when its reason (ErrorInfo, a TUF refusal
@@ -164,7 +185,9 @@ fn refusal(status: tonic::Status) -> anyhow::Error {
             "the release counter must be above every stored release of the model (or sign a downgrade with \
              --downgrade-from)",
         ),
-        Some(r) if r == Refusal::UnknownTarget.as_str() => Some("targets.json does not list --name"),
+        Some(r) if r == Refusal::UnknownTarget.as_str() => {
+            Some("targets.json does not list --name (upload), or lists an image medfleetd does not store (publish)")
+        }
         _ => None,
     };
     match hint {
@@ -179,6 +202,7 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
         FirmwareCommand::Keys(KeysCommand::Init(args)) => return keys::init(args, out).await,
         FirmwareCommand::Sign(args) => return sign::sign(args, out).await,
         FirmwareCommand::Countersign(args) => return sign::countersign(args, out).await,
+        FirmwareCommand::Resign(args) => return sign::resign(args, out).await,
         _ => {}
     }
     if let FirmwareCommand::Upload(args) = command {
@@ -193,6 +217,9 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
         FirmwareCommand::Metadata(MetadataCommand::Pull { out: dir, force }) => {
             metadata::pull(&mut api, dir, *force, out).await
         }
+        FirmwareCommand::Metadata(MetadataCommand::Publish { metadata: dir, comment }) => {
+            metadata::publish(&mut api, dir, comment, out).await
+        }
         FirmwareCommand::List { model, limit } => artifacts::list(&mut api, model.as_deref(), *limit, out).await,
         FirmwareCommand::Show { artifact } => artifacts::show(&mut api, artifact, out).await,
         FirmwareCommand::Delete { artifact, yes } => artifacts::delete(&mut api, artifact, *yes, out).await,
@@ -200,6 +227,7 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
         FirmwareCommand::Keys(_)
         | FirmwareCommand::Sign(_)
         | FirmwareCommand::Countersign(_)
+        | FirmwareCommand::Resign(_)
         | FirmwareCommand::Upload(_) => Ok(()),
     }
 }

@@ -57,7 +57,20 @@ pub(crate) struct CountersignArgs {
     pub(crate) keys: Vec<PathBuf>,
 }
 
-/// Where signing stands after `sign` or `countersign`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ResignArgs {
+    /// The metadata directory: pull the published metadata into it first (`medfleet firmware metadata pull`).
+    #[arg(long)]
+    pub(crate) metadata: PathBuf,
+    /// A targets key (PEM) to sign with; repeat for each key at hand.
+    #[arg(long = "key", required = true)]
+    pub(crate) keys: Vec<PathBuf>,
+    /// How long the re-signed targets metadata stays valid.
+    #[arg(long, value_parser = parse_duration, default_value = "90d")]
+    pub(crate) expires: Duration,
+}
+
+/// Where signing stands after `sign`, `resign` or `countersign`.
 #[derive(Debug, Serialize)]
 pub(crate) struct SignatureStatus {
     pub(crate) targets_file: String,
@@ -291,6 +304,34 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
     Ok(status(&path, &targets_of(&path, &signed)?, root.as_ref(), None))
 }
 
+/// DIR/targets.json again as its next version with a new expiry, the same targets, signed by `args.keys`.
+pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<SignatureStatus> {
+    let expires = Utc::now()
+        + chrono::Duration::from_std(args.expires)
+            .ok()
+            .filter(|d| *d > chrono::Duration::zero())
+            .ok_or_else(|| InvalidInput("--expires: must be a positive duration such as 90d".into()))?;
+    let root = local_root(&args.metadata)?;
+    let keys = files::read_keys(&args.keys)?;
+    check_keys(root.as_ref(), &keys)?;
+    let path = args.metadata.join(TARGETS_FILE);
+    let Some(previous) = files::read_optional(&path)? else {
+        return Err(InvalidInput(format!(
+            "{} does not exist: pull what medfleetd publishes first with `medfleet firmware metadata pull --out {}`",
+            path.display(),
+            args.metadata.display()
+        ))
+        .into());
+    };
+    targets_of(&path, &previous)?;
+    let signers: Vec<&SigningKey> = keys.iter().collect();
+    let signed = tuf::resign_targets(&previous, expires, &signers)
+        .await
+        .map_err(|e| InvalidInput(format!("cannot re-sign {}: {e}", path.display())))?;
+    files::replace_public(&path, &signed)?;
+    Ok(status(&path, &targets_of(&path, &signed)?, root.as_ref(), None))
+}
+
 fn print_status(dir: &Path, status: &SignatureStatus) {
     if let Some(t) = &status.target {
         println!(
@@ -318,13 +359,19 @@ fn print_status(dir: &Path, status: &SignatureStatus) {
     );
     let dir = dir.display();
     match (status.counted, status.threshold) {
-        (Some(counted), Some(threshold)) if counted as u64 >= threshold => {
-            println!(
+        (Some(counted), Some(threshold)) if counted as u64 >= threshold => match &status.target {
+            Some(target) => println!(
                 "Signatures: {counted} of the {threshold} required. Upload it with:\n  \
                  medfleet firmware upload IMAGE --metadata {dir} --name {}",
-                status.target.as_ref().map_or("TARGET", |t| t.name.as_str())
-            );
-        }
+                target.name
+            ),
+            None => println!(
+                "Signatures: {counted} of the {threshold} required. Upload the image it adds with\n  \
+                 medfleet firmware upload IMAGE --metadata {dir} --name TARGET\n\
+                 or, when it only re-signs the stored images (`resign`), publish it with\n  \
+                 medfleet firmware metadata publish --metadata {dir}"
+            ),
+        },
         (Some(counted), Some(threshold)) => println!(
             "Signatures: {counted} of the {threshold} required. {} more targets key holder(s) must run:\n  \
              medfleet firmware countersign --metadata {dir} --key THEIR-TARGETS-KEY.pem",
@@ -341,6 +388,15 @@ fn print_status(dir: &Path, status: &SignatureStatus) {
 
 pub(super) async fn sign(args: &SignArgs, out: Format) -> anyhow::Result<()> {
     let status = sign_release(args, out == Format::Table).await?;
+    if out == Format::Json {
+        return output::json(&status);
+    }
+    print_status(&args.metadata, &status);
+    Ok(())
+}
+
+pub(super) async fn resign(args: &ResignArgs, out: Format) -> anyhow::Result<()> {
+    let status = resign_release(args).await?;
     if out == Format::Json {
         return output::json(&status);
     }

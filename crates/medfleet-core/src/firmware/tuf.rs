@@ -564,6 +564,33 @@ pub async fn sign_targets(
     })
 }
 
+/// The targets metadata `previous` again as its next version, listing the same targets, expiring at `expires`,
+/// signed by `signers` (more with [`countersign`]): how an offline key holder keeps the metadata valid when no
+/// new release is due before it expires. An expiry in the past is refused.
+pub async fn resign_targets(
+    previous: &[u8],
+    expires: DateTime<Utc>,
+    signers: &[&SigningKey],
+) -> Result<Vec<u8>, TufError> {
+    if expires <= Utc::now() {
+        return Err(malformed(
+            "expiry",
+            "it is in the past: devices would refuse the metadata at once",
+        ));
+    }
+    let mut targets = parse::<Targets>("previous targets metadata", previous)?.signed;
+    targets.version = version(targets.version.get().saturating_add(1))?;
+    targets.expires = timestamp(expires)?;
+    let mut signatures = Vec::new();
+    for signer in signers {
+        signatures.push(signer.signature(&targets).await?);
+    }
+    to_file(&Signed {
+        signed: targets,
+        signatures,
+    })
+}
+
 fn decode_hex(text: &str) -> Result<Vec<u8>, TufError> {
     if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(malformed("sha256", "expected 64 hex digits"));

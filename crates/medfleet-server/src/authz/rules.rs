@@ -386,6 +386,10 @@ pub const RULES: &[(&str, Rule)] = &[
         permission("firmware", "read", Target::Global),
     ),
     (
+        "/medfleet.v1.FirmwareService/PublishTargets",
+        permission("firmware", "upload", Target::Global),
+    ),
+    (
         "/medfleet.v1.FirmwareService/DeleteArtifact",
         permission("firmware", "delete", Target::Global),
     ),

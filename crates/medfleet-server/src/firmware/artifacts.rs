@@ -28,14 +28,20 @@ use crate::persistence::entity::{firmware_artifact, firmware_artifact_chunk, fir
 
 /// Bytes per stored chunk (and per message read out).
 pub const CHUNK_SIZE: usize = 1024 * 1024;
-/// An upload may take as long as the image needs (no overall deadline: a 4 GiB image over a slow link takes
-/// minutes), but one that stops sending is given up after this long and leaves nothing stored.
-pub const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_mins(1);
 /// The largest image medfleetd takes.
 pub const MAX_IMAGE: u64 = 4 * 1024 * 1024 * 1024;
 /// The largest targets metadata an upload may carry.
 pub const MAX_TARGETS_JSON: usize = 8 * 1024 * 1024;
-const MAX_COMMENT: usize = 1000;
+pub const MAX_COMMENT: usize = 1000;
+/// The longest an upload may take however steadily it sends (4 GiB at 1 MB/s is about 70 minutes). Bounds how
+/// long its chunks sit unreferenced, so the sweep can tell them from a dead upload's.
+pub const MAX_UPLOAD: std::time::Duration = std::time::Duration::from_hours(6);
+/// How old an unreferenced chunk must be before the sweep removes it: well past any upload still under way.
+pub const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_hours(24);
+/// How often each replica sweeps.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_hours(1);
+/// Chunks removed per sweep transaction.
+const SWEEP_BATCH: u64 = 64;
 
 /// What an upload starts with.
 #[derive(Debug, Clone)]
@@ -58,6 +64,9 @@ pub struct Artifact {
 pub struct Artifacts {
     db: DatabaseConnection,
     repository: Repository,
+    /// An upload may take as long as the image needs (no overall deadline: a 4 GiB image over a slow link takes
+    /// minutes), but one that stops sending is given up after this long (`upload_idle`) and leaves nothing stored.
+    idle: std::time::Duration,
     cache: std::sync::Arc<std::sync::Mutex<ChunkCache>>,
 }
 
@@ -135,16 +144,22 @@ fn counter(value: u64) -> Result<i64> {
 }
 
 impl Artifacts {
-    pub fn new(db: DatabaseConnection, repository: Repository) -> Self {
+    pub fn new(db: DatabaseConnection, repository: Repository, idle: std::time::Duration) -> Self {
         Self {
             db,
             repository,
+            idle,
             cache: std::sync::Arc::default(),
         }
     }
 
     pub fn repository(&self) -> &Repository {
         &self.repository
+    }
+
+    /// How long an upload may send nothing.
+    pub fn idle(&self) -> std::time::Duration {
+        self.idle
     }
 
     /// The rules an image must meet beyond its signature: new name and content, and a release counter above every
@@ -221,20 +236,26 @@ impl Artifacts {
     {
         validate(&header)?;
         let signed = self.check(&self.db, &header).await?.target;
-        let mut written = Vec::new();
+        let mut written = Written {
+            db: self.db.clone(),
+            chunks: Vec::new(),
+            in_flight: None,
+        };
         let outcome = self.receive(&signed, chunks, &mut written).await;
         let stored = match outcome {
             Ok(index) => self.commit(ctx, &header, index).await,
             Err(error) => Err(error),
         };
+        let added = std::mem::take(&mut written.chunks);
         if stored.is_err() {
-            self.remove_unreferenced(&written).await;
+            // Awaited here, so a refusal answers only once nothing of it is left.
+            remove_unreferenced(&self.db, &added).await;
         }
         stored
     }
 
     /// Writes the chunks, returning their hashes in order; `written` collects the chunks this upload added.
-    async fn receive<S>(&self, signed: &SignedTarget, mut chunks: S, written: &mut Vec<String>) -> Result<Vec<String>>
+    async fn receive<S>(&self, signed: &SignedTarget, mut chunks: S, written: &mut Written) -> Result<Vec<String>>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
@@ -242,14 +263,26 @@ impl Artifacts {
         let mut buffer = BytesMut::with_capacity(CHUNK_SIZE);
         let mut index = Vec::new();
         let mut total: u64 = 0;
+        let deadline = tokio::time::Instant::now() + MAX_UPLOAD;
         loop {
-            let next = tokio::time::timeout(UPLOAD_IDLE, chunks.next())
+            let wait = self
+                .idle
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let next = tokio::time::timeout(wait, chunks.next())
                 .await
                 .map_err(|_| {
-                    Error::DeadlineExceeded(format!(
-                        "no image data arrived for {} s after {total} bytes: nothing was stored; upload again",
-                        UPLOAD_IDLE.as_secs()
-                    ))
+                    if tokio::time::Instant::now() >= deadline {
+                        Error::DeadlineExceeded(format!(
+                            "the upload took longer than {} ({total} bytes received): nothing was stored; upload \
+                             over a faster link",
+                            humantime::format_duration(MAX_UPLOAD)
+                        ))
+                    } else {
+                        Error::DeadlineExceeded(format!(
+                            "no image data arrived for {} after {total} bytes: nothing was stored; upload again",
+                            humantime::format_duration(self.idle)
+                        ))
+                    }
                 })?
                 .transpose()?;
             if let Some(data) = &next {
@@ -289,21 +322,35 @@ impl Artifacts {
         Ok(index)
     }
 
-    async fn store_chunk(&self, data: Bytes, written: &mut Vec<String>) -> Result<String> {
+    /// Stores one chunk. The insert runs in a task of its own and `written` holds it while it runs: if the upload
+    /// is dropped mid-insert, the cleanup waits for the insert and removes its chunk too.
+    async fn store_chunk(&self, data: Bytes, written: &mut Written) -> Result<String> {
         let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
-        let inserted = firmware_chunk::Entity::insert(firmware_chunk::ActiveModel {
-            sha256: Set(sha256.clone()),
-            data: Set(data.to_vec()),
-        })
-        .on_conflict(
-            OnConflict::column(firmware_chunk::Column::Sha256)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await?;
-        if inserted > 0 {
-            written.push(sha256.clone());
+        let db = self.db.clone();
+        let sha = sha256.clone();
+        let insert = tokio::spawn(async move {
+            Ok::<_, Error>(
+                firmware_chunk::Entity::insert(firmware_chunk::ActiveModel {
+                    sha256: Set(sha),
+                    data: Set(data.to_vec()),
+                    stored_at: Set(Some(now())),
+                })
+                .on_conflict(
+                    OnConflict::column(firmware_chunk::Column::Sha256)
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&db)
+                .await?,
+            )
+        });
+        let handle = written.in_flight.insert((sha256.clone(), insert));
+        let inserted = (&mut handle.1)
+            .await
+            .map_err(|e| Error::Internal(format!("storing a chunk: {e}")));
+        written.in_flight = None;
+        if inserted?? > 0 {
+            written.chunks.push(sha256.clone());
         }
         Ok(sha256)
     }
@@ -312,7 +359,8 @@ impl Artifacts {
         let txn = db::begin_write(&self.db).await?;
         let prepared = self.check(&txn, header).await?;
         // A chunk this upload found already stored may have belonged to a concurrent upload that failed and
-        // removed it since: never commit an image with a hole.
+        // removed it since: never commit an image with a hole. The rows found stay share-locked until the commit
+        // (PostgreSQL), so a removal that locks a chunk before deleting it waits and then sees the references.
         let distinct: BTreeSet<&String> = index.iter().collect();
         let mut present = 0;
         for chunk in distinct.iter().copied().collect::<Vec<_>>().chunks(500) {
@@ -320,6 +368,7 @@ impl Artifacts {
                 .filter(firmware_chunk::Column::Sha256.is_in(chunk.iter().map(|s| (*s).clone())))
                 .select_only()
                 .column(firmware_chunk::Column::Sha256)
+                .lock_shared()
                 .into_tuple::<String>()
                 .all(&txn)
                 .await?
@@ -387,15 +436,6 @@ impl Artifacts {
         txn.commit().await?;
         tracing::info!(artifact = %id, target = %target.name, model = %target.meta.hardware_id, "firmware image stored");
         self.get(&id.to_string()).await
-    }
-
-    /// Removes chunks this upload added that no artifact references (a failed or refused upload).
-    async fn remove_unreferenced(&self, written: &[String]) {
-        for sha in written {
-            if let Err(error) = remove_if_unreferenced(&self.db, sha).await {
-                tracing::warn!(%error, "could not remove a chunk of a failed upload; it stays unreferenced");
-            }
-        }
     }
 
     async fn find(&self, conn: &impl ConnectionTrait, reference: &str) -> Result<firmware_artifact::Model> {
@@ -591,7 +631,73 @@ async fn cached_chunk(
     Ok(data)
 }
 
-async fn remove_if_unreferenced(conn: &impl ConnectionTrait, sha: &str) -> Result<()> {
+/// Removes chunks an upload added that no artifact references (a failed or refused upload), a few per transaction.
+async fn remove_unreferenced(db: &DatabaseConnection, written: &[String]) {
+    for batch in written.chunks(usize::try_from(SWEEP_BATCH).unwrap_or(64)) {
+        let removed = async {
+            let txn = db::begin_write(db).await?;
+            for sha in batch {
+                remove_if_unreferenced(&txn, sha).await?;
+            }
+            txn.commit().await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(error) = removed {
+            tracing::warn!(%error, "could not remove chunks of a failed upload; the sweep removes them later");
+        }
+    }
+}
+
+/// The chunks an upload in progress has added. An upload whose client goes away is dropped mid-await by the
+/// HTTP/2 server (a reset stream ends its handler), never reaching the cleanup after `receive`; dropping this
+/// removes what is still listed, in a task of its own.
+struct Written {
+    db: DatabaseConnection,
+    chunks: Vec<String>,
+    /// The chunk being inserted, if any.
+    in_flight: Option<(String, tokio::task::JoinHandle<Result<u64>>)>,
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if self.chunks.is_empty() && self.in_flight.is_none() {
+            return;
+        }
+        let mut chunks = std::mem::take(&mut self.chunks);
+        let in_flight = self.in_flight.take();
+        let db = self.db.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Some((sha, insert)) = in_flight
+                    && matches!(insert.await, Ok(Ok(n)) if n > 0)
+                {
+                    chunks.push(sha);
+                }
+                tracing::info!(
+                    chunks = chunks.len(),
+                    "an upload was abandoned; removing what it stored"
+                );
+                remove_unreferenced(&db, &chunks).await;
+            });
+        }
+    }
+}
+
+/// Deletes a chunk if nothing references it. Called in a write transaction: the chunk row is locked first
+/// (PostgreSQL), so an upload committing a reference to it either finished (and is seen here) or finds it gone.
+async fn remove_if_unreferenced(conn: &impl ConnectionTrait, sha: &str) -> Result<bool> {
+    let exists = firmware_chunk::Entity::find_by_id(sha.to_owned())
+        .select_only()
+        .column(firmware_chunk::Column::Sha256)
+        .lock_exclusive()
+        .into_tuple::<String>()
+        .one(conn)
+        .await?
+        .is_some();
+    if !exists {
+        return Ok(false);
+    }
     let referenced = firmware_artifact_chunk::Entity::find()
         .filter(firmware_artifact_chunk::Column::ChunkSha256.eq(sha))
         .one(conn)
@@ -600,5 +706,66 @@ async fn remove_if_unreferenced(conn: &impl ConnectionTrait, sha: &str) -> Resul
     if !referenced {
         firmware_chunk::Entity::delete_by_id(sha.to_owned()).exec(conn).await?;
     }
-    Ok(())
+    Ok(!referenced)
+}
+
+/// Removes chunks no artifact references that were stored more than `older_than` ago: what an upload left when its
+/// replica died before it could clean up. Returns how many went.
+pub async fn sweep(db: &DatabaseConnection, older_than: std::time::Duration) -> Result<u64> {
+    let cutoff =
+        now() - chrono::Duration::from_std(older_than).map_err(|e| Error::Internal(format!("sweep grace: {e}")))?;
+    let mut removed = 0;
+    let mut after = String::new();
+    loop {
+        let candidates: Vec<String> = firmware_chunk::Entity::find()
+            .filter(firmware_chunk::Column::Sha256.gt(after.clone()))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(firmware_chunk::Column::StoredAt.is_null())
+                    .add(firmware_chunk::Column::StoredAt.lt(cutoff)),
+            )
+            .filter(
+                firmware_chunk::Column::Sha256.not_in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(firmware_artifact_chunk::Column::ChunkSha256)
+                        .from(firmware_artifact_chunk::Entity)
+                        .to_owned(),
+                ),
+            )
+            .order_by_asc(firmware_chunk::Column::Sha256)
+            .select_only()
+            .column(firmware_chunk::Column::Sha256)
+            .limit(SWEEP_BATCH)
+            .into_tuple()
+            .all(db)
+            .await?;
+        let Some(last) = candidates.last() else {
+            return Ok(removed);
+        };
+        after.clone_from(last);
+        let txn = db::begin_write(db).await?;
+        for sha in &candidates {
+            if remove_if_unreferenced(&txn, sha).await? {
+                removed += 1;
+            }
+        }
+        txn.commit().await?;
+    }
+}
+
+/// Sweeps at start and every hour until `stop`. Every replica may sweep: removals lock what they delete.
+pub fn spawn_sweeper(db: DatabaseConnection, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            match sweep(&db, SWEEP_GRACE).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(chunks = removed, "removed firmware chunks no artifact references"),
+                Err(error) => tracing::warn!(%error, "firmware chunk sweep failed; retrying in an hour"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            }
+        }
+    });
 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt as _};
 use medfleet_core::identity::Identity;
 use medfleet_core::paging::{decode_token, encode_token, page_size};
-use medfleet_core::validation::Violations;
+use medfleet_core::validation::{Violations, check_text};
 use medfleet_proto::convert;
 use medfleet_proto::v1::{self, firmware_service_server::FirmwareService, upload_artifact_request};
 use sea_orm::{ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _};
@@ -140,12 +140,12 @@ impl FirmwareService for FirmwareApi {
         let ctx = audit_context(&request);
         let mut stream = request.into_inner();
         // The upload is exempt from the unary deadline, so its first message is bounded here like every chunk.
-        let first = tokio::time::timeout(crate::firmware::artifacts::UPLOAD_IDLE, stream.message())
+        let first = tokio::time::timeout(self.artifacts.idle(), stream.message())
             .await
             .map_err(|_| {
                 Error::DeadlineExceeded(format!(
-                    "no upload header arrived within {} s; nothing was stored",
-                    crate::firmware::artifacts::UPLOAD_IDLE.as_secs()
+                    "no upload header arrived within {}; nothing was stored",
+                    humantime::format_duration(self.artifacts.idle())
                 ))
             })??;
         let Some(v1::UploadArtifactRequest {
@@ -228,6 +228,38 @@ impl FirmwareService for FirmwareApi {
             timestamp_json: published.timestamp,
             snapshot_json: published.snapshot,
             targets_json: published.targets,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn publish_targets(&self, request: Request<v1::PublishTargetsRequest>) -> Reply<v1::PublishTargetsResponse> {
+        let ctx = audit_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        if request.targets_json.is_empty() {
+            v.push(
+                "targets_json",
+                "is required: the targets.json `medfleet firmware resign` wrote",
+            );
+        } else if request.targets_json.len() > crate::firmware::artifacts::MAX_TARGETS_JSON {
+            v.push("targets_json", "is larger than 8 MiB");
+        }
+        if !request.comment.is_empty() {
+            v.check(
+                "comment",
+                check_text(&request.comment, crate::firmware::artifacts::MAX_COMMENT),
+            );
+        }
+        v.finish(|| Some(())).map_err(Error::from)?;
+        let info = self
+            .artifacts
+            .repository()
+            .publish_targets(&ctx, &request.targets_json, &request.comment)
+            .await?;
+        Ok(Response::new(v1::PublishTargetsResponse {
+            targets_version: info.version,
+            expire_time: Some(convert::timestamp(info.expires)),
+            targets: info.targets.into_iter().map(|t| t.name).collect(),
         }))
     }
 

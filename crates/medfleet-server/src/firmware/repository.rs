@@ -258,6 +258,83 @@ impl Repository {
         targets_json: &str,
         target_name: &str,
     ) -> Result<Prepared> {
+        let (verified, info, rows) = self.prepare_set(conn, targets_json).await?;
+        let target = verified.target(target_name).map_err(refused)?;
+        Ok(Prepared {
+            target,
+            targets_version: info.version,
+            rows,
+        })
+    }
+
+    /// Publishes targets metadata that lists exactly the stored images (re-signed offline under a new version and
+    /// expiry), with freshly signed snapshot and timestamp, audited; refused with nothing changed otherwise.
+    pub async fn publish_targets(
+        &self,
+        ctx: &audit::Context,
+        targets_json: &str,
+        comment: &str,
+    ) -> Result<tuf::TargetsInfo> {
+        let txn = db::begin_write(&self.db).await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            // The refresher and other publishers take this row first too: one new version at a time.
+            txn.execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT role FROM firmware_metadata WHERE role = 'timestamp' FOR UPDATE",
+            ))
+            .await?;
+        }
+        let current = Self::role(&txn, TARGETS).await?;
+        if current.as_ref().is_some_and(|c| c.body == targets_json) {
+            return Err(Error::AlreadyExists(
+                "this targets metadata is the one published already: re-sign it first with `medfleet firmware                  resign`"
+                    .to_owned(),
+            ));
+        }
+        let (_, info, rows) = self.prepare_set(&txn, targets_json).await?;
+        // prepare_set insists every stored image stays listed; a target without a stored image would be signed
+        // metadata for nothing devices can fetch, and must come with its image through an upload.
+        let stored = firmware_artifact::Entity::find().all(&txn).await?;
+        if let Some(extra) = info
+            .targets
+            .iter()
+            .find(|t| !stored.iter().any(|a| a.target_name == t.name && a.sha256 == t.sha256))
+        {
+            return Err(Error::Refused {
+                reason: tuf::Refusal::UnknownTarget.as_str(),
+                message: format!(
+                    "the targets metadata lists {} ({}), which is not a stored image: upload it with `medfleet                      firmware upload` instead, or re-sign the published targets.json (`medfleet firmware metadata                      pull`, then `medfleet firmware resign`)",
+                    extra.name, extra.meta.version
+                ),
+            });
+        }
+        write_rows(&txn, rows).await?;
+        let detail = if comment.is_empty() {
+            format!(
+                "targets version {}, expires {}",
+                info.version,
+                info.expires.to_rfc3339()
+            )
+        } else {
+            format!(
+                "targets version {}, expires {}: {comment}",
+                info.version,
+                info.expires.to_rfc3339()
+            )
+        };
+        ctx.record(&txn, "firmware.publish_targets", "targets", "*", detail)
+            .await?;
+        txn.commit().await?;
+        Ok(info)
+    }
+
+    /// Checks targets metadata against the trusted roots and what is published, signs the snapshot and
+    /// timestamp that would publish it and verifies the whole set with tough; returns the rows to write.
+    async fn prepare_set(
+        &self,
+        conn: &impl ConnectionTrait,
+        targets_json: &str,
+    ) -> Result<(tuf::Verified, tuf::TargetsInfo, Vec<firmware_metadata::ActiveModel>)> {
         let roots = self.roots(conn).await?;
         let Some(first) = roots.first() else {
             return Err(Error::FailedPrecondition(
@@ -328,7 +405,6 @@ impl Repository {
         let verified = tuf::verify(first.body.as_bytes(), &set, None, None)
             .await
             .map_err(refused)?;
-        let target = verified.target(target_name).map_err(refused)?;
         let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|e| internal("metadata", e));
         let rows = vec![
             metadata_row(TARGETS, info.version, targets_json.to_owned(), info.expires, at)?,
@@ -341,11 +417,7 @@ impl Repository {
                 at,
             )?,
         ];
-        Ok(Prepared {
-            target,
-            targets_version: info.version,
-            rows,
-        })
+        Ok((verified, info, rows))
     }
 
     /// Re-signs the timestamp (and the snapshot) when less than half their life is left, so devices never see

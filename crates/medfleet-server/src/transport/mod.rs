@@ -27,7 +27,7 @@ pub mod limits {
     pub const MAX_CONNECTION_AGE: Duration = Duration::from_hours(6);
     pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_mins(5);
     /// A unary call (and the opening of a stream) is answered within this or fails with DEADLINE_EXCEEDED; a
-    /// client-streaming upload is bounded by its idle time instead (firmware::artifacts::UPLOAD_IDLE).
+    /// client-streaming upload is bounded by its idle time instead (the `upload_idle` setting).
     pub const UNARY_TIMEOUT: Duration = Duration::from_mins(1);
     /// Largest Enroll request (token + CSR).
     pub const ENROLL_MESSAGE: usize = 64 * 1024;

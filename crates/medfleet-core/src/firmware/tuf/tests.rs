@@ -327,3 +327,35 @@ fn garbage_keys_are_refused_with_a_reason() {
     let pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
     assert_eq!(SigningKey::from_pem(pem).unwrap_err().code, Refusal::Key);
 }
+
+#[tokio::test]
+async fn resigned_targets_keep_their_targets_under_a_new_version_and_expiry() {
+    let keys = keys();
+    let root = sign_root(&spec(&keys, 1, 2), &[&keys.root]).await.unwrap();
+    let target = image_target(3);
+    let soon = Utc::now() + Duration::days(2);
+    let first = sign_targets(None, &target, soon, &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+    let later = Utc::now() + Duration::days(200);
+    let again = resign_targets(&first, later, &[&keys.targets[1]]).await.unwrap();
+    let info = targets_info(&again).unwrap();
+    assert_eq!(info.version, 2);
+    assert_eq!(info.expires.timestamp(), later.timestamp());
+    assert_eq!(info.targets, vec![target.clone()]);
+    // The earlier signatures do not carry over: below the threshold until a second key holder signs.
+    assert_eq!(info.signed_by, vec![keys.targets[1].id().to_owned()]);
+    assert_eq!(
+        refusal(&root, &set_with(&keys, again.clone(), 2).await).await,
+        Refusal::Signature
+    );
+    let again = countersign(&again, &keys.targets[2]).await.unwrap();
+    let verified = verify(&root, &set_with(&keys, again, 2).await, None, None)
+        .await
+        .unwrap();
+    assert_eq!(verified.targets_version(), 2);
+    assert_eq!(verified.target(&target.name).unwrap(), target);
+
+    let past = resign_targets(&first, Utc::now() - Duration::seconds(1), &[&keys.targets[0]]).await;
+    assert_eq!(past.unwrap_err().code, Refusal::Malformed);
+}

@@ -6,6 +6,8 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub sha256: String,
     pub data: Vec<u8>,
+    /// When an upload stored it; `None` for chunks stored before this was recorded.
+    pub stored_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
