@@ -20,7 +20,7 @@ mod m20261202_000012_destination_lifecycle;
 mod m20261202_000013_firmware;
 mod m20261202_000014_action_attempt;
 mod m20261202_000015_site_timezone;
-mod m20261203_000016_chunk_stored_at;
+mod m20261203_000016_artifact_storage;
 mod seed;
 
 #[derive(Debug)]
@@ -45,7 +45,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000013_firmware::Migration),
             Box::new(m20261202_000014_action_attempt::Migration),
             Box::new(m20261202_000015_site_timezone::Migration),
-            Box::new(m20261203_000016_chunk_stored_at::Migration),
+            Box::new(m20261203_000016_artifact_storage::Migration),
         ]
     }
 }

@@ -16,6 +16,19 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
+/// SHA-256 of everything `reader` yields, read in 1 MiB pieces (a 4 GiB image is never held in memory).
+pub fn sha256_hex_of(mut reader: impl std::io::Read) -> std::io::Result<String> {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0; 1024 * 1024];
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hex(context.finish().as_ref()));
+        }
+        context.update(&buffer[..n]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,5 +40,7 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+        let big = vec![7u8; 3 * 1024 * 1024 + 5];
+        assert_eq!(sha256_hex_of(big.as_slice()).unwrap(), sha256_hex(&big));
     }
 }

@@ -83,6 +83,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    ArtifactStore(String),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
@@ -339,8 +341,14 @@ impl Replica {
         retention::Retention::new(db.clone(), settings.retention, metrics.clone()).spawn(background.clone());
         let repository = firmware::repository::Repository::new(db.clone(), keys.secrets.clone());
         repository.spawn_refresher(background.clone());
-        let artifacts = firmware::artifacts::Artifacts::new(db.clone(), repository, settings.upload_idle);
-        firmware::artifacts::spawn_sweeper(db.clone(), background.clone());
+        let objects = settings
+            .artifact_store
+            .as_deref()
+            .map(firmware::objects::Objects::open)
+            .transpose()
+            .map_err(ServeError::ArtifactStore)?;
+        firmware::artifacts::spawn_sweeper(db.clone(), objects.clone(), background.clone());
+        let artifacts = firmware::artifacts::Artifacts::new(db.clone(), repository, settings.upload_idle, objects);
         let rollouts = rollouts::store::Rollouts::new(db.clone(), events.clone(), artifacts.clone());
         let scheduler = rollouts::scheduler::Scheduler::new(
             db.clone(),

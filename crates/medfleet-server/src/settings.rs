@@ -58,6 +58,7 @@ pub struct SettingsFile {
     pub config_reconcile_interval: Option<String>,
     pub rollout_tick: Option<String>,
     pub upload_idle: Option<String>,
+    pub artifact_store: Option<String>,
     pub reading_future_tolerance: Option<String>,
     pub emr_retry_max: Option<String>,
     pub emr_allowed_hosts: Option<Vec<String>>,
@@ -118,6 +119,10 @@ pub struct Overrides {
     /// How long a firmware upload may send nothing before it is given up (nothing stored), e.g. "1m".
     #[arg(long, env = "MEDFLEET_UPLOAD_IDLE")]
     pub upload_idle: Option<String>,
+    /// Where new firmware images are kept: empty for the database (default), file:///dir or s3://bucket/prefix
+    /// (S3 credentials and endpoint from AWS_* environment variables). Every replica needs the same value.
+    #[arg(long, env = "MEDFLEET_ARTIFACT_STORE")]
+    pub artifact_store: Option<String>,
     /// How far in the future a reading's observation time may be (device clock drift), e.g. "30s".
     #[arg(long, env = "MEDFLEET_READING_FUTURE_TOLERANCE")]
     pub reading_future_tolerance: Option<String>,
@@ -163,6 +168,8 @@ pub struct Settings {
     pub config_reconcile_interval: Duration,
     pub rollout_tick: Duration,
     pub upload_idle: Duration,
+    /// Where new firmware images go; `None`: the database.
+    pub artifact_store: Option<String>,
     pub reading_future_tolerance: Duration,
     pub emr_retry_max: Duration,
     /// Hosts EMR destinations may point at; empty: any.
@@ -259,6 +266,7 @@ impl Settings {
             )?,
             rollout_tick: duration("rollout_tick", o.rollout_tick.or(file.rollout_tick), "1s")?,
             upload_idle: duration("upload_idle", o.upload_idle.or(file.upload_idle), "1m")?,
+            artifact_store: o.artifact_store.or(file.artifact_store).filter(|s| !s.is_empty()),
             reading_future_tolerance: duration(
                 "reading_future_tolerance",
                 o.reading_future_tolerance.or(file.reading_future_tolerance),
@@ -356,6 +364,14 @@ impl Settings {
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
             return invalid(format!("otlp_endpoint '{endpoint}' must be an http:// or https:// URL"));
+        }
+        if let Some(store) = &self.artifact_store
+            && !(store.starts_with("file:///") || store.starts_with("s3://"))
+        {
+            return invalid(format!(
+                "artifact_store '{store}' must be file:///absolute/dir or s3://bucket/prefix (or empty for the \
+                 database)"
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return invalid(format!("log_level '{}' is not a valid filter: {e}", self.log_level));
@@ -525,6 +541,7 @@ mod tests {
             ("shutdown_grace = \"soon\"", "shutdown_grace"),
             ("shutdown_grace = \"1h\"", "shutdown_grace"),
             ("otlp_endpoint = \"collector:4317\"", "otlp_endpoint"),
+            ("artifact_store = \"/srv/firmware\"", "artifact_store"),
             ("log_level = \"[[[\"", "log_level"),
             ("operator_cert_lifetime = \"1s\"", "operator_cert_lifetime"),
             ("device_cert_lifetime = \"4min\"", "device_cert_lifetime"),

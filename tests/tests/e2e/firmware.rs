@@ -400,6 +400,119 @@ async fn leftovers_of_a_dead_upload_are_swept(backend: Backend) {
 
 both_backends!(dead_upload_swept, leftovers_of_a_dead_upload_are_swept);
 
+/// The whole image reads back from `offset`, each message at the offset it says.
+async fn read_from(channel: &Channel, artifact: &str, offset: u64) -> Vec<u8> {
+    let mut read = FirmwareServiceClient::new(channel.clone())
+        .read_artifact(v1::ReadArtifactRequest {
+            artifact: artifact.to_owned(),
+            offset,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tail = Vec::new();
+    while let Some(chunk) = read.message().await.unwrap() {
+        assert_eq!(chunk.offset, offset + tail.len() as u64);
+        tail.extend_from_slice(&chunk.data);
+    }
+    tail
+}
+
+/// The files of an object store directory's `firmware/` folder.
+fn objects_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("firmware"))
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// With `artifact_store = file:///dir`, an image is one object (no chunk rows), written only once it verified,
+/// read from any offset, removed with its artifact; an object no artifact owns is swept once old.
+async fn images_in_an_object_store(backend: Backend) {
+    let storage = medfleet_e2e::Storage::new(backend).await;
+    let store = storage.dir.path().join("objects");
+    let mut config = storage.config();
+    config.artifact_store = Some(format!("file://{}", store.display()));
+    let server = TestServer::start_on(config.clone()).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (keys, _) = trust(&server, &channel).await;
+    let bytes = image(3 * 1024 * 1024 + 123, 12);
+    let good = target("mx450-2.1.0.img", &bytes, 1);
+    let signed = tuf::sign_targets(None, &good, in_a_year(), &[&keys.targets[0], &keys.targets[1]])
+        .await
+        .unwrap();
+
+    // The wrong bytes of the signed length: refused, and no object, not even a staging file.
+    let mut corrupt = bytes.clone();
+    corrupt[2_000_000] ^= 0xff;
+    let refused = upload(&channel, &good.name, &signed, &corrupt).await.unwrap_err();
+    assert_eq!(reason(&refused), "hash_mismatch", "{refused:?}");
+    assert_eq!(objects_in(&store), Vec::<String>::new());
+    assert_eq!(stored(&server).await, (0, 0));
+
+    let artifact = upload(&channel, &good.name, &signed, &bytes).await.unwrap();
+    let name = format!("{}.img", artifact.id);
+    assert_eq!(objects_in(&store), vec![name.clone()]);
+    assert_eq!(std::fs::read(store.join("firmware").join(&name)).unwrap(), bytes);
+    assert_eq!(
+        stored(&server).await,
+        (1, 0),
+        "no chunk rows for an image in the object store"
+    );
+    assert_eq!(read_from(&channel, &artifact.id, 0).await, bytes);
+    let offset: usize = 2 * 1024 * 1024 + 77;
+    assert_eq!(read_from(&channel, &artifact.id, offset as u64).await, bytes[offset..]);
+
+    // An image whose replica died before its artifact committed: swept at start once older than any upload.
+    let orphan = store.join("firmware").join(format!("{}.img", uuid::Uuid::new_v4()));
+    std::fs::write(&orphan, b"left behind").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_hours(72))
+        .unwrap();
+    let recent = store.join("firmware").join(format!("{}.img", uuid::Uuid::new_v4()));
+    std::fs::write(&recent, b"being committed").unwrap();
+    server.stop().await.unwrap();
+    let server = TestServer::start_on(config).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let swept = tokio::time::timeout(Duration::from_secs(30), async {
+        while orphan.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(swept.is_ok(), "an old object no artifact owns was not swept");
+    assert!(recent.exists(), "a recent object was swept");
+    assert!(
+        store.join("firmware").join(&name).exists(),
+        "an artifact's image was swept"
+    );
+    std::fs::remove_file(&recent).unwrap();
+
+    FirmwareServiceClient::new(channel.clone())
+        .delete_artifact(v1::DeleteArtifactRequest {
+            artifact: artifact.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        objects_in(&store),
+        Vec::<String>::new(),
+        "the image goes with its artifact"
+    );
+    assert_eq!(stored(&server).await, (0, 0));
+    server.stop().await.unwrap();
+}
+
+both_backends!(object_store, images_in_an_object_store);
+
 /// An upload that stops sending, before its header or in the middle of the image, is given up after
 /// `upload_idle` with DEADLINE_EXCEEDED and nothing stored.
 async fn an_idle_upload_is_given_up(backend: Backend) {

@@ -881,7 +881,53 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
     .await
     .unwrap();
     upload(&channel, &downgrade.name, &signed, &bytes).await.unwrap();
-    let back = rollouts
+
+    // A biomed engineer of Patan ICU may roll back what was rolled out there, but not onto a device that has moved
+    // to another ward since: the rollback is bounded by the caller's own scopes, and nothing is created.
+    medfleet_e2e::fleet::create_ward(&mut registry, "patan", "ccu", "CCU", &["1"]).await;
+    let moved = |ward: &str, bed: &str| v1::UpdateDeviceRequest {
+        device: Some(v1::Device {
+            id: devices[0].id.clone(),
+            location: medfleet_e2e::fleet::location("patan", ward, bed),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["location".into()],
+        }),
+    };
+    registry.update_device(moved("ccu", "1")).await.unwrap();
+    v1::access_service_client::AccessServiceClient::new(channel.clone())
+        .grant(v1::GrantRequest {
+            grant: Some(v1::RoleGrant {
+                principal: "medfleet://user/icu-biomed".into(),
+                role: "biomed".into(),
+                scope: "patan/icu".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    let icu_biomed = server
+        .channel(&server.issue(&medfleet_core::identity::Identity::User("icu-biomed".into())))
+        .await
+        .unwrap();
+    let rollouts_before = count_rows(&server.db().await, "SELECT COUNT(*) FROM rollouts").await;
+    let outside = RolloutServiceClient::new(icu_biomed.clone())
+        .rollback_rollout(v1::RollbackRolloutRequest {
+            rollout: open.clone(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(outside.code(), tonic::Code::PermissionDenied, "{outside:?}");
+    assert!(outside.message().contains(&devices[0].id), "{}", outside.message());
+    assert_eq!(
+        count_rows(&server.db().await, "SELECT COUNT(*) FROM rollouts").await,
+        rollouts_before,
+        "a refused rollback creates nothing"
+    );
+    registry.update_device(moved("icu", "1")).await.unwrap();
+
+    let back = RolloutServiceClient::new(icu_biomed)
         .rollback_rollout(v1::RollbackRolloutRequest {
             rollout: open.clone(),
             comment: "field safety notice".into(),

@@ -42,7 +42,9 @@ async fn published(channel: Channel, paths: &Paths) -> Result<(Vec<u8>, u64, tuf
         ),
     })?;
     let known = tuf::root_info(&root).map_err(|e| refused(&e))?.version;
+    // A metadata set may be larger than tonic's default 4 MiB: targets up to 8 MiB and every root version.
     let published = FirmwareServiceClient::new(channel)
+        .max_decoding_message_size(METADATA_REPLY_LIMIT)
         .get_metadata(v1::GetMetadataRequest {
             known_root_version: known,
         })
@@ -80,6 +82,12 @@ async fn verify(
     }
 }
 
+/// How long a download may receive nothing before it is given up and resumed.
+const DOWNLOAD_IDLE: Duration = Duration::from_mins(1);
+
+/// The largest metadata reply taken: medfleetd's targets limit (8 MiB) with room for roots, snapshot, timestamp.
+const METADATA_REPLY_LIMIT: usize = 24 * 1024 * 1024;
+
 /// Fetches the published metadata, verifies it from the trusted root and checks that `target_name` may replace
 /// what the device runs (its model, a newer release counter or a signed downgrade).
 pub(super) async fn check(
@@ -90,15 +98,22 @@ pub(super) async fn check(
 ) -> Result<SignedTarget, Failure> {
     let (root, known, set) = published(channel, paths).await?;
     let root_path = paths.trusted_root();
+    // The root saved is the one the chain from the pinned root reaches (the same walk tough makes, which refuses
+    // two roots of one version), never merely one the server sent with the right version number.
+    let newest = tuf::follow_root_chain(&root, &set.roots).map_err(|e| refused(&e))?;
     let verified = verify(paths, root, set.clone(), None).await?;
     // A verified rotation becomes the root trusted from now on.
-    if verified.root_version() > known
-        && let Some(newer) = set
-            .roots
-            .iter()
-            .find(|r| tuf::metadata_version(r).ok() == Some(verified.root_version()))
-    {
-        let text = String::from_utf8_lossy(newer);
+    if verified.root_version() > known {
+        if tuf::metadata_version(&newest).ok() != Some(verified.root_version()) {
+            return Err(refused(&tuf::TufError {
+                code: tuf::Refusal::Malformed,
+                detail: format!(
+                    "the verifier trusted root version {}, the root chain reaches another: nothing is saved",
+                    verified.root_version()
+                ),
+            }));
+        }
+        let text = String::from_utf8_lossy(&newest);
         medfleet_proto::client::write_private(&root_path, &text).map_err(|e| file_error("write", &root_path, e))?;
         tracing::info!(version = verified.root_version(), "trusted a rotated TUF root");
     }
@@ -197,7 +212,20 @@ pub(super) async fn fetch(
         let mut last_report = Instant::now();
         let mut received = 0u64;
         loop {
-            let chunk = match stream.message().await {
+            // A stream that stops sending is given up (and resumed from its offset) rather than waited on forever.
+            let Ok(next) = tokio::time::timeout(DOWNLOAD_IDLE, stream.message()).await else {
+                file.sync_all().map_err(|e| file_error("sync", &partial, e))?;
+                return Err(Failure::Transient(format!(
+                    "no image data for {} s; resuming from byte {offset}",
+                    DOWNLOAD_IDLE.as_secs()
+                )));
+            };
+            let chunk = match next {
+                Ok(Some(chunk)) if chunk.data.is_empty() => {
+                    return Err(Failure::Transient(
+                        "the server sent an empty piece of the image".to_owned(),
+                    ));
+                }
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(status) => {

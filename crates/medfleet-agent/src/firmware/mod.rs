@@ -189,6 +189,27 @@ impl Firmware {
 
     /// A firmware command from medfleetd.
     pub(crate) fn handle(&mut self, message: session_response::Message, link: &Link) {
+        // While a new image is on trial, nothing else may run: its health check decides between it and the
+        // known-good slot, and a second update would overwrite the only good image.
+        let on_trial = lock(&self.shared.slots).trial.as_ref().map(|t| t.action.clone());
+        if let Some(trial) = on_trial {
+            let other = match &message {
+                session_response::Message::FirmwareUpdate(m) => Some(&m.action_id),
+                session_response::Message::FirmwareInstall(m) => Some(&m.action_id),
+                session_response::Message::FirmwareCancel(m) => Some(&m.action_id),
+                _ => None,
+            };
+            if let Some(other) = other
+                && *other != trial
+            {
+                tracing::warn!(action = %other, trial = %trial, "firmware command ignored: another image is on trial");
+                return;
+            }
+            if matches!(message, session_response::Message::FirmwareCancel(_)) {
+                // Installing: medfleetd never cancels that; the health check goes on.
+                return;
+            }
+        }
         match message {
             session_response::Message::FirmwareUpdate(update) => {
                 if self.replayed(&update.action_id, update.attempt, link)
@@ -524,21 +545,7 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
         let _ = previous.await;
     }
     let (action, attempt) = (install.action_id.as_str(), install.attempt);
-    let state = *link.state.borrow();
-    if !matches!(state, v1::OperationalState::Idle | v1::OperationalState::Maintenance) {
-        tracing::info!(device = %shared.device_id, %action, state = ?state, "install refused: the device is in clinical use");
-        let _ = link
-            .tx
-            .send(report_of(
-                &shared,
-                action,
-                attempt,
-                ActionState::Deferred,
-                0,
-                "in_clinical_use",
-                "the device is in clinical use; it installs once it is free",
-            ))
-            .await;
+    if deferred_in_use(&shared, &link, action, attempt).await {
         return;
     }
     let prepared = lock(&shared.prepared)
@@ -576,6 +583,10 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
             }
         }
     }
+    // Verification can take minutes on a large image: a clinician may have started using the device meanwhile.
+    if deferred_in_use(&shared, &link, action, attempt).await {
+        return;
+    }
     send(&shared, &link, action, attempt, ActionState::Installing, 0).await;
     if let Err(detail) = write_and_arm(&shared, action, attempt, &prepared).await {
         finish(
@@ -590,11 +601,53 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
         .await;
         return;
     }
+    if link_in_use(&link) {
+        // Taken into use while the slot was written: no reboot. The trial is disarmed (the old slot runs on) and
+        // the staged image kept, so the next install verifies and writes again.
+        {
+            let mut slots = lock(&shared.slots);
+            slots.trial = None;
+            if let Err(error) = shared.paths.save(&slots) {
+                tracing::warn!(%error, "cannot record the disarmed trial");
+            }
+        }
+        let _ = deferred_in_use(&shared, &link, action, attempt).await;
+        return;
+    }
     *lock(&shared.prepared) = None;
     shared.paths.discard_downloads();
     event!(shared.quiet, device = %shared.device_id, %action, version = %prepared.target.meta.version, "firmware installed; rebooting onto it");
     send(&shared, &link, action, attempt, ActionState::Rebooting, 0).await;
     let _ = link.reboot.send(()).await;
+}
+
+fn link_in_use(link: &Link) -> bool {
+    !matches!(
+        *link.state.borrow(),
+        v1::OperationalState::Idle | v1::OperationalState::Maintenance
+    )
+}
+
+/// Reports the install deferred when the device is in clinical use (and says whether it was).
+async fn deferred_in_use(shared: &Shared, link: &Link, action: &str, attempt: u32) -> bool {
+    if !link_in_use(link) {
+        return false;
+    }
+    let state = *link.state.borrow();
+    tracing::info!(device = %shared.device_id, %action, state = ?state, "install refused: the device is in clinical use");
+    let _ = link
+        .tx
+        .send(report_of(
+            shared,
+            action,
+            attempt,
+            ActionState::Deferred,
+            0,
+            "in_clinical_use",
+            "the device is in clinical use; it installs once it is free",
+        ))
+        .await;
+    true
 }
 
 /// Writes the staged image into the slot the device does not run and arms a trial boot of it; what went wrong
@@ -603,7 +656,15 @@ async fn write_and_arm(shared: &Shared, action: &str, attempt: u32, prepared: &P
     if chance(&shared.device_id, action, attempt, "install") < shared.options.faults.install_failure {
         return Err("writing the new slot failed (fault injection)".to_owned());
     }
-    let slot = lock(&shared.slots).running_slot().other();
+    let slot = {
+        let slots = lock(&shared.slots);
+        let slot = slots.running_slot().other();
+        // Never write over the known-good image: only ever the slot that is neither running nor active.
+        if slots.trial.as_ref().is_some_and(|t| t.action != action) || slot == slots.active {
+            return Err("another image is on trial; the known-good slot is not overwritten".to_owned());
+        }
+        slot
+    };
     let path = shared.paths.slot(slot);
     let staged = prepared.staged.clone();
     let written = tokio::task::spawn_blocking(move || write_slot(&staged, &path)).await;
@@ -650,9 +711,9 @@ async fn health(shared: Arc<Shared>, link: Link, trial: Trial) {
     let expected = lock(&shared.slots).image(trial.slot).map(|i| i.sha256.clone());
     let path = shared.paths.slot(trial.slot);
     let intact = tokio::task::spawn_blocking(move || {
-        std::fs::read(&path)
+        std::fs::File::open(&path)
+            .and_then(medfleet_core::digest::sha256_hex_of)
             .ok()
-            .map(|bytes| medfleet_core::digest::sha256_hex(&bytes))
     })
     .await
     .ok()

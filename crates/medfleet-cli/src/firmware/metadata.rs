@@ -65,15 +65,22 @@ pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Forma
         .await?
         .into_inner();
     let roots: Vec<Vec<u8>> = metadata.roots_json.iter().map(|r| r.as_bytes().to_vec()).collect();
-    let Some(latest_root) = roots.last() else {
+    let Some(first_root) = roots.first() else {
         return Err(anyhow::anyhow!(
             "medfleetd sent no root metadata; install one first with `medfleet firmware trust install`"
         ));
     };
     let (pinned, verified_against_local_root) = match &local_root {
         Some(root) => (root.clone(), true),
-        None => (roots[0].clone(), false),
+        None => (first_root.clone(), false),
     };
+    // The root written is the one the chain from the pinned root reaches, as a device walks it: never simply the
+    // last one sent, which a compromised medfleetd could have forged beyond a gap.
+    let latest_root = &tuf::follow_root_chain(&pinned, &roots).map_err(|e| {
+        InvalidInput(format!(
+            "medfleetd's root metadata does not follow from the root you trust: {e}; nothing was written"
+        ))
+    })?;
     let pinned_version = version_of(&pinned).unwrap_or(known);
     let mut writes: Vec<(&str, Vec<u8>)> = vec![(ROOT_FILE, latest_root.clone())];
     let mut targets_version = None;

@@ -209,7 +209,8 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
         let mut api = FirmwareServiceClient::new(server.transfer_channel().await?);
         return upload::upload(&mut api, args, out).await;
     }
-    let mut api = FirmwareServiceClient::new(server.channel().await?);
+    // Metadata replies may exceed tonic's default 4 MiB (targets up to 8 MiB, every root version).
+    let mut api = FirmwareServiceClient::new(server.channel().await?).max_decoding_message_size(24 * 1024 * 1024);
     match command {
         FirmwareCommand::OnlineKeys => keys::online_keys(&mut api, out).await,
         FirmwareCommand::Trust(TrustCommand::Install { root_json }) => trust::install(&mut api, root_json, out).await,

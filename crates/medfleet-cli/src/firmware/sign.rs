@@ -122,6 +122,30 @@ pub(super) fn local_root(dir: &Path) -> anyhow::Result<Option<RootInfo>> {
         .transpose()
 }
 
+/// Refuses to build on targets metadata the targets keys of DIR/root.json did not sign to threshold: a new release
+/// or a re-signing extends what the key holders signed, never a list someone else put in DIR.
+fn check_built_on(dir: &Path, path: &Path, previous: &[u8]) -> anyhow::Result<()> {
+    let root_path = dir.join(ROOT_FILE);
+    let Some(root) = files::read_optional(&root_path)? else {
+        return Err(InvalidInput(format!(
+            "{} is missing, so {} cannot be checked before it is extended: pull the metadata again with \
+             `medfleet firmware metadata pull --out {}` (or put the trusted root there)",
+            root_path.display(),
+            path.display(),
+            dir.display()
+        ))
+        .into());
+    };
+    tuf::check_signed_targets(&root, previous).map_err(|e| {
+        InvalidInput(format!(
+            "{}: {e}; nothing was signed. Pull what medfleetd publishes again, and finish a version still being \
+             signed with `medfleet firmware countersign` first",
+            path.display()
+        ))
+        .into()
+    })
+}
+
 fn targets_of(path: &Path, bytes: &[u8]) -> anyhow::Result<TargetsInfo> {
     tuf::targets_info(bytes).map_err(|e| InvalidInput(format!("{}: {e}", path.display())).into())
 }
@@ -249,6 +273,9 @@ pub(crate) async fn sign_release(args: &SignArgs, progress: bool) -> anyhow::Res
     let path = args.metadata.join(TARGETS_FILE);
     let previous_bytes = files::read_optional(&path)?;
     let previous = previous_bytes.as_deref().map(|b| targets_of(&path, b)).transpose()?;
+    if let Some(bytes) = &previous_bytes {
+        check_built_on(&args.metadata, &path, bytes)?;
+    }
     let meta = check_target(args, previous.as_ref())?;
 
     let (sha256, length) = files::hash_image(&args.image, progress)?;
@@ -324,6 +351,7 @@ pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<Signatur
         .into());
     };
     targets_of(&path, &previous)?;
+    check_built_on(&args.metadata, &path, &previous)?;
     let signers: Vec<&SigningKey> = keys.iter().collect();
     let signed = tuf::resign_targets(&previous, expires, &signers)
         .await

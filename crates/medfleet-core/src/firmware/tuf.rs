@@ -448,6 +448,39 @@ pub fn verify_root_update(old: &[u8], new: &[u8]) -> Result<RootInfo, TufError> 
     Ok(info)
 }
 
+/// The newest root reachable from `pinned` through `roots`, as tough walks them: version N+1 signed by the keys
+/// of N and its own, one step at a time, stopping at the first version missing (a root beyond a gap is never
+/// trusted). Two roots of one version are refused: whoever saves "the root that verified" must save the one that
+/// was checked.
+pub fn follow_root_chain(pinned: &[u8], roots: &[Vec<u8>]) -> Result<Vec<u8>, TufError> {
+    let mut by_version: HashMap<u64, &Vec<u8>> = HashMap::new();
+    for root in roots {
+        let version = metadata_version(root)?;
+        if by_version.insert(version, root).is_some_and(|other| other != root) {
+            return Err(refuse(
+                Refusal::Malformed,
+                format!("two different roots of version {version} were sent"),
+            ));
+        }
+    }
+    let mut current = pinned.to_vec();
+    loop {
+        let next_version = metadata_version(&current)?.saturating_add(1);
+        let Some(next) = by_version.get(&next_version) else {
+            return Ok(current);
+        };
+        verify_root_update(&current, next)?;
+        let own: Signed<Root> = parse("new root metadata", next)?;
+        own.signed.verify_role(&own).map_err(|e| {
+            refuse(
+                Refusal::Signature,
+                format!("root version {next_version} is not signed to threshold by its own keys: {e}"),
+            )
+        })?;
+        current.clone_from(next);
+    }
+}
+
 /// One firmware image as the targets role signs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedTarget {
@@ -561,6 +594,20 @@ pub async fn sign_targets(
     to_file(&Signed {
         signed: targets,
         signatures,
+    })
+}
+
+/// Checks that `previous` targets metadata is signed to threshold by the targets keys of the trusted `root`: what
+/// an offline key holder builds on (a new release, a re-signing) must be what the key holders signed, not a list
+/// a compromised medfleetd made up for them to sign.
+pub fn check_signed_targets(root: &[u8], previous: &[u8]) -> Result<(), TufError> {
+    let root: Signed<Root> = parse("trusted root metadata", root)?;
+    let targets: Signed<Targets> = parse("previous targets metadata", previous)?;
+    root.signed.verify_role(&targets).map_err(|e| {
+        refuse(
+            Refusal::Signature,
+            format!("the targets metadata is not signed to threshold by the targets keys of the trusted root: {e}"),
+        )
     })
 }
 
@@ -756,10 +803,16 @@ pub async fn verify(
 ) -> Result<Verified, TufError> {
     let mut files = HashMap::new();
     for root in &set.roots {
-        files.insert(
-            format!("{}.root.json", metadata_version(root)?),
-            Bytes::from(root.clone()),
-        );
+        let version = metadata_version(root)?;
+        if files
+            .insert(format!("{version}.root.json"), Bytes::from(root.clone()))
+            .is_some_and(|other| other != root.as_slice())
+        {
+            return Err(refuse(
+                Refusal::Malformed,
+                format!("two different roots of version {version} were sent"),
+            ));
+        }
     }
     files.insert("timestamp.json".to_owned(), Bytes::from(set.timestamp.clone()));
     files.insert("snapshot.json".to_owned(), Bytes::from(set.snapshot.clone()));

@@ -175,7 +175,12 @@ pub async fn decide(
         Target::List => judge.list(),
         Target::Rollout(extract) => {
             let (scopes, exists) = rollout_scopes(db, extract(body).as_deref()).await?;
-            let decided = judge.all(scopes, None);
+            // The rollout's places were checked; what a command does next (a rollback's new rollout) is bounded by
+            // the caller's own scopes, carried as the visibility, since devices may have moved since.
+            let decided = judge.all(scopes, None).map(|decision| Decision {
+                visibility: Some(judge.access.visibility(&judge.subject, judge.object, judge.action)),
+                ..decision
+            });
             match decided {
                 Err(refusal) if action == "read" && exists => Err(Refusal {
                     status: Status::not_found("rollout does not exist (medfleet rollouts list)"),

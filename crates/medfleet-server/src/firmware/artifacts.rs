@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::audit;
 use crate::error::{Error, Result};
+use crate::firmware::objects::{self, Objects, Upload};
 use crate::firmware::repository::{Prepared, Repository};
 use crate::persistence::db::{self, now};
 use crate::persistence::entity::{firmware_artifact, firmware_artifact_chunk, firmware_chunk, rollout};
@@ -40,6 +41,9 @@ pub const MAX_UPLOAD: std::time::Duration = std::time::Duration::from_hours(6);
 pub const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_hours(24);
 /// How often each replica sweeps.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_hours(1);
+/// Uploads one replica takes at once: each may hold unverified bytes in storage for hours, so their number is
+/// bounded, not just their size.
+pub const MAX_UPLOADS: usize = 4;
 /// Chunks removed per sweep transaction.
 const SWEEP_BATCH: u64 = 64;
 
@@ -67,7 +71,17 @@ pub struct Artifacts {
     /// An upload may take as long as the image needs (no overall deadline: a 4 GiB image over a slow link takes
     /// minutes), but one that stops sending is given up after this long (`upload_idle`) and leaves nothing stored.
     idle: std::time::Duration,
+    /// Where new images go when the hospital keeps them in an object store (`artifact_store`); `None`: in the
+    /// database. Each artifact records where it is, so images stored before a change stay readable.
+    objects: Option<Objects>,
+    uploads: std::sync::Arc<tokio::sync::Semaphore>,
     cache: std::sync::Arc<std::sync::Mutex<ChunkCache>>,
+}
+
+/// Where an upload's bytes go.
+enum Sink<'a> {
+    Chunks(&'a mut Written),
+    Object(&'a mut Upload),
 }
 
 /// Chunks read recently, by hash: a wave of devices downloads the same image at once, so each chunk comes from the
@@ -144,13 +158,25 @@ fn counter(value: u64) -> Result<i64> {
 }
 
 impl Artifacts {
-    pub fn new(db: DatabaseConnection, repository: Repository, idle: std::time::Duration) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        repository: Repository,
+        idle: std::time::Duration,
+        objects: Option<Objects>,
+    ) -> Self {
         Self {
             db,
             repository,
             idle,
+            objects,
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
             cache: std::sync::Arc::default(),
         }
+    }
+
+    /// The object store images go to, if any.
+    pub fn objects(&self) -> Option<&Objects> {
+        self.objects.as_ref()
     }
 
     pub fn repository(&self) -> &Repository {
@@ -235,15 +261,38 @@ impl Artifacts {
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
         validate(&header)?;
+        let _slot = self.uploads.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "{MAX_UPLOADS} firmware uploads are in progress on this replica; upload again when one has finished"
+            ))
+        })?;
         let signed = self.check(&self.db, &header).await?.target;
+        let id = Uuid::new_v4();
+        if let Some(objects) = &self.objects {
+            let mut upload = objects.begin(id).await?;
+            if let Err(error) = self.receive(&signed, chunks, Sink::Object(&mut upload)).await {
+                upload.abort().await;
+                return Err(error);
+            }
+            upload.finish().await?;
+            let stored = self
+                .commit(ctx, &header, id, objects::IN_OBJECT_STORE, Vec::new())
+                .await;
+            if stored.is_err()
+                && let Err(error) = objects.delete(id).await
+            {
+                tracing::warn!(%error, artifact = %id, "could not remove the image of a refused upload; the sweep will");
+            }
+            return stored;
+        }
         let mut written = Written {
             db: self.db.clone(),
             chunks: Vec::new(),
             in_flight: None,
         };
-        let outcome = self.receive(&signed, chunks, &mut written).await;
+        let outcome = self.receive(&signed, chunks, Sink::Chunks(&mut written)).await;
         let stored = match outcome {
-            Ok(index) => self.commit(ctx, &header, index).await,
+            Ok(index) => self.commit(ctx, &header, id, objects::IN_DATABASE, index).await,
             Err(error) => Err(error),
         };
         let added = std::mem::take(&mut written.chunks);
@@ -254,8 +303,9 @@ impl Artifacts {
         stored
     }
 
-    /// Writes the chunks, returning their hashes in order; `written` collects the chunks this upload added.
-    async fn receive<S>(&self, signed: &SignedTarget, mut chunks: S, written: &mut Written) -> Result<Vec<String>>
+    /// Writes the image, returning the hashes of the chunks in order when it goes to the database (where `Written`
+    /// collects the chunks this upload added).
+    async fn receive<S>(&self, signed: &SignedTarget, mut chunks: S, mut sink: Sink<'_>) -> Result<Vec<String>>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
@@ -302,7 +352,10 @@ impl Artifacts {
             while buffer.len() >= CHUNK_SIZE || (next.is_none() && !buffer.is_empty()) {
                 let take = buffer.len().min(CHUNK_SIZE);
                 let chunk = buffer.split_to(take).freeze();
-                index.push(self.store_chunk(chunk, written).await?);
+                match &mut sink {
+                    Sink::Chunks(written) => index.push(self.store_chunk(chunk, written).await?),
+                    Sink::Object(upload) => upload.write(&chunk).await?,
+                }
             }
             if next.is_none() {
                 break;
@@ -355,8 +408,17 @@ impl Artifacts {
         Ok(sha256)
     }
 
-    async fn commit(&self, ctx: &audit::Context, header: &Header, index: Vec<String>) -> Result<Artifact> {
+    async fn commit(
+        &self,
+        ctx: &audit::Context,
+        header: &Header,
+        id: Uuid,
+        storage: &str,
+        index: Vec<String>,
+    ) -> Result<Artifact> {
         let txn = db::begin_write(&self.db).await?;
+        // Before reading what is published: two replicas committing uploads at once must not both build on it.
+        crate::firmware::repository::lock_metadata(&txn).await?;
         let prepared = self.check(&txn, header).await?;
         // A chunk this upload found already stored may have belonged to a concurrent upload that failed and
         // removed it since: never commit an image with a hole. The rows found stay share-locked until the commit
@@ -382,7 +444,6 @@ impl Artifacts {
         }
         let targets_version = prepared.targets_version;
         let target = prepared.store(&txn).await?;
-        let id = Uuid::new_v4();
         let downgrade = serde_json::to_string(&target.meta.downgrade_from)
             .map_err(|e| Error::Internal(format!("downgrade list: {e}")))?;
         firmware_artifact::Entity::insert(firmware_artifact::ActiveModel {
@@ -395,6 +456,7 @@ impl Artifacts {
             sha256: Set(target.sha256.clone()),
             length: Set(i64::try_from(target.length).map_err(|_| Error::Internal("length out of range".to_owned()))?),
             chunk_size: Set(i32::try_from(CHUNK_SIZE).unwrap_or(i32::MAX)),
+            storage: Set(storage.to_owned()),
             targets_version: Set(counter(targets_version)?),
             uploaded_at: Set(now()),
             uploaded_by: Set(ctx.actor.clone()),
@@ -538,6 +600,19 @@ impl Artifacts {
         )
         .await?;
         txn.commit().await?;
+        if row.storage == objects::IN_OBJECT_STORE {
+            // After the commit: the object outlives its row at worst, and the sweep removes it then.
+            if let Some(objects) = &self.objects {
+                if let Err(error) = objects.delete(row.id).await {
+                    tracing::warn!(%error, artifact = %row.id, "deleted artifact's image stays in the object store until the sweep");
+                }
+            } else {
+                tracing::warn!(
+                    artifact = %row.id,
+                    "deleted artifact's image is in an object store this replica is not configured with; remove it there"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -552,7 +627,7 @@ impl Artifacts {
         &self,
         artifact: &firmware_artifact::Model,
         offset: u64,
-    ) -> Result<impl Stream<Item = Result<(u64, Bytes)>> + Send + 'static> {
+    ) -> Result<futures::stream::BoxStream<'static, Result<(u64, Bytes)>>> {
         let length = u64::try_from(artifact.length).unwrap_or(0);
         if offset > length {
             return Err(Violations::single(
@@ -563,6 +638,33 @@ impl Artifacts {
         }
         let chunk_size = u64::try_from(artifact.chunk_size).unwrap_or(1).max(1);
         let first = offset / chunk_size;
+        if artifact.storage == objects::IN_OBJECT_STORE {
+            let Some(objects) = self.objects.clone() else {
+                return Err(Error::Unavailable(format!(
+                    "artifact {} is in an object store and this replica has no artifact_store configured; set it \
+                     as on the replica that stored it",
+                    artifact.target_name
+                )));
+            };
+            let cache = self.cache.clone();
+            let id = artifact.id;
+            let count = length.div_ceil(chunk_size);
+            return Ok(futures::stream::iter(first..count)
+                .then(move |n| {
+                    let objects = objects.clone();
+                    let cache = cache.clone();
+                    async move {
+                        let start = n * chunk_size;
+                        let end = (start + chunk_size).min(length);
+                        let data = cached(&cache, format!("{id}/{n}"), objects.read(id, start, end)).await?;
+                        let skip = usize::try_from(offset.saturating_sub(start))
+                            .unwrap_or(0)
+                            .min(data.len());
+                        Ok((start + skip as u64, data.slice(skip..)))
+                    }
+                })
+                .boxed());
+        }
         let links: Vec<String> = firmware_artifact_chunk::Entity::find()
             .filter(firmware_artifact_chunk::Column::ArtifactId.eq(artifact.id))
             .filter(firmware_artifact_chunk::Column::Idx.gte(i32::try_from(first).unwrap_or(i32::MAX)))
@@ -575,20 +677,26 @@ impl Artifacts {
         let db = self.db.clone();
         let cache = self.cache.clone();
         let id = artifact.id;
-        Ok(
-            futures::stream::iter(links.into_iter().enumerate()).then(move |(n, sha)| {
+        Ok(futures::stream::iter(links.into_iter().enumerate())
+            .then(move |(n, sha)| {
                 let db = db.clone();
                 let cache = cache.clone();
                 async move {
                     let start = (first + n as u64) * chunk_size;
-                    let data = cached_chunk(&db, &cache, id, sha).await?;
+                    let fetch = async {
+                        let chunk = firmware_chunk::Entity::find_by_id(sha.clone()).one(&db).await?;
+                        chunk
+                            .map(|c| Bytes::from(c.data))
+                            .ok_or_else(|| Error::Internal(format!("artifact {id}: chunk {sha} is missing")))
+                    };
+                    let data = cached(&cache, sha.clone(), fetch).await?;
                     let skip = usize::try_from(offset.saturating_sub(start))
                         .unwrap_or(0)
                         .min(data.len());
                     Ok((start + skip as u64, data.slice(skip..)))
                 }
-            }),
-        )
+            })
+            .boxed())
     }
 }
 
@@ -597,37 +705,36 @@ fn lock(cache: &std::sync::Mutex<ChunkCache>) -> std::sync::MutexGuard<'_, Chunk
     cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A chunk from the cache, or fetched once from the database however many readers want it at the same time.
-async fn cached_chunk(
-    db: &DatabaseConnection,
+/// A chunk from the cache, or fetched once (from the database or the object store) however many readers want it
+/// at the same time. Keys are content hashes or `artifact/index`: both name bytes that never change.
+async fn cached(
     cache: &std::sync::Mutex<ChunkCache>,
-    artifact: Uuid,
-    sha: String,
+    key: String,
+    fetch: impl std::future::Future<Output = Result<Bytes>>,
 ) -> Result<Bytes> {
     let fetching = {
         let mut guard = lock(cache);
-        if let Some(data) = guard.get(&sha) {
+        if let Some(data) = guard.get(&key) {
             return Ok(data);
         }
-        guard.fetching.entry(sha.clone()).or_default().clone()
+        guard.fetching.entry(key.clone()).or_default().clone()
     };
     let _turn = fetching.lock().await;
-    if let Some(data) = lock(cache).get(&sha) {
+    if let Some(data) = lock(cache).get(&key) {
         return Ok(data);
     }
-    let fetched = firmware_chunk::Entity::find_by_id(sha.clone()).one(db).await;
+    let fetched = fetch.await;
     let mut guard = lock(cache);
     // Only this fetch's own entry: a reader that came after an eviction may have started a newer one.
     if guard
         .fetching
-        .get(&sha)
+        .get(&key)
         .is_some_and(|current| std::sync::Arc::ptr_eq(current, &fetching))
     {
-        guard.fetching.remove(&sha);
+        guard.fetching.remove(&key);
     }
-    let chunk = fetched?.ok_or_else(|| Error::Internal(format!("artifact {artifact}: chunk {sha} is missing")))?;
-    let data = Bytes::from(chunk.data);
-    guard.put(sha, data.clone());
+    let data = fetched?;
+    guard.put(key, data.clone());
     Ok(data)
 }
 
@@ -754,13 +861,20 @@ pub async fn sweep(db: &DatabaseConnection, older_than: std::time::Duration) -> 
 }
 
 /// Sweeps at start and every hour until `stop`. Every replica may sweep: removals lock what they delete.
-pub fn spawn_sweeper(db: DatabaseConnection, stop: tokio_util::sync::CancellationToken) {
+pub fn spawn_sweeper(db: DatabaseConnection, objects: Option<Objects>, stop: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
         loop {
             match sweep(&db, SWEEP_GRACE).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(chunks = removed, "removed firmware chunks no artifact references"),
                 Err(error) => tracing::warn!(%error, "firmware chunk sweep failed; retrying in an hour"),
+            }
+            if let Some(objects) = &objects {
+                match objects.sweep(&db, SWEEP_GRACE).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(images = removed, "removed firmware images no artifact owns"),
+                    Err(error) => tracing::warn!(%error, "firmware object store sweep failed; retrying in an hour"),
+                }
             }
             tokio::select! {
                 () = stop.cancelled() => return,

@@ -3,7 +3,8 @@
 //! Owns: medfleetd's online TUF keys (snapshot and timestamp, sealed at rest with the secrets keyring), the trusted
 //! root versions an administrator installs, the current snapshot/timestamp/targets metadata ([`repository`]), and
 //! the artifacts: streamed uploads verified against the offline-signed targets metadata before anything is kept,
-//! stored as content-addressed chunks every replica reads ([`artifacts`]); and `FirmwareService` ([`grpc`]).
+//! stored as content-addressed chunks every replica reads ([`artifacts`]) or, when configured, as one object per image
+//! in an object store ([`objects`]); and `FirmwareService` ([`grpc`]).
 //!
 //! Invariants: an artifact exists only if the targets role signed its exact hash and length to threshold under the
 //! trusted root, with a release counter above every stored image of its model unless the signature authorises a
@@ -13,4 +14,5 @@
 
 pub mod artifacts;
 pub mod grpc;
+pub mod objects;
 pub mod repository;

@@ -276,18 +276,11 @@ impl Repository {
         comment: &str,
     ) -> Result<tuf::TargetsInfo> {
         let txn = db::begin_write(&self.db).await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            // The refresher and other publishers take this row first too: one new version at a time.
-            txn.execute_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT role FROM firmware_metadata WHERE role = 'timestamp' FOR UPDATE",
-            ))
-            .await?;
-        }
+        lock_metadata(&txn).await?;
         let current = Self::role(&txn, TARGETS).await?;
         if current.as_ref().is_some_and(|c| c.body == targets_json) {
             return Err(Error::AlreadyExists(
-                "this targets metadata is the one published already: re-sign it first with `medfleet firmware                  resign`"
+                "this targets metadata is the one published already: re-sign it first with `medfleet firmware resign`"
                     .to_owned(),
             ));
         }
@@ -303,10 +296,39 @@ impl Repository {
             return Err(Error::Refused {
                 reason: tuf::Refusal::UnknownTarget.as_str(),
                 message: format!(
-                    "the targets metadata lists {} ({}), which is not a stored image: upload it with `medfleet                      firmware upload` instead, or re-sign the published targets.json (`medfleet firmware metadata                      pull`, then `medfleet firmware resign`)",
+                    "the targets metadata lists {} ({}), which is not a stored image: upload it with `medfleet firmware \
+                     upload` instead, or re-sign the published targets.json (`medfleet firmware metadata pull`, then \
+                     `medfleet firmware resign`)",
                     extra.name, extra.meta.version
                 ),
             });
+        }
+        // Re-signing keeps each stored image exactly as it was signed: what medfleetd decides by (model, release
+        // counter, downgrades) must be what devices enforce.
+        for artifact in &stored {
+            let same = info
+                .targets
+                .iter()
+                .find(|t| t.name == artifact.target_name)
+                .is_some_and(|t| {
+                    i64::try_from(t.length).ok() == Some(artifact.length)
+                        && t.meta.hardware_id == artifact.hardware_id
+                        && t.meta.version == artifact.version
+                        && i64::try_from(t.meta.release_counter).ok() == Some(artifact.release_counter)
+                        && serde_json::to_string(&t.meta.downgrade_from).ok().as_deref()
+                            == Some(artifact.downgrade_from.as_str())
+                });
+            if !same {
+                return Err(Error::Refused {
+                    reason: tuf::Refusal::Inconsistent.as_str(),
+                    message: format!(
+                        "the targets metadata changes what the stored image {} is (length, model, version, release \
+                         counter or downgrades): re-sign the published targets.json unchanged (`medfleet firmware \
+                         metadata pull`, then `medfleet firmware resign`)",
+                        artifact.target_name
+                    ),
+                });
+            }
         }
         write_rows(&txn, rows).await?;
         let detail = if comment.is_empty() {
@@ -425,13 +447,7 @@ impl Repository {
     /// the write lock is taken on SQLite.
     pub async fn refresh(&self) -> Result<bool> {
         let txn = db::begin_write(&self.db).await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            txn.execute_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT role FROM firmware_metadata WHERE role = 'timestamp' FOR UPDATE",
-            ))
-            .await?;
-        }
+        lock_metadata(&txn).await?;
         let (Some(timestamp), Some(snapshot), Some(targets)) = (
             Self::role(&txn, TIMESTAMP).await?,
             Self::role(&txn, SNAPSHOT).await?,
@@ -535,3 +551,20 @@ impl Prepared {
         Ok(self.target)
     }
 }
+
+/// One new metadata version at a time across replicas (PostgreSQL: a transaction-scoped advisory lock, which
+/// holds even before the first metadata row exists; SQLite's write transactions are exclusive anyway). Uploads,
+/// publishes and the refresher all take it before reading what is published.
+pub(crate) async fn lock_metadata(txn: &sea_orm::DatabaseTransaction) -> Result<()> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT pg_advisory_xact_lock({METADATA_LOCK_KEY})"),
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Arbitrary but fixed key of the advisory lock on the published metadata.
+const METADATA_LOCK_KEY: i64 = 0x6d65_6466_6c74_0012;

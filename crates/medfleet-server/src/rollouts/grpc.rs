@@ -455,8 +455,9 @@ impl RolloutService for RolloutApi {
     #[instrument(skip_all)]
     async fn rollback_rollout(&self, request: Request<v1::RollbackRolloutRequest>) -> Reply<v1::Rollout> {
         let ctx = crate::transport::rpc::audit_context(&request);
-        // The rollback targets the same devices; the RPC layer checked rollout:create on all their places.
-        let seen = crate::authz::visibility::Visibility::All;
+        // The RPC layer checked rollout:create on every place the rollout touched; the devices it updated may have
+        // moved since, so the new rollout is bounded by the caller's own scopes (a device outside them refuses it).
+        let seen = visibility(&request);
         let request = request.into_inner();
         let id = rollout_id("rollout", &request.rollout)?;
         let note = comment(&request.comment)?;

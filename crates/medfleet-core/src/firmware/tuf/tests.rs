@@ -287,6 +287,75 @@ async fn a_root_rotation_signed_by_both_roots_is_followed() {
     assert!(verify(&root1, &set, None, None).await.is_err());
 }
 
+/// What a device or the CLI saves as its new root is the one the chain reached, never one beside it: a forged
+/// root of the same version is refused outright, and one beyond a gap is never reached.
+#[tokio::test]
+async fn only_the_root_the_chain_reaches_is_trusted() {
+    let old = keys();
+    let new = keys();
+    let attacker = keys();
+    let root1 = sign_root(&spec(&old, 1, 1), &[&old.root]).await.unwrap();
+    let mut rotated = spec(&new, 2, 1);
+    rotated.snapshot.keys = vec![old.snapshot.public()];
+    rotated.timestamp.keys = vec![old.timestamp.public()];
+    let root2 = sign_root(&rotated, &[&old.root, &new.root]).await.unwrap();
+    assert_eq!(follow_root_chain(&root1, &[]).unwrap(), root1);
+    assert_eq!(
+        follow_root_chain(&root1, &[root2.clone(), root2.clone()]).unwrap(),
+        root2
+    );
+
+    let mut theirs = spec(&attacker, 2, 1);
+    theirs.snapshot.keys = vec![old.snapshot.public()];
+    theirs.timestamp.keys = vec![old.timestamp.public()];
+    let forged2 = sign_root(&theirs, &[&attacker.root]).await.unwrap();
+    for roots in [
+        vec![forged2.clone(), root2.clone()],
+        vec![root2.clone(), forged2.clone()],
+    ] {
+        assert_eq!(follow_root_chain(&root1, &roots).unwrap_err().code, Refusal::Malformed);
+        let targets = sign_targets(None, &image_target(1), in_a_year(), &[&new.targets[0]])
+            .await
+            .unwrap();
+        let mut set = set_with(&old, targets, 1).await;
+        set.roots = roots;
+        assert_eq!(refusal(&root1, &set).await, Refusal::Malformed);
+    }
+
+    theirs.version = 99;
+    let beyond = sign_root(&theirs, &[&attacker.root]).await.unwrap();
+    assert_eq!(
+        follow_root_chain(&root1, &[root2.clone(), beyond.clone()]).unwrap(),
+        root2
+    );
+    assert_eq!(follow_root_chain(&root1, &[beyond]).unwrap(), root1);
+    assert_eq!(
+        follow_root_chain(&root1, &[forged2]).unwrap_err().code,
+        Refusal::Signature
+    );
+}
+
+/// Offline signers build only on targets metadata their keys signed to threshold.
+#[tokio::test]
+async fn signers_build_only_on_targets_signed_to_threshold() {
+    let keys = keys();
+    let root = sign_root(&spec(&keys, 1, 2), &[&keys.root]).await.unwrap();
+    let one = sign_targets(None, &image_target(1), in_a_year(), &[&keys.targets[0]])
+        .await
+        .unwrap();
+    assert_eq!(check_signed_targets(&root, &one).unwrap_err().code, Refusal::Signature);
+    let two = countersign(&one, &keys.targets[1]).await.unwrap();
+    check_signed_targets(&root, &two).unwrap();
+    let stranger = key();
+    let made_up = sign_targets(None, &image_target(1), in_a_year(), &[&stranger, &keys.snapshot])
+        .await
+        .unwrap();
+    assert_eq!(
+        check_signed_targets(&root, &made_up).unwrap_err().code,
+        Refusal::Signature
+    );
+}
+
 #[tokio::test]
 async fn a_root_below_its_own_threshold_is_not_written() {
     let keys = keys();

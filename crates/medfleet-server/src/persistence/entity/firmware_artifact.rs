@@ -18,6 +18,8 @@ pub struct Model {
     pub uploaded_at: DateTimeUtc,
     pub uploaded_by: String,
     pub comment: String,
+    /// Where the bytes are: `database` (chunks) or `object_store` (one object).
+    pub storage: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

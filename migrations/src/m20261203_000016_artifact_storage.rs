@@ -1,4 +1,6 @@
-//! A firmware chunk remembers when it was stored: the sweep that removes chunks no artifact references (left by
+//! Where each firmware image is (`firmware_artifacts.storage`: `database` for chunks, `object_store` for one object
+//! in the configured object store; images stored before are in the database), and a firmware chunk remembers when
+//! it was stored: the sweep that removes chunks no artifact references (left by
 //! an upload whose replica died before it could clean up) must not take the chunks of an upload still under way,
 //! which are unreferenced until it commits. Chunks stored before this migration have no time and count as old.
 
@@ -6,6 +8,12 @@ use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
 pub(crate) struct Migration;
+
+#[derive(DeriveIden)]
+enum FirmwareArtifacts {
+    Table,
+    Storage,
+}
 
 #[derive(DeriveIden)]
 enum FirmwareChunks {
@@ -28,6 +36,19 @@ impl MigrationTrait for Migration {
                     )
                     .to_owned(),
             )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(FirmwareArtifacts::Table)
+                    .add_column(
+                        ColumnDef::new(FirmwareArtifacts::Storage)
+                            .string()
+                            .not_null()
+                            .default("database"),
+                    )
+                    .to_owned(),
+            )
             .await
     }
 
@@ -37,6 +58,14 @@ impl MigrationTrait for Migration {
                 Table::alter()
                     .table(FirmwareChunks::Table)
                     .drop_column(FirmwareChunks::StoredAt)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(FirmwareArtifacts::Table)
+                    .drop_column(FirmwareArtifacts::Storage)
                     .to_owned(),
             )
             .await
