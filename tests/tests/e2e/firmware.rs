@@ -243,20 +243,10 @@ async fn uploads_are_verified_before_anything_is_kept(backend: Backend) {
     let verified = tuf::verify(&root, &set, None, None).await.unwrap();
     assert_eq!(verified.target(&good.name).unwrap(), good);
     let offset = 1_048_576 + 1000;
-    let mut read = fw
-        .read_artifact(v1::ReadArtifactRequest {
-            artifact: artifact.id.clone(),
-            offset,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut tail = Vec::new();
-    while let Some(chunk) = read.message().await.unwrap() {
-        assert_eq!(chunk.offset, offset + tail.len() as u64);
-        tail.extend_from_slice(&chunk.data);
-    }
-    assert_eq!(tail, bytes[usize::try_from(offset).unwrap()..]);
+    assert_eq!(
+        read_from(&channel, &artifact.id, offset).await,
+        bytes[usize::try_from(offset).unwrap()..]
+    );
 
     // A device with no rollout of it cannot read it: the image does not exist for it.
     let mut registry = server.admin().await;
@@ -1141,6 +1131,16 @@ async fn one_scheduler_across_replicas_and_it_hands_over() {
     other.stop().await.unwrap();
 }
 
+/// The second key holder's countersignature in the CLI walkthrough.
+const COUNTERSIGN_WITH_KEY_2: [&str; 6] = [
+    "firmware",
+    "countersign",
+    "--metadata",
+    "fw",
+    "--key",
+    "fw/keys/targets-2.pem",
+];
+
 #[derive(Debug)]
 struct Cli {
     code: i32,
@@ -1254,22 +1254,7 @@ async fn the_cli_walkthrough(backend: Backend) {
         refused.stderr
     );
     assert_eq!(stored(&server).await, (0, 0));
-    ok(
-        &medfleet(
-            &server,
-            dir,
-            &[
-                "firmware",
-                "countersign",
-                "--metadata",
-                "fw",
-                "--key",
-                "fw/keys/targets-2.pem",
-            ],
-        )
-        .await,
-        "countersign",
-    );
+    ok(&medfleet(&server, dir, &COUNTERSIGN_WITH_KEY_2).await, "countersign");
     let uploaded = medfleet(&server, dir, &upload_args).await;
     ok(&uploaded, "upload");
     let artifact: serde_json::Value = serde_json::from_str(&uploaded.stdout).unwrap();
@@ -1355,19 +1340,7 @@ async fn the_cli_walkthrough(backend: Backend) {
     assert_eq!(refused.code, 5, "{refused:?}");
     assert!(refused.stderr.contains("countersign"), "{}", refused.stderr);
     ok(
-        &medfleet(
-            &server,
-            dir,
-            &[
-                "firmware",
-                "countersign",
-                "--metadata",
-                "fw",
-                "--key",
-                "fw/keys/targets-2.pem",
-            ],
-        )
-        .await,
+        &medfleet(&server, dir, &COUNTERSIGN_WITH_KEY_2).await,
         "countersign the re-signed metadata",
     );
     let published = medfleet(&server, dir, &publish).await;

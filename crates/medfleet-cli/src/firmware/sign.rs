@@ -146,6 +146,15 @@ fn check_built_on(dir: &Path, path: &Path, previous: &[u8]) -> anyhow::Result<()
     })
 }
 
+/// When metadata signed now for `lifetime` (`--expires`) expires.
+fn expiry(lifetime: std::time::Duration) -> anyhow::Result<chrono::DateTime<Utc>> {
+    Ok(Utc::now()
+        + chrono::Duration::from_std(lifetime)
+            .ok()
+            .filter(|d| *d > chrono::Duration::zero())
+            .ok_or_else(|| InvalidInput("--expires: must be a positive duration such as 90d".into()))?)
+}
+
 fn targets_of(path: &Path, bytes: &[u8]) -> anyhow::Result<TargetsInfo> {
     tuf::targets_info(bytes).map_err(|e| InvalidInput(format!("{}: {e}", path.display())).into())
 }
@@ -262,11 +271,7 @@ fn check_target(args: &SignArgs, previous: Option<&TargetsInfo>) -> anyhow::Resu
 
 /// Signs `args.image` into DIR/targets.json; `progress` shows a bar while a big image is hashed.
 pub(crate) async fn sign_release(args: &SignArgs, progress: bool) -> anyhow::Result<SignatureStatus> {
-    let expires = Utc::now()
-        + chrono::Duration::from_std(args.expires)
-            .ok()
-            .filter(|d| *d > chrono::Duration::zero())
-            .ok_or_else(|| InvalidInput("--expires: must be a positive duration such as 90d".into()))?;
+    let expires = expiry(args.expires)?;
     let root = local_root(&args.metadata)?;
     let keys = files::read_keys(&args.keys)?;
     check_keys(root.as_ref(), &keys)?;
@@ -333,11 +338,7 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
 
 /// DIR/targets.json again as its next version with a new expiry, the same targets, signed by `args.keys`.
 pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<SignatureStatus> {
-    let expires = Utc::now()
-        + chrono::Duration::from_std(args.expires)
-            .ok()
-            .filter(|d| *d > chrono::Duration::zero())
-            .ok_or_else(|| InvalidInput("--expires: must be a positive duration such as 90d".into()))?;
+    let expires = expiry(args.expires)?;
     let root = local_root(&args.metadata)?;
     let keys = files::read_keys(&args.keys)?;
     check_keys(root.as_ref(), &keys)?;
