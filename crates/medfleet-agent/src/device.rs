@@ -30,6 +30,8 @@ pub(crate) struct RunOptions {
     pub(crate) quiet: bool,
     /// Measure and publish vital signs (a simulated bedside monitor).
     pub(crate) vitals: Option<crate::readings::VitalsOptions>,
+    /// No operational-state file means idle (a bench unit without clinical software) instead of unknown.
+    pub(crate) missing_state_is_idle: bool,
 }
 
 /// What a device is doing, for the simulator's summary.
@@ -185,7 +187,7 @@ async fn session(
     };
     let (tx, rx) = mpsc::channel(8);
     let (running_version, running_counter) = firmware.running();
-    let mut operational = dir.operational_state();
+    let mut operational = dir.operational_state(options.missing_state_is_idle);
     tx.send(v1::SessionRequest {
         message: Some(session_request::Message::Hello(v1::Hello {
             device_id: device_id.to_owned(),
@@ -261,7 +263,7 @@ async fn session(
                 }
             }
             _ = look.tick() => {
-                let now = dir.operational_state();
+                let now = dir.operational_state(options.missing_state_is_idle);
                 if now != operational {
                     operational = now;
                     state_tx.send_replace(now);

@@ -109,6 +109,11 @@ enum Command {
         /// Stop measuring after this many batches (publishing goes on until all are acknowledged).
         #[arg(long, requires = "vitals_interval")]
         vitals_count: Option<u64>,
+        /// This unit runs no clinical software (a bench or lab device): a missing
+        /// `operational-state` file then means idle. Without it a missing file means unknown and firmware is
+        /// never installed. Never use it on a device that can be connected to a patient.
+        #[arg(long)]
+        no_clinical_software: bool,
     },
     /// Run many simulated devices in one process, each with its own key, certificate and session.
     #[command(after_help = "Examples:\n  \
@@ -272,6 +277,7 @@ fn main() -> ExitCode {
                 reject_key,
                 vitals_interval,
                 vitals_count,
+                no_clinical_software,
             } => {
                 let options = RunOptions {
                     server,
@@ -281,6 +287,7 @@ fn main() -> ExitCode {
                     reject_key,
                     quiet: false,
                     vitals: vitals_options(vitals_interval, vitals_count),
+                    missing_state_is_idle: no_clinical_software,
                 };
                 device::run(&StateDir::new(state_dir), &options, stop_token(), None).await
             }
@@ -321,6 +328,9 @@ fn main() -> ExitCode {
                         reject_key,
                         quiet: true,
                         vitals: vitals_options(vitals_interval, vitals_count),
+                        // Simulated devices have no clinical software: only those the simulator (or a test)
+                        // marks with a state file are in use.
+                        missing_state_is_idle: true,
                     },
                 };
                 simulate::simulate(simulation, stop_token()).await

@@ -50,17 +50,26 @@ impl StateDir {
         self.0.join("config.json")
     }
 
-    /// What the device's clinical software says it is doing (`idle`, `in-clinical-use`, `alarming`,
-    /// `maintenance`); the agent reports it in its heartbeats and refuses to install unless idle or in
-    /// maintenance. No file means idle.
+    /// What the device's clinical software says it is doing: one of `idle`, `in-clinical-use`, `alarming`,
+    /// `maintenance`. The agent reports it in its heartbeats and installs only when idle or in maintenance.
     pub(crate) fn operational_state_file(&self) -> PathBuf {
         self.0.join("operational-state")
     }
 
-    pub(crate) fn operational_state(&self) -> medfleet_proto::v1::OperationalState {
+    /// The state the clinical software wrote. Anything else fails closed: a missing file is reported as unknown
+    /// (the clinical software may not have started yet, and the server never installs on an unknown device)
+    /// unless `missing_is_idle` says this device has no clinical software at all (a bench or lab unit); an
+    /// unreadable file or an unknown word counts as in clinical use.
+    pub(crate) fn operational_state(&self, missing_is_idle: bool) -> medfleet_proto::v1::OperationalState {
         use medfleet_proto::v1::OperationalState;
         match std::fs::read_to_string(self.operational_state_file()) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OperationalState::Idle,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if missing_is_idle {
+                    OperationalState::Idle
+                } else {
+                    OperationalState::Unspecified
+                }
+            }
             // Unreadable or unknown: fail closed, as if in use.
             Err(_) => OperationalState::InClinicalUse,
             Ok(text) => match text.trim() {

@@ -339,7 +339,7 @@ impl Replica {
         );
         let relays = emr.spawn_relays(background.clone());
         retention::Retention::new(db.clone(), settings.retention, metrics.clone()).spawn(background.clone());
-        let repository = firmware::repository::Repository::new(db.clone(), keys.secrets.clone());
+        let repository = firmware::repository::Repository::new(db.clone(), keys.secrets.clone(), metrics.clone());
         repository.spawn_refresher(background.clone());
         let objects = settings
             .artifact_store

@@ -121,6 +121,7 @@ struct Inner {
     purged: Counter<u64>,
     firmware_reports: Counter<u64>,
     firmware_bytes: Counter<u64>,
+    firmware_metadata_expiry: opentelemetry::metrics::Gauge<u64>,
     rollout_decisions: Counter<u64>,
     rollout_devices: opentelemetry::metrics::Gauge<u64>,
     scheduler_leader: opentelemetry::metrics::Gauge<u64>,
@@ -222,6 +223,14 @@ impl Metrics {
                 .u64_counter("medfleet_firmware_reports")
                 .with_description("firmware action reports from devices by state they reported")
                 .build(),
+            firmware_metadata_expiry: meter
+                .u64_gauge("medfleet_firmware_metadata_expiry")
+                .with_description(
+                    "expiry of the TUF metadata devices are served, by role (root, targets, snapshot, timestamp), \
+                     in seconds since the Unix epoch; devices refuse every update once root or targets expired",
+                )
+                .with_unit("s")
+                .build(),
             firmware_bytes: meter
                 .u64_counter("medfleet_firmware_bytes_served")
                 .with_description("firmware image bytes sent to devices and operators")
@@ -275,6 +284,13 @@ impl Metrics {
                 .connection_limits
                 .record(u64::try_from(value).unwrap_or(u64::MAX), &[KeyValue::new("kind", kind)]);
         }
+    }
+
+    pub fn set_firmware_metadata_expiry(&self, role: &'static str, expires: chrono::DateTime<chrono::Utc>) {
+        let seconds = u64::try_from(expires.timestamp()).unwrap_or(0);
+        self.inner
+            .firmware_metadata_expiry
+            .record(seconds, &[KeyValue::new("role", role)]);
     }
 
     pub fn set_server_certificate_expiry(&self, not_after: std::time::SystemTime) {

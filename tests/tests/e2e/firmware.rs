@@ -1142,13 +1142,13 @@ const COUNTERSIGN_WITH_KEY_2: [&str; 6] = [
 ];
 
 #[derive(Debug)]
-struct Cli {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Cli {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-async fn medfleet(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> Cli {
+pub(crate) async fn medfleet(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> Cli {
     let output = tokio::process::Command::new(medfleet_e2e::binary("medfleet"))
         .args(["--server", &server.url()])
         .arg("--credentials")
@@ -1166,7 +1166,7 @@ async fn medfleet(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> 
     }
 }
 
-fn ok(run: &Cli, what: &str) {
+pub(crate) fn ok(run: &Cli, what: &str) {
     assert_eq!(run.code, 0, "{what}: {}\n{}", run.stdout, run.stderr);
 }
 

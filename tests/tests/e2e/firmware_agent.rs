@@ -40,6 +40,8 @@ async fn enroll_as(
     let id = medfleet_e2e::fleet::register(registry, device).await;
     let token = medfleet_e2e::fleet::enrollment_token(registry, &id).await;
     let state = server.enroll_agent(&token).await;
+    // What the device's clinical software would write; without it the agent reports an unknown state.
+    std::fs::write(state.path().join("operational-state"), "idle\n").unwrap();
     Device { id, state }
 }
 
@@ -150,24 +152,31 @@ async fn real_agents_install_roll_back_wait_and_refuse_replays(backend: Backend)
     let other = enroll(&server, &mut registry, "SN-AG-OTHER").await;
     let busy = enroll(&server, &mut registry, "SN-AG-BUSY").await;
     std::fs::write(busy.state.path().join("operational-state"), "in-clinical-use\n").unwrap();
+    // Its clinical software has not started: the state is unknown and the device is deferred, not installed.
+    let silent = enroll(&server, &mut registry, "SN-AG-SILENT").await;
+    std::fs::remove_file(silent.state.path().join("operational-state")).unwrap();
 
     let good_agent = run(&good, &publisher.root, &[]);
     let _sick_agent = run(&sick, &publisher.root, &["--fault-health-failure", "1"]);
     let _other_agent = run(&other, &publisher.root, &["--hardware-id", "Other Model X1"]);
     let _busy_agent = run(&busy, &publisher.root, &[]);
+    let _silent_agent = run(&silent, &publisher.root, &[]);
     for agent in [&good_agent] {
         agent.wait_for("session established", 1).await;
     }
 
     let mut rollouts = RolloutServiceClient::new(channel.clone());
-    let id = roll_out(&mut rollouts, &artifact, &[&good, &sick, &other, &busy]).await;
+    let id = roll_out(&mut rollouts, &artifact, &[&good, &sick, &other, &busy, &silent]).await;
     let detail = wait_for(&mut rollouts, &id, "every device's outcome", |d| {
         is(v1::ActionState::Succeeded)(device_state(d, &good.id))
             && is(v1::ActionState::RolledBack)(device_state(d, &sick.id))
             && is(v1::ActionState::Failed)(device_state(d, &other.id))
             && is(v1::ActionState::Deferred)(device_state(d, &busy.id))
+            && is(v1::ActionState::Deferred)(device_state(d, &silent.id))
     })
     .await;
+    assert_eq!(device_state(&detail, &silent.id).reason, "operational_state_unknown");
+    assert_eq!(running_counter(&silent), 0);
     assert_eq!(device_state(&detail, &sick.id).reason, "health_check_failed");
     assert_eq!(device_state(&detail, &other.id).reason, "wrong_model");
     assert_eq!(device_state(&detail, &busy.id).reason, "in_clinical_use");

@@ -635,6 +635,17 @@ async fn deferred_in_use(shared: &Shared, link: &Link, action: &str, attempt: u3
     }
     let state = *link.state.borrow();
     tracing::info!(device = %shared.device_id, %action, state = ?state, "install refused: the device is in clinical use");
+    let (reason, detail) = if state == v1::OperationalState::Unspecified {
+        (
+            "operational_state_unknown",
+            "the device's clinical software has not written its operational-state file; it installs once that says idle or maintenance",
+        )
+    } else {
+        (
+            "in_clinical_use",
+            "the device is in clinical use; it installs once it is free",
+        )
+    };
     let _ = link
         .tx
         .send(report_of(
@@ -643,8 +654,8 @@ async fn deferred_in_use(shared: &Shared, link: &Link, action: &str, attempt: u3
             attempt,
             ActionState::Deferred,
             0,
-            "in_clinical_use",
-            "the device is in clinical use; it installs once it is free",
+            reason,
+            detail,
         ))
         .await;
     true

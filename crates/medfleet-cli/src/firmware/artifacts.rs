@@ -154,6 +154,13 @@ pub(super) async fn delete(api: &mut Firmware, artifact: &str, yes: bool, out: F
         artifact: found.id.clone(),
     })
     .await?;
+    // The signed targets metadata still lists it (only the key holders can change that): a re-signing that keeps
+    // it would be refused, so say now how the next one leaves it out.
+    eprintln!(
+        "note: the signed targets metadata still lists {name}; when you next re-sign, leave it out: medfleet \
+         firmware resign --metadata DIR --key KEY --remove {name}",
+        name = found.target_name
+    );
     if out == Format::Json {
         return output::json(&serde_json::json!({ "deleted": found }));
     }

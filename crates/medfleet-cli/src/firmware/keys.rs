@@ -61,7 +61,7 @@ pub(crate) struct OnlineKeysFile {
 impl OnlineKeysFile {
     /// Reads the file and checks that each key id is the id of its key (a file edited by hand, or mixed up, is
     /// refused rather than put into a root that medfleetd would then refuse).
-    fn read(path: &Path) -> anyhow::Result<Self> {
+    pub(super) fn read(path: &Path) -> anyhow::Result<Self> {
         let bytes = files::read("--online-keys", path)?;
         let keys: Self = serde_json::from_slice(&bytes).map_err(|e| {
             InvalidInput(format!(
@@ -115,7 +115,7 @@ pub(crate) struct Initialized {
     pub(crate) timestamp_key_id: String,
 }
 
-fn check_role(role: &str, keys: u32, threshold: u32) -> anyhow::Result<()> {
+pub(super) fn check_role(role: &str, keys: u32, threshold: u32) -> anyhow::Result<()> {
     if keys == 0 || keys > MAX_KEYS {
         return Err(InvalidInput(format!("--{role}-keys {keys}: create 1 to {MAX_KEYS} keys")).into());
     }
@@ -128,7 +128,7 @@ fn check_role(role: &str, keys: u32, threshold: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn expiry(flag: &str, duration: Duration) -> anyhow::Result<DateTime<Utc>> {
+pub(super) fn expiry(flag: &str, duration: Duration) -> anyhow::Result<DateTime<Utc>> {
     chrono::Duration::from_std(duration)
         .ok()
         .filter(|d| *d > chrono::Duration::zero())
@@ -136,13 +136,13 @@ fn expiry(flag: &str, duration: Duration) -> anyhow::Result<DateTime<Utc>> {
         .ok_or_else(|| InvalidInput(format!("--{flag}: must be a positive duration such as 365d")).into())
 }
 
-struct Generated {
-    key: SigningKey,
-    pem: String,
-    path: PathBuf,
+pub(super) struct Generated {
+    pub(super) key: SigningKey,
+    pub(super) pem: String,
+    pub(super) path: PathBuf,
 }
 
-fn generate(dir: &Path, role: &str, count: u32) -> anyhow::Result<Vec<Generated>> {
+pub(super) fn generate(dir: &Path, role: &str, count: u32) -> anyhow::Result<Vec<Generated>> {
     (1..=count)
         .map(|i| {
             let (key, pem) = SigningKey::generate().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -1,4 +1,4 @@
-//! `medfleet firmware metadata pull` and `publish`. Pull: medfleetd's current TUF metadata written into a metadata directory, so the
+//! `medfleet firmware metadata pull`, `show` and `publish`. Pull: medfleetd's current TUF metadata written into a metadata directory, so the
 //! next `sign` extends the targets medfleetd has. What is pulled is verified first against the root the directory
 //! already trusts (DIR/root.json, e.g. from `keys init`): a signer extends targets.json by signing every target in
 //! it again, so a targets.json the targets keys did not sign must never get that far.
@@ -54,7 +54,13 @@ fn check_replace(path: &Path, new: &[u8], force: bool) -> anyhow::Result<()> {
     }
 }
 
-pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Format) -> anyhow::Result<()> {
+pub(super) async fn pull(
+    api: &mut Firmware,
+    dir: &Path,
+    force: bool,
+    allow_expired: bool,
+    out: Format,
+) -> anyhow::Result<()> {
     let local_root = files::read_optional(&dir.join(ROOT_FILE))?;
     let known = local_root.as_deref().and_then(version_of).unwrap_or(0);
     let metadata = api
@@ -98,9 +104,19 @@ pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Forma
             snapshot: metadata.snapshot_json.clone().into_bytes(),
             targets: metadata.targets_json.clone().into_bytes(),
         };
-        let verified = tuf::verify(&pinned, &set, None, None).await.map_err(|e| {
+        let verified = if allow_expired {
+            tuf::verify_ignoring_expiry(&pinned, &set).await
+        } else {
+            tuf::verify(&pinned, &set, None, None).await
+        };
+        let verified = verified.map_err(|e| {
+            let hint = if e.code == tuf::Refusal::Expired {
+                " (to re-sign expired metadata, pull with --allow-expired, then `medfleet firmware resign`)"
+            } else {
+                ""
+            };
             InvalidInput(format!(
-                "medfleetd's metadata does not verify against {}: {e}; nothing was written",
+                "medfleetd's metadata does not verify against {}: {e}; nothing was written{hint}",
                 if verified_against_local_root {
                     format!("{}/{ROOT_FILE}", dir.display())
                 } else {
@@ -108,6 +124,17 @@ pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Forma
                 }
             ))
         })?;
+        if allow_expired
+            && let Ok(expires) = tuf::metadata_expiry(&set.targets)
+            && expires <= chrono::Utc::now()
+        {
+            eprintln!(
+                "warning: the targets metadata expired at {}; devices refuse every update until it is re-signed: \
+                 medfleet firmware resign --metadata {} --key TARGETS-KEY",
+                expires.to_rfc3339(),
+                dir.display()
+            );
+        }
         targets_version = Some(verified.targets_version());
         writes.push(("timestamp.json", set.timestamp));
         writes.push(("snapshot.json", set.snapshot));
@@ -150,6 +177,144 @@ pub(super) async fn pull(api: &mut Firmware, dir: &Path, force: bool, out: Forma
             |v| format!("targets version {v}: the next `sign` writes version {}", v + 1)
         )
     );
+    Ok(())
+}
+
+/// One role's metadata as `metadata show` reports it.
+#[derive(Debug, Serialize)]
+struct RoleView {
+    role: &'static str,
+    version: u64,
+    expires: String,
+    expired: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct TargetLine {
+    name: String,
+    model: String,
+    version: String,
+    release_counter: u64,
+    length: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Shown {
+    roles: Vec<RoleView>,
+    targets: Vec<TargetLine>,
+    /// The root the set was checked against.
+    verified_against: String,
+    /// Empty when it verifies; otherwise why devices would refuse it.
+    problem: String,
+}
+
+fn role_view(role: &'static str, bytes: &[u8]) -> anyhow::Result<RoleView> {
+    let version = tuf::metadata_version(bytes).map_err(|e| anyhow::anyhow!("medfleetd's {role} metadata: {e}"))?;
+    let expires = tuf::metadata_expiry(bytes).map_err(|e| anyhow::anyhow!("medfleetd's {role} metadata: {e}"))?;
+    Ok(RoleView {
+        role,
+        version,
+        expires: expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        expired: expires <= chrono::Utc::now(),
+    })
+}
+
+/// What medfleetd serves devices, each role's expiry, and whether it verifies.
+pub(super) async fn show(api: &mut Firmware, dir: Option<&Path>, out: Format) -> anyhow::Result<()> {
+    let metadata = api
+        .get_metadata(v1::GetMetadataRequest { known_root_version: 0 })
+        .await?
+        .into_inner();
+    let roots: Vec<Vec<u8>> = metadata.roots_json.iter().map(|r| r.as_bytes().to_vec()).collect();
+    let Some(first_root) = roots.first() else {
+        return Err(anyhow::anyhow!(
+            "medfleetd has no trusted root yet; install one with `medfleet firmware trust install`"
+        ));
+    };
+    let (pinned, verified_against) = match dir {
+        Some(dir) => {
+            let path = dir.join(ROOT_FILE);
+            (files::read("--metadata", &path)?, path.display().to_string())
+        }
+        None => (first_root.clone(), "medfleetd's first root".to_owned()),
+    };
+    let latest = roots.last().unwrap_or(first_root);
+    let mut roles = vec![role_view("root", latest)?];
+    let mut targets = Vec::new();
+    let mut problem = String::new();
+    if metadata.targets_json.is_empty() {
+        "no image was uploaded yet: there is no targets metadata".clone_into(&mut problem);
+    } else {
+        let pinned_version = tuf::metadata_version(&pinned).unwrap_or(0);
+        let set = MetadataSet {
+            roots: roots
+                .iter()
+                .filter(|r| version_of(r).is_some_and(|v| v > pinned_version))
+                .cloned()
+                .collect(),
+            timestamp: metadata.timestamp_json.into_bytes(),
+            snapshot: metadata.snapshot_json.into_bytes(),
+            targets: metadata.targets_json.into_bytes(),
+        };
+        roles.push(role_view("targets", &set.targets)?);
+        roles.push(role_view("snapshot", &set.snapshot)?);
+        roles.push(role_view("timestamp", &set.timestamp)?);
+        if let Err(e) = tuf::verify(&pinned, &set, None, None).await {
+            problem = e.to_string();
+        }
+        if let Ok(info) = tuf::targets_info(&set.targets) {
+            targets = info
+                .targets
+                .into_iter()
+                .map(|t| TargetLine {
+                    name: t.name,
+                    model: t.meta.hardware_id,
+                    version: t.meta.version,
+                    release_counter: t.meta.release_counter,
+                    length: t.length,
+                })
+                .collect();
+        }
+    }
+    let shown = Shown {
+        roles,
+        targets,
+        verified_against,
+        problem,
+    };
+    if out == Format::Json {
+        return output::json(&shown);
+    }
+    println!("{:<10} {:>8}  {:<21} ", "ROLE", "VERSION", "EXPIRES");
+    for role in &shown.roles {
+        println!(
+            "{:<10} {:>8}  {:<21} {}",
+            role.role,
+            role.version,
+            role.expires,
+            if role.expired { "EXPIRED" } else { "" }
+        );
+    }
+    if !shown.targets.is_empty() {
+        println!(
+            "\n{:<32} {:<20} {:<12} {:>8} {:>12}",
+            "TARGET", "MODEL", "VERSION", "COUNTER", "BYTES"
+        );
+        for t in &shown.targets {
+            println!(
+                "{:<32} {:<20} {:<12} {:>8} {:>12}",
+                t.name, t.model, t.version, t.release_counter, t.length
+            );
+        }
+    }
+    if shown.problem.is_empty() {
+        println!("\nverifies against {}", shown.verified_against);
+    } else {
+        println!(
+            "\ndevices would refuse it (checked against {}): {}",
+            shown.verified_against, shown.problem
+        );
+    }
     Ok(())
 }
 

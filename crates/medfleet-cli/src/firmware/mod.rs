@@ -12,6 +12,7 @@ mod artifacts;
 mod files;
 mod keys;
 mod metadata;
+mod rotate;
 mod sign;
 #[cfg(test)]
 mod tests;
@@ -65,9 +66,10 @@ pub(crate) enum FirmwareCommand {
     /// OFFLINE: sign DIR/targets.json again as its next version with a new expiry and the same images, for when
     /// no release is due before it expires (devices refuse every image once it has). Then countersign to the
     /// threshold and `metadata publish`.
-    #[command(after_help = "Example:\n  \
-        medfleet firmware metadata pull --out ./fw\n  \
+    #[command(after_help = "Examples:\n  \
+        medfleet firmware metadata pull --out ./fw      # add --allow-expired when it has expired already\n  \
         medfleet firmware resign --metadata ./fw --key /media/safe/targets-1.pem --expires 180d\n  \
+        medfleet firmware resign --metadata ./fw --key targets-1.pem --remove mx450-2.3.0.img  # a deleted image\n  \
         medfleet firmware countersign --metadata ./fw --key /media/bob/targets-2.pem\n  \
         medfleet firmware metadata publish --metadata ./fw --comment \"quarterly re-sign\"")]
     Resign(sign::ResignArgs),
@@ -116,6 +118,16 @@ pub(crate) enum KeysCommand {
         anything."
     )]
     Init(keys::InitArgs),
+    /// OFFLINE: sign the next root version with the current root keys, before the root expires (devices refuse
+    /// every update once it has) or to replace root keys or medfleetd's online keys. Then `trust install` it.
+    #[command(after_help = "Examples:\n  \
+        medfleet firmware keys rotate-root --metadata ./fw --key /media/safe/root-1.pem --expires 365d\n  \
+        medfleet firmware keys rotate-root --metadata ./fw --key root-1.pem --key root-2.pem \\\n    \
+        --new-root-keys 3 --root-threshold 2\n  \
+        medfleet firmware trust install ./fw/root.json\n\n\
+        Writes the new DIR/root.json and keeps the old one as DIR/N.root.json; new root keys go to \
+        DIR/keys/root-vN-*.pem (mode 0600).")]
+    RotateRoot(rotate::RotateRootArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +159,18 @@ pub(crate) enum MetadataCommand {
         /// Replace local metadata that is newer than medfleetd's (signing work not uploaded yet is lost).
         #[arg(long)]
         force: bool,
+        /// Pull metadata that has expired (signatures are still checked), to re-sign it with `resign`.
+        #[arg(long)]
+        allow_expired: bool,
+    },
+    /// The metadata medfleetd serves devices: each role's version and expiry, the targets it lists and whether
+    /// it verifies against DIR/root.json (or medfleetd's first root).
+    #[command(after_help = "Examples:\n  medfleet firmware metadata show\n  \
+                            medfleet firmware metadata show --metadata ./fw -o json")]
+    Show {
+        /// Verify against DIR/root.json (the root you trust) instead of medfleetd's first root.
+        #[arg(long)]
+        metadata: Option<PathBuf>,
     },
     /// Publish DIR/targets.json that adds no image (from `resign`, countersigned to the threshold); medfleetd
     /// refuses it, changing nothing, unless it verifies and lists exactly the stored images.
@@ -172,9 +196,9 @@ fn refusal(status: tonic::Status) -> anyhow::Error {
              countersign it (`medfleet firmware countersign`), and compare `medfleet firmware trust show` with \
              your root.json",
         ),
-        Some(r) if r == Refusal::Expired.as_str() => {
-            Some("the metadata has expired: sign the release again (`medfleet firmware sign --expires ...`)")
-        }
+        Some(r) if r == Refusal::Expired.as_str() => Some(
+            "the metadata has expired (`medfleet firmware metadata show` says which role): re-sign the targets with              `medfleet firmware metadata pull --allow-expired`, `medfleet firmware resign`, countersign and              `medfleet firmware metadata publish`; an expired root needs `medfleet firmware keys rotate-root` and              `medfleet firmware trust install`",
+        ),
         Some(r) if r == Refusal::Rollback.as_str() => Some(
             "targets.json is older than what medfleetd has: `medfleet firmware metadata pull`, then sign again on top",
         ),
@@ -200,6 +224,7 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
     // Offline: nothing here connects.
     match command {
         FirmwareCommand::Keys(KeysCommand::Init(args)) => return keys::init(args, out).await,
+        FirmwareCommand::Keys(KeysCommand::RotateRoot(args)) => return rotate::rotate_root(args, out).await,
         FirmwareCommand::Sign(args) => return sign::sign(args, out).await,
         FirmwareCommand::Countersign(args) => return sign::countersign(args, out).await,
         FirmwareCommand::Resign(args) => return sign::resign(args, out).await,
@@ -215,8 +240,13 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
         FirmwareCommand::OnlineKeys => keys::online_keys(&mut api, out).await,
         FirmwareCommand::Trust(TrustCommand::Install { root_json }) => trust::install(&mut api, root_json, out).await,
         FirmwareCommand::Trust(TrustCommand::Show { out: file }) => trust::show(&mut api, file.as_deref(), out).await,
-        FirmwareCommand::Metadata(MetadataCommand::Pull { out: dir, force }) => {
-            metadata::pull(&mut api, dir, *force, out).await
+        FirmwareCommand::Metadata(MetadataCommand::Pull {
+            out: dir,
+            force,
+            allow_expired,
+        }) => metadata::pull(&mut api, dir, *force, *allow_expired, out).await,
+        FirmwareCommand::Metadata(MetadataCommand::Show { metadata: dir }) => {
+            metadata::show(&mut api, dir.as_deref(), out).await
         }
         FirmwareCommand::Metadata(MetadataCommand::Publish { metadata: dir, comment }) => {
             metadata::publish(&mut api, dir, comment, out).await

@@ -68,6 +68,9 @@ pub(crate) struct ResignArgs {
     /// How long the re-signed targets metadata stays valid.
     #[arg(long, value_parser = parse_duration, default_value = "90d")]
     pub(crate) expires: Duration,
+    /// Leave this target out (an image deleted with `medfleet firmware delete`); repeatable.
+    #[arg(long = "remove", value_name = "TARGET")]
+    pub(crate) remove: Vec<String>,
 }
 
 /// Where signing stands after `sign`, `resign` or `countersign`.
@@ -314,7 +317,8 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
     let info = targets_of(&path, &bytes)?;
     if info.expires <= Utc::now() {
         return Err(InvalidInput(format!(
-            "{} expired at {}; devices would refuse it: sign the release again with `medfleet firmware sign`",
+            "{} expired at {}; devices would refuse it: sign it again as a new version with `medfleet firmware \
+             resign --metadata DIR --key KEY` (or `sign` the next release on top), then countersign that",
             path.display(),
             info.expires.to_rfc3339()
         ))
@@ -354,7 +358,7 @@ pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<Signatur
     targets_of(&path, &previous)?;
     check_built_on(&args.metadata, &path, &previous)?;
     let signers: Vec<&SigningKey> = keys.iter().collect();
-    let signed = tuf::resign_targets(&previous, expires, &signers)
+    let signed = tuf::resign_targets_without(&previous, &args.remove, expires, &signers)
         .await
         .map_err(|e| InvalidInput(format!("cannot re-sign {}: {e}", path.display())))?;
     files::replace_public(&path, &signed)?;

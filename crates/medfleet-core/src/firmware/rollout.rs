@@ -231,8 +231,11 @@ pub struct DeviceNow {
 /// Why a device does not install now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deferral {
-    /// Bound to a patient, or reporting in-use, alarming or an unknown state.
+    /// Bound to a patient, or reporting in-use or alarming.
     InClinicalUse,
+    /// Not bound, but its clinical software has not said what the device is doing (no state reported yet, or
+    /// none at all): treated as in use, named apart so an operator can find a device whose software is silent.
+    StateUnknown,
     OutsideWindow,
 }
 
@@ -240,6 +243,7 @@ impl Deferral {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InClinicalUse => "in_clinical_use",
+            Self::StateUnknown => "operational_state_unknown",
             Self::OutsideWindow => "outside_window",
         }
     }
@@ -254,7 +258,11 @@ pub fn may_install(device: DeviceNow, policy: ClinicalUse) -> Result<(), Deferra
             && device.approved
             && !matches!(device.state, OperationalState::Alarming | OperationalState::Unknown);
         if !approved {
-            return Err(Deferral::InClinicalUse);
+            return Err(if !device.bound && device.state == OperationalState::Unknown {
+                Deferral::StateUnknown
+            } else {
+                Deferral::InClinicalUse
+            });
         }
     }
     if !device.in_window {
@@ -382,6 +390,12 @@ mod tests {
                 "{state:?}"
             );
         }
+        let silent = DeviceNow {
+            state: OperationalState::Unknown,
+            approved: true,
+            ..free
+        };
+        assert_eq!(may_install(silent, ClinicalUse::Approve), Err(Deferral::StateUnknown));
         let closed = DeviceNow {
             in_window: false,
             ..free

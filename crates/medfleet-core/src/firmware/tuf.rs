@@ -27,9 +27,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use tough::schema::decoded::{Decoded, Hex};
 use tough::schema::key::Key;
-use tough::schema::{
-    Hashes, Metafile, Role, RoleKeys, RoleType, Root, Signature, Signed, Snapshot, Target, Targets, Timestamp,
-};
+use tough::schema::{Hashes, Metafile, Role, Root, Signature, Signed, Snapshot, Target, Targets, Timestamp};
 use tough::sign::{Sign, parse_keypair};
 use tough::{
     ExpirationEnforcement, Limits, RepositoryLoader, TargetName, Transport, TransportError, TransportErrorKind,
@@ -289,83 +287,6 @@ fn key_id(id: &str) -> Result<Decoded<Hex>, TufError> {
     id.parse().map_err(|e| malformed("key id", e))
 }
 
-/// Which keys may sign one role, and how many must.
-#[derive(Debug, Clone)]
-pub struct RoleSpec {
-    pub keys: Vec<PublicKey>,
-    pub threshold: u64,
-}
-
-/// A root metadata to sign: its version, expiry and the four roles.
-#[derive(Debug, Clone)]
-pub struct RootSpec {
-    pub version: u64,
-    pub expires: DateTime<Utc>,
-    pub root: RoleSpec,
-    pub targets: RoleSpec,
-    pub snapshot: RoleSpec,
-    pub timestamp: RoleSpec,
-}
-
-/// Root metadata signed by `signers` (for a new version of an existing root, include the previous root's keys
-/// too: devices accept version N+1 only when both N's and N+1's root thresholds signed it).
-pub async fn sign_root(spec: &RootSpec, signers: &[&SigningKey]) -> Result<Vec<u8>, TufError> {
-    let mut keys = HashMap::new();
-    let mut roles = HashMap::new();
-    for (role, role_spec) in [
-        (RoleType::Root, &spec.root),
-        (RoleType::Targets, &spec.targets),
-        (RoleType::Snapshot, &spec.snapshot),
-        (RoleType::Timestamp, &spec.timestamp),
-    ] {
-        if role_spec.threshold == 0 || role_spec.threshold > role_spec.keys.len() as u64 {
-            return Err(malformed(
-                &format!("{role} role"),
-                format!("threshold {} with {} keys", role_spec.threshold, role_spec.keys.len()),
-            ));
-        }
-        let mut keyids = Vec::new();
-        for key in &role_spec.keys {
-            let id = key_id(&key.id()?)?;
-            keys.insert(id.clone(), key.0.clone());
-            if !keyids.contains(&id) {
-                keyids.push(id);
-            }
-        }
-        roles.insert(
-            role,
-            RoleKeys {
-                keyids,
-                threshold: version(role_spec.threshold)?,
-                _extra: HashMap::new(),
-            },
-        );
-    }
-    let root = Root {
-        spec_version: SPEC_VERSION.to_owned(),
-        consistent_snapshot: false,
-        version: version(spec.version)?,
-        expires: timestamp(spec.expires)?,
-        keys,
-        roles,
-        _extra: HashMap::new(),
-    };
-    let mut signatures = Vec::new();
-    for signer in signers {
-        signatures.push(signer.signature(&root).await?);
-    }
-    let signed = Signed {
-        signed: root,
-        signatures,
-    };
-    // Refuse to write a root its own keys do not sign to threshold: no device could ever load it.
-    signed
-        .signed
-        .verify_role(&signed)
-        .map_err(|e| refuse(Refusal::Signature, e))?;
-    to_file(&signed)
-}
-
 fn to_file<T: serde::Serialize>(signed: &Signed<T>) -> Result<Vec<u8>, TufError> {
     let mut bytes = serde_json::to_vec_pretty(signed).map_err(|e| malformed("metadata", e))?;
     bytes.push(b'\n');
@@ -376,52 +297,8 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<Sig
     serde_json::from_slice(bytes).map_err(|e| malformed(what, e))
 }
 
-/// The facts a root metadata file states, for people and for medfleetd's checks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RootInfo {
-    pub version: u64,
-    pub expires: DateTime<Utc>,
-    /// Key ids per role and the role's threshold.
-    pub roles: Vec<(String, Vec<String>, u64)>,
-}
-
-impl RootInfo {
-    pub fn role_keys(&self, role: &str) -> &[String] {
-        self.roles
-            .iter()
-            .find(|(name, _, _)| name == role)
-            .map_or(&[][..], |(_, keys, _)| keys.as_slice())
-    }
-}
-
 fn chrono_time(at: jiff::Timestamp) -> DateTime<Utc> {
     DateTime::from_timestamp(at.as_second(), 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-/// Reads a root metadata file and checks that it is signed by its own root threshold.
-pub fn root_info(bytes: &[u8]) -> Result<RootInfo, TufError> {
-    let root: Signed<Root> = parse("root metadata", bytes)?;
-    root.signed
-        .verify_role(&root)
-        .map_err(|e| refuse(Refusal::Signature, e))?;
-    let mut roles: Vec<(String, Vec<String>, u64)> = root
-        .signed
-        .roles
-        .iter()
-        .map(|(role, keys)| {
-            (
-                role.to_string(),
-                keys.keyids.iter().map(|id| hex(id.as_ref())).collect(),
-                keys.threshold.get(),
-            )
-        })
-        .collect();
-    roles.sort();
-    Ok(RootInfo {
-        version: root.signed.version.get(),
-        expires: chrono_time(root.signed.expires),
-        roles,
-    })
 }
 
 /// One firmware image as the targets role signs it.
@@ -562,13 +439,34 @@ pub async fn resign_targets(
     expires: DateTime<Utc>,
     signers: &[&SigningKey],
 ) -> Result<Vec<u8>, TufError> {
+    resign_targets_without(previous, &[], expires, signers).await
+}
+
+/// [`resign_targets`] without the targets named in `remove` (images deleted from medfleetd: what devices can no
+/// longer fetch leaves the signed list). A name it does not list is refused.
+pub async fn resign_targets_without(
+    previous: &[u8],
+    remove: &[String],
+    expires: DateTime<Utc>,
+    signers: &[&SigningKey],
+) -> Result<Vec<u8>, TufError> {
+    let mut targets = parse::<Targets>("previous targets metadata", previous)?.signed;
+    for name in remove {
+        let before = targets.targets.len();
+        targets.targets.retain(|listed, _| listed.raw() != name);
+        if targets.targets.len() == before {
+            return Err(refuse(
+                Refusal::UnknownTarget,
+                format!("the targets metadata does not list {name}"),
+            ));
+        }
+    }
     if expires <= Utc::now() {
         return Err(malformed(
             "expiry",
             "it is in the past: devices would refuse the metadata at once",
         ));
     }
-    let mut targets = parse::<Targets>("previous targets metadata", previous)?.signed;
     targets.version = version(targets.version.get().saturating_add(1))?;
     targets.expires = timestamp(expires)?;
     let mut signatures = Vec::new();
@@ -676,6 +574,22 @@ pub fn metadata_version(bytes: &[u8]) -> Result<u64, TufError> {
         .map_err(|e| malformed("metadata", e))
 }
 
+/// When a metadata file (any role) says it expires, unverified: for showing people, never for trusting.
+pub fn metadata_expiry(bytes: &[u8]) -> Result<DateTime<Utc>, TufError> {
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        signed: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        expires: String,
+    }
+    let outer: Outer = serde_json::from_slice(bytes).map_err(|e| malformed("metadata", e))?;
+    DateTime::parse_from_rfc3339(&outer.signed.expires)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| malformed("expires", e))
+}
+
 /// The metadata a verifier holds: every root version after the pinned one (in order), and the current timestamp,
 /// snapshot and targets.
 #[derive(Debug, Clone, Default)]
@@ -744,6 +658,22 @@ pub async fn verify(
     datastore: Option<&Path>,
     image: Option<(String, Arc<dyn ImageSource>)>,
 ) -> Result<Verified, TufError> {
+    load(pinned_root, set, datastore, image, ExpirationEnforcement::Safe).await
+}
+
+/// [`verify`] of everything but expiry (signatures, thresholds, the root chain and consistency are still
+/// checked): how a key holder pulls metadata that expired to re-sign it. Never for installing.
+pub async fn verify_ignoring_expiry(pinned_root: &[u8], set: &MetadataSet) -> Result<Verified, TufError> {
+    load(pinned_root, set, None, None, ExpirationEnforcement::Unsafe).await
+}
+
+async fn load(
+    pinned_root: &[u8],
+    set: &MetadataSet,
+    datastore: Option<&Path>,
+    image: Option<(String, Arc<dyn ImageSource>)>,
+    expiry: ExpirationEnforcement,
+) -> Result<Verified, TufError> {
     let mut files = HashMap::new();
     for root in &set.roots {
         let version = metadata_version(root)?;
@@ -768,7 +698,7 @@ pub async fn verify(
     let mut loader = RepositoryLoader::new(&pinned_root, base(METADATA_BASE)?, base(TARGETS_BASE)?)
         .transport(transport)
         .limits(LIMITS)
-        .expiration_enforcement(ExpirationEnforcement::Safe);
+        .expiration_enforcement(expiry);
     if let Some(dir) = datastore {
         loader = loader.datastore(dir);
     }
@@ -851,8 +781,8 @@ pub fn accepts(installed: &target::Installed, candidate: &SignedTarget) -> Resul
     })
 }
 
-mod chain;
-pub use chain::{follow_root_chain, verify_root_update};
+mod root;
+pub use root::{RoleSpec, RootInfo, RootSpec, follow_root_chain, root_info, root_spec, sign_root, verify_root_update};
 
 #[cfg(test)]
 mod tests;

@@ -79,6 +79,7 @@ pub struct Repository {
     db: DatabaseConnection,
     secrets: Arc<Secrets>,
     keys: Arc<OnceCell<Arc<OnlineKeys>>>,
+    metrics: crate::telemetry::Metrics,
 }
 
 fn internal(what: &str, error: impl std::fmt::Display) -> Error {
@@ -86,11 +87,12 @@ fn internal(what: &str, error: impl std::fmt::Display) -> Error {
 }
 
 impl Repository {
-    pub fn new(db: DatabaseConnection, secrets: Arc<Secrets>) -> Self {
+    pub fn new(db: DatabaseConnection, secrets: Arc<Secrets>, metrics: crate::telemetry::Metrics) -> Self {
         Self {
             db,
             secrets,
             keys: Arc::new(OnceCell::new()),
+            metrics,
         }
     }
 
@@ -207,6 +209,7 @@ impl Repository {
         )
         .await?;
         txn.commit().await?;
+        self.note_expiry().await;
         firmware_root::Entity::find_by_id(version)
             .one(&self.db)
             .await?
@@ -296,10 +299,11 @@ impl Repository {
             return Err(Error::Refused {
                 reason: tuf::Refusal::UnknownTarget.as_str(),
                 message: format!(
-                    "the targets metadata lists {} ({}), which is not a stored image: upload it with `medfleet firmware \
-                     upload` instead, or re-sign the published targets.json (`medfleet firmware metadata pull`, then \
-                     `medfleet firmware resign`)",
-                    extra.name, extra.meta.version
+                    "the targets metadata lists {name} ({}), which is not a stored image: if it was deleted, re-sign \
+                     without it (`medfleet firmware resign --remove {name}`); a new image is uploaded with `medfleet \
+                     firmware upload` instead",
+                    extra.meta.version,
+                    name = extra.name,
                 ),
             });
         }
@@ -347,6 +351,7 @@ impl Repository {
         ctx.record(&txn, "firmware.publish_targets", "targets", "*", detail)
             .await?;
         txn.commit().await?;
+        self.note_expiry().await;
         Ok(info)
     }
 
@@ -494,7 +499,26 @@ impl Repository {
         Ok(true)
     }
 
-    /// Starts the periodic re-signing until `stop`.
+    /// Publishes when the served root and each role's metadata expire, for the alert that tells the key
+    /// holders to re-sign (targets) or rotate the root before devices refuse every update.
+    async fn publish_expiry(&self) -> Result<()> {
+        let metrics = &self.metrics;
+        if let Some(root) = self.current_root().await? {
+            metrics.set_firmware_metadata_expiry("root", root.expires_at);
+        }
+        for row in firmware_metadata::Entity::find().all(&self.db).await? {
+            let role = match row.role.as_str() {
+                TARGETS => TARGETS,
+                SNAPSHOT => SNAPSHOT,
+                TIMESTAMP => TIMESTAMP,
+                _ => continue,
+            };
+            metrics.set_firmware_metadata_expiry(role, row.expires_at);
+        }
+        Ok(())
+    }
+
+    /// Starts the periodic re-signing (and the expiry gauges) until `stop`.
     pub fn spawn_refresher(&self, stop: tokio_util::sync::CancellationToken) {
         let repository = self.clone();
         db::spawn_poller(
@@ -503,9 +527,19 @@ impl Repository {
             stop,
             move || {
                 let repository = repository.clone();
-                async move { repository.refresh().await.map(|_| ()) }
+                async move {
+                    repository.refresh().await?;
+                    repository.publish_expiry().await
+                }
             },
         );
+    }
+
+    /// The expiry gauges at once after a change (the refresher keeps them current otherwise).
+    async fn note_expiry(&self) {
+        if let Err(error) = self.publish_expiry().await {
+            tracing::warn!(%error, "cannot read the firmware metadata expiry");
+        }
     }
 }
 

@@ -287,6 +287,33 @@ async fn a_root_rotation_signed_by_both_roots_is_followed() {
     assert!(verify(&root1, &set, None, None).await.is_err());
 }
 
+/// A rotation built from the root it follows keeps every role it does not change, key for key.
+#[tokio::test]
+async fn root_spec_reads_back_what_was_signed() {
+    let keys = keys();
+    let root1 = sign_root(&spec(&keys, 1, 2), &[&keys.root]).await.unwrap();
+    let mut next = root_spec(&root1).unwrap();
+    assert_eq!(next.version, 1);
+    assert_eq!(next.targets.threshold, 2);
+    assert_eq!(next.targets.keys.len(), 3);
+    assert!(next.targets.keys.contains(&keys.targets[2].public()));
+    assert_eq!(next.snapshot.keys, vec![keys.snapshot.public()]);
+    next.version = 2;
+    next.expires = Utc::now() + Duration::days(730);
+    let root2 = sign_root(&next, &[&keys.root]).await.unwrap();
+    let info = verify_root_update(&root1, &root2).unwrap();
+    assert_eq!(
+        info.role_keys("targets"),
+        root_info(&root1).unwrap().role_keys("targets")
+    );
+    assert_eq!(follow_root_chain(&root1, std::slice::from_ref(&root2)).unwrap(), root2);
+    // A root below its own threshold is not a spec to build on.
+    let mut unsigned: serde_json::Value = serde_json::from_slice(&root1).unwrap();
+    unsigned["signatures"] = serde_json::json!([]);
+    let unsigned = serde_json::to_vec(&unsigned).unwrap();
+    assert_eq!(root_spec(&unsigned).unwrap_err().code, Refusal::Signature);
+}
+
 /// What a device or the CLI saves as its new root is the one the chain reached, never one beside it: a forged
 /// root of the same version is refused outright, and one beyond a gap is never reached.
 #[tokio::test]
@@ -425,6 +452,12 @@ async fn resigned_targets_keep_their_targets_under_a_new_version_and_expiry() {
     assert_eq!(verified.targets_version(), 2);
     assert_eq!(verified.target(&target.name).unwrap(), target);
 
+    let without = resign_targets_without(&first, std::slice::from_ref(&target.name), later, &[&keys.targets[0]])
+        .await
+        .unwrap();
+    assert!(targets_info(&without).unwrap().targets.is_empty());
+    let unknown = resign_targets_without(&first, &["other.img".to_owned()], later, &[&keys.targets[0]]).await;
+    assert_eq!(unknown.unwrap_err().code, Refusal::UnknownTarget);
     let past = resign_targets(&first, Utc::now() - Duration::seconds(1), &[&keys.targets[0]]).await;
     assert_eq!(past.unwrap_err().code, Refusal::Malformed);
 }
