@@ -328,6 +328,13 @@ impl Settings {
         if !(Duration::from_millis(100)..=Duration::from_hours(1)).contains(&self.config_reconcile_interval) {
             return invalid("config_reconcile_interval must be between 100 ms and 1 hour".into());
         }
+        // Zero would spin the scheduler (and tokio refuses a zero interval); above a minute a halt waits too long.
+        if !(Duration::from_millis(100)..=Duration::from_mins(1)).contains(&self.rollout_tick) {
+            return invalid("rollout_tick must be between 100 ms and 1 minute".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_hours(6)).contains(&self.upload_idle) {
+            return invalid("upload_idle must be between 1 second and 6 hours (an upload's own cap)".into());
+        }
         if self.reading_future_tolerance > Duration::from_hours(1) {
             return invalid("reading_future_tolerance must be at most 1 hour".into());
         }
@@ -523,6 +530,9 @@ mod tests {
             "emr_retry_max",
             "emr_allowed_hosts",
             "secrets_key_file",
+            "rollout_tick",
+            "upload_idle",
+            "artifact_store",
         ] {
             assert!(table.contains_key(key), "deploy/medfleetd.toml does not show {key}");
         }
@@ -545,6 +555,10 @@ mod tests {
             ("log_level = \"[[[\"", "log_level"),
             ("operator_cert_lifetime = \"1s\"", "operator_cert_lifetime"),
             ("device_cert_lifetime = \"4min\"", "device_cert_lifetime"),
+            ("rollout_tick = \"0s\"", "rollout_tick"),
+            ("rollout_tick = \"5m\"", "rollout_tick"),
+            ("upload_idle = \"0s\"", "upload_idle"),
+            ("upload_idle = \"7h\"", "upload_idle"),
         ] {
             let err = Settings::resolve(file(&format!("version = 1\n{text}")), with_file()).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
