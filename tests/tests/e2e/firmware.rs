@@ -571,7 +571,7 @@ async fn device(server_channel: Channel, id: String, root: Vec<u8>, done: mpsc::
 
 /// As [`device`], failing its first `failures` installs (reason install_failed) before it succeeds; with `claims`,
 /// reporting success while it says it runs that release instead of the one it was sent.
-async fn device_with(
+pub(crate) async fn device_with(
     server_channel: Channel,
     id: String,
     root: Vec<u8>,
@@ -694,7 +694,12 @@ impl tuf::ImageSource for Held {
 }
 
 /// A trusted root and one image signed to threshold and uploaded: the pinned root and the artifact.
-async fn published(server: &TestServer, channel: &Channel, size: usize, seed: u8) -> (Vec<u8>, v1::Artifact) {
+pub(crate) async fn published(
+    server: &TestServer,
+    channel: &Channel,
+    size: usize,
+    seed: u8,
+) -> (Vec<u8>, v1::Artifact) {
     let (keys, root) = trust(server, channel).await;
     let bytes = image(size, seed);
     let good = target("mx450-2.1.0.img", &bytes, 1);
@@ -896,7 +901,7 @@ pub(crate) async fn wait_for(
     .unwrap_or_else(|_| panic!("timed out waiting for {what}; last seen: {:#?}", last.lock().unwrap()))
 }
 
-fn state_of(detail: &v1::RolloutDetail) -> i32 {
+pub(crate) fn state_of(detail: &v1::RolloutDetail) -> i32 {
     detail.rollout.as_ref().map_or(0, |r| r.state)
 }
 
@@ -977,6 +982,7 @@ async fn failures_halt_and_bound_devices_wait(backend: Backend) {
     let command = |comment: &str| v1::RolloutCommandRequest {
         rollout: created.id.clone(),
         comment: comment.into(),
+        ..Default::default()
     };
     rollouts.retry_failed(command("fixed the cable")).await.unwrap();
     rollouts.resume_rollout(command("retrying")).await.unwrap();
@@ -1098,6 +1104,7 @@ async fn one_scheduler_across_replicas_and_it_hands_over() {
         .start_rollout(v1::RolloutCommandRequest {
             rollout: created.id.clone(),
             comment: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1271,27 +1278,35 @@ async fn the_cli_walkthrough(backend: Backend) {
         done_tx,
     ));
     std::fs::write(dir.join("devices.txt"), format!("# the pilot\n{id}\n")).unwrap();
-    let created = medfleet(
-        &server,
-        dir,
-        &[
-            "rollouts",
-            "create",
-            "--artifact",
-            "mx450-2.1.0.img",
-            "--devices",
-            "devices.txt",
-            "--waves",
-            "100%",
-            "--success",
-            "100%",
-            "--soak",
-            "0s",
-            "-o",
-            "json",
-        ],
-    )
-    .await;
+    let create = [
+        "rollouts",
+        "create",
+        "--artifact",
+        "mx450-2.1.0.img",
+        "--devices",
+        "devices.txt",
+        "--waves",
+        "100%",
+        "--success",
+        "100%",
+        "--soak",
+        "0s",
+        "-o",
+        "json",
+    ];
+    // A dry run says what it would reach and creates nothing.
+    let preview = medfleet(&server, dir, &[&create[..], &["--dry-run"]].concat()).await;
+    ok(&preview, "rollouts create --dry-run");
+    let preview: serde_json::Value = serde_json::from_str(&preview.stdout).unwrap();
+    assert_eq!(preview["dry_run"], true, "{preview}");
+    assert_eq!(preview["wave_sizes"], serde_json::json!([1]), "{preview}");
+    let db = server.db().await;
+    assert_eq!(count_rows(&db, "SELECT COUNT(*) FROM rollouts").await, 0);
+    assert_eq!(
+        count_rows(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.create'").await,
+        0
+    );
+    let created = medfleet(&server, dir, &create).await;
     ok(&created, "rollouts create");
     let rollout: serde_json::Value = serde_json::from_str(&created.stdout).unwrap();
     let rollout_id = rollout["id"].as_str().unwrap().to_owned();

@@ -214,6 +214,7 @@ async fn real_agents_install_roll_back_wait_and_refuse_replays(backend: Backend)
         .retry_failed(v1::RolloutCommandRequest {
             rollout: id.clone(),
             comment: "checking the model again".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -223,6 +224,24 @@ async fn real_agents_install_roll_back_wait_and_refuse_replays(backend: Backend)
     })
     .await;
     assert_eq!(device_state(&retried, &other.id).reason, "wrong_model");
+    // A plain retry leaves a device that rolled back by itself alone; asked to, it is retried too (and rolls back
+    // again: its health check still fails).
+    assert_eq!(device_state(&retried, &sick.id).attempt, 1);
+    rollouts
+        .retry_failed(v1::RolloutCommandRequest {
+            rollout: id.clone(),
+            comment: "health probe replaced".into(),
+            include_rolled_back: true,
+        })
+        .await
+        .unwrap();
+    let again = wait_for(&mut rollouts, &id, "the rolled-back device's second attempt", |d| {
+        let d = device_state(d, &sick.id);
+        d.attempt == 2 && is(v1::ActionState::RolledBack)(d)
+    })
+    .await;
+    assert_eq!(device_state(&again, &sick.id).reason, "health_check_failed");
+    assert_eq!(running_counter(&sick), 0);
 
     // A replayed command (the action made current again behind the server's back, the agent restarted) is
     // answered with how it ended: no second download, no second install.
@@ -847,6 +866,7 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
         .abort_rollout(v1::RolloutCommandRequest {
             rollout: windowed.clone(),
             comment: "window moved".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -868,6 +888,7 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
         .rollback_rollout(v1::RollbackRolloutRequest {
             rollout: open.clone(),
             comment: String::new(),
+            draft: false,
         })
         .await
         .unwrap_err();
@@ -924,6 +945,7 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
         .rollback_rollout(v1::RollbackRolloutRequest {
             rollout: open.clone(),
             comment: String::new(),
+            draft: false,
         })
         .await
         .unwrap_err();
@@ -936,16 +958,27 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
     );
     registry.update_device(moved("icu", "1")).await.unwrap();
 
-    let back = RolloutServiceClient::new(icu_biomed)
+    // As a draft first: nothing is sent until it is started.
+    let mut icu_rollouts = RolloutServiceClient::new(icu_biomed);
+    let back = icu_rollouts
         .rollback_rollout(v1::RollbackRolloutRequest {
             rollout: open.clone(),
             comment: "field safety notice".into(),
+            draft: true,
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(back.rollback_of, open);
     assert_eq!(back.target_name, "mx450-2.1.1.img");
+    assert_eq!(back.state, i32::from(v1::RolloutState::Draft));
+    icu_rollouts
+        .start_rollout(v1::RolloutCommandRequest {
+            rollout: back.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     wait_for(&mut rollouts, &back.id, "every device to go back", |d| {
         d.devices.iter().all(is(v1::ActionState::Succeeded))
     })
@@ -1088,6 +1121,7 @@ async fn a_ward_of_200_goes_through_three_waves(backend: Backend) {
         let request = v1::RolloutCommandRequest {
             rollout: created.id.clone(),
             comment: "installer fixed".into(),
+            ..Default::default()
         };
         if command == "retry" {
             rollouts.retry_failed(request).await.unwrap();

@@ -18,6 +18,7 @@ mod config;
 mod destinations;
 mod firmware;
 mod firmware_agent;
+mod firmware_halts;
 mod firmware_keys;
 mod identity;
 mod matrix;

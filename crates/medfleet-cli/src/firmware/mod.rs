@@ -231,8 +231,7 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
         _ => {}
     }
     if let FirmwareCommand::Upload(args) = command {
-        let mut api = FirmwareServiceClient::new(server.transfer_channel().await?);
-        return upload::upload(&mut api, args, out).await;
+        return upload::upload(server.transfer_channel().await?, args, out).await;
     }
     // Metadata replies may exceed tonic's default 4 MiB (targets up to 8 MiB, every root version).
     let mut api = FirmwareServiceClient::new(server.channel().await?).max_decoding_message_size(24 * 1024 * 1024);

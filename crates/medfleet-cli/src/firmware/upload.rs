@@ -64,7 +64,21 @@ async fn send_image(
     }
 }
 
-pub(super) async fn upload(api: &mut Firmware, args: &UploadArgs, out: Format) -> anyhow::Result<()> {
+/// Whether the caller can see any device of `model` (a warning, not a refusal: the devices may come later).
+async fn model_in_fleet(channel: tonic::transport::Channel, model: &str) -> bool {
+    let mut registry = v1::registry_service_client::RegistryServiceClient::new(channel);
+    registry
+        .list_devices(v1::ListDevicesRequest {
+            page_size: 1,
+            model: model.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .map_or(true, |reply| !reply.into_inner().devices.is_empty())
+}
+
+pub(super) async fn upload(channel: tonic::transport::Channel, args: &UploadArgs, out: Format) -> anyhow::Result<()> {
+    let mut api = Firmware::new(channel.clone());
     let path = args.metadata.join(TARGETS_FILE);
     let targets_json = files::read("--metadata", &path)?;
     let info = medfleet_core::firmware::tuf::targets_info(&targets_json)
@@ -153,13 +167,20 @@ pub(super) async fn upload(api: &mut Firmware, args: &UploadArgs, out: Format) -
         Err(e) => return Err(anyhow::anyhow!("the upload was interrupted: {e}")),
     }
     let artifact = ArtifactView::from(response.map_err(super::refusal)?.into_inner());
+    if !model_in_fleet(channel, &artifact.hardware_id).await {
+        eprintln!(
+            "warning: no device you can see is registered with model {:?}; a rollout matches the model string \
+             exactly as devices were registered (compare `medfleet devices list -o json`)",
+            artifact.hardware_id
+        );
+    }
     if out == Format::Json {
         return output::json(&artifact);
     }
     print_artifact(&artifact);
     println!(
-        "\nRoll it out with, e.g.:\n  medfleet rollouts create --artifact {} --select model={} --waves 1%,10%,50%,100% \
-         --window 'Mon-Fri 02:00-05:00' --timezone Europe/London",
+        "\nRoll it out with, e.g.:\n  medfleet rollouts create --artifact {} --select 'model={}' --waves 1%,10%,50%,100% \
+         --window 'Mon-Fri 02:00-05:00' --dry-run",
         artifact.id, artifact.hardware_id
     );
     Ok(())

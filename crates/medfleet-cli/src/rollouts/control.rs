@@ -14,8 +14,8 @@ pub(super) enum Move {
     Pause,
     Resume,
     Abort,
-    RetryFailed,
-    Rollback,
+    RetryFailed { include_rolled_back: bool },
+    Rollback { draft: bool },
 }
 
 fn state_to_wire(state: StateArg) -> v1::RolloutState {
@@ -105,10 +105,22 @@ fn done_text(m: Move, r: &RolloutView) -> String {
             "rollout {id} paused: nothing new is sent, devices already installing finish; `medfleet rollouts resume \
              {id}` goes on"
         ),
-        Move::Resume => format!("rollout {id} is running again ({})", wave_text(r)),
+        Move::Resume => format!(
+            "rollout {id} is running again ({}); after a halt, only devices that finish from now on count towards \
+             the halt threshold",
+            wave_text(r)
+        ),
         Move::Abort => format!("rollout {id} aborted: devices that had not started installing are canceled"),
-        Move::RetryFailed => format!("the failed devices of rollout {id} are queued again"),
-        Move::Rollback => format!(
+        Move::RetryFailed { include_rolled_back } => format!(
+            "the failed{} devices of rollout {id} are queued again{}",
+            if include_rolled_back { " and rolled-back" } else { "" },
+            if r.state == "halted" {
+                format!("; it is halted: `medfleet rollouts resume {id}` sends them")
+            } else {
+                String::new()
+            }
+        ),
+        Move::Rollback { .. } => format!(
             "rollback rollout {id} created ({} version {}), state {}; follow it with `medfleet rollouts watch {id}`",
             r.target_name, r.version, r.state
         ),
@@ -119,17 +131,24 @@ pub(super) async fn command(api: &mut Rollouts, m: Move, args: &CommandArgs, out
     let request = v1::RolloutCommandRequest {
         rollout: args.rollout.clone(),
         comment: args.comment.clone(),
+        include_rolled_back: matches!(
+            m,
+            Move::RetryFailed {
+                include_rolled_back: true
+            }
+        ),
     };
     let rollout = match m {
         Move::Start => api.start_rollout(request).await?,
         Move::Pause => api.pause_rollout(request).await?,
         Move::Resume => api.resume_rollout(request).await?,
         Move::Abort => api.abort_rollout(request).await?,
-        Move::RetryFailed => api.retry_failed(request).await?,
-        Move::Rollback => {
+        Move::RetryFailed { .. } => api.retry_failed(request).await?,
+        Move::Rollback { draft } => {
             api.rollback_rollout(v1::RollbackRolloutRequest {
                 rollout: request.rollout,
                 comment: request.comment,
+                draft,
             })
             .await?
         }
@@ -140,7 +159,7 @@ pub(super) async fn command(api: &mut Rollouts, m: Move, args: &CommandArgs, out
         return output::json(&view);
     }
     println!("{}", done_text(m, &view));
-    if m == Move::Rollback {
+    if matches!(m, Move::Rollback { .. }) {
         print_rollout(&view);
     }
     Ok(())

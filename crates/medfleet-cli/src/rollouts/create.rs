@@ -73,6 +73,12 @@ pub(crate) struct CreateArgs {
     /// Create it without starting it (`medfleet rollouts start` starts it).
     #[arg(long)]
     draft: bool,
+    /// Show how many devices it would reach in each wave, and create nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask (at a terminal, a rollout that starts at once is shown and confirmed first).
+    #[arg(long)]
+    yes: bool,
     /// Why (kept with the rollout and in the audit trail).
     #[arg(short = 'm', long, default_value = "")]
     comment: String,
@@ -293,8 +299,25 @@ impl CreateArgs {
             deadline: self.deadline.map(duration_to_wire),
             draft: self.draft,
             comment: self.comment.clone(),
+            validate_only: false,
         })
     }
+}
+
+fn print_preview(r: &RolloutView, sizes: &[usize]) {
+    println!(
+        "{} (version {}) would reach {} devices in {} wave(s): {}",
+        r.target_name,
+        r.version,
+        r.counts.targeted,
+        sizes.len(),
+        r.waves
+            .iter()
+            .zip(sizes)
+            .map(|(share, n)| format!("{share} → {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 pub(super) async fn run(
@@ -308,6 +331,36 @@ pub(super) async fn run(
             "note: --window is read in the time zone of each device's site (UTC for a site that has none set: \
              medfleet sites update SITE --timezone Europe/London)"
         );
+    }
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin()) && out != Format::Json;
+    if args.dry_run || (interactive && !args.draft && !args.yes) {
+        let preview = api
+            .create_rollout(v1::CreateRolloutRequest {
+                validate_only: true,
+                ..request.clone()
+            })
+            .await?
+            .into_inner();
+        let preview = RolloutView::from(preview);
+        let sizes = Waves::parse(&preview.waves.join(","))
+            .map(|w| w.sizes(preview.counts.targeted as usize))
+            .unwrap_or_default();
+        if args.dry_run {
+            if out == Format::Json {
+                return output::json(&serde_json::json!({ "dry_run": true, "rollout": preview, "wave_sizes": sizes }));
+            }
+            print_preview(&preview, &sizes);
+            println!("\nDry run: nothing was created. Run it again without --dry-run to create it.");
+            return Ok(());
+        }
+        print_preview(&preview, &sizes);
+        crate::confirm::confirm(
+            &format!(
+                "Start rolling {} out to {} devices now?",
+                preview.target_name, preview.counts.targeted
+            ),
+            false,
+        )?;
     }
     let rollout = RolloutView::from(api.create_rollout(request).await?.into_inner());
     if out == Format::Json {
@@ -394,6 +447,8 @@ mod tests {
             clinical_use: ClinicalUseArg::Approve,
             deadline: Some(Duration::from_hours(14 * 24)),
             draft: true,
+            dry_run: false,
+            yes: false,
             comment: "pilot".into(),
         }
     }

@@ -42,11 +42,12 @@ pub(crate) struct CommandArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum RolloutCommand {
     /// Roll an image out to the devices a selector or a file names, in waves. Every rule is checked before
-    /// anything is sent; the rollout starts at once unless --draft.
+    /// anything is sent; the rollout starts at once unless --draft (at a terminal, after showing how many devices
+    /// each wave reaches and asking; --yes skips that). --dry-run only shows it.
     #[command(after_help = "Examples:\n  \
-        medfleet rollouts create --artifact mx450-2.4.1.img --select 'model=MX450,site=stmarys' \\\n    \
+        medfleet rollouts create --artifact mx450-2.4.1.img --select 'model=IntelliVue MX450,site=stmarys' \\\n    \
         --waves 1%,10%,50%,100% --success 95% --soak 30m --halt-at 5% --min-executed 3 \\\n    \
-        --window 'Mon-Fri 02:00-05:00' --timezone Europe/London --clinical-use defer --deadline 14d\n  \
+        --window 'Mon-Fri 02:00-05:00' --clinical-use defer --deadline 14d --dry-run\n  \
         medfleet rollouts create --artifact mx450-2.4.1.img --devices icu-pilot.txt --waves 100% \\\n    \
         --clinical-use approve --draft -m \"ICU pilot\"\n\n\
         --select terms (all must match): model=MODEL, site=SITE, ward=SITE/WARD, tag=KEY=VALUE (repeatable).\n\
@@ -105,9 +106,20 @@ pub(crate) enum RolloutCommand {
         #[arg(long)]
         yes: bool,
     },
-    /// Queue the failed devices of the current and earlier waves again.
-    #[command(after_help = "Example:\n  medfleet rollouts retry-failed 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d")]
-    RetryFailed(CommandArgs),
+    /// Queue the failed devices of the current and earlier waves again (devices that only missed the deadline
+    /// are not retried). A halted rollout then needs `resume`.
+    #[command(
+        after_help = "Examples:\n  medfleet rollouts retry-failed 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d\n  \
+        medfleet rollouts retry-failed 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --include-rolled-back \\\n    \
+        -m \"health check fixed in the 2.4.2 probe\""
+    )]
+    RetryFailed {
+        #[command(flatten)]
+        args: CommandArgs,
+        /// Also retry devices that rolled back by themselves after a failed health check.
+        #[arg(long)]
+        include_rolled_back: bool,
+    },
     /// As a clinician with scope over its ward: let a device in clinical use install (rollouts with
     /// --clinical-use approve). An alarming device is never interrupted.
     #[command(
@@ -122,11 +134,19 @@ pub(crate) enum RolloutCommand {
         comment: String,
     },
     /// Put the model's previous signed image back on the devices this rollout updated, as a new rollout with the
-    /// same rules (devices take it only as a signed downgrade).
+    /// same rules (devices take it only as a signed downgrade: sign and upload the previous release with
+    /// `firmware sign --downgrade-from` before you need it).
     #[command(
-        after_help = "Example:\n  medfleet rollouts rollback 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"SpO2 readings drift after update\""
+        after_help = "Examples:\n  medfleet rollouts rollback 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"SpO2 readings drift after update\"\n  \
+                      medfleet rollouts rollback 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --draft   # look first, then rollouts start"
     )]
-    Rollback(CommandArgs),
+    Rollback {
+        #[command(flatten)]
+        args: CommandArgs,
+        /// Create the rollback as a draft: look at it with `rollouts show`, then `rollouts start` it.
+        #[arg(long)]
+        draft: bool,
+    },
 }
 
 pub(crate) async fn run(server: &Server, command: &RolloutCommand, out: Format) -> anyhow::Result<()> {
@@ -156,12 +176,22 @@ pub(crate) async fn run(server: &Server, command: &RolloutCommand, out: Format) 
             )?;
             control::command(&mut api, control::Move::Abort, args, out).await
         }
-        RolloutCommand::RetryFailed(args) => control::command(&mut api, control::Move::RetryFailed, args, out).await,
+        RolloutCommand::RetryFailed {
+            args,
+            include_rolled_back,
+        } => {
+            let m = control::Move::RetryFailed {
+                include_rolled_back: *include_rolled_back,
+            };
+            control::command(&mut api, m, args, out).await
+        }
         RolloutCommand::Approve {
             rollout,
             device,
             comment,
         } => control::approve(&mut api, rollout, device, comment, out).await,
-        RolloutCommand::Rollback(args) => control::command(&mut api, control::Move::Rollback, args, out).await,
+        RolloutCommand::Rollback { args, draft } => {
+            control::command(&mut api, control::Move::Rollback { draft: *draft }, args, out).await
+        }
     }
 }

@@ -132,18 +132,44 @@ pub struct Thresholds {
     pub soak: Duration,
 }
 
-/// Where the devices of a rollout stand: `wave` counts the current wave only, `rollout` every wave so far.
+/// Where a set of a rollout's devices stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
     pub targeted: usize,
     pub succeeded: usize,
+    /// Failed or rolled back: what the image did.
     pub failed: usize,
+    /// Not updated before the rollout's deadline (in use, offline): finished, but no verdict on the image.
+    pub expired: usize,
 }
 
 impl Tally {
+    /// Devices that finished, whatever the outcome.
     pub fn executed(&self) -> usize {
+        self.succeeded + self.failed + self.expired
+    }
+
+    /// Devices whose outcome says something about the image (what the halt threshold judges).
+    pub fn judged(&self) -> usize {
         self.succeeded + self.failed
     }
+}
+
+/// What the scheduler knows about a running rollout when it decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The current wave.
+    pub current: Tally,
+    /// Every wave started so far.
+    pub so_far: Tally,
+    /// What the halt threshold judges: the devices of the waves so far that finished since an operator last
+    /// resumed the rollout from a halt (all of them before any halt). Failures an operator has looked at and
+    /// resumed over do not halt it again at once.
+    pub judged: Tally,
+    /// How long the current wave has been at its success share (`None`: not yet).
+    pub successful_for: Option<Duration>,
+    /// The rollout's deadline has passed: devices not updated by then are expired, and it ends.
+    pub deadline_passed: bool,
 }
 
 /// What the scheduler does with a running rollout.
@@ -155,32 +181,38 @@ pub enum Step {
     Advance,
     /// Every wave succeeded.
     Complete,
+    /// The deadline passed and nothing of the started waves is still in flight: the rollout ends, what was not
+    /// updated stays as it is (later waves are canceled).
+    Expired,
     /// Stop: too many failures. Only an operator resumes a halted rollout.
     Halt { reason: String },
 }
 
-/// The decision for a running rollout in wave `wave` of `waves`, given the tallies and how long the current wave
-/// has been at its success share (`None`: not yet). Halting is judged first and on the whole rollout, so a bad
-/// image is stopped however the waves are cut.
-pub fn step(
-    thresholds: &Thresholds,
-    wave: usize,
-    waves: usize,
-    current: Tally,
-    rollout: Tally,
-    successful_for: Option<Duration>,
-) -> Step {
-    if rollout.executed() >= thresholds.min_executed.max(1)
-        && thresholds.halt_at.exceeded_by(rollout.failed, rollout.executed())
+/// The decision for a running rollout in wave `wave` of `waves`. Halting is judged first and on the whole
+/// rollout (since the last resume), so a bad image is stopped however the waves are cut; devices that merely ran
+/// out of time are no verdict on the image and never halt it.
+pub fn step(thresholds: &Thresholds, wave: usize, waves: usize, progress: Progress) -> Step {
+    let Progress {
+        current,
+        so_far,
+        judged,
+        successful_for,
+        deadline_passed,
+    } = progress;
+    if judged.judged() >= thresholds.min_executed.max(1)
+        && thresholds.halt_at.exceeded_by(judged.failed, judged.judged())
     {
         return Step::Halt {
             reason: format!(
                 "{} of {} devices that finished failed, more than the halt threshold {}",
-                rollout.failed,
-                rollout.executed(),
+                judged.failed,
+                judged.judged(),
                 thresholds.halt_at
             ),
         };
+    }
+    if deadline_passed && so_far.executed() >= so_far.targeted {
+        return Step::Expired;
     }
     if !thresholds.success.reached_by(current.succeeded, current.targeted) {
         return Step::Wait { soaking: None };
@@ -313,55 +345,97 @@ mod tests {
         assert_eq!(waves.sizes(0), vec![0, 0, 0, 0]);
     }
 
+    fn tally(targeted: usize, succeeded: usize, failed: usize) -> Tally {
+        Tally {
+            targeted,
+            succeeded,
+            failed,
+            expired: 0,
+        }
+    }
+
+    fn at(wave: Tally, successful_for: Option<Duration>) -> Progress {
+        Progress {
+            current: wave,
+            so_far: wave,
+            judged: wave,
+            successful_for,
+            deadline_passed: false,
+        }
+    }
+
     #[test]
     fn failures_halt_before_anything_else() {
         let t = thresholds();
-        let bad = Tally {
-            targeted: 20,
-            succeeded: 17,
-            failed: 3,
-        };
+        let bad = tally(20, 17, 3);
         assert!(matches!(
-            step(&t, 1, 4, bad, bad, Some(Duration::from_hours(1))),
+            step(&t, 1, 4, at(bad, Some(Duration::from_hours(1)))),
             Step::Halt { .. }
         ));
         // Too few finished to judge: two failures of two is not yet a verdict.
-        let early = Tally {
-            targeted: 20,
-            succeeded: 0,
-            failed: 2,
+        let early = tally(20, 0, 2);
+        assert_eq!(step(&t, 0, 4, at(early, None)), Step::Wait { soaking: None });
+    }
+
+    #[test]
+    fn a_resumed_rollout_judges_what_finished_since() {
+        let t = thresholds();
+        let bad = tally(20, 17, 3);
+        // Resumed over those three failures: the four devices since then all succeeded.
+        let resumed = Progress {
+            judged: tally(4, 4, 0),
+            ..at(bad, None)
         };
-        assert_eq!(step(&t, 0, 4, early, early, None), Step::Wait { soaking: None });
+        assert_eq!(step(&t, 1, 4, resumed), Step::Wait { soaking: None });
+        // A failure after the resume is judged among what finished after it (1 of 4 is more than 5 %).
+        let again = Progress {
+            judged: tally(4, 3, 1),
+            ..resumed
+        };
+        assert!(matches!(step(&t, 1, 4, again), Step::Halt { .. }));
+    }
+
+    #[test]
+    fn devices_that_ran_out_of_time_end_the_rollout_without_halting_it() {
+        let t = thresholds();
+        let wave = Tally {
+            expired: 6,
+            ..tally(20, 14, 0)
+        };
+        assert_eq!(step(&t, 1, 4, at(wave, None)), Step::Wait { soaking: None });
+        let late = Progress {
+            deadline_passed: true,
+            ..at(wave, None)
+        };
+        assert_eq!(step(&t, 1, 4, late), Step::Expired);
+        // Something still installing: it finishes first.
+        let installing = Progress {
+            so_far: Tally {
+                expired: 5,
+                ..tally(20, 14, 0)
+            },
+            ..late
+        };
+        assert_eq!(step(&t, 1, 4, installing), Step::Wait { soaking: None });
     }
 
     #[test]
     fn a_wave_advances_after_success_and_soak() {
         let t = thresholds();
-        let wave = Tally {
-            targeted: 20,
-            succeeded: 19,
-            failed: 0,
-        };
+        let wave = tally(20, 19, 0);
         assert_eq!(
-            step(&t, 0, 4, wave, wave, Some(Duration::from_mins(10))),
+            step(&t, 0, 4, at(wave, Some(Duration::from_mins(10)))),
             Step::Wait {
                 soaking: Some(Duration::from_mins(20))
             }
         );
-        assert_eq!(step(&t, 0, 4, wave, wave, Some(Duration::from_mins(30))), Step::Advance);
-        let done = Tally {
-            targeted: 20,
-            succeeded: 20,
-            failed: 0,
-        };
+        assert_eq!(step(&t, 0, 4, at(wave, Some(Duration::from_mins(30)))), Step::Advance);
+        let done = tally(20, 20, 0);
         assert_eq!(
-            step(&t, 3, 4, wave, wave, Some(Duration::from_hours(1))),
+            step(&t, 3, 4, at(wave, Some(Duration::from_hours(1)))),
             Step::Wait { soaking: None }
         );
-        assert_eq!(
-            step(&t, 3, 4, done, done, Some(Duration::from_hours(1))),
-            Step::Complete
-        );
+        assert_eq!(step(&t, 3, 4, at(done, Some(Duration::from_hours(1)))), Step::Complete);
     }
 
     #[test]

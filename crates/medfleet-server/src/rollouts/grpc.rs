@@ -287,6 +287,7 @@ fn parse_create(request: v1::CreateRolloutRequest) -> Result<NewRollout, Error> 
             clinical_use,
             deadline,
             draft: request.draft,
+            validate_only: request.validate_only,
             comment,
         })
     })
@@ -311,8 +312,14 @@ impl RolloutService for RolloutApi {
         let ctx = crate::transport::rpc::audit_context(&request);
         let seen = visibility(&request);
         let new = parse_create(request.into_inner())?;
+        let preview = new.validate_only;
         let detail = self.rollouts.create(&ctx, &seen, new).await?;
-        Ok(Response::new(rollout_to_wire(&detail)))
+        let mut wire = rollout_to_wire(&detail);
+        if preview {
+            // Nothing was stored: there is no rollout to name.
+            wire.id.clear();
+        }
+        Ok(Response::new(wire))
     }
 
     #[instrument(skip_all)]
@@ -437,7 +444,9 @@ impl RolloutService for RolloutApi {
     }
 
     async fn retry_failed(&self, request: Request<v1::RolloutCommandRequest>) -> Reply<v1::Rollout> {
-        self.command(request, Command::RetryFailed).await
+        let include_rolled_back = request.get_ref().include_rolled_back;
+        self.command(request, Command::RetryFailed { include_rolled_back })
+            .await
     }
 
     #[instrument(skip_all)]
@@ -461,7 +470,7 @@ impl RolloutService for RolloutApi {
         let request = request.into_inner();
         let id = rollout_id("rollout", &request.rollout)?;
         let note = comment(&request.comment)?;
-        let detail = self.rollouts.rollback(&ctx, &seen, id, &note).await?;
+        let detail = self.rollouts.rollback(&ctx, &seen, id, (&note, request.draft)).await?;
         Ok(Response::new(rollout_to_wire(&detail)))
     }
 }

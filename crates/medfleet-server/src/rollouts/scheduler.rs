@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use medfleet_core::firmware::rollout::{Share, Step, Tally, Thresholds, step};
+use medfleet_core::firmware::rollout::{Progress, Share, Step, Tally, Thresholds, step};
 use medfleet_core::firmware::state::{ActionState, RolloutState};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::persistence::db::{self, now};
 use crate::persistence::entity::{lease, rollout, rollout_action};
 use crate::persistence::events::{Event, Events};
-use crate::rollouts::store::{action_state, rollout_state, scopes_text};
+use crate::rollouts::store::{DEADLINE_PASSED, action_state, rollout_state, scopes_text};
 use crate::telemetry::Metrics;
 
 /// How long the leader lets reports gather after the first wakes it, before it decides.
@@ -180,17 +180,18 @@ impl Scheduler {
             .all(&txn)
             .await?;
         let mut changed = false;
-        if row.deadline_seconds > 0
-            && let Some(started) = row.started_at
-            && at > started + chrono::Duration::seconds(row.deadline_seconds)
-        {
+        let deadline_passed = row.deadline_seconds > 0
+            && row
+                .started_at
+                .is_some_and(|started| at > started + chrono::Duration::seconds(row.deadline_seconds));
+        if deadline_passed {
             let mut late = 0;
             for action in actions.iter().filter(|a| a.wave <= row.current_wave) {
                 let state = action_state(action);
                 if !state.is_final() && !state.is_installing() {
                     let mut active = action.clone().into_active_model();
                     active.state = Set(ActionState::Failed.as_str().to_owned());
-                    active.reason = Set("deadline_passed".to_owned());
+                    active.reason = Set(DEADLINE_PASSED.to_owned());
                     active.detail = Set("not updated before the rollout's deadline".to_owned());
                     active.active_device = Set(None);
                     active.updated_at = Set(at);
@@ -218,12 +219,13 @@ impl Scheduler {
             min_executed: usize::try_from(row.min_executed).unwrap_or(0),
             soak: Duration::from_secs(u64::try_from(row.soak_seconds).unwrap_or(0)),
         };
-        let tally = |wave_filter: &dyn Fn(i32) -> bool| {
+        let tally = |filter: &dyn Fn(&rollout_action::Model) -> bool| {
             let mut t = Tally::default();
-            for a in actions.iter().filter(|a| wave_filter(a.wave)) {
+            for a in actions.iter().filter(|a| filter(a)) {
                 t.targeted += 1;
                 match action_state(a) {
                     ActionState::Succeeded => t.succeeded += 1,
+                    ActionState::Failed if a.reason == DEADLINE_PASSED => t.expired += 1,
                     ActionState::Failed | ActionState::RolledBack => t.failed += 1,
                     // A canceled device neither succeeded nor failed; it no longer counts towards the wave.
                     ActionState::Canceled => t.targeted -= 1,
@@ -242,8 +244,11 @@ impl Scheduler {
                 .set_rollout_devices(&row.id.to_string(), state.as_str(), count);
         }
         let wave = row.current_wave;
-        let current = tally(&|w| w == wave);
-        let so_far = tally(&|w| w <= wave);
+        let current = tally(&|a| a.wave == wave);
+        let so_far = tally(&|a| a.wave <= wave);
+        // After a resume from a halt only what finished since counts (a final action's updated_at is when it
+        // finished).
+        let judged = tally(&|a| a.wave <= wave && row.halt_judged_since.is_none_or(|since| a.updated_at > since));
         let reached = thresholds.success.reached_by(current.succeeded, current.targeted);
         let mut active = row.clone().into_active_model();
         let succeeded_at = match (reached, row.wave_succeeded_at) {
@@ -262,7 +267,14 @@ impl Scheduler {
         };
         let held = succeeded_at.map(|since| (at - since).to_std().unwrap_or_default());
         let index = usize::try_from(wave).unwrap_or(0);
-        let decision = step(&thresholds, index, waves.len(), current, so_far, held);
+        let progress = Progress {
+            current,
+            so_far,
+            judged,
+            successful_for: held,
+            deadline_passed,
+        };
+        let decision = step(&thresholds, index, waves.len(), progress);
         let (audit_action, detail) = match decision {
             Step::Wait { .. } => (None, String::new()),
             Step::Advance => {
@@ -286,6 +298,25 @@ impl Scheduler {
                     Some("rollout.complete"),
                     format!("{} of {} devices updated", so_far.succeeded, so_far.targeted),
                 )
+            }
+            Step::Expired => {
+                // Later waves were never told anything: they end here too.
+                let canceled = super::store::cancel_pending(&txn, row.id, DEADLINE_PASSED, at).await?;
+                let reason = format!(
+                    "deadline passed: {} of {} devices updated, {} not updated in time, {} failed{}",
+                    so_far.succeeded,
+                    so_far.targeted,
+                    so_far.expired,
+                    so_far.failed,
+                    if canceled > 0 {
+                        format!(", {canceled} of later waves canceled")
+                    } else {
+                        String::new()
+                    }
+                );
+                active.state = Set(RolloutState::Completed.as_str().to_owned());
+                active.reason = Set(reason.clone());
+                (Some("rollout.expire"), reason)
             }
             Step::Halt { reason } => {
                 active.state = Set(RolloutState::Halted.as_str().to_owned());

@@ -10,7 +10,7 @@ use medfleet_core::firmware::state::{ActionState, RolloutState};
 use medfleet_core::firmware::window::Window;
 use sea_orm::{
     ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _,
-    IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    IntoActiveModel as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TryIntoModel as _,
 };
 use uuid::Uuid;
 
@@ -57,7 +57,12 @@ pub struct NewRollout {
     pub deadline: Option<Duration>,
     pub draft: bool,
     pub comment: String,
+    /// Answer with what would be created; store nothing.
+    pub validate_only: bool,
 }
+
+/// The reason of an action the rollout's deadline ended: not a verdict on the image (never halts, never retried).
+pub const DEADLINE_PASSED: &str = "deadline_passed";
 
 /// A rollout with everything `show` needs.
 #[derive(Debug, Clone)]
@@ -74,7 +79,10 @@ pub enum Command {
     Pause,
     Resume,
     Abort,
-    RetryFailed,
+    /// Queue failed devices again (and those that rolled back, when `include_rolled_back`).
+    RetryFailed {
+        include_rolled_back: bool,
+    },
 }
 
 impl Command {
@@ -84,7 +92,7 @@ impl Command {
             Self::Pause => "rollout.pause",
             Self::Resume => "rollout.resume",
             Self::Abort => "rollout.abort",
-            Self::RetryFailed => "rollout.retry_failed",
+            Self::RetryFailed { .. } => "rollout.retry_failed",
         }
     }
 }
@@ -337,7 +345,19 @@ impl Rollouts {
             started_at: Set(running.then_some(at)),
             updated_at: Set(at),
             rollback_of: Set(None),
+            halt_judged_since: Set(None),
         };
+        if new.validate_only {
+            let model = |e: sea_orm::DbErr| Error::Internal(format!("a rollout preview: {e}"));
+            return Ok(Detail {
+                rollout: row.try_into_model().map_err(model)?,
+                artifact: Some(artifact),
+                actions: actions
+                    .into_iter()
+                    .map(|a| a.try_into_model().map_err(model))
+                    .collect::<Result<_>>()?,
+            });
+        }
         self.insert(ctx, (id, state), row, actions, &artifact, (&scopes, &sizes))
             .await?;
         self.detail(id).await
@@ -507,6 +527,11 @@ impl Rollouts {
                 detail = format!("resumed from {from} ({})", row.reason);
                 active.state = Set(RolloutState::Running.as_str().to_owned());
                 active.reason = Set(String::new());
+                if from == RolloutState::Halted {
+                    // The operator looked at the failures that halted it: judge what finishes from now on.
+                    active.halt_judged_since = Set(Some(at));
+                    detail.push_str("; the halt threshold now judges devices that finish from here on");
+                }
                 // The soak starts again: the operator looked at why it stopped.
                 active.wave_succeeded_at = Set(None);
             }
@@ -518,17 +543,21 @@ impl Rollouts {
                 } else {
                     format!("aborted: {comment}")
                 });
-                let canceled = cancel_pending(&txn, id, at).await?;
+                let canceled = cancel_pending(&txn, id, "rollout_aborted", at).await?;
                 detail = format!("{canceled} devices canceled");
             }
-            Command::RetryFailed => {
+            Command::RetryFailed { include_rolled_back } => {
                 if from.is_final() {
                     return Err(Error::FailedPrecondition(format!(
                         "rollout {id} is {from}: nothing to retry"
                     )));
                 }
-                let retried = retry_failed(&txn, id, row.current_wave, at).await?;
-                detail = format!("{retried} failed devices queued again");
+                let retried = retry_failed(&txn, id, row.current_wave, include_rolled_back, at).await?;
+                detail = if include_rolled_back {
+                    format!("{retried} failed or rolled-back devices queued again")
+                } else {
+                    format!("{retried} failed devices queued again")
+                };
             }
         }
         active.updated_at = Set(at);
@@ -605,7 +634,7 @@ impl Rollouts {
         ctx: &audit::Context,
         visibility: &Visibility,
         id: Uuid,
-        comment: &str,
+        (comment, draft): (&str, bool),
     ) -> Result<Detail> {
         let detail = self.detail(id).await?;
         let state = rollout_state(&detail.rollout)?;
@@ -676,8 +705,9 @@ impl Rollouts {
                 clinical_use: clinical_use_of(&detail.rollout.clinical_use),
                 deadline: (detail.rollout.deadline_seconds > 0)
                     .then(|| Duration::from_secs(u64::try_from(detail.rollout.deadline_seconds).unwrap_or(0))),
-                draft: false,
+                draft,
                 comment: format!("rollback of {id}{}", note(comment)),
+                validate_only: false,
             };
         let created = self.create(ctx, visibility, new).await?;
         let mut active = created.rollout.clone().into_active_model();
@@ -699,10 +729,11 @@ pub fn scopes_text(row: &rollout::Model) -> String {
     serde_json::from_str::<Vec<String>>(&row.scopes).map_or_else(|_| "*".to_owned(), |s| s.join(","))
 }
 
-/// Cancels every action of the rollout that has not started installing; returns how many.
-async fn cancel_pending(
+/// Cancels every action of the rollout that has not started installing, with `reason`; returns how many.
+pub(super) async fn cancel_pending(
     conn: &impl ConnectionTrait,
     rollout: Uuid,
+    reason: &str,
     at: chrono::DateTime<chrono::Utc>,
 ) -> Result<usize> {
     let actions = rollout_action::Entity::find()
@@ -716,7 +747,7 @@ async fn cancel_pending(
         if state.to(ActionState::Canceled).is_ok() {
             let mut active = action.into_active_model();
             active.state = Set(ActionState::Canceled.as_str().to_owned());
-            active.reason = Set("rollout_aborted".to_owned());
+            active.reason = Set(reason.to_owned());
             active.active_device = Set(None);
             active.updated_at = Set(at);
             active.update(conn).await?;
@@ -726,16 +757,23 @@ async fn cancel_pending(
     Ok(canceled)
 }
 
-/// Queues failed actions of the waves so far again (not devices that joined another rollout since).
+/// Queues failed actions of the waves so far again (and rolled-back ones when asked), not devices that joined
+/// another rollout since nor those that only missed the deadline (retrying them would miss it again).
 async fn retry_failed(
     conn: &impl ConnectionTrait,
     rollout: Uuid,
     current_wave: i32,
+    include_rolled_back: bool,
     at: chrono::DateTime<chrono::Utc>,
 ) -> Result<usize> {
+    let mut states = vec![ActionState::Failed.as_str()];
+    if include_rolled_back {
+        states.push(ActionState::RolledBack.as_str());
+    }
     let failed = rollout_action::Entity::find()
         .filter(rollout_action::Column::RolloutId.eq(rollout))
-        .filter(rollout_action::Column::State.eq(ActionState::Failed.as_str()))
+        .filter(rollout_action::Column::State.is_in(states))
+        .filter(rollout_action::Column::Reason.ne(DEADLINE_PASSED))
         .filter(rollout_action::Column::Wave.lte(current_wave))
         .all(conn)
         .await?;

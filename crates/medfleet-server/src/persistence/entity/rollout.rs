@@ -29,6 +29,8 @@ pub struct Model {
     pub started_at: Option<DateTimeUtc>,
     pub updated_at: DateTimeUtc,
     pub rollback_of: Option<Uuid>,
+    /// Set when resumed from a halt: the halt threshold judges only devices that finished after it.
+    pub halt_judged_since: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,187 @@
+//! What an operator's resume and a rollout's deadline mean, with protocol devices on the real server, both
+//! backends: a rollout resumed over the failures that halted it judges only what finishes afterwards (it does not
+//! halt again at once), and devices that missed the deadline end the rollout without halting it.
+
+use chrono::Utc;
+use medfleet_e2e::{Backend, TestServer, both_backends, count_rows};
+use medfleet_proto::v1::{self, rollout_service_client::RolloutServiceClient};
+use tokio::sync::mpsc;
+
+use crate::firmware::{device_state, device_with, enrolled, published, state_of, wait_for};
+
+fn command(id: &str, comment: &str) -> v1::RolloutCommandRequest {
+    v1::RolloutCommandRequest {
+        rollout: id.to_owned(),
+        comment: comment.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn a_resume_judges_what_finishes_after_it(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (root, artifact) = published(&server, &channel, 100_000, 4).await;
+    let mut registry = server.admin().await;
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        devices.push(enrolled(&server, &mut registry, &format!("SN-RESUME-{i}")).await);
+    }
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    // A canary of one, then the rest; any failure halts, and a wave needs no success share to go on.
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: devices.iter().map(|(id, _)| id.clone()).collect(),
+            })),
+            waves: vec!["1%".into(), "100%".into()],
+            success_threshold: "0%".into(),
+            halt_threshold: "0%".into(),
+            min_executed: 1,
+            draft: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let draft = wait_for(&mut rollouts, &created.id, "the draft", |_| true).await;
+    let canary = draft.devices.iter().find(|d| d.wave == 0).unwrap().device_id.clone();
+    let (done_tx, _done) = mpsc::channel(8);
+    for (id, bundle) in &devices {
+        tokio::spawn(device_with(
+            server.channel_for(bundle).await.unwrap(),
+            id.clone(),
+            root.clone(),
+            done_tx.clone(),
+            usize::from(*id == canary),
+            None,
+        ));
+    }
+    rollouts.start_rollout(command(&created.id, "")).await.unwrap();
+    let halted = wait_for(&mut rollouts, &created.id, "the canary's halt", |d| {
+        state_of(d) == i32::from(v1::RolloutState::Halted)
+    })
+    .await;
+    assert_eq!(device_state(&halted, &canary).reason, "install_failed");
+
+    // Resumed without retrying the canary: its failure was looked at, the other two install and it completes
+    // (wait_for fails at once if it halts again instead).
+    rollouts
+        .resume_rollout(command(&created.id, "canary's cable was loose"))
+        .await
+        .unwrap();
+    let completed = wait_for(&mut rollouts, &created.id, "completion after the resume", |d| {
+        state_of(d) == i32::from(v1::RolloutState::Completed)
+    })
+    .await;
+    for (id, _) in &devices {
+        let want = if *id == canary {
+            v1::ActionState::Failed
+        } else {
+            v1::ActionState::Succeeded
+        };
+        assert_eq!(device_state(&completed, id).state, i32::from(want), "{id}");
+    }
+    let db = server.db().await;
+    assert_eq!(
+        count_rows(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.halt'").await,
+        1
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.resume' AND detail LIKE '%from here on%'"
+        )
+        .await,
+        1
+    );
+    server.stop().await.unwrap();
+}
+
+both_backends!(resume_after_a_halt, a_resume_judges_what_finishes_after_it);
+
+async fn devices_that_miss_the_deadline_end_the_rollout(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (root, artifact) = published(&server, &channel, 100_000, 6).await;
+    let mut registry = server.admin().await;
+    let (free, free_bundle) = enrolled(&server, &mut registry, "SN-DEADLINE-FREE").await;
+    let (bound, bound_bundle) = enrolled(&server, &mut registry, "SN-DEADLINE-BOUND").await;
+    // Never connects: it cannot be updated before the deadline either.
+    let (offline, _) = enrolled(&server, &mut registry, "SN-DEADLINE-OFF").await;
+    let mut patients = v1::patient_service_client::PatientServiceClient::new(channel.clone());
+    patients
+        .associate(v1::AssociateRequest {
+            device_id: bound.clone(),
+            patient: Some(v1::PatientIdentifier {
+                identifier: "MRN-FW-DL".into(),
+                authority: "HOSP".into(),
+                display_name: "Doe^John".into(),
+            }),
+            from: Some(medfleet_proto::convert::timestamp(
+                Utc::now() - chrono::Duration::minutes(1),
+            )),
+            until: None,
+        })
+        .await
+        .unwrap();
+    let (done_tx, _done) = mpsc::channel(8);
+    for (id, bundle) in [(&free, &free_bundle), (&bound, &bound_bundle)] {
+        tokio::spawn(device_with(
+            server.channel_for(bundle).await.unwrap(),
+            id.clone(),
+            root.clone(),
+            done_tx.clone(),
+            0,
+            None,
+        ));
+    }
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    // Two of three missing the deadline would be far above any halt threshold if they counted as failures.
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            artifact: artifact.id.clone(),
+            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+                device_ids: vec![free.clone(), bound.clone(), offline.clone()],
+            })),
+            waves: vec!["100%".into()],
+            success_threshold: "100%".into(),
+            halt_threshold: "10%".into(),
+            min_executed: 1,
+            deadline: Some(prost_types::Duration { seconds: 3, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = wait_for(&mut rollouts, &created.id, "the end at the deadline", |d| {
+        state_of(d) == i32::from(v1::RolloutState::Completed)
+    })
+    .await;
+    let reason = &ended.rollout.as_ref().unwrap().reason;
+    assert!(
+        reason.starts_with("deadline passed: 1 of 3 devices updated, 2 not updated in time"),
+        "{reason}"
+    );
+    assert_eq!(device_state(&ended, &free).state, i32::from(v1::ActionState::Succeeded));
+    for id in [&bound, &offline] {
+        let device = device_state(&ended, id);
+        assert_eq!(
+            (device.state, device.reason.as_str()),
+            (i32::from(v1::ActionState::Failed), "deadline_passed"),
+            "{id}"
+        );
+    }
+    let db = server.db().await;
+    assert_eq!(
+        count_rows(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.halt'").await,
+        0
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.expire'").await,
+        1
+    );
+    server.stop().await.unwrap();
+}
+
+both_backends!(deadline_ends_a_rollout, devices_that_miss_the_deadline_end_the_rollout);
