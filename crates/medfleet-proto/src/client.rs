@@ -126,8 +126,17 @@ fn endpoint(server: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError>
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW))
 }
+
+/// HTTP/2 receive window of one stream. Firmware arrives in 1 MiB messages: with hyper's default window (about
+/// one message) the server stops mid-message until this side has read it and sent a window update, so every
+/// chunk costs a round trip; two messages in flight keep the link busy, and bound what a stream buffers here.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// HTTP/2 receive window of the whole connection: a download and the device's session and readings side by side.
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();

@@ -732,9 +732,16 @@ async fn firmware(backend: Backend, clients: usize, mib: usize) -> (f64, f64) {
 
     let server = TestServer::start(backend).await;
     let (artifact, bytes, _) = published_image(&server, "BENCH", mib).await;
+    // Connected as the agent connects (its HTTP/2 settings), not with the test harness's endpoint.
+    let admin = server.admin_bundle();
+    let bundle = medfleet_proto::client::Bundle {
+        key_pem: admin.key_pem,
+        cert_pem: admin.cert_pem,
+        ca_pem: admin.ca_pem,
+    };
     let mut channels = Vec::new();
     for _ in 0..clients {
-        channels.push(server.channel(&server.admin_bundle()).await.unwrap());
+        channels.push(server.channel_for(&bundle).await.unwrap());
     }
     let started = Instant::now();
     let mut tasks = Vec::new();

@@ -726,15 +726,9 @@ async fn a_rollout_goes_through_its_waves(backend: Backend) {
     let mut rollouts = RolloutServiceClient::new(channel.clone());
     let created = rollouts
         .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.target_name.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: devices.clone(),
-            })),
             waves: vec!["25%".into(), "100%".into()],
-            success_threshold: "100%".into(),
-            soak: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
-            min_executed: 1,
-            ..Default::default()
+            halt_threshold: String::new(),
+            ..rollout_to(&artifact.target_name, devices.clone())
         })
         .await
         .unwrap()
@@ -825,17 +819,7 @@ async fn a_success_without_the_release_is_a_failure(backend: Backend) {
     tokio::spawn(device_with(device_channel, id.clone(), root, done_tx, 0, Some(0)));
     let mut rollouts = RolloutServiceClient::new(channel.clone());
     let created = rollouts
-        .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: vec![id.clone()],
-            })),
-            waves: vec!["100%".into()],
-            success_threshold: "100%".into(),
-            halt_threshold: "100%".into(),
-            min_executed: 1,
-            ..Default::default()
-        })
+        .create_rollout(rollout_to(&artifact.id, vec![id.clone()]))
         .await
         .unwrap()
         .into_inner();
@@ -854,6 +838,23 @@ both_backends!(
     a_success_without_the_release_is_a_failure,
     a_success_without_the_release_is_a_failure
 );
+
+/// One wave to the listed devices that neither advances early nor halts, so that every outcome is what a test
+/// looks at; a test overrides what it is about (`..rollout_to(…)`).
+pub(crate) fn rollout_to(artifact: &str, device_ids: Vec<String>) -> v1::CreateRolloutRequest {
+    v1::CreateRolloutRequest {
+        artifact: artifact.to_owned(),
+        target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
+            device_ids,
+        })),
+        waves: vec!["100%".into()],
+        success_threshold: "100%".into(),
+        soak: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
+        halt_threshold: "100%".into(),
+        min_executed: 1,
+        ..Default::default()
+    }
+}
 
 pub(crate) async fn wait_for(
     rollouts: &mut RolloutServiceClient<Channel>,
@@ -954,15 +955,9 @@ async fn failures_halt_and_bound_devices_wait(backend: Backend) {
     let mut rollouts = RolloutServiceClient::new(channel.clone());
     let created = rollouts
         .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: ids.clone(),
-            })),
-            waves: vec!["100%".into()],
-            success_threshold: "100%".into(),
             halt_threshold: "25%".into(),
             min_executed: 2,
-            ..Default::default()
+            ..rollout_to(&artifact.id, ids.clone())
         })
         .await
         .unwrap()
@@ -1086,14 +1081,9 @@ async fn one_scheduler_across_replicas_and_it_hands_over() {
     let mut rollouts = RolloutServiceClient::new(channel.clone());
     let created = rollouts
         .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: ids,
-            })),
             waves: vec!["50%".into(), "100%".into()],
-            success_threshold: "100%".into(),
             draft: true,
-            ..Default::default()
+            ..rollout_to(&artifact.id, ids)
         })
         .await
         .unwrap()

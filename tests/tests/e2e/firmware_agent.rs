@@ -20,7 +20,7 @@ use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::binaries::Process;
-use crate::firmware::{Keys, MODEL, device_state, image, in_a_year, target, trust_on, upload, wait_for};
+use crate::firmware::{Keys, MODEL, device_state, image, in_a_year, rollout_to, target, trust_on, upload, wait_for};
 
 /// A real agent's state directory, enrolled.
 struct Device {
@@ -119,18 +119,7 @@ async fn roll_out(
     devices: &[&Device],
 ) -> String {
     rollouts
-        .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: devices.iter().map(|d| d.id.clone()).collect(),
-            })),
-            waves: vec!["100%".into()],
-            success_threshold: "100%".into(),
-            // Every outcome is what these tests look at: nothing halts the rollout.
-            halt_threshold: "100%".into(),
-            min_executed: 1,
-            ..Default::default()
-        })
+        .create_rollout(rollout_to(&artifact.id, devices.iter().map(|d| d.id.clone()).collect()))
         .await
         .unwrap()
         .into_inner()
@@ -827,16 +816,8 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
     let window = utc_hours_now();
     let windowed = rollouts
         .create_rollout(v1::CreateRolloutRequest {
-            artifact: second.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: all.iter().map(|d| d.id.clone()).collect(),
-            })),
-            waves: vec!["100%".into()],
-            success_threshold: "100%".into(),
-            halt_threshold: "100%".into(),
-            min_executed: 1,
             window: window.clone(),
-            ..Default::default()
+            ..rollout_to(&second.id, all.iter().map(|d| d.id.clone()).collect())
         })
         .await
         .unwrap()

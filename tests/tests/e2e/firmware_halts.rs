@@ -7,7 +7,7 @@ use medfleet_e2e::{Backend, TestServer, both_backends, count_rows};
 use medfleet_proto::v1::{self, rollout_service_client::RolloutServiceClient};
 use tokio::sync::mpsc;
 
-use crate::firmware::{device_state, device_with, enrolled, published, state_of, wait_for};
+use crate::firmware::{device_state, device_with, enrolled, published, rollout_to, state_of, wait_for};
 
 fn command(id: &str, comment: &str) -> v1::RolloutCommandRequest {
     v1::RolloutCommandRequest {
@@ -30,16 +30,11 @@ async fn a_resume_judges_what_finishes_after_it(backend: Backend) {
     // A canary of one, then the rest; any failure halts, and a wave needs no success share to go on.
     let created = rollouts
         .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: devices.iter().map(|(id, _)| id.clone()).collect(),
-            })),
             waves: vec!["1%".into(), "100%".into()],
             success_threshold: "0%".into(),
             halt_threshold: "0%".into(),
-            min_executed: 1,
             draft: true,
-            ..Default::default()
+            ..rollout_to(&artifact.id, devices.iter().map(|(id, _)| id.clone()).collect())
         })
         .await
         .unwrap()
@@ -107,8 +102,17 @@ async fn devices_that_miss_the_deadline_end_the_rollout(backend: Backend) {
     let mut registry = server.admin().await;
     let (free, free_bundle) = enrolled(&server, &mut registry, "SN-DEADLINE-FREE").await;
     let (bound, bound_bundle) = enrolled(&server, &mut registry, "SN-DEADLINE-BOUND").await;
-    // Never connects: it cannot be updated before the deadline either.
-    let (offline, _) = enrolled(&server, &mut registry, "SN-DEADLINE-OFF").await;
+    // Never connects: it cannot be updated before the deadline either. In a bed, so the rollout says where it is.
+    medfleet_e2e::fleet::create_site(&mut registry, "north", "North").await;
+    medfleet_e2e::fleet::create_ward(&mut registry, "north", "icu", "ICU", &["bed-3"]).await;
+    let offline = medfleet_e2e::fleet::register(
+        &mut registry,
+        v1::RegisterDeviceRequest {
+            location: medfleet_e2e::fleet::location("north", "icu", "bed-3"),
+            ..medfleet_e2e::fleet::monitor("SN-DEADLINE-OFF", crate::firmware::MODEL)
+        },
+    )
+    .await;
     let mut patients = v1::patient_service_client::PatientServiceClient::new(channel.clone());
     patients
         .associate(v1::AssociateRequest {
@@ -140,16 +144,9 @@ async fn devices_that_miss_the_deadline_end_the_rollout(backend: Backend) {
     // Two of three missing the deadline would be far above any halt threshold if they counted as failures.
     let created = rollouts
         .create_rollout(v1::CreateRolloutRequest {
-            artifact: artifact.id.clone(),
-            target: Some(v1::create_rollout_request::Target::Devices(v1::DeviceList {
-                device_ids: vec![free.clone(), bound.clone(), offline.clone()],
-            })),
-            waves: vec!["100%".into()],
-            success_threshold: "100%".into(),
             halt_threshold: "10%".into(),
-            min_executed: 1,
             deadline: Some(prost_types::Duration { seconds: 3, nanos: 0 }),
-            ..Default::default()
+            ..rollout_to(&artifact.id, vec![free.clone(), bound.clone(), offline.clone()])
         })
         .await
         .unwrap()
@@ -172,6 +169,18 @@ async fn devices_that_miss_the_deadline_end_the_rollout(backend: Backend) {
             "{id}"
         );
     }
+    let offline_device = device_state(&ended, &offline);
+    assert_eq!(
+        (offline_device.serial_number.as_str(), offline_device.location.as_str()),
+        ("SN-DEADLINE-OFF", "north/icu/bed-3")
+    );
+    assert_eq!(
+        (
+            device_state(&ended, &free).serial_number.as_str(),
+            device_state(&ended, &free).location.as_str()
+        ),
+        ("SN-DEADLINE-FREE", "")
+    );
     let db = server.db().await;
     assert_eq!(
         count_rows(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.halt'").await,

@@ -238,12 +238,19 @@ pub(super) async fn show(api: &mut Firmware, dir: Option<&Path>, out: Format) ->
         }
         None => (first_root.clone(), "medfleetd's first root".to_owned()),
     };
-    let latest = roots.last().unwrap_or(first_root);
-    let mut roles = vec![role_view("root", latest)?];
-    let mut targets = Vec::new();
+    // The root a device pinned to `pinned` would reach, not merely the newest one listed: a root beyond a gap or
+    // signed by the wrong keys is not what devices trust.
     let mut problem = String::new();
+    let latest = tuf::follow_root_chain(&pinned, &roots).unwrap_or_else(|e| {
+        problem = format!("devices cannot follow medfleetd's root versions: {e}");
+        pinned.clone()
+    });
+    let mut roles = vec![role_view("root", &latest)?];
+    let mut targets = Vec::new();
     if metadata.targets_json.is_empty() {
-        "no image was uploaded yet: there is no targets metadata".clone_into(&mut problem);
+        if problem.is_empty() {
+            "no image was uploaded yet: there is no targets metadata".clone_into(&mut problem);
+        }
     } else {
         let pinned_version = tuf::metadata_version(&pinned).unwrap_or(0);
         let set = MetadataSet {
@@ -259,7 +266,9 @@ pub(super) async fn show(api: &mut Firmware, dir: Option<&Path>, out: Format) ->
         roles.push(role_view("targets", &set.targets)?);
         roles.push(role_view("snapshot", &set.snapshot)?);
         roles.push(role_view("timestamp", &set.timestamp)?);
-        if let Err(e) = tuf::verify(&pinned, &set, None, None).await {
+        if let Err(e) = tuf::verify(&pinned, &set, None, None).await
+            && problem.is_empty()
+        {
             problem = e.to_string();
         }
         if let Ok(info) = tuf::targets_info(&set.targets) {

@@ -205,35 +205,16 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::firmware::keys::{InitArgs, OnlineKey, create};
+    use crate::firmware::keys::create;
+    use crate::firmware::tests::{init_args, online};
 
     async fn initialized(dir: &Path) -> PathBuf {
-        let (snapshot, _) = SigningKey::generate().unwrap();
-        let (timestamp, _) = SigningKey::generate().unwrap();
-        let online = OnlineKeysFile {
-            snapshot: OnlineKey {
-                key_id: snapshot.id().to_owned(),
-                key: snapshot.public(),
-            },
-            timestamp: OnlineKey {
-                key_id: timestamp.id().to_owned(),
-                key: timestamp.public(),
-            },
-        };
-        let file = dir.join("online-keys.json");
-        std::fs::write(&file, serde_json::to_vec(&online).unwrap()).unwrap();
+        let online = online(dir);
         let out = dir.join("fw");
-        create(&InitArgs {
-            out: out.clone(),
-            online_keys: file,
-            root_keys: 3,
-            root_threshold: 2,
-            targets_keys: 1,
-            targets_threshold: 1,
-            expires: Duration::from_hours(24),
-        })
-        .await
-        .unwrap();
+        let mut init = init_args(&out, &online.file, 1);
+        (init.root_keys, init.root_threshold, init.targets_keys) = (3, 2, 1);
+        init.expires = Duration::from_hours(24);
+        create(&init).await.unwrap();
         out
     }
 

@@ -16,13 +16,14 @@ use crate::error::{InvalidInput, UsageError};
 
 const IMAGE: &[u8] = b"MX450 firmware 2.4.1, not really";
 
-struct Online {
-    snapshot: SigningKey,
-    timestamp: SigningKey,
-    file: PathBuf,
+pub(super) struct Online {
+    pub(super) snapshot: SigningKey,
+    pub(super) timestamp: SigningKey,
+    pub(super) file: PathBuf,
 }
 
-fn online(dir: &Path) -> Online {
+/// medfleetd's online keys as `online-keys -o json` would write them into `dir`.
+pub(super) fn online(dir: &Path) -> Online {
     let (snapshot, _) = SigningKey::generate().unwrap();
     let (timestamp, _) = SigningKey::generate().unwrap();
     let keys = OnlineKeysFile {
@@ -44,7 +45,7 @@ fn online(dir: &Path) -> Online {
     }
 }
 
-fn init_args(out: &Path, online: &Path, targets_threshold: u32) -> InitArgs {
+pub(super) fn init_args(out: &Path, online: &Path, targets_threshold: u32) -> InitArgs {
     InitArgs {
         out: out.to_owned(),
         online_keys: online.to_owned(),

@@ -180,6 +180,9 @@ pub(super) struct WaveView {
 #[derive(Debug, Serialize)]
 pub(super) struct DeviceView {
     pub(super) device_id: String,
+    pub(super) serial_number: String,
+    pub(super) location: String,
+    pub(super) attempt: u32,
     pub(super) wave: u32,
     pub(super) state: &'static str,
     pub(super) reason: String,
@@ -195,6 +198,9 @@ impl From<v1::RolloutDevice> for DeviceView {
             state: action_text(d.state),
             update_time: time(d.update_time.as_ref()),
             device_id: d.device_id,
+            serial_number: d.serial_number,
+            location: d.location,
+            attempt: d.attempt,
             wave: d.wave,
             reason: d.reason,
             detail: d.detail,
@@ -339,7 +345,10 @@ pub(super) fn print_detail(d: &DetailView, only_attention: bool) {
     }
     let mut table = output::table(&[
         "DEVICE",
+        "SERIAL",
+        "LOCATION",
         "WAVE",
+        "ATTEMPT",
         "STATE",
         "REASON",
         "DOWNLOADED",
@@ -354,7 +363,10 @@ pub(super) fn print_detail(d: &DetailView, only_attention: bool) {
         };
         table.add_row(vec![
             dev.device_id.clone(),
+            dev.serial_number.clone(),
+            dev.location.clone(),
             (dev.wave + 1).to_string(),
+            dev.attempt.to_string(),
             dev.state.to_owned(),
             reason,
             indicatif::HumanBytes(dev.bytes_downloaded).to_string(),

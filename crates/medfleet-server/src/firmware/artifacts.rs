@@ -96,6 +96,10 @@ struct ChunkCache {
     fetching: std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
+/// Chunks a reader fetches ahead of the one it is sending: the database or object-store read of the next chunk
+/// overlaps the network write of this one (one at a time left the link idle during each fetch).
+const READ_AHEAD: usize = 2;
+
 /// What the chunk cache holds at most.
 const CACHE_BYTES: usize = 128 * 1024 * 1024;
 
@@ -621,8 +625,9 @@ impl Artifacts {
         self.find(&self.db, reference).await
     }
 
-    /// The image from `offset`: chunk by chunk, each read when the previous one was taken (a slow reader holds no
-    /// more than one chunk in memory), from the chunk cache when another reader fetched it recently.
+    /// The image from `offset`, chunk by chunk: the next chunk is fetched while the previous one is sent (a slow
+    /// reader holds at most `READ_AHEAD` chunks in memory), from the chunk cache when another reader fetched it
+    /// recently.
     pub async fn read(
         &self,
         artifact: &firmware_artifact::Model,
@@ -650,7 +655,7 @@ impl Artifacts {
             let id = artifact.id;
             let count = length.div_ceil(chunk_size);
             return Ok(futures::stream::iter(first..count)
-                .then(move |n| {
+                .map(move |n| {
                     let objects = objects.clone();
                     let cache = cache.clone();
                     async move {
@@ -663,6 +668,7 @@ impl Artifacts {
                         Ok((start + skip as u64, data.slice(skip..)))
                     }
                 })
+                .buffered(READ_AHEAD)
                 .boxed());
         }
         let links: Vec<String> = firmware_artifact_chunk::Entity::find()
@@ -678,7 +684,7 @@ impl Artifacts {
         let cache = self.cache.clone();
         let id = artifact.id;
         Ok(futures::stream::iter(links.into_iter().enumerate())
-            .then(move |(n, sha)| {
+            .map(move |(n, sha)| {
                 let db = db.clone();
                 let cache = cache.clone();
                 async move {
@@ -696,6 +702,7 @@ impl Artifacts {
                     Ok((start + skip as u64, data.slice(skip..)))
                 }
             })
+            .buffered(READ_AHEAD)
             .boxed())
     }
 }

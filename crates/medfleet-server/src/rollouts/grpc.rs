@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::authz::policy::visibility;
 use crate::error::Error;
 use crate::persistence::events::Event;
+use crate::rollouts::places::Placed;
 use crate::rollouts::store::{self, Command, Counts, Detail, NewRollout, Rollouts, Targeting, action_state};
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -87,8 +88,10 @@ fn rollout_to_wire(d: &Detail) -> v1::Rollout {
     }
 }
 
-fn action_to_wire(a: &crate::persistence::entity::rollout_action::Model) -> v1::RolloutDevice {
+fn action_to_wire(a: &crate::persistence::entity::rollout_action::Model, place: Option<&Placed>) -> v1::RolloutDevice {
     v1::RolloutDevice {
+        serial_number: place.map(|p| p.serial.clone()).unwrap_or_default(),
+        location: place.map(|p| p.location.clone()).unwrap_or_default(),
         device_id: a.device_id.to_string(),
         wave: u32::try_from(a.wave).unwrap_or(0),
         state: convert::action_state_to_wire(action_state(a)).into(),
@@ -122,7 +125,11 @@ fn detail_to_wire(d: &Detail) -> v1::RolloutDetail {
     v1::RolloutDetail {
         rollout: Some(rollout_to_wire(d)),
         waves,
-        devices: d.actions.iter().map(action_to_wire).collect(),
+        devices: d
+            .actions
+            .iter()
+            .map(|a| action_to_wire(a, d.places.get(&a.device_id)))
+            .collect(),
     }
 }
 
@@ -458,7 +465,8 @@ impl RolloutService for RolloutApi {
             .map_err(|_| Error::from(Violations::single("device_id", "must be a device id")))?;
         let note = comment(&request.comment)?;
         let action = self.rollouts.approve(&ctx, id, device, &note).await?;
-        Ok(Response::new(action_to_wire(&action)))
+        let places = self.rollouts.places(&[device]).await?;
+        Ok(Response::new(action_to_wire(&action, places.get(&device))))
     }
 
     #[instrument(skip_all)]

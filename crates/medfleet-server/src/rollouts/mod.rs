@@ -3,8 +3,8 @@
 //! Owns: rollouts and their per-device actions ([`store`]: create from a selector or a list inside the caller's
 //! scopes, operator commands, reads), the one scheduler across replicas ([`scheduler`]: a leader lease in the
 //! database; advances, halts and completes rollouts by the rules of `medfleet_core::firmware::rollout`), what a
-//! connected device is told and how its reports move its action ([`dispatch`], called by the session hub), and
-//! `RolloutService` ([`grpc`]).
+//! connected device is told and how its reports move its action ([`dispatch`], called by the session hub), each
+//! device's serial and place for the people reading a rollout ([`places`]), and `RolloutService` ([`grpc`]).
 //!
 //! Invariants: a device is in at most one unfinished rollout (a unique index on `rollout_actions.active_device`);
 //! every state change goes through `medfleet_core::firmware::state` (forward only; a finished action never
@@ -14,5 +14,6 @@
 
 pub mod dispatch;
 pub mod grpc;
+pub mod places;
 pub mod scheduler;
 pub mod store;

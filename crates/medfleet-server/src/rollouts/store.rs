@@ -21,6 +21,7 @@ use crate::firmware::artifacts::Artifacts;
 use crate::persistence::db::{self, now};
 use crate::persistence::entity::{device, device_presence, device_tag, firmware_artifact, rollout, rollout_action};
 use crate::persistence::events::{Event, Events};
+use crate::rollouts::places::{self, Placed};
 
 /// The most devices one rollout targets.
 pub const MAX_DEVICES: usize = 100_000;
@@ -70,6 +71,8 @@ pub struct Detail {
     pub rollout: rollout::Model,
     pub artifact: Option<firmware_artifact::Model>,
     pub actions: Vec<rollout_action::Model>,
+    /// Each device's serial and place now (not when the rollout was created).
+    pub places: HashMap<Uuid, Placed>,
 }
 
 /// An operator command on a rollout.
@@ -137,6 +140,13 @@ pub struct Rollouts {
     db: DatabaseConnection,
     events: Arc<Events>,
     artifacts: Artifacts,
+}
+
+impl Rollouts {
+    /// The serial and place of the devices `ids`.
+    pub async fn places(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Placed>> {
+        places::lookup(&self.db, ids).await
+    }
 }
 
 fn db_int(value: u64) -> i64 {
@@ -349,13 +359,16 @@ impl Rollouts {
         };
         if new.validate_only {
             let model = |e: sea_orm::DbErr| Error::Internal(format!("a rollout preview: {e}"));
+            let actions: Vec<rollout_action::Model> = actions
+                .into_iter()
+                .map(|a| a.try_into_model().map_err(model))
+                .collect::<Result<_>>()?;
+            let ids: Vec<Uuid> = actions.iter().map(|a| a.device_id).collect();
             return Ok(Detail {
                 rollout: row.try_into_model().map_err(model)?,
                 artifact: Some(artifact),
-                actions: actions
-                    .into_iter()
-                    .map(|a| a.try_into_model().map_err(model))
-                    .collect::<Result<_>>()?,
+                actions,
+                places: places::lookup(&self.db, &ids).await?,
             });
         }
         self.insert(ctx, (id, state), row, actions, &artifact, (&scopes, &sizes))
@@ -435,10 +448,12 @@ impl Rollouts {
             .order_by_asc(rollout_action::Column::DeviceId)
             .all(&self.db)
             .await?;
+        let ids: Vec<Uuid> = actions.iter().map(|a| a.device_id).collect();
         Ok(Detail {
             rollout,
             artifact,
             actions,
+            places: places::lookup(&self.db, &ids).await?,
         })
     }
 
