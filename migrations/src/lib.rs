@@ -22,6 +22,7 @@ mod m20261202_000014_action_attempt;
 mod m20261202_000015_site_timezone;
 mod m20261203_000016_artifact_storage;
 mod m20261203_000017_rollout_judged_since;
+mod m20261203_000018_approval_scope;
 mod seed;
 
 #[derive(Debug)]
@@ -48,6 +49,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000015_site_timezone::Migration),
             Box::new(m20261203_000016_artifact_storage::Migration),
             Box::new(m20261203_000017_rollout_judged_since::Migration),
+            Box::new(m20261203_000018_approval_scope::Migration),
         ]
     }
 }

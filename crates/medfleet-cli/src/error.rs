@@ -17,6 +17,15 @@ pub(crate) struct UsageError(pub(crate) String);
 #[error("{0}")]
 pub(crate) struct InvalidInput(pub(crate) String);
 
+/// How a watched rollout ended when it did not update every device, with its own exit code so that a script can
+/// tell a halt (8) from an abort (9) and from a rollout that ended with devices not updated by its deadline (10).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct RolloutEnded {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
 /// What to do about a refusal of the server, found from its reason: attached as context to the status, which still
 /// decides the exit code; `main::report` prints it after the server's words.
 #[derive(Debug, thiserror::Error)]

@@ -182,6 +182,10 @@ fn report(error: &anyhow::Error) -> u8 {
         eprintln!("error: {invalid}");
         return 3;
     }
+    if let Some(ended) = error.downcast_ref::<crate::error::RolloutEnded>() {
+        eprintln!("error: {ended}");
+        return ended.code;
+    }
     let Some(status) = error.downcast_ref::<tonic::Status>() else {
         eprintln!("error: {error:#}");
         return if error.to_string().starts_with("cannot reach medfleetd") {

@@ -1,6 +1,7 @@
 //! What an operator's resume and a rollout's deadline mean, with protocol devices on the real server, both
 //! backends: a rollout resumed over the failures that halted it judges only what finishes afterwards (it does not
-//! halt again at once), and devices that missed the deadline end the rollout without halting it.
+//! halt again at once), devices that missed the deadline end the rollout without halting it, and a clinician's
+//! approval covers only the patient it was given for.
 
 use chrono::Utc;
 use medfleet_e2e::{Backend, TestServer, both_backends, count_rows};
@@ -194,3 +195,155 @@ async fn devices_that_miss_the_deadline_end_the_rollout(backend: Backend) {
 }
 
 both_backends!(deadline_ends_a_rollout, devices_that_miss_the_deadline_end_the_rollout);
+
+fn bind(device: &str, mrn: &str) -> v1::AssociateRequest {
+    v1::AssociateRequest {
+        device_id: device.to_owned(),
+        patient: Some(v1::PatientIdentifier {
+            identifier: mrn.into(),
+            authority: "HOSP".into(),
+            display_name: "Doe^Jane".into(),
+        }),
+        from: Some(medfleet_proto::convert::timestamp(
+            Utc::now() - chrono::Duration::minutes(1),
+        )),
+        until: None,
+    }
+}
+
+fn approval(rollout: &str, device: &str, comment: &str, minutes: i64) -> v1::ApproveDeviceRequest {
+    v1::ApproveDeviceRequest {
+        rollout: rollout.to_owned(),
+        device_id: device.to_owned(),
+        comment: comment.to_owned(),
+        valid_for: Some(prost_types::Duration {
+            seconds: minutes * 60,
+            nanos: 0,
+        }),
+    }
+}
+
+/// A clinician's approval lets a bound device install, but only for the patient it was given for: a device whose
+/// association changed after the approval waits again until someone approves for the new patient.
+async fn an_approval_covers_only_the_patient_it_was_given_for(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let channel = server.channel(&server.admin_bundle()).await.unwrap();
+    let (root, artifact) = published(&server, &channel, 100_000, 8).await;
+    let mut registry = server.admin().await;
+    let (first, first_bundle) = enrolled(&server, &mut registry, "SN-APPROVE-1").await;
+    let (second, second_bundle) = enrolled(&server, &mut registry, "SN-APPROVE-2").await;
+    let mut patients = v1::patient_service_client::PatientServiceClient::new(channel.clone());
+    patients.associate(bind(&first, "MRN-AP-1")).await.unwrap();
+    patients.associate(bind(&second, "MRN-AP-2")).await.unwrap();
+    let mut rollouts = RolloutServiceClient::new(channel.clone());
+    let created = rollouts
+        .create_rollout(v1::CreateRolloutRequest {
+            clinical_use: v1::ClinicalUsePolicy::Approve.into(),
+            ..rollout_to(&artifact.id, vec![first.clone(), second.clone()])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (done_tx, _done) = mpsc::channel(8);
+    tokio::spawn(device_with(
+        server.channel_for(&first_bundle).await.unwrap(),
+        first.clone(),
+        root.clone(),
+        done_tx.clone(),
+        0,
+        None,
+    ));
+    wait_for(&mut rollouts, &created.id, "the bound device's deferral", |d| {
+        device_state(d, &first).reason == "in_clinical_use"
+    })
+    .await;
+
+    // An approval says why and lasts at most a day; refused ones change nothing.
+    for (comment, minutes, field) in [("", 30, "comment"), ("stable", 25 * 60, "valid_for")] {
+        let refused = rollouts
+            .approve_device(approval(&created.id, &first, comment, minutes))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(field), "{}", refused.message());
+    }
+    let approved = rollouts
+        .approve_device(approval(
+            &created.id,
+            &first,
+            "patient stable, spare monitor at bedside",
+            30,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let until = approved.approved_until.expect("an approval's end");
+    let minutes = (until.seconds - Utc::now().timestamp()) / 60;
+    assert!((28..=30).contains(&minutes), "{minutes} minutes");
+    wait_for(&mut rollouts, &created.id, "the approved install", |d| {
+        device_state(d, &first).state == i32::from(v1::ActionState::Succeeded)
+    })
+    .await;
+
+    // Approved for one patient while offline; by the time it connects another patient is on it.
+    rollouts
+        .approve_device(approval(&created.id, &second, "patient stable", 30))
+        .await
+        .unwrap();
+    patients
+        .dissociate(v1::DissociateRequest {
+            device_id: second.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    patients
+        .associate(v1::AssociateRequest {
+            from: None,
+            ..bind(&second, "MRN-AP-3")
+        })
+        .await
+        .unwrap();
+    tokio::spawn(device_with(
+        server.channel_for(&second_bundle).await.unwrap(),
+        second.clone(),
+        root.clone(),
+        done_tx.clone(),
+        0,
+        None,
+    ));
+    let waiting = wait_for(&mut rollouts, &created.id, "the re-bound device's deferral", |d| {
+        device_state(d, &second).reason == "in_clinical_use"
+    })
+    .await;
+    assert_eq!(
+        device_state(&waiting, &second).state,
+        i32::from(v1::ActionState::Deferred)
+    );
+    rollouts
+        .approve_device(approval(&created.id, &second, "new patient stable too", 30))
+        .await
+        .unwrap();
+    wait_for(
+        &mut rollouts,
+        &created.id,
+        "the install approved for the new patient",
+        |d| device_state(d, &second).state == i32::from(v1::ActionState::Succeeded),
+    )
+    .await;
+    let db = server.db().await;
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'rollout.approve_device' AND detail LIKE '%for the patient bound now%'"
+        )
+        .await,
+        3
+    );
+    server.stop().await.unwrap();
+}
+
+both_backends!(
+    approval_is_per_patient,
+    an_approval_covers_only_the_patient_it_was_given_for
+);

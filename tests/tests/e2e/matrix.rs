@@ -359,7 +359,7 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         ("RolloutService", "ApproveDevice") => v1::ApproveDeviceRequest {
             rollout: String::new(),
             device_id: device.clone(),
-            comment: String::new(),
+            ..Default::default()
         }
         .encode_to_vec(),
         ("ConfigService", "SetConfig") => v1::SetConfigRequest {

@@ -545,6 +545,11 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
         let _ = previous.await;
     }
     let (action, attempt) = (install.action_id.as_str(), install.attempt);
+    // Counted from receipt (after any previous job finished would stretch it).
+    let expires = install
+        .valid_for
+        .and_then(|d| Duration::try_from(d).ok())
+        .map(|d| std::time::Instant::now() + d);
     if deferred_in_use(&shared, &link, action, attempt).await {
         return;
     }
@@ -583,8 +588,25 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
             }
         }
     }
-    // Verification can take minutes on a large image: a clinician may have started using the device meanwhile.
+    // Verification can take minutes on a large image: a clinician may have started using the device meanwhile,
+    // and the server's judgement (no patient bound, inside the window) may be too old to act on.
     if deferred_in_use(&shared, &link, action, attempt).await {
+        return;
+    }
+    if past(expires, std::time::Instant::now()) {
+        tracing::info!(device = %shared.device_id, %action, "install not started in time; asking the server again");
+        let _ = link
+            .tx
+            .send(report_of(
+                &shared,
+                action,
+                attempt,
+                ActionState::Deferred,
+                0,
+                "install_expired",
+                "verifying took longer than the server's go-ahead lasts; it installs when told again",
+            ))
+            .await;
         return;
     }
     send(&shared, &link, action, attempt, ActionState::Installing, 0).await;
@@ -619,6 +641,11 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
     event!(shared.quiet, device = %shared.device_id, %action, version = %prepared.target.meta.version, "firmware installed; rebooting onto it");
     send(&shared, &link, action, attempt, ActionState::Rebooting, 0).await;
     let _ = link.reboot.send(()).await;
+}
+
+/// Whether a go-ahead that ends at `expires` (none: never) has run out at `now`.
+fn past(expires: Option<std::time::Instant>, now: std::time::Instant) -> bool {
+    expires.is_some_and(|e| now >= e)
 }
 
 fn link_in_use(link: &Link) -> bool {
@@ -768,7 +795,16 @@ async fn health(shared: Arc<Shared>, link: Link, trial: Trial) {
 
 #[cfg(test)]
 mod tests {
-    use super::chance;
+    use super::{Duration, chance, past};
+
+    #[test]
+    fn a_go_ahead_runs_out_at_its_end_and_none_never_does() {
+        let now = std::time::Instant::now();
+        let end = now + Duration::from_mins(5);
+        assert!(!past(Some(end), now));
+        assert!(past(Some(end), end));
+        assert!(!past(None, now + Duration::from_hours(24)));
+    }
 
     #[test]
     fn fault_decisions_are_reproducible_and_spread() {

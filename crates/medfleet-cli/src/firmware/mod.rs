@@ -55,9 +55,9 @@ pub(crate) enum FirmwareCommand {
     /// OFFLINE: sign a release. Hashes IMAGE and writes DIR/targets.json: the targets medfleetd has (pulled with
     /// `metadata pull`) plus this one, as the next version, signed with the given targets keys.
     #[command(after_help = "Examples:\n  \
-        medfleet firmware sign mx450-2.4.1.img --name mx450-2.4.1.img --model MX450 \\\n    \
+        medfleet firmware sign mx450-2.4.1.img --name mx450-2.4.1.img --model \"IntelliVue MX450\" \\\n    \
         --version 2.4.1 --counter 41 --metadata ./fw --key /media/safe/targets-1.pem\n  \
-        medfleet firmware sign mx450-2.3.9.img --name mx450-2.3.9-fix.img --model MX450 \\\n    \
+        medfleet firmware sign mx450-2.3.9.img --name mx450-2.3.9-fix.img --model \"IntelliVue MX450\" \\\n    \
         --version 2.3.9 --counter 40 --downgrade-from 41 --metadata ./fw --key targets-1.pem  # a signed downgrade")]
     Sign(sign::SignArgs),
     /// OFFLINE: add your targets key's signature to DIR/targets.json (k-of-n signing by separate key holders).
@@ -83,7 +83,9 @@ pub(crate) enum FirmwareCommand {
         --comment \"fixes SpO2 alarm delay\"")]
     Upload(upload::UploadArgs),
     /// The stored images, newest first.
-    #[command(after_help = "Examples:\n  medfleet firmware list\n  medfleet firmware list --model MX450 -o json")]
+    #[command(
+        after_help = "Examples:\n  medfleet firmware list\n  medfleet firmware list --model \"IntelliVue MX450\" -o json"
+    )]
     List {
         /// Only images for this device model.
         #[arg(long)]
@@ -197,7 +199,10 @@ fn refusal(status: tonic::Status) -> anyhow::Error {
              your root.json",
         ),
         Some(r) if r == Refusal::Expired.as_str() => Some(
-            "the metadata has expired (`medfleet firmware metadata show` says which role): re-sign the targets with              `medfleet firmware metadata pull --allow-expired`, `medfleet firmware resign`, countersign and              `medfleet firmware metadata publish`; an expired root needs `medfleet firmware keys rotate-root` and              `medfleet firmware trust install`",
+            "the metadata has expired (`medfleet firmware metadata show` says which role): re-sign the targets with \
+             `medfleet firmware metadata pull --allow-expired`, `medfleet firmware resign`, countersign and \
+             `medfleet firmware metadata publish`; an expired root needs `medfleet firmware keys rotate-root` and \
+             `medfleet firmware trust install`",
         ),
         Some(r) if r == Refusal::Rollback.as_str() => Some(
             "targets.json is older than what medfleetd has: `medfleet firmware metadata pull`, then sign again on top",

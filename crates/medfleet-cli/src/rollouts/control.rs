@@ -167,8 +167,8 @@ pub(super) async fn command(api: &mut Rollouts, m: Move, args: &CommandArgs, out
 
 pub(super) async fn approve(
     api: &mut Rollouts,
-    rollout: &str,
-    device: &str,
+    (rollout, device): (&str, &str),
+    valid: std::time::Duration,
     comment: &str,
     out: Format,
 ) -> anyhow::Result<()> {
@@ -177,6 +177,7 @@ pub(super) async fn approve(
             rollout: rollout.to_owned(),
             device_id: device.to_owned(),
             comment: comment.to_owned(),
+            valid_for: prost_types::Duration::try_from(valid).ok(),
         })
         .await?
         .into_inner(),
@@ -185,9 +186,9 @@ pub(super) async fn approve(
         return output::json(&device);
     }
     println!(
-        "device {} approved to install in rollout {rollout} (now {}); it still waits while it is alarming or outside \
-         the window",
-        device.device_id, device.state
+        "device {} approved to install in rollout {rollout} until {} (now {}); it still waits while it is alarming \
+         or outside the window, and waits again if its patient association changes",
+        device.device_id, device.approved_until, device.state
     );
     Ok(())
 }

@@ -48,7 +48,7 @@ pub(crate) struct CreateArgs {
     /// A wave advances once this share of its devices succeeded [medfleetd's default: 95%].
     #[arg(long)]
     success: Option<String>,
-    /// ...and held it this long, e.g. 30m [medfleetd's default].
+    /// ...and held it this long, e.g. 30m [default: 0, no soak: give a canary time to show problems].
     #[arg(long, value_parser = parse_duration)]
     soak: Option<Duration>,
     /// Halt once failures exceed this share of the devices that finished [default: 5%]...
@@ -67,7 +67,8 @@ pub(crate) struct CreateArgs {
     /// What to do with a device in clinical use.
     #[arg(long, value_enum, default_value = "defer")]
     clinical_use: ClinicalUseArg,
-    /// Fail devices still not updated this long after the start, e.g. 14d [default: never].
+    /// End the rollout this long after the start, e.g. 14d: devices not updated by then are reported
+    /// deadline_passed (not counted as failures, never retried) [default: never].
     #[arg(long, value_parser = parse_duration)]
     deadline: Option<Duration>,
     /// Create it without starting it (`medfleet rollouts start` starts it).

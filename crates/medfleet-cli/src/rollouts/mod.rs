@@ -121,16 +121,21 @@ pub(crate) enum RolloutCommand {
         include_rolled_back: bool,
     },
     /// As a clinician with scope over its ward: let a device in clinical use install (rollouts with
-    /// --clinical-use approve). An alarming device is never interrupted.
+    /// --clinical-use approve), for a limited time and only for the patient it is bound to now: a new or ended
+    /// association voids the approval. An alarming device is never interrupted.
     #[command(
         after_help = "Example:\n  medfleet rollouts approve 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --device 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f \
-                            -m \"patient stable, spare monitor at bedside\""
+                            --valid 30m -m \"patient stable, spare monitor at bedside\""
     )]
     Approve {
         rollout: String,
         #[arg(long)]
         device: String,
-        #[arg(short = 'm', long, default_value = "")]
+        /// How long the approval stands (1m to 24h); outside the maintenance window it still waits.
+        #[arg(long, value_parser = crate::args::parse_duration, default_value = "1h")]
+        valid: std::time::Duration,
+        /// Why installing now is safe for this patient (kept in the audit trail).
+        #[arg(short = 'm', long)]
         comment: String,
     },
     /// Put the model's previous signed image back on the devices this rollout updated, as a new rollout with the
@@ -188,8 +193,9 @@ pub(crate) async fn run(server: &Server, command: &RolloutCommand, out: Format) 
         RolloutCommand::Approve {
             rollout,
             device,
+            valid,
             comment,
-        } => control::approve(&mut api, rollout, device, comment, out).await,
+        } => control::approve(&mut api, (rollout, device), *valid, comment, out).await,
         RolloutCommand::Rollback { args, draft } => {
             control::command(&mut api, control::Move::Rollback { draft: *draft }, args, out).await
         }

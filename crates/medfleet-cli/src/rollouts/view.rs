@@ -67,17 +67,19 @@ pub(super) struct CountsView {
     pub(super) failed: u32,
     pub(super) rolled_back: u32,
     pub(super) canceled: u32,
+    /// Not updated by the deadline (not counted in `failed`).
+    pub(super) expired: u32,
 }
 
 impl CountsView {
     /// Devices that will not move any more.
     pub(super) fn finished(&self) -> u32 {
-        self.succeeded + self.failed + self.rolled_back + self.canceled
+        self.succeeded + self.failed + self.rolled_back + self.canceled + self.expired
     }
 
     pub(super) fn summary(&self) -> String {
         format!(
-            "{} ok, {} failed, {} in progress, {} deferred, {} queued{}{}",
+            "{} ok, {} failed, {} in progress, {} deferred, {} queued{}{}{}",
             self.succeeded,
             self.failed,
             self.in_progress,
@@ -90,6 +92,11 @@ impl CountsView {
             },
             if self.canceled > 0 {
                 format!(", {} canceled", self.canceled)
+            } else {
+                String::new()
+            },
+            if self.expired > 0 {
+                format!(", {} not updated by the deadline", self.expired)
             } else {
                 String::new()
             },
@@ -109,6 +116,7 @@ impl From<Option<v1::RolloutCounts>> for CountsView {
             failed: c.failed,
             rolled_back: c.rolled_back,
             canceled: c.canceled,
+            expired: c.expired,
         }
     }
 }
@@ -190,6 +198,7 @@ pub(super) struct DeviceView {
     pub(super) bytes_downloaded: u64,
     pub(super) update_time: String,
     pub(super) approved_by: String,
+    pub(super) approved_until: String,
 }
 
 impl From<v1::RolloutDevice> for DeviceView {
@@ -206,6 +215,7 @@ impl From<v1::RolloutDevice> for DeviceView {
             detail: d.detail,
             bytes_downloaded: d.bytes_downloaded,
             approved_by: d.approved_by,
+            approved_until: time(d.approved_until.as_ref()),
         }
     }
 }

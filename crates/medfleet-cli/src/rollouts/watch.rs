@@ -7,6 +7,7 @@ use medfleet_proto::v1;
 
 use super::Rollouts;
 use super::view::{DetailView, wave_text};
+use crate::error::RolloutEnded;
 use crate::output::Format;
 
 /// The rollout's states that end a watch.
@@ -117,13 +118,26 @@ fn outcome(id: &str, last: Option<&DetailView>) -> anyhow::Result<()> {
     } else {
         format!(": {}", r.reason)
     };
+    let ended = |code, message| Err(RolloutEnded { code, message }.into());
     match r.state {
+        "completed" if r.counts.expired > 0 => ended(
+            10,
+            format!(
+                "rollout {id} ended at its deadline with {} of {} devices not updated{reason}; see `medfleet \
+                 rollouts show {id} --failed`",
+                r.counts.expired, r.counts.targeted
+            ),
+        ),
         "completed" => Ok(()),
-        "halted" => Err(anyhow::anyhow!(
-            "rollout {id} halted{reason}; see `medfleet rollouts show {id} --failed`, then `medfleet rollouts resume \
-             {id}` (after fixing the cause) or `medfleet rollouts abort {id}`"
-        )),
-        "aborted" => Err(anyhow::anyhow!("rollout {id} was aborted{reason}")),
+        "halted" => ended(
+            8,
+            format!(
+                "rollout {id} halted{reason}; see `medfleet rollouts show {id} --failed`, fix the cause, then \
+                 `medfleet rollouts retry-failed {id}` to give the failed devices another attempt and `medfleet \
+                 rollouts resume {id}`, or `medfleet rollouts abort {id}`"
+            ),
+        ),
+        "aborted" => ended(9, format!("rollout {id} was aborted{reason}")),
         state => Err(anyhow::anyhow!(
             "medfleetd ended the watch while rollout {id} is {state}; run `medfleet rollouts watch {id}` again"
         )),
@@ -194,9 +208,15 @@ mod tests {
     #[test]
     fn only_a_completed_rollout_exits_zero() {
         assert!(outcome("r1", Some(&detail(v1::RolloutState::Completed))).is_ok());
+        let code = |e: anyhow::Error| e.downcast_ref::<RolloutEnded>().map(|e| e.code);
         let halted = outcome("r1", Some(&detail(v1::RolloutState::Halted))).unwrap_err();
-        assert!(halted.to_string().contains("resume"), "{halted}");
-        assert!(outcome("r1", Some(&detail(v1::RolloutState::Aborted))).is_err());
+        assert!(halted.to_string().contains("retry-failed"), "{halted}");
+        assert_eq!(code(halted), Some(8));
+        let aborted = outcome("r1", Some(&detail(v1::RolloutState::Aborted))).unwrap_err();
+        assert_eq!(code(aborted), Some(9));
+        let mut expired = detail(v1::RolloutState::Completed);
+        expired.rollout.counts.expired = 2;
+        assert_eq!(code(outcome("r1", Some(&expired)).unwrap_err()), Some(10));
         assert!(outcome("r1", Some(&detail(v1::RolloutState::Running))).is_err());
         assert!(outcome("r1", None).is_err());
         assert!(finished("halted") && !finished("paused") && !finished("draft"));

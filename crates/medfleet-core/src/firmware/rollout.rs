@@ -215,6 +215,22 @@ pub fn step(thresholds: &Thresholds, wave: usize, waves: usize, progress: Progre
         return Step::Expired;
     }
     if !thresholds.success.reached_by(current.succeeded, current.targeted) {
+        // A wave that finished below its success share can never advance: on a small ward (a canary of one, too
+        // few finished devices for `min_executed`) the halt threshold may never judge it, and waiting would leave
+        // the rollout "running" for ever. Failures an operator resumed over do not halt it again (it waits for a
+        // retry); the last wave keeps its devices' outcomes as they are.
+        if wave + 1 < waves && current.targeted > 0 && current.executed() >= current.targeted && judged.failed > 0 {
+            return Step::Halt {
+                reason: format!(
+                    "wave {} finished with {} of its {} devices updated, below the success threshold {}: it cannot \
+                     advance (retry the failed devices, then resume, or abort)",
+                    wave + 1,
+                    current.succeeded,
+                    current.targeted,
+                    thresholds.success
+                ),
+            };
+        }
         return Step::Wait { soaking: None };
     }
     match successful_for {
@@ -246,6 +262,33 @@ pub enum ClinicalUse {
     Defer,
     /// Wait until it is free, or until a clinician with scope over its ward approves this device.
     Approve,
+}
+
+/// How long a clinician's approval lasts unless they say otherwise, and at most.
+pub const APPROVAL_DEFAULT: Duration = Duration::from_hours(1);
+pub const APPROVAL_MAX: Duration = Duration::from_hours(24);
+
+/// A clinician's approval to install on a device in clinical use, as it was given: until when, and for which
+/// patient association (none when the device was not bound then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Approval {
+    pub until: chrono::DateTime<chrono::Utc>,
+    pub association: Option<uuid::Uuid>,
+}
+
+impl Approval {
+    /// Whether the approval still stands at `at` for a device whose open associations are `current`. A clinician
+    /// judged one patient's situation at one moment: a different patient, a second one, or a binding that came
+    /// after the approval voids it, and so does its expiry (fail closed: a stale approval must never let a device
+    /// reboot at 02:00 on a patient nobody looked at).
+    pub fn holds(&self, at: chrono::DateTime<chrono::Utc>, current: &[uuid::Uuid]) -> bool {
+        at < self.until
+            && match (self.association, current) {
+                (None, []) => true,
+                (Some(approved), [now]) => approved == *now,
+                _ => false,
+            }
+    }
 }
 
 /// What is known about one device when it would install.
@@ -378,6 +421,26 @@ mod tests {
     }
 
     #[test]
+    fn a_wave_that_finished_below_its_share_halts_even_when_too_few_are_judged() {
+        let t = thresholds();
+        // Four beds, 1%,10%,50%,100%: a canary of one that failed; min_executed 3 never judges it.
+        let canary = tally(1, 0, 1);
+        let Step::Halt { reason } = step(&t, 0, 4, at(canary, None)) else {
+            panic!("a canary that failed must halt the rollout");
+        };
+        assert!(reason.contains("wave 1 finished with 0 of its 1"), "{reason}");
+        // Still in flight: it waits; and the last wave is never halted by this rule.
+        assert_eq!(step(&t, 0, 4, at(tally(2, 0, 1), None)), Step::Wait { soaking: None });
+        assert_eq!(step(&t, 3, 4, at(canary, None)), Step::Wait { soaking: None });
+        // Resumed over that failure (nothing judged since): it waits for a retry instead of halting again.
+        let resumed = Progress {
+            judged: tally(0, 0, 0),
+            ..at(canary, None)
+        };
+        assert_eq!(step(&t, 0, 4, resumed), Step::Wait { soaking: None });
+    }
+
+    #[test]
     fn a_resumed_rollout_judges_what_finished_since() {
         let t = thresholds();
         let bad = tally(20, 17, 3);
@@ -440,6 +503,27 @@ mod tests {
 
     #[test]
     fn clinical_use_fails_closed() {
+        let at = chrono::Utc::now();
+        let patient = uuid::Uuid::new_v4();
+        let given = Approval {
+            until: at + chrono::Duration::minutes(30),
+            association: Some(patient),
+        };
+        assert!(given.holds(at, &[patient]));
+        assert!(!given.holds(at + chrono::Duration::minutes(30), &[patient]), "expired");
+        assert!(!given.holds(at, &[uuid::Uuid::new_v4()]), "another patient");
+        assert!(!given.holds(at, &[patient, uuid::Uuid::new_v4()]), "a second patient");
+        assert!(
+            !given.holds(at, &[]),
+            "dissociated: free anyway, but the approval is not what lets it install"
+        );
+        let unbound = Approval {
+            association: None,
+            ..given
+        };
+        assert!(unbound.holds(at, &[]));
+        assert!(!unbound.holds(at, &[patient]), "bound after the approval");
+
         let free = DeviceNow {
             bound: false,
             state: OperationalState::Idle,

@@ -9,14 +9,14 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use medfleet_core::firmware::rollout::{DeviceNow, may_install};
+use medfleet_core::firmware::rollout::{Approval, DeviceNow, may_install};
 use medfleet_core::firmware::state::{ActionState, RolloutState};
 use medfleet_core::presence::OperationalState;
 use medfleet_core::validation::printable;
 use medfleet_proto::v1::{self, session_response};
 use sea_orm::{
-    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, Condition, DatabaseConnection, EntityTrait as _,
-    IntoActiveModel as _, QueryFilter as _,
+    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, Condition, ConnectionTrait, DatabaseConnection,
+    EntityTrait as _, IntoActiveModel as _, QueryFilter as _, QuerySelect as _,
 };
 use uuid::Uuid;
 
@@ -95,25 +95,40 @@ async fn active_actions(db: &DatabaseConnection, devices: &[Uuid]) -> Result<Vec
     Ok(out)
 }
 
-/// Devices among `devices` bound to a patient now.
-async fn bound(db: &DatabaseConnection, devices: &[Uuid]) -> Result<HashSet<Uuid>> {
-    let at = now();
-    let mut out = HashSet::new();
+/// How long a device may take, from being told to install, before it starts writing: the clinical-use gate and
+/// the window were judged at that moment, and a verification that takes longer (a slow device re-hashing a large
+/// image) must not act on a judgement that old. Long enough for any image medfleet accepts to verify.
+const INSTALL_VALID_FOR: std::time::Duration = std::time::Duration::from_mins(5);
+
+/// The patient associations open at `at` of each device among `devices` that has any (sorted: an approval is
+/// compared with them).
+pub(crate) async fn open_associations<C: ConnectionTrait>(
+    conn: &C,
+    devices: &[Uuid],
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<HashMap<Uuid, Vec<Uuid>>> {
+    let mut out: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
     for chunk in devices.chunks(IN_LIST) {
-        out.extend(
-            association::Entity::find()
-                .filter(association::Column::DeviceId.is_in(chunk.iter().copied()))
-                .filter(association::Column::StartsAt.lte(at))
-                .filter(
-                    Condition::any()
-                        .add(association::Column::EndsAt.is_null())
-                        .add(association::Column::EndsAt.gt(at)),
-                )
-                .all(db)
-                .await?
-                .into_iter()
-                .map(|a| a.device_id),
-        );
+        let rows: Vec<(Uuid, Uuid)> = association::Entity::find()
+            .filter(association::Column::DeviceId.is_in(chunk.iter().copied()))
+            .filter(association::Column::StartsAt.lte(at))
+            .filter(
+                Condition::any()
+                    .add(association::Column::EndsAt.is_null())
+                    .add(association::Column::EndsAt.gt(at)),
+            )
+            .select_only()
+            .column(association::Column::DeviceId)
+            .column(association::Column::Id)
+            .into_tuple()
+            .all(conn)
+            .await?;
+        for (device, association) in rows {
+            out.entry(device).or_default().push(association);
+        }
+    }
+    for open in out.values_mut() {
+        open.sort_unstable();
     }
     Ok(out)
 }
@@ -225,9 +240,9 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
         .filter(|a| matches!(action_state(a), ActionState::Downloaded | ActionState::Deferred))
         .map(|a| a.device_id)
         .collect();
-    let bound = bound(db, &waiting).await?;
-    let zones = site_timezones(db, &waiting).await?;
     let at = now();
+    let bound = open_associations(db, &waiting, at).await?;
+    let zones = site_timezones(db, &waiting).await?;
 
     let mut notified = Vec::new();
     let mut deferred = Vec::new();
@@ -279,10 +294,15 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                 if told.install {
                     continue;
                 }
+                let open = bound.get(&h.device).map_or(&[][..], Vec::as_slice);
+                let approval = action.approved_until.map(|until| Approval {
+                    until,
+                    association: action.approved_association,
+                });
                 let now_facts = DeviceNow {
-                    bound: bound.contains(&h.device),
+                    bound: !open.is_empty(),
                     state: h.state,
-                    approved: !action.approved_by.is_empty(),
+                    approved: !action.approved_by.is_empty() && approval.is_some_and(|a| a.holds(at, open)),
                     in_window: in_window(rollout, zones.get(&h.device).map(String::as_str), at),
                 };
                 match may_install(now_facts, clinical_use_of(&rollout.clinical_use)) {
@@ -291,6 +311,7 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                         message: session_response::Message::FirmwareInstall(v1::FirmwareInstall {
                             action_id: action.id.to_string(),
                             attempt: attempt_of(action),
+                            valid_for: Some(medfleet_proto::convert::duration_to_wire(INSTALL_VALID_FOR)),
                         }),
                         sent: Some(Sent {
                             action: action.id,

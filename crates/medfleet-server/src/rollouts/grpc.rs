@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
-use medfleet_core::firmware::rollout::{ClinicalUse, Share, Waves};
+use medfleet_core::firmware::rollout::{APPROVAL_DEFAULT, APPROVAL_MAX, ClinicalUse, Share, Waves};
 use medfleet_core::firmware::window::Window;
 use medfleet_core::paging::{decode_token, encode_token, page_size};
 use medfleet_core::validation::{Violations, check_text};
@@ -48,6 +48,7 @@ fn counts_to_wire(c: Counts) -> v1::RolloutCounts {
         failed: c.failed,
         rolled_back: c.rolled_back,
         canceled: c.canceled,
+        expired: c.expired,
     }
 }
 
@@ -100,6 +101,7 @@ fn action_to_wire(a: &crate::persistence::entity::rollout_action::Model, place: 
         bytes_downloaded: u64::try_from(a.bytes_downloaded).unwrap_or(0),
         update_time: Some(convert::timestamp(a.updated_at)),
         approved_by: a.approved_by.clone(),
+        approved_until: a.approved_until.map(convert::timestamp),
         attempt: u32::try_from(a.attempt).unwrap_or(0),
     }
 }
@@ -464,7 +466,24 @@ impl RolloutService for RolloutApi {
         let device = Uuid::parse_str(&request.device_id)
             .map_err(|_| Error::from(Violations::single("device_id", "must be a device id")))?;
         let note = comment(&request.comment)?;
-        let action = self.rollouts.approve(&ctx, id, device, &note).await?;
+        let mut v = Violations::new();
+        if note.is_empty() {
+            v.push(
+                "comment",
+                "say why installing now is safe for this patient (it is kept in the audit trail)",
+            );
+        }
+        let valid_for = wire_duration(&mut v, "valid_for", request.valid_for)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(APPROVAL_DEFAULT);
+        if valid_for < Duration::from_mins(1) || valid_for > APPROVAL_MAX {
+            v.push(
+                "valid_for",
+                "must be 1 minute to 24 hours: an approval judges one patient's situation now, not for days",
+            );
+        }
+        let valid_for = v.finish(|| Some(valid_for)).map_err(Error::from)?;
+        let action = self.rollouts.approve(&ctx, (id, device), valid_for, &note).await?;
         let places = self.rollouts.places(&[device]).await?;
         Ok(Response::new(action_to_wire(&action, places.get(&device))))
     }

@@ -23,6 +23,8 @@ use crate::persistence::entity::{device, device_presence, device_tag, firmware_a
 use crate::persistence::events::{Event, Events};
 use crate::rollouts::places::{self, Placed};
 
+mod approval;
+
 /// The most devices one rollout targets.
 pub const MAX_DEVICES: usize = 100_000;
 /// Device ids per `IN (...)` list.
@@ -321,6 +323,8 @@ impl Rollouts {
                     from_release_counter: Set(0),
                     updated_at: Set(at),
                     attempt: Set(1),
+                    approved_until: Set(None),
+                    approved_association: Set(None),
                 });
             }
         }
@@ -591,56 +595,6 @@ impl Rollouts {
         self.detail(id).await
     }
 
-    /// A clinician's approval to install on a device in clinical use.
-    pub async fn approve(
-        &self,
-        ctx: &audit::Context,
-        id: Uuid,
-        device: Uuid,
-        comment: &str,
-    ) -> Result<rollout_action::Model> {
-        let txn = db::begin_write(&self.db).await?;
-        let row = self.find(&txn, id).await?;
-        if clinical_use_of(&row.clinical_use) != ClinicalUse::Approve {
-            return Err(Error::FailedPrecondition(format!(
-                "rollout {id} defers devices in clinical use until they are free; approval applies only to rollouts \
-                 created with --clinical-use approve"
-            )));
-        }
-        let action = rollout_action::Entity::find()
-            .filter(rollout_action::Column::RolloutId.eq(id))
-            .filter(rollout_action::Column::DeviceId.eq(device))
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {device} is not in rollout {id}")))?;
-        let state = action_state(&action);
-        if state.is_final() || state.is_installing() {
-            return Err(Error::FailedPrecondition(format!(
-                "device {device} is {state} in rollout {id}: nothing to approve"
-            )));
-        }
-        let mut active = action.into_active_model();
-        active.approved_by = Set(ctx.actor.clone());
-        active.updated_at = Set(now());
-        let updated = active.update(&txn).await?;
-        let scope = device::Entity::find_by_id(device).one(&txn).await?.map_or_else(
-            || "*".to_owned(),
-            |d| audit::device_scope(d.site.as_deref(), d.ward.as_deref()),
-        );
-        ctx.record(
-            &txn,
-            "rollout.approve_device",
-            format!("device {device}"),
-            scope,
-            format!("rollout {id}: install approved while in clinical use{}", note(comment)),
-        )
-        .await?;
-        self.events.announce(&txn, &Event::Firmware).await?;
-        txn.commit().await?;
-        self.events.emit(Event::Firmware);
-        Ok(updated)
-    }
-
     /// A new rollout that takes the devices `id` updated back to the image they ran before, through an image the
     /// targets role signed for that: a downgrade from this release, or the old version re-released with a higher
     /// counter. Nothing signed so → FAILED_PRECONDITION saying what to sign.
@@ -815,6 +769,10 @@ async fn retry_failed(
         active.attempt = Set(attempt);
         active.state = Set(ActionState::Queued.as_str().to_owned());
         active.reason = Set(String::new());
+        // An approval judged the attempt it was given for; a new attempt needs its own.
+        active.approved_by = Set(String::new());
+        active.approved_until = Set(None);
+        active.approved_association = Set(None);
         active.detail = Set(String::new());
         active.bytes_downloaded = Set(0);
         active.active_device = Set(Some(device));
@@ -836,6 +794,7 @@ pub struct Counts {
     pub failed: u32,
     pub rolled_back: u32,
     pub canceled: u32,
+    pub expired: u32,
 }
 
 pub fn counts<'a>(actions: impl Iterator<Item = &'a rollout_action::Model>) -> Counts {
@@ -846,6 +805,7 @@ pub fn counts<'a>(actions: impl Iterator<Item = &'a rollout_action::Model>) -> C
             ActionState::Queued => c.queued += 1,
             ActionState::Deferred => c.deferred += 1,
             ActionState::Succeeded => c.succeeded += 1,
+            ActionState::Failed if a.reason == DEADLINE_PASSED => c.expired += 1,
             ActionState::Failed => c.failed += 1,
             ActionState::RolledBack => c.rolled_back += 1,
             ActionState::Canceled => c.canceled += 1,

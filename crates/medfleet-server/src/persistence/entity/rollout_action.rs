@@ -20,6 +20,10 @@ pub struct Model {
     pub updated_at: DateTimeUtc,
     /// 1 at first, one more per operator retry: devices tell a retry from a replay by it.
     pub attempt: i32,
+    /// A clinician's approval ends then (NULL: none, or given before approvals expired: void).
+    pub approved_until: Option<DateTimeUtc>,
+    /// The patient association the approval was given for (NULL: the device was not bound).
+    pub approved_association: Option<Uuid>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
