@@ -131,12 +131,12 @@ fn endpoint(server: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError>
         .initial_connection_window_size(CONNECTION_WINDOW))
 }
 
-/// HTTP/2 receive window of one stream. Firmware arrives in 1 MiB messages: with hyper's default window (about
-/// one message) the server stops mid-message until this side has read it and sent a window update, so every
-/// chunk costs a round trip; two messages in flight keep the link busy, and bound what a stream buffers here.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// HTTP/2 receive window of the whole connection: a download and the device's session and readings side by side.
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 receive window of one stream. Firmware arrives in 1 MiB messages: with hyper's default (2 MiB) the
+/// server stalls whenever this side is a message behind; several messages in flight keep the link busy, and the
+/// window still bounds what one stream buffers here.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// HTTP/2 receive window of the whole connection: a download beside the device's session and readings.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();

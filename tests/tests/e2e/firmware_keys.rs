@@ -1,6 +1,7 @@
 //! The key holders' lifecycle between releases with the real CLI and server: a root rotated before it expires
 //! (refused below the old threshold, installed, followed), expiry exported as metrics, targets metadata that
-//! expired pulled anyway and re-signed, and an image deleted from medfleetd left out of the next re-signing.
+//! expired pulled anyway and re-signed, an image deleted from medfleetd left out of the next re-signing, and a
+//! pull into a directory without a root that trusts only the root named by its SHA-256.
 
 use std::path::Path;
 
@@ -159,6 +160,40 @@ async fn rotate_expire_resign_and_remove(backend: Backend) {
 
     // Two releases whose targets metadata lives seconds; the first image is deleted afterwards.
     sign(&server, dir, "mx450-2.1.0.img", "1", "5m").await;
+    // A key holder's second machine has no root.json: medfleetd's root is not trusted as sent. Only the SHA-256
+    // `keys init` printed (of version 1) lets the pull verify, and it saves the root the chain leads to.
+    let bare = medfleet(&server, dir, &["firmware", "metadata", "pull", "--out", "elsewhere"]).await;
+    assert_eq!(bare.code, 2, "{bare:?}");
+    assert!(bare.stderr.contains("--root-sha256"), "{}", bare.stderr);
+    let forged = "0".repeat(64);
+    let wrong = [
+        "firmware",
+        "metadata",
+        "pull",
+        "--out",
+        "elsewhere",
+        "--root-sha256",
+        &forged,
+    ];
+    let wrong = medfleet(&server, dir, &wrong).await;
+    assert_eq!(wrong.code, 3, "{wrong:?}");
+    assert!(!dir.join("elsewhere/root.json").exists());
+    let v1_sha = medfleet_core::digest::sha256_hex(&v1);
+    let pinned = [
+        "firmware",
+        "metadata",
+        "pull",
+        "--out",
+        "elsewhere",
+        "--root-sha256",
+        &v1_sha,
+    ];
+    ok(&medfleet(&server, dir, &pinned).await, "pull with --root-sha256");
+    assert_eq!(
+        std::fs::read(dir.join("elsewhere/root.json")).unwrap(),
+        std::fs::read(dir.join("fw/root.json")).unwrap()
+    );
+
     sign(&server, dir, "mx450-2.2.0.img", "2", "8s").await;
     let deleted = medfleet(&server, dir, &["firmware", "delete", "mx450-2.1.0.img", "--yes"]).await;
     ok(&deleted, "delete");

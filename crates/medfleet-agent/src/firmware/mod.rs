@@ -239,6 +239,22 @@ impl Firmware {
                         job.handle.abort();
                         job.attempt
                     }
+                    Some(job) if !job.handle.is_finished() => {
+                        // Another action is in flight: its job, download and staged image are not this cancel's.
+                        tracing::info!(action = %cancel.action_id, running = %job.action, "cancel of an action not running here; recorded only");
+                        let mut slots = lock(&self.shared.slots);
+                        slots.finish(Finished {
+                            action: cancel.action_id.clone(),
+                            attempt: 0,
+                            state: ActionState::Canceled.as_str().to_owned(),
+                            reason: String::new(),
+                            detail: "canceled by medfleetd".to_owned(),
+                        });
+                        if let Err(error) = self.shared.paths.save(&slots) {
+                            tracing::warn!(%error, "cannot record the canceled firmware action");
+                        }
+                        return;
+                    }
                     _ => 0,
                 };
                 if lock(&self.shared.slots).trial.is_some() {

@@ -20,7 +20,8 @@ struct Pulled {
     targets_version: Option<u64>,
     /// The files written.
     files: Vec<String>,
-    /// Whether the set verified against a root the directory held before (false: first use, trusted as sent).
+    /// Whether the set verified against a root the directory held before (false: against the root whose SHA-256
+    /// was given).
     verified_against_local_root: bool,
 }
 
@@ -57,11 +58,19 @@ fn check_replace(path: &Path, new: &[u8], force: bool) -> anyhow::Result<()> {
 pub(super) async fn pull(
     api: &mut Firmware,
     dir: &Path,
-    force: bool,
-    allow_expired: bool,
+    (force, allow_expired): (bool, bool),
+    root_sha256: Option<&str>,
     out: Format,
 ) -> anyhow::Result<()> {
     let local_root = files::read_optional(&dir.join(ROOT_FILE))?;
+    if local_root.is_none() && root_sha256.is_none() {
+        return Err(UsageError(format!(
+            "{} has no {ROOT_FILE} to verify medfleetd's metadata against: copy in the root.json you created \
+             (`keys init`), or pass --root-sha256 with the sha256 it printed",
+            dir.display()
+        ))
+        .into());
+    }
     let known = local_root.as_deref().and_then(version_of).unwrap_or(0);
     let metadata = api
         .get_metadata(v1::GetMetadataRequest {
@@ -76,9 +85,23 @@ pub(super) async fn pull(
             "medfleetd sent no root metadata; install one first with `medfleet firmware trust install`"
         ));
     };
-    let (pinned, verified_against_local_root) = match &local_root {
-        Some(root) => (root.clone(), true),
-        None => (first_root.clone(), false),
+    let (pinned, verified_against_local_root) = match (&local_root, root_sha256) {
+        (Some(root), _) => (root.clone(), true),
+        (None, Some(hex)) => {
+            let wanted = hex.trim().to_ascii_lowercase();
+            let root = roots
+                .iter()
+                .find(|r| medfleet_core::digest::sha256_hex(r) == wanted)
+                .ok_or_else(|| {
+                    InvalidInput(format!(
+                        "none of medfleetd's {} root versions has sha256 {wanted}: it is not serving the root you \
+                         trust; nothing was written (do not sign on top of it; compare `medfleet firmware trust show`)",
+                        roots.len()
+                    ))
+                })?;
+            (root.clone(), false)
+        }
+        (None, None) => (first_root.clone(), false),
     };
     // The root written is the one the chain from the pinned root reaches, as a device walks it: never simply the
     // last one sent, which a compromised medfleetd could have forged beyond a gap.
@@ -162,10 +185,8 @@ pub(super) async fn pull(
     }
     if !verified_against_local_root {
         eprintln!(
-            "note: {} had no {ROOT_FILE}, so medfleetd's root was trusted as sent; compare its sha256 ({}) with \
-             the root you installed",
-            dir.display(),
-            medfleet_core::digest::sha256_hex(latest_root)
+            "note: verified against the root with the sha256 you gave; {} now holds the root it leads to",
+            dir.display()
         );
     }
     println!(

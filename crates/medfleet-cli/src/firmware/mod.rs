@@ -12,6 +12,7 @@ mod artifacts;
 mod files;
 mod keys;
 mod metadata;
+mod review;
 mod rotate;
 mod sign;
 #[cfg(test)]
@@ -154,7 +155,8 @@ pub(crate) enum TrustCommand {
 pub(crate) enum MetadataCommand {
     /// Write medfleetd's current root.json, timestamp.json, snapshot.json and targets.json into DIR, verified
     /// against DIR/root.json when there is one, so the next `sign` extends what medfleetd has.
-    #[command(after_help = "Example:\n  medfleet firmware metadata pull --out ./fw")]
+    #[command(after_help = "Examples:\n  medfleet firmware metadata pull --out ./fw\n  \
+                            medfleet firmware metadata pull --out ./new-dir --root-sha256 9f2c…   # as `keys init` printed")]
     Pull {
         #[arg(long)]
         out: PathBuf,
@@ -164,6 +166,10 @@ pub(crate) enum MetadataCommand {
         /// Pull metadata that has expired (signatures are still checked), to re-sign it with `resign`.
         #[arg(long)]
         allow_expired: bool,
+        /// Into a DIR without root.json: the SHA-256 of the root you trust (`keys init` printed it). medfleetd's
+        /// root is never trusted as sent: a forged one could make you sign an image you did not mean to.
+        #[arg(long, value_name = "HEX")]
+        root_sha256: Option<String>,
     },
     /// The metadata medfleetd serves devices: each role's version and expiry, the targets it lists and whether
     /// it verifies against DIR/root.json (or medfleetd's first root).
@@ -248,7 +254,8 @@ pub(crate) async fn run(server: &Server, command: &FirmwareCommand, out: Format)
             out: dir,
             force,
             allow_expired,
-        }) => metadata::pull(&mut api, dir, *force, *allow_expired, out).await,
+            root_sha256,
+        }) => metadata::pull(&mut api, dir, (*force, *allow_expired), root_sha256.as_deref(), out).await,
         FirmwareCommand::Metadata(MetadataCommand::Show { metadata: dir }) => {
             metadata::show(&mut api, dir.as_deref(), out).await
         }

@@ -11,7 +11,7 @@ use medfleet_core::firmware::target::{self, TargetMeta};
 use medfleet_core::firmware::tuf::{self, RootInfo, SignedTarget, SigningKey, TargetsInfo};
 use serde::Serialize;
 
-use super::{ROOT_FILE, TARGETS_FILE, files};
+use super::{ROOT_FILE, TARGETS_FILE, files, review};
 use crate::args::parse_duration;
 use crate::error::InvalidInput;
 use crate::output::{self, Format};
@@ -90,6 +90,13 @@ pub(crate) struct SignatureStatus {
     pub(crate) counted: Option<usize>,
     pub(crate) threshold: Option<u64>,
     pub(crate) complete: Option<bool>,
+    /// `countersign`: what this version changes against the published one it builds on (`+`, `-`, `~`), or every
+    /// target (`=`) when that version is not in the directory.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) changes: Vec<String>,
+    /// The published version `changes` compares with (empty: none held, nothing compared).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) compared_with: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -205,6 +212,8 @@ fn status(path: &Path, info: &TargetsInfo, root: Option<&RootInfo>, target: Opti
         counted,
         threshold,
         complete: counted.zip(threshold).map(|(c, t)| c as u64 >= t),
+        changes: Vec::new(),
+        compared_with: String::new(),
     }
 }
 
@@ -301,6 +310,9 @@ pub(crate) async fn sign_release(args: &SignArgs, progress: bool) -> anyhow::Res
         .await
         .map_err(|e| InvalidInput(format!("cannot sign: {e}")))?;
     files::create_dir(&args.metadata)?;
+    if let Some(previous) = &previous_bytes {
+        review::keep_previous(&args.metadata, previous)?;
+    }
     files::replace_public(&path, &signed)?;
     Ok(status(
         &path,
@@ -327,6 +339,13 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
     let root = local_root(&args.metadata)?;
     let keys = files::read_keys(&args.keys)?;
     check_keys(root.as_ref(), &keys)?;
+    let base = if root.is_some() {
+        review::published_base(&args.metadata, &info)?
+    } else {
+        None
+    };
+    let changes = review::changes(base.as_ref().map(|(_, b)| b), &info);
+    let compared_with = base.map(|(p, _)| p.display().to_string()).unwrap_or_default();
     let mut signed = bytes;
     for key in &keys {
         if info.signed_by.iter().any(|id| id == key.id()) {
@@ -337,7 +356,11 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
             .map_err(|e| InvalidInput(format!("cannot countersign {}: {e}", path.display())))?;
     }
     files::replace_public(&path, &signed)?;
-    Ok(status(&path, &targets_of(&path, &signed)?, root.as_ref(), None))
+    Ok(SignatureStatus {
+        changes,
+        compared_with,
+        ..status(&path, &targets_of(&path, &signed)?, root.as_ref(), None)
+    })
 }
 
 /// DIR/targets.json again as its next version with a new expiry, the same targets, signed by `args.keys`.
@@ -361,11 +384,25 @@ pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<Signatur
     let signed = tuf::resign_targets_without(&previous, &args.remove, expires, &signers)
         .await
         .map_err(|e| InvalidInput(format!("cannot re-sign {}: {e}", path.display())))?;
+    review::keep_previous(&args.metadata, &previous)?;
     files::replace_public(&path, &signed)?;
     Ok(status(&path, &targets_of(&path, &signed)?, root.as_ref(), None))
 }
 
 fn print_status(dir: &Path, status: &SignatureStatus) {
+    if !status.changes.is_empty() {
+        if status.compared_with.is_empty() {
+            println!(
+                "The published version this builds on is not in {}: check every target you signed (all are):",
+                dir.display()
+            );
+        } else {
+            println!("What you signed, against the published {}:", status.compared_with);
+        }
+        for line in &status.changes {
+            println!("  {line}");
+        }
+    }
     if let Some(t) = &status.target {
         println!(
             "Signed {} (model {}, version {}, release {}{}): sha256 {}, {} bytes",

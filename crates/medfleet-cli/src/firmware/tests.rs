@@ -149,6 +149,35 @@ async fn keys_init_sign_and_countersign_make_metadata_a_device_accepts() {
     let verified = device_verifies(&dir, &online).await.unwrap();
     assert_eq!(verified.targets_version(), 2);
     assert_eq!(verified.targets().unwrap().len(), 2);
+
+    // The co-signer of version 3 sees what it changes against the published version 2, which `sign` kept.
+    sign_release(&sign_args(&dir, &image, "mx450-43.img", 43, &["targets-1.pem"]), false)
+        .await
+        .unwrap();
+    let cosign = CountersignArgs {
+        metadata: dir.clone(),
+        keys: vec![dir.join("keys/targets-2.pem")],
+    };
+    let reviewed = countersign_release(&cosign).await.unwrap();
+    assert!(
+        reviewed.compared_with.ends_with("2.targets.json"),
+        "{}",
+        reviewed.compared_with
+    );
+    assert_eq!(reviewed.changes.len(), 1, "{:?}", reviewed.changes);
+    assert!(
+        reviewed.changes[0].starts_with("+ mx450-43.img: model MX450, version 2.43.0, release 43"),
+        "{:?}",
+        reviewed.changes
+    );
+    // A kept base that is not the version this builds on is not compared with: the countersign is refused.
+    std::fs::write(
+        dir.join("2.targets.json"),
+        std::fs::read(dir.join("1.targets.json")).unwrap(),
+    )
+    .unwrap();
+    let error = countersign_release(&cosign).await.unwrap_err();
+    assert!(error.to_string().contains("not a published version"), "{error}");
 }
 
 #[tokio::test]

@@ -261,7 +261,7 @@ impl Repository {
         targets_json: &str,
         target_name: &str,
     ) -> Result<Prepared> {
-        let (verified, info, rows) = self.prepare_set(conn, targets_json).await?;
+        let (verified, info, rows) = self.prepare_set(conn, targets_json, Some(target_name)).await?;
         let target = verified.target(target_name).map_err(refused)?;
         Ok(Prepared {
             target,
@@ -287,53 +287,8 @@ impl Repository {
                     .to_owned(),
             ));
         }
-        let (_, info, rows) = self.prepare_set(&txn, targets_json).await?;
-        // prepare_set insists every stored image stays listed; a target without a stored image would be signed
-        // metadata for nothing devices can fetch, and must come with its image through an upload.
-        let stored = firmware_artifact::Entity::find().all(&txn).await?;
-        if let Some(extra) = info
-            .targets
-            .iter()
-            .find(|t| !stored.iter().any(|a| a.target_name == t.name && a.sha256 == t.sha256))
-        {
-            return Err(Error::Refused {
-                reason: tuf::Refusal::UnknownTarget.as_str(),
-                message: format!(
-                    "the targets metadata lists {name} ({}), which is not a stored image: if it was deleted, re-sign \
-                     without it (`medfleet firmware resign --remove {name}`); a new image is uploaded with `medfleet \
-                     firmware upload` instead",
-                    extra.meta.version,
-                    name = extra.name,
-                ),
-            });
-        }
-        // Re-signing keeps each stored image exactly as it was signed: what medfleetd decides by (model, release
-        // counter, downgrades) must be what devices enforce.
-        for artifact in &stored {
-            let same = info
-                .targets
-                .iter()
-                .find(|t| t.name == artifact.target_name)
-                .is_some_and(|t| {
-                    i64::try_from(t.length).ok() == Some(artifact.length)
-                        && t.meta.hardware_id == artifact.hardware_id
-                        && t.meta.version == artifact.version
-                        && i64::try_from(t.meta.release_counter).ok() == Some(artifact.release_counter)
-                        && serde_json::to_string(&t.meta.downgrade_from).ok().as_deref()
-                            == Some(artifact.downgrade_from.as_str())
-                });
-            if !same {
-                return Err(Error::Refused {
-                    reason: tuf::Refusal::Inconsistent.as_str(),
-                    message: format!(
-                        "the targets metadata changes what the stored image {} is (length, model, version, release \
-                         counter or downgrades): re-sign the published targets.json unchanged (`medfleet firmware \
-                         metadata pull`, then `medfleet firmware resign`)",
-                        artifact.target_name
-                    ),
-                });
-            }
-        }
+        // prepare_set insists the set lists exactly the stored images, each as it was signed.
+        let (_, info, rows) = self.prepare_set(&txn, targets_json, None).await?;
         write_rows(&txn, rows).await?;
         let detail = if comment.is_empty() {
             format!(
@@ -357,10 +312,12 @@ impl Repository {
 
     /// Checks targets metadata against the trusted roots and what is published, signs the snapshot and
     /// timestamp that would publish it and verifies the whole set with tough; returns the rows to write.
+    /// `uploading`: the one target of the set that may have no stored image yet (its image is arriving).
     async fn prepare_set(
         &self,
         conn: &impl ConnectionTrait,
         targets_json: &str,
+        uploading: Option<&str>,
     ) -> Result<(tuf::Verified, tuf::TargetsInfo, Vec<firmware_metadata::ActiveModel>)> {
         let roots = self.roots(conn).await?;
         let Some(first) = roots.first() else {
@@ -384,24 +341,16 @@ impl Repository {
                 ),
             });
         }
-        // Images already stored must stay listed with their hash, or devices could no longer verify them.
         let stored = firmware_artifact::Entity::find().all(conn).await?;
-        for artifact in &stored {
-            if !info
-                .targets
-                .iter()
-                .any(|t| t.name == artifact.target_name && t.sha256 == artifact.sha256)
-            {
-                return Err(Error::Refused {
-                    reason: tuf::Refusal::Inconsistent.as_str(),
-                    message: format!(
-                        "the targets metadata no longer lists stored image {} ({}): run `medfleet firmware metadata \
-                         pull` and sign the new image into that targets.json",
-                        artifact.target_name, artifact.version
-                    ),
-                });
-            }
-        }
+        // An upload may carry along a target the published metadata lists already without a stored image (one
+        // deleted, not yet re-signed away), exactly as published; a publish may not.
+        let carried: Vec<SignedTarget> = match (uploading, &current) {
+            (Some(_), Some(current)) => tuf::targets_info(current.body.as_bytes())
+                .map(|published| published.targets)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        matches_store(&info, &stored, uploading, &carried)?;
         let keys = self.keys().await?;
         let at = now();
         let snapshot_version = Self::role(conn, SNAPSHOT)
@@ -602,3 +551,58 @@ pub(crate) async fn lock_metadata(txn: &sea_orm::DatabaseTransaction) -> Result<
 
 /// Arbitrary but fixed key of the advisory lock on the published metadata.
 const METADATA_LOCK_KEY: i64 = 0x6d65_6466_6c74_0012;
+
+/// The set lists exactly the stored images, each with the hash, length, model, version, release counter and
+/// downgrades it was stored under (what medfleetd decides by must be what devices enforce, and a co-signer's
+/// signature must not quietly turn an old image into a downgrade), plus at most the one image being uploaded.
+fn matches_store(
+    info: &tuf::TargetsInfo,
+    stored: &[firmware_artifact::Model],
+    uploading: Option<&str>,
+    carried: &[SignedTarget],
+) -> Result<()> {
+    for artifact in stored {
+        let Some(t) = info.targets.iter().find(|t| t.name == artifact.target_name) else {
+            return Err(Error::Refused {
+                reason: tuf::Refusal::Inconsistent.as_str(),
+                message: format!(
+                    "the targets metadata no longer lists stored image {} ({}): run `medfleet firmware metadata \
+                     pull` and sign on top of that targets.json",
+                    artifact.target_name, artifact.version
+                ),
+            });
+        };
+        let same = t.sha256 == artifact.sha256
+            && i64::try_from(t.length).ok() == Some(artifact.length)
+            && t.meta.hardware_id == artifact.hardware_id
+            && t.meta.version == artifact.version
+            && i64::try_from(t.meta.release_counter).ok() == Some(artifact.release_counter)
+            && serde_json::to_string(&t.meta.downgrade_from).ok().as_deref() == Some(artifact.downgrade_from.as_str());
+        if !same {
+            return Err(Error::Refused {
+                reason: tuf::Refusal::Inconsistent.as_str(),
+                message: format!(
+                    "the targets metadata changes what the stored image {} is (hash, length, model, version, release \
+                     counter or downgrades): sign on top of the published targets.json without changing it \
+                     (`medfleet firmware metadata pull`, then `sign` or `resign`)",
+                    artifact.target_name
+                ),
+            });
+        }
+    }
+    if let Some(extra) = info.targets.iter().find(|t| {
+        Some(t.name.as_str()) != uploading && !stored.iter().any(|a| a.target_name == t.name) && !carried.contains(t)
+    }) {
+        return Err(Error::Refused {
+            reason: tuf::Refusal::UnknownTarget.as_str(),
+            message: format!(
+                "the targets metadata lists {name} ({}), which is not a stored image: if it was deleted, re-sign \
+                 without it (`medfleet firmware resign --remove {name}`); a new image is uploaded with `medfleet \
+                 firmware upload`, one per signing",
+                extra.meta.version,
+                name = extra.name,
+            ),
+        });
+    }
+    Ok(())
+}

@@ -189,7 +189,8 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
     let by_device: HashMap<Uuid, &rollout_action::Model> = actions.iter().map(|a| (a.device_id, a)).collect();
     let mut out = Vec::new();
 
-    // A session told about an action that is no longer active: cancel it on the device if it was canceled.
+    // A session told about an action that is no longer active: cancel it on the device if it was canceled, or
+    // ended by the deadline before it installed (a device told to install may not have reported it yet).
     let stale: Vec<Uuid> = held
         .iter()
         .filter_map(|h| {
@@ -204,7 +205,10 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
             .all(db)
             .await?;
         for action in finished {
-            if action_state(&action) == ActionState::Canceled {
+            let state = action_state(&action);
+            if state == ActionState::Canceled
+                || (state == ActionState::Failed && action.reason == crate::rollouts::store::DEADLINE_PASSED)
+            {
                 out.push(Due {
                     device: action.device_id,
                     message: session_response::Message::FirmwareCancel(v1::FirmwareCancel {

@@ -188,7 +188,8 @@ impl Scheduler {
             let mut late = 0;
             for action in actions.iter().filter(|a| a.wave <= row.current_wave) {
                 let state = action_state(action);
-                if !state.is_final() && !state.is_installing() {
+                // Verifying: told to install, and it may be writing by now; its report decides, not the clock.
+                if !state.is_final() && !state.is_installing() && state != ActionState::Verifying {
                     let mut active = action.clone().into_active_model();
                     active.state = Set(ActionState::Failed.as_str().to_owned());
                     active.reason = Set(DEADLINE_PASSED.to_owned());
