@@ -763,7 +763,7 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
     let server = TestServer::start(backend).await;
     let channel = server.channel(&server.admin_bundle()).await.unwrap();
     let mut publisher = Publisher::new(&channel).await;
-    let (_first, _) = publisher.publish(&channel, 1, 100_000, 31).await;
+    let (first, first_bytes) = publisher.publish(&channel, 1, 100_000, 31).await;
     let (second, _) = publisher.publish(&channel, 2, 100_000, 32).await;
     let mut registry = server.admin().await;
     let zone = chrono_tz::Asia::Kathmandu;
@@ -875,23 +875,38 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(
-        refused.message().contains("--downgrade-from 2"),
+        refused.message().contains("--allow-downgrade OLD.img=2"),
         "{}",
         refused.message()
     );
-    let bytes = image(100_000, 33);
-    let mut downgrade = target("mx450-2.1.1.img", &bytes, 1);
-    downgrade.meta.version = "2.1.1".into();
-    downgrade.meta.downgrade_from = vec![2];
-    let signed = tuf::sign_targets(
-        publisher.targets.as_deref(),
-        &downgrade,
+    // The image to go back to is stored already: the key holders authorise it as a downgrade from release 2 (the
+    // same bytes, re-signed rather than uploaded again), and medfleetd publishes that, audited.
+    let authorised = tuf::resign_targets_changed(
+        publisher.targets.as_deref().unwrap(),
+        &[],
+        &[(first.target_name.clone(), 2)],
         in_a_year(),
         &[&publisher.keys.targets[1], &publisher.keys.targets[2]],
     )
     .await
     .unwrap();
-    upload(&channel, &downgrade.name, &signed, &bytes).await.unwrap();
+    v1::firmware_service_client::FirmwareServiceClient::new(channel.clone())
+        .publish_targets(v1::PublishTargetsRequest {
+            targets_json: String::from_utf8(authorised.clone()).unwrap(),
+            comment: "field safety notice: back to 2.1.0".into(),
+        })
+        .await
+        .unwrap();
+    publisher.targets = Some(authorised);
+    assert_eq!(
+        count_rows(
+            &server.db().await,
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'firmware.authorize_downgrade' AND detail LIKE '%may now \
+             replace releases [2]%'"
+        )
+        .await,
+        1
+    );
 
     // A biomed engineer of Patan ICU may roll back what was rolled out there, but not onto a device that has moved
     // to another ward since: the rollback is bounded by the caller's own scopes, and nothing is created.
@@ -951,7 +966,7 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
         .unwrap()
         .into_inner();
     assert_eq!(back.rollback_of, open);
-    assert_eq!(back.target_name, "mx450-2.1.1.img");
+    assert_eq!(back.target_name, first.target_name);
     assert_eq!(back.state, i32::from(v1::RolloutState::Draft));
     icu_rollouts
         .start_rollout(v1::RolloutCommandRequest {
@@ -967,8 +982,10 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
     for device in &devices {
         let slots = slots(device);
         let active = slots["active"].as_str().unwrap();
-        assert_eq!(slots[active]["version"], "2.1.1", "{slots}");
+        assert_eq!(slots[active]["version"], first.version, "{slots}");
         assert_eq!(running_counter(device), 1);
+        let slot = device.state.path().join(format!("firmware/slot-{active}.img"));
+        assert_eq!(std::fs::read(slot).unwrap(), first_bytes, "the very bytes of release 1");
     }
     server.stop().await.unwrap();
 }

@@ -71,6 +71,7 @@ pub(crate) enum FirmwareCommand {
         medfleet firmware metadata pull --out ./fw      # add --allow-expired when it has expired already\n  \
         medfleet firmware resign --metadata ./fw --key /media/safe/targets-1.pem --expires 180d\n  \
         medfleet firmware resign --metadata ./fw --key targets-1.pem --remove mx450-2.3.0.img  # a deleted image\n  \
+        medfleet firmware resign --metadata ./fw --key targets-1.pem --allow-downgrade mx450-2.4.0.img=41  # for a rollback\n  \
         medfleet firmware countersign --metadata ./fw --key /media/bob/targets-2.pem\n  \
         medfleet firmware metadata publish --metadata ./fw --comment \"quarterly re-sign\"")]
     Resign(sign::ResignArgs),

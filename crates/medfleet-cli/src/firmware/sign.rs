@@ -71,6 +71,20 @@ pub(crate) struct ResignArgs {
     /// Leave this target out (an image deleted with `medfleet firmware delete`); repeatable.
     #[arg(long = "remove", value_name = "TARGET")]
     pub(crate) remove: Vec<String>,
+    /// Let a listed image replace a higher release, e.g. mx450-2.4.0.img=41: a signed downgrade of the very bytes
+    /// devices ran before, for `medfleet rollouts rollback` (FDA: only when necessary for safety); repeatable.
+    #[arg(long = "allow-downgrade", value_name = "TARGET=RELEASE", value_parser = parse_downgrade)]
+    pub(crate) allow_downgrade: Vec<(String, u64)>,
+}
+
+fn parse_downgrade(text: &str) -> Result<(String, u64), String> {
+    let (name, release) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("'{text}' is not TARGET=RELEASE, e.g. mx450-2.4.0.img=41"))?;
+    let release = release
+        .parse()
+        .map_err(|_| format!("'{release}' is not a release counter (a whole number)"))?;
+    Ok((name.to_owned(), release))
 }
 
 /// Where signing stands after `sign`, `resign` or `countersign`.
@@ -381,7 +395,7 @@ pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<Signatur
     targets_of(&path, &previous)?;
     check_built_on(&args.metadata, &path, &previous)?;
     let signers: Vec<&SigningKey> = keys.iter().collect();
-    let signed = tuf::resign_targets_without(&previous, &args.remove, expires, &signers)
+    let signed = tuf::resign_targets_changed(&previous, &args.remove, &args.allow_downgrade, expires, &signers)
         .await
         .map_err(|e| InvalidInput(format!("cannot re-sign {}: {e}", path.display())))?;
     review::keep_previous(&args.metadata, &previous)?;

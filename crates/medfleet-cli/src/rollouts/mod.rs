@@ -139,8 +139,8 @@ pub(crate) enum RolloutCommand {
         comment: String,
     },
     /// Put the model's previous signed image back on the devices this rollout updated, as a new rollout with the
-    /// same rules (devices take it only as a signed downgrade: sign and upload the previous release with
-    /// `firmware sign --downgrade-from` before you need it).
+    /// same rules (devices take it only as a signed downgrade: authorise the stored previous image with
+    /// `firmware resign --allow-downgrade OLD.img=RELEASE` and `metadata publish` first). Pause or abort it first.
     #[command(
         after_help = "Examples:\n  medfleet rollouts rollback 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -m \"SpO2 readings drift after update\"\n  \
                       medfleet rollouts rollback 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --draft   # look first, then rollouts start"

@@ -450,7 +450,49 @@ pub async fn resign_targets_without(
     expires: DateTime<Utc>,
     signers: &[&SigningKey],
 ) -> Result<Vec<u8>, TufError> {
+    resign_targets_changed(previous, remove, &[], expires, signers).await
+}
+
+/// As [`resign_targets_without`], also authorising each `(target, release)` of `downgrades`: that stored image may
+/// then replace `release` although its counter is lower (a signed downgrade of an image already listed, so a fleet
+/// rollback can put back the very bytes devices ran before).
+pub async fn resign_targets_changed(
+    previous: &[u8],
+    remove: &[String],
+    downgrades: &[(String, u64)],
+    expires: DateTime<Utc>,
+    signers: &[&SigningKey],
+) -> Result<Vec<u8>, TufError> {
     let mut targets = parse::<Targets>("previous targets metadata", previous)?.signed;
+    for (name, release) in downgrades {
+        let Some((_, target)) = targets.targets.iter_mut().find(|(listed, _)| listed.raw() == name) else {
+            return Err(refuse(
+                Refusal::UnknownTarget,
+                format!("the targets metadata does not list {name}"),
+            ));
+        };
+        let custom = serde_json::Value::Object(target.custom.clone().into_iter().collect());
+        let mut meta: TargetMeta =
+            serde_json::from_value(custom).map_err(|e| malformed(&format!("custom fields of target {name}"), e))?;
+        if *release <= meta.release_counter {
+            return Err(malformed(
+                "downgrade",
+                format!(
+                    "{name} is release {}; a downgrade replaces a higher release, not {release}",
+                    meta.release_counter
+                ),
+            ));
+        }
+        if !meta.downgrade_from.contains(release) {
+            meta.downgrade_from.push(*release);
+            meta.downgrade_from.sort_unstable();
+        }
+        target::validate(&meta).map_err(|v| malformed(&format!("custom fields of target {name}"), v))?;
+        match serde_json::to_value(&meta) {
+            Ok(serde_json::Value::Object(map)) => target.custom = map.into_iter().collect(),
+            Ok(_) | Err(_) => return Err(malformed("target", "custom fields do not serialize to an object")),
+        }
+    }
     for name in remove {
         let before = targets.targets.len();
         targets.targets.retain(|listed, _| listed.raw() != name);

@@ -97,7 +97,8 @@ struct ChunkCache {
 }
 
 /// Chunks a reader fetches ahead of the one it is sending: the database or object-store read of the next chunk
-/// overlaps the network write of this one (one at a time left the link idle during each fetch).
+/// overlaps the network write of this one. On loopback with the chunk cache warm it measured no different from one
+/// at a time (the cost is copies and AES-GCM); it is for a remote object store, where each read waits a round trip.
 const READ_AHEAD: usize = 2;
 
 /// What the chunk cache holds at most.

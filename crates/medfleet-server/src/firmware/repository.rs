@@ -10,7 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use medfleet_core::firmware::tuf::{self, MetadataSet, SignedTarget, SigningKey, TufError};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _, QueryOrder as _, Statement,
+    ActiveModelTrait as _, ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _,
+    IntoActiveModel as _, QueryOrder as _, Statement,
 };
 use tokio::sync::OnceCell;
 
@@ -290,6 +291,31 @@ impl Repository {
         // prepare_set insists the set lists exactly the stored images, each as it was signed.
         let (_, info, rows) = self.prepare_set(&txn, targets_json, None).await?;
         write_rows(&txn, rows).await?;
+        for artifact in firmware_artifact::Entity::find().all(&txn).await? {
+            let Some(t) = info.targets.iter().find(|t| t.name == artifact.target_name) else {
+                continue;
+            };
+            let signed = serde_json::to_string(&t.meta.downgrade_from).map_err(|e| Error::Internal(e.to_string()))?;
+            if signed == artifact.downgrade_from {
+                continue;
+            }
+            let detail = format!(
+                "{} (version {}, release {}) may now replace releases {signed}",
+                artifact.target_name, artifact.version, artifact.release_counter
+            );
+            let name = artifact.target_name.clone();
+            let mut active = artifact.into_active_model();
+            active.downgrade_from = Set(signed);
+            active.update(&txn).await?;
+            ctx.record(
+                &txn,
+                "firmware.authorize_downgrade",
+                format!("artifact {name}"),
+                "*",
+                detail,
+            )
+            .await?;
+        }
         let detail = if comment.is_empty() {
             format!(
                 "targets version {}, expires {}",
@@ -572,12 +598,18 @@ fn matches_store(
                 ),
             });
         };
+        let stored_downgrades: Vec<u64> = serde_json::from_str(&artifact.downgrade_from).unwrap_or_default();
+        // A publish (re-signed offline, reviewed by each co-signer) may authorise more downgrades of a stored
+        // image, for a fleet rollback to the very bytes devices ran; it never withdraws one, and an upload never
+        // changes a stored image at all.
+        let downgrades_kept = t.meta.downgrade_from == stored_downgrades
+            || (uploading.is_none() && stored_downgrades.iter().all(|d| t.meta.downgrade_from.contains(d)));
         let same = t.sha256 == artifact.sha256
             && i64::try_from(t.length).ok() == Some(artifact.length)
             && t.meta.hardware_id == artifact.hardware_id
             && t.meta.version == artifact.version
             && i64::try_from(t.meta.release_counter).ok() == Some(artifact.release_counter)
-            && serde_json::to_string(&t.meta.downgrade_from).ok().as_deref() == Some(artifact.downgrade_from.as_str());
+            && downgrades_kept;
         if !same {
             return Err(Error::Refused {
                 reason: tuf::Refusal::Inconsistent.as_str(),

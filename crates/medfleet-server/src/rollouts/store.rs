@@ -640,15 +640,23 @@ impl Rollouts {
             .order_by_desc(firmware_artifact::Column::ReleaseCounter)
             .all(&self.db)
             .await?;
-        let back = candidates.into_iter().find(|a| {
+        let allowed = |a: &&firmware_artifact::Model| {
             let downgrade: Vec<i64> = serde_json::from_str(&a.downgrade_from).unwrap_or_default();
             downgrade.contains(&current.release_counter)
                 || (a.release_counter > current.release_counter && previous.contains(a.version.as_str()))
-        });
+        };
+        // The image the devices ran before, when it is allowed back; else the highest one that is.
+        let back = candidates
+            .iter()
+            .filter(allowed)
+            .find(|a| previous.contains(a.version.as_str()))
+            .or_else(|| candidates.iter().find(allowed))
+            .cloned();
         let Some(back) = back else {
             return Err(Error::FailedPrecondition(format!(
-                "no stored image of model {} may replace release {} on the devices: sign the previous image as a \
-                 downgrade (medfleet firmware sign OLD.img --downgrade-from {} ...), upload it, then roll back again",
+                "no stored image of model {} may replace release {} on the devices: authorise the image they ran \
+                 before as a downgrade (medfleet firmware resign --allow-downgrade OLD.img={} …, countersign, \
+                 metadata publish), then roll back again",
                 current.hardware_id, current.release_counter, current.release_counter
             )));
         };

@@ -460,4 +460,22 @@ async fn resigned_targets_keep_their_targets_under_a_new_version_and_expiry() {
     assert_eq!(unknown.unwrap_err().code, Refusal::UnknownTarget);
     let past = resign_targets(&first, Utc::now() - Duration::seconds(1), &[&keys.targets[0]]).await;
     assert_eq!(past.unwrap_err().code, Refusal::Malformed);
+
+    // A listed image authorised as a downgrade from a higher release (a fleet rollback to the same bytes); only a
+    // higher release can be downgraded from, and only a listed target.
+    let release = target.meta.release_counter;
+    let signers = [&keys.targets[0]];
+    let allowed = resign_targets_changed(&first, &[], &[(target.name.clone(), release + 1)], later, &signers)
+        .await
+        .unwrap();
+    let changed = &targets_info(&allowed).unwrap().targets[0];
+    assert_eq!(changed.meta.downgrade_from, vec![release + 1]);
+    assert_eq!(
+        (changed.sha256.as_str(), changed.length),
+        (target.sha256.as_str(), target.length)
+    );
+    let not_higher = resign_targets_changed(&first, &[], &[(target.name.clone(), release)], later, &signers).await;
+    assert_eq!(not_higher.unwrap_err().code, Refusal::Malformed);
+    let unlisted = resign_targets_changed(&first, &[], &[("other.img".into(), release + 1)], later, &signers).await;
+    assert_eq!(unlisted.unwrap_err().code, Refusal::UnknownTarget);
 }
