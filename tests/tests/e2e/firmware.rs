@@ -1145,6 +1145,8 @@ pub(crate) struct Cli {
     pub(crate) stderr: String,
 }
 
+pub(crate) const KEY_PASSPHRASE: &str = "correct horse battery staple";
+
 pub(crate) async fn medfleet(server: &TestServer, dir: &std::path::Path, args: &[&str]) -> Cli {
     let output = tokio::process::Command::new(medfleet_e2e::binary("medfleet"))
         .args(["--server", &server.url()])
@@ -1153,6 +1155,8 @@ pub(crate) async fn medfleet(server: &TestServer, dir: &std::path::Path, args: &
         .args(args)
         .current_dir(dir)
         .env_remove("MEDFLEET_SERVER")
+        // The offline keys these tests create are sealed under it, as a key holder's script would pass it.
+        .env("MEDFLEET_KEY_PASSPHRASE", KEY_PASSPHRASE)
         .output()
         .await
         .expect("run medfleet");

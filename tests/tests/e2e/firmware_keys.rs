@@ -103,7 +103,25 @@ async fn rotate_expire_resign_and_remove(backend: Backend) {
         "--expires",
         "30d",
     ];
+    // Without a passphrase (no terminal, none in the environment) no key is written: keys are never in clear
+    // unless asked for with --unencrypted.
+    let refused = tokio::process::Command::new(medfleet_e2e::binary("medfleet"))
+        .args(init)
+        .current_dir(dir)
+        .env_remove("MEDFLEET_KEY_PASSPHRASE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("MEDFLEET_KEY_PASSPHRASE"),
+        "{refused:?}"
+    );
+    assert!(!dir.join("fw").exists(), "nothing was written");
     ok(&medfleet(&server, dir, &init).await, "keys init");
+    let key = std::fs::read_to_string(dir.join("fw/keys/targets-1.pem")).unwrap();
+    assert!(key.starts_with("-----BEGIN MEDFLEET ENCRYPTED TUF KEY-----"), "{key}");
     ok(
         &medfleet(&server, dir, &["firmware", "trust", "install", "fw/root.json"]).await,
         "trust install",

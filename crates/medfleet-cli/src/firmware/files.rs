@@ -2,6 +2,7 @@
 //! metadata written atomically (a reader never sees half a targets.json), keys read with a warning when other users
 //! can read them, and SHA-256 of an image streamed from disk with a progress bar for big files.
 
+use super::passphrase::Passphrase;
 use std::fs::{DirBuilder, File, Permissions};
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -107,7 +108,7 @@ pub(super) fn exists(path: &Path) -> bool {
 }
 
 /// The signing keys of `--key` files, each once. Their contents are never printed, not even in errors.
-pub(super) fn read_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SigningKey>> {
+pub(super) fn read_keys(paths: &[PathBuf], passphrase: &Passphrase) -> anyhow::Result<Vec<SigningKey>> {
     let mut keys: Vec<SigningKey> = Vec::new();
     for path in paths {
         let bytes = read("--key", path)?;
@@ -122,6 +123,7 @@ pub(super) fn read_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SigningKey>> {
         }
         let text = String::from_utf8(bytes)
             .map_err(|_| InvalidInput(format!("--key {}: not a PEM private key", path.display())))?;
+        let text = passphrase.open(path, &text)?;
         let key =
             SigningKey::from_pem(&text).map_err(|e| InvalidInput(format!("--key {}: {}", path.display(), e.detail)))?;
         if keys.iter().all(|k| k.id() != key.id()) {

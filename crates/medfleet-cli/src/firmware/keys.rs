@@ -10,6 +10,7 @@ use medfleet_core::firmware::tuf::{self, PublicKey, RoleSpec, RootSpec, SigningK
 use medfleet_proto::v1;
 use serde::{Deserialize, Serialize};
 
+use super::passphrase::Passphrase;
 use super::{Firmware, ROOT_FILE, files};
 use crate::args::parse_duration;
 use crate::error::{InvalidInput, UsageError};
@@ -41,6 +42,11 @@ pub(crate) struct InitArgs {
     /// How long the root stays valid; devices refuse an expired root, so install a new root version before.
     #[arg(long, value_parser = parse_duration, default_value = "365d")]
     pub(crate) expires: Duration,
+    /// Write the keys in clear instead of sealed under a passphrase: only onto storage that is encrypted itself.
+    #[arg(long)]
+    pub(crate) unencrypted: bool,
+    #[arg(skip)]
+    pub(crate) passphrase: Passphrase,
 }
 
 /// One online key as `online-keys -o json` prints it and `keys init --online-keys` reads it.
@@ -142,6 +148,15 @@ pub(super) struct Generated {
     pub(super) path: PathBuf,
 }
 
+/// What a new key file holds: the key sealed under the passphrase, or in clear when asked to.
+pub(super) fn sealed(passphrase: &Passphrase, unencrypted: bool, pem: &str) -> anyhow::Result<String> {
+    if unencrypted {
+        Ok(pem.to_owned())
+    } else {
+        passphrase.seal(pem)
+    }
+}
+
 pub(super) fn generate(dir: &Path, role: &str, count: u32) -> anyhow::Result<Vec<Generated>> {
     (1..=count)
         .map(|i| {
@@ -217,10 +232,15 @@ pub(crate) async fn create(args: &InitArgs) -> anyhow::Result<Initialized> {
         .await
         .map_err(|e| anyhow::anyhow!("could not sign the root: {e}"))?;
 
+    let contents = root_keys
+        .iter()
+        .chain(&targets_keys)
+        .map(|g| sealed(&args.passphrase, args.unencrypted, &g.pem))
+        .collect::<anyhow::Result<Vec<String>>>()?;
     files::create_dir(&args.out)?;
     files::private_dir(&keys_dir)?;
-    for generated in root_keys.iter().chain(&targets_keys) {
-        files::create_private(&generated.path, &generated.pem)?;
+    for (generated, contents) in root_keys.iter().chain(&targets_keys).zip(&contents) {
+        files::create_private(&generated.path, contents)?;
     }
     files::create_public(&root_file, &root)?;
     Ok(Initialized {

@@ -12,6 +12,7 @@ mod artifacts;
 mod files;
 mod keys;
 mod metadata;
+mod passphrase;
 mod review;
 mod rotate;
 mod sign;

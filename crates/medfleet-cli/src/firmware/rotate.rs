@@ -10,7 +10,8 @@ use medfleet_core::digest::sha256_hex;
 use medfleet_core::firmware::tuf::{self, RoleSpec, SigningKey};
 use serde::Serialize;
 
-use super::keys::{CreatedKey, OnlineKeysFile, check_role, expiry, generate};
+use super::keys::{CreatedKey, OnlineKeysFile, check_role, expiry, generate, sealed};
+use super::passphrase::Passphrase;
 use super::{ROOT_FILE, files};
 use crate::args::parse_duration;
 use crate::error::{InvalidInput, UsageError};
@@ -37,6 +38,11 @@ pub(crate) struct RotateRootArgs {
     /// How long the new root stays valid.
     #[arg(long, value_parser = parse_duration, default_value = "365d")]
     pub(crate) expires: Duration,
+    /// Write new root keys in clear instead of sealed under the passphrase: only onto encrypted storage.
+    #[arg(long)]
+    pub(crate) unencrypted: bool,
+    #[arg(skip)]
+    pub(crate) passphrase: Passphrase,
 }
 
 /// What `rotate-root` made.
@@ -90,7 +96,7 @@ pub(crate) async fn rotate(args: &RotateRootArgs) -> anyhow::Result<Rotated> {
             e.detail
         ))
     })?;
-    let signers = current_signers(&spec, files::read_keys(&args.keys)?)?;
+    let signers = current_signers(&spec, files::read_keys(&args.keys, &args.passphrase)?)?;
     let version = spec.version.saturating_add(1);
     let previous_file = args.metadata.join(format!("{}.{ROOT_FILE}", spec.version));
     if files::exists(&previous_file) {
@@ -143,10 +149,14 @@ pub(crate) async fn rotate(args: &RotateRootArgs) -> anyhow::Result<Rotated> {
     // What a device holding the current root will check: exactly one version up, both thresholds signed.
     tuf::verify_root_update(&current, &next).map_err(|e| anyhow::anyhow!("the new root would not be followed: {e}"))?;
 
+    let contents = generated
+        .iter()
+        .map(|g| sealed(&args.passphrase, args.unencrypted, &g.pem))
+        .collect::<anyhow::Result<Vec<String>>>()?;
     if !generated.is_empty() {
         files::private_dir(&args.metadata.join("keys"))?;
-        for key in &generated {
-            files::create_private(&key.path, &key.pem)?;
+        for (key, contents) in generated.iter().zip(&contents) {
+            files::create_private(&key.path, contents)?;
         }
     }
     files::create_public(&previous_file, &current)?;
@@ -226,6 +236,8 @@ mod tests {
             root_threshold: None,
             online_keys: None,
             expires: Duration::from_hours(730 * 24),
+            unencrypted: false,
+            passphrase: crate::firmware::passphrase::Passphrase::given(crate::firmware::tests::PASSPHRASE),
         }
     }
 

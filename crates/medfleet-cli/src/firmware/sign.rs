@@ -11,6 +11,7 @@ use medfleet_core::firmware::target::{self, TargetMeta};
 use medfleet_core::firmware::tuf::{self, RootInfo, SignedTarget, SigningKey, TargetsInfo};
 use serde::Serialize;
 
+use super::passphrase::Passphrase;
 use super::{ROOT_FILE, TARGETS_FILE, files, review};
 use crate::args::parse_duration;
 use crate::error::InvalidInput;
@@ -45,6 +46,8 @@ pub(crate) struct SignArgs {
     /// next release before then.
     #[arg(long, value_parser = parse_duration, default_value = "90d")]
     pub(crate) expires: Duration,
+    #[arg(skip)]
+    pub(crate) passphrase: Passphrase,
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +58,8 @@ pub(crate) struct CountersignArgs {
     /// Your targets key (PEM); repeatable.
     #[arg(long = "key", required = true)]
     pub(crate) keys: Vec<PathBuf>,
+    #[arg(skip)]
+    pub(crate) passphrase: Passphrase,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +80,8 @@ pub(crate) struct ResignArgs {
     /// devices ran before, for `medfleet rollouts rollback` (FDA: only when necessary for safety); repeatable.
     #[arg(long = "allow-downgrade", value_name = "TARGET=RELEASE", value_parser = parse_downgrade)]
     pub(crate) allow_downgrade: Vec<(String, u64)>,
+    #[arg(skip)]
+    pub(crate) passphrase: Passphrase,
 }
 
 fn parse_downgrade(text: &str) -> Result<(String, u64), String> {
@@ -299,7 +306,7 @@ fn check_target(args: &SignArgs, previous: Option<&TargetsInfo>) -> anyhow::Resu
 pub(crate) async fn sign_release(args: &SignArgs, progress: bool) -> anyhow::Result<SignatureStatus> {
     let expires = expiry(args.expires)?;
     let root = local_root(&args.metadata)?;
-    let keys = files::read_keys(&args.keys)?;
+    let keys = files::read_keys(&args.keys, &args.passphrase)?;
     check_keys(root.as_ref(), &keys)?;
     let path = args.metadata.join(TARGETS_FILE);
     let previous_bytes = files::read_optional(&path)?;
@@ -351,7 +358,7 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
         .into());
     }
     let root = local_root(&args.metadata)?;
-    let keys = files::read_keys(&args.keys)?;
+    let keys = files::read_keys(&args.keys, &args.passphrase)?;
     check_keys(root.as_ref(), &keys)?;
     let base = if root.is_some() {
         review::published_base(&args.metadata, &info)?
@@ -381,7 +388,7 @@ pub(crate) async fn countersign_release(args: &CountersignArgs) -> anyhow::Resul
 pub(crate) async fn resign_release(args: &ResignArgs) -> anyhow::Result<SignatureStatus> {
     let expires = expiry(args.expires)?;
     let root = local_root(&args.metadata)?;
-    let keys = files::read_keys(&args.keys)?;
+    let keys = files::read_keys(&args.keys, &args.passphrase)?;
     check_keys(root.as_ref(), &keys)?;
     let path = args.metadata.join(TARGETS_FILE);
     let Some(previous) = files::read_optional(&path)? else {

@@ -10,6 +10,7 @@ use medfleet_core::digest::sha256_hex;
 use medfleet_core::firmware::tuf::{self, MetadataSet, Refusal, SigningKey};
 
 use super::keys::{InitArgs, OnlineKey, OnlineKeysFile, create};
+use super::passphrase::Passphrase;
 use super::sign::{CountersignArgs, SignArgs, countersign_release, sign_release};
 use super::{ROOT_FILE, TARGETS_FILE};
 use crate::error::{InvalidInput, UsageError};
@@ -54,8 +55,13 @@ pub(super) fn init_args(out: &Path, online: &Path, targets_threshold: u32) -> In
         targets_keys: 3,
         targets_threshold,
         expires: Duration::from_hours(365 * 24),
+        unencrypted: false,
+        passphrase: Passphrase::given(PASSPHRASE),
     }
 }
+
+/// What the tests' key holders seal their keys with.
+pub(super) const PASSPHRASE: &str = "correct horse battery staple";
 
 fn sign_args(dir: &Path, image: &Path, name: &str, counter: u64, keys: &[&str]) -> SignArgs {
     SignArgs {
@@ -68,6 +74,7 @@ fn sign_args(dir: &Path, image: &Path, name: &str, counter: u64, keys: &[&str]) 
         metadata: dir.to_owned(),
         keys: keys.iter().map(|k| dir.join("keys").join(k)).collect(),
         expires: Duration::from_hours(90 * 24),
+        passphrase: Passphrase::given(PASSPHRASE),
     }
 }
 
@@ -103,6 +110,13 @@ async fn keys_init_sign_and_countersign_make_metadata_a_device_accepts() {
     for key in made.root.keys.iter().chain(&made.targets.keys) {
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key.file).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600, "{}", key.file);
+        let text = std::fs::read_to_string(&key.file).unwrap();
+        assert!(
+            medfleet_core::firmware::keyfile::is_sealed(&text),
+            "{} is not sealed",
+            key.file
+        );
+        assert!(!text.contains("PRIVATE KEY"), "{} holds a key in clear", key.file);
     }
     let info = tuf::root_info(&std::fs::read(dir.join(ROOT_FILE)).unwrap()).unwrap();
     assert_eq!(info.role_keys("snapshot"), [online.snapshot.id().to_owned()]);
@@ -123,9 +137,19 @@ async fn keys_init_sign_and_countersign_make_metadata_a_device_accepts() {
         Refusal::Signature
     );
 
+    // A key sealed under another passphrase does not open, and nothing is signed.
+    let wrong = countersign_release(&CountersignArgs {
+        metadata: dir.clone(),
+        keys: vec![dir.join("keys/targets-3.pem")],
+        passphrase: Passphrase::given("not the passphrase at all"),
+    })
+    .await
+    .unwrap_err();
+    assert!(wrong.to_string().contains("passphrase is wrong"), "{wrong}");
     let countersigned = countersign_release(&CountersignArgs {
         metadata: dir.clone(),
         keys: vec![dir.join("keys/targets-3.pem")],
+        passphrase: Passphrase::given(PASSPHRASE),
     })
     .await
     .unwrap();
@@ -157,6 +181,7 @@ async fn keys_init_sign_and_countersign_make_metadata_a_device_accepts() {
     let cosign = CountersignArgs {
         metadata: dir.clone(),
         keys: vec![dir.join("keys/targets-2.pem")],
+        passphrase: Passphrase::given(PASSPHRASE),
     };
     let reviewed = countersign_release(&cosign).await.unwrap();
     assert!(

@@ -4,8 +4,10 @@
 //! a higher release counter, or a downgrade the targets role signed); the states of a rollout and of each device's
 //! action, and the only moves between them ([`state`]). The server's scheduler and the agent gather
 //! the facts and apply these answers. [`tuf`] signs and verifies the TUF metadata that carries those targets (offline
-//! root/targets keys, online snapshot/timestamp keys), one verification for medfleetd and the agent.
+//! root/targets keys, online snapshot/timestamp keys), one verification for medfleetd and the agent; [`keyfile`]
+//! seals an offline key under its holder's passphrase.
 
+pub mod keyfile;
 pub mod rollout;
 pub mod state;
 pub mod target;
