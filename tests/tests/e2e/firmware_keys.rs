@@ -183,30 +183,26 @@ async fn rotate_expire_resign_and_remove(backend: Backend) {
     let bare = medfleet(&server, dir, &["firmware", "metadata", "pull", "--out", "elsewhere"]).await;
     assert_eq!(bare.code, 2, "{bare:?}");
     assert!(bare.stderr.contains("--root-sha256"), "{}", bare.stderr);
-    let forged = "0".repeat(64);
-    let wrong = [
-        "firmware",
-        "metadata",
-        "pull",
-        "--out",
-        "elsewhere",
-        "--root-sha256",
-        &forged,
-    ];
-    let wrong = medfleet(&server, dir, &wrong).await;
+    let server_ref = &server;
+    let pull_pinned = |sha: String| async move {
+        let args = [
+            "firmware",
+            "metadata",
+            "pull",
+            "--out",
+            "elsewhere",
+            "--root-sha256",
+            &sha,
+        ];
+        medfleet(server_ref, dir, &args).await
+    };
+    let wrong = pull_pinned("0".repeat(64)).await;
     assert_eq!(wrong.code, 3, "{wrong:?}");
     assert!(!dir.join("elsewhere/root.json").exists());
-    let v1_sha = medfleet_core::digest::sha256_hex(&v1);
-    let pinned = [
-        "firmware",
-        "metadata",
-        "pull",
-        "--out",
-        "elsewhere",
-        "--root-sha256",
-        &v1_sha,
-    ];
-    ok(&medfleet(&server, dir, &pinned).await, "pull with --root-sha256");
+    ok(
+        &pull_pinned(medfleet_core::digest::sha256_hex(&v1)).await,
+        "pull with --root-sha256",
+    );
     assert_eq!(
         std::fs::read(dir.join("elsewhere/root.json")).unwrap(),
         std::fs::read(dir.join("fw/root.json")).unwrap()

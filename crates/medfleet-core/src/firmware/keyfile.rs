@@ -83,7 +83,10 @@ pub fn seal(
         .chunks(64)
         .map(|line| String::from_utf8_lossy(line).into_owned())
         .collect();
-    Ok(format!("-----BEGIN {LABEL}-----\n{}\n-----END {LABEL}-----\n", lines.join("\n")))
+    Ok(format!(
+        "-----BEGIN {LABEL}-----\n{}\n-----END {LABEL}-----\n",
+        lines.join("\n")
+    ))
 }
 
 /// The PKCS#8 PEM inside a sealed key.
