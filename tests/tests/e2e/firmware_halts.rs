@@ -115,21 +115,7 @@ async fn devices_that_miss_the_deadline_end_the_rollout(backend: Backend) {
     )
     .await;
     let mut patients = v1::patient_service_client::PatientServiceClient::new(channel.clone());
-    patients
-        .associate(v1::AssociateRequest {
-            device_id: bound.clone(),
-            patient: Some(v1::PatientIdentifier {
-                identifier: "MRN-FW-DL".into(),
-                authority: "HOSP".into(),
-                display_name: "Doe^John".into(),
-            }),
-            from: Some(medfleet_proto::convert::timestamp(
-                Utc::now() - chrono::Duration::minutes(1),
-            )),
-            until: None,
-        })
-        .await
-        .unwrap();
+    patients.associate(bind(&bound, "MRN-FW-DL")).await.unwrap();
     let (done_tx, _done) = mpsc::channel(8);
     for (id, bundle) in [(&free, &free_bundle), (&bound, &bound_bundle)] {
         tokio::spawn(device_with(
