@@ -196,6 +196,10 @@ struct FirmwareArgs {
     /// Fault injection: break off each download stream after this many bytes (the device resumes).
     #[arg(long, value_name = "BYTES", help_heading = "Fault injection")]
     fault_download_cut: Option<u64>,
+    /// Fault injection: write the new slot at most this many bytes per second (slow flash: the install stays
+    /// in `verifying` long enough to be interrupted).
+    #[arg(long, value_name = "BYTES", help_heading = "Fault injection")]
+    fault_write_rate: Option<u64>,
 }
 
 impl FirmwareArgs {
@@ -212,6 +216,7 @@ impl FirmwareArgs {
                 health_failure: self.fault_health_failure,
                 download_rate: self.fault_download_rate,
                 cut_download_after: self.fault_download_cut,
+                write_rate: self.fault_write_rate,
             },
         }
     }

@@ -23,12 +23,12 @@ use crate::binaries::Process;
 use crate::firmware::{Keys, MODEL, device_state, image, in_a_year, rollout_to, target, trust_on, upload, wait_for};
 
 /// A real agent's state directory, enrolled.
-struct Device {
-    id: String,
-    state: tempfile::TempDir,
+pub(crate) struct Device {
+    pub(crate) id: String,
+    pub(crate) state: tempfile::TempDir,
 }
 
-async fn enroll(server: &TestServer, registry: &mut RegistryServiceClient<Channel>, serial: &str) -> Device {
+pub(crate) async fn enroll(server: &TestServer, registry: &mut RegistryServiceClient<Channel>, serial: &str) -> Device {
     enroll_as(server, registry, medfleet_e2e::fleet::monitor(serial, MODEL)).await
 }
 
@@ -46,7 +46,7 @@ async fn enroll_as(
 }
 
 /// `medfleet-agent run` for `device`, trusting `root`, with `extra` flags (faults, another model).
-fn run(device: &Device, root: &Path, extra: &[&str]) -> Process {
+pub(crate) fn run(device: &Device, root: &Path, extra: &[&str]) -> Process {
     let mut command = Command::new(binary("medfleet-agent"));
     command
         .args(["run", "--heartbeat", "1s", "--firmware-version", "2.0.0"])
@@ -68,22 +68,22 @@ fn slots(device: &Device) -> serde_json::Value {
 }
 
 /// The release counter of the image the device runs (0: the factory image).
-fn running_counter(device: &Device) -> u64 {
+pub(crate) fn running_counter(device: &Device) -> u64 {
     let slots = slots(device);
     let active = slots["active"].as_str().unwrap();
     slots[active]["release_counter"].as_u64().unwrap_or(0)
 }
 
 /// Published targets: each upload signs the previous targets metadata plus one image (two of three keys).
-struct Publisher {
+pub(crate) struct Publisher {
     keys: Keys,
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     targets: Option<Vec<u8>>,
     _dir: tempfile::TempDir,
 }
 
 impl Publisher {
-    async fn new(channel: &Channel) -> Self {
+    pub(crate) async fn new(channel: &Channel) -> Self {
         let (keys, root) = trust_on(channel).await;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("root.json");
@@ -96,7 +96,13 @@ impl Publisher {
         }
     }
 
-    async fn publish(&mut self, channel: &Channel, counter: u64, size: usize, seed: u8) -> (v1::Artifact, Vec<u8>) {
+    pub(crate) async fn publish(
+        &mut self,
+        channel: &Channel,
+        counter: u64,
+        size: usize,
+        seed: u8,
+    ) -> (v1::Artifact, Vec<u8>) {
         let bytes = image(size, seed);
         let signed_target = target(&format!("mx450-2.{counter}.0.img"), &bytes, counter);
         let signed = tuf::sign_targets(
@@ -113,7 +119,7 @@ impl Publisher {
     }
 }
 
-async fn roll_out(
+pub(crate) async fn roll_out(
     rollouts: &mut RolloutServiceClient<Channel>,
     artifact: &v1::Artifact,
     devices: &[&Device],
@@ -126,7 +132,7 @@ async fn roll_out(
         .id
 }
 
-fn is(state: v1::ActionState) -> impl Fn(&v1::RolloutDevice) -> bool {
+pub(crate) fn is(state: v1::ActionState) -> impl Fn(&v1::RolloutDevice) -> bool {
     move |d| d.state == i32::from(state)
 }
 

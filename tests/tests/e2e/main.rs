@@ -19,6 +19,7 @@ mod destinations;
 mod firmware;
 mod firmware_agent;
 mod firmware_halts;
+mod firmware_interrupted;
 mod firmware_keys;
 mod identity;
 mod matrix;

@@ -155,6 +155,7 @@ fn governed(service: &str, method: &str) -> Option<Governed> {
         }
         ("RolloutService", "RollbackRollout") => Global("rollout", "create"),
         ("RolloutService", "ApproveDevice") => Scoped("rollout", "approve"),
+        ("RolloutService", "AbandonDevice") => Scoped("rollout", "control"),
         _ => return None,
     })
 }
@@ -357,6 +358,12 @@ fn request(service: &str, method: &str, target: Target, fixture: &Fixture) -> Ve
         .encode_to_vec(),
         ("RegistryService", "GetDevice") => v1::GetDeviceRequest { id: device.clone() }.encode_to_vec(),
         ("RolloutService", "ApproveDevice") => v1::ApproveDeviceRequest {
+            rollout: String::new(),
+            device_id: device.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        ("RolloutService", "AbandonDevice") => v1::AbandonDeviceRequest {
             rollout: String::new(),
             device_id: device.clone(),
             ..Default::default()

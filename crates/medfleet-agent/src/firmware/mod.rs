@@ -55,6 +55,8 @@ pub(crate) struct Faults {
     pub(crate) download_rate: Option<u64>,
     /// Break off each download stream after this many bytes (the device resumes from where it stopped).
     pub(crate) cut_download_after: Option<u64>,
+    /// Write the new slot at most this many bytes per second.
+    pub(crate) write_rate: Option<u64>,
 }
 
 /// Why a step did not go through.
@@ -554,8 +556,9 @@ async fn prepare(shared: Arc<Shared>, link: Link, update: v1::FirmwareUpdate) {
     }
 }
 
-/// FirmwareInstall: refuse while in use; check the staged image once more; write the other slot; arm the trial;
-/// reboot.
+/// FirmwareInstall: refuse while in use; check the staged image once more and write the other slot (both while
+/// `verifying`: the running image is untouched, so a cancel, a lost session or a crash only abandons the work);
+/// refuse again if taken into use meanwhile; then commit: arm the trial (`installing`) and reboot.
 async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, previous: Option<JoinHandle<()>>) {
     if let Some(previous) = previous {
         let _ = previous.await;
@@ -604,8 +607,21 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
             }
         }
     }
-    // Verification can take minutes on a large image: a clinician may have started using the device meanwhile,
-    // and the server's judgement (no patient bound, inside the window) may be too old to act on.
+    if let Err(detail) = write_other_slot(&shared, action, attempt, &prepared).await {
+        finish(
+            &shared,
+            &link,
+            action,
+            attempt,
+            ActionState::Failed,
+            "install_failed",
+            &detail,
+        )
+        .await;
+        return;
+    }
+    // Verifying and writing can take minutes on a large image: a clinician may have started using the device
+    // meanwhile, and the server's judgement (no patient bound, inside the window) may be too old to act on.
     if deferred_in_use(&shared, &link, action, attempt).await {
         return;
     }
@@ -620,13 +636,13 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
                 ActionState::Deferred,
                 0,
                 "install_expired",
-                "verifying took longer than the server's go-ahead lasts; it installs when told again",
+                "verifying and writing took longer than the server's go-ahead lasts; it installs when told again",
             ))
             .await;
         return;
     }
-    send(&shared, &link, action, attempt, ActionState::Installing, 0).await;
-    if let Err(detail) = write_and_arm(&shared, action, attempt, &prepared).await {
+    // The commitment: from the saved trial on, a restart at any point boots the new slot once and checks it.
+    if let Err(detail) = arm(&shared, action, attempt, &prepared) {
         finish(
             &shared,
             &link,
@@ -639,19 +655,7 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
         .await;
         return;
     }
-    if link_in_use(&link) {
-        // Taken into use while the slot was written: no reboot. The trial is disarmed (the old slot runs on) and
-        // the staged image kept, so the next install verifies and writes again.
-        {
-            let mut slots = lock(&shared.slots);
-            slots.trial = None;
-            if let Err(error) = shared.paths.save(&slots) {
-                tracing::warn!(%error, "cannot record the disarmed trial");
-            }
-        }
-        let _ = deferred_in_use(&shared, &link, action, attempt).await;
-        return;
-    }
+    send(&shared, &link, action, attempt, ActionState::Installing, 0).await;
     *lock(&shared.prepared) = None;
     shared.paths.discard_downloads();
     event!(shared.quiet, device = %shared.device_id, %action, version = %prepared.target.meta.version, "firmware installed; rebooting onto it");
@@ -704,38 +708,75 @@ async fn deferred_in_use(shared: &Shared, link: &Link, action: &str, attempt: u3
     true
 }
 
-/// Writes the staged image into the slot the device does not run and arms a trial boot of it; what went wrong
-/// otherwise (the old slot is untouched either way).
-async fn write_and_arm(shared: &Shared, action: &str, attempt: u32, prepared: &Prepared) -> Result<(), String> {
+/// The slot an install writes: the one that is neither running nor active, never the known-good image.
+fn slot_to_write(shared: &Shared, action: &str) -> Result<slots::Slot, String> {
+    let slots = lock(&shared.slots);
+    let slot = slots.running_slot().other();
+    if slots.trial.as_ref().is_some_and(|t| t.action != action) || slot == slots.active {
+        return Err("another image is on trial; the known-good slot is not overwritten".to_owned());
+    }
+    Ok(slot)
+}
+
+fn image_of(prepared: &Prepared) -> Image {
+    Image {
+        target: prepared.target.name.clone(),
+        version: prepared.target.meta.version.clone(),
+        release_counter: prepared.target.meta.release_counter,
+        sha256: prepared.target.sha256.clone(),
+    }
+}
+
+/// Writes the staged image into the slot the device does not run (the old slot is untouched either way). The
+/// slot's record is cleared first and set only once the image is whole on disk, so an interrupted write never
+/// passes for an image; a slot that already holds this image (an earlier go-ahead lapsed after writing) is not
+/// written again.
+async fn write_other_slot(shared: &Shared, action: &str, attempt: u32, prepared: &Prepared) -> Result<(), String> {
     if chance(&shared.device_id, action, attempt, "install") < shared.options.faults.install_failure {
         return Err("writing the new slot failed (fault injection)".to_owned());
     }
-    let slot = {
-        let slots = lock(&shared.slots);
-        let slot = slots.running_slot().other();
-        // Never write over the known-good image: only ever the slot that is neither running nor active.
-        if slots.trial.as_ref().is_some_and(|t| t.action != action) || slot == slots.active {
-            return Err("another image is on trial; the known-good slot is not overwritten".to_owned());
+    let slot = slot_to_write(shared, action)?;
+    let image = image_of(prepared);
+    {
+        let mut slots = lock(&shared.slots);
+        if slots.image(slot) == Some(&image) {
+            return Ok(());
         }
-        slot
-    };
+        slots.set_image(slot, None);
+        shared.paths.save(&slots).map_err(|e| format!("{e:#}"))?;
+    }
     let path = shared.paths.slot(slot);
     let staged = prepared.staged.clone();
-    let written = tokio::task::spawn_blocking(move || write_slot(&staged, &path)).await;
+    let rate = shared.options.faults.write_rate;
+    // Dropped with the job (a cancel, the session's end): the copy stops and nothing is renamed into the slot.
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _abandon = Abandon(abandoned.clone());
+    let written = tokio::task::spawn_blocking(move || write_slot(&staged, &path, rate, &abandoned)).await;
     written
         .map_err(anyhow::Error::from)
         .and_then(|r| r)
         .map_err(|e| format!("{e:#}"))?;
     let mut slots = lock(&shared.slots);
-    slots.set_image(
-        slot,
-        Some(Image {
-            target: prepared.target.name.clone(),
-            version: prepared.target.meta.version.clone(),
-            release_counter: prepared.target.meta.release_counter,
-            sha256: prepared.target.sha256.clone(),
-        }),
-    );
+    slots.set_image(slot, Some(image));
+    shared.paths.save(&slots).map_err(|e| format!("{e:#}"))
+}
+
+/// Sets its flag when dropped.
+struct Abandon(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Arms a trial boot of the slot `write_other_slot` wrote.
+fn arm(shared: &Shared, action: &str, attempt: u32, prepared: &Prepared) -> Result<(), String> {
+    let slot = slot_to_write(shared, action)?;
+    let mut slots = lock(&shared.slots);
+    if slots.image(slot) != Some(&image_of(prepared)) {
+        return Err("the new slot does not hold the verified image".to_owned());
+    }
     slots.trial = Some(Trial {
         action: action.to_owned(),
         attempt,
@@ -745,15 +786,50 @@ async fn write_and_arm(shared: &Shared, action: &str, attempt: u32, prepared: &P
     shared.paths.save(&slots).map_err(|e| format!("{e:#}"))
 }
 
-/// Copies the staged image into a slot (temporary file, fsync, rename, directory fsync).
-fn write_slot(staged: &std::path::Path, slot: &std::path::Path) -> anyhow::Result<()> {
+/// Copies the staged image into a slot (temporary file, fsync, rename, directory fsync), at most `rate` bytes a
+/// second when given; stops without touching the slot once `abandoned` is set.
+fn write_slot(
+    staged: &std::path::Path,
+    slot: &std::path::Path,
+    rate: Option<u64>,
+    abandoned: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
     let dir = slot.parent().unwrap_or_else(|| std::path::Path::new("."));
     let tmp = dir.join(format!(".slot.tmp-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::copy(staged, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", tmp.display()))?;
-    std::fs::rename(&tmp, slot).with_context(|| format!("cannot write {}", slot.display()))?;
+    let copied = (|| {
+        let mut from = std::fs::File::open(staged).with_context(|| format!("cannot read {}", staged.display()))?;
+        let mut to = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let chunk = usize::try_from(rate.filter(|r| *r > 0).map_or(1 << 20, |r| r.div_ceil(10)))
+            .unwrap_or(1 << 20)
+            .min(1 << 20);
+        let mut buffer = vec![0_u8; chunk];
+        loop {
+            if abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+                anyhow::bail!("the install was abandoned while the new slot was written");
+            }
+            let n = from.read(&mut buffer).context("cannot read the staged image")?;
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buffer[..n])
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            if rate.is_some_and(|r| r > 0) {
+                // Simulated slow flash (fault injection): a tenth of the rate per tenth of a second.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        to.sync_all()
+            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+        if abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+            anyhow::bail!("the install was abandoned while the new slot was written");
+        }
+        std::fs::rename(&tmp, slot).with_context(|| format!("cannot write {}", slot.display()))
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    copied?;
     slots::sync_dir(dir)
 }
 

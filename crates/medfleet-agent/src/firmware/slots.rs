@@ -220,6 +220,14 @@ impl Paths {
     }
 
     pub(crate) fn load(&self) -> anyhow::Result<Slots> {
+        // A slot write that a crash cut short leaves its temporary file (never the slot: it is renamed in whole).
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".slot.tmp-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let path = self.slots_file();
         match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).with_context(|| {

@@ -192,3 +192,29 @@ pub(super) async fn approve(
     );
     Ok(())
 }
+
+pub(super) async fn abandon(
+    api: &mut Rollouts,
+    (rollout, device): (&str, &str),
+    comment: &str,
+    out: Format,
+) -> anyhow::Result<()> {
+    let device = DeviceView::from(
+        api.abandon_device(v1::AbandonDeviceRequest {
+            rollout: rollout.to_owned(),
+            device_id: device.to_owned(),
+            comment: comment.to_owned(),
+        })
+        .await?
+        .into_inner(),
+    );
+    if out == Format::Json {
+        return output::json(&device);
+    }
+    println!(
+        "device {} given up in rollout {rollout} ({}); it no longer counts towards its wave. If it was installing, \
+         check on the device which image it runs (medfleet devices show {})",
+        device.device_id, device.detail, device.device_id
+    );
+    Ok(())
+}

@@ -138,6 +138,24 @@ pub(crate) enum RolloutCommand {
         #[arg(short = 'm', long)]
         comment: String,
     },
+    /// Give one device up for this rollout: it will not finish (taken out of service, replaced, its state lost,
+    /// or stuck installing and never coming back). Its action ends as canceled, whatever state it is in; it no
+    /// longer holds its wave and may join another rollout. Check on the device which image it runs.
+    #[command(
+        after_help = "Example:\n  medfleet rollouts abandon 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --device 6f1c2d3e-0b1a-4c5d-8e9f-0a1b2c3d4e5f \
+                            -m \"monitor sent for repair (ticket BME-2231)\" --yes"
+    )]
+    Abandon {
+        rollout: String,
+        #[arg(long)]
+        device: String,
+        /// Why the device will not finish (kept in the audit trail).
+        #[arg(short = 'm', long)]
+        comment: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Put the model's previous signed image back on the devices this rollout updated, as a new rollout with the
     /// same rules (devices take it only as a signed downgrade: authorise the stored previous image with
     /// `firmware resign --allow-downgrade OLD.img=RELEASE` and `metadata publish` first). Pause or abort it first.
@@ -196,6 +214,21 @@ pub(crate) async fn run(server: &Server, command: &RolloutCommand, out: Format) 
             valid,
             comment,
         } => control::approve(&mut api, (rollout, device), *valid, comment, out).await,
+        RolloutCommand::Abandon {
+            rollout,
+            device,
+            comment,
+            yes,
+        } => {
+            crate::confirm::confirm(
+                &format!(
+                    "Give device {device} up in rollout {rollout}? Its action ends as canceled even if it is \
+                     installing; it is not updated by this rollout"
+                ),
+                *yes,
+            )?;
+            control::abandon(&mut api, (rollout, device), comment, out).await
+        }
         RolloutCommand::Rollback { args, draft } => {
             control::command(&mut api, control::Move::Rollback { draft: *draft }, args, out).await
         }

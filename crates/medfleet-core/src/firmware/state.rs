@@ -180,6 +180,13 @@ impl ActionState {
         let allowed = !self.is_final() && (next == Failed || forward.contains(&next) || interrupt);
         Transition::check(allowed, self.as_str(), next.as_str()).map(|()| next)
     }
+
+    /// An operator gives the device up for this rollout (taken out of service, replaced, its state lost): any
+    /// unfinished action ends as canceled, installing ones included. Unlike a cancel, nothing has to reach the
+    /// device first, so a device that will never report again no longer holds its wave or its place in rollouts.
+    pub fn abandon(self) -> Result<Self, Transition> {
+        Transition::check(!self.is_final(), self.as_str(), Self::Canceled.as_str()).map(|()| Self::Canceled)
+    }
 }
 
 impl fmt::Display for RolloutState {
@@ -262,6 +269,15 @@ mod tests {
         assert!(ActionState::Succeeded.to(ActionState::Succeeded).is_err());
         assert!(ActionState::Downloaded.to(ActionState::Downloading).is_err());
         assert!(ActionState::Queued.to(ActionState::Installing).is_err());
+    }
+
+    #[test]
+    fn an_operator_abandons_any_unfinished_action_but_no_finished_one() {
+        assert_eq!(ActionState::Installing.abandon(), Ok(ActionState::Canceled));
+        assert_eq!(ActionState::VerifyingHealth.abandon(), Ok(ActionState::Canceled));
+        assert_eq!(ActionState::Queued.abandon(), Ok(ActionState::Canceled));
+        assert!(ActionState::Succeeded.abandon().is_err());
+        assert!(ActionState::Canceled.abandon().is_err());
     }
 
     proptest! {

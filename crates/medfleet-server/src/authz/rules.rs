@@ -460,6 +460,14 @@ pub const RULES: &[(&str, Rule)] = &[
         ),
     ),
     (
+        "/medfleet.v1.RolloutService/AbandonDevice",
+        permission(
+            "rollout",
+            "control",
+            Target::Device(|b| decode::<v1::AbandonDeviceRequest>(b).map(|r| r.device_id)),
+        ),
+    ),
+    (
         "/medfleet.v1.RolloutService/RollbackRollout",
         permission(
             "rollout",

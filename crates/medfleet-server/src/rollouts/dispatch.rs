@@ -100,6 +100,10 @@ async fn active_actions(db: &DatabaseConnection, devices: &[Uuid]) -> Result<Vec
 /// image) must not act on a judgement that old. Long enough for any image medfleet accepts to verify.
 const INSTALL_VALID_FOR: std::time::Duration = std::time::Duration::from_mins(5);
 
+/// Why an install did not go through when its session ended before the device committed to it, or the device
+/// came back without it.
+pub const INSTALL_INTERRUPTED: &str = "install_interrupted";
+
 /// The patient associations open at `at` of each device among `devices` that has any (sorted: an approval is
 /// compared with them).
 pub(crate) async fn open_associations<C: ConnectionTrait>(
@@ -266,8 +270,35 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
         let told = h.sent.filter(|s| s.action == action.id);
         let state = action_state(action);
         match state {
+            // Told to install in an earlier session that ended before the device committed to it (it verifies and
+            // writes the other slot while `verifying`, all of which it abandons with the session): the go-ahead
+            // lapsed with it. The device confirms what it holds and is judged again.
+            ActionState::Verifying if told.is_none() => {
+                out.push(Due {
+                    device: h.device,
+                    message: update_message(action, artifact),
+                    sent: Some(Sent {
+                        action: action.id,
+                        install: false,
+                    }),
+                });
+                deferred.push((action.id, INSTALL_INTERRUPTED));
+            }
+            // Installing in an earlier session: a device that finished answers with how it ended (its report may
+            // have been lost with the session), one on trial runs its health check, and one that lost track of it
+            // starts over, which `report` judges as an interrupted install.
+            ActionState::Installing | ActionState::Rebooting | ActionState::VerifyingHealth if told.is_none() => {
+                out.push(Due {
+                    device: h.device,
+                    message: update_message(action, artifact),
+                    sent: Some(Sent {
+                        action: action.id,
+                        install: true,
+                    }),
+                });
+            }
             // Queued means not yet told, whatever this session heard before (a retried action keeps its id).
-            ActionState::Queued | ActionState::Notified | ActionState::Downloading | ActionState::Verifying
+            ActionState::Queued | ActionState::Notified | ActionState::Downloading
                 if told.is_none() || state == ActionState::Queued =>
             {
                 out.push(Due {
@@ -366,6 +397,49 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
     Ok(out)
 }
 
+/// Ends an action the device lost track of while installing as failed (`INSTALL_INTERRUPTED`), audited.
+async fn interrupted(
+    txn: &sea_orm::DatabaseTransaction,
+    events: &Arc<Events>,
+    (device, action): (Uuid, rollout_action::Model),
+    report: &v1::FirmwareReport,
+) -> Result<ActionState> {
+    let was = action_state(&action);
+    let rollout_id = action.rollout_id;
+    let running = format!(
+        "{} (release {})",
+        printable(&bounded(&report.running_version, 200)),
+        report.running_release_counter
+    );
+    let detail = format!(
+        "the device came back from {was} with no record of the install and runs {running}; retry-failed tries again"
+    );
+    let mut active = action.into_active_model();
+    active.state = Set(ActionState::Failed.as_str().to_owned());
+    active.reason = Set(INSTALL_INTERRUPTED.to_owned());
+    active.detail = Set(detail.clone());
+    active.active_device = Set(None);
+    active.updated_at = Set(now());
+    active.update(txn).await?;
+    let scope = device::Entity::find_by_id(device).one(txn).await?.map_or_else(
+        || "*".to_owned(),
+        |d| audit::device_scope(d.site.as_deref(), d.ward.as_deref()),
+    );
+    audit::Context::new(format!("medfleet://device/{device}"), "")
+        .record(
+            txn,
+            "rollout.device.failed",
+            format!("device {device}"),
+            scope,
+            format!("rollout {rollout_id}; {INSTALL_INTERRUPTED}: {detail}"),
+        )
+        .await?;
+    let event = Event::FirmwareDevice { device };
+    events.announce(txn, &event).await?;
+    tracing::warn!(%device, rollout = %rollout_id, from = %was, "firmware install interrupted: the device lost track of it");
+    Ok(ActionState::Failed)
+}
+
 fn bounded(value: &str, max: usize) -> String {
     value.chars().filter(|c| !c.is_control()).take(max).collect()
 }
@@ -409,6 +483,19 @@ pub async fn report(
             events.emit(Event::FirmwareProgress);
         }
         return Ok(Some(next));
+    }
+    if current.is_installing()
+        && matches!(
+            next,
+            ActionState::Notified | ActionState::Downloading | ActionState::Downloaded
+        )
+    {
+        // The device started this action over: it came back (a crash, a restored state directory) with no trial
+        // armed and no record of how the install ended, so it never ran the new image.
+        let state = interrupted(&txn, events, (device, action), report).await?;
+        txn.commit().await?;
+        events.emit(Event::FirmwareDevice { device });
+        return Ok(Some(state));
     }
     if !reachable(current, next) {
         tracing::debug!(%device, from = %current, to = %next, "firmware report out of order; ignored");

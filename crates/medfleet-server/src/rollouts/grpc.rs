@@ -489,6 +489,26 @@ impl RolloutService for RolloutApi {
     }
 
     #[instrument(skip_all)]
+    async fn abandon_device(&self, request: Request<v1::AbandonDeviceRequest>) -> Reply<v1::RolloutDevice> {
+        let ctx = crate::transport::rpc::audit_context(&request);
+        let request = request.into_inner();
+        let id = rollout_id("rollout", &request.rollout)?;
+        let device = Uuid::parse_str(&request.device_id)
+            .map_err(|_| Error::from(Violations::single("device_id", "must be a device id")))?;
+        let note = comment(&request.comment)?;
+        if note.trim().is_empty() {
+            return Err(Error::from(Violations::single(
+                "comment",
+                "say why the device will not finish (it is kept in the audit trail)",
+            ))
+            .into());
+        }
+        let action = self.rollouts.abandon(&ctx, (id, device), &note).await?;
+        let places = self.rollouts.places(&[device]).await?;
+        Ok(Response::new(action_to_wire(&action, places.get(&device))))
+    }
+
+    #[instrument(skip_all)]
     async fn rollback_rollout(&self, request: Request<v1::RollbackRolloutRequest>) -> Reply<v1::Rollout> {
         let ctx = crate::transport::rpc::audit_context(&request);
         // The RPC layer checked rollout:create on every place the rollout touched; the devices it updated may have

@@ -23,6 +23,7 @@ use crate::persistence::entity::{device, device_presence, device_tag, firmware_a
 use crate::persistence::events::{Event, Events};
 use crate::rollouts::places::{self, Placed};
 
+mod abandon;
 mod approval;
 
 /// The most devices one rollout targets.
