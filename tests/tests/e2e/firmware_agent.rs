@@ -32,7 +32,7 @@ pub(crate) async fn enroll(server: &TestServer, registry: &mut RegistryServiceCl
     enroll_as(server, registry, medfleet_e2e::fleet::monitor(serial, MODEL)).await
 }
 
-async fn enroll_as(
+pub(crate) async fn enroll_as(
     server: &TestServer,
     registry: &mut RegistryServiceClient<Channel>,
     device: v1::RegisterDeviceRequest,

@@ -137,20 +137,41 @@ pub(crate) async fn open_associations<C: ConnectionTrait>(
     Ok(out)
 }
 
-/// The time zone of each device's site, for devices among `devices` that stand in one.
-async fn site_timezones(db: &DatabaseConnection, devices: &[Uuid]) -> Result<HashMap<Uuid, String>> {
-    let mut sites: HashMap<Uuid, String> = HashMap::new();
+/// The rows of `devices` (where each stands now).
+async fn devices_now(db: &DatabaseConnection, devices: &[Uuid]) -> Result<HashMap<Uuid, device::Model>> {
+    let mut out = HashMap::new();
     for chunk in devices.chunks(IN_LIST) {
         for d in device::Entity::find()
             .filter(device::Column::Id.is_in(chunk.iter().copied()))
             .all(db)
             .await?
         {
-            if let Some(site) = d.site {
-                sites.insert(d.id, site);
-            }
+            out.insert(d.id, d);
         }
     }
+    Ok(out)
+}
+
+/// Whether a device standing at `place` (`audit::device_scope`) is inside the places `rollout` was created for:
+/// the creator's authority covered those and no other, so a device moved elsewhere is not changed by it.
+fn within_scopes(rollout: &rollout::Model, place: &str) -> bool {
+    let scopes: Vec<String> = serde_json::from_str(&rollout.scopes).unwrap_or_default();
+    scopes.iter().any(|s| s == "*" || s == place)
+}
+
+/// Why an action was canceled when its device moved out of the places its rollout was created for.
+pub const MOVED_OUT_OF_SCOPE: &str = "moved_out_of_scope";
+
+/// The time zone of each device's site, for devices among `devices` that stand in one.
+async fn site_timezones(
+    db: &DatabaseConnection,
+    rows: &HashMap<Uuid, device::Model>,
+    devices: &[Uuid],
+) -> Result<HashMap<Uuid, String>> {
+    let sites: HashMap<Uuid, String> = devices
+        .iter()
+        .filter_map(|id| rows.get(id).and_then(|d| d.site.clone()).map(|s| (*id, s)))
+        .collect();
     let names: HashSet<&String> = sites.values().collect();
     let zones: HashMap<String, String> = site::Entity::find()
         .filter(site::Column::Name.is_in(names.into_iter().cloned()))
@@ -250,10 +271,12 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
         .collect();
     let at = now();
     let bound = open_associations(db, &waiting, at).await?;
-    let zones = site_timezones(db, &waiting).await?;
+    let rows = devices_now(db, &actions.iter().map(|a| a.device_id).collect::<Vec<_>>()).await?;
+    let zones = site_timezones(db, &rows, &waiting).await?;
 
     let mut notified = Vec::new();
     let mut deferred = Vec::new();
+    let mut moved = Vec::new();
     for h in held {
         let Some(action) = by_device.get(&h.device) else {
             continue;
@@ -269,6 +292,25 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
         };
         let told = h.sent.filter(|s| s.action == action.id);
         let state = action_state(action);
+        let place = rows.get(&h.device).map_or_else(
+            || "*".to_owned(),
+            |d| audit::device_scope(d.site.as_deref(), d.ward.as_deref()),
+        );
+        if !state.is_installing() && !state.is_final() && !within_scopes(rollout, &place) {
+            // Moved to a ward the rollout's creator had no say over: the rollout changes nothing there. Canceled
+            // (it may join a rollout of that ward's own), and a device already told hears so.
+            moved.push((action.id, h.device, place, crate::rollouts::store::scopes_text(rollout)));
+            if told.is_some() {
+                out.push(Due {
+                    device: h.device,
+                    message: session_response::Message::FirmwareCancel(v1::FirmwareCancel {
+                        action_id: action.id.to_string(),
+                    }),
+                    sent: None,
+                });
+            }
+            continue;
+        }
         match state {
             // Told to install in an earlier session that ended before the device committed to it (it verifies and
             // writes the other slot while `verifying`, all of which it abandons with the session): the go-ahead
@@ -363,8 +405,55 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
             _ => {}
         }
     }
-    if !notified.is_empty() || !deferred.is_empty() {
+    if !notified.is_empty() || !deferred.is_empty() || !moved.is_empty() {
         let txn = db::begin_write(db).await?;
+        for (id, device, place, scopes) in &moved {
+            let canceled = rollout_action::Entity::update_many()
+                .col_expr(
+                    rollout_action::Column::State,
+                    sea_orm::sea_query::Expr::value(ActionState::Canceled.as_str()),
+                )
+                .col_expr(
+                    rollout_action::Column::Reason,
+                    sea_orm::sea_query::Expr::value(MOVED_OUT_OF_SCOPE),
+                )
+                .col_expr(
+                    rollout_action::Column::Detail,
+                    sea_orm::sea_query::Expr::value(format!(
+                        "the device moved to {place}, outside the places this rollout was created for ({scopes})"
+                    )),
+                )
+                .col_expr(
+                    rollout_action::Column::ActiveDevice,
+                    sea_orm::sea_query::Expr::value(None::<Uuid>),
+                )
+                .col_expr(rollout_action::Column::UpdatedAt, sea_orm::sea_query::Expr::value(at))
+                .filter(rollout_action::Column::Id.eq(*id))
+                .filter(rollout_action::Column::ActiveDevice.is_not_null())
+                .filter(
+                    rollout_action::Column::State.is_not_in(
+                        [
+                            ActionState::Installing,
+                            ActionState::Rebooting,
+                            ActionState::VerifyingHealth,
+                        ]
+                        .map(ActionState::as_str),
+                    ),
+                )
+                .exec(&txn)
+                .await?;
+            if canceled.rows_affected > 0 {
+                audit::Context::system("rollout scheduler")
+                    .record(
+                        &txn,
+                        "rollout.device.canceled",
+                        format!("device {device}"),
+                        place.clone(),
+                        format!("{MOVED_OUT_OF_SCOPE}: moved outside the rollout's places ({scopes})"),
+                    )
+                    .await?;
+            }
+        }
         for chunk in notified.chunks(IN_LIST) {
             rollout_action::Entity::update_many()
                 .col_expr(
