@@ -992,7 +992,19 @@ async fn windows_hold_installs_and_a_fleet_rollback_downgrades(backend: Backend)
         assert_eq!(running_counter(device), 1);
         let slot = device.state.path().join(format!("firmware/slot-{active}.img"));
         assert_eq!(std::fs::read(slot).unwrap(), first_bytes, "the very bytes of release 1");
+        assert_eq!(slots["highest_release"], 2, "{slots}");
     }
+    // The release the fleet went back from is still signed, but a device that left it takes only a release above
+    // it: pushed again (a compromised or mistaken control plane), it is refused and release 1 runs on.
+    let again = roll_out(&mut rollouts, &second, &[&devices[0]]).await;
+    let refused = wait_for(&mut rollouts, &again, "the withdrawn release refused", |d| {
+        is(v1::ActionState::Failed)(device_state(d, &devices[0].id))
+    })
+    .await;
+    let refused = device_state(&refused, &devices[0].id);
+    assert_eq!(refused.reason, "not_newer", "{refused:?}");
+    assert!(refused.detail.contains("went back"), "{}", refused.detail);
+    assert_eq!(running_counter(&devices[0]), 1);
     server.stop().await.unwrap();
 }
 

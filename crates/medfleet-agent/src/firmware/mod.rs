@@ -468,9 +468,11 @@ fn chance(device: &str, action: &str, attempt: u32, what: &str) -> f64 {
 }
 
 fn installed(shared: &Shared) -> Installed {
+    let running = running_of(shared).1;
     Installed {
         hardware_id: shared.options.hardware_id.clone(),
-        release_counter: running_of(shared).1,
+        release_counter: running,
+        highest: lock(&shared.slots).highest_release.max(running),
     }
 }
 
@@ -860,6 +862,8 @@ async fn health(shared: Arc<Shared>, link: Link, trial: Trial) {
         slots.trial = None;
         if failure.is_none() {
             slots.active = trial.slot;
+            let committed = slots.image(trial.slot).map_or(0, |i| i.release_counter);
+            slots.highest_release = slots.highest_release.max(committed);
         }
         shared.paths.save(&slots)
     };

@@ -86,6 +86,9 @@ pub(crate) struct Slots {
     pub(crate) trial: Option<Trial>,
     /// Newest last.
     pub(crate) finished: VecDeque<Finished>,
+    /// The highest release counter this device ever committed to (a signed downgrade leaves it where it was).
+    #[serde(default)]
+    pub(crate) highest_release: u64,
 }
 
 /// What a boot decided.

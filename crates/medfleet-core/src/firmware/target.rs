@@ -30,6 +30,11 @@ pub struct TargetMeta {
 pub struct Installed {
     pub hardware_id: String,
     pub release_counter: u64,
+    /// The highest release the device ever committed to. After a signed downgrade it runs less than that, and
+    /// the release it went back from (still validly signed until the targets role drops it) must not return by
+    /// merely being "newer" than what runs: only a release above every one it ran, or another signed downgrade
+    /// from what it runs, is taken.
+    pub highest: u64,
 }
 
 /// Why a target is refused for a device. The words go to operators and into the rollout's failure reasons.
@@ -42,6 +47,11 @@ pub enum TargetRefusal {
          from {installed} allows it"
     )]
     NotNewer { target: u64, installed: u64 },
+    #[error(
+        "release {target} is not above release {highest} that the device ran before it went back by a signed \
+         downgrade; a fix needs a release above {highest}"
+    )]
+    Withdrawn { target: u64, highest: u64 },
 }
 
 /// Hardware ids and versions are short printable text; anything else in signed metadata is a mistake of the
@@ -76,9 +86,14 @@ pub fn accepts(installed: &Installed, target: &TargetMeta) -> Result<(), TargetR
             device: installed.hardware_id.clone(),
         });
     }
-    if target.release_counter > installed.release_counter || target.downgrade_from.contains(&installed.release_counter)
-    {
+    let highest = installed.highest.max(installed.release_counter);
+    if target.release_counter > highest || target.downgrade_from.contains(&installed.release_counter) {
         Ok(())
+    } else if target.release_counter > installed.release_counter {
+        Err(TargetRefusal::Withdrawn {
+            target: target.release_counter,
+            highest,
+        })
     } else {
         Err(TargetRefusal::NotNewer {
             target: target.release_counter,
@@ -106,6 +121,7 @@ mod tests {
         Installed {
             hardware_id: "MX450".into(),
             release_counter: counter,
+            highest: counter,
         }
     }
 
@@ -123,6 +139,7 @@ mod tests {
         let other = Installed {
             hardware_id: "V500".into(),
             release_counter: 1,
+            highest: 1,
         };
         assert!(matches!(
             accepts(&other, &meta(4, vec![])),
@@ -135,6 +152,24 @@ mod tests {
         let rollback = meta(4, vec![5]);
         assert_eq!(accepts(&running(5), &rollback), Ok(()));
         assert!(accepts(&running(6), &rollback).is_err(), "6 is not named");
+    }
+
+    #[test]
+    fn the_release_a_device_went_back_from_does_not_return() {
+        let back_on_4 = Installed {
+            highest: 5,
+            ..running(4)
+        };
+        assert_eq!(
+            accepts(&back_on_4, &meta(5, vec![])),
+            Err(TargetRefusal::Withdrawn { target: 5, highest: 5 })
+        );
+        assert_eq!(accepts(&back_on_4, &meta(6, vec![])), Ok(()));
+        assert_eq!(
+            accepts(&back_on_4, &meta(3, vec![4])),
+            Ok(()),
+            "a signed downgrade from what runs"
+        );
     }
 
     #[test]
@@ -174,6 +209,15 @@ mod tests {
         fn without_a_downgrade_the_counter_only_rises(installed in 0u64..1000, target in 0u64..1000) {
             let verdict = accepts(&running(installed), &meta(target, vec![]));
             prop_assert_eq!(verdict.is_ok(), target > installed);
+        }
+
+        #[test]
+        fn without_a_downgrade_nothing_at_or_below_the_highest_ever(
+            running_now in 0u64..100, above in 0u64..100, target in 0u64..300,
+        ) {
+            let installed = Installed { highest: running_now + above, ..running(running_now) };
+            let verdict = accepts(&installed, &meta(target, vec![]));
+            prop_assert_eq!(verdict.is_ok(), target > running_now + above);
         }
     }
 }

@@ -817,7 +817,7 @@ pub fn accepts(installed: &target::Installed, candidate: &SignedTarget) -> Resul
     target::accepts(installed, &candidate.meta).map_err(|refusal| {
         let code = match refusal {
             target::TargetRefusal::WrongModel { .. } => Refusal::WrongModel,
-            target::TargetRefusal::NotNewer { .. } => Refusal::NotNewer,
+            target::TargetRefusal::NotNewer { .. } | target::TargetRefusal::Withdrawn { .. } => Refusal::NotNewer,
         };
         refuse(code, refusal)
     })
