@@ -863,6 +863,7 @@ async fn rollout(backend: Backend, devices: usize, mib: usize) -> RolloutRun {
     let mut watch = rollouts
         .watch_rollout(v1::WatchRolloutRequest {
             rollout: created.id.clone(),
+            device_limit: 0,
         })
         .await
         .unwrap()

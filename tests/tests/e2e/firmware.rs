@@ -750,6 +750,7 @@ async fn a_rollout_goes_through_its_waves(backend: Backend) {
     let mut watch = rollouts
         .watch_rollout(v1::WatchRolloutRequest {
             rollout: created.id.clone(),
+            device_limit: 0,
         })
         .await
         .unwrap()
@@ -863,7 +864,10 @@ pub(crate) async fn wait_for(
     done: impl Fn(&v1::RolloutDetail) -> bool,
 ) -> v1::RolloutDetail {
     let mut watch = rollouts
-        .watch_rollout(v1::WatchRolloutRequest { rollout: id.to_owned() })
+        .watch_rollout(v1::WatchRolloutRequest {
+            rollout: id.to_owned(),
+            device_limit: 0,
+        })
         .await
         .unwrap()
         .into_inner();

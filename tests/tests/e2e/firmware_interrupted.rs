@@ -56,6 +56,27 @@ async fn an_interrupted_install_is_told_again_and_a_lost_device_is_abandoned(bac
         "the device that never came back holds it open"
     );
     assert!(is(v1::ActionState::Verifying)(device_state(&detail, &lost.id)));
+    // A reply lists a bounded number of devices, those that need attention first; the counts cover all.
+    let one = rollouts
+        .get_rollout(v1::GetRolloutRequest {
+            rollout: id.clone(),
+            device_limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.devices_total, 2);
+    assert_eq!(one.devices.len(), 1);
+    assert_eq!(one.devices[0].device_id, lost.id, "the unfinished device first");
+    assert_eq!(one.rollout.unwrap().counts.unwrap().targeted, 2);
+    let too_many = rollouts
+        .get_rollout(v1::GetRolloutRequest {
+            rollout: id.clone(),
+            device_limit: 10_001,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument, "{too_many:?}");
 
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();

@@ -73,10 +73,16 @@ pub(super) async fn list(
     Ok(())
 }
 
-pub(super) async fn show(api: &mut Rollouts, rollout: &str, only_attention: bool, out: Format) -> anyhow::Result<()> {
+pub(super) async fn show(
+    api: &mut Rollouts,
+    rollout: &str,
+    (only_attention, limit): (bool, u32),
+    out: Format,
+) -> anyhow::Result<()> {
     let detail = DetailView::from(
         api.get_rollout(v1::GetRolloutRequest {
             rollout: rollout.to_owned(),
+            device_limit: limit,
         })
         .await?
         .into_inner(),
@@ -88,6 +94,7 @@ pub(super) async fn show(api: &mut Rollouts, rollout: &str, only_attention: bool
                 "rollout": detail.rollout,
                 "waves": detail.waves,
                 "devices": devices,
+                "devices_total": detail.devices_total,
             }));
         }
         return output::json(&detail);

@@ -71,6 +71,10 @@ pub(crate) enum RolloutCommand {
         /// Only devices that failed, were rolled back or are deferred.
         #[arg(long)]
         failed: bool,
+        /// List at most this many devices (default 1000, at most 10000): those that need attention first; the
+        /// counts cover every device.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: Option<u32>,
     },
     /// Follow a rollout live, a progress bar per wave, until it finishes. Exits 0 when it completed, 1 when it
     /// halted or was aborted; with -o json, one JSON object per update line.
@@ -184,7 +188,9 @@ pub(crate) async fn run(server: &Server, command: &RolloutCommand, out: Format) 
         // Run above.
         RolloutCommand::Create(_) => Ok(()),
         RolloutCommand::List { state, limit } => control::list(&mut api, *state, *limit, out).await,
-        RolloutCommand::Show { rollout, failed } => control::show(&mut api, rollout, *failed, out).await,
+        RolloutCommand::Show { rollout, failed, limit } => {
+            control::show(&mut api, rollout, (*failed, limit.unwrap_or(0)), out).await
+        }
         RolloutCommand::Watch { rollout } => watch::run(&mut api, rollout, out).await,
         RolloutCommand::Start(args) => control::command(&mut api, control::Move::Start, args, out).await,
         RolloutCommand::Pause(args) => control::command(&mut api, control::Move::Pause, args, out).await,

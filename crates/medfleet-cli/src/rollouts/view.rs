@@ -232,6 +232,8 @@ pub(super) struct DetailView {
     pub(super) rollout: RolloutView,
     pub(super) waves: Vec<WaveView>,
     pub(super) devices: Vec<DeviceView>,
+    /// How many devices the rollout has (`devices` lists fewer when the reply's device limit cut it).
+    pub(super) devices_total: u32,
 }
 
 impl From<v1::RolloutDetail> for DetailView {
@@ -248,6 +250,7 @@ impl From<v1::RolloutDetail> for DetailView {
                     share: w.share,
                 })
                 .collect(),
+            devices_total: d.devices_total,
             devices: d.devices.into_iter().map(DeviceView::from).collect(),
         }
     }
@@ -385,4 +388,11 @@ pub(super) fn print_detail(d: &DetailView, only_attention: bool) {
         ]);
     }
     println!("{table}");
+    let listed = u32::try_from(d.devices.len()).unwrap_or(u32::MAX);
+    if listed < d.devices_total {
+        println!(
+            "{listed} of {} devices listed, those that need attention first (--limit lists more, up to 10000)",
+            d.devices_total
+        );
+    }
 }

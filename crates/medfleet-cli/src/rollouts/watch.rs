@@ -148,6 +148,7 @@ pub(super) async fn run(api: &mut Rollouts, rollout: &str, out: Format) -> anyho
     let mut stream = api
         .watch_rollout(v1::WatchRolloutRequest {
             rollout: rollout.to_owned(),
+            device_limit: 0,
         })
         .await?
         .into_inner();
@@ -202,6 +203,7 @@ mod tests {
             }),
             waves: vec![],
             devices: vec![],
+            devices_total: 0,
         })
     }
 

@@ -6,5 +6,6 @@
 
 pub mod grpc;
 pub mod ingest;
+mod pace;
 pub mod presence;
 pub mod session;

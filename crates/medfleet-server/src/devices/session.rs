@@ -502,6 +502,12 @@ async fn follow(
     tx: Outbound,
 ) {
     let timeout = hub.settings.heartbeat_timeout;
+    let mut pace = super::pace::Pace::new(
+        super::pace::WRITES_PER_SECOND,
+        super::pace::BURST,
+        std::time::Instant::now(),
+    );
+    let mut paced = false;
     loop {
         let message = tokio::select! {
             () = ending.token.cancelled() => break,
@@ -523,6 +529,17 @@ async fn follow(
                 break;
             }
         };
+        let wait = pace.take(std::time::Instant::now());
+        if !wait.is_zero() {
+            if !paced {
+                paced = true;
+                tracing::warn!(%device, per_second = super::pace::WRITES_PER_SECOND, "the device sends faster than a device needs; its session is slowed");
+            }
+            tokio::select! {
+                () = ending.token.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
         if let Err(error) = handle(&hub, device, session, message).await {
             tracing::warn!(%device, %error, "session message not recorded");
         }

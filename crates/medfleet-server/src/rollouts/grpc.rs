@@ -2,6 +2,7 @@
 //! of a stored rollout, or the caller's visibility for creation and listings).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -30,11 +31,15 @@ const MAX_COMMENT: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct RolloutApi {
     rollouts: Rollouts,
+    watchers: Arc<tokio::sync::Semaphore>,
 }
 
 impl RolloutApi {
     pub fn new(rollouts: Rollouts) -> Self {
-        Self { rollouts }
+        Self {
+            rollouts,
+            watchers: Arc::new(tokio::sync::Semaphore::new(WATCHERS)),
+        }
     }
 }
 
@@ -128,12 +133,33 @@ fn detail_to_wire(d: &Detail) -> v1::RolloutDetail {
         rollout: Some(rollout_to_wire(d)),
         waves,
         devices: d
-            .actions
+            .shown
             .iter()
+            .filter_map(|i| d.actions.get(*i))
             .map(|a| action_to_wire(a, d.places.get(&a.device_id)))
             .collect(),
+        devices_total: u32::try_from(d.actions.len()).unwrap_or(u32::MAX),
     }
 }
+
+/// How many devices a rollout reply lists (0: the default).
+fn device_limit(asked: u32) -> Result<usize, Error> {
+    match usize::try_from(asked).unwrap_or(usize::MAX) {
+        0 => Ok(store::DEFAULT_LISTED),
+        n if n <= store::MAX_LISTED => Ok(n),
+        _ => Err(Violations::single(
+            "device_limit",
+            format!(
+                "at most {} devices per reply; the counts cover them all",
+                store::MAX_LISTED
+            ),
+        )
+        .into()),
+    }
+}
+
+/// Rollout watches one replica follows at once.
+const WATCHERS: usize = 256;
 
 fn rollout_id(field: &str, value: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(value)
@@ -372,19 +398,32 @@ impl RolloutService for RolloutApi {
 
     #[instrument(skip_all)]
     async fn get_rollout(&self, request: Request<v1::GetRolloutRequest>) -> Reply<v1::RolloutDetail> {
-        let id = rollout_id("rollout", &request.into_inner().rollout)?;
-        Ok(Response::new(detail_to_wire(&self.rollouts.detail(id).await?)))
+        let request = request.into_inner();
+        let id = rollout_id("rollout", &request.rollout)?;
+        let listed = device_limit(request.device_limit)?;
+        Ok(Response::new(detail_to_wire(
+            &self.rollouts.detail_listing(id, listed).await?,
+        )))
     }
 
     type WatchRolloutStream = DetailStream;
 
     #[instrument(skip_all)]
     async fn watch_rollout(&self, request: Request<v1::WatchRolloutRequest>) -> Reply<Self::WatchRolloutStream> {
-        let id = rollout_id("rollout", &request.into_inner().rollout)?;
-        let first = self.rollouts.detail(id).await?;
+        let request = request.into_inner();
+        let id = rollout_id("rollout", &request.rollout)?;
+        let listed = device_limit(request.device_limit)?;
+        // Each watcher re-reads the rollout on every change: a bounded number per replica.
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this server already follows {WATCHERS} rollout watches; end one, or use rollouts show"
+            ))
+        })?;
+        let first = self.rollouts.detail_listing(id, listed).await?;
         let rollouts = self.rollouts.clone();
         let mut events = rollouts.events().subscribe();
         let stream = async_stream(move |tx| async move {
+            let _permit = permit;
             let mut last = detail_to_wire(&first);
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
@@ -418,7 +457,7 @@ impl RolloutService for RolloutApi {
                     // Another replica's changes arrive by notification; this re-read covers a lost one.
                     _ = ticks.tick() => {}
                 }
-                let now = match rollouts.detail(id).await {
+                let now = match rollouts.detail_listing(id, listed).await {
                     Ok(detail) => detail_to_wire(&detail),
                     Err(error) => {
                         let _ = tx.send(Err(Status::from(error))).await;

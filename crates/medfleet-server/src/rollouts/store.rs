@@ -74,8 +74,38 @@ pub struct Detail {
     pub rollout: rollout::Model,
     pub artifact: Option<firmware_artifact::Model>,
     pub actions: Vec<rollout_action::Model>,
-    /// Each device's serial and place now (not when the rollout was created).
+    /// The actions a reply lists (indices into `actions`, in order): all of them, or with a device limit those
+    /// that need attention first. The counts always cover every action.
+    pub shown: Vec<usize>,
+    /// Each shown device's serial and place now (not when the rollout was created).
     pub places: HashMap<Uuid, Placed>,
+}
+
+/// The most devices one rollout reply lists unless asked for fewer or more (at most [`MAX_LISTED`]): replies
+/// and watch updates stay well below the gRPC message limit however large the rollout.
+pub const DEFAULT_LISTED: usize = 1000;
+pub const MAX_LISTED: usize = 10_000;
+
+/// Which devices an operator looks at first when not all fit: failures, then deferrals, then those in flight,
+/// then those waiting their turn, then the finished.
+fn attention(state: ActionState) -> u8 {
+    match state {
+        ActionState::Failed | ActionState::RolledBack => 0,
+        ActionState::Deferred => 1,
+        ActionState::Queued => 3,
+        ActionState::Succeeded | ActionState::Canceled => 4,
+        _ => 2,
+    }
+}
+
+/// The indices of `actions` a reply of at most `limit` devices lists.
+fn shown(actions: &[rollout_action::Model], limit: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..actions.len()).collect();
+    if actions.len() > limit {
+        all.sort_by_key(|i| attention(action_state(&actions[*i])));
+        all.truncate(limit);
+    }
+    all
 }
 
 /// An operator command on a rollout.
@@ -368,11 +398,13 @@ impl Rollouts {
                 .into_iter()
                 .map(|a| a.try_into_model().map_err(model))
                 .collect::<Result<_>>()?;
-            let ids: Vec<Uuid> = actions.iter().map(|a| a.device_id).collect();
+            let shown = shown(&actions, DEFAULT_LISTED);
+            let ids: Vec<Uuid> = shown.iter().map(|i| actions[*i].device_id).collect();
             return Ok(Detail {
                 rollout: row.try_into_model().map_err(model)?,
                 artifact: Some(artifact),
                 actions,
+                shown,
                 places: places::lookup(&self.db, &ids).await?,
             });
         }
@@ -443,6 +475,11 @@ impl Rollouts {
     }
 
     pub async fn detail(&self, id: Uuid) -> Result<Detail> {
+        self.detail_listing(id, DEFAULT_LISTED).await
+    }
+
+    /// The rollout with at most `listed` of its devices (`Detail::shown`).
+    pub async fn detail_listing(&self, id: Uuid, listed: usize) -> Result<Detail> {
         let rollout = self.find(&self.db, id).await?;
         let artifact = firmware_artifact::Entity::find_by_id(rollout.artifact_id)
             .one(&self.db)
@@ -453,11 +490,13 @@ impl Rollouts {
             .order_by_asc(rollout_action::Column::DeviceId)
             .all(&self.db)
             .await?;
-        let ids: Vec<Uuid> = actions.iter().map(|a| a.device_id).collect();
+        let shown = shown(&actions, listed);
+        let ids: Vec<Uuid> = shown.iter().map(|i| actions[*i].device_id).collect();
         Ok(Detail {
             rollout,
             artifact,
             actions,
+            shown,
             places: places::lookup(&self.db, &ids).await?,
         })
     }
@@ -494,7 +533,8 @@ impl Rollouts {
             for row in batch {
                 cursor = Some((row.created_at, row.id));
                 if visible(visibility, &row) {
-                    out.push(self.detail(row.id).await?);
+                    // A listing shows no devices: their places are not looked up.
+                    out.push(self.detail_listing(row.id, 0).await?);
                     if out.len() >= limit {
                         return Ok(out);
                     }
