@@ -610,16 +610,7 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
         }
     }
     if let Err(detail) = write_other_slot(&shared, action, attempt, &prepared).await {
-        finish(
-            &shared,
-            &link,
-            action,
-            attempt,
-            ActionState::Failed,
-            "install_failed",
-            &detail,
-        )
-        .await;
+        install_failed(&shared, &link, (action, attempt), &detail).await;
         return;
     }
     // Verifying and writing can take minutes on a large image: a clinician may have started using the device
@@ -645,16 +636,7 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
     }
     // The commitment: from the saved trial on, a restart at any point boots the new slot once and checks it.
     if let Err(detail) = arm(&shared, action, attempt, &prepared) {
-        finish(
-            &shared,
-            &link,
-            action,
-            attempt,
-            ActionState::Failed,
-            "install_failed",
-            &detail,
-        )
-        .await;
+        install_failed(&shared, &link, (action, attempt), &detail).await;
         return;
     }
     send(&shared, &link, action, attempt, ActionState::Installing, 0).await;
@@ -663,6 +645,19 @@ async fn install(shared: Arc<Shared>, link: Link, install: v1::FirmwareInstall, 
     event!(shared.quiet, device = %shared.device_id, %action, version = %prepared.target.meta.version, "firmware installed; rebooting onto it");
     send(&shared, &link, action, attempt, ActionState::Rebooting, 0).await;
     let _ = link.reboot.send(()).await;
+}
+
+async fn install_failed(shared: &Shared, link: &Link, (action, attempt): (&str, u32), detail: &str) {
+    finish(
+        shared,
+        link,
+        action,
+        attempt,
+        ActionState::Failed,
+        "install_failed",
+        detail,
+    )
+    .await;
 }
 
 /// Whether a go-ahead that ends at `expires` (none: never) has run out at `now`.

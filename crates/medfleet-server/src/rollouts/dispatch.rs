@@ -199,6 +199,19 @@ fn update_message(action: &rollout_action::Model, artifact: &firmware_artifact::
     })
 }
 
+/// The update command for `action`, remembered as told (with `install`: as told to install, so nothing more is
+/// sent this session).
+fn offer(device: Uuid, action: &rollout_action::Model, artifact: &firmware_artifact::Model, install: bool) -> Due {
+    Due {
+        device,
+        message: update_message(action, artifact),
+        sent: Some(Sent {
+            action: action.id,
+            install,
+        }),
+    }
+}
+
 fn attempt_of(action: &rollout_action::Model) -> u32 {
     u32::try_from(action.attempt).unwrap_or(0)
 }
@@ -316,41 +329,20 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
             // writes the other slot while `verifying`, all of which it abandons with the session): the go-ahead
             // lapsed with it. The device confirms what it holds and is judged again.
             ActionState::Verifying if told.is_none() => {
-                out.push(Due {
-                    device: h.device,
-                    message: update_message(action, artifact),
-                    sent: Some(Sent {
-                        action: action.id,
-                        install: false,
-                    }),
-                });
+                out.push(offer(h.device, action, artifact, false));
                 deferred.push((action.id, INSTALL_INTERRUPTED));
             }
             // Installing in an earlier session: a device that finished answers with how it ended (its report may
             // have been lost with the session), one on trial runs its health check, and one that lost track of it
             // starts over, which `report` judges as an interrupted install.
             ActionState::Installing | ActionState::Rebooting | ActionState::VerifyingHealth if told.is_none() => {
-                out.push(Due {
-                    device: h.device,
-                    message: update_message(action, artifact),
-                    sent: Some(Sent {
-                        action: action.id,
-                        install: true,
-                    }),
-                });
+                out.push(offer(h.device, action, artifact, true));
             }
             // Queued means not yet told, whatever this session heard before (a retried action keeps its id).
             ActionState::Queued | ActionState::Notified | ActionState::Downloading
                 if told.is_none() || state == ActionState::Queued =>
             {
-                out.push(Due {
-                    device: h.device,
-                    message: update_message(action, artifact),
-                    sent: Some(Sent {
-                        action: action.id,
-                        install: false,
-                    }),
-                });
+                out.push(offer(h.device, action, artifact, false));
                 if state == ActionState::Queued {
                     notified.push(action.id);
                 }
@@ -358,14 +350,7 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
             ActionState::Downloaded | ActionState::Deferred => {
                 let Some(told) = told else {
                     // A new session: the device confirms what it holds before it is told to install.
-                    out.push(Due {
-                        device: h.device,
-                        message: update_message(action, artifact),
-                        sent: Some(Sent {
-                            action: action.id,
-                            install: false,
-                        }),
-                    });
+                    out.push(offer(h.device, action, artifact, false));
                     continue;
                 };
                 if told.install {

@@ -161,6 +161,10 @@ fn device_limit(asked: u32) -> Result<usize, Error> {
 /// Rollout watches one replica follows at once.
 const WATCHERS: usize = 256;
 
+fn device_id(value: &str) -> Result<Uuid, Error> {
+    Uuid::parse_str(value).map_err(|_| Violations::single("device_id", "must be a device id").into())
+}
+
 fn rollout_id(field: &str, value: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(value)
         .map_err(|_| Violations::single(field, "must be a rollout id (medfleet rollouts list)").into())
@@ -502,8 +506,7 @@ impl RolloutService for RolloutApi {
         let ctx = crate::transport::rpc::audit_context(&request);
         let request = request.into_inner();
         let id = rollout_id("rollout", &request.rollout)?;
-        let device = Uuid::parse_str(&request.device_id)
-            .map_err(|_| Error::from(Violations::single("device_id", "must be a device id")))?;
+        let device = device_id(&request.device_id)?;
         let note = comment(&request.comment)?;
         let mut v = Violations::new();
         if note.is_empty() {
@@ -532,8 +535,7 @@ impl RolloutService for RolloutApi {
         let ctx = crate::transport::rpc::audit_context(&request);
         let request = request.into_inner();
         let id = rollout_id("rollout", &request.rollout)?;
-        let device = Uuid::parse_str(&request.device_id)
-            .map_err(|_| Error::from(Violations::single("device_id", "must be a device id")))?;
+        let device = device_id(&request.device_id)?;
         let note = comment(&request.comment)?;
         if note.trim().is_empty() {
             return Err(Error::from(Violations::single(

@@ -735,6 +735,16 @@ impl Rollouts {
     }
 }
 
+/// `device`'s action in rollout `id`.
+async fn action_of(conn: &impl ConnectionTrait, (id, device): (Uuid, Uuid)) -> Result<rollout_action::Model> {
+    rollout_action::Entity::find()
+        .filter(rollout_action::Column::RolloutId.eq(id))
+        .filter(rollout_action::Column::DeviceId.eq(device))
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("device {device} is not in rollout {id}")))
+}
+
 fn note(comment: &str) -> String {
     if comment.is_empty() {
         String::new()

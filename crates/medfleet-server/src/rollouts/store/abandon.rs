@@ -2,12 +2,10 @@
 //! out of service, replaced, its state directory lost) and would otherwise hold its wave, the rollout's end and
 //! its own place in any later rollout for ever.
 
-use sea_orm::{
-    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, EntityTrait as _, IntoActiveModel as _, QueryFilter as _,
-};
+use sea_orm::{ActiveModelTrait as _, ActiveValue::Set, EntityTrait as _, IntoActiveModel as _};
 use uuid::Uuid;
 
-use super::{Rollouts, action_state, note};
+use super::{Rollouts, action_of, action_state, note};
 use crate::audit;
 use crate::error::{Error, Result};
 use crate::persistence::db::{self, now};
@@ -28,12 +26,7 @@ impl Rollouts {
     ) -> Result<rollout_action::Model> {
         let txn = db::begin_write(&self.db).await?;
         self.find(&txn, id).await?;
-        let action = rollout_action::Entity::find()
-            .filter(rollout_action::Column::RolloutId.eq(id))
-            .filter(rollout_action::Column::DeviceId.eq(device))
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {device} is not in rollout {id}")))?;
+        let action = action_of(&txn, (id, device)).await?;
         let was = action_state(&action);
         let next = was.abandon().map_err(|_| {
             Error::FailedPrecondition(format!(

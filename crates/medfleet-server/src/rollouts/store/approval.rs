@@ -5,12 +5,10 @@
 use std::time::Duration;
 
 use medfleet_core::firmware::rollout::ClinicalUse;
-use sea_orm::{
-    ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, EntityTrait as _, IntoActiveModel as _, QueryFilter as _,
-};
+use sea_orm::{ActiveModelTrait as _, ActiveValue::Set, EntityTrait as _, IntoActiveModel as _};
 use uuid::Uuid;
 
-use super::{Rollouts, action_state, clinical_use_of, note};
+use super::{Rollouts, action_of, action_state, clinical_use_of, note};
 use crate::audit;
 use crate::error::{Error, Result};
 use crate::persistence::db::{self, now};
@@ -35,12 +33,7 @@ impl Rollouts {
                  created with --clinical-use approve"
             )));
         }
-        let action = rollout_action::Entity::find()
-            .filter(rollout_action::Column::RolloutId.eq(id))
-            .filter(rollout_action::Column::DeviceId.eq(device))
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("device {device} is not in rollout {id}")))?;
+        let action = action_of(&txn, (id, device)).await?;
         let state = action_state(&action);
         if state.is_final() || state.is_installing() {
             return Err(Error::FailedPrecondition(format!(
