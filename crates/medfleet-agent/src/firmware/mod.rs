@@ -205,10 +205,32 @@ impl Firmware {
                 && *other != trial
             {
                 tracing::warn!(action = %other, trial = %trial, "firmware command ignored: another image is on trial");
+                let attempt = match &message {
+                    session_response::Message::FirmwareUpdate(m) => Some(m.attempt),
+                    _ => None,
+                };
+                if let Some(attempt) = attempt {
+                    // Said, so the server asks again once the trial is decided instead of waiting for a report.
+                    let report = report_of(
+                        &self.shared,
+                        other,
+                        attempt,
+                        ActionState::Deferred,
+                        0,
+                        "busy_on_trial",
+                        "another image is on trial on this device; it is offered again once that is decided",
+                    );
+                    let tx = link.tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(report).await;
+                    });
+                }
                 return;
             }
-            if matches!(message, session_response::Message::FirmwareCancel(_)) {
-                // Installing: medfleetd never cancels that; the health check goes on.
+            if let session_response::Message::FirmwareCancel(cancel) = &message {
+                // Armed but not yet booted: nothing new runs yet, so the cancel still holds (the server judged
+                // the action before the device's `installing` reached it). Once booted, the health check goes on.
+                self.disarm_unbooted(&cancel.action_id);
                 return;
             }
         }
@@ -281,6 +303,31 @@ impl Firmware {
             }
             _ => {}
         }
+    }
+
+    /// A cancel for the trial that is armed but not booted: the job stops before its reboot, the trial is
+    /// disarmed and the old slot runs on.
+    fn disarm_unbooted(&mut self, action: &str) {
+        let mut slots = lock(&self.shared.slots);
+        let Some(trial) = slots.trial.clone().filter(|t| t.action == action && !t.booted) else {
+            return;
+        };
+        if let Some(job) = self.job.take() {
+            job.cancel.cancel();
+            job.handle.abort();
+        }
+        slots.trial = None;
+        slots.finish(Finished {
+            action: trial.action.clone(),
+            attempt: trial.attempt,
+            state: ActionState::Canceled.as_str().to_owned(),
+            reason: String::new(),
+            detail: "canceled by medfleetd before the reboot onto the new image".to_owned(),
+        });
+        if let Err(error) = self.shared.paths.save(&slots) {
+            tracing::warn!(%error, "cannot record the disarmed trial");
+        }
+        event!(self.shared.quiet, device = %self.shared.device_id, %action, "firmware install canceled before its reboot; the old image runs on");
     }
 
     /// Work for this (action, attempt) is in flight already.

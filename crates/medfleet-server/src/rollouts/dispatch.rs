@@ -104,6 +104,9 @@ const INSTALL_VALID_FOR: std::time::Duration = std::time::Duration::from_mins(5)
 /// came back without it.
 pub const INSTALL_INTERRUPTED: &str = "install_interrupted";
 
+/// A device's answer to an update while another image (of an action given up) is on trial on it.
+const BUSY_ON_TRIAL: &str = "busy_on_trial";
+
 /// The patient associations open at `at` of each device among `devices` that has any (sorted: an approval is
 /// compared with them).
 pub(crate) async fn open_associations<C: ConnectionTrait>(
@@ -330,7 +333,7 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
             // lapsed with it. The device confirms what it holds and is judged again.
             ActionState::Verifying if told.is_none() => {
                 out.push(offer(h.device, action, artifact, false));
-                deferred.push((action.id, INSTALL_INTERRUPTED));
+                deferred.push((action.id, state, INSTALL_INTERRUPTED));
             }
             // Installing in an earlier session: a device that finished answers with how it ended (its report may
             // have been lost with the session), one on trial runs its health check, and one that lost track of it
@@ -348,8 +351,10 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                 }
             }
             ActionState::Downloaded | ActionState::Deferred => {
-                let Some(told) = told else {
-                    // A new session: the device confirms what it holds before it is told to install.
+                let Some(told) = told.filter(|_| action.reason != BUSY_ON_TRIAL) else {
+                    // A new session: the device confirms what it holds before it is told to install. A device busy
+                    // with another image's trial never fetched this one: it is offered again (each tick) until
+                    // that trial is decided.
                     out.push(offer(h.device, action, artifact, false));
                     continue;
                 };
@@ -382,7 +387,7 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                     }),
                     Err(deferral) => {
                         if state != ActionState::Deferred || action.reason != deferral.as_str() {
-                            deferred.push((action.id, deferral.as_str()));
+                            deferred.push((action.id, state, deferral.as_str()));
                         }
                     }
                 }
@@ -451,7 +456,7 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                 .exec(&txn)
                 .await?;
         }
-        for (id, reason) in &deferred {
+        for (id, from, reason) in &deferred {
             rollout_action::Entity::update_many()
                 .col_expr(
                     rollout_action::Column::State,
@@ -461,6 +466,9 @@ pub async fn due(db: &DatabaseConnection, events: &Arc<Events>, held: &[Held]) -
                 .col_expr(rollout_action::Column::UpdatedAt, sea_orm::sea_query::Expr::value(at))
                 .filter(rollout_action::Column::Id.eq(*id))
                 .filter(rollout_action::Column::ActiveDevice.is_not_null())
+                // Only from the state judged: a report handled meanwhile (the device's health check after a
+                // reboot this session never heard of) is not overwritten.
+                .filter(rollout_action::Column::State.eq(from.as_str()))
                 .exec(&txn)
                 .await?;
         }
