@@ -25,6 +25,9 @@ use crate::rollouts::places::{self, Placed};
 
 mod abandon;
 mod approval;
+mod listing;
+use listing::shown;
+pub use listing::{DEFAULT_LISTED, MAX_LISTED};
 
 /// The most devices one rollout targets.
 pub const MAX_DEVICES: usize = 100_000;
@@ -79,33 +82,6 @@ pub struct Detail {
     pub shown: Vec<usize>,
     /// Each shown device's serial and place now (not when the rollout was created).
     pub places: HashMap<Uuid, Placed>,
-}
-
-/// The most devices one rollout reply lists unless asked for fewer or more (at most [`MAX_LISTED`]): replies
-/// and watch updates stay well below the gRPC message limit however large the rollout.
-pub const DEFAULT_LISTED: usize = 1000;
-pub const MAX_LISTED: usize = 10_000;
-
-/// Which devices an operator looks at first when not all fit: failures, then deferrals, then those in flight,
-/// then those waiting their turn, then the finished.
-fn attention(state: ActionState) -> u8 {
-    match state {
-        ActionState::Failed | ActionState::RolledBack => 0,
-        ActionState::Deferred => 1,
-        ActionState::Queued => 3,
-        ActionState::Succeeded | ActionState::Canceled => 4,
-        _ => 2,
-    }
-}
-
-/// The indices of `actions` a reply of at most `limit` devices lists.
-fn shown(actions: &[rollout_action::Model], limit: usize) -> Vec<usize> {
-    let mut all: Vec<usize> = (0..actions.len()).collect();
-    if actions.len() > limit {
-        all.sort_by_key(|i| attention(action_state(&actions[*i])));
-        all.truncate(limit);
-    }
-    all
 }
 
 /// An operator command on a rollout.
