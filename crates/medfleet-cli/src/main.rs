@@ -1,7 +1,8 @@
 //! `medfleet`: the operator CLI for hospital IT, biomedical engineers and integration teams.
 //!
 //! Exit codes (stable, for scripts): 0 success, 1 other error, 2 usage error, 3 invalid input, 4 not found,
-//! 5 conflict (already exists or not allowed in the current state), 6 not authorised, 7 server unavailable.
+//! 5 conflict (already exists or not allowed in the current state), 6 not authorised, 7 server unavailable;
+//! `rollouts watch`: 8 halted, 9 aborted, 10 the deadline left devices out.
 //!
 //! This file holds the top-level command line, hands each command group to its module (one per group, named after
 //! it) and turns a failure into its exit code.
@@ -42,7 +43,7 @@ use crate::error::{Hint, InvalidInput, UsageError};
     about,
     after_help = "Example:\n  medfleet --server https://medfleet.hospital.example:7443 --credentials ~/alice.pem devices list\n\n\
                   Exit codes: 0 ok, 1 error, 2 usage, 3 invalid input, 4 not found, 5 conflict, 6 not authorised, \
-                  7 server unavailable."
+                  7 server unavailable; rollouts watch: 8 halted, 9 aborted, 10 deadline left devices out."
 )]
 struct Cli {
     /// medfleetd gRPC address.

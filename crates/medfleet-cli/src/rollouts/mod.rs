@@ -62,7 +62,8 @@ pub(crate) enum RolloutCommand {
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// A rollout, its waves and every device's state (-o json: all of it).
+    /// A rollout, its waves and its devices' states (up to --limit devices, those that need attention first;
+    /// the counts cover every device).
     #[command(
         after_help = "Examples:\n  medfleet rollouts show 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d\n  medfleet rollouts show 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d --failed"
     )]
@@ -76,8 +77,9 @@ pub(crate) enum RolloutCommand {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: Option<u32>,
     },
-    /// Follow a rollout live, a progress bar per wave, until it finishes. Exits 0 when it completed, 1 when it
-    /// halted or was aborted; with -o json, one JSON object per update line.
+    /// Follow a rollout live, a progress bar per wave, until it finishes. Exits 0 when it completed, 8 when it
+    /// halted, 9 when it was aborted, 10 when its deadline left devices out; with -o json, one JSON object per
+    /// update line.
     #[command(
         after_help = "Examples:\n  medfleet rollouts watch 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d\n  \
                             medfleet rollouts watch 4c2b9e7a-1f3d-4a6b-9c8e-5d7f0a1b2c3d -o json | jq -c '.rollout.counts'"

@@ -1,6 +1,7 @@
 //! `medfleet rollouts watch`: a rollout followed live through WatchRollout, a progress bar per wave (on stderr, when
 //! it is a terminal) and a line on stdout whenever the rollout's state or wave changes; with `-o json` one compact
-//! JSON object per update. The exit status says how it ended: 0 completed, 1 halted or aborted.
+//! JSON object per update. The exit status says how it ended: 0 completed, 8 halted, 9 aborted, 10 the deadline left
+//! devices out.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use medfleet_proto::v1;

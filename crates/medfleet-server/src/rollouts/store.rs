@@ -286,7 +286,9 @@ impl Rollouts {
         let busy = self.busy(&ids).await?;
         if !busy.is_empty() {
             return Err(Error::FailedPrecondition(format!(
-                "device(s) already in an unfinished rollout: {} (finish or abort it first, or leave them out)",
+                "device(s) already in an unfinished rollout: {} (finish or abort it first, or leave them out; a device \
+                 still installing after an abort, or that will never report again, is freed with `medfleet rollouts \
+                 abandon R --device D -m REASON`)",
                 busy.iter()
                     .take(10)
                     .map(|(d, r)| format!("{d} in {r}"))
